@@ -1,0 +1,48 @@
+"""What every format loader returns: the model's shape, its tensors in our naming, its tokenizer.
+
+Tensors are given as zero-argument functions so that nothing is read or converted until the model
+is built, one tensor at a time (see loading.py): peak memory stays near the size of the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..model import ModelArgs
+from ..tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    format: str  # "gguf", ...
+    path: str
+    args: ModelArgs
+    # name in Meta's naming (e.g. "layers.0.attention.wq.weight") -> function returning the tensor
+    # as stored (float32 for quantized weights, else the stored float dtype)
+    tensors: dict[str, Callable[[], torch.Tensor]]
+    tensor_types: dict[str, str]  # name -> stored type ("Q4_1", "F32", ...)
+    tokenizer: Tokenizer
+    chat_template: str | None = None
+    name: str | None = None  # the model's own name, if the file gives one
+    notes: list[str] = field(default_factory=list)  # things the loader noticed and the user may want to know
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, with the shape the config implies ([out, in] for a matrix)."""
+    D, V, F, Hd = args.dim, args.vocab_size, args.hidden_dim, args.head_dim
+    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = (D,)
+        shapes[p + "attention.wq.weight"] = (args.n_heads * Hd, D)
+        shapes[p + "attention.wk.weight"] = (args.n_kv_heads * Hd, D)
+        shapes[p + "attention.wv.weight"] = (args.n_kv_heads * Hd, D)
+        shapes[p + "attention.wo.weight"] = (D, args.n_heads * Hd)
+        shapes[p + "ffn_norm.weight"] = (D,)
+        shapes[p + "feed_forward.w1.weight"] = (F, D)
+        shapes[p + "feed_forward.w2.weight"] = (D, F)
+        shapes[p + "feed_forward.w3.weight"] = (F, D)
+    return shapes

@@ -1,0 +1,279 @@
+"""GGUF files (llama.cpp's format): one file holding the config, the tokenizer and the weights.
+
+The file is a header of typed key/value metadata, a table of tensors (name, type, shape, offset),
+then the tensor data. The `gguf` package reads the header and maps the data into memory; this
+module checks everything against what a Llama model needs before anything is built, renames the
+tensors to Meta's naming and hands over functions that dequantize each tensor on demand.
+
+Two quirks of the format:
+- GGUF writes shapes innermost dimension first (ggml's ne[0] is the row length), so a [out, in]
+  matrix is listed as [in, out].
+- llama.cpp stores the q and k projections with their rows in Meta's interleaved rotary order (its
+  converter undoes Hugging Face's permutation), which is the order model.py's rotary expects, so
+  they are used as stored. Llama 3.1 frequency scaling arrives ready-made as the tensor
+  `rope_freqs.weight` (one divisor per frequency).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+import numpy as np
+import torch
+
+from ..errors import PlainLlamaError
+from ..model import ModelArgs
+from ..quants import SUPPORTED_TYPES, byte_size, dequantize
+from ..tokenizer import BytePairEncoding, SentencePieceBPE, Tokenizer
+from ..tokenizer.pretokenize import pre_tokenizer_for
+from .checkpoint import Checkpoint, expected_shapes
+
+log = logging.getLogger("plainllama")
+
+MAGIC = b"GGUF"
+
+# GGUF tensor name -> ours. Per-layer names are "blk.N.<name>".
+GLOBAL_TENSORS = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
+LAYER_TENSORS = {
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+}
+LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+# Metadata keys under "llama." that this loader reads or knows to be harmless.
+KNOWN_LLAMA_KEYS = {
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count",
+    "vocab_size", "attention.key_length", "attention.value_length", "rope.scaling.type", "rope.scaling.factor",
+    "rope.scaling.original_context_length", "expert_count", "expert_used_count",
+    "rope.scaling.finetuned",  # informational only
+}
+
+
+def looks_like(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
+
+
+def describe_non_gguf(head: bytes) -> str:
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype", b"<html", b"<head", b"<?xml")):
+        return "it is a web page (HTML), not a GGUF file: the download saved the page instead of the file"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the file itself: fetch it with `git lfs pull`"
+    if not head:
+        return "the file is empty"
+    return f"it does not start with the GGUF magic bytes (found {head[:4]!r})"
+
+
+def load_gguf(path: str) -> Checkpoint:
+    import gguf  # imported here: the package is only needed for this format
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head.startswith(MAGIC):
+        raise PlainLlamaError(f"{path}: {describe_non_gguf(head)}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # any parse failure means a damaged or truncated file
+        raise PlainLlamaError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file may be truncated or corrupt") from None
+
+    meta = {name: _field_value(field) for name, field in reader.fields.items()}
+    version = meta.get("GGUF.version")
+    if version not in (2, 3):
+        raise PlainLlamaError(f"{path}: unsupported GGUF version {version} (plainllama reads versions 2 and 3)")
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise PlainLlamaError(f"{path}: architecture {arch!r} is not supported (plainllama runs 'llama')")
+
+    notes = []
+    unknown = sorted(k for k in meta if k.startswith("llama.") and k[len("llama.") :] not in KNOWN_LLAMA_KEYS)
+    for key in unknown:
+        notes.append(f"metadata key {key!r} is not known to plainllama and was ignored")
+
+    tokenizer = _tokenizer(path, meta)
+    tensors_by_name = {t.name: t for t in reader.tensors}
+    args = _model_args(path, meta, tensors_by_name, tokenizer)
+
+    tensors, tensor_types = {}, {}
+    for gguf_name, t in tensors_by_name.items():
+        ours = _our_name(gguf_name)
+        if ours is None:
+            if gguf_name == "rope_freqs.weight":
+                continue  # read into args.rope_freq_factors
+            if re.fullmatch(r"blk\.\d+\.attn_rot_embd", gguf_name):
+                continue  # precomputed rotary tables some old converters wrote; recomputed here
+            raise PlainLlamaError(f"{path}: unexpected tensor {gguf_name!r} (not part of a Llama model)")
+        tensors[ours] = _tensor_source(path, t)
+        tensor_types[ours] = t.tensor_type.name
+    if "output.weight" not in tensors:
+        # Tied embeddings: the output projection is the embedding matrix itself. Both names get the
+        # same source, and loading.py turns that into one shared tensor.
+        tensors["output.weight"] = tensors["tok_embeddings.weight"] if "tok_embeddings.weight" in tensors else None
+        tensor_types["output.weight"] = tensor_types.get("tok_embeddings.weight", "?")
+        args.tie_embeddings = True
+    _check_tensors(path, args, tensors_by_name, tensors)
+
+    for note in notes:
+        log.warning("%s: %s", path, note)
+    return Checkpoint(
+        format="gguf",
+        path=path,
+        args=args,
+        tensors=tensors,
+        tensor_types=tensor_types,
+        tokenizer=tokenizer,
+        chat_template=meta.get("tokenizer.chat_template"),
+        name=meta.get("general.name"),
+        notes=notes,
+    )
+
+
+def _field_value(field):
+    try:
+        return field.contents()
+    except Exception:  # a value type the reader cannot render; we only need the ones we know
+        return None
+
+
+def _our_name(gguf_name: str) -> str | None:
+    if gguf_name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[gguf_name]
+    m = LAYER_NAME.fullmatch(gguf_name)
+    if m and m.group(2) in LAYER_TENSORS:
+        return f"layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.weight"
+    return None
+
+
+def _model_args(path, meta, tensors_by_name, tokenizer) -> ModelArgs:
+    def need(key):
+        value = meta.get(f"llama.{key}")
+        if value is None:
+            raise PlainLlamaError(f"{path}: metadata key 'llama.{key}' is missing")
+        return value
+
+    dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(meta.get("llama.attention.key_length") or dim // n_heads)
+    value_dim = int(meta.get("llama.attention.value_length") or head_dim)
+    if value_dim != head_dim:
+        raise PlainLlamaError(f"{path}: key width {head_dim} differs from value width {value_dim}; not a Llama layout")
+    rope_dim = meta.get("llama.rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise PlainLlamaError(f"{path}: partial rotary embeddings (rope.dimension_count={rope_dim}, head width {head_dim}) are not supported")
+    if (meta.get("llama.expert_count") or 0) > 0:
+        raise PlainLlamaError(f"{path}: mixture-of-experts models (llama.expert_count={meta['llama.expert_count']}) are not supported")
+
+    factors = None
+    scaling = meta.get("llama.rope.scaling.type")
+    if scaling == "linear":
+        factors = (float(need("rope.scaling.factor")),) * (head_dim // 2)
+    elif scaling not in (None, "none"):
+        raise PlainLlamaError(f"{path}: rope scaling type {scaling!r} is not supported (plainllama supports linear and Llama 3.1's)")
+    if "rope_freqs.weight" in tensors_by_name:
+        t = tensors_by_name["rope_freqs.weight"]
+        if t.tensor_type.name != "F32" or int(t.n_elements) != head_dim // 2:
+            raise PlainLlamaError(f"{path}: rope_freqs.weight should be {head_dim // 2} float32 values")
+        factors = tuple(float(x) for x in np.asarray(t.data, dtype=np.float32).reshape(-1))
+
+    embedding = tensors_by_name.get("token_embd.weight")
+    vocab_size = meta.get("llama.vocab_size") or (int(embedding.shape[1]) if embedding is not None else tokenizer.vocab_size)
+    try:
+        return ModelArgs(
+            dim=dim,
+            n_layers=int(need("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(meta.get("llama.attention.head_count_kv") or n_heads),
+            vocab_size=int(vocab_size),
+            hidden_dim=int(need("feed_forward_length")),
+            norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(meta.get("llama.rope.freq_base") or 10000.0),
+            rope_freq_factors=factors,
+            context_length=int(need("context_length")),
+            head_dim=head_dim,
+        )
+    except ValueError as e:
+        raise PlainLlamaError(f"{path}: inconsistent model metadata: {e}") from None
+
+
+def _check_tensors(path, args, tensors_by_name, tensors):
+    """Every tensor present, of a supported type, with the shape the metadata implies and all its bytes."""
+    expected = expected_shapes(args)
+    missing = [name for name in expected if tensors.get(name) is None]
+    if missing:
+        raise PlainLlamaError(f"{path}: missing tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise PlainLlamaError(f"{path}: tensor {extra[0]!r} does not belong to a {args.n_layers}-layer model")
+    for t in tensors_by_name.values():
+        ours = _our_name(t.name)
+        if ours is None:
+            continue
+        type_name = t.tensor_type.name
+        if type_name not in SUPPORTED_TYPES:
+            raise PlainLlamaError(f"{path}: tensor {t.name} has type {type_name}, which plainllama cannot read (supported: {', '.join(SUPPORTED_TYPES)})")
+        shape = tuple(int(x) for x in reversed(t.shape))
+        if shape != expected[ours]:
+            raise PlainLlamaError(f"{path}: tensor {t.name} has shape {list(shape)}, but the metadata implies {list(expected[ours])}")
+        want = byte_size(type_name, int(t.n_elements))
+        if t.data.nbytes != want:
+            raise PlainLlamaError(f"{path}: tensor {t.name} has {t.data.nbytes} bytes of data, expected {want}; the file is truncated or corrupt")
+
+
+def _tensor_source(path, t):
+    type_name = t.tensor_type.name
+    shape = tuple(int(x) for x in reversed(t.shape))
+
+    def load() -> torch.Tensor:
+        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
+        with warnings.catch_warnings():
+            # The file is mapped read-only and torch warns that such memory cannot be written;
+            # nothing here writes to it, and not copying it keeps memory at the model's size.
+            warnings.simplefilter("ignore", UserWarning)
+            return dequantize(torch.from_numpy(raw), type_name, shape)
+
+    return load
+
+
+def _tokenizer(path, meta) -> Tokenizer:
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise PlainLlamaError(f"{path}: no tokenizer vocabulary (tokenizer.ggml.tokens) in the file")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise PlainLlamaError(f"{path}: tokenizer has {len(tokens)} tokens but {len(types)} token types")
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    for name, value in (("bos", bos), ("eos", eos)):
+        if value is not None and not 0 <= value < len(tokens):
+            raise PlainLlamaError(f"{path}: {name} token id {value} is outside the vocabulary of {len(tokens)}")
+    try:
+        if kind == "gpt2":
+            merges = meta.get("tokenizer.ggml.merges")
+            if not merges:
+                raise PlainLlamaError(f"{path}: byte-level BPE vocabulary without merges (tokenizer.ggml.merges)")
+            patterns, whole_piece_first = pre_tokenizer_for(meta.get("tokenizer.ggml.pre"))
+            model = BytePairEncoding(tokens, merges, patterns, whole_piece_first, meta.get("tokenizer.ggml.unknown_token_id"))
+            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+        elif kind == "llama":
+            scores = meta.get("tokenizer.ggml.scores")
+            if not scores or len(scores) != len(tokens):
+                raise PlainLlamaError(f"{path}: SentencePiece vocabulary needs one score per token (tokenizer.ggml.scores)")
+            add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+            model = SentencePieceBPE(tokens, scores, types, meta.get("tokenizer.ggml.unknown_token_id"), add_prefix)
+            # llama.cpp adds BOS for SentencePiece vocabularies unless the file says not to.
+            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
+        else:
+            raise PlainLlamaError(f"{path}: tokenizer model {kind!r} is not supported (plainllama reads 'gpt2' and 'llama')")
+    except ValueError as e:
+        raise PlainLlamaError(f"{path}: broken tokenizer: {e}") from None
+    return Tokenizer(model, tokens, types, bos, eos, add_bos)

@@ -1,0 +1,102 @@
+"""The generation loop: prefill the prompt once, then decode one token at a time from the KV cache.
+
+    prompt ids --model--> logits of the last position --sampler--> next id --model--> ...
+
+Prefill runs the whole prompt in one forward pass and leaves every position's keys and values in
+the cache; each decode step then feeds a single token and reads the rest from the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import PlainLlamaError
+from .model import KVCache, Transformer
+from .sampling import Sampler
+
+
+@dataclass
+class Timings:
+    prefill_seconds: float = 0.0  # prompt forward pass, until the first token is chosen
+    decode_seconds: float = 0.0  # all later forward passes and samplings
+    prompt_tokens: int = 0
+    decode_steps: int = 0  # forward passes of one token each
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "prefill_tokens_per_second": round(self.prefill_tokens_per_second, 2),
+            "decode_steps": self.decode_steps,
+            "decode_seconds": round(self.decode_seconds, 4),
+            "decode_tokens_per_second": round(self.decode_tokens_per_second, 2),
+        }
+
+
+@dataclass
+class GenerationState:
+    """What the loop has produced so far; complete once the iterator is exhausted."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (an end token), "length" (the budget), "context" (the model's limit)
+    timings: Timings = field(default_factory=Timings)
+
+
+def check_prompt(prompt_ids: list[int], context_length: int) -> None:
+    if not prompt_ids:
+        raise PlainLlamaError("the prompt is empty (no tokens to start from)")
+    if len(prompt_ids) >= context_length:
+        raise PlainLlamaError(f"the prompt has {len(prompt_ids)} tokens, but the model's context holds {context_length}; shorten it")
+
+
+def generate_tokens(
+    model: Transformer, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, end_ids, state: GenerationState
+):
+    """Yields generated token ids one at a time; `state` carries the outcome and timings."""
+    args = model.args
+    check_prompt(prompt_ids, args.context_length)
+    if max_new_tokens < 0:
+        raise PlainLlamaError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    budget = min(max_new_tokens, args.context_length - len(prompt_ids))
+    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    # The cache holds exactly what this request can reach, not the model's whole context: 8192
+    # positions of a large model would cost gigabytes for a 20-token answer.
+    cache = KVCache(args, batch=1, length=len(prompt_ids) + budget, dtype=dtype, device=device)
+    timings = state.timings
+    timings.prompt_tokens = len(prompt_ids)
+    if budget == 0:
+        state.finish_reason = "length" if max_new_tokens == 0 else "context"
+        return
+    with torch.inference_mode():
+        start = time.perf_counter()
+        tokens = torch.tensor([prompt_ids], device=device)
+        logits = model(tokens, start_pos=0, cache=cache, last_only=True)[0, -1]  # [V]
+        next_id = sampler(logits)
+        timings.prefill_seconds = time.perf_counter() - start
+        pos = len(prompt_ids)
+        while True:
+            if next_id in end_ids:
+                state.finish_reason = "stop"
+                return
+            state.tokens.append(next_id)
+            yield next_id
+            if len(state.tokens) == budget:
+                state.finish_reason = "length" if budget == max_new_tokens else "context"
+                return
+            step_start = time.perf_counter()
+            logits = model(torch.tensor([[next_id]], device=device), start_pos=pos, cache=cache, last_only=True)[0, -1]
+            next_id = sampler(logits)
+            timings.decode_seconds += time.perf_counter() - step_start
+            timings.decode_steps += 1
+            pos += 1

@@ -1,0 +1,33 @@
+"""Checkpoint -> ready model: built without memory, then given its tensors one by one.
+
+The model is first built on PyTorch's `meta` device, where parameters have shapes but no storage.
+Each tensor is then read, converted to the target dtype and device, and assigned into the model in
+place of the empty parameter (`load_state_dict(assign=True)`), so there is never a second,
+randomly initialised copy of the weights, nor a float32 copy of a bfloat16 model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import PlainLlamaError
+from .formats import Checkpoint
+from .model import Transformer
+
+
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(checkpoint.args)
+    state = {}
+    converted = {}  # source -> tensor, so tied weights become one shared tensor
+    try:
+        for name, source in checkpoint.tensors.items():
+            if source not in converted:
+                converted[source] = source().to(device=device, dtype=dtype)
+            state[name] = converted[source]
+    except (torch.OutOfMemoryError, MemoryError):
+        raise PlainLlamaError(
+            f"{checkpoint.path}: not enough memory on {device} to hold the weights in {str(dtype).removeprefix('torch.')}"
+        ) from None
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

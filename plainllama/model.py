@@ -1,0 +1,237 @@
+"""The Llama transformer: token ids in, next-token logits out.
+
+Read it beside the paper and Meta's reference (llama_models/llama3/model.py): the module names are
+Meta's, so a checkpoint's `layers.3.attention.wq.weight` is `model.layers[3].attention.wq.weight`
+here. This file knows nothing about file formats, devices or quantization: a loader hands it a
+`ModelArgs` and a state dict in this naming, and it does the arithmetic.
+
+Shapes in comments: B batch, T new tokens, S tokens in the cache (past + new), D model width,
+H query heads, K key/value heads, Hd head width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int  # D, width of the residual stream
+    n_layers: int
+    n_heads: int  # H
+    n_kv_heads: int  # K; fewer than H is grouped-query attention (GQA)
+    vocab_size: int  # V
+    hidden_dim: int  # width inside the feed-forward block
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Per-frequency divisors of the rotary angles, one per pair of head dimensions. None means plain
+    # RoPE. Llama 3.1's long-context scaling is such a set of divisors (`llama3_rope_factors`); GGUF
+    # files store them ready-made as the tensor `rope_freqs.weight`.
+    rope_freq_factors: tuple[float, ...] | None = None
+    context_length: int = 4096  # the longest sequence the model was trained for
+    head_dim: int | None = None  # Hd; derived as dim // n_heads unless the config says otherwise
+    tie_embeddings: bool = False  # the output projection reuses the token embedding matrix
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        problems = []
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "context_length"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            problems.append(f"rope_freq_factors has {len(self.rope_freq_factors)} entries, expected {self.head_dim // 2}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def llama3_rope_factors(
+    head_dim: int, theta: float, factor: float, low_freq_factor: float, high_freq_factor: float, original_context_length: int
+) -> tuple[float, ...]:
+    """Llama 3.1's rotary scaling as per-frequency divisors.
+
+    Frequencies whose wavelength is short next to the original context are left alone (divisor 1),
+    long ones are slowed down by `factor`, and the band between is blended smoothly, so that the
+    model sees positions past its original training length without its short-range sense changing.
+    """
+    low_freq_wavelen = original_context_length / low_freq_factor
+    high_freq_wavelen = original_context_length / high_freq_factor
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(float(factor))
+        else:
+            smooth = (original_context_length / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return tuple(factors)
+
+
+def rotary_cos_sin(args: ModelArgs, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angle for each position and each pair of head dimensions: [T, Hd/2].
+
+    Computed in float32 whatever the model's dtype: angles grow with position, and float16 would
+    round position 5000's angle by more than the angle between neighbouring tokens.
+    """
+    exponents = torch.arange(0, args.head_dim, 2, device=positions.device, dtype=torch.float32) / args.head_dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)  # [Hd/2]
+    if args.rope_freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(args.rope_freq_factors, device=positions.device, dtype=torch.float32)
+    angles = torch.outer(positions.to(torch.float32), inv_freq)  # [T, Hd/2]
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its position's angle.
+
+    x: [B, T, heads, Hd]; cos, sin: [T, Hd/2]. This is Meta's pairing (the reference does it with
+    complex numbers, which MPS and torch.compile handle badly); a pair is a point in the plane and
+    the rotation is the 2x2 matrix [[cos, -sin], [sin, cos]].
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, heads, Hd/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads: [T, 1, Hd/2]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of squares over thousands of values is taken in float32: in bfloat16 it loses
+        # enough precision to shift every downstream activation.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class LayerCache:
+    """Keys and values of one layer for every position seen so far, sized to the request."""
+
+    def __init__(self, batch: int, n_kv_heads: int, length: int, head_dim: int, dtype: torch.dtype, device):
+        self.k = torch.zeros(batch, n_kv_heads, length, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values [B, K, T, Hd] at `start`; return everything up to them [B, K, S, Hd]."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One LayerCache per layer. The generation loop owns it; the model only writes into it."""
+
+    def __init__(self, args: ModelArgs, batch: int, length: int, dtype: torch.dtype, device):
+        self.length = length
+        self.layers = [LayerCache(batch, args.n_kv_heads, length, args.head_dim, dtype, device) for _ in range(args.n_layers)]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: LayerCache | None, start_pos: int):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, Hd]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, Hd]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, heads, T, Hd]
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)  # [B, K, S, Hd]
+        # enable_gqa lets each group of H/K query heads share one key/value head without copying
+        # the cache H/K times.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, D]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). w1 is the gate, w3 the up projection, w2 the way back down."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x, cos, sin, mask, cache, start_pos):
+        # Pre-norm residual blocks: each sub-layer reads a normalized copy and adds its result back.
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def causal_mask(start_pos: int, T: int, device) -> torch.Tensor | None:
+    """[T, S] boolean mask, True where query position i may attend to key position j (j <= i).
+
+    Built by comparing position numbers rather than with torch.triu, which returns NaN on Apple's
+    MPS backend. A single new token may see everything in the cache, so it needs no mask.
+    """
+    if T == 1:
+        return None
+    query_pos = torch.arange(start_pos, start_pos + T, device=device)
+    key_pos = torch.arange(0, start_pos + T, device=device)
+    return key_pos[None, :] <= query_pos[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False):
+        """tokens [B, T] at positions start_pos..start_pos+T-1 -> logits [B, T, V] ([B, 1, V] if last_only).
+
+        Without a cache the tokens are the whole sequence (start_pos must be 0). With one, earlier
+        positions come from the cache and these tokens' keys and values are written into it.
+        """
+        B, T = tokens.shape
+        if cache is None and start_pos != 0:
+            raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions")
+        if cache is not None and start_pos + T > cache.length:
+            raise ValueError(f"positions up to {start_pos + T} do not fit a KV cache of {cache.length}")
+        h = self.tok_embeddings(tokens)  # [B, T, D]
+        cos, sin = rotary_cos_sin(self.args, torch.arange(start_pos, start_pos + T, device=tokens.device))
+        mask = causal_mask(start_pos, T, tokens.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache.layers[i] if cache is not None else None, start_pos)
+        if last_only:
+            h = h[:, -1:]  # the next token only depends on the last position; skip the other rows
+        return self.output(self.norm(h))  # [B, T, V]

@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp's format): one file holding the config, the tokenizer and the weights.
 
 The file is a header of typed key/value metadata, a table of tensors (name, type, shape, offset),
-then the tensor data. The `gguf` package reads the header and maps the data into memory; this
+then the tensor data. gguf_reader.py parses the header and maps the data into memory; this
 module checks everything against what a Llama model needs before anything is built, renames the
 tensors to Meta's naming and hands over functions that dequantize each tensor on demand.
 
@@ -30,6 +30,7 @@ from ..quants import SUPPORTED_TYPES, byte_size, dequantize
 from ..tokenizer import BytePairEncoding, SentencePieceBPE, Tokenizer
 from ..tokenizer.pretokenize import pre_tokenizer_for
 from .checkpoint import Checkpoint, expected_shapes
+from .gguf_reader import GGUFFile, TensorInfo, read_gguf
 
 log = logging.getLogger("plainllama")
 
@@ -77,21 +78,12 @@ def describe_non_gguf(head: bytes) -> str:
 
 
 def load_gguf(path: str) -> Checkpoint:
-    import gguf  # imported here: the package is only needed for this format
-
     with open(path, "rb") as f:
         head = f.read(64)
     if not head.startswith(MAGIC):
         raise PlainLlamaError(f"{path}: {describe_non_gguf(head)}")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # any parse failure means a damaged or truncated file
-        raise PlainLlamaError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file may be truncated or corrupt") from None
-
-    meta = {name: _field_value(field) for name, field in reader.fields.items()}
-    version = meta.get("GGUF.version")
-    if version not in (2, 3):
-        raise PlainLlamaError(f"{path}: unsupported GGUF version {version} (plainllama reads versions 2 and 3)")
+    gf = read_gguf(path)
+    meta = gf.metadata
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise PlainLlamaError(f"{path}: architecture {arch!r} is not supported (plainllama runs 'llama')")
@@ -102,11 +94,10 @@ def load_gguf(path: str) -> Checkpoint:
         notes.append(f"metadata key {key!r} is not known to plainllama and was ignored")
 
     tokenizer = _tokenizer(path, meta)
-    tensors_by_name = {t.name: t for t in reader.tensors}
-    args = _model_args(path, meta, tensors_by_name, tokenizer)
+    args = _model_args(gf, tokenizer)
 
     tensors, tensor_types = {}, {}
-    for gguf_name, t in tensors_by_name.items():
+    for gguf_name, info in gf.tensors.items():
         ours = _our_name(gguf_name)
         if ours is None:
             if gguf_name == "rope_freqs.weight":
@@ -114,15 +105,15 @@ def load_gguf(path: str) -> Checkpoint:
             if re.fullmatch(r"blk\.\d+\.attn_rot_embd", gguf_name):
                 continue  # precomputed rotary tables some old converters wrote; recomputed here
             raise PlainLlamaError(f"{path}: unexpected tensor {gguf_name!r} (not part of a Llama model)")
-        tensors[ours] = _tensor_source(path, t)
-        tensor_types[ours] = t.tensor_type.name
-    if "output.weight" not in tensors:
+        tensors[ours] = _tensor_source(gf, info)
+        tensor_types[ours] = info.type_name
+    if "output.weight" not in tensors and "tok_embeddings.weight" in tensors:
         # Tied embeddings: the output projection is the embedding matrix itself. Both names get the
         # same source, and loading.py turns that into one shared tensor.
-        tensors["output.weight"] = tensors["tok_embeddings.weight"] if "tok_embeddings.weight" in tensors else None
-        tensor_types["output.weight"] = tensor_types.get("tok_embeddings.weight", "?")
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]
+        tensor_types["output.weight"] = tensor_types["tok_embeddings.weight"]
         args.tie_embeddings = True
-    _check_tensors(path, args, tensors_by_name, tensors)
+    _check_tensors(gf, args)
 
     for note in notes:
         log.warning("%s: %s", path, note)
@@ -139,13 +130,6 @@ def load_gguf(path: str) -> Checkpoint:
     )
 
 
-def _field_value(field):
-    try:
-        return field.contents()
-    except Exception:  # a value type the reader cannot render; we only need the ones we know
-        return None
-
-
 def _our_name(gguf_name: str) -> str | None:
     if gguf_name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[gguf_name]
@@ -155,7 +139,9 @@ def _our_name(gguf_name: str) -> str | None:
     return None
 
 
-def _model_args(path, meta, tensors_by_name, tokenizer) -> ModelArgs:
+def _model_args(gf: GGUFFile, tokenizer) -> ModelArgs:
+    path, meta = gf.path, gf.metadata
+
     def need(key):
         value = meta.get(f"llama.{key}")
         if value is None:
@@ -179,14 +165,14 @@ def _model_args(path, meta, tensors_by_name, tokenizer) -> ModelArgs:
         factors = (float(need("rope.scaling.factor")),) * (head_dim // 2)
     elif scaling not in (None, "none"):
         raise PlainLlamaError(f"{path}: rope scaling type {scaling!r} is not supported (plainllama supports linear and Llama 3.1's)")
-    if "rope_freqs.weight" in tensors_by_name:
-        t = tensors_by_name["rope_freqs.weight"]
-        if t.tensor_type.name != "F32" or int(t.n_elements) != head_dim // 2:
+    if "rope_freqs.weight" in gf.tensors:
+        info = gf.tensors["rope_freqs.weight"]
+        if info.type_name != "F32" or info.count != head_dim // 2:
             raise PlainLlamaError(f"{path}: rope_freqs.weight should be {head_dim // 2} float32 values")
-        factors = tuple(float(x) for x in np.asarray(t.data, dtype=np.float32).reshape(-1))
+        factors = tuple(float(x) for x in _raw_bytes(gf, info).view(np.float32))
 
-    embedding = tensors_by_name.get("token_embd.weight")
-    vocab_size = meta.get("llama.vocab_size") or (int(embedding.shape[1]) if embedding is not None else tokenizer.vocab_size)
+    embedding = gf.tensors.get("token_embd.weight")
+    vocab_size = meta.get("llama.vocab_size") or (embedding.shape[0] if embedding is not None else tokenizer.vocab_size)
     try:
         return ModelArgs(
             dim=dim,
@@ -205,41 +191,40 @@ def _model_args(path, meta, tensors_by_name, tokenizer) -> ModelArgs:
         raise PlainLlamaError(f"{path}: inconsistent model metadata: {e}") from None
 
 
-def _check_tensors(path, args, tensors_by_name, tensors):
+def _check_tensors(gf: GGUFFile, args: ModelArgs):
     """Every tensor present, of a supported type, with the shape the metadata implies and all its bytes."""
+    path = gf.path
     expected = expected_shapes(args)
-    missing = [name for name in expected if tensors.get(name) is None]
+    present = {_our_name(name): info for name, info in gf.tensors.items() if _our_name(name)}
+    if args.tie_embeddings:
+        present["output.weight"] = present.get("tok_embeddings.weight")
+    missing = [name for name in expected if present.get(name) is None]
     if missing:
         raise PlainLlamaError(f"{path}: missing tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-    extra = sorted(set(tensors) - set(expected))
+    extra = sorted(set(present) - set(expected))
     if extra:
         raise PlainLlamaError(f"{path}: tensor {extra[0]!r} does not belong to a {args.n_layers}-layer model")
-    for t in tensors_by_name.values():
-        ours = _our_name(t.name)
-        if ours is None:
-            continue
-        type_name = t.tensor_type.name
-        if type_name not in SUPPORTED_TYPES:
-            raise PlainLlamaError(f"{path}: tensor {t.name} has type {type_name}, which plainllama cannot read (supported: {', '.join(SUPPORTED_TYPES)})")
-        shape = tuple(int(x) for x in reversed(t.shape))
-        if shape != expected[ours]:
-            raise PlainLlamaError(f"{path}: tensor {t.name} has shape {list(shape)}, but the metadata implies {list(expected[ours])}")
-        want = byte_size(type_name, int(t.n_elements))
-        if t.data.nbytes != want:
-            raise PlainLlamaError(f"{path}: tensor {t.name} has {t.data.nbytes} bytes of data, expected {want}; the file is truncated or corrupt")
+    for ours, info in present.items():
+        if info.type_name not in SUPPORTED_TYPES:
+            raise PlainLlamaError(f"{path}: tensor {info.name} has type {info.type_name}, which plainllama cannot read (supported: {', '.join(SUPPORTED_TYPES)})")
+        if info.shape != expected[ours]:
+            raise PlainLlamaError(f"{path}: tensor {info.name} has shape {list(info.shape)}, but the metadata implies {list(expected[ours])}")
+        want = byte_size(info.type_name, info.count)
+        if info.offset + want > len(gf.data):
+            raise PlainLlamaError(f"{path}: tensor {info.name} runs past the end of the file ({info.offset + want} > {len(gf.data)} bytes); the file is truncated")
 
 
-def _tensor_source(path, t):
-    type_name = t.tensor_type.name
-    shape = tuple(int(x) for x in reversed(t.shape))
+def _raw_bytes(gf: GGUFFile, info: TensorInfo) -> np.ndarray:
+    return gf.data[info.offset : info.offset + byte_size(info.type_name, info.count)]
 
+
+def _tensor_source(gf: GGUFFile, info: TensorInfo):
     def load() -> torch.Tensor:
-        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
         with warnings.catch_warnings():
             # The file is mapped read-only and torch warns that such memory cannot be written;
             # nothing here writes to it, and not copying it keeps memory at the model's size.
             warnings.simplefilter("ignore", UserWarning)
-            return dequantize(torch.from_numpy(raw), type_name, shape)
+            return dequantize(torch.from_numpy(_raw_bytes(gf, info)), info.type_name, info.shape)
 
     return load
 

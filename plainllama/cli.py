@@ -1,0 +1,101 @@
+"""The `plainllama` command. Each subcommand is a thin layer over the Python API (api.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import PlainLlamaError
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None, help="model file or folder (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); higher is more random")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens with this much probability")
+    p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plainllama", description="Run Llama-family models you can read.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="continue a prompt", description="Continue PROMPT; the text streams to stdout, timings go to stderr.")
+    gen.add_argument("prompt", help="the text to continue")
+    add_model_options(gen)
+    add_sampling_options(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming")
+    gen.set_defaults(run=run_generate)
+    return parser
+
+
+def run_generate(args) -> int:
+    from .api import load
+
+    llm = load(args.model, device=args.device, dtype=args.dtype)
+    stream = llm.stream(
+        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )
+    if args.json:
+        for _ in stream:
+            pass
+    else:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    result = stream.result
+    t = result.timings
+    if args.json:
+        record = {
+            "model": llm.checkpoint.path,
+            "device": str(llm.device),
+            "dtype": str(llm.dtype).removeprefix("torch."),
+            "prompt_tokens": result.prompt_tokens,
+            "tokens": result.tokens,
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "load_seconds": round(llm.load_seconds, 3),
+            **t.as_dict(),
+        }
+        print(json.dumps(record, ensure_ascii=False))
+        return 0
+    if result.finish_reason == "context":
+        print(f"[stopped: the model's context of {llm.args.context_length} tokens is full]", file=sys.stderr)
+    print(
+        f"[prompt {t.prompt_tokens} tokens: {t.prefill_tokens_per_second:.1f} tok/s | "
+        f"generated {len(result.tokens)} tokens: {t.decode_tokens_per_second:.1f} tok/s | "
+        f"{llm.device}, {str(llm.dtype).removeprefix('torch.')}, loaded in {llm.load_seconds:.1f}s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="plainllama: %(levelname)s: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    try:
+        return args.run(args)
+    except PlainLlamaError as e:
+        print(f"plainllama: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("plainllama: error: out of memory (try a smaller model, --dtype bfloat16, or a quantized file)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0  # the reader went away (`plainllama generate ... | head`)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Writing GGUF files for tests with the `gguf` package's own writer (llama.cpp's Python library).
+
+Quantized tensors: the `gguf` package quantizes F16/BF16/Q4_0..Q8_0 itself; for the K formats
+(which it can only dequantize) we write random blocks whose float16 scale fields hold small finite
+values, which is all the dequantizers and the model need.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+
+from plainllama.default_model import default_model_path
+
+# byte offsets of the float16 scale fields inside each block, per format
+SCALE_FIELDS = {
+    "Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
+    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+}
+QUANTIZABLE = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"}
+
+
+def random_blocks(type_name: str, n_blocks: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """[n_blocks, bytes_per_block] uint8 of random content with finite float16 scales."""
+    _, block_bytes = quants.GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+    for offset in SCALE_FIELDS[type_name]:
+        values = (rng.standard_normal(n_blocks) * scale).astype(np.float16)
+        raw[:, offset : offset + 2] = values.view(np.uint8).reshape(n_blocks, 2)
+    return raw
+
+
+def encode_tensor(weights: np.ndarray, type_name: str, rng: np.random.Generator):
+    """float32 weights -> (array to write, raw_dtype) in the given GGUF type."""
+    if type_name == "F32":
+        return weights.astype(np.float32), None
+    qtype = GGMLQuantizationType[type_name]
+    if type_name in QUANTIZABLE:
+        return quants.quantize(weights.astype(np.float32), qtype), qtype
+    per_block, _ = quants.GGML_QUANT_SIZES[qtype]
+    rows, cols = weights.shape
+    # K formats: random blocks scaled like the float weights would be.
+    blocks = random_blocks(type_name, rows * cols // per_block, rng, scale=float(np.abs(weights).mean()) / 8)
+    return blocks.reshape(rows, -1), qtype
+
+
+def default_vocabulary() -> dict:
+    """The default model's tokenizer metadata, so test files get a real vocabulary."""
+    reader = GGUFReader(default_model_path())
+    get = lambda key: reader.fields[key].contents()
+    return {
+        "model": get("tokenizer.ggml.model"),
+        "pre": get("tokenizer.ggml.pre"),
+        "tokens": get("tokenizer.ggml.tokens"),
+        "types": get("tokenizer.ggml.token_type"),
+        "merges": get("tokenizer.ggml.merges"),
+        "bos": get("tokenizer.ggml.bos_token_id"),
+        "eos": get("tokenizer.ggml.eos_token_id"),
+    }
+
+
+def write_llama_gguf(
+    path, vocab: dict, *, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512, context_length=512,
+    matrix_type="F32", embedding_type="F32", tied=False, seed=0, rope_freqs=None, extra_metadata=None,
+    architecture="llama", skip_tensors=(), override_shapes=None,
+):
+    """A random-weight Llama model in GGUF. `vocab`: dict as from default_vocabulary() or a
+    SentencePiece vocabulary (model "llama" with scores)."""
+    rng = np.random.default_rng(seed)
+    V = len(vocab["tokens"])
+    head_dim = dim // n_heads
+    w = GGUFWriter(str(path), architecture)
+    w.add_block_count(n_layers)
+    w.add_context_length(context_length)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(hidden_dim)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(V)
+    for key, value in (extra_metadata or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_uint32(key, value)
+    w.add_tokenizer_model(vocab["model"])
+    if vocab.get("pre"):
+        w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if vocab.get("merges"):
+        w.add_token_merges(vocab["merges"])
+    if vocab.get("scores") is not None:
+        w.add_token_scores(vocab["scores"])
+    if vocab.get("bos") is not None:
+        w.add_bos_token_id(vocab["bos"])
+    if vocab.get("eos") is not None:
+        w.add_eos_token_id(vocab["eos"])
+    if vocab.get("unk") is not None:
+        w.add_unk_token_id(vocab["unk"])
+    if vocab.get("add_bos") is not None:
+        w.add_add_bos_token(vocab["add_bos"])
+
+    shapes = {
+        "token_embd.weight": ((V, dim), embedding_type),
+        "output_norm.weight": ((dim,), "F32"),
+    }
+    if not tied:
+        shapes["output.weight"] = ((V, dim), embedding_type)
+    for i in range(n_layers):
+        shapes[f"blk.{i}.attn_norm.weight"] = ((dim,), "F32")
+        shapes[f"blk.{i}.ffn_norm.weight"] = ((dim,), "F32")
+        shapes[f"blk.{i}.attn_q.weight"] = ((n_heads * head_dim, dim), matrix_type)
+        shapes[f"blk.{i}.attn_k.weight"] = ((n_kv_heads * head_dim, dim), matrix_type)
+        shapes[f"blk.{i}.attn_v.weight"] = ((n_kv_heads * head_dim, dim), matrix_type)
+        shapes[f"blk.{i}.attn_output.weight"] = ((dim, n_heads * head_dim), matrix_type)
+        shapes[f"blk.{i}.ffn_gate.weight"] = ((hidden_dim, dim), matrix_type)
+        shapes[f"blk.{i}.ffn_up.weight"] = ((hidden_dim, dim), matrix_type)
+        shapes[f"blk.{i}.ffn_down.weight"] = ((dim, hidden_dim), matrix_type)
+    for name, shape in (override_shapes or {}).items():
+        shapes[name] = (shape, shapes[name][1])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
+    for name, (shape, type_name) in shapes.items():
+        if name in skip_tensors:
+            continue
+        if len(shape) == 1:
+            weights = 1.0 + 0.1 * rng.standard_normal(shape).astype(np.float32)  # norm gains near 1
+            w.add_tensor(name, weights)
+            continue
+        weights = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        data, raw_dtype = encode_tensor(weights, type_name, rng)
+        w.add_tensor(name, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -247,7 +247,7 @@ def _tokenizer(path, meta) -> Tokenizer:
             if not merges:
                 raise PlainLlamaError(f"{path}: byte-level BPE vocabulary without merges (tokenizer.ggml.merges)")
             patterns, whole_piece_first = pre_tokenizer_for(meta.get("tokenizer.ggml.pre"))
-            model = BytePairEncoding(tokens, merges, patterns, whole_piece_first, meta.get("tokenizer.ggml.unknown_token_id"))
+            model = BytePairEncoding(tokens, merges, patterns, whole_piece_first)
             add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
         elif kind == "llama":
             scores = meta.get("tokenizer.ggml.scores")

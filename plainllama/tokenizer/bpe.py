@@ -63,12 +63,9 @@ def merge_word(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
 
 
 class BytePairEncoding:
-    def __init__(
-        self, tokens: list[str], merges: list[str], patterns: tuple[str, ...], whole_piece_first: bool, unk_id: int | None = None
-    ):
+    def __init__(self, tokens: list[str], merges: list[str], patterns: tuple[str, ...], whole_piece_first: bool):
         self.tokens = tokens
         self.ids = {token: i for i, token in enumerate(tokens)}
-        self.unk_id = unk_id
         self.ranks = {}
         for rank, merge in enumerate(merges):
             left, _, right = merge.partition(" ")
@@ -94,12 +91,9 @@ class BytePairEncoding:
             whole = self.ids.get("".join(chars))
             if whole is not None:
                 return [whole]
-        ids = []
-        for symbol in merge_word(chars, self.ranks):
-            token_id = self.ids.get(symbol, self.unk_id)
-            if token_id is not None:  # some vocabularies lack tokens for control bytes; those are dropped
-                ids.append(token_id)
-        return ids
+        # Some vocabularies have no token for a few control bytes (SmolLM2 lacks 21); such bytes are
+        # dropped, as Hugging Face tokenizers and llama.cpp both do.
+        return [self.ids[s] for s in merge_word(chars, self.ranks) if s in self.ids]
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a vocabulary entry stands for. Entries outside the byte table (added tokens

@@ -30,12 +30,10 @@ class SentencePieceBPE:
         self.unk_id = unk_id
         self.add_space_prefix = add_space_prefix
 
-    def encode(self, text: str, at_start: bool = True) -> list[int]:
-        """`at_start`: this text begins the input, so it gets the leading '▁' (a fragment after a
-        special token does not)."""
+    def encode(self, text: str) -> list[int]:
         if not text:
             return []
-        if self.add_space_prefix and at_start:
+        if self.add_space_prefix:
             text = " " + text
         symbols = self._merge(list(text.replace(" ", SPACE)))
         ids = []

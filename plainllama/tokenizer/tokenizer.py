@@ -63,18 +63,18 @@ class Tokenizer:
         matches = splitter.finditer(text) if splitter is not None else ()
         for match in matches:
             if match.start() > pos:
-                ids.extend(self._encode_plain(text[pos : match.start()], at_start=pos == 0))
+                ids.extend(self._encode_plain(text[pos : match.start()]))
             ids.append(specials[match.group()])
             pos = match.end()
         if pos < len(text):
-            ids.extend(self._encode_plain(text[pos:], at_start=pos == 0))
+            ids.extend(self._encode_plain(text[pos:]))
         if len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:
             ids.pop(0)  # the text began with the BOS token itself: never two
         return ids
 
-    def _encode_plain(self, text: str, at_start: bool) -> list[int]:
-        if hasattr(self.model, "add_space_prefix"):
-            return self.model.encode(text, at_start=at_start)
+    def _encode_plain(self, text: str) -> list[int]:
+        # Each stretch of plain text is encoded on its own: merges never cross a special token.
+        # (SentencePiece vocabularies put their leading '▁' before each stretch, as llama.cpp does.)
         return self.model.encode(text)
 
     def decode(self, ids) -> str:

@@ -1,0 +1,181 @@
+"""Tokenization against independent tokenizers.
+
+- Byte-level BPE (the default model's GGUF vocabulary): Hugging Face `tokenizers`, built by
+  transformers from the same GGUF, and llama.cpp's tokenizer (llama-cpp-python) reading the file.
+  transformers' GGUF converter has no rule for the `smollm` pre-tokenizer and falls back to GPT-2's,
+  so the HF oracle gets the pre-tokenizer SmolLM2's published tokenizer.json declares:
+  Sequence[Digits(individual_digits=True), ByteLevel(add_prefix_space=False, use_regex=True)].
+- SentencePiece BPE (Llama 2 style): the `sentencepiece` library, on a model this test trains and
+  writes into a GGUF vocabulary.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import plainllama
+from gguf_files import write_llama_gguf
+
+CORPUS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog. It's a well-known pangram; we'll use it, they'd say.",
+    "I'M SHOUTING, YOU'RE NOT, WE'VE SEEN IT",
+    "def add(a, b):\n    return a + b  # sum\n\n\nclass Foo:\n\tpass\n",
+    "for (int i = 0; i < n; ++i) { total += x[i] * 2.5e-3; }",
+    "   leading spaces, trailing spaces   ",
+    "tabs\tand\nnewlines\r\nand\n\n\n\nmany blank lines\n",
+    "a" + " " * 17 + "b",
+    "日本語のテキストとカタカナ。中文测试：你好，世界！한국어 텍스트입니다",
+    "مرحبا بالعالم، هذه جملة عربية.",
+    "नमस्ते दुनिया, यह हिंदी वाक्य है।",
+    "Family: 👨‍👩‍👧‍👦, flags: 🇫🇷🇯🇵, skin tone: 👍🏽, heart: ❤️",
+    "e\u0301 a\u0308 n\u0303 Z\u0351\u0358a\u0360l\u0334g\u0315o",  # combining marks
+    "3141592653589793238462643383279502884197169399375105820974944",
+    "Prices: $1,234.56, 10%, 2024-01-15, v1.2.3, 0x1F, 1e10",
+    "<|im_start|>user\nThis looks like a special token<|im_end|> but is only text",
+    "<|endoftext|><repo_name>x</s><s>[INST]",
+    "Ünïcödé ünder ßtraße, naïve café, Ελληνικά, Русский текст",
+    "control\x01\x04\x1fbytes and \x7f delete",
+    "",
+    " ",
+    "\n",
+    "'s 's 'S 'll",
+]
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(model_path):
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(model_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    backend = tok.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    backend.encode_special_tokens = True  # split_special_tokens=True: text never becomes control tokens
+    return backend
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_vocab(model_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `scripts/setup.sh --test`")
+    return llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_ids_match_hf_tokenizers(llm, hf_tokenizer, text):
+    assert llm.tokenizer.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_ids_match_llama_cpp(llm, llama_cpp_vocab, text):
+    assert llm.tokenizer.encode(text) == llama_cpp_vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+
+def test_long_inputs_match_hf_tokenizers(llm, hf_tokenizer):
+    text = " ".join(CORPUS) * 20  # ~30 KB of mixed text
+    assert llm.tokenizer.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False).ids
+    digits = "".join(str(i % 10) for i in range(20000))
+    no_spaces = "abcdefghij" * 5000  # 50 KB without a single space: one pre-token
+    for s in (digits, no_spaces):
+        assert llm.tokenizer.encode(s) == hf_tokenizer.encode(s, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("text", [t for t in CORPUS if "\x04" not in t])
+def test_decode_round_trips(llm, text):
+    # (Four control bytes, \x04 among them, have no token in this vocabulary and are dropped, as
+    # both oracles above also do.)
+    assert llm.tokenizer.decode(llm.tokenizer.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_stream_decode_never_emits_broken_utf8(llm, text):
+    ids = llm.tokenizer.encode(text)
+    pieces = list(llm.tokenizer.stream().decode_all(ids))
+    assert "".join(pieces) == llm.tokenizer.decode(ids)
+    for piece in pieces:
+        assert "\ufffd" not in piece  # a replacement character would mean a character was cut
+        piece.encode("utf-8")  # and every piece is a valid string on its own
+
+
+def test_special_tokens_only_when_asked(llm, hf_tokenizer):
+    text = "<|im_start|>user\nhi<|im_end|>"
+    as_text = llm.tokenizer.encode(text)
+    as_special = llm.tokenizer.encode(text, parse_special=True)
+    assert 1 not in as_text and 2 not in as_text  # ids of <|im_start|> and <|im_end|>
+    assert as_special[0] == 1 and as_special[-1] == 2
+    hf_tokenizer.encode_special_tokens = False
+    try:
+        assert as_special == hf_tokenizer.encode(text, add_special_tokens=False).ids
+    finally:
+        hf_tokenizer.encode_special_tokens = True
+
+
+def test_end_tokens_of_the_default_model(llm):
+    # eos is <|im_end|> (2); <|endoftext|> (0) also ends generation, as in llama.cpp.
+    assert llm.tokenizer.end_ids == {0, 2}
+
+
+# --- SentencePiece (Llama 1/2 style vocabularies: tokenizer.ggml.model = "llama") ---
+
+SP_TRAINING_TEXT = [
+    "The llama is a domesticated South American camelid, widely used as a meat and pack animal.",
+    "Llamas are social animals and live with others as a herd. Their wool is soft and contains only a small amount of lanolin.",
+    "def tokenize(text): return [piece for piece in text.split()]",
+    "Numbers like 12345 and 3.14159 appear in text; so do dates such as 2024-05-01.",
+    "Café, naïve, résumé: accented Latin letters are common in European languages.",
+] * 40
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model(tmp_path_factory):
+    """A BPE SentencePiece model trained here, set up like Llama 2's: byte fallback, no
+    normalization, whitespace kept as it is, a dummy prefix space."""
+    spm = pytest.importorskip("sentencepiece")
+    folder = tmp_path_factory.mktemp("spm")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(SP_TRAINING_TEXT), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=400, model_type="bpe", byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_gguf(sentencepiece_model, tmp_path_factory):
+    sp = sentencepiece_model
+    types = []
+    for i in range(sp.get_piece_size()):
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1)
+    vocab = {
+        "model": "llama", "tokens": [sp.id_to_piece(i) for i in range(sp.get_piece_size())],
+        "scores": [sp.get_score(i) for i in range(sp.get_piece_size())], "types": types,
+        "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(),
+    }
+    path = tmp_path_factory.mktemp("spm-gguf") / "llama2-style.gguf"
+    return write_llama_gguf(path, vocab, dim=64, n_heads=2, n_kv_heads=2, hidden_dim=128)
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_sentencepiece_ids_match_sentencepiece_library(sentencepiece_model, sentencepiece_gguf, text):
+    model = plainllama.load(str(sentencepiece_gguf), device="cpu")
+    assert model.tokenizer.encode(text, bos=False) == sentencepiece_model.encode(text)
+
+
+def test_sentencepiece_bos_and_decode(sentencepiece_model, sentencepiece_gguf):
+    model = plainllama.load(str(sentencepiece_gguf), device="cpu")
+    text = "Llamas live in herds. 日本語"
+    ids = model.tokenizer.encode(text)
+    assert ids[0] == sentencepiece_model.bos_id()  # llama vocabularies add BOS by default
+    assert ids[1:] == sentencepiece_model.encode(text)
+    assert model.tokenizer.decode(ids[1:]) == sentencepiece_model.decode(ids[1:]) == text
+    # A prompt that already starts with the BOS text gets one BOS, not two.
+    assert model.tokenizer.encode("<s>" + text, parse_special=True) == ids
+    # The random-weight model runs on it.
+    out = model.generate(text, max_new_tokens=4)
+    assert len(out.tokens) == 4 and all(0 <= t < model.args.vocab_size for t in out.tokens)

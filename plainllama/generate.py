@@ -35,7 +35,6 @@ class Timings:
 
     def as_dict(self) -> dict:
         return {
-            "prompt_tokens": self.prompt_tokens,
             "prefill_seconds": round(self.prefill_seconds, 4),
             "prefill_tokens_per_second": round(self.prefill_tokens_per_second, 2),
             "decode_steps": self.decode_steps,

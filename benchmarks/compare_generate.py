@@ -1,0 +1,139 @@
+"""Prefill and decode speed of plainllama next to llama.cpp and Hugging Face transformers, on the
+same GGUF file, in one run (the machines are shared and noisy: only ratios measured side by side
+mean anything).
+
+    benchmarks/run.sh                       # sets up .venv with the peers, then runs this
+    .venv/bin/python benchmarks/compare_generate.py [-m MODEL] [--prompt-tokens 512] [--decode-tokens 128]
+
+Each engine: a warm-up, then the best of --repeats runs of
+  prefill: one forward pass over a prompt of --prompt-tokens tokens (tokens/s = prompt / time),
+  decode:  --decode-tokens greedy steps with a KV cache after a short prompt (tokens/s = steps / time).
+llama.cpp runs with 2 threads (this machine has 2 cores); torch uses its default (2 here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import plainllama
+from plainllama.default_model import default_model_path
+from plainllama.model import KVCache
+
+
+def best_of(repeats, fn):
+    fn()  # warm-up
+    return min(fn() for _ in range(repeats))
+
+
+def bench_plainllama(path, prompt_ids, decode_tokens, repeats):
+    llm = plainllama.load(path, device="cpu")
+    model = llm.model
+
+    def prefill():
+        cache = KVCache(model.args, 1, len(prompt_ids), llm.dtype, llm.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(torch.tensor([prompt_ids]), 0, cache, last_only=True)
+        return time.perf_counter() - start
+
+    def decode():
+        out = llm.generate(prompt_ids[:8], max_new_tokens=decode_tokens + 1)
+        # Force the full budget: the comparison needs the same number of steps from every engine.
+        assert len(out.tokens) == decode_tokens + 1 or out.finish_reason == "stop"
+        return out.timings.decode_seconds / max(out.timings.decode_steps, 1)
+
+    return best_of(repeats, prefill), best_of(repeats, decode)
+
+
+def bench_llama_cpp(path, prompt_ids, decode_tokens, repeats):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt_ids) + decode_tokens + 16, n_threads=2, n_threads_batch=2, n_batch=512, verbose=False)
+
+    def prefill():
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt_ids)
+        return time.perf_counter() - start
+
+    def decode():
+        llm.reset()
+        llm.eval(prompt_ids[:8])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return (time.perf_counter() - start) / decode_tokens
+
+    return best_of(repeats, prefill), best_of(repeats, decode)
+
+
+def bench_transformers(path, prompt_ids, decode_tokens, repeats):
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+    def prefill():
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(torch.tensor([prompt_ids]), logits_to_keep=1)
+        return time.perf_counter() - start
+
+    def decode():
+        with torch.inference_mode():
+            out = model(torch.tensor([prompt_ids[:8]]), use_cache=True)
+            past, token = out.past_key_values, out.logits[0, -1].argmax()
+            start = time.perf_counter()
+            for _ in range(decode_tokens):
+                out = model(token.view(1, 1), past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[0, -1].argmax()
+        return (time.perf_counter() - start) / decode_tokens
+
+    return best_of(repeats, prefill), best_of(repeats, decode)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-m", "--model", default=None)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", default="plainllama,llama.cpp,transformers")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    path = args.model or default_model_path()
+
+    tokenizer = plainllama.load(path, device="cpu").tokenizer
+    text = open(__file__, encoding="utf-8").read() * 4  # any real text long enough
+    prompt_ids = tokenizer.encode(text)[: args.prompt_tokens]
+
+    engines = {"plainllama": bench_plainllama, "llama.cpp": bench_llama_cpp, "transformers": bench_transformers}
+    results = {}
+    for name in args.engines.split(","):
+        prefill_s, step_s = engines[name](path, prompt_ids, args.decode_tokens, args.repeats)
+        results[name] = {"prefill_tok_s": len(prompt_ids) / prefill_s, "decode_tok_s": 1 / step_s}
+        print(f"  {name}: done", file=sys.stderr)
+
+    base = results.get("llama.cpp")
+    if args.json:
+        print(json.dumps({"model": path, "prompt_tokens": len(prompt_ids), "decode_tokens": args.decode_tokens, "results": results}))
+        return
+    print(f"model: {os.path.basename(path)}   prompt: {len(prompt_ids)} tokens   decode: {args.decode_tokens} tokens   torch threads: {torch.get_num_threads()}")
+    print(f"{'engine':<14}{'prefill tok/s':>15}{'vs llama.cpp':>14}{'decode tok/s':>15}{'vs llama.cpp':>14}")
+    for name, r in results.items():
+        ratio_p = f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x" if base else "-"
+        ratio_d = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
+        print(f"{name:<14}{r['prefill_tok_s']:>15.1f}{ratio_p:>14}{r['decode_tok_s']:>15.1f}{ratio_d:>14}")
+
+
+if __name__ == "__main__":
+    main()

@@ -106,6 +106,9 @@ def load(path: str | None = None, device: str = "auto", dtype: str = "auto") -> 
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     model = build_model(checkpoint, torch_dtype, torch_device)
+    # The model now holds every weight; dropping the loader's handles releases the source files'
+    # memory maps (and any converted copies) instead of keeping them alive beside the model.
+    checkpoint.tensors = {}
     return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, time.perf_counter() - start)
 
 

@@ -2,7 +2,6 @@
 error line (no traceback) for each kind of bad input."""
 
 import json
-import shutil
 import struct
 import subprocess
 import sys

@@ -25,7 +25,8 @@ class Checkpoint:
     tensors: dict[str, Callable[[], torch.Tensor]]
     tensor_types: dict[str, str]  # name -> stored type ("Q4_1", "F32", ...)
     tokenizer: Tokenizer
-    chat_template: str | None = None
+    chat_template: str | None = None  # a Jinja chat template carried by the files (GGUF, HF)
+    chat_format: str | None = None  # or a built-in one: "llama3", "llama2" (Meta's formats)
     name: str | None = None  # the model's own name, if the file gives one
     notes: list[str] = field(default_factory=list)  # things the loader noticed and the user may want to know
 

@@ -17,7 +17,6 @@ Two quirks of the format:
 from __future__ import annotations
 
 import logging
-import os
 import re
 import warnings
 

@@ -86,3 +86,25 @@ class SentencePieceBPE:
         if byte is not None:
             return bytes([byte])
         return self.tokens[token_id].replace(SPACE, " ").encode("utf-8")
+
+
+class SentencePieceModelFile:
+    """A SentencePiece `tokenizer.model` (Llama 1/2), encoded by the sentencepiece library itself:
+    the file carries its own normalization rules, which the library applies exactly."""
+
+    add_space_prefix = True  # decode drops the dummy prefix space, as sentencepiece does
+
+    def __init__(self, processor):
+        self.sp = processor
+        self.byte_of_id = {}
+        for i in range(processor.get_piece_size()):
+            if processor.is_byte(i):
+                self.byte_of_id[i] = int(processor.id_to_piece(i)[3:5], 16)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text) if text else []
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self.byte_of_id:
+            return bytes([self.byte_of_id[token_id]])
+        return self.sp.id_to_piece(token_id).replace(SPACE, " ").encode("utf-8")

@@ -1,0 +1,211 @@
+"""Meta's checkpoint folders: params.json, consolidated.00.pth ... consolidated.NN.pth, tokenizer.model.
+
+Meta trains and ships the larger models split for model parallelism: shard k of N holds slice k of
+every big matrix. Column-parallel layers (wq wk wv w1 w3 output) are cut along their output rows
+(dim 0), row-parallel layers (wo w2) along their input columns (dim 1); norms are replicated. The
+token embedding differs by generation: Llama 1/2 cut it along the embedding width (dim 1), Llama 3
+along the vocabulary (dim 0); the shard shapes against params.json say which. We glue the slices
+back together, so any shard count runs on one device.
+
+params.json gives the shape, but not the feed-forward width: that is derived from dim, multiple_of
+and ffn_dim_multiplier exactly as Meta's reference does, and then checked against the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+
+from ..errors import PlainLlamaError
+from ..model import ModelArgs, llama3_rope_factors
+from .checkpoint import Checkpoint, expected_shapes
+from .tokenizer_files import load_tokenizer_model
+
+log = logging.getLogger("plainllama")
+
+SHARD = re.compile(r"consolidated\.(\d+)\.pth")
+COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
+REPLICATED = ("attention_norm", "ffn_norm")
+
+# params.json keys: read, harmless, or a kind of model plainllama does not run.
+READ_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len"}
+HARMLESS_KEYS = {"max_batch_size"}  # a setting of Meta's own runtime, not of the model
+UNSUPPORTED_KEYS = {
+    "vision_chunk_size": "vision (image) models", "vision_max_num_chunks": "vision (image) models",
+    "vision_num_cross_attention_layers": "vision (image) models", "moe_args": "mixture-of-experts models",
+    "quantization_args": "Meta's pre-quantized checkpoints", "lora_args": "LoRA adapter checkpoints",
+}
+
+
+def looks_like(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "params.json")) and any(SHARD.fullmatch(f) for f in os.listdir(folder))
+
+
+def feed_forward_width(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices where a plain MLP has two, so this keeps
+    the parameter count), scaled by ffn_dim_multiplier, rounded up to a multiple of multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def read_params(path: str) -> tuple[dict, list[str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlainLlamaError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise PlainLlamaError(f"{path}: expected a JSON object")
+    for key, what in UNSUPPORTED_KEYS.items():
+        if params.get(key) not in (None, -1, {}, 0):
+            raise PlainLlamaError(f"{path}: '{key}' marks one of {what}, which plainllama does not run")
+    notes = [f"params.json key {k!r} is not known to plainllama and was ignored" for k in sorted(params) if k not in READ_KEYS | HARMLESS_KEYS | set(UNSUPPORTED_KEYS)]
+    for key in ("dim", "n_layers", "n_heads"):
+        if not isinstance(params.get(key), int):
+            raise PlainLlamaError(f"{path}: '{key}' is missing or not an integer")
+    return params, notes
+
+
+def context_length(params: dict) -> int:
+    """params.json records no context length unless max_seq_len is set. Meta's published figures
+    follow from the rotary settings: the scaled rope of Llama 3.1+ serves 128k tokens, theta
+    500000 is Llama 3 (8k), anything else is Llama 1/2 (4k; Llama 1 had 2k but runs at 4k)."""
+    if params.get("max_seq_len"):
+        return int(params["max_seq_len"])
+    if params.get("use_scaled_rope"):
+        return 131072
+    return 8192 if params.get("rope_theta", 10000.0) >= 500000 else 4096
+
+
+def load_shard(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise PlainLlamaError(
+            f"{path}: refused to load: the file holds Python objects other than tensors, which could run code "
+            f"when unpickled (loaded with weights_only=True; {str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
+        raise PlainLlamaError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); the file may be truncated or corrupt") from None
+
+
+def load_meta(folder: str) -> Checkpoint:
+    params, notes = read_params(os.path.join(folder, "params.json"))
+    numbered = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := SHARD.fullmatch(f)))
+    if not numbered:
+        raise PlainLlamaError(f"{folder}: no consolidated.NN.pth weight files next to params.json")
+    numbers = [n for n, _ in numbered]
+    if numbers != list(range(len(numbers))):
+        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        raise PlainLlamaError(f"{folder}: shard numbering has gaps or duplicates (missing {', '.join(f'consolidated.{n:02d}.pth' for n in missing)})")
+    shards = [load_shard(os.path.join(folder, f)) for _, f in numbered]
+    n = len(shards)
+    names = set(shards[0])
+    for (_, f), shard in zip(numbered[1:], shards[1:], strict=True):
+        if set(shard) != names:
+            raise PlainLlamaError(f"{folder}: {f} holds different tensors than consolidated.00.pth; shards of different models?")
+
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv_heads = params.get("n_kv_heads") or n_heads
+    embedding = shards[0].get("tok_embeddings.weight")
+    if embedding is None:
+        raise PlainLlamaError(f"{folder}: consolidated.00.pth has no tok_embeddings.weight; not a Llama checkpoint")
+    # Which axis the embedding was cut along: its width is either all of dim (cut by vocabulary) or dim/N.
+    if n > 1 and embedding.shape[1] * n == dim and embedding.shape[1] != dim:
+        embedding_axis = 1
+    elif embedding.shape[1] == dim:
+        embedding_axis = 0
+    else:
+        raise PlainLlamaError(f"{folder}: tok_embeddings.weight of shard 0 has shape {list(embedding.shape)}, which fits neither dim={dim} nor {n} shards of it")
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size in (-1, None):  # Llama 1/2 leave it to the tokenizer: the embedding knows
+        vocab_size = embedding.shape[0] * (n if embedding_axis == 0 else 1)
+
+    factors = None
+    if params.get("use_scaled_rope"):
+        # Meta's reference applies Llama 3.1's scaling with these fixed constants.
+        factors = llama3_rope_factors(dim // n_heads, params.get("rope_theta", 500000.0), 8.0, 1.0, 4.0, 8192)
+    try:
+        args = ModelArgs(
+            dim=dim, n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+            hidden_dim=feed_forward_width(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
+            norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+            rope_freq_factors=factors, context_length=context_length(params),
+        )
+    except ValueError as e:
+        raise PlainLlamaError(f"{folder}/params.json: {e}") from None
+
+    def merge(name: str):
+        parts = [shard[name] for shard in shards]
+        if n == 1:
+            return lambda: parts[0]
+        if name == "tok_embeddings.weight":
+            axis = embedding_axis
+        elif name == "output.weight" or any(f".{c}." in name for c in COLUMN_PARALLEL):
+            axis = 0
+        elif any(f".{r}." in name for r in ROW_PARALLEL):
+            axis = 1
+        else:  # norms are replicated: every shard holds the whole vector
+            return lambda: parts[0]
+        return lambda: torch.cat(parts, dim=axis)
+
+    tensors, tensor_types = {}, {}
+    for name in sorted(names):
+        if name == "rope.freqs":
+            continue  # Llama 1/2 checkpoints carry their rotary table; it is recomputed from params
+        tensors[name] = merge(name)
+        tensor_types[name] = str(shards[0][name].dtype).removeprefix("torch.")
+    if "output.weight" not in tensors:  # tied embeddings (Llama 3.2 1B/3B)
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]
+        tensor_types["output.weight"] = tensor_types["tok_embeddings.weight"]
+        args.tie_embeddings = True
+    check_merged_shapes(folder, args, shards, embedding_axis)
+
+    tokenizer_path = os.path.join(folder, "tokenizer.model")
+    if not os.path.isfile(tokenizer_path):
+        raise PlainLlamaError(f"{folder}: no tokenizer.model next to params.json")
+    tokenizer, chat_format = load_tokenizer_model(tokenizer_path)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise PlainLlamaError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, but the model's embedding has only {args.vocab_size} rows")
+    for note in notes:
+        log.warning("%s: %s", folder, note)
+    return Checkpoint(
+        format="meta", path=folder, args=args, tensors=tensors, tensor_types=tensor_types, tokenizer=tokenizer,
+        chat_format=chat_format, notes=notes,
+    )
+
+
+def check_merged_shapes(folder, args, shards, embedding_axis):
+    """Shapes after merging must be what params.json implies, before anything is built."""
+    expected = expected_shapes(args)
+    n = len(shards)
+    present = set(shards[0]) - {"rope.freqs"}
+    missing = sorted(set(expected) - present - ({"output.weight"} if args.tie_embeddings else set()))
+    if missing:
+        raise PlainLlamaError(f"{folder}: missing tensor(s) {', '.join(missing[:4])}")
+    extra = sorted(present - set(expected))
+    if extra:
+        raise PlainLlamaError(f"{folder}: tensor {extra[0]!r} does not belong to a {args.n_layers}-layer Llama model")
+    for name in present:
+        shapes = [tuple(shard[name].shape) for shard in shards]
+        if len(set(shapes)) > 1:  # Meta's shards hold equal slices of every tensor
+            raise PlainLlamaError(f"{folder}: {name} has shapes {[list(s) for s in shapes]} across the {n} shards; shards of different models?")
+        want = expected[name]
+        if len(want) == 1:
+            merged = shapes[0]
+        else:
+            axis = embedding_axis if name == "tok_embeddings.weight" else 1 if any(f".{r}." in name for r in ROW_PARALLEL) else 0
+            merged = list(shapes[0])
+            merged[axis] = sum(s[axis] for s in shapes)
+            merged = tuple(merged)
+        if merged != want:
+            raise PlainLlamaError(f"{folder}: {name} has shape {list(merged)} after merging {n} shard(s), but params.json implies {list(want)}")

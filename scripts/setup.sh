@@ -29,6 +29,10 @@ fi
 if [ "$want_tests" = 1 ] && [ "$(cat "$venv/.test-stamp" 2>/dev/null)" != "$(stamp requirements-test.txt)" ]; then
   echo "setup: installing test oracles into $venv (the first time builds llama.cpp: ~6 minutes on 2 cores)" >&2
   $pip install -r requirements-test.txt
+  # Meta's reference model and tokenizer (llama-models) and the model-parallel layers it is written
+  # with (fairscale): oracles for Meta-format numerics. --no-deps: their other dependencies are
+  # pinned above, and an unpinned torch would pull several GB of CUDA packages.
+  $pip install --no-deps llama-models==0.3.0 fairscale==0.4.13
   # llama.cpp, built for this CPU's AVX-512 but without its AMX kernels (they crash on these
   # machines). pip caches the built wheel, so this compiles once per machine.
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from .chat_format import chat_format_for
 from .default_model import default_model_path
 from .devices import pick_device, pick_dtype
 from .errors import PlainLlamaError
@@ -91,6 +92,21 @@ class LLM:
     ) -> GenerationStream:
         sampler = Sampler(temperature, top_k, top_p, seed)
         return GenerationStream(self, self.encode_prompt(prompt), max_new_tokens, sampler)
+
+    @property
+    def chat_format(self):
+        """How this model's conversations are written (its Jinja template, or Meta's Llama 2/3 format)."""
+        if not hasattr(self, "_chat_format"):
+            self._chat_format = chat_format_for(self.tokenizer, self.checkpoint.chat_template, self.checkpoint.chat_format)
+        return self._chat_format
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """[{"role": "user", "content": "..."}, ...] -> token ids, ending with the assistant's turn opened."""
+        return self.chat_format.encode(messages, add_generation_prompt)
+
+    def chat(self, messages, **settings) -> GenerationStream:
+        """Stream the assistant's answer to a conversation."""
+        return self.stream(self.encode_chat(messages), **settings)
 
     def generate(self, prompt: str | list[int], **settings) -> Generation:
         stream = self.stream(prompt, **settings)

@@ -32,18 +32,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(gen)
     add_sampling_options(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming")
+    gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message in the model's chat format")
+    gen.add_argument("--system", default=None, help="system prompt (with --chat)")
     gen.set_defaults(run=run_generate)
+
+    chat = sub.add_parser("chat", help="talk with a model", description="An interactive conversation. " + "/reset clears it, /bye or Ctrl+D ends it, Ctrl+C stops an answer.")
+    add_model_options(chat)
+    add_sampling_options(chat)
+    chat.set_defaults(max_new_tokens=512)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.set_defaults(run=run_chat)
     return parser
+
+
+def sampling_settings(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def run_chat(args) -> int:
+    from .api import load
+    from .repl import run_chat as repl
+
+    llm = load(args.model, device=args.device, dtype=args.dtype)
+    return repl(llm, args.system, args.max_new_tokens, sampling_settings(args))
 
 
 def run_generate(args) -> int:
     from .api import load
 
     llm = load(args.model, device=args.device, dtype=args.dtype)
-    stream = llm.stream(
-        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    )
+    prompt = args.prompt
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+        prompt = llm.encode_chat(messages)
+    stream = llm.stream(prompt, max_new_tokens=args.max_new_tokens, **sampling_settings(args))
     if args.json:
         for _ in stream:
             pass

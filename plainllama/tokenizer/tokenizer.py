@@ -50,10 +50,12 @@ class Tokenizer:
             return self.tokens[token_id].encode("utf-8")
         return self.model.token_bytes(token_id)
 
-    def encode(self, text: str, bos: bool | None = None, parse_special: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, parse_special: bool = False, protect=()) -> list[int]:
         """Token ids of `text`. `bos`: put the beginning-of-sequence token first (default: what the
         vocabulary asks for). `parse_special`: turn the text of control tokens such as
-        "<|im_start|>" into those tokens; off by default so user text can never forge them."""
+        "<|im_start|>" into those tokens; off by default so user text can never forge them.
+        `protect`: (start, end) character spans where special tokens are never parsed (the user's
+        words inside a rendered chat template)."""
         ids = []
         if (self.add_bos if bos is None else bos) and self.bos_id is not None:
             ids.append(self.bos_id)
@@ -62,6 +64,8 @@ class Tokenizer:
         pos = 0
         matches = splitter.finditer(text) if splitter is not None else ()
         for match in matches:
+            if any(start < match.end() and match.start() < end for start, end in protect):
+                continue  # inside protected text: stays text
             if match.start() > pos:
                 ids.extend(self._encode_plain(text[pos : match.start()]))
             ids.append(specials[match.group()])

@@ -42,7 +42,55 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(max_new_tokens=512)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(run=run_chat)
+
+    info = sub.add_parser("info", help="describe a model", description="Format, shape, parameter count, tensor types, memory, tokenizer and chat format of MODEL.")
+    info.add_argument("model", nargs="?", default=None, help="model file or folder (default: the bundled model)")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=run_info)
+
+    convert = sub.add_parser("convert", help="write a model as a Hugging Face or Meta folder",
+                             description="Write SRC (any supported format) to the folder DST. GGUF weights are dequantized.")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--to", required=True, choices=["hf", "meta"])
+    convert.add_argument("--dtype", default="auto", help="auto (the source's float type; float32 for quantized GGUF), float32, bfloat16, float16")
+    convert.set_defaults(run=run_convert)
     return parser
+
+
+def run_info(args) -> int:
+    from .default_model import default_model_path
+    from .formats import open_checkpoint
+    from .info import describe, format_text
+
+    info = describe(open_checkpoint(args.model or default_model_path()))
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def run_convert(args) -> int:
+    import os
+
+    import torch
+
+    from .devices import DTYPES
+    from .export.hf import write_hf
+    from .export.meta import write_meta
+    from .formats import open_checkpoint
+
+    checkpoint = open_checkpoint(args.src)
+    if os.path.exists(args.dst) and os.listdir(args.dst):
+        raise PlainLlamaError(f"{args.dst}: exists and is not empty; choose a new folder")
+    if args.dtype == "auto":
+        stored = {t for t in checkpoint.tensor_types.values()}
+        dtype = torch.bfloat16 if stored <= {"bfloat16", "bf16", "BF16"} else torch.float16 if stored <= {"float16", "f16", "F16"} else torch.float32
+    elif args.dtype in DTYPES:
+        dtype = DTYPES[args.dtype]
+    else:
+        raise PlainLlamaError(f"--dtype {args.dtype}: expected auto, {', '.join(DTYPES)}")
+    (write_hf if args.to == "hf" else write_meta)(checkpoint, args.dst, dtype)
+    print(f"wrote {args.dst} ({args.to}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    return 0
 
 
 def sampling_settings(args) -> dict:

@@ -74,7 +74,7 @@ def test_user_text_never_becomes_control_tokens(llm):
 
 
 def test_llama2_format(tmp_path_factory):
-    from test_tokenizer import SP_TRAINING_TEXT
+    from conftest import SP_TRAINING_TEXT
 
     spm = pytest.importorskip("sentencepiece")
     folder = tmp_path_factory.mktemp("l2chat")

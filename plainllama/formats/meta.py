@@ -25,6 +25,7 @@ import torch
 from ..errors import PlainLlamaError
 from ..model import ModelArgs, llama3_rope_factors
 from .checkpoint import Checkpoint, expected_shapes
+from .hf_tokenizer import load_tokenizer_json, read_json
 from .tokenizer_files import load_tokenizer_model
 
 log = logging.getLogger("plainllama")
@@ -164,23 +165,35 @@ def load_meta(folder: str) -> Checkpoint:
             continue  # Llama 1/2 checkpoints carry their rotary table; it is recomputed from params
         tensors[name] = merge(name)
         tensor_types[name] = str(shards[0][name].dtype).removeprefix("torch.")
-    if "output.weight" not in tensors:  # tied embeddings (Llama 3.2 1B/3B)
+    first = shards[0]
+    shared = "output.weight" in first and first["output.weight"].untyped_storage().data_ptr() == first["tok_embeddings.weight"].untyped_storage().data_ptr()
+    if "output.weight" not in tensors or shared:
+        # Tied embeddings: no output.weight, or one saved as the very same tensor as the embedding
+        # (torch.save keeps shared storage shared, and `convert --to meta` writes ties that way).
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
         tensor_types["output.weight"] = tensor_types["tok_embeddings.weight"]
         args.tie_embeddings = True
     check_merged_shapes(folder, args, shards, embedding_axis)
 
     tokenizer_path = os.path.join(folder, "tokenizer.model")
-    if not os.path.isfile(tokenizer_path):
+    chat_template = None
+    if os.path.isfile(tokenizer_path):
+        tokenizer, chat_format = load_tokenizer_model(tokenizer_path)
+    elif os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        # Written by `plainllama convert --to meta` for vocabularies that tokenizer.model cannot hold.
+        tokenizer_path = os.path.join(folder, "tokenizer.json")
+        tokenizer, chat_format = load_tokenizer_json(folder, set()), None
+        config_path = os.path.join(folder, "tokenizer_config.json")
+        chat_template = read_json(config_path).get("chat_template") if os.path.isfile(config_path) else None
+    else:
         raise PlainLlamaError(f"{folder}: no tokenizer.model next to params.json")
-    tokenizer, chat_format = load_tokenizer_model(tokenizer_path)
     if tokenizer.vocab_size > args.vocab_size:
         raise PlainLlamaError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, but the model's embedding has only {args.vocab_size} rows")
     for note in notes:
         log.warning("%s: %s", folder, note)
     return Checkpoint(
         format="meta", path=folder, args=args, tensors=tensors, tensor_types=tensor_types, tokenizer=tokenizer,
-        chat_format=chat_format, notes=notes,
+        chat_format=chat_format, chat_template=chat_template, notes=notes,
     )
 
 

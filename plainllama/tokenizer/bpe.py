@@ -70,6 +70,7 @@ class BytePairEncoding:
         for rank, merge in enumerate(merges):
             left, _, right = merge.partition(" ")
             self.ranks[(left, right)] = rank
+        self.pattern_strings = patterns
         self.patterns = compile_patterns(patterns)
         self.whole_piece_first = whole_piece_first
         self._cache: dict[str, list[int]] = {}

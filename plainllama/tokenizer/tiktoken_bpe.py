@@ -47,6 +47,7 @@ class TiktokenBPE:
     def __init__(self, ranks: dict[bytes, int], name: str = "llama3"):
         import tiktoken  # only needed for this kind of vocabulary
 
+        self.pattern = LLAMA3
         self.encoding = tiktoken.Encoding(name=name, pat_str=LLAMA3, mergeable_ranks=ranks, special_tokens={})
         self.n_base = len(ranks)
 

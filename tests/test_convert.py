@@ -1,0 +1,120 @@
+"""`plainllama convert` and `plainllama info`. Oracles: Hugging Face transformers loading what
+--to hf writes, Meta's reference model and tokenizer, the sentencepiece library, and the
+default model's own logits across the three formats."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import plainllama
+from test_tokenizer import CORPUS
+
+transformers = pytest.importorskip("transformers")
+
+
+def cli(*args):
+    result = subprocess.run([sys.executable, "-m", "plainllama", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def converted(model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted")
+    cli("convert", model_path, str(out / "hf"), "--to", "hf")
+    cli("convert", str(out / "hf"), str(out / "meta"), "--to", "meta")
+    return out
+
+
+def test_default_model_gives_identical_logits_as_gguf_hf_and_meta(llm, converted):
+    hf = plainllama.load(str(converted / "hf"), device="cpu", dtype="float32")
+    meta = plainllama.load(str(converted / "meta"), device="cpu", dtype="float32")
+    assert (hf.checkpoint.format, meta.checkpoint.format) == ("hf", "meta")
+    text = "The capital of France is Paris. It has 2,165,423 people."
+    ids = llm.tokenizer.encode(text)
+    assert hf.tokenizer.encode(text) == ids == meta.tokenizer.encode(text)
+    reference = llm.logits(ids)
+    assert torch.equal(hf.logits(ids), reference)
+    assert torch.equal(meta.logits(ids), reference)
+    chat = [{"role": "user", "content": "Hi!"}]
+    assert hf.encode_chat(chat) == llm.encode_chat(chat) == meta.encode_chat(chat)
+
+
+def test_transformers_loads_the_hf_folder(llm, converted):
+    model = transformers.AutoModelForCausalLM.from_pretrained(converted / "hf", dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(converted / "hf")
+    for text in CORPUS:
+        # split_special_tokens: text that looks like a control token stays text, as in plainllama
+        assert tokenizer(text, add_special_tokens=True, split_special_tokens=True).input_ids == llm.tokenizer.encode(text), text
+    ids = llm.tokenizer.encode("Llamas are members of the camelid family.")
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([ids])).logits[0], llm.logits(ids), atol=2e-4, rtol=1e-4)
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == llm.chat_format.render(chat)
+
+
+def test_meta_llama3_checkpoint_to_hf_matches_meta_reference(tmp_path):
+    """Meta folder (Llama 3.1 shapes, Meta's tokenizer.model) -> HF folder -> transformers, compared
+    with Meta's reference model and tokenizer on the original."""
+    pytest.importorskip("llama_models")
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    from meta_files import llama3_tokenizer_model, reference_logits, reference_model, write_meta_checkpoint
+    from test_meta_format import CONFIGS, IDS
+
+    params, theta = CONFIGS["llama3.1"]
+    ref = reference_model(params, 128256, theta, seed=3)
+    write_meta_checkpoint(tmp_path / "meta", params, ref.state_dict(), llama3_tokenizer_model(), n_shards=2)
+    ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in ref.state_dict().items()})
+    cli("convert", str(tmp_path / "meta"), str(tmp_path / "hf"), "--to", "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_scaling"]["rope_type"] == "llama3"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([IDS])).logits[0], reference_logits(ref, IDS), atol=1e-4, rtol=1e-4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    meta_tokenizer = MetaTokenizer.get_instance()
+    for text in CORPUS:
+        assert tokenizer(text, split_special_tokens=True).input_ids == meta_tokenizer.encode(text, bos=True, eos=False), text
+    # And back to Meta: the tokenizer.model is written again and equals the original.
+    cli("convert", str(tmp_path / "hf"), str(tmp_path / "meta2"), "--to", "meta", "--dtype", "bfloat16")
+    original = open(llama3_tokenizer_model(), "rb").read().split()
+    assert open(tmp_path / "meta2" / "tokenizer.model", "rb").read().split() == original
+    again = plainllama.load(str(tmp_path / "meta2"), device="cpu", dtype="float32")
+    torch.testing.assert_close(again.logits(IDS), reference_logits(ref, IDS), atol=1e-4, rtol=1e-4)
+
+
+def test_sentencepiece_vocabulary_to_hf(sentencepiece_model, sentencepiece_gguf, tmp_path):
+    """A Llama 2-style vocabulary written as tokenizer.json: transformers' tokenizer equals sentencepiece."""
+    cli("convert", str(sentencepiece_gguf), str(tmp_path / "hf"), "--to", "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in CORPUS:
+        if text.strip() != text or "  " in text or not text:
+            continue  # HF's Llama-2 normalizer and sentencepiece differ on edge whitespace; not ours to judge
+        assert tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids == sentencepiece_model.encode(text), text
+
+
+def test_convert_refuses_a_non_empty_destination(model_path, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "plainllama", "convert", model_path, str(tmp_path), "--to", "hf"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "not empty" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_info_for_each_format(converted, model_path):
+    for path, fmt in ((model_path, "gguf"), (converted / "hf", "hf"), (converted / "meta", "meta")):
+        info = json.loads(cli("info", str(path), "--json").stdout)
+        assert info["format"] == fmt
+        assert info["parameters"] == 134_515_008  # SmolLM2-135M, tied embeddings counted once
+        arch = info["architecture"]
+        assert (arch["layers"], arch["dim"], arch["heads"], arch["kv_heads"], arch["ffn_dim"], arch["vocab_size"]) == (30, 576, 9, 3, 1536, 49152)
+        assert arch["tied_embeddings"] is True
+        assert info["memory_gib"]["bfloat16"] == pytest.approx(134_515_008 * 2 / 1024**3, abs=1e-3)
+        assert info["chat_format"] == "jinja template"
+        assert "<|im_end|>" in info["tokenizer"]["end_tokens"]
+    assert json.loads(cli("info", str(model_path), "--json").stdout)["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    text = cli("info", str(model_path)).stdout
+    assert "30 layers" in text and "134.5 M" in text

@@ -76,7 +76,7 @@ def format_text(info: dict) -> str:
         f"  context       {a['context_length']} tokens, rope theta {a['rope_theta']:g}{', scaled' if a['rope_scaled'] else ''}"
         f"{', tied embeddings' if a['tied_embeddings'] else ''}",
         f"  parameters    {info['parameters'] / 1e6:.1f} M",
-        f"  tensor types  " + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()),
+        "  tensor types  " + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()),
         f"  memory        float32 {info['memory_gib']['float32']:.2f} GiB, bfloat16/float16 {info['memory_gib']['bfloat16']:.2f} GiB"
         f" (+ KV cache {info['kv_cache_mib_per_1k_tokens']:.1f} MiB per 1k tokens in 16-bit)",
         f"  tokenizer     {info['tokenizer']['kind']}; {info['tokenizer']['vocab_size']} tokens, bos {info['tokenizer']['bos']!r},"

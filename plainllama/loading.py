@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import PlainLlamaError
 from .formats import Checkpoint
+from .memory import release
 from .model import Transformer
 
 
@@ -42,7 +43,9 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
     try:
         for name, source in checkpoint.tensors.items():
             if source not in converted:
-                converted[source] = source().to(device=device, dtype=dtype)
+                stored = source()
+                converted[source] = stored.to(device=device, dtype=dtype)
+                release(stored, converted[source])  # the stored bytes are not needed any more
             state[name] = converted[source]
     except (torch.OutOfMemoryError, MemoryError):
         raise PlainLlamaError(

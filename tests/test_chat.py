@@ -15,7 +15,6 @@ import time
 
 import pytest
 
-import plainllama
 from gguf_files import write_llama_gguf
 from plainllama.chat_format import Llama2Chat, Llama3Chat
 

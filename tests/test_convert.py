@@ -3,7 +3,6 @@
 default model's own logits across the three formats."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -14,7 +14,6 @@ import os
 import pytest
 
 import plainllama
-from gguf_files import write_llama_gguf
 
 CORPUS = [
     "Hello world",

@@ -1,0 +1,43 @@
+"""Giving memory back while a model loads.
+
+A memory-mapped checkpoint's pages count as the process's memory once read. When a tensor is
+converted into new memory (bfloat16 file -> float32 model), its source pages are not needed any
+more, but stay mapped until the whole file is closed: loading in float32 would peak at the float32
+weights plus the file. `release` tells the kernel those pages can go now (madvise MADV_DONTNEED).
+For a file mapping this only drops them from this process; read again, they come back from the file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+
+import torch
+
+_libc = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        _libc = None
+MADV_DONTNEED = 4
+PAGE = mmap.PAGESIZE
+
+
+def release(source: torch.Tensor, result: torch.Tensor) -> None:
+    """Drop `source`'s pages from memory if `result` does not share them. Only whole pages inside
+    the tensor are released, so neighbouring tensors in the same mapping are never touched."""
+    if _libc is None or source.device.type != "cpu" or source.numel() == 0:
+        return
+    start, end = source.data_ptr(), source.data_ptr() + source.numel() * source.element_size()
+    r_start, r_end = result.data_ptr(), result.data_ptr() + result.numel() * result.element_size()
+    if result.device.type == "cpu" and r_start < end and start < r_end:
+        return  # the model uses this memory itself
+    first = -(-start // PAGE) * PAGE
+    last = end // PAGE * PAGE
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+__all__ = ["release"]

@@ -23,10 +23,13 @@ from .default_model import default_model_path
 from .devices import pick_device, pick_dtype
 from .errors import PlainLlamaError
 from .formats import Checkpoint, open_checkpoint
-from .generate import GenerationState, Timings, check_prompt, generate_tokens
+from .batch import generate_batch
+from .beam import Beam, beam_search
+from .generate import GenerationState, Timings, TokenLogprob, check_prompt, generate_tokens
 from .loading import build_model
 from .model import Transformer
-from .sampling import Sampler
+from .sampling import Sampler, SamplingSettings
+from .speculative import speculative_tokens
 from .tokenizer import Tokenizer
 
 
@@ -34,34 +37,76 @@ from .tokenizer import Tokenizer
 class Generation:
     prompt_tokens: list[int]
     tokens: list[int]  # generated ids, end token excluded
-    text: str  # the generated text (the continuation only)
-    finish_reason: str
+    text: str  # the generated text (the continuation only; a stop string and what follows removed)
+    finish_reason: str  # "stop", "length" or "context"
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None  # with logprobs=N: per generated token
+    draft_acceptance: float | None = None  # with a draft model: accepted / proposed
+
+
+def held_back(text: str, stops) -> int:
+    """How many characters at the end of `text` could be the beginning of a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
 
 
 class GenerationStream:
-    """Iterate for text pieces as they are produced; `.result` holds the Generation afterwards."""
+    """Iterate for text pieces as they are produced; `.result` holds the Generation afterwards.
 
-    def __init__(self, llm: "LLM", prompt_ids: list[int], max_new_tokens: int, sampler: Sampler):
+    Stop strings are matched across token boundaries: text that could be the start of one is held
+    back until the next tokens show whether it is, so a stop string never reaches the output."""
+
+    def __init__(self, llm: "LLM", prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+                 stop=(), logprobs: int | None = None, draft: "LLM | None" = None, speculate_k: int = 4):
         self._llm, self._prompt_ids = llm, prompt_ids
         self._state = GenerationState()
-        self._token_iter = generate_tokens(llm.model, prompt_ids, max_new_tokens, sampler, llm.tokenizer.end_ids, self._state)
+        self._stops = [s for s in (stop or ()) if s]
+        self._logprobs = logprobs
+        end_ids = llm.tokenizer.end_ids
+        if draft is None:
+            self._token_iter = generate_tokens(llm.model, prompt_ids, max_new_tokens, sampler, end_ids, self._state, logprobs)
+        else:
+            self._token_iter = speculative_tokens(llm.model, draft.model, prompt_ids, max_new_tokens, sampler, speculate_k, end_ids, self._state, logprobs)
+        self._draft = draft
         self._pieces: list[str] = []
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[str]:
         decoder = self._llm.tokenizer.stream()
+        pending = ""
+        stopped = False
         for token_id in self._token_iter:
-            piece = decoder.push(token_id)
-            if piece:
-                self._pieces.append(piece)
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            self._pieces.append(tail)
-            yield tail
+            pending += decoder.push(token_id)
+            if self._stops:
+                found = [i for i in (pending.find(s) for s in self._stops) if i >= 0]
+                if found:
+                    pending = pending[: min(found)]
+                    stopped = True
+                    break
+                ready = len(pending) - held_back(pending, self._stops)
+            else:
+                ready = len(pending)
+            if ready:
+                self._pieces.append(pending[:ready])
+                yield pending[:ready]
+                pending = pending[ready:]
+        if not stopped:
+            pending += decoder.flush()
+        if pending:
+            self._pieces.append(pending)
+            yield pending
         s = self._state
-        self.result = Generation(self._prompt_ids, s.tokens, "".join(self._pieces), s.finish_reason, s.timings)
+        if stopped:
+            s.finish_reason = "stop"
+            self._token_iter.close()
+        acceptance = s.draft_accepted / s.draft_proposed if self._draft is not None and s.draft_proposed else None
+        self.result = Generation(self._prompt_ids, s.tokens, "".join(self._pieces), s.finish_reason, s.timings,
+                                 s.logprobs if self._logprobs is not None else None, acceptance)
 
 
 class LLM:
@@ -86,12 +131,51 @@ class LLM:
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, (list, tuple)) else self.tokenizer.encode(prompt)
 
+    def sampling_settings(self, sampling: dict) -> SamplingSettings:
+        try:
+            settings = SamplingSettings(**sampling)
+        except TypeError as e:
+            raise PlainLlamaError(f"unknown sampling setting: {e}") from None
+        settings.check(self.args.vocab_size)
+        return settings
+
     def stream(
-        self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+        self, prompt: str | list[int], max_new_tokens: int = 128, stop=(), logprobs: int | None = None,
+        draft: "LLM | None" = None, speculate_k: int = 4, **sampling,
     ) -> GenerationStream:
-        sampler = Sampler(temperature, top_k, top_p, seed)
-        return GenerationStream(self, self.encode_prompt(prompt), max_new_tokens, sampler)
+        """Stream the continuation of `prompt`. `sampling`: temperature, top_k, top_p, min_p,
+        typical_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias, seed.
+        `stop`: strings that end the text; `logprobs`: record N alternatives per token; `draft`:
+        a smaller model with the same vocabulary for speculative decoding, `speculate_k` tokens ahead."""
+        sampler = Sampler(self.sampling_settings(sampling))
+        if logprobs is not None and logprobs < 0:
+            raise PlainLlamaError(f"--logprobs must be >= 0, got {logprobs}")
+        if draft is not None and draft.tokenizer.tokens != self.tokenizer.tokens:
+            raise PlainLlamaError("--draft-model: its vocabulary differs from the target model's; speculative decoding needs the same tokens")
+        return GenerationStream(self, self.encode_prompt(prompt), max_new_tokens, sampler, stop, logprobs, draft, speculate_k)
+
+    def generate_batch(self, prompts, max_new_tokens: int = 128, stop=(), **sampling) -> list[Generation]:
+        """Several prompts in one batch (one forward pass per step for all); results in order."""
+        settings = self.sampling_settings(sampling)
+        ids = [self.encode_prompt(p) for p in prompts]
+        stops = [s for s in (stop or ()) if s]
+
+        def hit_stop(row, tokens):
+            return any(s in self.tokenizer.decode(tokens) for s in stops)
+
+        states = generate_batch(self.model, ids, max_new_tokens, settings, self.tokenizer.end_ids, hit_stop if stops else None)
+        results = []
+        for prompt_ids, state in zip(ids, states, strict=True):
+            text = "".join(self.tokenizer.stream().decode_all(state.tokens))
+            cut = [i for i in (text.find(s) for s in stops) if i >= 0]
+            results.append(Generation(prompt_ids, state.tokens, text[: min(cut)] if cut else text, state.finish_reason, state.timings))
+        return results
+
+    def beam_search(self, prompt: str | list[int], num_beams: int = 4, max_new_tokens: int = 64, length_penalty: float = 1.0,
+                    early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, num_return: int = 1) -> list[Beam]:
+        """The num_return best continuations by beam search (best first), with their scores."""
+        return beam_search(self.model, self.encode_prompt(prompt), num_beams, max_new_tokens, self.tokenizer.end_ids,
+                           length_penalty, early_stopping, no_repeat_ngram_size, num_return)
 
     @property
     def chat_format(self):
@@ -128,4 +212,4 @@ def load(path: str | None = None, device: str = "auto", dtype: str = "auto") -> 
     return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, time.perf_counter() - start)
 
 
-__all__ = ["LLM", "Generation", "GenerationStream", "PlainLlamaError", "load"]
+__all__ = ["LLM", "Beam", "Generation", "GenerationStream", "PlainLlamaError", "load"]

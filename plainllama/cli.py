@@ -16,24 +16,50 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
 
 
+def logit_bias(text: str) -> dict[int, float]:
+    """"ID:BIAS,ID:BIAS" or a JSON object {"ID": BIAS}."""
+    try:
+        if text.lstrip().startswith("{"):
+            return {int(k): float(v) for k, v in json.loads(text).items()}
+        return {int(k): float(v) for k, v in (pair.split(":") for pair in text.split(",") if pair.strip())}
+    except (ValueError, json.JSONDecodeError):
+        raise argparse.ArgumentTypeError(f"expected ID:BIAS[,ID:BIAS...] or a JSON object, got {text!r}") from None
+
+
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default); higher is more random")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set of tokens with this much probability")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than this fraction of the most likely one")
+    p.add_argument("--typical-p", type=float, default=None, help="locally typical sampling with this probability mass")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="above 1 discourages tokens already in the text")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract this times each token's count so far")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract this from every token generated so far")
+    p.add_argument("--logit-bias", type=logit_bias, default=None, help="ID:BIAS[,ID:BIAS...] added to those tokens' logits")
     p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
+    p.add_argument("--stop", action="append", default=[], help="end the text at this string (repeatable); it is not printed")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plainllama", description="Run Llama-family models you can read.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="continue a prompt", description="Continue PROMPT; the text streams to stdout, timings go to stderr.")
-    gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument("prompt", nargs="?", default=None, help="the text to continue")
     add_model_options(gen)
     add_sampling_options(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming")
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message in the model's chat format")
     gen.add_argument("--system", default=None, help="system prompt (with --chat)")
+    gen.add_argument("--logprobs", type=int, default=None, help="with --json: each token's log-probability and the N most likely alternatives")
+    gen.add_argument("--beams", type=int, default=None, help="beam search with N beams (deterministic)")
+    gen.add_argument("--num-return", type=int, default=1, help="with --beams: print the N best")
+    gen.add_argument("--length-penalty", type=float, default=1.0, help="with --beams: scores are divided by length**this")
+    gen.add_argument("--early-stopping", default="false", choices=["true", "false", "never"], help="with --beams: when to stop (as in transformers)")
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="with --beams: never repeat an n-gram of this size")
+    gen.add_argument("--prompts-file", default=None, help="generate for every prompt in this file (one per line, or JSONL with a 'prompt' field) as one batch")
+    gen.add_argument("--draft-model", default=None, help="speculative decoding with this smaller model (same vocabulary)")
+    gen.add_argument("--speculate-k", type=int, default=4, help="tokens the draft model proposes per step (default: 4)")
     gen.set_defaults(run=run_generate)
 
     chat = sub.add_parser("chat", help="talk with a model", description="An interactive conversation. " + "/reset clears it, /bye or Ctrl+D ends it, Ctrl+C stops an answer.")
@@ -94,7 +120,70 @@ def run_convert(args) -> int:
 
 
 def sampling_settings(args) -> dict:
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p,
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, logit_bias=args.logit_bias or {}, seed=args.seed,
+    )
+
+
+def read_prompts(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        raise PlainLlamaError(f"{path}: cannot read ({e.strerror})") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if line.lstrip().startswith("{"):
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise PlainLlamaError(f"{path}: line {number} is not a JSON object with a 'prompt'") from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise PlainLlamaError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def check_generate_options(args) -> None:
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise PlainLlamaError("give a PROMPT or --prompts-file, not both or neither")
+    if args.beams is not None and (args.draft_model or args.prompts_file or args.temperature):
+        raise PlainLlamaError("--beams is deterministic and runs one prompt: not with --draft-model, --prompts-file or --temperature")
+    if args.prompts_file and args.draft_model:
+        raise PlainLlamaError("--draft-model runs one prompt at a time: not with --prompts-file")
+
+
+def run_beams(llm, prompt, args) -> int:
+    early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+    beams = llm.beam_search(prompt, args.beams, args.max_new_tokens, args.length_penalty, early, args.no_repeat_ngram_size, args.num_return)
+    if args.json:
+        print(json.dumps({"beams": [{"tokens": b.tokens, "text": llm.tokenizer.decode([t for t in b.tokens if t not in llm.tokenizer.end_ids]),
+                                     "score": b.score} for b in beams]}, ensure_ascii=False))
+    else:
+        for i, b in enumerate(beams):
+            text = llm.tokenizer.decode([t for t in b.tokens if t not in llm.tokenizer.end_ids])
+            print(f"[{i + 1}] score {b.score:.4f}:{text}" if len(beams) > 1 else text)
+    return 0
+
+
+def run_batch(llm, args) -> int:
+    import time
+
+    prompts = read_prompts(args.prompts_file)
+    start = time.perf_counter()
+    results = llm.generate_batch(prompts, max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling_settings(args))
+    seconds = time.perf_counter() - start
+    generated = sum(len(r.tokens) for r in results)
+    for prompt, r in zip(prompts, results, strict=True):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "prompt_tokens": r.prompt_tokens, "tokens": r.tokens, "text": r.text, "finish_reason": r.finish_reason}, ensure_ascii=False))
+        else:
+            print(json.dumps(prompt + r.text, ensure_ascii=False))
+    print(f"[{len(prompts)} prompts, {generated} tokens in {seconds:.1f}s: {generated / seconds:.1f} tok/s]", file=sys.stderr)
+    return 0
 
 
 def run_chat(args) -> int:
@@ -102,18 +191,25 @@ def run_chat(args) -> int:
     from .repl import run_chat as repl
 
     llm = load(args.model, device=args.device, dtype=args.dtype)
-    return repl(llm, args.system, args.max_new_tokens, sampling_settings(args))
+    return repl(llm, args.system, args.max_new_tokens, sampling_settings(args), args.stop)
 
 
 def run_generate(args) -> int:
     from .api import load
 
+    check_generate_options(args)
     llm = load(args.model, device=args.device, dtype=args.dtype)
+    if args.prompts_file:
+        return run_batch(llm, args)
     prompt = args.prompt
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
         prompt = llm.encode_chat(messages)
-    stream = llm.stream(prompt, max_new_tokens=args.max_new_tokens, **sampling_settings(args))
+    if args.beams is not None:
+        return run_beams(llm, prompt, args)
+    draft = load(args.draft_model, device=args.device, dtype=args.dtype) if args.draft_model else None
+    stream = llm.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, logprobs=args.logprobs, draft=draft,
+                        speculate_k=args.speculate_k, **sampling_settings(args))
     if args.json:
         for _ in stream:
             pass
@@ -136,6 +232,11 @@ def run_generate(args) -> int:
             "load_seconds": round(llm.load_seconds, 3),
             **t.as_dict(),
         }
+        if result.logprobs is not None:
+            record["logprobs"] = [{"token": lp.token, "text": llm.tokenizer.piece(lp.token), "logprob": lp.logprob,
+                                   "top": [{"token": i, "text": llm.tokenizer.piece(i), "logprob": v} for i, v in lp.top]} for lp in result.logprobs]
+        if result.draft_acceptance is not None:
+            record["draft_acceptance"] = result.draft_acceptance
         print(json.dumps(record, ensure_ascii=False))
         return 0
     if result.finish_reason == "context":
@@ -143,7 +244,8 @@ def run_generate(args) -> int:
     print(
         f"[prompt {t.prompt_tokens} tokens: {t.prefill_tokens_per_second:.1f} tok/s | "
         f"generated {len(result.tokens)} tokens: {t.decode_tokens_per_second:.1f} tok/s | "
-        f"{llm.device}, {str(llm.dtype).removeprefix('torch.')}, loaded in {llm.load_seconds:.1f}s]",
+        f"{llm.device}, {str(llm.dtype).removeprefix('torch.')}, loaded in {llm.load_seconds:.1f}s"
+        + (f", draft accepted {result.draft_acceptance:.0%}" if result.draft_acceptance is not None else "") + "]",
         file=sys.stderr,
     )
     return 0

@@ -44,12 +44,29 @@ class Timings:
 
 
 @dataclass
+class TokenLogprob:
+    token: int
+    logprob: float  # log-probability under the model's own distribution (before any sampling setting)
+    top: list[tuple[int, float]]  # the N most likely tokens at this step, with theirs
+
+
+@dataclass
 class GenerationState:
     """What the loop has produced so far; complete once the iterator is exhausted."""
 
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (an end token), "length" (the budget), "context" (the model's limit)
+    finish_reason: str | None = None  # "stop" (an end token or stop string), "length" (the budget), "context" (the model's limit)
     timings: Timings = field(default_factory=Timings)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    draft_proposed: int = 0  # speculative decoding: tokens the draft model proposed
+    draft_accepted: int = 0  # ... and the target model accepted
+
+
+def record_logprob(state: GenerationState, logits: torch.Tensor, token: int, n: int) -> None:
+    logp = logits.float().log_softmax(-1)
+    top = torch.topk(logp, n) if n else None
+    alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    state.logprobs.append(TokenLogprob(token, float(logp[token]), alternatives))
 
 
 def check_prompt(prompt_ids: list[int], context_length: int) -> None:
@@ -60,9 +77,11 @@ def check_prompt(prompt_ids: list[int], context_length: int) -> None:
 
 
 def generate_tokens(
-    model: Transformer, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, end_ids, state: GenerationState
+    model: Transformer, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, end_ids, state: GenerationState,
+    logprobs: int | None = None,
 ):
-    """Yields generated token ids one at a time; `state` carries the outcome and timings."""
+    """Yields generated token ids one at a time; `state` carries the outcome and timings.
+    `logprobs`: record each token's log-probability and the N best alternatives (None: don't)."""
     args = model.args
     check_prompt(prompt_ids, args.context_length)
     if max_new_tokens < 0:
@@ -81,7 +100,8 @@ def generate_tokens(
         start = time.perf_counter()
         tokens = torch.tensor([prompt_ids], device=device)
         logits = model(tokens, start_pos=0, cache=cache, last_only=True)[0, -1]  # [V]
-        next_id = sampler(logits)
+        history = list(prompt_ids)
+        next_id = sampler(logits, history, state.tokens)
         timings.prefill_seconds = time.perf_counter() - start
         pos = len(prompt_ids)
         while True:
@@ -89,13 +109,16 @@ def generate_tokens(
                 state.finish_reason = "stop"
                 return
             state.tokens.append(next_id)
+            history.append(next_id)
+            if logprobs is not None:
+                record_logprob(state, logits, next_id, logprobs)
             yield next_id
             if len(state.tokens) == budget:
                 state.finish_reason = "length" if budget == max_new_tokens else "context"
                 return
             step_start = time.perf_counter()
             logits = model(torch.tensor([[next_id]], device=device), start_pos=pos, cache=cache, last_only=True)[0, -1]
-            next_id = sampler(logits)
+            next_id = sampler(logits, history, state.tokens)
             timings.decode_seconds += time.perf_counter() - step_start
             timings.decode_steps += 1
             pos += 1

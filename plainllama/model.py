@@ -79,7 +79,8 @@ def llama3_rope_factors(
 
 
 def rotary_cos_sin(args: ModelArgs, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angle for each position and each pair of head dimensions: [T, Hd/2].
+    """cos and sin of the rotary angle for each position and each pair of head dimensions:
+    positions [B, T] -> [B, T, Hd/2].
 
     Computed in float32 whatever the model's dtype: angles grow with position, and float16 would
     round position 5000's angle by more than the angle between neighbouring tokens.
@@ -88,20 +89,20 @@ def rotary_cos_sin(args: ModelArgs, positions: torch.Tensor) -> tuple[torch.Tens
     inv_freq = 1.0 / (args.rope_theta**exponents)  # [Hd/2]
     if args.rope_freq_factors is not None:
         inv_freq = inv_freq / torch.tensor(args.rope_freq_factors, device=positions.device, dtype=torch.float32)
-    angles = torch.outer(positions.to(torch.float32), inv_freq)  # [T, Hd/2]
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, Hd/2]
     return torch.cos(angles), torch.sin(angles)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its position's angle.
 
-    x: [B, T, heads, Hd]; cos, sin: [T, Hd/2]. This is Meta's pairing (the reference does it with
+    x: [B, T, heads, Hd]; cos, sin: [B, T, Hd/2]. This is Meta's pairing (the reference does it with
     complex numbers, which MPS and torch.compile handle badly); a pair is a point in the plane and
     the rotation is the 2x2 matrix [[cos, -sin], [sin, cos]].
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, heads, Hd/2, 2]
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads: [T, 1, Hd/2]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads: [B, T, 1, Hd/2]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -128,11 +129,12 @@ class LayerCache:
         self.v = torch.zeros_like(self.k)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values [B, K, T, Hd] at `start`; return everything up to them [B, K, S, Hd]."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        """Write the new keys/values [B, K, T, Hd] at `start` (into the first B rows); return
+        everything up to them [B, K, S, Hd]."""
+        b, end = k.shape[0], start + k.shape[2]
+        self.k[:b, :, start:end] = k
+        self.v[:b, :, start:end] = v
+        return self.k[:b, :, :end], self.v[:b, :, :end]
 
 
 class KVCache:
@@ -194,17 +196,25 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def causal_mask(start_pos: int, T: int, device) -> torch.Tensor | None:
-    """[T, S] boolean mask, True where query position i may attend to key position j (j <= i).
+def causal_mask(start_pos: int, T: int, device, pad: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean mask, True where query position i may attend to key position j (j <= i): [T, S],
+    or [B, 1, T, S] for a batch whose rows are left-padded by `pad` [B] tokens.
 
     Built by comparing position numbers rather than with torch.triu, which returns NaN on Apple's
-    MPS backend. A single new token may see everything in the cache, so it needs no mask.
+    MPS backend. A single new token may see everything in the cache, so it needs no mask, unless
+    the batch has padding, which no real token may see. A padding token sees only itself: a row of
+    the mask with nothing allowed would make its attention NaN, and NaN keys would spread.
     """
-    if T == 1:
+    if T == 1 and pad is None:
         return None
     query_pos = torch.arange(start_pos, start_pos + T, device=device)
     key_pos = torch.arange(0, start_pos + T, device=device)
-    return key_pos[None, :] <= query_pos[:, None]
+    mask = key_pos[None, :] <= query_pos[:, None]  # [T, S]
+    if pad is None:
+        return mask
+    real_key = key_pos[None, :] >= pad[:, None]  # [B, S]
+    itself = key_pos[None, :] == query_pos[:, None]  # [T, S]
+    return (mask[None] & real_key[:, None, :] | itself[None])[:, None]  # [B, 1, T, S]
 
 
 class Transformer(nn.Module):
@@ -216,11 +226,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False):
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False,
+        pad: torch.Tensor | None = None,
+    ):
         """tokens [B, T] at positions start_pos..start_pos+T-1 -> logits [B, T, V] ([B, 1, V] if last_only).
 
         Without a cache the tokens are the whole sequence (start_pos must be 0). With one, earlier
         positions come from the cache and these tokens' keys and values are written into it.
+        `pad` [B]: a batch of prompts of different lengths, left-padded; row b's first pad[b]
+        slots are padding, and its real tokens count their positions from 0 after them.
         """
         B, T = tokens.shape
         if cache is None and start_pos != 0:
@@ -228,8 +243,11 @@ class Transformer(nn.Module):
         if cache is not None and start_pos + T > cache.length:
             raise ValueError(f"positions up to {start_pos + T} do not fit a KV cache of {cache.length}")
         h = self.tok_embeddings(tokens)  # [B, T, D]
-        cos, sin = rotary_cos_sin(self.args, torch.arange(start_pos, start_pos + T, device=tokens.device))
-        mask = causal_mask(start_pos, T, tokens.device)
+        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)[None, :]  # [1, T]
+        if pad is not None:
+            positions = positions - pad[:, None]  # [B, T]: each row counts from its first real token
+        cos, sin = rotary_cos_sin(self.args, positions)
+        mask = causal_mask(start_pos, T, tokens.device, pad)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache.layers[i] if cache is not None else None, start_pos)
         if last_only:

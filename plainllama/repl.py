@@ -34,7 +34,7 @@ def fit_to_context(llm, history: list[Message], answer_room: int) -> tuple[list[
             dropped += 1
 
 
-def run_chat(llm, system: str | None, max_new_tokens: int, sampling: dict) -> int:
+def run_chat(llm, system: str | None, max_new_tokens: int, sampling: dict, stop=()) -> int:
     llm.chat_format  # fail now, not after the first message, if the model has no chat format
     base = [Message("system", system)] if system else []
     history = list(base)
@@ -69,7 +69,7 @@ def run_chat(llm, system: str | None, max_new_tokens: int, sampling: dict) -> in
             print(f"(the conversation outgrew the context: the {dropped} oldest messages were dropped)", file=sys.stderr)
         pieces = []
         try:
-            for piece in llm.stream(ids, max_new_tokens=max_new_tokens, **sampling):
+            for piece in llm.stream(ids, max_new_tokens=max_new_tokens, stop=stop, **sampling):
                 pieces.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

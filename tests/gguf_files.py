@@ -138,3 +138,21 @@ def write_llama_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def truncated_copy(src, dst, n_layers: int):
+    """The same model with only its first n_layers blocks (same vocabulary, same tensor types):
+    a cheap draft model for speculative decoding."""
+    reader = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = n_layers if field.name == "llama.block_count" else field.contents()
+        w.add_key_value(field.name, value, field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= n_layers:
+            continue
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return dst

@@ -41,15 +41,15 @@ def test_top_k_1_equals_greedy(llm):
 def test_sampler_filters():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
     probs = logits.softmax(-1)  # [0.636, 0.234, 0.086, 0.032, 0.012]
-    kept = lambda s: torch.isfinite(s.filtered_logits(logits)).nonzero().flatten().tolist()
-    assert kept(Sampler(1.0, top_k=2)) == [0, 1]
-    assert kept(Sampler(1.0, top_p=0.5)) == [0]  # the top token alone already holds 0.636
-    assert kept(Sampler(1.0, top_p=0.8)) == [0, 1]  # 0.636 < 0.8 <= 0.870
-    assert kept(Sampler(1.0, top_p=float(probs[:3].sum()) + 1e-4)) == [0, 1, 2, 3]
+    kept = lambda s: torch.isfinite(s.filtered(logits)).nonzero().flatten().tolist()
+    assert kept(Sampler(temperature=1.0, top_k=2)) == [0, 1]
+    assert kept(Sampler(temperature=1.0, top_p=0.5)) == [0]  # the top token alone already holds 0.636
+    assert kept(Sampler(temperature=1.0, top_p=0.8)) == [0, 1]  # 0.636 < 0.8 <= 0.870
+    assert kept(Sampler(temperature=1.0, top_p=float(probs[:3].sum()) + 1e-4)) == [0, 1, 2, 3]
     # Temperature rescales the logits before the softmax.
-    torch.testing.assert_close(Sampler(2.0).filtered_logits(logits), logits / 2)
+    torch.testing.assert_close(Sampler(temperature=2.0).filtered(logits), logits / 2)
     # Draws follow the distribution: 4000 seeded draws at temperature 1 land near the probabilities.
-    s = Sampler(1.0, seed=0)
+    s = Sampler(temperature=1.0, seed=0)
     counts = torch.bincount(torch.tensor([s(logits) for _ in range(4000)]), minlength=5).float() / 4000
     assert (counts - probs).abs().max() < 0.03
 

@@ -154,6 +154,13 @@ class LLM:
             raise PlainLlamaError("--draft-model: its vocabulary differs from the target model's; speculative decoding needs the same tokens")
         return GenerationStream(self, self.encode_prompt(prompt), max_new_tokens, sampler, stop, logprobs, draft, speculate_k)
 
+    def trace(self, prompt: str | list[int], max_new_tokens: int = 0, top_k: int = 5, **sampling):
+        """What happens inside: tokens, per-layer residual norms, attention weights and logit lens,
+        and per generated step the candidates (see tracing.py)."""
+        from .tracing import trace
+
+        return trace(self, prompt, max_new_tokens, top_k, **sampling)
+
     def generate_batch(self, prompts, max_new_tokens: int = 128, stop=(), **sampling) -> list[Generation]:
         """Several prompts in one batch (one forward pass per step for all); results in order."""
         settings = self.sampling_settings(sampling)

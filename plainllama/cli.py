@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(run=run_chat)
 
+    inspect = sub.add_parser("inspect", help="see how the model turns a prompt into the next token",
+                             description="The tokenization, each generated step's top candidates and the logit lens, in the terminal; --html writes an interactive page.")
+    inspect.add_argument("prompt")
+    add_model_options(inspect)
+    inspect.add_argument("-n", "--max-new-tokens", type=int, default=8, help="tokens to generate and show (default: 8)")
+    inspect.add_argument("--top-k", type=int, default=5, help="candidates shown per step and per layer (default: 5)")
+    inspect.add_argument("--html", default=None, metavar="REPORT.html", help="also write a self-contained HTML report")
+    inspect.add_argument("--chat", action="store_true", help="send PROMPT as a user message in the model's chat format")
+    inspect.set_defaults(run=run_inspect)
+
     info = sub.add_parser("info", help="describe a model", description="Format, shape, parameter count, tensor types, memory, tokenizer and chat format of MODEL.")
     info.add_argument("model", nargs="?", default=None, help="model file or folder (default: the bundled model)")
     info.add_argument("--json", action="store_true")
@@ -82,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="auto", help="auto (the source's float type; float32 for quantized GGUF), float32, bfloat16, float16")
     convert.set_defaults(run=run_convert)
     return parser
+
+
+def run_inspect(args) -> int:
+    from .api import load
+    from .inspect_cli import run_inspect as inspect
+
+    if args.top_k < 1:
+        raise PlainLlamaError(f"--top-k must be >= 1, got {args.top_k}")
+    llm = load(args.model, device=args.device, dtype=args.dtype)
+    print(inspect(llm, args.prompt, args.max_new_tokens, args.top_k, args.html, args.chat))
+    if args.html:
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
 
 
 def run_info(args) -> int:

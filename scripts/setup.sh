@@ -39,3 +39,13 @@ if [ "$want_tests" = 1 ] && [ "$(cat "$venv/.test-stamp" 2>/dev/null)" != "$(sta
     CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" $pip install --no-deps llama-cpp-python==0.3.36
   stamp requirements-test.txt > "$venv/.test-stamp"
 fi
+
+# A real browser for the HTML report test: Debian's chromium and its driver (needs root for apt).
+if [ "$want_tests" = 1 ] && ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium and chromium-driver with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "setup: chromium/chromedriver missing and not root: the browser test will be skipped" >&2
+  fi
+fi

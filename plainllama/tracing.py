@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import apply_rotary, causal_mask, rotary_cos_sin
+from .model import apply_rotary
 
 
 @dataclass

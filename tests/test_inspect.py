@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import plainllama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The capital of France is"

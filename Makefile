@@ -1,10 +1,11 @@
 # The two quick-start commands. Each sets up .venv first (scripts/setup.sh; cheap when done).
-PROMPT ?= The three most useful things to know about llamas are
+# The default model is an instruct model, so the default prompt goes through its chat format.
+PROMPT ?= Write a short poem about a llama in the Andes.
 
 .PHONY: generate test
 generate:
 	@scripts/setup.sh
-	.venv/bin/plainllama generate "$(PROMPT)" -n 64
+	.venv/bin/plainllama generate --chat "$(PROMPT)" -n 120
 
 test:
 	@scripts/setup.sh --test

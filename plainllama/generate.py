@@ -69,6 +69,27 @@ def record_logprob(state: GenerationState, logits: torch.Tensor, token: int, n: 
     state.logprobs.append(TokenLogprob(token, float(logp[token]), alternatives))
 
 
+def take_token(state: GenerationState, token: int, logits: torch.Tensor, end_ids, logprobs: int | None) -> bool:
+    """Add a chosen token to the result; False (and finish_reason "stop") if it is an end token,
+    which is not part of the result. Shared by every single-sequence loop."""
+    if token in end_ids:
+        state.finish_reason = "stop"
+        return False
+    state.tokens.append(token)
+    if logprobs is not None:
+        record_logprob(state, logits, token, logprobs)
+    return True
+
+
+def budget_spent(state: GenerationState, budget: int, max_new_tokens: int) -> bool:
+    """True once the result holds `budget` tokens: the asked-for number ("length"), or fewer when
+    the model's context ran out first ("context")."""
+    if len(state.tokens) < budget:
+        return False
+    state.finish_reason = "length" if budget == max_new_tokens else "context"
+    return True
+
+
 def check_prompt(prompt_ids: list[int], context_length: int) -> None:
     if not prompt_ids:
         raise PlainLlamaError("the prompt is empty (no tokens to start from)")
@@ -105,16 +126,11 @@ def generate_tokens(
         timings.prefill_seconds = time.perf_counter() - start
         pos = len(prompt_ids)
         while True:
-            if next_id in end_ids:
-                state.finish_reason = "stop"
+            if not take_token(state, next_id, logits, end_ids, logprobs):
                 return
-            state.tokens.append(next_id)
             history.append(next_id)
-            if logprobs is not None:
-                record_logprob(state, logits, next_id, logprobs)
             yield next_id
-            if len(state.tokens) == budget:
-                state.finish_reason = "length" if budget == max_new_tokens else "context"
+            if budget_spent(state, budget, max_new_tokens):
                 return
             step_start = time.perf_counter()
             logits = model(torch.tensor([[next_id]], device=device), start_pos=pos, cache=cache, last_only=True)[0, -1]

@@ -16,7 +16,7 @@ import time
 import torch
 
 from .errors import PlainLlamaError
-from .generate import GenerationState, check_prompt, record_logprob
+from .generate import GenerationState, budget_spent, check_prompt, take_token
 from .model import KVCache, Transformer
 from .sampling import Sampler
 
@@ -69,16 +69,11 @@ def speculative_tokens(
         pending = [(first, logits)]
         while True:
             for token, token_logits in pending:
-                if token in end_ids:
-                    state.finish_reason = "stop"
+                if not take_token(state, token, token_logits, end_ids, logprobs):
                     return
-                state.tokens.append(token)
                 seq.append(token)
-                if logprobs is not None:
-                    record_logprob(state, token_logits, token, logprobs)
                 yield token
-                if len(state.tokens) == budget:
-                    state.finish_reason = "length" if budget == max_new_tokens else "context"
+                if budget_spent(state, budget, max_new_tokens):
                     return
             round_start = time.perf_counter()
             # 1. The draft guesses K tokens, first catching up on what it has not seen.

@@ -31,7 +31,9 @@ class Tokenizer:
         # (parse_special); user-defined tokens are always matched, as in llama.cpp and HF.
         self.control = {t: i for i, (t, k) in enumerate(zip(tokens, token_types)) if k == CONTROL and t}
         self.user_defined = {t: i for i, (t, k) in enumerate(zip(tokens, token_types)) if k == USER_DEFINED and t}
-        self._splitters = {False: self._splitter(self.user_defined), True: self._splitter({**self.control, **self.user_defined})}
+        # Per parse_special: the special tokens matched in text, and one regex that finds them.
+        self._specials = {False: self.user_defined, True: {**self.control, **self.user_defined}}
+        self._splitters = {flag: self._splitter(specials) for flag, specials in self._specials.items()}
         self.token_bytes = [self._bytes_of(i) for i in range(len(tokens))]
         end = {eos_id} if eos_id is not None else set()
         end.update(i for t, i in self.control.items() if t in END_OF_TURN_TEXTS)
@@ -59,8 +61,7 @@ class Tokenizer:
         ids = []
         if (self.add_bos if bos is None else bos) and self.bos_id is not None:
             ids.append(self.bos_id)
-        splitter = self._splitters[parse_special]
-        specials = {**self.control, **self.user_defined} if parse_special else self.user_defined
+        splitter, specials = self._splitters[parse_special], self._specials[parse_special]
         pos = 0
         matches = splitter.finditer(text) if splitter is not None else ()
         for match in matches:

@@ -35,9 +35,10 @@ with torch.inference_mode():
     for i, layer in enumerate(model.layers):
         attn = layer.attention
         x = layer.attention_norm(h)  # RMSNorm: rescale each vector to unit root-mean-square, times a gain
-        q = attn.wq(x).view(B, T, args.n_heads, args.head_dim)  # what each position is looking for
-        k = attn.wk(x).view(B, T, args.n_kv_heads, args.head_dim)  # what each position offers
-        v = attn.wv(x).view(B, T, args.n_kv_heads, args.head_dim)  # what it passes on when chosen
+        qkv = attn.wqkv(x).view(B, T, args.n_heads + 2 * args.n_kv_heads, args.head_dim)  # wq, wk, wv stacked
+        q = qkv[:, :, : args.n_heads]  # what each position is looking for
+        k = qkv[:, :, args.n_heads : args.n_heads + args.n_kv_heads]  # what each position offers
+        v = qkv[:, :, args.n_heads + args.n_kv_heads :]  # what it passes on when chosen
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # RoPE: position by rotation
         k = k.repeat_interleave(args.n_heads // args.n_kv_heads, dim=2)  # GQA: heads share k and v
         v = v.repeat_interleave(args.n_heads // args.n_kv_heads, dim=2)
@@ -47,7 +48,8 @@ with torch.inference_mode():
         h = h + attn.wo(out)  # attention's result is added to the residual stream
         ff = layer.feed_forward
         x = layer.ffn_norm(h)
-        h = h + ff.w2(F.silu(ff.w1(x)) * ff.w3(x))  # SwiGLU feed-forward, added to the residual stream
+        gate, up = ff.w13(x).chunk(2, dim=-1)  # w1 and w3 stacked
+        h = h + ff.w2(F.silu(gate) * up)  # SwiGLU feed-forward, added to the residual stream
         if i in (0, args.n_layers - 1):
             show(f"layer {i}: attention weights", weights)
             show(f"layer {i}: residual stream", h)

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from . import kernels
 from .chat_format import chat_format_for
 from .default_model import default_model_path
 from .devices import pick_device, pick_dtype
@@ -206,16 +207,42 @@ class LLM:
         return stream.result
 
 
-def load(path: str | None = None, device: str = "auto", dtype: str = "auto") -> LLM:
-    """Load a model file or folder (default: the bundled SmolLM2-135M-Instruct)."""
+def weight_mode(device: torch.device, dtype: str, quantize: str | None, dequantize: bool) -> str:
+    """How the weights are held (loading.WEIGHT_MODES), from the user's switches. An explicit dtype
+    ("float32", ...) without --quantize means every weight in that dtype, as it always did."""
+    if quantize not in (None, "int8", "int4"):
+        raise PlainLlamaError(f"--quantize {quantize}: expected int8 or int4")
+    if quantize and dequantize:
+        raise PlainLlamaError("--quantize and --dequantize contradict each other; choose one")
+    if device.type != "cpu":
+        if quantize:
+            raise PlainLlamaError(f"--quantize runs on the CPU only; on {device.type} the weights are converted to its dtype")
+        return "float"
+    if quantize:
+        return quantize
+    if dequantize or dtype != "auto":
+        return "float"
+    # Compressed weights pay off where the kernels run; elsewhere a product would dequantize its
+    # whole weight matrix per token, and float weights are faster.
+    return "packed" if kernels.available() else "float"
+
+
+def load(path: str | None = None, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
+         dequantize: bool = False) -> LLM:
+    """Load a model file or folder (default: the bundled SmolLM2-135M-Instruct).
+
+    On the CPU with dtype "auto", weights stay in their stored compressed form (a Q4 GGUF runs from
+    4-bit blocks, a bfloat16 checkpoint from 16-bit floats); `quantize="int8"|"int4"` also
+    compresses float checkpoints. An explicit dtype, or `dequantize=True`, converts every weight to
+    that dtype instead (exact float arithmetic, as the reference implementations do; slower)."""
     start = time.perf_counter()
     checkpoint = open_checkpoint(path if path is not None else default_model_path())
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    model = build_model(checkpoint, torch_dtype, torch_device)
+    model = build_model(checkpoint, torch_dtype, torch_device, weight_mode(torch_device, dtype, quantize, dequantize))
     # The model now holds every weight; dropping the loader's handles releases the source files'
     # memory maps (and any converted copies) instead of keeping them alive beside the model.
-    checkpoint.tensors = {}
+    checkpoint.tensors, checkpoint.raw_tensors = {}, {}
     return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, time.perf_counter() - start)
 
 

@@ -13,7 +13,17 @@ from .errors import PlainLlamaError
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None, help="model file or folder (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto); on the CPU, an explicit dtype converts every weight to it")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="CPU: hold float weights (Meta, HF, F16/F32 GGUF) as 8- or 4-bit blocks (GGUF Q8_0 / Q4_1 rules)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="CPU: convert quantized and 16-bit weights to floats instead of computing with them as stored")
+
+
+def load_model(args, path=None):
+    from .api import load
+
+    return load(path or args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize)
 
 
 def logit_bias(text: str) -> dict[int, float]:
@@ -84,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=run_info)
 
+    bench = sub.add_parser("bench", help="measure prefill, decode, load time, memory and bandwidth",
+                           description="Prefill and decode speed, time to first token, load time, peak RSS, and the memory bandwidth "
+                                       "decoding achieves against this machine's measured read bandwidth.")
+    add_model_options(bench)
+    bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill (default: 512)")
+    bench.add_argument("--decode-tokens", type=int, default=128, help="tokens to decode (default: 128)")
+    bench.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best counts (default: 3)")
+    bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    bench.set_defaults(run=run_bench)
+
     convert = sub.add_parser("convert", help="write a model as a Hugging Face or Meta folder",
                              description="Write SRC (any supported format) to the folder DST. GGUF weights are dequantized.")
     convert.add_argument("src")
@@ -95,15 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_inspect(args) -> int:
-    from .api import load
     from .inspect_cli import run_inspect as inspect
 
     if args.top_k < 1:
         raise PlainLlamaError(f"--top-k must be >= 1, got {args.top_k}")
-    llm = load(args.model, device=args.device, dtype=args.dtype)
+    llm = load_model(args)
     print(inspect(llm, args.prompt, args.max_new_tokens, args.top_k, args.html, args.chat))
     if args.html:
         print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
+def run_bench(args) -> int:
+    from .bench import format_table, run
+
+    if args.prompt_tokens < 1 or args.decode_tokens < 2 or args.repeats < 1:
+        raise PlainLlamaError("bench needs --prompt-tokens >= 1, --decode-tokens >= 2 and --repeats >= 1")
+    result = run(args.model, args.prompt_tokens, args.decode_tokens, args.repeats, device=args.device, dtype=args.dtype,
+                 quantize=args.quantize, dequantize=args.dequantize)
+    print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 
@@ -210,18 +240,16 @@ def run_batch(llm, args) -> int:
 
 
 def run_chat(args) -> int:
-    from .api import load
     from .repl import run_chat as repl
 
-    llm = load(args.model, device=args.device, dtype=args.dtype)
+    llm = load_model(args)
     return repl(llm, args.system, args.max_new_tokens, sampling_settings(args), args.stop)
 
 
 def run_generate(args) -> int:
-    from .api import load
 
     check_generate_options(args)
-    llm = load(args.model, device=args.device, dtype=args.dtype)
+    llm = load_model(args)
     if args.prompts_file:
         return run_batch(llm, args)
     prompt = args.prompt
@@ -230,7 +258,7 @@ def run_generate(args) -> int:
         prompt = llm.encode_chat(messages)
     if args.beams is not None:
         return run_beams(llm, prompt, args)
-    draft = load(args.draft_model, device=args.device, dtype=args.dtype) if args.draft_model else None
+    draft = load_model(args, args.draft_model) if args.draft_model else None
     stream = llm.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, logprobs=args.logprobs, draft=draft,
                         speculate_k=args.speculate_k, **sampling_settings(args))
     if args.json:

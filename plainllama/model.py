@@ -1,8 +1,8 @@
 """The Llama transformer: token ids in, next-token logits out.
 
 Read it beside the paper and Meta's reference (llama_models/llama3/model.py): the module names are
-Meta's, so a checkpoint's `layers.3.attention.wq.weight` is `model.layers[3].attention.wq.weight`
-here. This file knows nothing about file formats, devices or quantization: a loader hands it a
+Meta's, so a checkpoint's `layers.3.attention.wo.weight` is `model.layers[3].attention.wo.weight`
+here, except that wq, wk, wv are stacked into one `wqkv` and w1, w3 into `w13` (`fused_name`). This file knows nothing about file formats, devices or quantization: a loader hands it a
 `ModelArgs` and a state dict in this naming, and it does the arithmetic.
 
 Shapes in comments: B batch, T new tokens, S tokens in the cache (past + new), D model width,
@@ -79,9 +79,11 @@ def llama3_rope_factors(
 
 
 def rotary_cos_sin(args: ModelArgs, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angle for each position and each pair of head dimensions:
-    positions [B, T] -> [B, T, Hd/2].
+    """cos and sin of the rotary angle for each position, laid out for `apply_rotary`:
+    positions [B, T] -> two tables [B, T, 1, Hd] (the 1 broadcasts over heads).
 
+    Pair i of a head (dimensions 2i and 2i+1) turns by position * inv_freq[i], so each angle appears
+    twice: cos as (cos, cos), and sin with the signs of a rotation, (-sin, +sin).
     Computed in float32 whatever the model's dtype: angles grow with position, and float16 would
     round position 5000's angle by more than the angle between neighbouring tokens.
     """
@@ -90,21 +92,22 @@ def rotary_cos_sin(args: ModelArgs, positions: torch.Tensor) -> tuple[torch.Tens
     if args.rope_freq_factors is not None:
         inv_freq = inv_freq / torch.tensor(args.rope_freq_factors, device=positions.device, dtype=torch.float32)
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, Hd/2]
-    return torch.cos(angles), torch.sin(angles)
+    cos = torch.cos(angles).repeat_interleave(2, dim=-1)  # [B, T, Hd]: (cos0, cos0, cos1, cos1, ...)
+    sin = torch.stack((-torch.sin(angles), torch.sin(angles)), dim=-1).flatten(-2)  # (-sin0, sin0, ...)
+    return cos[:, :, None, :], sin[:, :, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its position's angle.
 
-    x: [B, T, heads, Hd]; cos, sin: [B, T, Hd/2]. This is Meta's pairing (the reference does it with
-    complex numbers, which MPS and torch.compile handle badly); a pair is a point in the plane and
-    the rotation is the 2x2 matrix [[cos, -sin], [sin, cos]].
+    x: [B, T, heads, Hd]; cos, sin: [B, T, 1, Hd] from rotary_cos_sin. This is Meta's pairing (the
+    reference does it with complex numbers, which MPS and torch.compile handle badly). A pair (a, b)
+    is a point in the plane; turned by angle t it becomes (a cos t - b sin t, b cos t + a sin t),
+    which is (a, b) * cos t + (b, a) * (-sin t, sin t): the pair, and the pair swapped.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, heads, Hd/2, 2]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads: [B, T, 1, Hd/2]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) for every pair (a, b)
+    return (x32 * cos + swapped * sin).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -116,9 +119,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The mean of squares over thousands of values is taken in float32: in bfloat16 it loses
         # enough precision to shift every downstream activation.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # F.rms_norm is x / sqrt(mean(x^2) + eps) in one call.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 class LayerCache:
@@ -149,18 +151,23 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        # Meta's wq, wk and wv stacked into one matrix (rows: H*Hd queries, K*Hd keys, K*Hd values),
+        # so that reading x and the weights takes one product instead of three. The loader stacks them.
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def queries_keys_values(self, x, cos, sin):
+        """x [B, T, D] -> q [B, H, T, Hd], k and v [B, K, T, Hd]; q and k rotated to their positions."""
+        B, T, _ = x.shape
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)  # [B, T, H+2K, Hd]
+        qk = apply_rotary(qkv[:, :, : self.n_heads + self.n_kv_heads], cos, sin)  # q and k in one rotation
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+        v = qkv[:, :, self.n_heads + self.n_kv_heads :]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
 
     def forward(self, x, cos, sin, mask, cache: LayerCache | None, start_pos: int):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, Hd]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, Hd]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, heads, T, Hd]
+        q, k, v = self.queries_keys_values(x, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # [B, K, S, Hd]
         # enable_gqa lets each group of H/K query heads share one key/value head without copying
@@ -170,16 +177,17 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x). w1 is the gate, w3 the up projection, w2 the way back down."""
+    """SwiGLU: w2(silu(w1 x) * w3 x). w1 is the gate, w3 the up projection, w2 the way back down.
+    w1 and w3 are stacked into one matrix w13 (gate rows first) and applied in one product."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -215,6 +223,20 @@ def causal_mask(start_pos: int, T: int, device, pad: torch.Tensor | None = None)
     real_key = key_pos[None, :] >= pad[:, None]  # [B, S]
     itself = key_pos[None, :] == query_pos[:, None]  # [T, S]
     return (mask[None] & real_key[:, None, :] | itself[None])[:, None]  # [B, 1, T, S]
+
+
+# Checkpoint names (Meta's) that the model holds stacked: stacked name -> the parts, in row order.
+FUSED = {"attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+         "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight")}
+
+
+def fused_name(name: str) -> str:
+    """A checkpoint tensor's name in the model: "layers.0.attention.wk.weight" -> "layers.0.attention.wqkv.weight"."""
+    for stacked, parts in FUSED.items():
+        for part in parts:
+            if name.endswith("." + part):
+                return name[: -len(part)] + stacked
+    return name
 
 
 class Transformer(nn.Module):

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import apply_rotary
 
 
 @dataclass
@@ -92,9 +91,7 @@ class Recorder:
 
     def on_attention(self, module, inputs, output):
         x, cos, sin, mask, cache, start_pos = inputs
-        B, T, _ = x.shape
-        q = apply_rotary(module.wq(x).view(B, T, module.n_heads, module.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rotary(module.wk(x).view(B, T, module.n_kv_heads, module.head_dim), cos, sin).transpose(1, 2)
+        q, k, _ = module.queries_keys_values(x, cos, sin)  # [B, H, T, Hd], [B, K, T, Hd]
         k = k.repeat_interleave(module.n_heads // module.n_kv_heads, dim=1)  # each query head's key head
         scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(module.head_dim)  # [B, H, T, T]
         if mask is not None:

@@ -25,7 +25,7 @@ def test_generate_streams_text_and_reports_timings():
 
 
 def test_generate_json(llm):
-    result = run_cli("generate", "The capital of France is", "-n", "6", "--json")
+    result = run_cli("generate", "The capital of France is", "-n", "6", "--dtype", "float32", "--json")
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["prompt_tokens"] == llm.tokenizer.encode("The capital of France is")

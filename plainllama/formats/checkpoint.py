@@ -29,6 +29,9 @@ class Checkpoint:
     chat_format: str | None = None  # or a built-in one: "llama3", "llama2" (Meta's formats)
     name: str | None = None  # the model's own name, if the file gives one
     notes: list[str] = field(default_factory=list)  # things the loader noticed and the user may want to know
+    # name -> function returning the stored bytes (uint8, 1-D) of a block-quantized or 16-bit tensor,
+    # for loaders that keep weights compressed (packed.py); only formats with such types give them
+    raw_tensors: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

@@ -95,7 +95,7 @@ def load_gguf(path: str) -> Checkpoint:
     tokenizer = _tokenizer(path, meta)
     args = _model_args(gf, tokenizer)
 
-    tensors, tensor_types = {}, {}
+    tensors, tensor_types, raw_tensors = {}, {}, {}
     for gguf_name, info in gf.tensors.items():
         ours = _our_name(gguf_name)
         if ours is None:
@@ -105,11 +105,13 @@ def load_gguf(path: str) -> Checkpoint:
                 continue  # precomputed rotary tables some old converters wrote; recomputed here
             raise PlainLlamaError(f"{path}: unexpected tensor {gguf_name!r} (not part of a Llama model)")
         tensors[ours] = _tensor_source(gf, info)
+        raw_tensors[ours] = _raw_source(gf, info)
         tensor_types[ours] = info.type_name
     if "output.weight" not in tensors and "tok_embeddings.weight" in tensors:
         # Tied embeddings: the output projection is the embedding matrix itself. Both names get the
         # same source, and loading.py turns that into one shared tensor.
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
+        raw_tensors["output.weight"] = raw_tensors["tok_embeddings.weight"]
         tensor_types["output.weight"] = tensor_types["tok_embeddings.weight"]
         args.tie_embeddings = True
     _check_tensors(gf, args)
@@ -126,6 +128,7 @@ def load_gguf(path: str) -> Checkpoint:
         chat_template=meta.get("tokenizer.chat_template"),
         name=meta.get("general.name"),
         notes=notes,
+        raw_tensors=raw_tensors,
     )
 
 
@@ -224,6 +227,15 @@ def _tensor_source(gf: GGUFFile, info: TensorInfo):
             # nothing here writes to it, and not copying it keeps memory at the model's size.
             warnings.simplefilter("ignore", UserWarning)
             return dequantize(torch.from_numpy(_raw_bytes(gf, info)), info.type_name, info.shape)
+
+    return load
+
+
+def _raw_source(gf: GGUFFile, info: TensorInfo):
+    def load() -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only mapping; see _tensor_source
+            return torch.from_numpy(_raw_bytes(gf, info))
 
     return load
 

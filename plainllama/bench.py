@@ -1,0 +1,171 @@
+"""`plainllama bench`: how fast a model runs here, and how close decoding comes to the memory's limit.
+
+Decoding one token reads every weight matrix once (and the KV cache so far), so the fastest a step
+can be is `bytes read per token / memory read bandwidth`. This measures the bandwidth with a plain
+read of a buffer larger than the caches, then reports what the decode loop achieved against it.
+Prefill is a forward pass over the whole prompt; time to first token is that plus sampling.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from . import kernels
+from .api import LLM, load
+from .errors import PlainLlamaError
+from .model import KVCache
+from .packed import PackedEmbedding, PackedLinear
+
+# Any real text: the prompt is this, repeated and cut to the requested length.
+PROMPT_TEXT = (
+    "The llama is a domesticated South American camelid, widely used as a meat and pack animal by Andean "
+    "cultures since the pre-Columbian era. Llamas are social animals and live with others as a herd. Their "
+    "wool is soft and contains only a small amount of lanolin. Llamas can learn simple tasks after a few "
+    "repetitions. When using a pack, they can carry about 25 to 30% of their body weight for 8 to 13 km. "
+)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM; ru_maxrss would include a parent's peak)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Bytes per second that all threads read from a 1 GiB buffer (best of `repeats`). The buffer
+    is freed afterwards. (A model smaller than the CPU's last-level cache can read faster than this.)"""
+    buffer = torch.ones(size_bytes // 8, dtype=torch.float64)  # written once, so its pages exist
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if kernels.available():
+            kernels.read_bytes(buffer)
+        else:
+            buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    del buffer
+    return size_bytes / best
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matrix that multiplies (the embedding table
+    contributes one row, which is negligible, unless the output projection shares it)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            total += module.packed.nbytes
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, (nn.Embedding, PackedEmbedding)):
+            continue
+        elif hasattr(module, "weight") and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1:
+            total += module.weight.numel() * module.weight.element_size()  # norms
+    return total
+
+
+def prompt_ids(llm: LLM, n: int) -> list[int]:
+    ids = llm.tokenizer.encode(PROMPT_TEXT * (1 + n // 40))
+    while len(ids) < n:
+        ids += ids
+    return ids[:n]
+
+
+def run(path: str | None = None, prompt_tokens: int = 512, decode_tokens: int = 128, repeats: int = 3, **load_options) -> dict:
+    start = time.perf_counter()
+    llm = load(path, **load_options)
+    load_seconds = time.perf_counter() - start
+    args = llm.model.args
+    if prompt_tokens + decode_tokens > args.context_length:
+        raise PlainLlamaError(f"--prompt-tokens {prompt_tokens} + --decode-tokens {decode_tokens} exceed the model's context of {args.context_length}")
+    ids = prompt_ids(llm, prompt_tokens)
+
+    def prefill() -> float:
+        cache = KVCache(args, 1, prompt_tokens, llm.dtype, llm.device)
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            llm.model(torch.tensor([ids], device=llm.device), 0, cache, last_only=True)
+        if llm.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - begin
+
+    def generation() -> tuple[float, float]:
+        """(time to first token, seconds per decode step) of a greedy generation after the prompt.
+        Generation is forced to the full length: the end token is masked out by a logit bias."""
+        begin = time.perf_counter()
+        stamps = []
+        ban = {i: -1e9 for i in llm.tokenizer.end_ids}
+        for _ in llm.stream(ids, max_new_tokens=decode_tokens, temperature=0, logit_bias=ban):
+            stamps.append(time.perf_counter())
+        return stamps[0] - begin, (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+
+    prefill()  # warm-up: first-use costs (thread pools, kernel library) are not the model's speed
+    prefill_seconds = min(prefill() for _ in range(repeats))
+    runs = [generation() for _ in range(repeats)]
+    ttft = min(r[0] for r in runs)
+    step = min(r[1] for r in runs)
+
+    peak_rss = peak_rss_bytes()  # before the bandwidth test's buffer
+    weights = weight_bytes_per_token(llm.model)
+    kv_per_position = 2 * args.n_layers * args.n_kv_heads * args.head_dim * torch.finfo(llm.dtype).bits // 8
+    positions = prompt_tokens + decode_tokens // 2  # the cache read by an average step
+    bytes_per_token = weights + kv_per_position * positions
+    bound = memory_read_bandwidth() if llm.device.type == "cpu" else None
+    achieved = bytes_per_token / step
+    return {
+        "model": llm.checkpoint.path,
+        "device": str(llm.device),
+        "weights": weight_description(llm.model),
+        "threads": torch.get_num_threads(),
+        "load_seconds": load_seconds,
+        "prompt_tokens": prompt_tokens,
+        "prefill_tokens_per_second": prompt_tokens / prefill_seconds,
+        "time_to_first_token_seconds": ttft,
+        "decode_tokens": decode_tokens,
+        "decode_tokens_per_second": 1 / step,
+        "bytes_per_decoded_token": bytes_per_token,
+        "achieved_bandwidth_gb_s": achieved / 1e9,
+        "memory_bandwidth_gb_s": bound / 1e9 if bound else None,
+        "fraction_of_bandwidth": achieved / bound if bound else None,
+        "peak_rss_mib": peak_rss / 2**20,
+    }
+
+
+def weight_description(model: nn.Module) -> str:
+    """"q4 x120, q8 x1" or "float32": how the matrices are held."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            counts[module.packed.layout] = counts.get(module.packed.layout, 0) + 1
+        elif isinstance(module, nn.Linear):
+            name = str(module.weight.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def format_table(r: dict) -> str:
+    rows = [
+        ("model", r["model"]),
+        ("device, threads", f"{r['device']}, {r['threads']}"),
+        ("matrices held as", r["weights"]),
+        ("load", f"{r['load_seconds']:.2f} s"),
+        (f"prefill ({r['prompt_tokens']} tokens)", f"{r['prefill_tokens_per_second']:.1f} tok/s"),
+        ("time to first token", f"{r['time_to_first_token_seconds'] * 1000:.0f} ms"),
+        (f"decode ({r['decode_tokens']} tokens)", f"{r['decode_tokens_per_second']:.1f} tok/s"),
+        ("read per decoded token", f"{r['bytes_per_decoded_token'] / 2**20:.1f} MiB"),
+    ]
+    if r["memory_bandwidth_gb_s"]:
+        rows.append(("bandwidth achieved", f"{r['achieved_bandwidth_gb_s']:.1f} GB/s of {r['memory_bandwidth_gb_s']:.1f} GB/s measured "
+                                           f"({r['fraction_of_bandwidth']:.0%})"))
+    rows.append(("peak RSS", f"{r['peak_rss_mib']:.0f} MiB"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,294 @@
+"""Weights kept compressed in memory: linear and embedding layers that hold 4-bit, 8-bit or 16-bit
+weights and compute with them directly.
+
+A decode step reads every weight once per token, so its speed is set by how many bytes the weights
+take. A GGUF Q4_1 file dequantized to float32 reads 6.4x more bytes per token than the file holds;
+these modules keep the stored form (repacked at load into a layout the kernels in kernels/ read)
+and are swapped into the model in place of nn.Linear / nn.Embedding (see loading.py). model.py
+never knows: it calls `self.wq(x)` either way.
+
+Layouts, one row per output feature, blocks of 32 weights along the input:
+    q4    nibbles uint8 [N, K/2] (GGUF's order), scale d float16 [N, K/32], optional minimum m:
+          weight = d * q + m, or d * (q - 8) without m. Holds Q4_0, Q4_1 and Q4_K as they are
+          (Q4_K's sub-block scale d * scale6 is rounded to float16: relative error <= 2^-11).
+    q8    int8 [N, K], scale d float16 [N, K/32]: weight = d * q. Holds Q8_0 as it is; other
+          formats (Q5_x, Q2_K, Q3_K, Q5_K, Q6_K) are requantized to it from their exact values.
+    f16, bf16: the 16-bit floats as stored.
+
+How a product runs depends on how many rows of activations come at once:
+    a few (decoding, beams, a small batch): the kernels read the compressed weights directly,
+        with the activations quantized to int8 per block of 32, as llama.cpp does;
+    many (a prompt): the weights are unpacked to bfloat16 a slice at a time into a reused buffer,
+        and multiplied by oneDNN, which uses the CPU's matrix units (AMX) where it has them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .quants import BLOCK_FORMATS, QK, _k_scales_mins, dequantize
+
+LAYOUTS = ("q4", "q8", "f16", "bf16")
+DIRECT_ROWS = 8  # up to this many rows, the kernels beat unpacking + a bfloat16 product (measured)
+UNPACK_CHUNK = 1 << 22  # weights unpacked per slice in the many-rows path (8 MB of bfloat16)
+
+
+@lru_cache(maxsize=None)
+def _bf16_products_fast() -> bool:
+    """Whether oneDNN runs bfloat16 products natively here (AVX-512 BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class _Scratch:
+    """One reusable buffer for unpacked weight slices, so the prompt path allocates nothing per call
+    (a fresh 8-32 MB tensor costs more in page faults than unpacking it)."""
+
+    buffer: torch.Tensor | None = None
+
+    @classmethod
+    def get(cls, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if cls.buffer is None or cls.buffer.numel() < numel or cls.buffer.dtype != dtype:
+            cls.buffer = torch.empty(numel, dtype=dtype)
+        return cls.buffer[:numel]
+
+
+class PackedWeight(nn.Module):
+    """A [N, K] weight matrix in one of LAYOUTS. Shared by PackedLinear and PackedEmbedding (tied
+    embeddings are one PackedWeight used by both)."""
+
+    def __init__(self, layout: str, shape: tuple[int, int], parts: dict[str, torch.Tensor]):
+        super().__init__()
+        assert layout in LAYOUTS
+        self.layout, self.shape = layout, tuple(shape)
+        for name, tensor in parts.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.part_names = tuple(parts)
+
+    @staticmethod
+    def stack(parts: list["PackedWeight"]) -> "PackedWeight":
+        """Matrices of one layout and width stacked by rows (q, k, v into one matrix)."""
+        names = parts[0].part_names
+        rows = sum(p.shape[0] for p in parts)
+        return PackedWeight(parts[0].layout, (rows, parts[0].shape[1]), {n: torch.cat([getattr(p, n) for p in parts]) for n in names})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.part_names)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `index` [...] dequantized -> [..., K] (an embedding lookup)."""
+        return self._dequantize({n: getattr(self, n)[index] for n in self.part_names}, dtype)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole matrix as floats [N, K], computed with PyTorch ops (reference and fallback)."""
+        return self._dequantize({n: getattr(self, n) for n in self.part_names}, dtype)
+
+    def _dequantize(self, parts, dtype):
+        if self.layout in ("f16", "bf16"):
+            return parts["w"].to(dtype)
+        d = parts["d"].float()[..., None]  # [..., K/32, 1]
+        if self.layout == "q8":
+            q = parts["qs"].float().unflatten(-1, (-1, QK))  # [..., K/32, 32]
+            return (d * q).flatten(-2).to(dtype)
+        nibbles = parts["qs"].unflatten(-1, (-1, QK // 2))  # [..., K/32, 16]
+        q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1).float()  # [..., K/32, 32]
+        m = parts["m"].float()[..., None] if "m" in parts else -8 * d
+        return (d * q + m).flatten(-2).to(dtype)
+
+    def unpack_rows_bf16(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start..end-1 as bfloat16 written into `out` [end - start, K]."""
+        if not kernels.available():
+            out.copy_(self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, torch.bfloat16))
+            return out
+        if self.layout == "q4":
+            kernels.q4_to_bf16(self.qs[start:end], self.d[start:end], self.m[start:end] if "m" in self.part_names else None, out)
+        elif self.layout == "q8":
+            kernels.q8_to_bf16(self.qs[start:end], self.d[start:end], out)
+        else:
+            out.copy_(self.w[start:end])
+        return out
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .float(), .cuda() would turn the float16 scales into another dtype or move the
+        # bytes away from the pointers the kernels were given; a packed weight stays as it is.
+        raise RuntimeError("packed weights cannot be converted or moved; load the model with dequantize=True to get float weights")
+
+    def direct_call(self):
+        """(kernel, pointer arguments) for the few-rows path, computed once: the buffers never move."""
+        if not hasattr(self, "_direct"):
+            if self.layout == "q4":
+                m = self.m.data_ptr() if "m" in self.part_names else None
+                self._direct = (kernels.function("q4_matmul"), (self.qs.data_ptr(), self.d.data_ptr(), m))
+            elif self.layout == "q8":
+                self._direct = (kernels.function("q8_matmul"), (self.qs.data_ptr(), self.d.data_ptr()))
+            else:
+                self._direct = (kernels.function("f16_matmul" if self.layout == "f16" else "bf16_matmul"), (self.w.data_ptr(),))
+        return self._direct
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x @ W.T [M, N] float32."""
+        M, N = x.shape[0], self.shape[0]
+        if M <= DIRECT_ROWS and x.device.type == "cpu" and kernels.available():
+            x = x.float().contiguous()
+            out = torch.empty(M, N, dtype=torch.float32)
+            kernel, pointers = self.direct_call()
+            kernels.check(kernel(x.data_ptr(), M, x.shape[1], *pointers, N, out.data_ptr()), kernel.__name__)
+            return out
+        return self._unpacked_matmul(x)
+
+    def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        compute = torch.bfloat16 if _bf16_products_fast() else torch.float32
+        if self.layout in ("f16", "bf16") and self.w.dtype == compute:
+            return F.linear(x.to(compute), self.w).float()
+        M, (N, K) = x.shape[0], self.shape
+        rows = max(1, min(N, UNPACK_CHUNK // K))
+        out = torch.empty(M, N, dtype=torch.float32, device=x.device)
+        x = x.to(compute)
+        for start in range(0, N, rows):
+            end = min(N, start + rows)
+            if compute == torch.bfloat16:
+                w = self.unpack_rows_bf16(start, end, _Scratch.get((end - start) * K, torch.bfloat16).view(end - start, K))
+            else:
+                w = self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, compute)
+            out[:, start:end] = F.linear(x, w)
+        return out
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear without bias whose weight is a PackedWeight."""
+
+    def __init__(self, weight: PackedWeight):
+        super().__init__()
+        self.packed = weight
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
+        out = self.packed.matmul(x.reshape(-1, self.in_features))
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as floats, for code that reads it (inspection, export); computed on demand."""
+        return self.packed.dequantized(torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.packed.layout}"
+
+
+class StackedLinear(nn.Module):
+    """Linear layers applied to the same input, their outputs side by side: a stacked matrix whose
+    parts are stored in different layouts (llama.cpp's mixed "_M" files)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([part.weight for part in self.parts])
+
+
+class PackedEmbedding(nn.Module):
+    """nn.Embedding whose table is a PackedWeight: only the looked-up rows are dequantized."""
+
+    def __init__(self, weight: PackedWeight, dtype: torch.dtype):
+        super().__init__()
+        self.packed, self.dtype = weight, dtype
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
+        return self.packed.rows(tokens, self.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.dequantized(self.dtype)
+
+
+# ---- from stored GGUF blocks -----------------------------------------------------------------
+
+
+def _half_field(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    return blocks[:, offset : offset + 2].contiguous().view(torch.float16)  # [n, 1]
+
+
+def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> PackedWeight | None:
+    """Raw GGUF bytes of a [N, K] matrix -> PackedWeight, or None where no packed layout applies
+    (F32, or an input width the kernels do not take)."""
+    N, K = shape
+    if type_name in ("F16", "BF16"):
+        return PackedWeight(type_name.lower(), shape, {"w": dequantize(raw, type_name, shape).clone()}) if K % 32 == 0 else None
+    if type_name == "F32" or K % 64:
+        return None
+    per_block, block_bytes, _ = BLOCK_FORMATS[type_name]
+    blocks = raw.view(-1, block_bytes)
+    nb = K // QK
+    if type_name == "Q4_0":  # d, qs[16]
+        return PackedWeight("q4", shape, {"qs": blocks[:, 2:18].reshape(N, K // 2).clone(), "d": _half_field(blocks, 0).reshape(N, nb)})
+    if type_name == "Q4_1":  # d, m, qs[16]
+        parts = {"qs": blocks[:, 4:20].reshape(N, K // 2).clone(), "d": _half_field(blocks, 0).reshape(N, nb), "m": _half_field(blocks, 2).reshape(N, nb)}
+        return PackedWeight("q4", shape, parts)
+    if type_name == "Q8_0":  # d, qs[32]
+        return PackedWeight("q8", shape, {"qs": blocks[:, 2:34].contiguous().view(torch.int8).reshape(N, K), "d": _half_field(blocks, 0).reshape(N, nb)})
+    if type_name == "Q4_K":
+        return _pack_q4_k(blocks, shape)
+    return quantize_int8(dequantize(raw, type_name, shape))
+
+
+def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
+    """Q4_K: 256-weight super-blocks of eight 32-weight sub-blocks, weight = d*scale*q - dmin*min.
+    Each sub-block is a q4 block with d' = d*scale and m' = -dmin*min. The nibbles are laid out
+    differently (a 32-byte chunk holds one sub-block in its low nibbles and the next in its high
+    ones), so they are regrouped into q4's order (byte j = weights j and j+16 of one block)."""
+    N, K = shape
+    n = blocks.shape[0]
+    d, dmin = _half_field(blocks, 0).float(), _half_field(blocks, 2).float()
+    scales, mins = _k_scales_mins(blocks[:, 4:16])  # [n, 8] each
+    chunks = blocks[:, 16:144].reshape(n, 4, 32)
+    sub = torch.stack((chunks & 0x0F, chunks >> 4), dim=2).reshape(n, 8, 32)  # [n, sub-block, 32 values]
+    qs = sub[..., :16] | (sub[..., 16:] << 4)  # [n, 8, 16]
+    parts = {
+        "qs": qs.reshape(N, K // 2).contiguous(),
+        "d": (d * scales).half().reshape(N, K // QK),
+        "m": (-dmin * mins).half().reshape(N, K // QK),
+    }
+    return PackedWeight("q4", shape, parts)
+
+
+# ---- from float weights (--quantize) ---------------------------------------------------------
+
+
+def quantize_int8(weight: torch.Tensor) -> PackedWeight:
+    """[N, K] floats -> q8 by ggml's reference Q8_0 rule: per block of 32, d = max|w| / 127,
+    q = w / d rounded half away from zero; d stored as float16."""
+    N, K = weight.shape
+    blocks = weight.float().reshape(N, K // QK, QK)
+    d = blocks.abs().amax(-1) / 127  # [N, K/32]
+    inv = torch.where(d > 0, 1 / d, torch.zeros(()))
+    scaled = blocks * inv[..., None]
+    q = (scaled.sign() * torch.floor(scaled.abs() + 0.5)).to(torch.int8)
+    return PackedWeight("q8", (N, K), {"qs": q.reshape(N, K), "d": d.half()})
+
+
+def quantize_int4(weight: torch.Tensor) -> PackedWeight:
+    """[N, K] floats -> q4 with minimum by ggml's reference Q4_1 rule: per block of 32, m = min,
+    d = (max - min) / 15, q = trunc((w - m) / d + 0.5) in 0..15; d and m stored as float16."""
+    N, K = weight.shape
+    blocks = weight.float().reshape(N, K // QK, QK)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    d = (hi - lo) / 15
+    inv = torch.where(d > 0, 1 / d, torch.zeros(()))
+    q = torch.trunc((blocks - lo[..., None]) * inv[..., None] + 0.5).clamp(0, 15).to(torch.uint8)  # [N, K/32, 32]
+    qs = q[..., :16] | (q[..., 16:] << 4)
+    return PackedWeight("q4", (N, K), {"qs": qs.reshape(N, K // 2).contiguous(), "d": d.half(), "m": lo.half()})
+
+
+def can_quantize(shape) -> bool:
+    return len(shape) == 2 and shape[1] % 64 == 0

@@ -1,0 +1,193 @@
+"""Weights kept compressed (packed.py and the kernels in kernels/cpu_matmul.c).
+
+Oracles: the `gguf` package's numpy dequantizers and quantizers (llama.cpp's Python reference) for
+what each layout holds; float64 products of the same numbers for what the kernels compute; the
+same model loaded with float weights for the whole forward pass; llama.cpp for the default model.
+"""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+import plainllama
+from gguf_files import random_blocks, write_llama_gguf
+from plainllama import kernels
+from plainllama.packed import PackedEmbedding, PackedLinear, PackedWeight, pack_gguf, quantize_int4, quantize_int8
+from plainllama.quants import BLOCK_FORMATS
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C kernels need x86-64 with AVX-512 VNNI and a C compiler")
+
+N, K = 96, 512  # K: a multiple of 256, so every block format fits whole rows
+
+
+def gguf_tensor(type_name, rng):
+    """Raw bytes of a random [N, K] tensor of this type, and its exact values by gguf's dequantizer."""
+    qtype = GGMLQuantizationType[type_name]
+    if type_name in ("F16", "BF16"):
+        raw = quants.quantize(rng.standard_normal((N, K)).astype(np.float32), qtype)
+    else:
+        raw = random_blocks(type_name, N * K // BLOCK_FORMATS[type_name][0], rng)
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    return torch.from_numpy(raw.copy()), quants.dequantize(raw, qtype).reshape(N, K)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16"])
+def test_stored_formats_are_kept_exactly(type_name):
+    raw, expected = gguf_tensor(type_name, np.random.default_rng(1))
+    packed = pack_gguf(raw, type_name, (N, K))
+    assert packed.layout == {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8", "F16": "f16", "BF16": "bf16"}[type_name]
+    np.testing.assert_array_equal(packed.dequantized().numpy(), expected)
+
+
+def test_q4_k_is_kept_as_4_bit_blocks_with_float16_scales():
+    raw, expected = gguf_tensor("Q4_K", np.random.default_rng(2))
+    packed = pack_gguf(raw, "Q4_K", (N, K))
+    assert packed.layout == "q4" and packed.nbytes < N * K * 0.63  # 5 bits a weight
+    # The only change: each sub-block's d*scale and dmin*min are rounded to float16 (2^-11 relative).
+    scale = np.abs(expected).reshape(N, K // 32, 32).max(-1, keepdims=True)
+    error = np.abs(packed.dequantized().numpy() - expected).reshape(N, K // 32, 32)
+    assert (error <= scale * 2**-9 + 1e-30).all()
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K"])
+def test_other_formats_are_requantized_to_q8_0_exactly_as_ggml_would(type_name):
+    raw, expected = gguf_tensor(type_name, np.random.default_rng(3))
+    packed = pack_gguf(raw, type_name, (N, K))
+    assert packed.layout == "q8"
+    qtype = GGMLQuantizationType.Q8_0
+    reference = quants.dequantize(quants.quantize(expected.astype(np.float32), qtype), qtype)
+    np.testing.assert_array_equal(packed.dequantized().numpy(), reference)
+
+
+def test_quantize_int8_and_int4_are_ggml_q8_0_and_q4_1_byte_for_byte():
+    w = np.random.default_rng(4).standard_normal((N, K)).astype(np.float32)
+    w[0, :32] = 0  # an all-zero block
+    q8 = quantize_int8(torch.from_numpy(w))
+    ref = quants.quantize(w, GGMLQuantizationType.Q8_0).reshape(N, K // 32, 34)
+    np.testing.assert_array_equal(q8.d.view(torch.uint8).numpy().reshape(N, K // 32, 2), ref[..., :2])
+    np.testing.assert_array_equal(q8.qs.view(torch.uint8).numpy().reshape(N, K // 32, 32), ref[..., 2:])
+    q4 = quantize_int4(torch.from_numpy(w))
+    ref = quants.quantize(w, GGMLQuantizationType.Q4_1).reshape(N, K // 32, 20)
+    np.testing.assert_array_equal(q4.d.view(torch.uint8).numpy().reshape(N, K // 32, 2), ref[..., :2])
+    np.testing.assert_array_equal(q4.m.view(torch.uint8).numpy().reshape(N, K // 32, 2), ref[..., 2:4])
+    np.testing.assert_array_equal(q4.qs.numpy().reshape(N, K // 32, 16), ref[..., 4:])
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels multiply by: x quantized per block of 32 to int8 (scale max|x| / 127,
+    rounded to nearest even), then scaled back, in float64."""
+    blocks = x.double().unflatten(-1, (-1, 32))
+    amax = blocks.abs().amax(-1, keepdim=True).float()
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros(()))
+    q = torch.round(blocks.float() * inv)  # float32 product, as in the kernel
+    return (q.double() * (amax / 127.0).double()).flatten(-2)
+
+
+def packed_weights(rng_seed=5):
+    w = torch.from_numpy(np.random.default_rng(rng_seed).standard_normal((N, K)).astype(np.float32)) * 0.05
+    raw, _ = gguf_tensor("Q4_0", np.random.default_rng(rng_seed))
+    return {
+        "q4 (Q4_1 rule, with minimums)": quantize_int4(w),
+        "q4 (Q4_0, no minimums)": pack_gguf(raw, "Q4_0", (N, K)),
+        "q8": quantize_int8(w),
+        "f16": PackedWeight("f16", (N, K), {"w": w.half()}),
+        "bf16": PackedWeight("bf16", (N, K), {"w": w.bfloat16()}),
+    }
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("name", list(packed_weights()))
+def test_kernels_compute_the_product_of_the_stored_numbers(name, rows):
+    packed = packed_weights()[name]
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+    out = packed.matmul(x)
+    w64 = packed.dequantized().double()
+    if packed.layout in ("q4", "q8"):
+        # Exactly the integer scheme (int8 activations per block, as llama.cpp), up to float32 sums...
+        torch.testing.assert_close(out.double(), int8_activations(x) @ w64.T, rtol=1e-4, atol=1e-4 * w64.abs().max().item())
+        # ...which costs about 0.5% against the float product
+        relative = ((out.double() - x.double() @ w64.T).norm(dim=-1) / (x.double() @ w64.T).norm(dim=-1)).max()
+        assert relative < 0.02
+    else:
+        torch.testing.assert_close(out.double(), x.double() @ w64.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(packed_weights()))
+def test_many_rows_unpack_to_bfloat16_and_match_the_float_product(name):
+    packed = packed_weights()[name]
+    x = torch.randn(40, K, generator=torch.Generator().manual_seed(0))
+    reference = x.double() @ packed.dequantized().double().T
+    out = packed.matmul(x)  # 40 rows: unpacked weights times bfloat16 activations (or float32 products)
+    relative = ((out.double() - reference).norm(dim=-1) / reference.norm(dim=-1)).max()
+    assert relative < 0.01  # bfloat16's 8-bit mantissa
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["q4 (Q4_1 rule, with minimums)", "q4 (Q4_0, no minimums)", "q8"])
+def test_unpacking_kernel_equals_dequantizing(name):
+    packed = packed_weights()[name]
+    out = torch.empty(N, K, dtype=torch.bfloat16)
+    packed.unpack_rows_bf16(0, N, out)
+    # one bfloat16 rounding of the same value (the kernel fuses d*q+m into one FMA)
+    torch.testing.assert_close(out.float(), packed.dequantized(), rtol=2**-7, atol=1e-6)
+
+
+def test_packed_linear_reshapes_like_nn_linear_and_refuses_conversion():
+    packed = packed_weights()["q8"]
+    layer = PackedLinear(packed)
+    x = torch.randn(2, 3, K)
+    assert layer(x).shape == (2, 3, N)
+    with pytest.raises(RuntimeError, match="dequantize=True"):
+        layer.float()
+
+
+def logits_tv(a, b):
+    return 0.5 * (a.softmax(-1) - b.softmax(-1)).abs().sum(-1).max().item()
+
+
+@needs_kernels
+def test_default_model_packed_agrees_with_float_weights_and_llama_cpp(llm, model_path):
+    """The default model as it runs by default (Q4_1 and Q8_0 blocks kept, int8 activations)
+    against the same file dequantized to float32 (the `llm` fixture) and against llama.cpp."""
+    packed = plainllama.load(device="cpu")
+    assert type(packed.model.layers[0].attention.wqkv) is PackedLinear
+    text = "Llamas are members of the camelid family. They are social animals that live in herds, and"
+    ids = llm.tokenizer.encode(text)
+    ours, float_logits = packed.logits(ids), llm.logits(ids)
+    assert logits_tv(ours, float_logits) < 0.08  # measured 0.03 on this text
+    agree = (ours.argmax(-1) == float_logits.argmax(-1)).float().mean().item()
+    assert agree >= 0.85
+    llama_cpp_test = pytest.importorskip("test_model_vs_llama_cpp")
+    theirs = llama_cpp_test.llama_cpp_logits(model_path, ids)
+    assert logits_tv(ours, theirs) < 0.08
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_flag_on_a_float_model(tmp_path, vocab, mode):
+    path = write_llama_gguf(tmp_path / "f32.gguf", vocab, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=256)
+    exact = plainllama.load(str(path), device="cpu", dtype="float32")
+    quantized = plainllama.load(str(path), device="cpu", quantize=mode)
+    assert quantized.model.layers[0].feed_forward.w13.packed.layout == {"int8": "q8", "int4": "q4"}[mode]
+    ids = list(np.random.default_rng(0).integers(100, 40000, size=40))
+    ours, reference = quantized.logits(ids), exact.logits(ids)
+    # Against the float weights: random weights have no structure for quantization to lose
+    # gracefully, so these bounds are the measured error (int8 0.01, int4 0.33 relative) with room.
+    relative = ((ours - reference).norm() / reference.norm()).item()
+    assert relative < {"int8": 0.03, "int4": 0.5}[mode]
+    # Against a float model holding the very numbers that were stored: what is left is the
+    # int8 rounding of activations, for either weight width.
+    for name, module in quantized.model.named_modules():
+        if isinstance(module, (PackedLinear, PackedEmbedding)):  # (the float weights are read-only file mappings: replace, not copy into)
+            exact.model.get_submodule(name).weight = torch.nn.Parameter(module.weight, requires_grad=False)
+    relative = ((ours - exact.logits(ids)).norm() / reference.norm()).item()
+    assert relative < 0.03
+
+
+def test_bad_quantize_settings_are_refused():
+    with pytest.raises(plainllama.PlainLlamaError, match="expected int8 or int4"):
+        plainllama.load(device="cpu", quantize="int3")
+    with pytest.raises(plainllama.PlainLlamaError, match="contradict"):
+        plainllama.load(device="cpu", quantize="int8", dequantize=True)

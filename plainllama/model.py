@@ -119,8 +119,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The mean of squares over thousands of values is taken in float32: in bfloat16 it loses
         # enough precision to shift every downstream activation.
-        # F.rms_norm is x / sqrt(mean(x^2) + eps) in one call.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
 
 
 class LayerCache:
@@ -147,6 +148,22 @@ class KVCache:
         self.layers = [LayerCache(batch, args.n_kv_heads, length, args.head_dim, dtype, device) for _ in range(args.n_layers)]
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Hd)) v, each group of H/K query heads sharing one key/value head:
+    q [B, H, T, Hd], k and v [B, K, S, Hd], mask as from causal_mask -> [B, H, T, Hd]."""
+    B, H, T, Hd = q.shape
+    K = k.shape[1]
+    if T == 1 and mask is None:
+        # Decoding: one query per head. Two small matrix products; PyTorch's fused CPU kernel is
+        # built for many queries and takes ~10x longer for one (measured 260 us vs 25 us per layer
+        # with 500 cached tokens).
+        grouped = q.float().view(B, K, H // K, Hd)  # each key/value head with its query heads
+        scores = grouped @ k.float().transpose(-1, -2) / math.sqrt(Hd)  # [B, K, H/K, S]
+        return (scores.softmax(-1) @ v.float()).view(B, H, 1, Hd).type_as(q)
+    # enable_gqa lets the query heads share key/value heads without copying the cache H/K times.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -170,9 +187,7 @@ class Attention(nn.Module):
         q, k, v = self.queries_keys_values(x, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # [B, K, S, Hd]
-        # enable_gqa lets each group of H/K query heads share one key/value head without copying
-        # the cache H/K times.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        out = attention(q, k, v, mask)  # [B, H, T, Hd]
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, D]
 
 

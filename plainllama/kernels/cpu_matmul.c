@@ -97,7 +97,7 @@ static inline __m512 scales_for_pair(__m512 s16, int pair, int pair_order) {
 /* ---- q4 ------------------------------------------------------------------------------------ */
 
 /* Ask for the weights of rows a few groups ahead: each row is read once per token, usually from L3
-   or DRAM, and the hardware prefetcher alone leaves the core waiting (measured: 14 -> ? GB/s). */
+   or DRAM, and the hardware prefetcher alone leaves the core waiting (measured on the 1B shapes: q4 13.7 -> 17.4 GB/s). */
 static int PREFETCH_ROWS = 16;
 void set_prefetch_rows(int rows) { PREFETCH_ROWS = rows; }
 static inline void prefetch_ahead(const void *p, size_t bytes, size_t limit) {

@@ -5,7 +5,8 @@ mean anything).
     benchmarks/run.sh                       # sets up .venv with the peers, then runs this
     .venv/bin/python benchmarks/compare_generate.py [-m MODEL] [--prompt-tokens 512] [--decode-tokens 128]
 
-Each engine: a warm-up, then the best of --repeats runs of
+All engines are loaded, then measured in turns (a warm-up round, then --repeats rounds); each
+engine's best run counts:
   prefill: one forward pass over a prompt of --prompt-tokens tokens (tokens/s = prompt / time),
   decode:  --decode-tokens greedy steps with a KV cache after a short prompt (tokens/s = steps / time).
 llama.cpp runs with 2 threads (this machine has 2 cores); torch uses its default (2 here).
@@ -27,11 +28,6 @@ from plainllama.default_model import default_model_path
 from plainllama.model import KVCache
 
 
-def best_of(repeats, fn):
-    fn()  # warm-up
-    return min(fn() for _ in range(repeats))
-
-
 def bench_plainllama(path, prompt_ids, decode_tokens, repeats):
     llm = plainllama.load(path, device="cpu")
     model = llm.model
@@ -49,7 +45,7 @@ def bench_plainllama(path, prompt_ids, decode_tokens, repeats):
         assert len(out.tokens) == decode_tokens + 1 or out.finish_reason == "stop"
         return out.timings.decode_seconds / max(out.timings.decode_steps, 1)
 
-    return best_of(repeats, prefill), best_of(repeats, decode)
+    return prefill, decode
 
 
 def bench_llama_cpp(path, prompt_ids, decode_tokens, repeats):
@@ -73,7 +69,7 @@ def bench_llama_cpp(path, prompt_ids, decode_tokens, repeats):
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         return (time.perf_counter() - start) / decode_tokens
 
-    return best_of(repeats, prefill), best_of(repeats, decode)
+    return prefill, decode
 
 
 def bench_transformers(path, prompt_ids, decode_tokens, repeats):
@@ -98,7 +94,7 @@ def bench_transformers(path, prompt_ids, decode_tokens, repeats):
                 past, token = out.past_key_values, out.logits[0, -1].argmax()
         return (time.perf_counter() - start) / decode_tokens
 
-    return best_of(repeats, prefill), best_of(repeats, decode)
+    return prefill, decode
 
 
 def main():
@@ -117,11 +113,19 @@ def main():
     prompt_ids = tokenizer.encode(text)[: args.prompt_tokens]
 
     engines = {"plainllama": bench_plainllama, "llama.cpp": bench_llama_cpp, "transformers": bench_transformers}
-    results = {}
-    for name in args.engines.split(","):
-        prefill_s, step_s = engines[name](path, prompt_ids, args.decode_tokens, args.repeats)
-        results[name] = {"prefill_tok_s": len(prompt_ids) / prefill_s, "decode_tok_s": 1 / step_s}
-        print(f"  {name}: done", file=sys.stderr)
+    # Every engine is loaded first, then the measurements take turns (engine A, B, C, A, B, C, ...):
+    # the machine's speed drifts over minutes, and taking turns exposes every engine to the same drift.
+    names = args.engines.split(",")
+    runners = {name: engines[name](path, prompt_ids, args.decode_tokens, args.repeats) for name in names}
+    best = {name: [float("inf"), float("inf")] for name in names}
+    for round_ in range(args.repeats + 1):  # round 0 is a warm-up
+        for name in names:
+            prefill, decode = runners[name]
+            p, d = prefill(), decode()
+            if round_:
+                best[name] = [min(best[name][0], p), min(best[name][1], d)]
+        print(f"  round {round_} done", file=sys.stderr)
+    results = {name: {"prefill_tok_s": len(prompt_ids) / p, "decode_tok_s": 1 / d} for name, (p, d) in best.items()}
 
     base = results.get("llama.cpp")
     if args.json:

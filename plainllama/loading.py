@@ -84,7 +84,11 @@ def _packed_module(target: str, packs: list[PackedWeight], dtype: torch.dtype) -
     if len(packs) == 1:
         return PackedLinear(packs[0])
     if len({(p.layout, p.part_names) for p in packs}) == 1:
-        return PackedLinear(PackedWeight.stack(packs))
+        stacked = PackedWeight.stack(packs)
+        for part in packs:  # parts that were views of the file: their pages are not needed any more
+            for name in part.part_names:
+                release(getattr(part, name), getattr(stacked, name))
+        return PackedLinear(stacked)
     return StackedLinear([PackedLinear(p) for p in packs])  # e.g. Q4_K queries beside Q6_K values
 
 

@@ -224,7 +224,8 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
     (F32, or an input width the kernels do not take)."""
     N, K = shape
     if type_name in ("F16", "BF16"):
-        return PackedWeight(type_name.lower(), shape, {"w": dequantize(raw, type_name, shape).clone()}) if K % 32 == 0 else None
+        # a view of the file's bytes: no copy, pages read from disk as they are used
+        return PackedWeight(type_name.lower(), shape, {"w": dequantize(raw, type_name, shape)}) if K % 32 == 0 else None
     if type_name == "F32" or K % 64:
         return None
     per_block, block_bytes, _ = BLOCK_FORMATS[type_name]

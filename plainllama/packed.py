@@ -109,6 +109,8 @@ class PackedWeight(nn.Module):
             kernels.q4_to_bf16(self.qs[start:end], self.d[start:end], self.m[start:end] if "m" in self.part_names else None, out)
         elif self.layout == "q8":
             kernels.q8_to_bf16(self.qs[start:end], self.d[start:end], out)
+        elif self.layout == "f16" and out.numel() % 16 == 0:
+            kernels.f16_to_bf16(self.w[start:end], out)  # 0.7 ms per 4M weights; torch's copy_ took 3.8 ms
         else:
             out.copy_(self.w[start:end])
         return out

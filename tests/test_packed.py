@@ -125,7 +125,7 @@ def test_many_rows_unpack_to_bfloat16_and_match_the_float_product(name):
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", ["q4 (Q4_1 rule, with minimums)", "q4 (Q4_0, no minimums)", "q8"])
+@pytest.mark.parametrize("name", ["q4 (Q4_1 rule, with minimums)", "q4 (Q4_0, no minimums)", "q8", "f16"])
 def test_unpacking_kernel_equals_dequantizing(name):
     packed = packed_weights()[name]
     out = torch.empty(N, K, dtype=torch.bfloat16)

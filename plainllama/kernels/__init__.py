@@ -72,6 +72,7 @@ def _library():
         "bf16_matmul": [p, i, i, p, i, p],
         "q4_to_bf16": [p, p, p, i, i, p],
         "q8_to_bf16": [p, p, i, i, p],
+        "f16_to_bf16": [p, ctypes.c_size_t, p],
         "read_bytes": [p, ctypes.c_size_t],
     }.items():
         fn = getattr(lib, name)
@@ -134,6 +135,12 @@ def q4_to_bf16(qs, d, m, out: torch.Tensor) -> torch.Tensor:
 def q8_to_bf16(qs, d, out: torch.Tensor) -> torch.Tensor:
     """q8 rows -> bfloat16 [N, K] written into `out`."""
     _library().q8_to_bf16(_ptr(qs), _ptr(d), qs.shape[0], qs.shape[1], _ptr(out))
+    return out
+
+
+def f16_to_bf16(w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """float16 -> bfloat16 (rounded to nearest even) written into `out`; w.numel() a multiple of 16."""
+    _library().f16_to_bf16(_ptr(w), w.numel(), _ptr(out))
     return out
 
 

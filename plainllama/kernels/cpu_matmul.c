@@ -315,6 +315,14 @@ int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out)
     return 0;
 }
 
+int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out) {
+    /* n a multiple of 16 */
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n / 16; i++)
+        _mm256_storeu_si256((__m256i *)(out + 16 * i), to_bf16(load_f16(w + 16 * i)));
+    return 0;
+}
+
 /* ---- the machine's read bandwidth, the bound for decoding ----------------------------------- */
 
 double read_bytes(const uint8_t *buf, size_t n) {

@@ -44,17 +44,11 @@ def skip_random_init():
             setattr(nn.init, name, fn)
 
 
-def _is_matrix(name: str) -> bool:
-    return name == "tok_embeddings.weight" or name == "output.weight" or name.endswith(("attention.wq.weight",
-        "attention.wk.weight", "attention.wv.weight", "attention.wo.weight", "feed_forward.w1.weight",
-        "feed_forward.w2.weight", "feed_forward.w3.weight"))
-
-
-def _packed_weight(checkpoint: Checkpoint, name: str, weights: str) -> PackedWeight | None:
-    """The matrix `name` in a packed layout, or None to keep it as a float tensor."""
+def _packed_weight(checkpoint: Checkpoint, name: str, shape: tuple[int, int], weights: str) -> PackedWeight | None:
+    """The [N, K] matrix `name` in a packed layout, or None to keep it as a float tensor."""
     if name in checkpoint.raw_tensors:  # GGUF: quantized blocks and 16-bit floats as stored
         raw = checkpoint.raw_tensors[name]()
-        packed = pack_gguf(raw, checkpoint.tensor_types[name], expected_shapes(checkpoint.args)[name])
+        packed = pack_gguf(raw, checkpoint.tensor_types[name], shape)
         if packed is not None:
             release(raw, next(iter(packed.buffers())))
             return packed
@@ -93,10 +87,13 @@ def _packed_module(target: str, packs: list[PackedWeight], dtype: torch.dtype) -
 
 
 def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, weights: str = "float") -> Transformer:
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_MODES}")
     if weights != "float" and device.type != "cpu":
         raise PlainLlamaError(f"compressed weights ({weights}) run on the CPU only; on {device.type} they are converted to {str(dtype).removeprefix('torch.')}")
     with torch.device("meta"), skip_random_init():
         model = Transformer(checkpoint.args)
+    shapes = expected_shapes(checkpoint.args)  # matrices are the 2-D ones: projections and embeddings
     groups: dict[str, list[str]] = {}  # model tensor -> the checkpoint tensors it is made of
     for name in checkpoint.tensors:
         groups.setdefault(fused_name(name), []).append(name)
@@ -115,12 +112,12 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
     try:
         for target, names in groups.items():
             names = _row_order(target, names)
-            if weights != "float" and _is_matrix(names[0]):
+            if weights != "float" and len(shapes[names[0]]) == 2:
                 packs = []
                 for name in names:
                     source = checkpoint.tensors[name]
                     if source not in packed_by_source:
-                        packed_by_source[source] = _packed_weight(checkpoint, name, weights)
+                        packed_by_source[source] = _packed_weight(checkpoint, name, shapes[name], weights)
                     packs.append(packed_by_source[source])
                 if all(p is not None for p in packs):
                     model.set_submodule(target.removesuffix(".weight"), _packed_module(target, packs, dtype))

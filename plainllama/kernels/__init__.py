@@ -100,31 +100,6 @@ def check(code: int, what: str):
         raise ValueError(f"{what}: the input width is not a multiple of 64")
 
 
-def q4_matmul(x: torch.Tensor, qs, d, m) -> torch.Tensor:
-    """x float32 [M, K] contiguous; qs uint8 [N, K/2]; d, m float16 [N, K/32] (m may be None) -> [M, N]."""
-    M, K = x.shape
-    out = torch.empty(M, qs.shape[0], dtype=torch.float32)
-    check(_library().q4_matmul(_ptr(x), M, K, _ptr(qs), _ptr(d), _ptr(m), qs.shape[0], _ptr(out)), "q4_matmul")
-    return out
-
-
-def q8_matmul(x: torch.Tensor, qs, d) -> torch.Tensor:
-    """x float32 [M, K]; qs int8 [N, K]; d float16 [N, K/32] -> [M, N]."""
-    M, K = x.shape
-    out = torch.empty(M, qs.shape[0], dtype=torch.float32)
-    check(_library().q8_matmul(_ptr(x), M, K, _ptr(qs), _ptr(d), qs.shape[0], _ptr(out)), "q8_matmul")
-    return out
-
-
-def half_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x float32 [M, K]; w float16 or bfloat16 [N, K] -> [M, N] float32."""
-    M, K = x.shape
-    out = torch.empty(M, w.shape[0], dtype=torch.float32)
-    fn = _library().f16_matmul if w.dtype == torch.float16 else _library().bf16_matmul
-    check(fn(_ptr(x), M, K, _ptr(w), w.shape[0], _ptr(out)), "half_matmul")
-    return out
-
-
 def q4_to_bf16(qs, d, m, out: torch.Tensor) -> torch.Tensor:
     """q4 rows -> bfloat16 [N, K] written into `out`."""
     N, K = qs.shape[0], qs.shape[1] * 2

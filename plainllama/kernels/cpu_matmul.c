@@ -98,8 +98,7 @@ static inline __m512 scales_for_pair(__m512 s16, int pair, int pair_order) {
 
 /* Ask for the weights of rows a few groups ahead: each row is read once per token, usually from L3
    or DRAM, and the hardware prefetcher alone leaves the core waiting (measured on the 1B shapes: q4 13.7 -> 17.4 GB/s). */
-static int PREFETCH_ROWS = 16;
-void set_prefetch_rows(int rows) { PREFETCH_ROWS = rows; }
+#define PREFETCH_ROWS 16
 static inline void prefetch_ahead(const void *p, size_t bytes, size_t limit) {
     if (bytes > limit) bytes = limit;
     for (size_t off = 0; off < bytes; off += 64) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
@@ -108,9 +107,10 @@ static inline void prefetch_ahead(const void *p, size_t bytes, size_t limit) {
 #define ROWS 4 /* weight rows per inner loop: one load of x serves four rows, and four independent
                   accumulator chains keep the FMA units busy */
 
-/* Dot products of ROWS consecutive q4 weight rows with one quantized activation row -> out[0..ROWS). */
+/* Dot products of `rows` (<= ROWS) consecutive q4 weight rows with one quantized activation row
+   -> out[0..rows). */
 static inline void q4_dot_rows(const uint8_t *qs, const uint16_t *d, const uint16_t *m, size_t row_bytes, int nb,
-                               const int8_t *xq, const float *dx, const float *sx, float *out) {
+                               int rows, const int8_t *xq, const float *dx, const float *sx, float *out) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     /* shift the upper 256 bits (the copy holding high nibbles) right by 4 */
     const __m512i shifts = _mm512_setr_epi64(0, 0, 0, 0, 0x0004000400040004LL, 0x0004000400040004LL,
@@ -123,6 +123,7 @@ static inline void q4_dot_rows(const uint8_t *qs, const uint16_t *d, const uint1
         __m512 vdx = _mm512_maskz_loadu_ps(mask, dx + g), vsx = _mm512_maskz_loadu_ps(mask, sx + g);
         __m512 s16[ROWS];
         for (int r = 0; r < ROWS; r++) {
+            if (r >= rows) break;
             __m512 wd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d + (size_t)r * nb + g));
             s16[r] = _mm512_mul_ps(wd, vdx);
             __m512 wm = m ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + (size_t)r * nb + g)) : _mm512_mul_ps(wd, _mm512_set1_ps(-8.0f));
@@ -132,6 +133,7 @@ static inline void q4_dot_rows(const uint8_t *qs, const uint16_t *d, const uint1
             int b = g + 2 * p;
             __m512i xv = _mm512_loadu_si512((const void *)(xq + 32 * b));
             for (int r = 0; r < ROWS; r++) {
+                if (r >= rows) break;
                 __m512i packed = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + r * row_bytes + 16 * b)));
                 __m512i w = _mm512_and_si512(_mm512_srlv_epi16(packed, shifts), low4);
                 __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
@@ -139,32 +141,7 @@ static inline void q4_dot_rows(const uint8_t *qs, const uint16_t *d, const uint1
             }
         }
     }
-    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc_min[r]));
-}
-
-static inline void q4_dot_one(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int nb, const int8_t *xq,
-                              const float *dx, const float *sx, float *out) {
-    /* the same for a single row (the last N % ROWS rows) */
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const __m512i shifts = _mm512_setr_epi64(0, 0, 0, 0, 0x0004000400040004LL, 0x0004000400040004LL,
-                                             0x0004000400040004LL, 0x0004000400040004LL);
-    __m512 acc = _mm512_setzero_ps();
-    for (int g = 0; g < nb; g += 16) {
-        int n = nb - g < 16 ? nb - g : 16;
-        __mmask16 mask = (__mmask16)((1u << n) - 1);
-        __m512 wd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d + g));
-        __m512 s16 = _mm512_mul_ps(wd, _mm512_maskz_loadu_ps(mask, dx + g));
-        __m512 wm = m ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + g)) : _mm512_mul_ps(wd, _mm512_set1_ps(-8.0f));
-        acc = _mm512_fmadd_ps(wm, _mm512_maskz_loadu_ps(mask, sx + g), acc);
-        for (int p = 0; p < n / 2; p++) {
-            int b = g + 2 * p;
-            __m512i packed = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 16 * b)));
-            __m512i w = _mm512_and_si512(_mm512_srlv_epi16(packed, shifts), low4);
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512((const void *)(xq + 32 * b)));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales_for_pair(s16, p, 1), acc);
-        }
-    }
-    *out = _mm512_reduce_add_ps(acc);
+    for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc_min[r]));
 }
 
 int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N,
@@ -176,21 +153,20 @@ int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d
     if (quantize_activations(x, M, K, 1, &qa)) return -1;
 #pragma omp parallel for schedule(static)
     for (int gi = 0; gi < groups; gi++) {
-        int n = gi * ROWS;
-        const uint16_t *rm = m ? m + (size_t)n * nb : NULL;
+        int n = gi * ROWS, rows = N - n < ROWS ? N - n : ROWS;
+        if (n + PREFETCH_ROWS < N)
+            prefetch_ahead(qs + (size_t)(n + PREFETCH_ROWS) * row_bytes, ROWS * row_bytes, (size_t)(N - n - PREFETCH_ROWS) * row_bytes);
         for (int r = 0; r < M; r++) {
+            float res[ROWS];
+            const uint8_t *w = qs + (size_t)n * row_bytes;
+            const uint16_t *wd = d + (size_t)n * nb, *wm = m ? m + (size_t)n * nb : NULL;
             const int8_t *xr = qa.xq + (size_t)r * K;
             const float *dxr = qa.dx + (size_t)r * nb, *sxr = qa.sx + (size_t)r * nb;
-            if (n + ROWS <= N) {
-                float res[ROWS];
-                if (r == 0 && PREFETCH_ROWS && n + PREFETCH_ROWS < N)
-                    prefetch_ahead(qs + (n + PREFETCH_ROWS) * row_bytes, ROWS * row_bytes, (N - n - PREFETCH_ROWS) * row_bytes);
-                q4_dot_rows(qs + n * row_bytes, d + (size_t)n * nb, rm, row_bytes, nb, xr, dxr, sxr, res);
-                memcpy(out + (size_t)r * N + n, res, sizeof res);
-            } else {
-                for (int i = n; i < N; i++)
-                    q4_dot_one(qs + i * row_bytes, d + (size_t)i * nb, m ? m + (size_t)i * nb : NULL, nb, xr, dxr, sxr, out + (size_t)r * N + i);
-            }
+            if (rows == ROWS) /* a constant row count, so the compiler unrolls the row loops */
+                q4_dot_rows(w, wd, wm, row_bytes, nb, ROWS, xr, dxr, sxr, res);
+            else
+                q4_dot_rows(w, wd, wm, row_bytes, nb, rows, xr, dxr, sxr, res);
+            memcpy(out + (size_t)r * N + n, res, sizeof(float) * rows);
         }
     }
     free_activations(&qa);
@@ -237,12 +213,15 @@ int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d,
 #pragma omp parallel for schedule(static)
     for (int gi = 0; gi < groups; gi++) {
         int n = gi * ROWS, rows = N - n < ROWS ? N - n : ROWS;
-        if (PREFETCH_ROWS && n + PREFETCH_ROWS < N)
+        if (n + PREFETCH_ROWS < N)
             prefetch_ahead(qs + (size_t)(n + PREFETCH_ROWS) * K, (size_t)ROWS * K, (size_t)(N - n - PREFETCH_ROWS) * K);
         for (int r = 0; r < M; r++) {
             float res[ROWS];
-            q8_dot_rows(qs + (size_t)n * K, d + (size_t)n * nb, K, nb, rows, (const uint8_t *)qa.xq + (size_t)r * K,
-                        qa.dx + (size_t)r * nb, res);
+            const uint8_t *xr = (const uint8_t *)qa.xq + (size_t)r * K;
+            if (rows == ROWS) /* a constant row count, so the compiler unrolls the row loops */
+                q8_dot_rows(qs + (size_t)n * K, d + (size_t)n * nb, K, nb, ROWS, xr, qa.dx + (size_t)r * nb, res);
+            else
+                q8_dot_rows(qs + (size_t)n * K, d + (size_t)n * nb, K, nb, rows, xr, qa.dx + (size_t)r * nb, res);
             memcpy(out + (size_t)r * N + n, res, sizeof(float) * rows);
         }
     }
@@ -263,7 +242,7 @@ static inline __m512 load_bf16(const uint16_t *p) {
         if (K % 32) return -2;                                                                       \
         _Pragma("omp parallel for schedule(static)") for (int n = 0; n < N; n++) {                   \
             const uint16_t *row = w + (size_t)n * K;                                                 \
-            if (PREFETCH_ROWS && n + PREFETCH_ROWS / 4 < N) prefetch_ahead(row + (size_t)K * (PREFETCH_ROWS / 4), 2 * (size_t)K, 2 * (size_t)K); \
+            if (n + PREFETCH_ROWS / 4 < N) prefetch_ahead(row + (size_t)K * (PREFETCH_ROWS / 4), 2 * (size_t)K, 2 * (size_t)K); \
             for (int r = 0; r < M; r++) {                                                            \
                 const float *xr = x + (size_t)r * K;                                                 \
                 __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();                           \

@@ -27,7 +27,8 @@ from .formats import Checkpoint, open_checkpoint
 from .batch import generate_batch
 from .beam import Beam, beam_search
 from .generate import GenerationState, Timings, TokenLogprob, check_prompt, generate_tokens
-from .loading import build_model
+from .loading import WeightBuilder, build_model
+from .planner import MemoryPlan, parse_size, plan_memory
 from .model import Transformer
 from .sampling import Sampler, SamplingSettings
 from .speculative import speculative_tokens
@@ -111,12 +112,33 @@ class GenerationStream:
 
 
 class LLM:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, load_seconds: float):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
+                 load_seconds: float, plan: MemoryPlan | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         self.device, self.dtype = device, dtype
         self.load_seconds = load_seconds
+        self.plan = plan  # which layers are resident and which stream from disk (planner.py)
+
+    @property
+    def streamer(self):
+        """The layer reader when some layers stream from disk (streaming.py), else None."""
+        from .streaming import StreamedBlock
+
+        for layer in self.model.layers:
+            if isinstance(layer, StreamedBlock):
+                return layer._streamer[0]
+        return None
+
+    def close(self) -> None:
+        """Stop the layer reader thread, if any (also done at exit)."""
+        if self.streamer is not None:
+            self.streamer.close()
+
+    def _check_request(self, rows: int, length: int) -> None:
+        if self.plan is not None:
+            self.plan.check_request(rows, min(length, self.args.context_length))
 
     @property
     def args(self):
@@ -125,6 +147,7 @@ class LLM:
     def logits(self, ids: list[int]) -> torch.Tensor:
         """One forward pass over `ids` from position 0: float32 [len(ids), vocab]."""
         check_prompt(list(ids), self.args.context_length + 1)
+        self._check_request(1, len(ids))
         with torch.inference_mode():
             tokens = torch.tensor([list(ids)], device=self.device)
             return self.model(tokens)[0].float().cpu()
@@ -153,7 +176,9 @@ class LLM:
             raise PlainLlamaError(f"--logprobs must be >= 0, got {logprobs}")
         if draft is not None and draft.tokenizer.tokens != self.tokenizer.tokens:
             raise PlainLlamaError("--draft-model: its vocabulary differs from the target model's; speculative decoding needs the same tokens")
-        return GenerationStream(self, self.encode_prompt(prompt), max_new_tokens, sampler, stop, logprobs, draft, speculate_k)
+        ids = self.encode_prompt(prompt)
+        self._check_request(1, len(ids) + max_new_tokens + (speculate_k if draft is not None else 0))
+        return GenerationStream(self, ids, max_new_tokens, sampler, stop, logprobs, draft, speculate_k)
 
     def trace(self, prompt: str | list[int], max_new_tokens: int = 0, top_k: int = 5, **sampling):
         """What happens inside: tokens, per-layer residual norms, attention weights and logit lens,
@@ -166,6 +191,7 @@ class LLM:
         """Several prompts in one batch (one forward pass per step for all); results in order."""
         settings = self.sampling_settings(sampling)
         ids = [self.encode_prompt(p) for p in prompts]
+        self._check_request(len(ids), max((len(i) for i in ids), default=0) + max_new_tokens)
         stops = [s for s in (stop or ()) if s]
 
         def hit_stop(row, tokens):
@@ -182,7 +208,9 @@ class LLM:
     def beam_search(self, prompt: str | list[int], num_beams: int = 4, max_new_tokens: int = 64, length_penalty: float = 1.0,
                     early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, num_return: int = 1) -> list[Beam]:
         """The num_return best continuations by beam search (best first), with their scores."""
-        return beam_search(self.model, self.encode_prompt(prompt), num_beams, max_new_tokens, self.tokenizer.end_ids,
+        ids = self.encode_prompt(prompt)
+        self._check_request(num_beams, len(ids) + max_new_tokens)
+        return beam_search(self.model, ids, num_beams, max_new_tokens, self.tokenizer.end_ids,
                            length_penalty, early_stopping, no_repeat_ngram_size, num_return)
 
     @property
@@ -228,22 +256,35 @@ def weight_mode(device: torch.device, dtype: str, quantize: str | None, dequanti
 
 
 def load(path: str | None = None, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
-         dequantize: bool = False) -> LLM:
+         dequantize: bool = False, max_memory: int | str | None = None, max_gpu_memory: int | str | None = None,
+         context: int | None = None, report=None) -> LLM:
     """Load a model file or folder (default: the bundled SmolLM2-135M-Instruct).
 
     On the CPU with dtype "auto", weights stay in their stored compressed form (a Q4 GGUF runs from
     4-bit blocks, a bfloat16 checkpoint from 16-bit floats); `quantize="int8"|"int4"` also
     compresses float checkpoints. An explicit dtype, or `dequantize=True`, converts every weight to
-    that dtype instead (exact float arithmetic, as the reference implementations do; slower)."""
+    that dtype instead (exact float arithmetic, as the reference implementations do; slower).
+
+    Memory: the planner (planner.py) keeps the layers that fit in memory and streams the rest from
+    disk on every forward pass. `max_memory` ("4G", or bytes) caps the process's RAM, `max_gpu_memory`
+    the GPU's; `context` is the KV cache to reserve, in tokens (all rows of a batch together).
+    `report(text)` receives the plan when anything streams or a cap was given."""
     start = time.perf_counter()
     checkpoint = open_checkpoint(path if path is not None else default_model_path())
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    model = build_model(checkpoint, torch_dtype, torch_device, weight_mode(torch_device, dtype, quantize, dequantize))
+    weights = weight_mode(torch_device, dtype, quantize, dequantize)
+    plan = plan_memory(WeightBuilder(checkpoint, torch_dtype, torch_device, weights),
+                       parse_size(max_memory) if isinstance(max_memory, str) else max_memory,
+                       parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory, context)
+    if report is not None and (plan.explicit or plan.streamed or plan.in_ram):
+        report(plan.summary())
+    model = build_model(checkpoint, torch_dtype, torch_device, weights, plan)
     # The model now holds every weight; dropping the loader's handles releases the source files'
     # memory maps (and any converted copies) instead of keeping them alive beside the model.
+    # (Streamed layers keep the builder, which needs only the checkpoint's `stored` byte ranges.)
     checkpoint.tensors, checkpoint.raw_tensors = {}, {}
-    return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, time.perf_counter() - start)
+    return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, time.perf_counter() - start, plan)
 
 
 __all__ = ["LLM", "Beam", "Generation", "GenerationStream", "PlainLlamaError", "load"]

@@ -18,12 +18,24 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="CPU: hold float weights (Meta, HF, F16/F32 GGUF) as 8- or 4-bit blocks (GGUF Q8_0 / Q4_1 rules)")
     p.add_argument("--dequantize", action="store_true",
                    help="CPU: convert quantized and 16-bit weights to floats instead of computing with them as stored")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="RAM this process may use (e.g. 4G); layers that do not fit are streamed from disk on every pass")
+    p.add_argument("--max-gpu-memory", default=None, metavar="SIZE", help="GPU memory to use (default: what is free)")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="KV cache the memory plan reserves, in tokens, all prompts of a batch together (default: 2048)")
 
 
 def load_model(args, path=None):
     from .api import load
 
-    return load(path or args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize)
+    llm = load(path or args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize,
+               max_memory=args.max_memory, max_gpu_memory=args.max_gpu_memory, context=args.context,
+               report=lambda text: print(text, file=sys.stderr))
+    if llm.streamer is not None and sys.stderr.isatty():
+        from .progress import StreamProgress
+
+        llm.streamer.on_layer = StreamProgress(sys.stderr)
+    return llm
 
 
 def logit_bias(text: str) -> dict[int, float]:
@@ -68,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--early-stopping", default="false", choices=["true", "false", "never"], help="with --beams: when to stop (as in transformers)")
     gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="with --beams: never repeat an n-gram of this size")
     gen.add_argument("--prompts-file", default=None, help="generate for every prompt in this file (one per line, or JSONL with a 'prompt' field) as one batch")
+    gen.add_argument("--throughput", action="store_true",
+                     help="with --prompts-file: print only the totals (tokens/s over all prompts), not each text")
     gen.add_argument("--draft-model", default=None, help="speculative decoding with this smaller model (same vocabulary)")
     gen.add_argument("--speculate-k", type=int, default=4, help="tokens the draft model proposes per step (default: 4)")
     gen.set_defaults(run=run_generate)
@@ -207,6 +221,8 @@ def check_generate_options(args) -> None:
         raise PlainLlamaError("--beams is deterministic and runs one prompt: not with --draft-model, --prompts-file or --temperature")
     if args.prompts_file and args.draft_model:
         raise PlainLlamaError("--draft-model runs one prompt at a time: not with --prompts-file")
+    if args.throughput and not args.prompts_file:
+        raise PlainLlamaError("--throughput measures a batch: give --prompts-file")
 
 
 def run_beams(llm, prompt, args) -> int:
@@ -230,6 +246,13 @@ def run_batch(llm, args) -> int:
     results = llm.generate_batch(prompts, max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling_settings(args))
     seconds = time.perf_counter() - start
     generated = sum(len(r.tokens) for r in results)
+    if args.throughput:
+        prompt_tokens = sum(len(r.prompt_tokens) for r in results)
+        streamer = llm.streamer
+        streamed = f", {streamer.stats.bytes_read / 1e9:.1f} GB read from disk" if streamer is not None else ""
+        print(f"{len(prompts)} prompts: {prompt_tokens} prompt tokens + {generated} generated in {seconds:.1f}s = "
+              f"{(prompt_tokens + generated) / seconds:.2f} tokens/s in all, {generated / seconds:.2f} generated tokens/s{streamed}")
+        return 0
     for prompt, r in zip(prompts, results, strict=True):
         if args.json:
             print(json.dumps({"prompt": prompt, "prompt_tokens": r.prompt_tokens, "tokens": r.tokens, "text": r.text, "finish_reason": r.finish_reason}, ensure_ascii=False))
@@ -314,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print("plainllama: error: out of memory (try a smaller model, --dtype bfloat16, or a quantized file)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("", file=sys.stderr)
+        print("\n[interrupted]", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0  # the reader went away (`plainllama generate ... | head`)

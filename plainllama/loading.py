@@ -17,9 +17,11 @@ from .errors import PlainLlamaError
 from .formats import Checkpoint
 from .formats.checkpoint import expected_shapes
 from .memory import release
-from .model import FUSED, Transformer, fused_name
-from .packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, can_quantize, pack_gguf, quantize_int4,
-                     quantize_int8)
+from .model import FUSED, Transformer, TransformerBlock, fused_name
+from .packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, can_quantize, held_nbytes, joined, pack_gguf,
+                     quantize_int4, quantize_int8)
+from .planner import MemoryPlan
+from .streaming import LayerStreamer
 
 # How the weight matrices are held (see packed.py):
 #   "float"   every tensor converted to the model's dtype (the exact reference path; GPUs)
@@ -45,7 +47,8 @@ def skip_random_init():
 
 
 def _packed_weight(checkpoint: Checkpoint, name: str, shape: tuple[int, int], weights: str) -> PackedWeight | None:
-    """The [N, K] matrix `name` in a packed layout, or None to keep it as a float tensor."""
+    """The [N, K] matrix `name` in a packed layout, or None to keep it as a float tensor.
+    (`checkpoint`: or any object with its tensors, raw_tensors and tensor_types.)"""
     if name in checkpoint.raw_tensors:  # GGUF: quantized blocks and 16-bit floats as stored
         raw = checkpoint.raw_tensors[name]()
         packed = pack_gguf(raw, checkpoint.tensor_types[name], shape)
@@ -86,52 +89,102 @@ def _packed_module(target: str, packs: list[PackedWeight], dtype: torch.dtype) -
     return StackedLinear([PackedLinear(p) for p in packs])  # e.g. Q4_K queries beside Q6_K values
 
 
-def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, weights: str = "float") -> Transformer:
-    if weights not in WEIGHT_MODES:
-        raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_MODES}")
-    if weights != "float" and device.type != "cpu":
-        raise PlainLlamaError(f"compressed weights ({weights}) run on the CPU only; on {device.type} they are converted to {str(dtype).removeprefix('torch.')}")
+class WeightBuilder:
+    """Builds the model's tensors from a checkpoint's, one group at a time: all at once for a
+    resident model, or one layer per forward pass for a layer streamed from disk (streaming.py),
+    whose bytes then come from a read buffer instead of the checkpoint's mapped files."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, weights: str):
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_MODES}")
+        if weights != "float" and device.type != "cpu":
+            raise PlainLlamaError(f"compressed weights ({weights}) run on the CPU only; on {device.type} they are converted to {str(dtype).removeprefix('torch.')}")
+        self.checkpoint, self.args = checkpoint, checkpoint.args
+        self.dtype, self.device, self.weights = dtype, device, weights
+        self.shapes = expected_shapes(checkpoint.args)  # matrices are the 2-D ones: projections and embeddings
+        grouped: dict[str, list[str]] = {}  # model tensor -> the checkpoint tensors it is made of
+        for name in checkpoint.tensors:
+            grouped.setdefault(fused_name(name), []).append(name)
+        self.groups = {target: _row_order(target, names) for target, names in grouped.items()}
+
+    def layer_groups(self, i: int) -> dict[str, list[str]]:
+        prefix = f"layers.{i}."
+        return {t: names for t, names in self.groups.items() if t.startswith(prefix)}
+
+    def held_nbytes(self, names: list[str]) -> tuple[int, bool]:
+        """(bytes these checkpoint tensors take once built, whether all of them are their stored bytes)."""
+        sizes = [held_nbytes(self.checkpoint.tensor_types[n], self.shapes[n], self.weights, self.dtype, n in self.checkpoint.raw_tensors)
+                 for n in names]
+        return sum(size for size, _ in sizes), all(as_stored for _, as_stored in sizes)
+
+    def fill(self, module: nn.Module, groups: dict[str, list[str]], sources, prefix: str = "", shared: dict | None = None) -> None:
+        """Build the model tensors `groups` from `sources` (anything with a checkpoint's tensors,
+        raw_tensors and tensor_types) and put them into `module`, whose names are relative to
+        `prefix`. `shared` remembers built sources, so tied weights become one tensor."""
+        shared = {} if shared is None else shared
+        state = {}
+
+        def as_float(name):
+            source = sources.tensors[name]
+            if source not in shared:
+                stored = source()
+                shared[source] = stored.to(device=self.device, dtype=self.dtype)
+                release(stored, shared[source])  # the stored bytes are not needed any more
+            return shared[source]
+
+        def packed(name):
+            source = sources.tensors[name]
+            key = ("packed", source)
+            if key not in shared:
+                shared[key] = _packed_weight(sources, name, self.shapes[name], self.weights)
+            return shared[key]
+
+        try:
+            for target, names in groups.items():
+                local = target[len(prefix):]
+                if self.weights != "float" and len(self.shapes[names[0]]) == 2:
+                    packs = [packed(name) for name in names]
+                    if all(p is not None for p in packs):
+                        module.set_submodule(local.removesuffix(".weight"), _packed_module(target, packs, self.dtype))
+                        continue
+                    # a part that cannot be packed (float32, or an odd width): the whole group stays float
+                parts = [as_float(name) for name in names]
+                state[local] = parts[0] if len(parts) == 1 else joined(parts)
+                if len(parts) > 1:
+                    for name, part in zip(names, parts):
+                        release(part, state[local])
+                        shared.pop(sources.tensors[name], None)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise PlainLlamaError(
+                f"{self.checkpoint.path}: not enough memory on {self.device} to hold the weights in {str(self.dtype).removeprefix('torch.')}"
+            ) from None
+        module.load_state_dict(state, strict=False, assign=True)
+
+    def new_block(self) -> TransformerBlock:
+        """An empty layer (shapes, no storage), to be filled."""
+        with torch.device("meta"), skip_random_init():
+            return TransformerBlock(self.args)
+
+
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, weights: str = "float",
+                plan: MemoryPlan | None = None) -> Transformer:
+    """The model with every weight in place; with a `plan`, its streamed layers read from disk on each pass."""
+    builder = WeightBuilder(checkpoint, dtype, device, weights)
     with torch.device("meta"), skip_random_init():
         model = Transformer(checkpoint.args)
-    shapes = expected_shapes(checkpoint.args)  # matrices are the 2-D ones: projections and embeddings
-    groups: dict[str, list[str]] = {}  # model tensor -> the checkpoint tensors it is made of
-    for name in checkpoint.tensors:
-        groups.setdefault(fused_name(name), []).append(name)
-    state = {}
-    converted = {}  # source -> tensor, so tied weights become one shared tensor
-    packed_by_source = {}  # the same for packed weights
-
-    def as_float(name):
-        source = checkpoint.tensors[name]
-        if source not in converted:
-            stored = source()
-            converted[source] = stored.to(device=device, dtype=dtype)
-            release(stored, converted[source])  # the stored bytes are not needed any more
-        return converted[source]
-
-    try:
-        for target, names in groups.items():
-            names = _row_order(target, names)
-            if weights != "float" and len(shapes[names[0]]) == 2:
-                packs = []
-                for name in names:
-                    source = checkpoint.tensors[name]
-                    if source not in packed_by_source:
-                        packed_by_source[source] = _packed_weight(checkpoint, name, shapes[name], weights)
-                    packs.append(packed_by_source[source])
-                if all(p is not None for p in packs):
-                    model.set_submodule(target.removesuffix(".weight"), _packed_module(target, packs, dtype))
-                    continue
-                # a part that cannot be packed (float32, or an odd width): the whole group stays float
-            parts = [as_float(name) for name in names]
-            state[target] = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if len(parts) > 1:
-                for name, part in zip(names, parts):
-                    release(part, state[target])
-                    converted.pop(checkpoint.tensors[name], None)
-    except (torch.OutOfMemoryError, MemoryError):
-        raise PlainLlamaError(
-            f"{checkpoint.path}: not enough memory on {device} to hold the weights in {str(dtype).removeprefix('torch.')}"
-        ) from None
-    model.load_state_dict(state, strict=True, assign=True)
+    streamed = plan.streamed if plan is not None else []
+    if streamed:
+        streamer = LayerStreamer(builder, plan)
+    shared: dict = {}
+    builder.fill(model, {t: n for t, n in builder.groups.items() if not t.startswith("layers.")}, checkpoint, shared=shared)
+    for i in range(checkpoint.args.n_layers):
+        if i in streamed:
+            model.layers[i] = streamer.block(i)
+        else:
+            block = builder.new_block()
+            builder.fill(block, builder.layer_groups(i), checkpoint, prefix=f"layers.{i}.")
+            model.layers[i] = block
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise PlainLlamaError(f"{checkpoint.path}: no weights for {', '.join(empty[:4])}")
     return model.eval()

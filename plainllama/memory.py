@@ -25,6 +25,22 @@ MADV_DONTNEED = 4
 PAGE = mmap.PAGESIZE
 
 
+_kept: list[tuple[int, int]] = []  # address ranges release() must leave alone
+
+
+def keep(buffer: torch.Tensor) -> tuple[int, int]:
+    """Never release pages of `buffer` (a read buffer reused on every pass: released pages would
+    only be faulted back in, zero-filled, on the next read), until `forget` is given the result."""
+    kept = (buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size())
+    _kept.append(kept)
+    return kept
+
+
+def forget(kept: tuple[int, int]) -> None:
+    if kept in _kept:
+        _kept.remove(kept)
+
+
 def release(source: torch.Tensor, result: torch.Tensor) -> None:
     """Drop `source`'s pages from memory if `result` does not share them. Only whole pages inside
     the tensor are released, so neighbouring tensors in the same mapping are never touched."""
@@ -34,10 +50,12 @@ def release(source: torch.Tensor, result: torch.Tensor) -> None:
     r_start, r_end = result.data_ptr(), result.data_ptr() + result.numel() * result.element_size()
     if result.device.type == "cpu" and r_start < end and start < r_end:
         return  # the model uses this memory itself
+    if any(k_start < end and start < k_end for k_start, k_end in _kept):
+        return
     first = -(-start // PAGE) * PAGE
     last = end // PAGE * PAGE
     if last > first:
         _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
-__all__ = ["release"]
+__all__ = ["forget", "keep", "release"]

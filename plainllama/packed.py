@@ -57,6 +57,20 @@ class _Scratch:
         return cls.buffer[:numel]
 
 
+def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated by rows. Where they already lie one after another in one buffer (a
+    layer read into a streaming buffer in row order, streaming.py) the result is a view of it: no copy."""
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    at = first.data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage or t.data_ptr() != at or t.dtype != first.dtype:
+            return torch.cat(tensors)
+        at += t.numel() * t.element_size()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
+
+
 class PackedWeight(nn.Module):
     """A [N, K] weight matrix in one of LAYOUTS. Shared by PackedLinear and PackedEmbedding (tied
     embeddings are one PackedWeight used by both)."""
@@ -74,7 +88,7 @@ class PackedWeight(nn.Module):
         """Matrices of one layout and width stacked by rows (q, k, v into one matrix)."""
         names = parts[0].part_names
         rows = sum(p.shape[0] for p in parts)
-        return PackedWeight(parts[0].layout, (rows, parts[0].shape[1]), {n: torch.cat([getattr(p, n) for p in parts]) for n in names})
+        return PackedWeight(parts[0].layout, (rows, parts[0].shape[1]), {n: joined([getattr(p, n) for p in parts]) for n in names})
 
     @property
     def nbytes(self) -> int:
@@ -295,3 +309,42 @@ def quantize_int4(weight: torch.Tensor) -> PackedWeight:
 
 def can_quantize(shape) -> bool:
     return len(shape) == 2 and shape[1] % 64 == 0
+
+
+# ---- sizes, for the memory planner -------------------------------------------------------------
+
+STORED_DTYPES = {"F16": torch.float16, "f16": torch.float16, "float16": torch.float16,
+                 "BF16": torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "F32": torch.float32, "f32": torch.float32, "float32": torch.float32}
+
+
+def held_nbytes(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.dtype, raw: bool) -> tuple[int, bool]:
+    """(bytes the tensor takes once built, whether those are its stored bytes as they are), following
+    the choices of loading.py's _packed_weight and pack_gguf without building anything. `raw`: the
+    checkpoint gives the stored GGUF blocks (raw_tensors), which are packed before anything else."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    stored = STORED_DTYPES.get(type_name)
+    as_float = (numel * dtype.itemsize, stored == dtype)
+    if weights == "float" or len(shape) != 2:
+        return as_float
+    N, K = shape
+    q4 = N * K // 2 + N * K // QK * 2  # nibbles and float16 scales
+    q4_with_min = q4 + N * K // QK * 2
+    q8 = N * K + N * K // QK * 2
+    if raw:
+        if type_name in ("F16", "BF16"):
+            return (2 * numel, True) if K % 32 == 0 else as_float
+        if type_name == "F32" or K % 64:
+            return as_float
+        if type_name == "Q4_0":
+            return q4, False
+        if type_name in ("Q4_1", "Q4_K"):
+            return q4_with_min, False
+        return q8, False  # Q8_0 as it is, other types requantized to it
+    if weights in ("int8", "int4") and can_quantize(shape):
+        return (q8 if weights == "int8" else q4_with_min), False
+    if stored in (torch.float16, torch.bfloat16) and K % 32 == 0:
+        return 2 * numel, True
+    return as_float

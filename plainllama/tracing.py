@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import PlainLlamaError
+
 
 
 @dataclass
@@ -101,6 +103,8 @@ class Recorder:
 
 def trace(llm, prompt, max_new_tokens: int = 0, top_k: int = 5, **sampling) -> Trace:
     """Trace `prompt` (text or ids); with max_new_tokens, generate first and trace the whole text."""
+    if llm.streamer is not None:
+        raise PlainLlamaError("inspect needs every layer in memory, and this model streams layers from disk; give it more --max-memory")
     prompt_ids = llm.encode_prompt(prompt)
     steps = []
     generated = []

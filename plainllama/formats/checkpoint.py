@@ -15,6 +15,19 @@ from ..model import ModelArgs
 from ..tokenizer import Tokenizer
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor's bytes lie in its file, and how those bytes become the tensor: what lets
+    streaming.py read a layer with plain large reads into its own buffers instead of mapping the file.
+    `decode(bytes)` takes the `nbytes` stored bytes (uint8, 1-D, on any device) and returns what the
+    checkpoint's `tensors[name]()` returns."""
+
+    path: str
+    offset: int
+    nbytes: int
+    decode: Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class Checkpoint:
     format: str  # "gguf", ...
@@ -32,6 +45,9 @@ class Checkpoint:
     # name -> function returning the stored bytes (uint8, 1-D) of a block-quantized or 16-bit tensor,
     # for loaders that keep weights compressed (packed.py); only formats with such types give them
     raw_tensors: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    # name -> where its bytes are stored, for formats whose tensors are plain byte ranges of a file
+    # (GGUF, safetensors); layers can then be streamed from disk (streaming.py)
+    stored: dict[str, StoredTensor] = field(default_factory=dict)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

@@ -28,7 +28,7 @@ from ..model import ModelArgs
 from ..quants import SUPPORTED_TYPES, byte_size, dequantize
 from ..tokenizer import BytePairEncoding, SentencePieceBPE, Tokenizer
 from ..tokenizer.pretokenize import pre_tokenizer_for
-from .checkpoint import Checkpoint, expected_shapes
+from .checkpoint import Checkpoint, StoredTensor, expected_shapes
 from .gguf_reader import GGUFFile, TensorInfo, read_gguf
 
 log = logging.getLogger("plainllama")
@@ -95,7 +95,7 @@ def load_gguf(path: str) -> Checkpoint:
     tokenizer = _tokenizer(path, meta)
     args = _model_args(gf, tokenizer)
 
-    tensors, tensor_types, raw_tensors = {}, {}, {}
+    tensors, tensor_types, raw_tensors, stored = {}, {}, {}, {}
     for gguf_name, info in gf.tensors.items():
         ours = _our_name(gguf_name)
         if ours is None:
@@ -107,12 +107,14 @@ def load_gguf(path: str) -> Checkpoint:
         tensors[ours] = _tensor_source(gf, info)
         raw_tensors[ours] = _raw_source(gf, info)
         tensor_types[ours] = info.type_name
+        stored[ours] = StoredTensor(path, info.offset, byte_size(info.type_name, info.count), _decoder(info))
     if "output.weight" not in tensors and "tok_embeddings.weight" in tensors:
         # Tied embeddings: the output projection is the embedding matrix itself. Both names get the
         # same source, and loading.py turns that into one shared tensor.
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
         raw_tensors["output.weight"] = raw_tensors["tok_embeddings.weight"]
         tensor_types["output.weight"] = tensor_types["tok_embeddings.weight"]
+        stored["output.weight"] = stored["tok_embeddings.weight"]
         args.tie_embeddings = True
     _check_tensors(gf, args)
 
@@ -129,6 +131,7 @@ def load_gguf(path: str) -> Checkpoint:
         name=meta.get("general.name"),
         notes=notes,
         raw_tensors=raw_tensors,
+        stored=stored,
     )
 
 
@@ -220,13 +223,22 @@ def _raw_bytes(gf: GGUFFile, info: TensorInfo) -> np.ndarray:
     return gf.data[info.offset : info.offset + byte_size(info.type_name, info.count)]
 
 
+def _decoder(info: TensorInfo):
+    def decode(raw: torch.Tensor) -> torch.Tensor:
+        return dequantize(raw, info.type_name, info.shape)
+
+    return decode
+
+
 def _tensor_source(gf: GGUFFile, info: TensorInfo):
+    decode = _decoder(info)
+
     def load() -> torch.Tensor:
         with warnings.catch_warnings():
             # The file is mapped read-only and torch warns that such memory cannot be written;
             # nothing here writes to it, and not copying it keeps memory at the model's size.
             warnings.simplefilter("ignore", UserWarning)
-            return dequantize(torch.from_numpy(_raw_bytes(gf, info)), info.type_name, info.shape)
+            return decode(torch.from_numpy(_raw_bytes(gf, info)))
 
     return load
 

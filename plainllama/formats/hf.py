@@ -9,15 +9,17 @@ Two differences from Meta's layout live here and nowhere else:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import struct
 
 import torch
 
 from ..errors import PlainLlamaError
 from ..model import ModelArgs, llama3_rope_factors
-from .checkpoint import Checkpoint, expected_shapes
+from .checkpoint import Checkpoint, StoredTensor, expected_shapes
 from .hf_tokenizer import load_tokenizer_json, read_json
 
 log = logging.getLogger("plainllama")
@@ -121,6 +123,37 @@ def open_safetensors(path: str):
         raise PlainLlamaError(f"{path}: not a readable safetensors file ({e}); the file may be truncated or corrupt") from None
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def byte_ranges(path: str) -> dict[str, tuple[str, int, int]]:
+    """name -> (dtype, first byte, end byte) of each tensor in a safetensors file, from its header:
+    8 bytes of header length, a JSON header whose data_offsets count from the header's end. The
+    safetensors library reads the tensors; this is only where they are, for streaming from disk."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    start = 8 + length
+    return {name: (h["dtype"], start + h["data_offsets"][0], start + h["data_offsets"][1])
+            for name, h in header.items() if name != "__metadata__"}
+
+
+def stored_tensor(path: str, ranges: dict, hf_name: str, name: str, shape, args: ModelArgs) -> StoredTensor | None:
+    dtype, first, end = ranges[hf_name]
+    if dtype not in SAFETENSORS_DTYPES:
+        return None
+
+    def decode(raw: torch.Tensor) -> torch.Tensor:
+        t = raw.view(SAFETENSORS_DTYPES[dtype]).view(shape)
+        if name.endswith("attention.wq.weight"):
+            return undo_rotary_permutation(t, args.n_heads)
+        if name.endswith("attention.wk.weight"):
+            return undo_rotary_permutation(t, args.n_kv_heads)
+        return t
+
+    return StoredTensor(path, first, end - first, decode)
+
+
 def load_hf(folder: str) -> Checkpoint:
     config_path = os.path.join(folder, "config.json")
     config = read_json(config_path)
@@ -148,7 +181,7 @@ def load_hf(folder: str) -> Checkpoint:
     if extra:
         raise PlainLlamaError(f"{folder}: tensor {extra[0]!r} does not belong to a {args.n_layers}-layer model")
 
-    tensors, tensor_types, sources = {}, {}, {}
+    tensors, tensor_types, sources, stored, ranges = {}, {}, {}, {}, {}
     for name, (f, hf_name, path) in handles.items():
         view = f.get_slice(hf_name)
         shape = tuple(view.get_shape())
@@ -159,6 +192,11 @@ def load_hf(folder: str) -> Checkpoint:
         if key not in sources:  # tied weights: one source for both names
             sources[key] = tensor_source(f, hf_name, name, args)
         tensors[name] = sources[key]
+        if path not in ranges:
+            ranges[path] = byte_ranges(path)
+        where = stored_tensor(path, ranges[path], hf_name, name, shape, args)
+        if where is not None:
+            stored[name] = where
 
     end_ids = set()
     for source in (config, read_json(os.path.join(folder, "generation_config.json")) if os.path.isfile(os.path.join(folder, "generation_config.json")) else {}):
@@ -176,7 +214,7 @@ def load_hf(folder: str) -> Checkpoint:
     for note in notes:
         log.warning("%s: %s", folder, note)
     return Checkpoint(format="hf", path=folder, args=args, tensors=tensors, tensor_types=tensor_types, tokenizer=tokenizer,
-                      chat_template=chat_template, name=config.get("_name_or_path") or None, notes=notes)
+                      chat_template=chat_template, name=config.get("_name_or_path") or None, notes=notes, stored=stored)
 
 
 def our_name(hf_name: str) -> str | None:

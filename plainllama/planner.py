@@ -1,0 +1,283 @@
+"""The memory planner: before anything is built, what the model needs, what the machine has, and so
+which layers stay in memory and which are read from disk on every forward pass (streaming.py).
+
+    needs = runtime (Python, PyTorch: the process as it is now)
+          + fixed weights (embeddings, final norm, output projection: always in memory)
+          + KV cache for `context` tokens (all rows of a batch together) + activations of one pass
+          + two streaming buffers (the layer in use and the next one being read), if anything streams
+          + as many layers as fit; the rest stream.
+
+On a GPU the same sums run twice: VRAM decides which layers live on the GPU; of the others, RAM
+decides which are held in pinned RAM and which are read from disk, then copied over on each pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import PlainLlamaError
+
+GiB = 1 << 30
+DEFAULT_CONTEXT = 2048  # tokens of KV cache reserved when the caller does not say (Ollama's long-standing default)
+STREAM_BUFFERS = 2  # the layer being computed and the next one being read
+
+
+def parse_size(text: str) -> int:
+    """"4G", "512M", "1.5GiB", "2000000000" -> bytes (K, M, G, T are powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise PlainLlamaError(f"memory size {text!r}: expected a number with an optional K, M, G or T (e.g. 4G, 512M)")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def gb(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.0f} MiB"
+
+
+def process_rss() -> int:
+    """This process's resident memory now (Linux /proc; elsewhere the peak, from getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if os.uname().sysname == "Darwin" else peak * 1024
+
+
+def available_ram() -> int:
+    """Memory the machine can give without swapping: MemAvailable on Linux (free memory plus page
+    cache that can be dropped), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class LayerSize:
+    held: int  # bytes once built, when resident
+    stored: int  # bytes in the file: what streaming reads on every pass
+    converted: int  # bytes built beside the read buffer when streamed (0 where the model uses the stored bytes as they are)
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    budget: int  # RAM the process may use in all (--max-memory, or what the machine has)
+    runtime: int  # the process before the weights: Python, PyTorch, tokenizer
+    fixed: int  # embeddings, final norm, output projection
+    kv_cache: int
+    activations: int
+    context: int  # tokens of KV cache reserved (all rows of a batch together)
+    layers: list[LayerSize]
+    resident: list[int]  # layers held on the device
+    streamed: list[int]  # layers read from disk on every forward pass
+    in_ram: list[int] = field(default_factory=list)  # GPU only: stored bytes held in pinned RAM, copied per pass
+    buffers: int = 0  # the streaming buffers
+    gpu_budget: int = 0
+    disk_speed: float | None = None  # bytes/s, measured on the file with its pages dropped from the cache
+    explicit: bool = False  # the caller set a memory cap: requests are held to the reserved context
+
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes read from disk per forward pass."""
+        return sum(self.layers[i].stored for i in self.streamed)
+
+    def expected_seconds_per_pass(self) -> float | None:
+        return self.stream_bytes / self.disk_speed if self.disk_speed and self.streamed else None
+
+    def summary(self) -> str:
+        n = len(self.layers)
+        lines = [f"memory plan ({self.device}): budget {gb(self.budget)} = runtime {gb(self.runtime)} + fixed weights {gb(self.fixed)}"
+                 f" + KV cache {gb(self.kv_cache)} ({self.context} tokens) + activations {gb(self.activations)}"
+                 + (f" + streaming buffers {gb(self.buffers)}" if self.buffers else "")
+                 + f" + {len(self.resident)} layers {gb(sum(self.layers[i].held for i in self.resident))}"]
+        if self.gpu_budget:
+            lines.append(f"  GPU budget {gb(self.gpu_budget)}: {len(self.resident)} of {n} layers on the GPU")
+        if self.in_ram:
+            lines.append(f"  {len(self.in_ram)} layers held in pinned RAM ({gb(sum(self.layers[i].stored for i in self.in_ram))}), copied to the GPU on each pass")
+        if self.streamed:
+            speed = f"disk reads {self.disk_speed / 1e9:.2f} GB/s" if self.disk_speed else "disk speed not measured"
+            seconds = self.expected_seconds_per_pass()
+            expect = f", so about {1 / seconds:.2f} tokens/s decoding one sequence" if seconds else ""
+            lines.append(f"  {len(self.streamed)} of {n} layers streamed from disk: {self.stream_bytes / 1e9:.2f} GB per forward pass; {speed}{expect}")
+        else:
+            lines.append(f"  all {n} layers in memory")
+        return "\n".join(lines)
+
+    def check_request(self, rows: int, length: int) -> None:
+        """A generation of `rows` sequences of up to `length` tokens must fit the reserved KV cache."""
+        if self.explicit or self.streamed or self.in_ram:
+            if rows * length > self.context:
+                raise PlainLlamaError(
+                    f"this request needs a KV cache for {rows} x {length} = {rows * length} tokens, but the memory plan reserved "
+                    f"{self.context}; load with a larger --context (and enough --max-memory)")
+
+
+def activation_bytes(args, tokens: int) -> int:
+    """The largest temporaries of one forward pass over `tokens` tokens (float32): the residual
+    stream and a normalized copy, q/k/v, and the feed-forward's gate, up and their product. PyTorch's
+    CPU attention works in blocks and never holds all scores (measured: 49 MB at 2048 tokens, 32 heads)."""
+    per_token = 4 * args.dim + 2 * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim + 3 * args.hidden_dim
+    return tokens * per_token * 4 + args.vocab_size * 4 * 8 + (8 << 20)  # + a few rows of logits, the unpack scratch
+
+
+def kv_bytes(args, tokens: int, dtype: torch.dtype) -> int:
+    return 2 * args.n_layers * tokens * args.n_kv_heads * args.head_dim * dtype.itemsize
+
+
+def layer_sizes(builder) -> list[LayerSize]:
+    stored = builder.checkpoint.stored
+    sizes = []
+    for i in range(builder.args.n_layers):
+        held = read = converted = 0
+        for names in builder.layer_groups(i).values():
+            nbytes, as_stored = builder.held_nbytes(names)
+            held += nbytes
+            read += sum(-(-stored[n].nbytes // 64) * 64 for n in names) if all(n in stored for n in names) else 0
+            if not as_stored:
+                # built beside the read bytes; a stacked group's parts are built first, then joined
+                converted += nbytes * (2 if len(names) > 1 else 1)
+        sizes.append(LayerSize(held, read, converted))
+    return sizes
+
+
+def fixed_bytes(builder) -> int:
+    """The weights outside the layers. An embedding used as stored costs only the rows looked up."""
+    total, seen = 0, set()
+    for target, names in builder.groups.items():
+        if target.startswith("layers."):
+            continue
+        source = builder.checkpoint.tensors[names[0]]
+        if source in seen:
+            continue  # tied: the output projection is the embedding
+        seen.add(source)
+        nbytes, as_stored = builder.held_nbytes(names)
+        tied = builder.args.tie_embeddings
+        total += 0 if target == "tok_embeddings.weight" and as_stored and not tied else nbytes
+    return total
+
+
+def measure_disk_speed(stored: list, limit: int = 256 << 20) -> float | None:
+    """Bytes/s reading these file ranges with their pages first dropped from the page cache, in the
+    streamer's own way (large reads). None where the OS cannot drop pages (not Linux)."""
+    if not hasattr(os, "posix_fadvise") or not stored:
+        return None
+    buffer = bytearray(min(64 << 20, limit))
+    total, seconds = 0, 0.0
+    for where in stored:
+        fd = os.open(where.path, os.O_RDONLY)
+        try:
+            length = min(where.nbytes, limit - total)
+            os.posix_fadvise(fd, where.offset, length, os.POSIX_FADV_DONTNEED)
+            start, done = time.perf_counter(), 0
+            while done < length:
+                view = memoryview(buffer)[: min(len(buffer), length - done)]
+                got = os.preadv(fd, [view], where.offset + done)
+                if got <= 0:
+                    break
+                done += got
+            seconds += time.perf_counter() - start
+            total += done
+        finally:
+            os.close(fd)
+        if total >= limit:
+            break
+    return total / seconds if seconds > 0 and total >= 4 << 20 else None
+
+
+def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | None = None, context: int | None = None) -> MemoryPlan:
+    """Which layers stay resident and which stream, from the model's sizes and the memory there is."""
+    args, checkpoint, device = builder.args, builder.checkpoint, builder.device
+    context = min(DEFAULT_CONTEXT, args.context_length) if context is None else context
+    if context < 1:
+        raise PlainLlamaError(f"--context must be >= 1, got {context}")
+    layers = layer_sizes(builder)
+    runtime = process_rss()
+    budget = max_memory if max_memory is not None else runtime + available_ram() - min(GiB, available_ram() // 10)
+    kv = kv_bytes(args, context, builder.dtype)
+    activations = activation_bytes(args, context)
+    fixed = fixed_bytes(builder)
+    on_gpu = device.type != "cpu"
+    can_stream = all(n in checkpoint.stored for names in builder.groups.values() for n in names if n.startswith("layers."))
+    biggest_stream = max(layer.stored + (0 if on_gpu else layer.converted) for layer in layers)
+
+    plan = MemoryPlan(str(device), budget, runtime, 0 if on_gpu else fixed, 0 if on_gpu else kv, 0 if on_gpu else activations,
+                      context, layers, [], [], explicit=max_memory is not None or max_gpu_memory is not None)
+    n = args.n_layers
+    if on_gpu:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        gpu_budget = max_gpu_memory if max_gpu_memory is not None else (int(free * 0.95) if free is not None else None)
+        if gpu_budget is None:  # MPS shares the machine's RAM: the RAM budget decides
+            gpu_budget = budget - runtime
+        plan.gpu_budget = gpu_budget
+        gpu_room = gpu_budget - fixed - kv - activations
+        held = [layer.held for layer in layers]
+        count = _fit(held, gpu_room)
+        if count < n:  # stream: two layer buffers on the GPU come first
+            gpu_buffers = STREAM_BUFFERS * max(layer.held + layer.stored for layer in layers)
+            count = _fit(held, gpu_room - gpu_buffers)
+            if gpu_room - gpu_buffers < 0:
+                raise PlainLlamaError(
+                    f"not enough GPU memory for even one streamed layer: {gb(gpu_budget)} available, but the fixed weights take {gb(fixed)}, "
+                    f"the KV cache {gb(kv)}, activations {gb(activations)} and two layer buffers {gb(gpu_buffers)}")
+        plan.resident = list(range(count))
+        rest = list(range(count, n))
+        if rest:
+            if not can_stream:
+                raise _cannot_stream(checkpoint)
+            ram_room = budget - runtime - STREAM_BUFFERS * biggest_stream
+            plan.buffers = STREAM_BUFFERS * biggest_stream
+            in_ram = _fit([layers[i].stored for i in rest], ram_room)
+            plan.in_ram, plan.streamed = rest[:in_ram], rest[in_ram:]
+    else:
+        room = budget - runtime - fixed - kv - activations
+        count = _fit([layer.held for layer in layers], room)
+        if count < n:
+            if not can_stream:
+                raise _cannot_stream(checkpoint, budget, runtime + fixed + kv + activations + sum(layer.held for layer in layers))
+            buffers = STREAM_BUFFERS * biggest_stream
+            if room - buffers < 0:
+                raise PlainLlamaError(
+                    f"not enough memory for even one streamed layer: the budget is {gb(budget)}, but the runtime takes {gb(runtime)}, "
+                    f"the fixed weights {gb(fixed)}, the KV cache {gb(kv)} ({context} tokens), activations {gb(activations)} and two layer "
+                    f"buffers {gb(buffers)} ({gb(biggest_stream)} each): at least {gb(runtime + fixed + kv + activations + buffers)} is needed")
+            count = _fit([layer.held for layer in layers], room - buffers)
+            plan.buffers = buffers
+        plan.resident, plan.streamed = list(range(count)), list(range(count, n))
+    if plan.streamed:
+        plan.disk_speed = measure_disk_speed([checkpoint.stored[name] for i in plan.streamed for names in builder.layer_groups(i).values()
+                                              for name in names])
+    return plan
+
+
+def _fit(sizes: list[int], room: int) -> int:
+    """How many of the first layers fit in `room` bytes."""
+    count = 0
+    for size in sizes:
+        if size > room:
+            break
+        room -= size
+        count += 1
+    return count
+
+
+def _cannot_stream(checkpoint, budget: int | None = None, needed: int | None = None) -> PlainLlamaError:
+    sizes = f" (it needs about {gb(needed)}, the budget is {gb(budget)})" if needed else ""
+    return PlainLlamaError(
+        f"{checkpoint.path}: the model does not fit in memory{sizes}, and layers can only be streamed from disk out of GGUF "
+        f"or safetensors files with float32/float16/bfloat16 or GGUF tensors; convert it with `plainllama convert --to hf`")

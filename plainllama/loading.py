@@ -18,7 +18,7 @@ from .formats import Checkpoint
 from .formats.checkpoint import expected_shapes
 from .memory import release
 from .model import FUSED, Transformer, TransformerBlock, fused_name
-from .packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, can_quantize, held_nbytes, joined, pack_gguf,
+from .packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, can_quantize, held_nbytes, joined, pack_gguf,
                      quantize_int4, quantize_int8)
 from .planner import MemoryPlan
 from .streaming import LayerStreamer
@@ -143,6 +143,10 @@ class WeightBuilder:
             for target, names in groups.items():
                 local = target[len(prefix):]
                 if self.weights != "float" and len(self.shapes[names[0]]) == 2:
+                    whole = self._pack_stacked_raw(sources, names)
+                    if whole is not None:
+                        module.set_submodule(local.removesuffix(".weight"), PackedLinear(whole))
+                        continue
                     packs = [packed(name) for name in names]
                     if all(p is not None for p in packs):
                         module.set_submodule(local.removesuffix(".weight"), _packed_module(target, packs, self.dtype))
@@ -159,6 +163,18 @@ class WeightBuilder:
                 f"{self.checkpoint.path}: not enough memory on {self.device} to hold the weights in {str(self.dtype).removeprefix('torch.')}"
             ) from None
         module.load_state_dict(state, strict=False, assign=True)
+
+    def _pack_stacked_raw(self, sources, names: list[str]) -> PackedWeight | None:
+        """A stacked matrix whose parts' GGUF blocks lie one after another (a layer read for
+        streaming) and share a type is one matrix of blocks: packed at once, without packing the
+        parts and then copying them together."""
+        if len(names) < 2 or not all(n in sources.raw_tensors for n in names) or len({sources.tensor_types[n] for n in names}) > 1:
+            return None
+        raws = [sources.raw_tensors[n]() for n in names]
+        if not adjacent(raws):
+            return None
+        shape = (sum(self.shapes[n][0] for n in names), self.shapes[names[0]][1])
+        return pack_gguf(joined(raws), sources.tensor_types[names[0]], shape)
 
     def new_block(self) -> TransformerBlock:
         """An empty layer (shapes, no storage), to be filled."""

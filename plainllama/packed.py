@@ -57,16 +57,24 @@ class _Scratch:
         return cls.buffer[:numel]
 
 
-def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors concatenated by rows. Where they already lie one after another in one buffer (a
-    layer read into a streaming buffer in row order, streaming.py) the result is a view of it: no copy."""
+def adjacent(tensors: list[torch.Tensor]) -> bool:
+    """Whether the tensors lie one after another in one buffer, as the parts of a stacked matrix do
+    in a layer read for streaming (streaming.py places them so)."""
     first = tensors[0]
     storage = first.untyped_storage().data_ptr()
     at = first.data_ptr()
     for t in tensors:
         if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage or t.data_ptr() != at or t.dtype != first.dtype:
-            return torch.cat(tensors)
+            return False
         at += t.numel() * t.element_size()
+    return True
+
+
+def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated by rows: a view where they are `adjacent`, else a copy."""
+    if not adjacent(tensors):
+        return torch.cat(tensors)
+    first = tensors[0]
     rows = sum(t.shape[0] for t in tensors)
     return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
 
@@ -326,6 +334,8 @@ def held_nbytes(type_name: str, shape: tuple[int, ...], weights: str, dtype: tor
     for n in shape:
         numel *= n
     stored = STORED_DTYPES.get(type_name)
+    if raw and stored != torch.float32:
+        stored = None  # GGUF hands other types over dequantized to float32: a copy
     as_float = (numel * dtype.itemsize, stored == dtype)
     if weights == "float" or len(shape) != 2:
         return as_float
@@ -333,16 +343,15 @@ def held_nbytes(type_name: str, shape: tuple[int, ...], weights: str, dtype: tor
     q4 = N * K // 2 + N * K // QK * 2  # nibbles and float16 scales
     q4_with_min = q4 + N * K // QK * 2
     q8 = N * K + N * K // QK * 2
-    if raw:
-        if type_name in ("F16", "BF16"):
-            return (2 * numel, True) if K % 32 == 0 else as_float
-        if type_name == "F32" or K % 64:
-            return as_float
-        if type_name == "Q4_0":
-            return q4, False
-        if type_name in ("Q4_1", "Q4_K"):
-            return q4_with_min, False
-        return q8, False  # Q8_0 as it is, other types requantized to it
+    if raw:  # pack_gguf first
+        if type_name in ("F16", "BF16") and K % 32 == 0:
+            return 2 * numel, True
+        if type_name not in ("F16", "BF16", "F32") and K % 64 == 0:
+            if type_name == "Q4_0":
+                return q4, False
+            if type_name in ("Q4_1", "Q4_K"):
+                return q4_with_min, False
+            return q8, False  # Q8_0 as it is, other types requantized to it
     if weights in ("int8", "int4") and can_quantize(shape):
         return (q8 if weights == "int8" else q4_with_min), False
     if stored in (torch.float16, torch.bfloat16) and K % 32 == 0:

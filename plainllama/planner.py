@@ -87,8 +87,9 @@ class MemoryPlan:
     resident: list[int]  # layers held on the device
     streamed: list[int]  # layers read from disk on every forward pass
     in_ram: list[int] = field(default_factory=list)  # GPU only: stored bytes held in pinned RAM, copied per pass
-    buffers: int = 0  # the streaming buffers
+    buffers: int = 0  # the streaming buffers (in RAM; pinned on a GPU machine)
     gpu_budget: int = 0
+    gpu_buffers: int = 0  # the GPU's streaming buffers: a layer's stored bytes and the layer built from them
     disk_speed: float | None = None  # bytes/s, measured on the file with its pages dropped from the cache
     explicit: bool = False  # the caller set a memory cap: requests are held to the reserved context
 
@@ -102,12 +103,15 @@ class MemoryPlan:
 
     def summary(self) -> str:
         n = len(self.layers)
-        lines = [f"memory plan ({self.device}): budget {gb(self.budget)} = runtime {gb(self.runtime)} + fixed weights {gb(self.fixed)}"
-                 f" + KV cache {gb(self.kv_cache)} ({self.context} tokens) + activations {gb(self.activations)}"
-                 + (f" + streaming buffers {gb(self.buffers)}" if self.buffers else "")
-                 + f" + {len(self.resident)} layers {gb(sum(self.layers[i].held for i in self.resident))}"]
+        uses = (f"fixed weights {gb(self.fixed)} + KV cache {gb(self.kv_cache)} ({self.context} tokens) + activations {gb(self.activations)}"
+                f" + {len(self.resident)} layers {gb(sum(self.layers[i].held for i in self.resident))}")
         if self.gpu_budget:
-            lines.append(f"  GPU budget {gb(self.gpu_budget)}: {len(self.resident)} of {n} layers on the GPU")
+            lines = [f"memory plan ({self.device}): GPU budget {gb(self.gpu_budget)} = {uses}"
+                     + (f" + streaming buffers {gb(self.gpu_buffers)}" if self.gpu_buffers else ""),
+                     f"  RAM budget {gb(self.budget)} = runtime {gb(self.runtime)}" + (f" + pinned read buffers {gb(self.buffers)}" if self.buffers else "")]
+        else:
+            lines = [f"memory plan ({self.device}): budget {gb(self.budget)} = runtime {gb(self.runtime)} + {uses}"
+                     + (f" + streaming buffers {gb(self.buffers)}" if self.buffers else "")]
         if self.in_ram:
             lines.append(f"  {len(self.in_ram)} layers held in pinned RAM ({gb(sum(self.layers[i].stored for i in self.in_ram))}), copied to the GPU on each pass")
         if self.streamed:
@@ -150,8 +154,10 @@ def layer_sizes(builder) -> list[LayerSize]:
             held += nbytes
             read += sum(-(-stored[n].nbytes // 64) * 64 for n in names) if all(n in stored for n in names) else 0
             if not as_stored:
-                # built beside the read bytes; a stacked group's parts are built first, then joined
-                converted += nbytes * (2 if len(names) > 1 else 1)
+                # built beside the read bytes; a stacked group's parts are built first, then joined,
+                # except GGUF blocks of one type, packed as one matrix (WeightBuilder._pack_stacked_raw)
+                one_matrix = all(n in builder.checkpoint.raw_tensors for n in names) and len({builder.checkpoint.tensor_types[n] for n in names}) == 1
+                converted += nbytes * (2 if len(names) > 1 and not one_matrix else 1)
         sizes.append(LayerSize(held, read, converted))
     return sizes
 
@@ -216,8 +222,8 @@ def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | No
     can_stream = all(n in checkpoint.stored for names in builder.groups.values() for n in names if n.startswith("layers."))
     biggest_stream = max(layer.stored + (0 if on_gpu else layer.converted) for layer in layers)
 
-    plan = MemoryPlan(str(device), budget, runtime, 0 if on_gpu else fixed, 0 if on_gpu else kv, 0 if on_gpu else activations,
-                      context, layers, [], [], explicit=max_memory is not None or max_gpu_memory is not None)
+    plan = MemoryPlan(str(device), budget, runtime, fixed, kv, activations, context, layers, [], [],
+                      explicit=max_memory is not None or max_gpu_memory is not None)
     n = args.n_layers
     if on_gpu:
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -231,6 +237,7 @@ def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | No
         if count < n:  # stream: two layer buffers on the GPU come first
             gpu_buffers = STREAM_BUFFERS * max(layer.held + layer.stored for layer in layers)
             count = _fit(held, gpu_room - gpu_buffers)
+            plan.gpu_buffers = gpu_buffers
             if gpu_room - gpu_buffers < 0:
                 raise PlainLlamaError(
                     f"not enough GPU memory for even one streamed layer: {gb(gpu_budget)} available, but the fixed weights take {gb(fixed)}, "

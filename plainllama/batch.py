@@ -12,7 +12,7 @@ import time
 import torch
 
 from .errors import PlainLlamaError
-from .generate import GenerationState, check_prompt
+from .generate import GenerationState, check_prompt, device_and_dtype
 from .model import KVCache, Transformer
 from .sampling import Sampler, SamplingSettings
 
@@ -28,7 +28,7 @@ def generate_batch(
         check_prompt(ids, model.args.context_length)
     B, longest = len(prompts), max(len(p) for p in prompts)
     budget = min(max_new_tokens, min(model.args.context_length - len(p) for p in prompts))
-    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    device, dtype = device_and_dtype(model)
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # padding id is irrelevant: masked
     samplers = [Sampler(settings) for _ in prompts]  # one generator per row: as if each ran alone

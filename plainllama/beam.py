@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PlainLlamaError
-from .generate import check_prompt
+from .generate import check_prompt, device_and_dtype
 from .model import KVCache, Transformer
 
 NEG = -1.0e9
@@ -52,7 +52,7 @@ def beam_search(
     max_len = prompt_len + min(max_new_tokens, model.args.context_length - prompt_len)
     if max_len == prompt_len:
         raise PlainLlamaError("no room to generate: --max-new-tokens is 0 or the prompt fills the context")
-    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    device, dtype = device_and_dtype(model)
     end = torch.tensor(sorted(end_ids), dtype=torch.long)
     keep = max(2, 1 + len(end)) * num_beams  # candidates per step: spares for beams that end
     cache = KVCache(model.args, num_beams, max_len, dtype, device)

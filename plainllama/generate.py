@@ -18,6 +18,13 @@ from .model import KVCache, Transformer
 from .sampling import Sampler
 
 
+def device_and_dtype(model: Transformer) -> tuple[torch.device, torch.dtype]:
+    """Where the model computes and in which dtype (its KV cache's): its final norm's weight, a plain
+    tensor in every loading mode. (Not the embedding's: a compressed embedding's `.weight` is the
+    whole table dequantized, gigabytes for a large vocabulary.)"""
+    return model.norm.weight.device, model.norm.weight.dtype
+
+
 @dataclass
 class Timings:
     prefill_seconds: float = 0.0  # prompt forward pass, until the first token is chosen
@@ -108,7 +115,7 @@ def generate_tokens(
     if max_new_tokens < 0:
         raise PlainLlamaError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     budget = min(max_new_tokens, args.context_length - len(prompt_ids))
-    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    device, dtype = device_and_dtype(model)
     # The cache holds exactly what this request can reach, not the model's whole context: 8192
     # positions of a large model would cost gigabytes for a 20-token answer.
     cache = KVCache(args, batch=1, length=len(prompt_ids) + budget, dtype=dtype, device=device)

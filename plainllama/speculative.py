@@ -16,7 +16,7 @@ import time
 import torch
 
 from .errors import PlainLlamaError
-from .generate import GenerationState, budget_spent, check_prompt, take_token
+from .generate import GenerationState, budget_spent, check_prompt, device_and_dtype, take_token
 from .model import KVCache, Transformer
 from .sampling import Sampler
 
@@ -48,8 +48,8 @@ def speculative_tokens(
     context = min(target.args.context_length, draft.args.context_length)
     check_prompt(prompt_ids, context)
     budget = min(max_new_tokens, context - len(prompt_ids))
-    t_device, t_dtype = target.tok_embeddings.weight.device, target.tok_embeddings.weight.dtype
-    d_device, d_dtype = draft.tok_embeddings.weight.device, draft.tok_embeddings.weight.dtype
+    t_device, t_dtype = device_and_dtype(target)
+    d_device, d_dtype = device_and_dtype(draft)
     length = len(prompt_ids) + budget + k + 1
     t_cache = KVCache(target.args, 1, length, t_dtype, t_device)
     d_cache = KVCache(draft.args, 1, length, d_dtype, d_device)

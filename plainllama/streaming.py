@@ -166,6 +166,9 @@ class LayerStreamer:
         if slot.device is None:
             return self._build(i, host)
         n = max(end for _, _, end in self.placement[i].values())
+        if self._side is None:  # Apple's MPS: no side streams; the copy and the build run in order
+            slot.device[:n].copy_(host[:n])
+            return self._build(i, slot.device)
         with torch.cuda.stream(self._side):
             slot.device[:n].copy_(host[:n], non_blocking=True)
             block = self._build(i, slot.device)

@@ -156,7 +156,8 @@ def layer_sizes(builder) -> list[LayerSize]:
             if not as_stored:
                 # built beside the read bytes; a stacked group's parts are built first, then joined,
                 # except GGUF blocks of one type, packed as one matrix (WeightBuilder._pack_stacked_raw)
-                one_matrix = all(n in builder.checkpoint.raw_tensors for n in names) and len({builder.checkpoint.tensor_types[n] for n in names}) == 1
+                types = {builder.checkpoint.tensor_types[n] for n in names}
+                one_matrix = all(n in builder.checkpoint.raw_tensors for n in names) and len(types) == 1 and types != {"F32"}
                 converted += nbytes * (2 if len(names) > 1 and not one_matrix else 1)
         sizes.append(LayerSize(held, read, converted))
     return sizes

@@ -63,16 +63,21 @@ def build(path, weights="packed", dtype=torch.float32, layers_resident=None, con
 
 
 CASES = [("F32", "float"), ("F16", "packed"), ("Q8_0", "packed"), ("Q4_0", "packed"), ("Q4_1", "packed"), ("Q4_K", "packed"),
-         ("hf-bf16", "packed"), ("hf-bf16", "float"), ("F32", "int8"), ("F32", "int4"), ("F16", "float"), ("Q4_1", "float")]
+         ("hf-bf16", "packed"), ("hf-bf16", "float"), ("hf-bf16", "int8"), ("F16", "float"), ("Q4_1", "float")]
+# (int4 at load is int8's path with another quantizer; its layers are so much smaller than on disk that
+# this small model would not stream at all, the right plan: it is in the sizes test below.)
 
 
 @pytest.mark.parametrize("kind,weights", CASES, ids=[f"{k}-{w}" for k, w in CASES])
 def test_streamed_logits_identical_to_resident(files, kind, weights):
     expected = build(files[kind], weights).logits(IDS)
-    streamed = build(files[kind], weights, layers_resident=2)
+    # Quantizing at load makes a layer 2x smaller in memory than on disk: two read buffers then
+    # weigh as much as most of this small model, so none stays resident beside them.
+    resident = 0 if weights == "int8" else 2
+    streamed = build(files[kind], weights, layers_resident=resident)
     try:
         kinds = [type(layer) for layer in streamed.model.layers]
-        assert kinds.count(StreamedBlock) >= 2 and kinds[0] is not StreamedBlock, kinds
+        assert kinds.count(StreamedBlock) == SHAPE["n_layers"] - resident, kinds
         for _ in range(2):  # twice: the second pass reads into buffers the first one used
             assert torch.equal(streamed.logits(IDS), expected)
         # each pass read every streamed layer's stored bytes once: quantized blocks as stored, not floats
@@ -104,7 +109,7 @@ def test_generation_batch_and_beams_match_resident(files):
 
 def test_planned_layer_sizes_match_the_built_layers(files):
     """The planner sizes layers without building them (packed.held_nbytes); the built model is the check."""
-    for kind, weights in CASES:
+    for kind, weights in CASES + [("hf-bf16", "int4"), ("F32", "int8"), ("F32", "int4")]:
         p = plan_memory(WeightBuilder(open_checkpoint(files[kind]), torch.float32, torch.device("cpu"), weights), None, None, 256)
         layer = build(files[kind], weights).model.layers[0]
         built = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])

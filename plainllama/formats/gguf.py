@@ -107,7 +107,8 @@ def load_gguf(path: str) -> Checkpoint:
         tensors[ours] = _tensor_source(gf, info)
         raw_tensors[ours] = _raw_source(gf, info)
         tensor_types[ours] = info.type_name
-        stored[ours] = StoredTensor(path, info.offset, byte_size(info.type_name, info.count), _decoder(info))
+        if info.type_name in SUPPORTED_TYPES:  # others are refused by _check_tensors below, by name
+            stored[ours] = StoredTensor(path, info.offset, byte_size(info.type_name, info.count), _decoder(info))
     if "output.weight" not in tensors and "tok_embeddings.weight" in tensors:
         # Tied embeddings: the output projection is the embedding matrix itself. Both names get the
         # same source, and loading.py turns that into one shared tensor.

@@ -39,15 +39,23 @@ def gb(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.0f} MiB"
 
 
-def process_rss() -> int:
-    """This process's resident memory now (Linux /proc; elsewhere the peak, from getrusage)."""
+def _kib_field(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a /proc file, in bytes; None where there is no such file (not Linux)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def process_rss() -> int:
+    """This process's resident memory now (Linux /proc; elsewhere the peak, from getrusage)."""
+    rss = _kib_field("/proc/self/status", "VmRSS")
+    if rss is not None:
+        return rss
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -57,14 +65,8 @@ def process_rss() -> int:
 def available_ram() -> int:
     """Memory the machine can give without swapping: MemAvailable on Linux (free memory plus page
     cache that can be dropped), else the physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = _kib_field("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -215,7 +217,11 @@ def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | No
         raise PlainLlamaError(f"--context must be >= 1, got {context}")
     layers = layer_sizes(builder)
     runtime = process_rss()
-    budget = max_memory if max_memory is not None else runtime + available_ram() - min(GiB, available_ram() // 10)
+    # What the machine can give, leaving the OS a margin; --max-memory caps it but cannot raise it:
+    # a cap above the machine's memory would plan layers into memory the OS kills the process for.
+    free = available_ram()
+    machine = runtime + free - min(GiB, free // 10)
+    budget = machine if max_memory is None else min(max_memory, machine)
     kv = kv_bytes(args, context, builder.dtype)
     activations = activation_bytes(args, context)
     fixed = fixed_bytes(builder)
@@ -237,12 +243,12 @@ def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | No
         count = _fit(held, gpu_room)
         if count < n:  # stream: two layer buffers on the GPU come first
             gpu_buffers = STREAM_BUFFERS * max(layer.held + layer.stored for layer in layers)
-            count = _fit(held, gpu_room - gpu_buffers)
-            plan.gpu_buffers = gpu_buffers
             if gpu_room - gpu_buffers < 0:
                 raise PlainLlamaError(
                     f"not enough GPU memory for even one streamed layer: {gb(gpu_budget)} available, but the fixed weights take {gb(fixed)}, "
                     f"the KV cache {gb(kv)}, activations {gb(activations)} and two layer buffers {gb(gpu_buffers)}")
+            count = _fit(held, gpu_room - gpu_buffers)
+            plan.gpu_buffers = gpu_buffers
         plan.resident = list(range(count))
         rest = list(range(count, n))
         if rest:

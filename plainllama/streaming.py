@@ -87,6 +87,7 @@ class LayerStreamer:
         self.device = builder.device
         self.raw_names = set(self.checkpoint.raw_tensors)  # the checkpoint's own handles go once the model is built
         self.order = sorted(plan.streamed + plan.in_ram)
+        self.groups = {i: builder.layer_groups(i) for i in self.order}  # model tensor -> checkpoint names, per layer
         self.placement = {i: self._place(i) for i in self.order}
         size = max(end for placed in self.placement.values() for _, _, end in placed.values())
         self.free: queue.Queue = queue.Queue()
@@ -110,7 +111,7 @@ class LayerStreamer:
         """name -> (file offset, start, end in the buffer); the parts of a stacked matrix one after
         another in row order, so that stacking them is a view (packed.joined), not a copy."""
         placed, at = {}, 0
-        for names in self.builder.layer_groups(i).values():
+        for names in self.groups[i].values():
             for name in names:
                 where = self.checkpoint.stored[name]
                 placed[name] = (where.offset, at, at + where.nbytes)
@@ -158,7 +159,7 @@ class LayerStreamer:
     def _build(self, i: int, raw: torch.Tensor) -> nn.Module:
         placed = {name: raw[begin:end] for name, (_, begin, end) in self.placement[i].items()}
         block = self.builder.new_block()
-        self.builder.fill(block, self.builder.layer_groups(i), LayerBytes(self.checkpoint, self.raw_names, placed), prefix=f"layers.{i}.")
+        self.builder.fill(block, self.groups[i], LayerBytes(self.checkpoint, self.raw_names, placed), prefix=f"layers.{i}.")
         return block
 
     def _load(self, i: int, slot: Slot) -> nn.Module:

@@ -240,3 +240,15 @@ def test_gpu_streaming_matches_all_gpu(files):
             assert torch.equal(streamed.logits(IDS), expected)
         finally:
             streamed.close()
+
+
+def test_max_memory_cannot_exceed_the_machine(files):
+    """--max-memory caps the budget; a cap above the machine's memory is held to what it has
+    (/proc/meminfo's MemAvailable), so the plan never counts on memory the OS would kill us for."""
+    from plainllama.planner import available_ram
+
+    builder = WeightBuilder(open_checkpoint(files["Q8_0"]), torch.float32, torch.device("cpu"), "packed")
+    huge = plan_memory(builder, 1 << 40, None, 256)
+    assert huge.budget <= process_rss() + available_ram() + (64 << 20) and not huge.streamed
+    cap = process_rss() + (200 << 20)
+    assert plan_memory(builder, cap, None, 256).budget == cap  # below the machine: the cap itself

@@ -17,6 +17,7 @@ from .errors import PlainLlamaError
 from .formats import Checkpoint
 from .formats.checkpoint import expected_shapes
 from .memory import release
+from .decode_block import kernel_block
 from .model import FUSED, Transformer, TransformerBlock, fused_name
 from .packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, can_quantize, held_nbytes, joined, pack_gguf,
                      quantize_int4, quantize_int8)
@@ -199,7 +200,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
         else:
             block = builder.new_block()
             builder.fill(block, builder.layer_groups(i), checkpoint, prefix=f"layers.{i}.")
-            model.layers[i] = block
+            model.layers[i] = kernel_block(block)  # decode steps in one C call where the weights allow
     empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise PlainLlamaError(f"{checkpoint.path}: no weights for {', '.join(empty[:4])}")

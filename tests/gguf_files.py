@@ -62,10 +62,11 @@ def default_vocabulary() -> dict:
 def write_llama_gguf(
     path, vocab: dict, *, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512, context_length=512,
     matrix_type="F32", embedding_type="F32", tied=False, seed=0, rope_freqs=None, extra_metadata=None,
-    architecture="llama", skip_tensors=(), override_shapes=None,
+    architecture="llama", skip_tensors=(), override_shapes=None, tensor_types=None,
 ):
     """A random-weight Llama model in GGUF. `vocab`: dict as from default_vocabulary() or a
-    SentencePiece vocabulary (model "llama" with scores)."""
+    SentencePiece vocabulary (model "llama" with scores). `tensor_types`: {"attn_v.weight": "Q8_0", ...}
+    gives the layer tensors ending so another type, as llama.cpp's mixed "_M" files do."""
     rng = np.random.default_rng(seed)
     V = len(vocab["tokens"])
     head_dim = dim // n_heads
@@ -124,6 +125,7 @@ def write_llama_gguf(
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     for name, (shape, type_name) in shapes.items():
+        type_name = next((t for suffix, t in (tensor_types or {}).items() if name.endswith("." + suffix)), type_name)
         if name in skip_tensors:
             continue
         if len(shape) == 1:

@@ -1,4 +1,5 @@
-"""The CPU matrix-product kernels in cpu_matmul.c, compiled on first use and called through ctypes.
+"""The CPU kernels in cpu_matmul.c (matrix products) and decode_layer.c (a whole layer's decode
+step), compiled on first use into one library and called through ctypes.
 
 Compiled on the user's machine with `-march=native`, so it uses what that CPU has; the library is
 cached under ~/.cache/plainllama (or $PLAINLLAMA_CACHE) by a hash of the source, the compiler and
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_matmul.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_matmul.c", "decode_layer.c")]
 
 
 def cache_dir() -> Path:
@@ -38,14 +39,14 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_matmul-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(built)]
+        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(built)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise OSError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "compiler failed")
@@ -74,6 +75,7 @@ def _library():
         "q8_to_bf16": [p, p, i, i, p],
         "f16_to_bf16": [p, ctypes.c_size_t, p],
         "read_bytes": [p, ctypes.c_size_t],
+        "decode_layer": [p, p, i, p, p, i, p, p, ctypes.c_long, i, p, p],
     }.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, (f if name == "read_bytes" else i)

@@ -1,0 +1,111 @@
+"""Decode steps of a layer in one C call (kernels/decode_layer.c), for layers whose weights are packed.
+
+model.py's TransformerBlock is the definition; this is the same layer, run differently when it is
+worth it. A decode step feeds one token per row, and for one token the work between the weight
+products (norms, rotary embeddings, the cache write, attention, SiLU, residual adds) is tiny, but
+done with PyTorch it is ~60 operator calls per layer, more time than the products themselves on a
+small model (measured on the default model: 8-9 ms of a 15 ms step). `KernelBlock.forward` hands
+such a step to decode_layer.c and everything else (prompts, float weights, tracing hooks) to
+TransformerBlock.forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import kernels
+from .model import TransformerBlock
+from .packed import DIRECT_ROWS, PackedLinear, StackedLinear
+
+LAYOUT_CODES = {"q4": 0, "q8": 1, "f16": 2, "bf16": 3}
+
+
+class MatrixPart(ctypes.Structure):
+    _fields_ = [("layout", ctypes.c_int), ("rows", ctypes.c_int), ("w", ctypes.c_void_p),
+                ("d", ctypes.c_void_p), ("m", ctypes.c_void_p)]
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("n_parts", ctypes.c_int), ("in_features", ctypes.c_int), ("out_features", ctypes.c_int),
+                ("parts", MatrixPart * 3)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("dim", ctypes.c_int), ("n_heads", ctypes.c_int), ("n_kv_heads", ctypes.c_int),
+                ("head_dim", ctypes.c_int), ("hidden", ctypes.c_int), ("eps", ctypes.c_float),
+                ("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("wqkv", Linear), ("wo", Linear), ("w13", Linear), ("w2", Linear)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _linear(module) -> Linear | None:
+    """The C description of a packed linear layer, or None if it is not one the kernel reads."""
+    parts = module.parts if isinstance(module, StackedLinear) else [module]
+    if not 1 <= len(parts) <= 3 or not all(isinstance(p, PackedLinear) for p in parts):
+        return None
+    described = Linear(len(parts), parts[0].in_features, sum(p.out_features for p in parts))
+    for i, part in enumerate(parts):
+        w = part.packed
+        # q4/q8 blocks are read 64 weights at a time, 16-bit rows 32 at a time
+        if part.in_features != described.in_features or part.in_features % (32 if w.layout in ("f16", "bf16") else 64):
+            return None
+        if w.layout in ("f16", "bf16"):
+            described.parts[i] = MatrixPart(LAYOUT_CODES[w.layout], w.shape[0], _ptr(w.w), None, None)
+        else:
+            m = w.m if "m" in w.part_names else None
+            described.parts[i] = MatrixPart(LAYOUT_CODES[w.layout], w.shape[0], _ptr(w.qs), _ptr(w.d), _ptr(m))
+    return described
+
+
+class KernelBlock(TransformerBlock):
+    """A TransformerBlock (same submodules, same names) whose one-token steps run in decode_layer.c."""
+
+    def __init__(self, block: TransformerBlock, layer: Layer):
+        torch.nn.Module.__init__(self)
+        self.attention_norm, self.attention = block.attention_norm, block.attention
+        self.ffn_norm, self.feed_forward = block.ffn_norm, block.feed_forward
+        self.layer = layer  # holds the weights' addresses: packed weights never move (PackedWeight._apply)
+        self.kernel = kernels.function("decode_layer")
+
+    def _kernel_can_run(self, x, cos, mask, cache) -> bool:
+        B, T, _ = x.shape
+        return (T == 1 and B <= DIRECT_ROWS and cache is not None and x.dtype == torch.float32
+                and x.device.type == "cpu" and cache.k.dtype == torch.float32 and cache.k.is_contiguous()
+                and cache.v.is_contiguous() and cos.shape[0] in (1, B) and (mask is None or mask.dtype == torch.bool)
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                # tracing.py's hooks read the attention module's inputs: let it see them
+                and not self.attention._forward_hooks and not self.attention._forward_pre_hooks)
+
+    def forward(self, x, cos, sin, mask, cache, start_pos):
+        if not self._kernel_can_run(x, cos, mask, cache):
+            return super().forward(x, cos, sin, mask, cache, start_pos)
+        B = x.shape[0]
+        x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+        allowed = mask.contiguous() if mask is not None else None  # [B, 1, 1, S]: padding masked
+        out = torch.empty_like(x)
+        code = self.kernel(ctypes.byref(self.layer), x.data_ptr(), B, cos.data_ptr(), sin.data_ptr(), cos.shape[0],
+                           cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2], start_pos, _ptr(allowed), out.data_ptr())
+        kernels.check(code, "decode_layer")
+        return out
+
+
+def kernel_block(block: TransformerBlock) -> TransformerBlock:
+    """`block` as a KernelBlock when the kernel can run it (packed weights on the CPU, float32 norms),
+    else `block` itself."""
+    if not kernels.available() or block.attention_norm.weight.dtype != torch.float32:
+        return block
+    if block.attention_norm.weight.device.type != "cpu" or not block.ffn_norm.weight.is_contiguous():
+        return block
+    linears = [_linear(m) for m in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2)]
+    if any(lin is None for lin in linears):
+        return block
+    attention = block.attention
+    norm = block.attention_norm
+    layer = Layer(norm.weight.shape[0], attention.n_heads, attention.n_kv_heads, attention.head_dim,
+                  linears[3].in_features, norm.eps, _ptr(norm.weight), _ptr(block.ffn_norm.weight), *linears)
+    return KernelBlock(block, layer)

@@ -1,0 +1,206 @@
+/* One decoding step of one transformer layer in a single call: model.py's TransformerBlock.forward
+ * for one new token per row, with the weights in the layouts of cpu_matmul.c.
+ *
+ * Why this file exists: in a decode step the products read the weights (memory-bound, done by the
+ * kernels in cpu_matmul.c), and everything between them (two RMSNorms, rotary embeddings, the KV
+ * cache write, attention over the cache, SiLU, two residual adds) is a few thousand floats of work.
+ * Done with PyTorch, that in-between work is ~60 operator calls per layer at 3-5 us of dispatch each,
+ * and each runs with cold caches right after a product has streamed megabytes of weights: measured on
+ * the default model, 8-9 ms of a 15 ms step. Here it is a few loops in the same call.
+ *
+ * The arithmetic is model.py's, step by step (the comments name the Python lines); the test
+ * tests/test_decode_layer.py checks this path against model.py's on the same weights.
+ *
+ * Shapes: M rows (a batch or beams, one new token each), D width, H query heads, K key/value heads,
+ * Hd head width, F feed-forward width, S = start + 1 positions attended to.
+ * The cache is model.py's LayerCache: k and v float32 [rows >= M, K, length, Hd], contiguous.
+ */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, float *out);
+int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out);
+int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
+int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
+
+enum { LAYOUT_Q4 = 0, LAYOUT_Q8 = 1, LAYOUT_F16 = 2, LAYOUT_BF16 = 3 };
+
+/* A stored matrix [rows, in_features] in one layout (packed.py's PackedWeight). */
+typedef struct {
+    int layout, rows;
+    const void *w;                   /* nibbles, int8 or 16-bit floats */
+    const uint16_t *d, *m;           /* float16 scales and minimums (q4/q8), or NULL */
+} MatrixPart;
+
+/* A linear layer: one matrix, or up to three of different layouts whose outputs lie side by side
+ * (packed.py's StackedLinear, for files that store q, k and v in different types). */
+typedef struct {
+    int n_parts, in_features, out_features;
+    MatrixPart parts[3];
+} Linear;
+
+typedef struct {
+    int dim, n_heads, n_kv_heads, head_dim, hidden;
+    float eps;
+    const float *attention_norm, *ffn_norm; /* [D] float32 */
+    Linear wqkv, wo, w13, w2;
+} Layer;
+
+static int part_product(const MatrixPart *p, const float *x, int M, int K, float *out) {
+    switch (p->layout) {
+    case LAYOUT_Q4: return q4_matmul(x, M, K, p->w, p->d, p->m, p->rows, out);
+    case LAYOUT_Q8: return q8_matmul(x, M, K, p->w, p->d, p->rows, out);
+    case LAYOUT_F16: return f16_matmul(x, M, K, p->w, p->rows, out);
+    case LAYOUT_BF16: return bf16_matmul(x, M, K, p->w, p->rows, out);
+    }
+    return -3;
+}
+
+/* out [M, out_features] = x [M, in_features] @ W^T */
+static int linear(const Linear *l, const float *x, int M, float *out) {
+    if (l->n_parts == 1) return part_product(&l->parts[0], x, M, l->in_features, out);
+    int column = 0;
+    for (int i = 0; i < l->n_parts; i++) {
+        const MatrixPart *p = &l->parts[i];
+        float *part_out = malloc(sizeof(float) * (size_t)M * p->rows);
+        if (!part_out) return -1;
+        int code = part_product(p, x, M, l->in_features, part_out);
+        for (int r = 0; r < M && code == 0; r++)
+            memcpy(out + (size_t)r * l->out_features + column, part_out + (size_t)r * p->rows, sizeof(float) * p->rows);
+        free(part_out);
+        if (code) return code;
+        column += p->rows;
+    }
+    return 0;
+}
+
+/* RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, per row, in float32. */
+static void rms_norm(const float *x, const float *weight, int M, int D, float eps, float *out) {
+    for (int r = 0; r < M; r++) {
+        const float *xr = x + (size_t)r * D;
+        double squares = 0; /* the mean of thousands of squares, summed without losing the small ones */
+        for (int i = 0; i < D; i++) squares += (double)xr[i] * xr[i];
+        float scale = 1.0f / sqrtf((float)(squares / D) + eps);
+        for (int i = 0; i < D; i++) out[(size_t)r * D + i] = xr[i] * scale * weight[i];
+    }
+}
+
+/* apply_rotary for one head: pairs (a, b) -> (a cos - b sin, b cos + a sin), with model.py's tables
+ * cos = (cos0, cos0, cos1, ...) and sin = (-sin0, sin0, -sin1, ...): x * cos + swapped(x) * sin. */
+static void rotate(float *x, const float *cos, const float *sin, int Hd) {
+    for (int i = 0; i < Hd; i += 2) {
+        float a = x[i], b = x[i + 1];
+        x[i] = a * cos[i] + b * sin[i];
+        x[i + 1] = b * cos[i + 1] + a * sin[i + 1];
+    }
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + i), _mm512_maskz_loadu_ps(tail, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* model.py's attention() for one query per head: softmax(q k^T / sqrt(Hd)) v over positions 0..S-1,
+ * query head h reading key/value head h / (H / K). `allowed` [M, S] (NULL: every position) is
+ * causal_mask's padding mask for left-padded batches. q [M, q_stride], out [M, H * Hd]. */
+static int attend(const float *q, int q_stride, const float *ck, const float *cv, long length, int M, int H, int K,
+                  int Hd, int S, const uint8_t *allowed, float *out) {
+    float inv_sqrt = 1.0f / sqrtf((float)Hd);
+    int failed = 0;
+    /* worth spreading over threads only when the cache is long */
+#pragma omp parallel for collapse(2) schedule(static) if ((long)M * H * S * Hd > (1L << 17))
+    for (int r = 0; r < M; r++) {
+        for (int h = 0; h < H; h++) {
+            int g = h / (H / K);
+            const float *qh = q + (size_t)r * q_stride + (size_t)h * Hd;
+            const float *keys = ck + ((size_t)r * K + g) * length * Hd, *values = cv + ((size_t)r * K + g) * length * Hd;
+            const uint8_t *ok = allowed ? allowed + (size_t)r * S : NULL;
+            float *scores = malloc(sizeof(float) * S), *o = out + (size_t)r * H * Hd + (size_t)h * Hd;
+            if (!scores) {
+                failed = 1;
+                continue;
+            }
+            float best = -INFINITY;
+            for (int j = 0; j < S; j++) {
+                scores[j] = (ok && !ok[j]) ? -INFINITY : dot(qh, keys + (size_t)j * Hd, Hd) * inv_sqrt;
+                if (scores[j] > best) best = scores[j];
+            }
+            float total = 0;
+            for (int j = 0; j < S; j++) total += scores[j] = expf(scores[j] - best);
+            memset(o, 0, sizeof(float) * Hd);
+            for (int j = 0; j < S; j++) {
+                float p = scores[j] / total;
+                const float *v = values + (size_t)j * Hd;
+                for (int i = 0; i < Hd; i++) o[i] += p * v[i];
+            }
+            free(scores);
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* x [M, D] at position `start` (one token per row) -> out [M, D]; writes the rows' keys and values at
+ * `start` in the cache. cos, sin [rope_rows, Hd] (rope_rows 1: shared by every row, else M).
+ * Returns 0, -1 (out of memory), or a product's error code. */
+int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows,
+                 float *cache_k, float *cache_v, long length, int start, const uint8_t *allowed, float *out) {
+    int D = L->dim, H = L->n_heads, K = L->n_kv_heads, Hd = L->head_dim, F = L->hidden;
+    int qkv_width = (H + 2 * K) * Hd, S = start + 1;
+    float *normed = malloc(sizeof(float) * (size_t)M * (D > F ? D : F));
+    float *qkv = malloc(sizeof(float) * (size_t)M * qkv_width);
+    float *att = malloc(sizeof(float) * (size_t)M * H * Hd);
+    float *proj = malloc(sizeof(float) * (size_t)M * D);
+    float *hidden = malloc(sizeof(float) * (size_t)M * 2 * F);
+    int code = (normed && qkv && att && proj && hidden) ? 0 : -1;
+
+    /* h = x + attention(attention_norm(x)) */
+    if (!code) {
+        rms_norm(x, L->attention_norm, M, D, L->eps, normed);
+        code = linear(&L->wqkv, normed, M, qkv); /* [M, (H + 2K) Hd]: queries, keys, values */
+    }
+    if (!code) {
+        for (int r = 0; r < M; r++) {
+            float *row = qkv + (size_t)r * qkv_width;
+            const float *c = cos + (size_t)(rope_rows == 1 ? 0 : r) * Hd, *s = sin + (size_t)(rope_rows == 1 ? 0 : r) * Hd;
+            for (int h = 0; h < H + K; h++) rotate(row + (size_t)h * Hd, c, s, Hd); /* q and k */
+            for (int g = 0; g < K; g++) {                                            /* cache.update */
+                size_t at = (((size_t)r * K + g) * length + start) * Hd;
+                memcpy(cache_k + at, row + (size_t)(H + g) * Hd, sizeof(float) * Hd);
+                memcpy(cache_v + at, row + (size_t)(H + K + g) * Hd, sizeof(float) * Hd);
+            }
+        }
+        code = attend(qkv, qkv_width, cache_k, cache_v, length, M, H, K, Hd, S, allowed, att);
+    }
+    if (!code) code = linear(&L->wo, att, M, proj);
+    if (!code) {
+        for (size_t i = 0; i < (size_t)M * D; i++) out[i] = x[i] + proj[i];
+        /* out = h + feed_forward(ffn_norm(h)), feed_forward = w2(silu(gate) * up) */
+        rms_norm(out, L->ffn_norm, M, D, L->eps, normed);
+        code = linear(&L->w13, normed, M, hidden); /* [M, 2F]: gate, then up */
+    }
+    if (!code) {
+        for (int r = 0; r < M; r++) {
+            const float *gate = hidden + (size_t)r * 2 * F, *up = gate + F;
+            for (int i = 0; i < F; i++) normed[(size_t)r * F + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        }
+        code = linear(&L->w2, normed, M, proj);
+    }
+    if (!code)
+        for (size_t i = 0; i < (size_t)M * D; i++) out[i] += proj[i];
+    free(normed);
+    free(qkv);
+    free(att);
+    free(proj);
+    free(hidden);
+    return code;
+}

@@ -1,0 +1,175 @@
+"""Decode steps of a layer in one C call (decode_block.py, kernels/decode_layer.c) against model.py.
+
+The oracle is model.py's TransformerBlock.forward run on the same layer object: same packed weights,
+same product kernels, the in-between arithmetic done by PyTorch ops. The C layer must do that same
+arithmetic, so a layer's output and its cache writes agree to float32 rounding (summation order in
+the norm and in attention differ). model.py's path is itself checked against transformers and
+llama.cpp in test_model_vs_hf.py / test_model_vs_llama_cpp.py / test_packed.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import plainllama
+from plainllama import kernels
+from plainllama.decode_block import KernelBlock
+from plainllama.default_model import default_model_path
+from plainllama.export.hf import write_hf
+from plainllama.formats import open_checkpoint
+from plainllama.loading import build_model
+from plainllama.model import KVCache, TransformerBlock, causal_mask, rotary_cos_sin
+from plainllama.packed import StackedLinear
+from gguf_files import write_llama_gguf
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C kernels cannot be built on this machine (no compiler or no AVX-512 VNNI)")
+
+# name -> (matrix type, per-tensor types, shape): every layout the kernel reads, a file whose q/k/v
+# have different layouts (a StackedLinear), and a head width (48) that is not a multiple of 16.
+FILES = {
+    "Q4_0": ("Q4_0", None, {}),
+    "Q4_1": ("Q4_1", None, {}),
+    "Q8_0": ("Q8_0", None, {}),
+    "F16": ("F16", None, {}),
+    "BF16": ("BF16", None, {}),
+    "mixed": ("Q4_K", {"attn_v.weight": "Q6_K", "ffn_down.weight": "Q8_0"}, {}),
+    "Q8_0-head48": ("Q8_0", None, dict(dim=192, n_heads=4, n_kv_heads=2, hidden_dim=384)),
+}
+
+
+@pytest.fixture(scope="module", params=list(FILES))
+def model(request, tmp_path_factory, vocab):
+    matrix_type, tensor_types, shape = FILES[request.param]
+    shape = {**dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=512), **shape}
+    path = write_llama_gguf(tmp_path_factory.mktemp("decode") / f"{request.param}.gguf", vocab, matrix_type=matrix_type,
+                            embedding_type="F16", tensor_types=tensor_types, seed=3, **shape)
+    model = build_model(open_checkpoint(path), torch.float32, torch.device("cpu"), "packed")
+    assert all(isinstance(layer, KernelBlock) for layer in model.layers), "every packed layer should use the kernel"
+    model.float_layouts = matrix_type in ("F16", "BF16")
+    if request.param == "mixed":
+        assert isinstance(model.layers[0].attention.wqkv, StackedLinear)
+    return model
+
+
+def random_cache(args, rows, length, seed):
+    generator = torch.Generator().manual_seed(seed)
+    cache = KVCache(args, rows, length, torch.float32, "cpu")
+    for layer in cache.layers:
+        layer.k.copy_(torch.randn(layer.k.shape, generator=generator))
+        layer.v.copy_(torch.randn(layer.v.shape, generator=generator))
+    return cache
+
+
+def copy_cache(cache, args):
+    other = KVCache(args, cache.layers[0].k.shape[0], cache.length, torch.float32, "cpu")
+    for mine, theirs in zip(other.layers, cache.layers):
+        mine.k.copy_(theirs.k)
+        mine.v.copy_(theirs.v)
+    return other
+
+
+# (rows, left padding, position): one row, a batch, a padded batch, the most rows the kernel takes,
+# and a long cache (attention spread over threads)
+@pytest.mark.parametrize("rows, padded, start", [(1, False, 37), (3, False, 37), (3, True, 37), (8, True, 37), (2, True, 1000)])
+def test_layer_step_matches_model_py(model, rows, padded, start):
+    args = model.args
+    pad = torch.tensor([0, 5, 36, 2, 0, 9, 1, 30][:rows]) if padded else None
+    positions = torch.full((1, 1), start) if pad is None else start - pad[:, None]  # [1 or B, 1]
+    cos, sin = rotary_cos_sin(args, positions)
+    mask = causal_mask(start, 1, "cpu", pad)
+    x = torch.randn(rows, 1, args.dim, generator=torch.Generator().manual_seed(rows)) * 3
+    for i, layer in enumerate(model.layers):
+        fast_cache = random_cache(args, 8, start + 20, seed=i)
+        slow_cache = copy_cache(fast_cache, args)
+        with torch.inference_mode():
+            assert layer._kernel_can_run(x, cos, mask, fast_cache.layers[i])
+            fast = layer(x, cos, sin, mask, fast_cache.layers[i], start)
+            slow = TransformerBlock.forward(layer, x, cos, sin, mask, slow_cache.layers[i], start)
+        # 16-bit weights: rounding only. q4/q8: the products quantize their input to int8, and an input
+        # differing in its last bit can round to the neighbouring int8 step (one step is ~0.4% of a
+        # block's largest value), so a few outputs may move by that much; measured up to 6e-4 x scale.
+        tolerance = 1e-5 if model.float_layouts else 2e-3
+        scale = slow.abs().max().item()
+        assert (fast - slow).abs().max().item() <= tolerance * scale, f"layer {i}: output differs from model.py"
+        for name in ("k", "v"):
+            a, b = getattr(fast_cache.layers[i], name), getattr(slow_cache.layers[i], name)
+            assert (a - b).abs().max().item() <= tolerance * b.abs().max().item(), f"layer {i}: cache {name} differs"
+            assert torch.equal(a[:, :, :start], b[:, :, :start]) and torch.equal(a[:, :, start + 1 :], b[:, :, start + 1 :])
+
+
+@pytest.fixture(scope="module")
+def bf16_llm(tmp_path_factory):
+    """The default model's weights written as a bfloat16 HF folder: the real model, with products the
+    kernels do in float arithmetic (no int8 activations), so the two paths differ by rounding only."""
+    folder = tmp_path_factory.mktemp("bf16")
+    write_hf(open_checkpoint(default_model_path()), str(folder), torch.bfloat16)
+    llm = plainllama.load(str(folder), device="cpu")
+    assert all(isinstance(layer, KernelBlock) for layer in llm.model.layers)
+    return llm
+
+
+@pytest.fixture
+def use_kernel(monkeypatch):
+    """use_kernel(False) sends every step to model.py's path; returns counts of steps the C layer took."""
+    counts = {"kernel": 0}
+    original = KernelBlock._kernel_can_run
+
+    def use(on: bool):
+        def can_run(self, *args):
+            ok = on and original(self, *args)
+            counts["kernel"] += ok
+            return ok
+        monkeypatch.setattr(KernelBlock, "_kernel_can_run", can_run)
+        return counts
+
+    return use
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
+CODE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\nprint("
+
+
+def teacher_forced_logprobs(llm, ids):
+    """log-probabilities after each of ids[5:], fed one decode step at a time."""
+    cache = KVCache(llm.args, 1, 256, torch.float32, "cpu")
+    with torch.inference_mode():
+        llm.model(torch.tensor([ids[:5]]), 0, cache)
+        return torch.stack([llm.model(torch.tensor([[ids[i]]]), i, cache)[0, -1].log_softmax(-1) for i in range(5, len(ids))])
+
+
+def test_real_model_same_tokens_and_scores(bf16_llm, use_kernel):
+    """Greedy text, a left-padded batch, beam search and per-step log-probabilities of the real model:
+    the same with the C layer as with model.py's (and the C layer really ran every decode step)."""
+    runs = {}
+    for on in (True, False):
+        counts = use_kernel(on)
+        runs[on] = (
+            bf16_llm.generate(PROMPTS[0], max_new_tokens=24, temperature=0).tokens,
+            [g.tokens for g in bf16_llm.generate_batch(PROMPTS, max_new_tokens=16, temperature=0)],
+            bf16_llm.beam_search(PROMPTS[1], num_beams=3, max_new_tokens=12, num_return=3),
+            teacher_forced_logprobs(bf16_llm, bf16_llm.encode_prompt(CODE)),
+        )
+        if on:
+            assert counts["kernel"] >= 30 * (23 + 15 + 11)
+    (text, batch, beams, logprobs), (text_ref, batch_ref, beams_ref, logprobs_ref) = runs[True], runs[False]
+    assert text == text_ref and batch == batch_ref
+    assert [b.tokens for b in beams] == [b.tokens for b in beams_ref]
+    assert all(abs(b.score - r.score) < 1e-4 for b, r in zip(beams, beams_ref))
+    assert (logprobs - logprobs_ref).abs().max().item() < 1e-3
+
+
+def test_quantized_model_distribution(use_kernel):
+    """The default Q4_1 model as it runs by default. Its products quantize activations to int8 (as
+    llama.cpp does), which makes the output sensitive to the last bit of a layer's input: perturbing
+    model.py's own layer inputs by one part in a million moves the next-token distribution by up to
+    0.07 in total variation (measured). So the check is the distributions' distance, not bit equality."""
+    llm = plainllama.load(device="cpu")
+    ids = llm.encode_prompt(CODE)
+    use_kernel(True)
+    fast = teacher_forced_logprobs(llm, ids)
+    use_kernel(False)
+    slow = teacher_forced_logprobs(llm, ids)
+    tv = 0.5 * (fast.exp() - slow.exp()).abs().sum(-1)
+    assert tv.max().item() < 0.15 and tv.mean().item() < 0.03, tv
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean().item() >= 0.9

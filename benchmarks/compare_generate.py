@@ -1,6 +1,6 @@
 """Prefill and decode speed of plainllama next to llama.cpp and Hugging Face transformers, on the
-same GGUF file, in one run (the machines are shared and noisy: only ratios measured side by side
-mean anything).
+same GGUF file, and next to Meta's reference code on the same model written as a Meta checkpoint, in
+one run (the machines are shared and noisy: only ratios measured side by side mean anything).
 
     benchmarks/run.sh                       # sets up .venv with the peers, then runs this
     .venv/bin/python benchmarks/compare_generate.py [-m MODEL] [--prompt-tokens 512] [--decode-tokens 128]
@@ -10,6 +10,12 @@ engine's best run counts:
   prefill: one forward pass over a prompt of --prompt-tokens tokens (tokens/s = prompt / time),
   decode:  --decode-tokens greedy steps with a KV cache after a short prompt (tokens/s = steps / time).
 llama.cpp runs with 2 threads (this machine has 2 cores); torch uses its default (2 here).
+
+Meta's format: `--engines ...,meta-reference,plainllama-meta` writes the model as a Meta checkpoint
+(consolidated.00.pth + params.json, bfloat16) in a temporary folder; `meta-reference` is Meta's
+llama_models/llama3/model.py (llama-models 0.3.0, fairscale layers on a one-process gloo group, as
+the tests run it) in float32, the dtype it runs in on a CPU; `plainllama-meta` is plainllama on the
+same folder, loaded as it loads by default.
 """
 
 from __future__ import annotations
@@ -26,6 +32,60 @@ import torch
 import plainllama
 from plainllama.default_model import default_model_path
 from plainllama.model import KVCache
+
+
+def meta_folder(path):
+    """The model of `path` written as a Meta checkpoint (once per run)."""
+    import tempfile
+
+    from plainllama.export.meta import write_meta
+    from plainllama.formats import open_checkpoint
+
+    if not hasattr(meta_folder, "folder"):
+        meta_folder.folder = tempfile.mkdtemp(prefix="plainllama-meta-")
+        write_meta(open_checkpoint(path), meta_folder.folder, torch.bfloat16)
+    return meta_folder.folder
+
+
+def bench_plainllama_meta(path, prompt_ids, decode_tokens, repeats):
+    return bench_plainllama(meta_folder(path), prompt_ids, decode_tokens, repeats)
+
+
+def bench_meta_reference(path, prompt_ids, decode_tokens, repeats):
+    import tempfile
+
+    import torch.distributed as dist
+    from fairscale.nn.model_parallel import initialize as fs_init
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.llama3.model import Transformer
+
+    folder = meta_folder(path)
+    if not dist.is_initialized():  # the reference's layers are fairscale's model-parallel ones
+        store = tempfile.NamedTemporaryFile(prefix="plainllama-gloo-", delete=False).name
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        fs_init.initialize_model_parallel(1)
+    params = json.load(open(os.path.join(folder, "params.json")))
+    model = Transformer(ModelArgs(**params, max_seq_len=len(prompt_ids) + decode_tokens + 16, max_batch_size=1))
+    state = torch.load(os.path.join(folder, "consolidated.00.pth"), weights_only=True, mmap=True)
+    state.setdefault("output.weight", state["tok_embeddings.weight"])  # tied embeddings saved once
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.eval()
+
+    def prefill():
+        start = time.perf_counter()
+        model(torch.tensor([prompt_ids]), 0)  # the reference's forward runs under inference_mode
+        return time.perf_counter() - start
+
+    def decode():
+        logits = model(torch.tensor([prompt_ids[:8]]), 0)
+        token, pos = logits[0, -1].argmax(), 8
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits = model(token.view(1, 1), pos)
+            token, pos = logits[0, -1].argmax(), pos + 1
+        return (time.perf_counter() - start) / decode_tokens
+
+    return prefill, decode
 
 
 def bench_plainllama(path, prompt_ids, decode_tokens, repeats):
@@ -112,7 +172,8 @@ def main():
     text = open(__file__, encoding="utf-8").read() * 4  # any real text long enough
     prompt_ids = tokenizer.encode(text)[: args.prompt_tokens]
 
-    engines = {"plainllama": bench_plainllama, "llama.cpp": bench_llama_cpp, "transformers": bench_transformers}
+    engines = {"plainllama": bench_plainllama, "llama.cpp": bench_llama_cpp, "transformers": bench_transformers,
+               "meta-reference": bench_meta_reference, "plainllama-meta": bench_plainllama_meta}
     # Every engine is loaded first, then the measurements take turns (engine A, B, C, A, B, C, ...):
     # the machine's speed drifts over minutes, and taking turns exposes every engine to the same drift.
     names = args.engines.split(",")
@@ -127,16 +188,21 @@ def main():
         print(f"  round {round_} done", file=sys.stderr)
     results = {name: {"prefill_tok_s": len(prompt_ids) / p, "decode_tok_s": 1 / d} for name, (p, d) in best.items()}
 
-    base = results.get("llama.cpp")
+    base = results.get("llama.cpp") or results.get("meta-reference")
+    base_name = "llama.cpp" if "llama.cpp" in results else "meta-reference"
     if args.json:
         print(json.dumps({"model": path, "prompt_tokens": len(prompt_ids), "decode_tokens": args.decode_tokens, "results": results}))
         return
     print(f"model: {os.path.basename(path)}   prompt: {len(prompt_ids)} tokens   decode: {args.decode_tokens} tokens   torch threads: {torch.get_num_threads()}")
-    print(f"{'engine':<14}{'prefill tok/s':>15}{'vs llama.cpp':>14}{'decode tok/s':>15}{'vs llama.cpp':>14}")
+    print(f"{'engine':<16}{'prefill tok/s':>15}{'vs ' + base_name:>18}{'decode tok/s':>15}{'vs ' + base_name:>18}")
     for name, r in results.items():
         ratio_p = f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x" if base else "-"
         ratio_d = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
-        print(f"{name:<14}{r['prefill_tok_s']:>15.1f}{ratio_p:>14}{r['decode_tok_s']:>15.1f}{ratio_d:>14}")
+        print(f"{name:<16}{r['prefill_tok_s']:>15.1f}{ratio_p:>18}{r['decode_tok_s']:>15.1f}{ratio_d:>18}")
+    if base_name != "meta-reference" and {"meta-reference", "plainllama-meta"} <= results.keys():
+        ours, theirs = results["plainllama-meta"], results["meta-reference"]
+        print(f"plainllama-meta vs meta-reference: prefill {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x, "
+              f"decode {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x")
 
 
 if __name__ == "__main__":

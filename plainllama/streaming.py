@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import PlainLlamaError
+from .decode_block import kernel_block
 from .memory import forget, keep
 from .planner import STREAM_BUFFERS
 
@@ -160,7 +161,7 @@ class LayerStreamer:
         placed = {name: raw[begin:end] for name, (_, begin, end) in self.placement[i].items()}
         block = self.builder.new_block()
         self.builder.fill(block, self.groups[i], LayerBytes(self.checkpoint, self.raw_names, placed), prefix=f"layers.{i}.")
-        return block
+        return kernel_block(block)  # the same arithmetic as a resident layer, so the same logits
 
     def _load(self, i: int, slot: Slot) -> nn.Module:
         host = self.in_ram[i] if i in self.in_ram else self._read_into(i, slot.host)

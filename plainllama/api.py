@@ -22,6 +22,7 @@ from . import kernels
 from .chat_format import chat_format_for
 from .default_model import default_model_path
 from .devices import pick_device, pick_dtype
+from .compiled import compile_decode
 from .errors import PlainLlamaError
 from .formats import Checkpoint, open_checkpoint
 from .batch import generate_batch
@@ -257,7 +258,7 @@ def weight_mode(device: torch.device, dtype: str, quantize: str | None, dequanti
 
 def load(path: str | None = None, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
          dequantize: bool = False, max_memory: int | str | None = None, max_gpu_memory: int | str | None = None,
-         context: int | None = None, report=None) -> LLM:
+         context: int | None = None, report=None, compile: bool = False) -> LLM:
     """Load a model file or folder (default: the bundled SmolLM2-135M-Instruct).
 
     On the CPU with dtype "auto", weights stay in their stored compressed form (a Q4 GGUF runs from
@@ -268,7 +269,8 @@ def load(path: str | None = None, device: str = "auto", dtype: str = "auto", qua
     Memory: the planner (planner.py) keeps the layers that fit in memory and streams the rest from
     disk on every forward pass. `max_memory` ("4G", or bytes) caps the process's RAM, `max_gpu_memory`
     the GPU's; `context` is the KV cache to reserve, in tokens (all rows of a batch together).
-    `report(text)` receives the plan when anything streams or a cap was given."""
+    `report(text)` receives the plan when anything streams or a cap was given.
+    `compile=True`: decode steps on PyTorch's operators go through torch.compile (compiled.py)."""
     start = time.perf_counter()
     checkpoint = open_checkpoint(path if path is not None else default_model_path())
     torch_device = pick_device(device)
@@ -284,6 +286,8 @@ def load(path: str | None = None, device: str = "auto", dtype: str = "auto", qua
     # memory maps (and any converted copies) instead of keeping them alive beside the model.
     # (Streamed layers keep the builder, which needs only the checkpoint's `stored` byte ranges.)
     checkpoint.tensors, checkpoint.raw_tensors = {}, {}
+    if compile:
+        compile_decode(model)
     return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, time.perf_counter() - start, plan)
 
 

@@ -23,6 +23,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-gpu-memory", default=None, metavar="SIZE", help="GPU memory to use (default: what is free)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help="KV cache the memory plan reserves, in tokens, all prompts of a batch together (default: 2048)")
+    p.add_argument("--compile", action="store_true",
+                   help="run decode steps on PyTorch's operators through torch.compile (float weights, GPUs; cached "
+                        "under ~/.cache/plainllama/inductor; off by default: it does not pay on the CPU, where packed weights use C kernels)")
 
 
 def load_model(args, path=None):
@@ -30,7 +33,7 @@ def load_model(args, path=None):
 
     llm = load(path or args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize,
                max_memory=args.max_memory, max_gpu_memory=args.max_gpu_memory, context=args.context,
-               report=lambda text: print(text, file=sys.stderr))
+               compile=args.compile, report=lambda text: print(text, file=sys.stderr))
     if llm.streamer is not None and sys.stderr.isatty():
         from .progress import StreamProgress
 
@@ -146,7 +149,7 @@ def run_bench(args) -> int:
     if args.prompt_tokens < 1 or args.decode_tokens < 2 or args.repeats < 1:
         raise PlainLlamaError("bench needs --prompt-tokens >= 1, --decode-tokens >= 2 and --repeats >= 1")
     result = run(args.model, args.prompt_tokens, args.decode_tokens, args.repeats, device=args.device, dtype=args.dtype,
-                 quantize=args.quantize, dequantize=args.dequantize)
+                 quantize=args.quantize, dequantize=args.dequantize, compile=args.compile)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 

@@ -19,7 +19,7 @@ from .formats.checkpoint import expected_shapes
 from .memory import release
 from .decode_block import kernel_block
 from .model import FUSED, Transformer, TransformerBlock, fused_name
-from .packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, can_quantize, held_nbytes, joined, pack_gguf,
+from .packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, can_quantize, held_nbytes, quantizes_gguf, joined, pack_gguf,
                      quantize_int4, quantize_int8)
 from .planner import MemoryPlan
 from .streaming import LayerStreamer
@@ -50,7 +50,8 @@ def skip_random_init():
 def _packed_weight(checkpoint: Checkpoint, name: str, shape: tuple[int, int], weights: str) -> PackedWeight | None:
     """The [N, K] matrix `name` in a packed layout, or None to keep it as a float tensor.
     (`checkpoint`: or any object with its tensors, raw_tensors and tensor_types.)"""
-    if name in checkpoint.raw_tensors:  # GGUF: quantized blocks and 16-bit floats as stored
+    raw = name in checkpoint.raw_tensors and not quantizes_gguf(checkpoint.tensor_types[name], shape, weights)
+    if raw:  # GGUF: quantized blocks and 16-bit floats as stored
         raw = checkpoint.raw_tensors[name]()
         packed = pack_gguf(raw, checkpoint.tensor_types[name], shape)
         if packed is not None:
@@ -170,6 +171,8 @@ class WeightBuilder:
         streaming) and share a type is one matrix of blocks: packed at once, without packing the
         parts and then copying them together."""
         if len(names) < 2 or not all(n in sources.raw_tensors for n in names) or len({sources.tensor_types[n] for n in names}) > 1:
+            return None
+        if quantizes_gguf(sources.tensor_types[names[0]], self.shapes[names[0]], self.weights):
             return None
         raws = [sources.raw_tensors[n]() for n in names]
         if not adjacent(raws):

@@ -319,6 +319,12 @@ def can_quantize(shape) -> bool:
     return len(shape) == 2 and shape[1] % 64 == 0
 
 
+def quantizes_gguf(type_name: str, shape, weights: str) -> bool:
+    """Whether `--quantize` (weights "int8"/"int4") applies to a GGUF tensor: float ones (F32, F16,
+    BF16) are quantized like any float checkpoint; quantized ones are already compressed and stay."""
+    return weights in ("int8", "int4") and type_name in ("F32", "F16", "BF16") and can_quantize(shape)
+
+
 # ---- sizes, for the memory planner -------------------------------------------------------------
 
 STORED_DTYPES = {"F16": torch.float16, "f16": torch.float16, "float16": torch.float16,
@@ -343,7 +349,7 @@ def held_nbytes(type_name: str, shape: tuple[int, ...], weights: str, dtype: tor
     q4 = N * K // 2 + N * K // QK * 2  # nibbles and float16 scales
     q4_with_min = q4 + N * K // QK * 2
     q8 = N * K + N * K // QK * 2
-    if raw:  # pack_gguf first
+    if raw and not quantizes_gguf(type_name, shape, weights):  # pack_gguf first
         if type_name in ("F16", "BF16") and K % 32 == 0:
             return 2 * numel, True
         if type_name not in ("F16", "BF16", "F32") and K % 64 == 0:

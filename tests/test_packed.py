@@ -166,11 +166,14 @@ def test_default_model_packed_agrees_with_float_weights_and_llama_cpp(llm, model
 
 @needs_kernels
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantize_flag_on_a_float_model(tmp_path, vocab, mode):
-    path = write_llama_gguf(tmp_path / "f32.gguf", vocab, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=256)
+@pytest.mark.parametrize("file_type", ["F32", "F16", "BF16"])
+def test_quantize_flag_on_a_float_model(tmp_path, vocab, mode, file_type):
+    path = write_llama_gguf(tmp_path / "float.gguf", vocab, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=256,
+                            matrix_type=file_type, embedding_type=file_type)
     exact = plainllama.load(str(path), device="cpu", dtype="float32")
     quantized = plainllama.load(str(path), device="cpu", quantize=mode)
-    assert quantized.model.layers[0].feed_forward.w13.packed.layout == {"int8": "q8", "int4": "q4"}[mode]
+    layouts = {m.packed.layout for m in quantized.model.modules() if isinstance(m, (PackedLinear, PackedEmbedding))}
+    assert layouts == {{"int8": "q8", "int4": "q4"}[mode]}  # 16-bit GGUF tensors too, not kept as stored
     ids = list(np.random.default_rng(0).integers(100, 40000, size=40))
     ours, reference = quantized.logits(ids), exact.logits(ids)
     # Against the float weights: random weights have no structure for quantization to lose

@@ -109,7 +109,7 @@ def test_generation_batch_and_beams_match_resident(files):
 
 def test_planned_layer_sizes_match_the_built_layers(files):
     """The planner sizes layers without building them (packed.held_nbytes); the built model is the check."""
-    for kind, weights in CASES + [("hf-bf16", "int4"), ("F32", "int8"), ("F32", "int4")]:
+    for kind, weights in CASES + [("hf-bf16", "int4"), ("F32", "int8"), ("F32", "int4"), ("F16", "int8"), ("Q8_0", "int4")]:
         p = plan_memory(WeightBuilder(open_checkpoint(files[kind]), torch.float32, torch.device("cpu"), weights), None, None, 256)
         layer = build(files[kind], weights).model.layers[0]
         built = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])

@@ -22,6 +22,7 @@ from .model import FUSED, Transformer, TransformerBlock, fused_name
 from .packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, can_quantize, held_nbytes, quantizes_gguf, joined, pack_gguf,
                      quantize_int4, quantize_int8)
 from .planner import MemoryPlan
+from .quants import dequantize
 from .streaming import LayerStreamer
 
 # How the weight matrices are held (see packed.py):
@@ -57,11 +58,15 @@ def _packed_weight(checkpoint: Checkpoint, name: str, shape: tuple[int, int], we
         if packed is not None:
             release(raw, next(iter(packed.buffers())))
             return packed
-    stored = checkpoint.tensors[name]()
-    if weights in ("int8", "int4") and can_quantize(stored.shape):
+    if weights in ("int8", "int4") and can_quantize(shape):
+        if name in checkpoint.raw_tensors:  # a float GGUF tensor: its file bytes, quantized a slice at a time
+            stored = dequantize(checkpoint.raw_tensors[name](), checkpoint.tensor_types[name], shape)
+        else:
+            stored = checkpoint.tensors[name]()
         packed = (quantize_int8 if weights == "int8" else quantize_int4)(stored)
-        release(stored, packed.qs)
+        release(stored, packed.qs)  # the source pages: not needed any more
         return packed
+    stored = checkpoint.tensors[name]()
     half_layouts = {torch.float16: "f16", torch.bfloat16: "bf16"}
     if stored.dtype in half_layouts and stored.shape[1] % 32 == 0:
         return PackedWeight(half_layouts[stored.dtype], tuple(stored.shape), {"w": stored})

@@ -290,29 +290,52 @@ def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
 # ---- from float weights (--quantize) ---------------------------------------------------------
 
 
+QUANTIZE_CHUNK = 1 << 20  # weights quantized at a time: whole-matrix temporaries of a 200M-weight
+# embedding were several float32 copies of it (peak RSS 12 GiB loading an 8B model as int8)
+
+
+def _by_rows(weight: torch.Tensor, parts: dict[str, tuple[tuple[int, ...], torch.dtype]], quantize_rows) -> dict[str, torch.Tensor]:
+    """Quantize `weight` [N, K] a slice of rows at a time into preallocated outputs: `parts` names each
+    output's shape per row and dtype; quantize_rows(rows float32) returns that slice of each."""
+    N, K = weight.shape
+    out = {name: torch.empty((N, *shape), dtype=dtype) for name, (shape, dtype) in parts.items()}
+    step = max(1, QUANTIZE_CHUNK // K)
+    for start in range(0, N, step):
+        for name, values in quantize_rows(weight[start : start + step].float().reshape(-1, K // QK, QK)).items():
+            out[name][start : start + step] = values
+    return out
+
+
 def quantize_int8(weight: torch.Tensor) -> PackedWeight:
     """[N, K] floats -> q8 by ggml's reference Q8_0 rule: per block of 32, d = max|w| / 127,
     q = w / d rounded half away from zero; d stored as float16."""
     N, K = weight.shape
-    blocks = weight.float().reshape(N, K // QK, QK)
-    d = blocks.abs().amax(-1) / 127  # [N, K/32]
-    inv = torch.where(d > 0, 1 / d, torch.zeros(()))
-    scaled = blocks * inv[..., None]
-    q = (scaled.sign() * torch.floor(scaled.abs() + 0.5)).to(torch.int8)
-    return PackedWeight("q8", (N, K), {"qs": q.reshape(N, K), "d": d.half()})
+
+    def rows(blocks):  # [n, K/32, 32]
+        d = blocks.abs().amax(-1) / 127  # [n, K/32]
+        inv = torch.where(d > 0, 1 / d, torch.zeros(()))
+        scaled = blocks * inv[..., None]
+        q = (scaled.sign() * torch.floor(scaled.abs() + 0.5)).to(torch.int8)
+        return {"qs": q.reshape(-1, K), "d": d.half()}
+
+    return PackedWeight("q8", (N, K), _by_rows(weight, {"qs": ((K,), torch.int8), "d": ((K // QK,), torch.float16)}, rows))
 
 
 def quantize_int4(weight: torch.Tensor) -> PackedWeight:
     """[N, K] floats -> q4 with minimum by ggml's reference Q4_1 rule: per block of 32, m = min,
     d = (max - min) / 15, q = trunc((w - m) / d + 0.5) in 0..15; d and m stored as float16."""
     N, K = weight.shape
-    blocks = weight.float().reshape(N, K // QK, QK)
-    lo, hi = blocks.amin(-1), blocks.amax(-1)
-    d = (hi - lo) / 15
-    inv = torch.where(d > 0, 1 / d, torch.zeros(()))
-    q = torch.trunc((blocks - lo[..., None]) * inv[..., None] + 0.5).clamp(0, 15).to(torch.uint8)  # [N, K/32, 32]
-    qs = q[..., :16] | (q[..., 16:] << 4)
-    return PackedWeight("q4", (N, K), {"qs": qs.reshape(N, K // 2).contiguous(), "d": d.half(), "m": lo.half()})
+
+    def rows(blocks):  # [n, K/32, 32]
+        lo, hi = blocks.amin(-1), blocks.amax(-1)
+        d = (hi - lo) / 15
+        inv = torch.where(d > 0, 1 / d, torch.zeros(()))
+        q = torch.trunc((blocks - lo[..., None]) * inv[..., None] + 0.5).clamp(0, 15).to(torch.uint8)  # [n, K/32, 32]
+        qs = q[..., :16] | (q[..., 16:] << 4)
+        return {"qs": qs.reshape(-1, K // 2), "d": d.half(), "m": lo.half()}
+
+    halves = (K // QK,), torch.float16
+    return PackedWeight("q4", (N, K), _by_rows(weight, {"qs": ((K // 2,), torch.uint8), "d": halves, "m": halves}, rows))
 
 
 def can_quantize(shape) -> bool:

@@ -65,7 +65,8 @@ def bench_meta_reference(path, prompt_ids, decode_tokens, repeats):
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
         fs_init.initialize_model_parallel(1)
     params = json.load(open(os.path.join(folder, "params.json")))
-    model = Transformer(ModelArgs(**params, max_seq_len=len(prompt_ids) + decode_tokens + 16, max_batch_size=1))
+    params.update(max_seq_len=len(prompt_ids) + decode_tokens + 16, max_batch_size=1)
+    model = Transformer(ModelArgs(**params))
     state = torch.load(os.path.join(folder, "consolidated.00.pth"), weights_only=True, mmap=True)
     state.setdefault("output.weight", state["tok_embeddings.weight"])  # tied embeddings saved once
     model.load_state_dict({k: v.float() for k, v in state.items()})

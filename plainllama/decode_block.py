@@ -72,17 +72,18 @@ class KernelBlock(TransformerBlock):
         self.layer = layer  # holds the weights' addresses: packed weights never move (PackedWeight._apply)
         self.kernel = kernels.function("decode_layer")
 
-    def _kernel_can_run(self, x, cos, mask, cache) -> bool:
+    def _kernel_can_run(self, x, cos, mask, cache, start_pos) -> bool:
         B, T, _ = x.shape
         return (T == 1 and B <= DIRECT_ROWS and cache is not None and x.dtype == torch.float32
                 and x.device.type == "cpu" and cache.k.dtype == torch.float32 and cache.k.is_contiguous()
-                and cache.v.is_contiguous() and cos.shape[0] in (1, B) and (mask is None or mask.dtype == torch.bool)
+                and cache.v.is_contiguous() and cos.shape[0] in (1, B)
+                and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == start_pos + 1 and mask.numel() == B * (start_pos + 1)))
                 and not (torch.is_grad_enabled() and x.requires_grad)
-                # tracing.py's hooks read the attention module's inputs: let it see them
-                and not self.attention._forward_hooks and not self.attention._forward_pre_hooks)
+                # hooks on the sub-layers (tracing.py reads the attention's inputs) need them to run
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in self.children()))
 
     def forward(self, x, cos, sin, mask, cache, start_pos):
-        if not self._kernel_can_run(x, cos, mask, cache):
+        if not self._kernel_can_run(x, cos, mask, cache, start_pos):
             return super().forward(x, cos, sin, mask, cache, start_pos)
         B = x.shape[0]
         x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
@@ -97,9 +98,10 @@ class KernelBlock(TransformerBlock):
 def kernel_block(block: TransformerBlock) -> TransformerBlock:
     """`block` as a KernelBlock when the kernel can run it (packed weights on the CPU, float32 norms),
     else `block` itself."""
-    if not kernels.available() or block.attention_norm.weight.dtype != torch.float32:
+    if not kernels.available():
         return block
-    if block.attention_norm.weight.device.type != "cpu" or not block.ffn_norm.weight.is_contiguous():
+    norms = (block.attention_norm.weight, block.ffn_norm.weight)
+    if any(w.device.type != "cpu" or w.dtype != torch.float32 or not w.is_contiguous() for w in norms):
         return block
     linears = [_linear(m) for m in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2)]
     if any(lin is None for lin in linears):

@@ -83,7 +83,7 @@ def test_layer_step_matches_model_py(model, rows, padded, start):
         fast_cache = random_cache(args, 8, start + 20, seed=i)
         slow_cache = copy_cache(fast_cache, args)
         with torch.inference_mode():
-            assert layer._kernel_can_run(x, cos, mask, fast_cache.layers[i])
+            assert layer._kernel_can_run(x, cos, mask, fast_cache.layers[i], start)
             fast = layer(x, cos, sin, mask, fast_cache.layers[i], start)
             slow = TransformerBlock.forward(layer, x, cos, sin, mask, slow_cache.layers[i], start)
         # 16-bit weights: rounding only. q4/q8: the products quantize their input to int8, and an input

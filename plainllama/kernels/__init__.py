@@ -97,7 +97,7 @@ def function(name: str):
 
 def check(code: int, what: str):
     if code == -1:
-        raise MemoryError(f"{what}: out of memory for the quantized activations")
+        raise MemoryError(f"{what}: out of memory for its working buffers")
     if code != 0:
         raise ValueError(f"{what}: the input width is not a multiple of 64")
 

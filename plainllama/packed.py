@@ -18,12 +18,15 @@ Layouts, one row per output feature, blocks of 32 weights along the input:
 How a product runs depends on how many rows of activations come at once:
     a few (decoding, beams, a small batch): the kernels read the compressed weights directly,
         with the activations quantized to int8 per block of 32, as llama.cpp does;
-    many (a prompt): the weights are unpacked to bfloat16 a slice at a time into a reused buffer,
-        and multiplied by oneDNN, which uses the CPU's matrix units (AMX) where it has them.
+    many (a prompt): on a CPU with AMX, kernels/amx_matmul.c unpacks the weights block by block
+        straight into its matrix units' tile layout, with bfloat16 inputs and float32 sums;
+        elsewhere the weights are unpacked to bfloat16 a slice at a time into a reused buffer and
+        multiplied by oneDNN (AVX-512 BF16), or dequantized to float32 where there is no bfloat16.
 """
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 import torch
@@ -34,6 +37,7 @@ from . import kernels
 from .quants import BLOCK_FORMATS, QK, _k_scales_mins, dequantize
 
 LAYOUTS = ("q4", "q8", "f16", "bf16")
+LAYOUT_CODES = {"q4": 0, "q8": 1, "f16": 2, "bf16": 3}  # as the C kernels number them
 DIRECT_ROWS = 8  # up to this many rows, the kernels beat unpacking + a bfloat16 product (measured)
 UNPACK_CHUNK = 1 << 22  # weights unpacked per slice in the many-rows path (8 MB of bfloat16)
 
@@ -44,17 +48,25 @@ def _bf16_products_fast() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class _Scratch:
-    """One reusable buffer for unpacked weight slices, so the prompt path allocates nothing per call
-    (a fresh 8-32 MB tensor costs more in page faults than unpacking it)."""
+class _Scratch(threading.local):
+    """A reusable buffer per thread (unpacked weight slices, or the prompt's rows as bfloat16 tiles),
+    so the prompt path allocates nothing per call (a fresh 8-32 MB tensor costs more in page faults
+    than unpacking it)."""
 
     buffer: torch.Tensor | None = None
 
-    @classmethod
-    def get(cls, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        if cls.buffer is None or cls.buffer.numel() < numel or cls.buffer.dtype != dtype:
-            cls.buffer = torch.empty(numel, dtype=dtype)
-        return cls.buffer[:numel]
+    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.buffer is None or self.buffer.numel() < numel or self.buffer.dtype != dtype:
+            self.buffer = None  # release the old one before allocating its successor
+            self.buffer = torch.empty(numel, dtype=dtype)
+        return self.buffer[:numel]
+
+
+_scratch = _Scratch()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def adjacent(tensors: list[torch.Tensor]) -> bool:
@@ -166,17 +178,26 @@ class PackedWeight(nn.Module):
         return self._unpacked_matmul(x)
 
     def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        M, (N, K) = x.shape[0], self.shape
+        if x.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and kernels.amx():
+            x = x.float().contiguous()
+            out = torch.empty(M, N, dtype=torch.float32)
+            rows_tiles = _scratch.get((M + 31) // 32 * 32 * K, torch.bfloat16)  # x as bfloat16 tiles
+            w, d, m = (self.w, None, None) if self.layout in ("f16", "bf16") else (self.qs, self.d, getattr(self, "m", None))
+            code = kernels.function("amx_matmul")(x.data_ptr(), M, K, LAYOUT_CODES[self.layout], w.data_ptr(), _ptr(d), _ptr(m),
+                                                  N, out.data_ptr(), rows_tiles.data_ptr())
+            kernels.check(code, "amx_matmul")
+            return out
         compute = torch.bfloat16 if _bf16_products_fast() else torch.float32
         if self.layout in ("f16", "bf16") and self.w.dtype == compute:
             return F.linear(x.to(compute), self.w).float()
-        M, (N, K) = x.shape[0], self.shape
         rows = max(1, min(N, UNPACK_CHUNK // K))
         out = torch.empty(M, N, dtype=torch.float32, device=x.device)
         x = x.to(compute)
         for start in range(0, N, rows):
             end = min(N, start + rows)
             if compute == torch.bfloat16:
-                w = self.unpack_rows_bf16(start, end, _Scratch.get((end - start) * K, torch.bfloat16).view(end - start, K))
+                w = self.unpack_rows_bf16(start, end, _scratch.get((end - start) * K, torch.bfloat16).view(end - start, K))
             else:
                 w = self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, compute)
             out[:, start:end] = F.linear(x, w)

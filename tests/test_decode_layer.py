@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import plainllama
-from plainllama import kernels
+from plainllama import decode_block, kernels
+from plainllama import model as model_py
 from plainllama.decode_block import KernelBlock
 from plainllama.default_model import default_model_path
 from plainllama.export.hf import write_hf
@@ -96,6 +97,47 @@ def test_layer_step_matches_model_py(model, rows, padded, start):
             a, b = getattr(fast_cache.layers[i], name), getattr(slow_cache.layers[i], name)
             assert (a - b).abs().max().item() <= tolerance * b.abs().max().item(), f"layer {i}: cache {name} differs"
             assert torch.equal(a[:, :, :start], b[:, :, :start]) and torch.equal(a[:, :, start + 1 :], b[:, :, start + 1 :])
+
+
+# Prompt steps (KernelBlock._prompt_step): norms, rotation and SwiGLU in C, attention in bfloat16
+# where the CPU multiplies bfloat16 natively. (rows, left padding, start): a prompt, a padded batch
+# of prompts, and a chunk of a prompt after 37 cached positions.
+@pytest.mark.parametrize("rows, padded, start", [(1, False, 0), (3, True, 0), (2, False, 37)])
+@pytest.mark.parametrize("attention_dtype", ["float32", "native"])
+def test_prompt_step_matches_model_py(model, rows, padded, start, attention_dtype, monkeypatch):
+    if attention_dtype == "float32":
+        monkeypatch.setattr(decode_block, "_bf16_products_fast", lambda: False)
+    elif decode_block._bf16_products_fast():
+        # The prompt path's attention reads q, k, v as bfloat16 (as the products' inputs are): model.py's
+        # attention given the same rounded inputs is the oracle. (Against float32 attention, the error
+        # is 2^-9 of the scores, which on random weights reach thousands and reorder the softmax.)
+        float_attention = model_py.attention
+        monkeypatch.setattr(model_py, "attention", lambda q, k, v, mask: float_attention(*(t.bfloat16().float() for t in (q, k, v)), mask))
+    args, T = model.args, 40
+    pad = torch.tensor([0, 5, 36][:rows]) if padded else None
+    positions = torch.arange(start, start + T)[None, :] if pad is None else torch.arange(start, start + T)[None, :] - pad[:, None]
+    cos, sin = rotary_cos_sin(args, positions)
+    mask = causal_mask(start, T, "cpu", pad)
+    x = torch.randn(rows, T, args.dim, generator=torch.Generator().manual_seed(rows)) * 3
+    for i, layer in enumerate(model.layers):
+        fast_cache = random_cache(args, rows, start + T + 5, seed=i)
+        slow_cache = copy_cache(fast_cache, args)
+        with torch.inference_mode():
+            fast = layer(x, cos, sin, mask, fast_cache.layers[i], start)
+            slow = TransformerBlock.forward(layer, x, cos, sin, mask, slow_cache.layers[i], start)
+        # Both paths run the same products, whose inputs (many rows) are rounded to bfloat16. The C norm
+        # sums in another order, and where that moves an input across a bfloat16 rounding boundary,
+        # one term of a 256-wide dot product changes by 2^-8 of itself: ~2e-4 of the result (measured
+        # up to 3.7e-4 x scale). PyTorch's bfloat16 attention also rounds the softmax weights to
+        # bfloat16 before multiplying v. A wrong rotation, mask or SwiGLU is off by O(1).
+        tolerance = 1e-3 if attention_dtype == "float32" or not decode_block._bf16_products_fast() else 3e-3
+        scale = slow.abs().max().item()
+        error = (fast - slow).abs().max().item()
+        assert error <= tolerance * scale, f"layer {i}: output differs from model.py by {error / scale:.2e} x scale"
+        for name in ("k", "v"):
+            a, b = getattr(fast_cache.layers[i], name), getattr(slow_cache.layers[i], name)
+            assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item(), f"layer {i}: cache {name} differs"
+            assert torch.equal(a[:, :, :start], b[:, :, :start]) and torch.equal(a[:, :, start + T :], b[:, :, start + T :])
 
 
 @pytest.fixture(scope="module")

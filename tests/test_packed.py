@@ -194,3 +194,34 @@ def test_bad_quantize_settings_are_refused():
         plainllama.load(device="cpu", quantize="int3")
     with pytest.raises(plainllama.PlainLlamaError, match="contradict"):
         plainllama.load(device="cpu", quantize="int8", dequantize=True)
+
+
+needs_amx = pytest.mark.skipif(not kernels.amx(), reason="amx_matmul needs a CPU with AMX (and Linux granting the tile registers)")
+
+
+@needs_amx
+@pytest.mark.parametrize("layout", ["q4", "q4 no minimums", "q8", "f16", "bf16"])
+@pytest.mark.parametrize("rows, n, k", [
+    (512, 256, 512),   # whole blocks of 32 rows and 8 panels of 16 outputs
+    (77, 144, 2112),   # a partial block of rows, 9 panels (a block of 8, then one alone), 66 k-steps (chunks of 64, then 2)
+    (9, 48, 64),       # 3 panels: the last pair has only one
+    (1, 16, 576),      # one row
+])
+def test_amx_products_are_float32_sums_of_bfloat16_products(layout, rows, n, k):
+    """amx_matmul.c (many rows on an AMX CPU): inputs and weights rounded to bfloat16, products summed in
+    float32. Oracle: the float64 product of the same bfloat16-rounded numbers (weights as gguf's exact
+    values where the layout holds a GGUF type, via PackedWeight.dequantized, checked above)."""
+    generator = torch.Generator().manual_seed(rows + n + k)
+    w = torch.randn(n, k, generator=generator) * 0.05
+    packed = {"q4": lambda: quantize_int4(w), "q8": lambda: quantize_int8(w),
+              "q4 no minimums": lambda: PackedWeight("q4", (n, k), {"qs": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator),
+                                                                      "d": (torch.rand(n, k // 32, generator=generator) * 0.01).half()}),
+              "f16": lambda: PackedWeight("f16", (n, k), {"w": w.half()}), "bf16": lambda: PackedWeight("bf16", (n, k), {"w": w.bfloat16()})}[layout]()
+    x = torch.randn(rows, k, generator=generator)
+    out = packed._unpacked_matmul(x)
+    reference = x.bfloat16().double() @ packed.dequantized().bfloat16().double().T
+    # float32 sums of k products: relative error ~ k * 2^-24 at worst; a weight whose float32 value
+    # differs in its last bit (the kernel fuses d * q + m) may round to the neighbouring bfloat16 value
+    relative = ((out.double() - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
+    assert relative < 1e-5
+    assert torch.isfinite(out).all()

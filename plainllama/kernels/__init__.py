@@ -1,5 +1,6 @@
-"""The CPU kernels in cpu_matmul.c (matrix products) and decode_layer.c (a whole layer's decode
-step), compiled on first use into one library and called through ctypes.
+"""The CPU kernels in cpu_matmul.c (matrix products for a few rows), amx_matmul.c (products for
+prompts, on CPUs with AMX) and decode_layer.c (a whole layer's decode step), compiled on first use
+into one library and called through ctypes.
 
 Compiled on the user's machine with `-march=native`, so it uses what that CPU has; the library is
 cached under ~/.cache/plainllama (or $PLAINLLAMA_CACHE) by a hash of the source, the compiler and
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_matmul.c", "decode_layer.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_matmul.c", "amx_matmul.c", "decode_layer.c")]
 
 
 def cache_dir() -> Path:
@@ -76,6 +77,11 @@ def _library():
         "f16_to_bf16": [p, ctypes.c_size_t, p],
         "read_bytes": [p, ctypes.c_size_t],
         "decode_layer": [p, p, i, p, p, i, p, p, ctypes.c_long, i, p, p],
+        "amx_matmul": [p, i, i, i, p, p, p, i, p, p],
+        "amx_available": [],
+        "rms_norm_rows": [p, p, ctypes.c_long, i, ctypes.c_float, p],
+        "rotate_rows": [p, ctypes.c_long, i, i, i, i, p, p, i],
+        "swiglu_rows": [p, ctypes.c_long, i, p],
     }.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, (f if name == "read_bytes" else i)
@@ -84,6 +90,13 @@ def _library():
 
 def available() -> bool:
     return _library() is not None
+
+
+@lru_cache(maxsize=None)
+def amx() -> bool:
+    """Whether amx_matmul runs here: the library was built for a CPU with AMX and Linux lets this
+    process use the tile registers."""
+    return available() and _library().amx_available() == 1
 
 
 def _ptr(t: torch.Tensor | None):
@@ -98,6 +111,8 @@ def function(name: str):
 def check(code: int, what: str):
     if code == -1:
         raise MemoryError(f"{what}: out of memory for its working buffers")
+    if code == -2:
+        raise RuntimeError(f"{what}: this CPU or kernel does not allow AMX")
     if code != 0:
         raise ValueError(f"{what}: the input width is not a multiple of 64")
 

@@ -99,6 +99,36 @@ static void rotate(float *x, const float *cos, const float *sin, int Hd) {
     }
 }
 
+/* e^x for 16 floats: e^x = 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor
+ * polynomial to degree 7 (relative error < 2e-7 over that range, about one float32 step), and 2^n
+ * applied by vscalefps, which also gives 0 and inf where the result leaves float32's range. */
+static inline __m512 exp16(__m512 x) {
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln 2 in two parts: exact n * hi */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* FeedForward's silu(gate) * up for one row: gate_up [2F] (gate, then up) -> out [F] */
+static void swiglu_row(const float *gate_up, int F, float *out) {
+    const float *gate = gate_up, *up = gate_up + F;
+    int i = 0;
+    for (; i + 16 <= F; i += 16) {
+        __m512 g = _mm512_loadu_ps(gate + i);
+        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
+    }
+    for (; i < F; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
 static inline float dot(const float *a, const float *b, int n) {
     __m512 acc = _mm512_setzero_ps();
     int i = 0;
@@ -189,10 +219,7 @@ int decode_layer(const Layer *L, const float *x, int M, const float *cos, const 
         code = linear(&L->w13, normed, M, hidden); /* [M, 2F]: gate, then up */
     }
     if (!code) {
-        for (int r = 0; r < M; r++) {
-            const float *gate = hidden + (size_t)r * 2 * F, *up = gate + F;
-            for (int i = 0; i < F; i++) normed[(size_t)r * F + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        }
+        for (int r = 0; r < M; r++) swiglu_row(hidden + (size_t)r * 2 * F, F, normed + (size_t)r * F);
         code = linear(&L->w2, normed, M, proj);
     }
     if (!code)
@@ -203,4 +230,31 @@ int decode_layer(const Layer *L, const float *x, int M, const float *cos, const 
     free(proj);
     free(hidden);
     return code;
+}
+
+/* ---- the same steps for many rows, for prompts (decode_block.py's KernelBlock._prompt_step) ---- */
+
+/* RMSNorm of x [M, D] -> out [M, D] */
+int rms_norm_rows(const float *x, const float *weight, long M, int D, float eps, float *out) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < M; r++) rms_norm(x + r * D, weight, 1, D, eps, out + r * D);
+    return 0;
+}
+
+/* apply_rotary in place on the first `heads` heads of each row of x [B * T, width]; cos, sin
+ * [rope_rows * T, Hd]: row b * T + t takes table row t if rope_rows is 1, else b * T + t. */
+int rotate_rows(float *x, long B, int T, int width, int heads, int Hd, const float *cos, const float *sin, int rope_rows) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < B * T; r++) {
+        long table = rope_rows == 1 ? r % T : r;
+        for (int h = 0; h < heads; h++) rotate(x + r * width + (long)h * Hd, cos + table * Hd, sin + table * Hd, Hd);
+    }
+    return 0;
+}
+
+/* silu(gate) * up: gate_up [M, 2F] -> out [M, F] */
+int swiglu_rows(const float *gate_up, long M, int F, float *out) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < M; r++) swiglu_row(gate_up + r * 2 * F, F, out + r * F);
+    return 0;
 }

@@ -331,14 +331,26 @@ int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out) {
 /* ---- the machine's read bandwidth, the bound for decoding ----------------------------------- */
 
 double read_bytes(const uint8_t *buf, size_t n) {
-    /* Sum every 64-bit word with all threads, so the compiler cannot skip the reads. */
+    /* Sum every 64-bit word with all threads (so the compiler cannot skip the reads): each thread one
+     * contiguous stream, four vector sums, lines prefetched 1 KB ahead. The fastest read loop found
+     * here (a horizontal sum per 256 bytes and no prefetch read ~10% slower): the bound must be the
+     * best the memory gives, not what a slow loop gets. */
+    size_t blocks = n / 256;
     double total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-    for (size_t i = 0; i < n / 256; i++) {
-        const __m512i *p = (const __m512i *)(buf + 256 * i);
-        __m512i s = _mm512_add_epi64(_mm512_add_epi64(_mm512_loadu_si512(p), _mm512_loadu_si512(p + 1)),
-                                     _mm512_add_epi64(_mm512_loadu_si512(p + 2), _mm512_loadu_si512(p + 3)));
-        total += (double)_mm512_reduce_add_epi64(s);
+#pragma omp parallel reduction(+ : total)
+    {
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+#pragma omp for schedule(static)
+        for (size_t i = 0; i < blocks; i++) {
+            const __m512i *p = (const __m512i *)(buf + 256 * i);
+            if (i + 4 < blocks)
+                for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(p + 16 + j), _MM_HINT_T0);
+            s0 = _mm512_add_epi64(s0, _mm512_loadu_si512(p));
+            s1 = _mm512_add_epi64(s1, _mm512_loadu_si512(p + 1));
+            s2 = _mm512_add_epi64(s2, _mm512_loadu_si512(p + 2));
+            s3 = _mm512_add_epi64(s3, _mm512_loadu_si512(p + 3));
+        }
+        total += (double)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
     }
     return total;
 }

@@ -237,32 +237,34 @@ static inline __m512 load_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* ROWS weight rows per loop share each load of x (as in the q4/q8 loops), so the loads per weight
- * are one 16-bit weight and a quarter of an x float instead of one of each; two accumulators per row
- * (32 weights a step) keep eight FMA chains in flight. The next group's rows are prefetched a cache
- * line per row per step, spread through the loop: a burst of the whole next group at the start of
- * each group (as the q4/q8 loops do) stalls on the fill buffers before any arithmetic starts.
- * Measured on the 1B shapes' 16-bit matrices, 15 interleaved runs against the read bound (28.8 GB/s):
- * 25.2 GB/s (87%), burst prefetch 18.3-18.8, no prefetch 23.2, 8 or 16 rows ahead 23.7-23.8. */
+/* HALF_ROWS weight rows per loop share each load of x, so the loads per weight are one 16-bit
+ * weight and an eighth of an x float; two accumulators per row (32 weights a step) keep sixteen FMA
+ * chains in flight. The next group's rows are prefetched a cache line per row per step, spread
+ * through the loop: a burst of the whole next group at the start of each group (as the q4/q8 loops
+ * do) stalls on the fill buffers before any arithmetic starts. Measured on the 1B shapes' 16-bit
+ * matrices, interleaved runs against the read bound: burst prefetch 4 rows 18.3-18.8 GB/s of 28.8;
+ * spread, 4 rows 25.2; spread, 8 rows 25.2-27.0 (of 27.6-30.6) against 23.9-25.9 for 4 rows in the
+ * same runs; 2 rows 23.5, no prefetch 23.2, prefetch into L2 or 16 rows ahead no better. */
+#define HALF_ROWS 8
 #define HALF_MATMUL(NAME, LOAD)                                                                      \
-    int NAME(const float *x, int M, int K, const uint16_t *w, int N, float *out) {                 \
+    int NAME(const float *x, int M, int K, const uint16_t *w, int N, float *out) {                   \
         if (K % 32) return -2;                                                                       \
-        int groups = (N + ROWS - 1) / ROWS;                                                          \
+        int groups = (N + HALF_ROWS - 1) / HALF_ROWS;                                                \
         _Pragma("omp parallel for schedule(static)") for (int gi = 0; gi < groups; gi++) {           \
-            int n0 = gi * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;                               \
+            int n0 = gi * HALF_ROWS, rows = N - n0 < HALF_ROWS ? N - n0 : HALF_ROWS;                 \
             const uint16_t *row = w + (size_t)n0 * K;                                                \
             /* the next group's rows, or this group's again (already cached) for the last groups */  \
-            const uint16_t *ahead = n0 + 2 * ROWS <= N ? row + (size_t)ROWS * K : row;               \
+            const uint16_t *ahead = n0 + 2 * HALF_ROWS <= N ? row + (size_t)HALF_ROWS * K : row;     \
             for (int r = 0; r < M; r++) {                                                            \
                 const float *xr = x + (size_t)r * K;                                                 \
-                __m512 acc[ROWS], acc2[ROWS];                                                        \
-                for (int j = 0; j < ROWS; j++) acc[j] = acc2[j] = _mm512_setzero_ps();               \
-                if (rows == ROWS) {                                                                  \
+                __m512 acc[HALF_ROWS], acc2[HALF_ROWS];                                              \
+                for (int j = 0; j < HALF_ROWS; j++) acc[j] = acc2[j] = _mm512_setzero_ps();          \
+                if (rows == HALF_ROWS) {                                                             \
                     for (int k = 0; k < K; k += 32) {                                                \
                         if (r == 0)                                                                  \
-                            for (int j = 0; j < ROWS; j++) _mm_prefetch((const char *)(ahead + (size_t)j * K + k), _MM_HINT_T0); \
+                            for (int j = 0; j < HALF_ROWS; j++) _mm_prefetch((const char *)(ahead + (size_t)j * K + k), _MM_HINT_T0); \
                         __m512 xv = _mm512_loadu_ps(xr + k), xv2 = _mm512_loadu_ps(xr + k + 16);     \
-                        for (int j = 0; j < ROWS; j++) {                                             \
+                        for (int j = 0; j < HALF_ROWS; j++) {                                        \
                             acc[j] = _mm512_fmadd_ps(LOAD(row + (size_t)j * K + k), xv, acc[j]);     \
                             acc2[j] = _mm512_fmadd_ps(LOAD(row + (size_t)j * K + k + 16), xv2, acc2[j]); \
                         }                                                                            \

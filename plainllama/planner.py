@@ -137,9 +137,12 @@ class MemoryPlan:
 def activation_bytes(args, tokens: int) -> int:
     """The largest temporaries of one forward pass over `tokens` tokens (float32): the residual
     stream and a normalized copy, q/k/v, and the feed-forward's gate, up and their product. PyTorch's
-    CPU attention works in blocks and never holds all scores (measured: 49 MB at 2048 tokens, 32 heads)."""
+    CPU attention works in blocks and never holds all scores (measured: 49 MB at 2048 tokens, 32 heads).
+    Packed weights add a reused buffer: the prompt's rows as bfloat16 tiles for amx_matmul (2 bytes
+    per token and input feature, the widest input being the feed-forward's) or an 8 MB unpacked slice."""
     per_token = 4 * args.dim + 2 * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim + 3 * args.hidden_dim
-    return tokens * per_token * 4 + args.vocab_size * 4 * 8 + (8 << 20)  # + a few rows of logits, the unpack scratch
+    tiles = tokens * max(args.dim, args.hidden_dim) * 2
+    return tokens * per_token * 4 + tiles + args.vocab_size * 4 * 8 + (8 << 20)  # + a few rows of logits, the unpack slice
 
 
 def kv_bytes(args, tokens: int, dtype: torch.dtype) -> int:

@@ -175,7 +175,10 @@ int amx_matmul(const float *x, int M, int K, int layout, const void *w, const ui
         }
 #pragma omp for schedule(static)
         for (int block = 0; block < blocks; block++) {
-            if (status) continue;
+            int failed;
+#pragma omp atomic read
+            failed = status;
+            if (failed) continue; /* a thread could not allocate its buffers: the call returns -1 */
             int p0 = block * BLOCK_PANELS;
             int np = panels - p0 < BLOCK_PANELS ? panels - p0 : BLOCK_PANELS, np_even = (np + 1) & ~1;
             for (int s0 = 0; s0 < steps; s0 += K_CHUNK) {

@@ -99,6 +99,12 @@ class PackedWeight(nn.Module):
         super().__init__()
         assert layout in LAYOUTS
         self.layout, self.shape = layout, tuple(shape)
+        # The C kernels read these buffers by the shape alone: a mismatch would read past their ends.
+        n, k = self.shape
+        expected = {"w": (n, k)} if layout in ("f16", "bf16") else {"qs": (n, k if layout == "q8" else k // 2), "d": (n, k // QK), "m": (n, k // QK)}
+        for name, tensor in parts.items():
+            if tuple(tensor.shape) != expected.get(name):
+                raise ValueError(f"{layout} weight of shape {self.shape}: part {name!r} has shape {tuple(tensor.shape)}, expected {expected.get(name)}")
         for name, tensor in parts.items():
             self.register_buffer(name, tensor, persistent=False)
         self.part_names = tuple(parts)

@@ -84,15 +84,16 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
     return (q.double() * (amax / 127.0).double()).flatten(-2)
 
 
-def packed_weights(rng_seed=5):
-    w = torch.from_numpy(np.random.default_rng(rng_seed).standard_normal((N, K)).astype(np.float32)) * 0.05
+def packed_weights(rng_seed=5, n=N):
+    """The layouts of one random [n, K] matrix (n <= N)."""
+    w = torch.from_numpy(np.random.default_rng(rng_seed).standard_normal((n, K)).astype(np.float32)) * 0.05
     raw, _ = gguf_tensor("Q4_0", np.random.default_rng(rng_seed))
     return {
         "q4 (Q4_1 rule, with minimums)": quantize_int4(w),
-        "q4 (Q4_0, no minimums)": pack_gguf(raw, "Q4_0", (N, K)),
+        "q4 (Q4_0, no minimums)": pack_gguf(raw[: n * (K // 32) * 18], "Q4_0", (n, K)),
         "q8": quantize_int8(w),
-        "f16": PackedWeight("f16", (N, K), {"w": w.half()}),
-        "bf16": PackedWeight("bf16", (N, K), {"w": w.bfloat16()}),
+        "f16": PackedWeight("f16", (n, K), {"w": w.half()}),
+        "bf16": PackedWeight("bf16", (n, K), {"w": w.bfloat16()}),
     }
 
 
@@ -102,7 +103,10 @@ def packed_weights(rng_seed=5):
 def test_kernels_compute_the_product_of_the_stored_numbers(name, rows):
     packed = packed_weights()[name]
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
-    out = packed.matmul(x)
+    assert_product_of_stored_numbers(packed, x, packed.matmul(x))
+
+
+def assert_product_of_stored_numbers(packed, x, out):
     w64 = packed.dequantized().double()
     if packed.layout in ("q4", "q8"):
         # Exactly the integer scheme (int8 activations per block, as llama.cpp), up to float32 sums...
@@ -112,6 +116,29 @@ def test_kernels_compute_the_product_of_the_stored_numbers(name, rows):
         assert relative < 0.02
     else:
         torch.testing.assert_close(out.double(), x.double() @ w64.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 3, 7])
+@pytest.mark.parametrize("name", list(packed_weights()))
+def test_products_do_not_depend_on_the_thread_count(name, threads):
+    """The decode kernels give each thread a range of row groups and let a thread that is done take
+    what is left of the others' (cpu_matmul.c's take_groups). With more threads than this machine's
+    cores, threads fall behind and their groups are taken by others; every output must still be
+    computed exactly once by the same arithmetic: bit-identical to the default thread count, and the
+    float64 product of the stored numbers. 93 rows: a last group of 5 (16-bit) or 1 (q4/q8) rows."""
+    packed = packed_weights(n=93)[name]
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(threads))
+    expected = packed.matmul(x)
+    default = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        outs = [packed.matmul(x) for _ in range(20)]
+    finally:
+        torch.set_num_threads(default)
+    for out in outs:
+        assert torch.equal(out, expected)
+    assert_product_of_stored_numbers(packed, x, outs[0])
 
 
 @pytest.mark.parametrize("name", list(packed_weights()))

@@ -54,8 +54,8 @@ def memory_read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 3) -> float:
 def sustained_read_bandwidth(seconds: float, size_bytes: int = 1 << 30) -> float:
     """Bytes per second that all threads read from a 1 GiB buffer read again and again for at least
     `seconds`: the rate memory keeps up over as long as a decode run lasts, which on a shared machine
-    is below the best single read (measured here: the best of a few 30 ms reads is 5-20% above the
-    mean over 2.5 s taken right after)."""
+    is usually below the best single read (measured here: the best of two 30 ms reads from 3% below
+    to 10% above the mean over the 2.5 s before them)."""
     buffer = torch.ones(size_bytes // 8, dtype=torch.float64)
     reads, start = 0, time.perf_counter()
     while reads == 0 or time.perf_counter() - start < seconds:

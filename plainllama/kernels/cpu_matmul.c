@@ -150,7 +150,9 @@ static inline __m512 scales_for_pair(__m512 s16, int pair, int pair_order) {
  * lines at its start (the first version) stalls on the core's few fill buffers before any
  * arithmetic runs. Measured on the 1B shapes' matrices, products alone, 20 interleaved runs:
  * q8 16.3 -> 21.2 GB/s (median; burst 16 rows ahead -> spread 4 rows ahead), q4 15.8 -> 18.5
- * (q4 is then bound by its unpacking arithmetic); spread 8 or 16 rows ahead gained less. */
+ * (q4 is then bound by its unpacking arithmetic); spread 8 or 16 rows ahead gained less. Prefetching
+ * the same rows 256 B-1 KB ahead instead (what the 16-bit loop does, whose groups are 4-16x larger)
+ * measured 1-2% slower here. */
 #define PREFETCH_ROWS 4
 
 #define ROWS 4 /* weight rows per inner loop: one load of x serves four rows, and four independent

@@ -7,7 +7,7 @@ from test_cli import run_cli
 
 FIELDS = ("load_seconds", "prefill_tokens_per_second", "time_to_first_token_seconds", "decode_tokens_per_second",
           "bytes_per_decoded_token", "achieved_bandwidth_gb_s", "memory_bandwidth_gb_s", "fraction_of_bandwidth",
-          "memory_burst_bandwidth_gb_s", "fraction_of_burst_bandwidth", "peak_rss_mib")
+          "sustained_read_bandwidth_gb_s", "fraction_of_sustained_read_bandwidth", "peak_rss_mib")
 
 
 def test_bench_json_reports_every_figure(model_path):

@@ -124,9 +124,10 @@ def assert_product_of_stored_numbers(packed, x, out):
 def test_products_do_not_depend_on_the_thread_count(name, threads):
     """The decode kernels give each thread a range of row groups and let a thread that is done take
     what is left of the others' (cpu_matmul.c's take_groups). With more threads than this machine's
-    cores, threads fall behind and their groups are taken by others; every output must still be
-    computed exactly once by the same arithmetic: bit-identical to the default thread count, and the
-    float64 product of the stored numbers. 93 rows: a last group of 5 (16-bit) or 1 (q4/q8) rows."""
+    cores, threads are descheduled mid-product and others can take their groups (how often is up to
+    the OS: 20 repeats each); every output must still be computed exactly once by the same
+    arithmetic: bit-identical to the default thread count, and the float64 product of the stored
+    numbers. 93 rows: a last group of 5 (16-bit) or 1 (q4/q8) rows."""
     packed = packed_weights(n=93)[name]
     x = torch.randn(2, K, generator=torch.Generator().manual_seed(threads))
     expected = packed.matmul(x)
@@ -159,6 +160,18 @@ def test_unpacking_kernel_equals_dequantizing(name):
     packed.unpack_rows_bf16(0, N, out)
     # one bfloat16 rounding of the same value (the kernel fuses d*q+m into one FMA)
     torch.testing.assert_close(out.float(), packed.dequantized(), rtol=2**-7, atol=1e-6)
+
+
+def test_parts_that_do_not_match_the_shape_are_refused():
+    """The C kernels read a PackedWeight's buffers by its shape alone, so a part of another shape
+    (which would make them read past its end) is refused when the weight is built."""
+    with pytest.raises(ValueError, match=r"part 'w' has shape \(95, 512\), expected \(96, 512\)"):
+        PackedWeight("f16", (N, K), {"w": torch.zeros(N - 1, K, dtype=torch.float16)})
+    q8 = quantize_int8(torch.zeros(N, K))
+    with pytest.raises(ValueError, match="part 'd'"):
+        PackedWeight("q8", (N, K), {"qs": q8.qs, "d": q8.d[:, :-1]})
+    with pytest.raises(ValueError, match="part 'qs'"):
+        PackedWeight("q4", (N, K), {"qs": q8.qs.view(torch.uint8), "d": q8.d})
 
 
 def test_packed_linear_reshapes_like_nn_linear_and_refuses_conversion():

@@ -98,7 +98,8 @@ class LayerStreamer:
                 self.free.put(slot)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             raise PlainLlamaError(f"cannot allocate the streaming buffers ({STREAM_BUFFERS} x {size / 1e9:.2f} GB): {e}") from None
-        self.in_ram = {i: self._read_into(i, torch.empty(size, dtype=torch.uint8, pin_memory=True)) for i in plan.in_ram}
+        pinned = self.device.type == "cuda"  # page-locked, so the copies to the GPU run asynchronously
+        self.in_ram = {i: self._read_into(i, torch.empty(size, dtype=torch.uint8, pin_memory=pinned)) for i in plan.in_ram}
         self.ready: queue.Queue = queue.Queue()
         self.stats = StreamStats()
         self.on_layer = None  # called after each streamed layer (the CLI's progress line)
@@ -207,9 +208,14 @@ class LayerStreamer:
                 return slot, block
             self.free.put(slot)  # a layer of an interrupted pass: skip ahead to the one wanted
 
-    def give_back(self, slot: Slot) -> None:
+    def finished(self) -> None:
+        """Wait until the GPU has run the layer's kernels. Call it before letting go of the layer or
+        its buffer: what the reader built on its side stream goes back to that stream's memory pool
+        when freed, and the next layer's copy may land there while the main stream still reads it."""
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the layer's kernels are done with its buffer
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def give_back(self, slot: Slot) -> None:
         self.free.put(slot)
 
     def close(self) -> None:
@@ -246,6 +252,7 @@ class StreamedBlock(nn.Module):
         try:
             return block(x, cos, sin, mask, cache, start_pos)
         finally:
+            streamer.finished()
             del block
             streamer.give_back(slot)
             streamer.stats.layers_done += 1

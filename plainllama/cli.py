@@ -203,6 +203,8 @@ def read_prompts(path: str) -> list[str]:
             lines = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
         raise PlainLlamaError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PlainLlamaError(f"{path}: not a text file (byte {e.start} is not UTF-8); expected one prompt per line") from None
     prompts = []
     for number, line in enumerate(lines, 1):
         if line.lstrip().startswith("{"):
@@ -241,10 +243,9 @@ def run_beams(llm, prompt, args) -> int:
     return 0
 
 
-def run_batch(llm, args) -> int:
+def run_batch(llm, prompts: list[str], args) -> int:
     import time
 
-    prompts = read_prompts(args.prompts_file)
     start = time.perf_counter()
     results = llm.generate_batch(prompts, max_new_tokens=args.max_new_tokens, stop=args.stop, **sampling_settings(args))
     seconds = time.perf_counter() - start
@@ -273,11 +274,11 @@ def run_chat(args) -> int:
 
 
 def run_generate(args) -> int:
-
     check_generate_options(args)
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else None  # before a load that may take minutes
     llm = load_model(args)
-    if args.prompts_file:
-        return run_batch(llm, args)
+    if prompts is not None:
+        return run_batch(llm, prompts, args)
     prompt = args.prompt
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]

@@ -147,6 +147,23 @@ def test_prompt_longer_than_context(tmp_path, vocab):
     expect_clean_error(run_cli("generate", "word " * 40, "-m", str(path)), "context holds 16")
 
 
+@pytest.mark.parametrize("content, needle", [
+    (None, "cannot read"),  # no such file
+    (b"", "no prompts"),
+    (b"\n  \n", "no prompts"),
+    (b"\x00\xff\xfe\x89PNG binary", "not a text file"),
+    (b'Hello\n{"prompt": 3\n', "line 2 is not a JSON object"),
+])
+def test_bad_prompts_file(tmp_path, content, needle):
+    """The prompts file is read before the model loads (the model named here does not exist, and
+    the error is about the prompts file)."""
+    prompts = tmp_path / "prompts.txt"
+    if content is not None:
+        prompts.write_bytes(content)
+    result = run_cli("generate", "-m", str(tmp_path / "absent.gguf"), "--prompts-file", str(prompts), "--throughput")
+    expect_clean_error(result, str(prompts), needle)
+
+
 def test_missing_default_model_says_how_to_get_it(monkeypatch):
     import importlib.util
 

@@ -165,18 +165,13 @@ def run_info(args) -> int:
 
 
 def run_convert(args) -> int:
-    import os
-
     import torch
 
     from .devices import DTYPES
-    from .export.hf import write_hf
-    from .export.meta import write_meta
+    from .export import write_folder
     from .formats import open_checkpoint
 
     checkpoint = open_checkpoint(args.src)
-    if os.path.exists(args.dst) and os.listdir(args.dst):
-        raise PlainLlamaError(f"{args.dst}: exists and is not empty; choose a new folder")
     if args.dtype == "auto":
         stored = {t for t in checkpoint.tensor_types.values()}
         dtype = torch.bfloat16 if stored <= {"bfloat16", "bf16", "BF16"} else torch.float16 if stored <= {"float16", "f16", "F16"} else torch.float32
@@ -184,7 +179,7 @@ def run_convert(args) -> int:
         dtype = DTYPES[args.dtype]
     else:
         raise PlainLlamaError(f"--dtype {args.dtype}: expected auto, {', '.join(DTYPES)}")
-    (write_hf if args.to == "hf" else write_meta)(checkpoint, args.dst, dtype)
+    write_folder(checkpoint, args.dst, args.to, dtype)
     print(f"wrote {args.dst} ({args.to}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
     return 0
 

@@ -99,7 +99,7 @@ def test_sentencepiece_vocabulary_to_hf(sentencepiece_model, sentencepiece_gguf,
 def test_convert_refuses_a_non_empty_destination(model_path, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     result = subprocess.run([sys.executable, "-m", "plainllama", "convert", model_path, str(tmp_path), "--to", "hf"], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "not empty" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode != 0 and "not an empty folder" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
@@ -117,3 +117,52 @@ def test_info_for_each_format(converted, model_path):
     assert json.loads(cli("info", str(model_path), "--json").stdout)["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
     text = cli("info", str(model_path)).stdout
     assert "30 layers" in text and "134.5 M" in text
+
+
+def run_convert(*args, preexec_fn=None):
+    return subprocess.run([sys.executable, "-m", "plainllama", "convert", *args], capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+
+
+@pytest.mark.parametrize("to", ["hf", "meta"])
+def test_a_write_that_fails_part_way_leaves_nothing(model_path, tmp_path, to):
+    """A file-size limit (RLIMIT_FSIZE, which Python turns into EFBIG errors, as a full disk would
+    give ENOSPC) stops the ~270 MB weights file after 20 MB: one clean error line, and neither the
+    destination nor a temporary folder is left in the parent."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))
+
+    result = run_convert(model_path, str(tmp_path / "out"), "--to", to, preexec_fn=limit_file_size)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"plainllama: error: {tmp_path / 'out'}: writing failed, nothing was left behind"), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_destinations_that_cannot_be_written(model_path, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for destination, needle in ((a_file, "not an empty folder"), (a_file / "out", "cannot write there")):
+        result = run_convert(model_path, str(destination), "--to", "hf")
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"plainllama: error: {destination}: ") and needle in result.stderr, result.stderr
+    assert a_file.read_text() == "mine"
+
+
+def test_an_empty_destination_folder_is_used(model_path, tmp_path):
+    """An existing empty folder is where the model goes (replaced atomically), with ordinary permissions;
+    the size the free-space check expects is the weights file's size less its JSON header."""
+    import os
+
+    from plainllama.export import output_bytes
+    from plainllama.formats import open_checkpoint
+
+    (tmp_path / "out").mkdir()
+    run_convert(model_path, str(tmp_path / "out"), "--to", "hf").check_returncode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    written = (tmp_path / "out" / "model.safetensors").stat().st_size
+    assert 0 < written - output_bytes(open_checkpoint(model_path), torch.float32) < 64 << 10  # auto: float32 for Q4_1/Q8_0

@@ -24,7 +24,7 @@ from plainllama.export.hf import write_hf
 from plainllama.formats import open_checkpoint
 from plainllama.api import LLM
 from plainllama.loading import WeightBuilder, build_model
-from plainllama.planner import GiB, parse_size, plan_memory, process_rss
+from plainllama.planner import STREAM_BUFFERS, GiB, parse_size, plan_memory, process_rss
 from plainllama.streaming import StreamedBlock
 from gguf_files import write_llama_gguf
 
@@ -103,6 +103,31 @@ def test_generation_batch_and_beams_match_resident(files):
         beams_b = [(x.tokens, round(x.score, 4)) for x in streamed.beam_search("Hello", num_beams=3, max_new_tokens=5, num_return=3)]
         assert beams_a == beams_b
         assert resident.generate("Hi", max_new_tokens=8).tokens == streamed.generate("Hi", max_new_tokens=8).tokens
+    finally:
+        streamed.close()
+
+
+def test_speculative_verification_reads_the_streamed_layers_once_per_pass(files):
+    """A streamed target checks a draft's K tokens in one forward pass, so one read of the streamed
+    layers serves up to K+1 tokens. The draft is the target's own file (resident), so every draft is
+    accepted and the passes are few; the tokens must be the resident target's greedy ones."""
+    resident = build(files["Q8_0"], context=512)
+    draft = build(files["Q8_0"], context=512)
+    streamed = build(files["Q8_0"], layers_resident=1, context=512)
+    try:
+        expected = resident.generate("Once upon a time", max_new_tokens=20).tokens
+        stats, plan = streamed.streamer.stats, streamed.plan
+        bytes_before, layers_before = stats.bytes_read, stats.layers_done
+        result = streamed.generate("Once upon a time", max_new_tokens=20, draft=draft, speculate_k=4)
+        assert result.tokens == expected and result.draft_acceptance == 1.0
+        passes = (stats.layers_done - layers_before) / len(plan.streamed)
+        # the prompt's pass gives the first token, then each pass 5 (4 drafted + 1 of the target's own)
+        assert passes == 1 + -(-19 // 5), passes
+        # each pass read the streamed layers once; the reader may have gone on with the next pass's
+        # first layers (one per buffer)
+        read = stats.bytes_read - bytes_before
+        ahead = STREAM_BUFFERS * max(plan.layers[i].stored for i in plan.streamed)
+        assert passes * plan.stream_bytes <= read <= passes * plan.stream_bytes + ahead, (read, plan.stream_bytes)
     finally:
         streamed.close()
 

@@ -79,6 +79,8 @@ def main() -> None:
                           context=max(args.prompt_tokens + args.decode_tokens, args.batch * (16 + args.batch_new_tokens)),
                           report=lambda text: print(text, file=sys.stderr))
     plan = llm.plan
+    if plan is None or not plan.streamed:
+        sys.exit(f"streaming.py: nothing streams from disk under --max-memory {args.max_memory}: give a smaller budget")
     per_pass = plan.stream_bytes / 1e9
 
     # decode: a short prompt, then one token per pass

@@ -8,6 +8,7 @@ randomly initialised copy of the weights, nor a float32 copy of a bfloat16 model
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -46,6 +47,26 @@ def skip_random_init():
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
+
+
+SMALL_TENSOR_BYTES = 1 << 20
+
+
+def _read_small(sources, name: str) -> torch.Tensor | None:
+    """A small tensor (a norm's weights) read from its file into memory of its own, or None to use
+    the checkpoint's view of the file mapping. The page cache holds a file in folios of up to 2 MiB,
+    and touching one byte through a mapping maps its whole folio into the process, where it counts
+    as the process's memory: the 33 norms of a 16-layer Q4_0 model used in place from the mapping
+    took 40 MiB there, for 130 KB of weights."""
+    where = getattr(sources, "stored", {}).get(name)
+    if where is None or where.nbytes > SMALL_TENSOR_BYTES:
+        return None
+    raw = torch.empty(where.nbytes, dtype=torch.uint8)
+    with open(where.path, "rb", buffering=0) as f:
+        got = os.preadv(f.fileno(), [raw.numpy()], where.offset)
+    if got != where.nbytes:
+        raise PlainLlamaError(f"{where.path}: ended while reading {name} (the file was truncated after it was opened)")
+    return where.decode(raw)
 
 
 def _packed_weight(checkpoint: Checkpoint, name: str, shape: tuple[int, int], weights: str) -> PackedWeight | None:
@@ -134,7 +155,8 @@ class WeightBuilder:
         def as_float(name):
             source = sources.tensors[name]
             if source not in shared:
-                stored = source()
+                small = _read_small(sources, name)
+                stored = source() if small is None else small
                 shared[source] = stored.to(device=self.device, dtype=self.dtype)
                 release(stored, shared[source])  # the stored bytes are not needed any more
             return shared[source]

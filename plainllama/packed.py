@@ -283,15 +283,31 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
     blocks = raw.view(-1, block_bytes)
     nb = K // QK
     if type_name == "Q4_0":  # d, qs[16]
-        return PackedWeight("q4", shape, {"qs": blocks[:, 2:18].reshape(N, K // 2).clone(), "d": _half_field(blocks, 0).reshape(N, nb)})
+        return PackedWeight("q4", shape, {"qs": blocks[:, 2:18].contiguous().view(N, K // 2), "d": _half_field(blocks, 0).reshape(N, nb)})
     if type_name == "Q4_1":  # d, m, qs[16]
-        parts = {"qs": blocks[:, 4:20].reshape(N, K // 2).clone(), "d": _half_field(blocks, 0).reshape(N, nb), "m": _half_field(blocks, 2).reshape(N, nb)}
+        parts = {"qs": blocks[:, 4:20].contiguous().view(N, K // 2), "d": _half_field(blocks, 0).reshape(N, nb), "m": _half_field(blocks, 2).reshape(N, nb)}
         return PackedWeight("q4", shape, parts)
     if type_name == "Q8_0":  # d, qs[32]
         return PackedWeight("q8", shape, {"qs": blocks[:, 2:34].contiguous().view(torch.int8).reshape(N, K), "d": _half_field(blocks, 0).reshape(N, nb)})
     if type_name == "Q4_K":
         return _pack_q4_k(blocks, shape)
-    return quantize_int8(dequantize(raw, type_name, shape))
+    return quantize_int8(GGUFRows(raw, type_name, shape))
+
+
+class GGUFRows:
+    """A block-quantized GGUF matrix [N, K] whose rows are dequantized only when sliced, so that
+    quantize_int8 requantizes a type without a packed layout of its own a slice of rows at a time
+    (dequantized whole, the 100M-weight Q6_K output matrix of a Llama-3.2-1B-shaped file took
+    1 GB of float32 temporaries, beyond what the memory planner allows for)."""
+
+    def __init__(self, raw: torch.Tensor, type_name: str, shape: tuple[int, int]):
+        per_block, block_bytes, _ = BLOCK_FORMATS[type_name]
+        self.raw, self.type_name, self.shape = raw, type_name, shape
+        self.row_bytes = shape[1] // per_block * block_bytes  # ggml rows are whole blocks
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:  # -> float32 [rows, K]
+        start, stop, _ = rows.indices(self.shape[0])
+        return dequantize(self.raw[start * self.row_bytes : stop * self.row_bytes], self.type_name, (stop - start, self.shape[1]))
 
 
 def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
@@ -321,7 +337,7 @@ QUANTIZE_CHUNK = 1 << 20  # weights quantized at a time: whole-matrix temporarie
 # embedding were several float32 copies of it (peak RSS 12 GiB loading an 8B model as int8)
 
 
-def _by_rows(weight: torch.Tensor, parts: dict[str, tuple[tuple[int, ...], torch.dtype]], quantize_rows) -> dict[str, torch.Tensor]:
+def _by_rows(weight: "torch.Tensor | GGUFRows", parts: dict[str, tuple[tuple[int, ...], torch.dtype]], quantize_rows) -> dict[str, torch.Tensor]:
     """Quantize `weight` [N, K] a slice of rows at a time into preallocated outputs: `parts` names each
     output's shape per row and dtype; quantize_rows(rows float32) returns that slice of each."""
     N, K = weight.shape
@@ -333,7 +349,7 @@ def _by_rows(weight: torch.Tensor, parts: dict[str, tuple[tuple[int, ...], torch
     return out
 
 
-def quantize_int8(weight: torch.Tensor) -> PackedWeight:
+def quantize_int8(weight: "torch.Tensor | GGUFRows") -> PackedWeight:
     """[N, K] floats -> q8 by ggml's reference Q8_0 rule: per block of 32, d = max|w| / 127,
     q = w / d rounded half away from zero; d stored as float16."""
     N, K = weight.shape

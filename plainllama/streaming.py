@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import PlainLlamaError
 from .decode_block import kernel_block
-from .memory import forget, keep
+from .memory import forget, give_freed_memory_back, keep
 from .planner import STREAM_BUFFERS
 
 ALIGN = 64  # each tensor starts at a multiple of this in a buffer: aligned for every dtype and the kernels
@@ -84,6 +84,7 @@ class StreamStats:
 class LayerStreamer:
     def __init__(self, builder, plan):
         self.builder, self.plan = builder, plan
+        give_freed_memory_back()  # before anything is built: the plan counts on freed memory leaving
         self.checkpoint = builder.checkpoint
         self.device = builder.device
         self.raw_names = set(self.checkpoint.raw_tensors)  # the checkpoint's own handles go once the model is built

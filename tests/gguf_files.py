@@ -61,12 +61,13 @@ def default_vocabulary() -> dict:
 
 def write_llama_gguf(
     path, vocab: dict, *, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512, context_length=512,
-    matrix_type="F32", embedding_type="F32", tied=False, seed=0, rope_freqs=None, extra_metadata=None,
+    matrix_type="F32", embedding_type="F32", output_type=None, tied=False, seed=0, rope_freqs=None, extra_metadata=None,
     architecture="llama", skip_tensors=(), override_shapes=None, tensor_types=None,
 ):
     """A random-weight Llama model in GGUF. `vocab`: dict as from default_vocabulary() or a
     SentencePiece vocabulary (model "llama" with scores). `tensor_types`: {"attn_v.weight": "Q8_0", ...}
-    gives the layer tensors ending so another type, as llama.cpp's mixed "_M" files do."""
+    gives the layer tensors ending so another type, as llama.cpp's mixed "_M" files do; `output_type`
+    the output projection's (default: the embedding's)."""
     rng = np.random.default_rng(seed)
     V = len(vocab["tokens"])
     head_dim = dim // n_heads
@@ -109,7 +110,7 @@ def write_llama_gguf(
         "output_norm.weight": ((dim,), "F32"),
     }
     if not tied:
-        shapes["output.weight"] = ((V, dim), embedding_type)
+        shapes["output.weight"] = ((V, dim), output_type or embedding_type)
     for i in range(n_layers):
         shapes[f"blk.{i}.attn_norm.weight"] = ((dim,), "F32")
         shapes[f"blk.{i}.ffn_norm.weight"] = ((dim,), "F32")

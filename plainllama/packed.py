@@ -266,8 +266,20 @@ class PackedEmbedding(nn.Module):
 # ---- from stored GGUF blocks -----------------------------------------------------------------
 
 
+def _field(blocks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Bytes start..stop of every block, copied out: [n, stop - start] uint8. Copied as the widest
+    integers the layout allows: a byte-wise copy of 16 of every 18 bytes ran at 3 GB/s, as 8 int16
+    at 5 GB/s, and a 2-byte field 8x faster as one int16 (this copy is most of the work of turning
+    a streamed Q4_0 layer's bytes into the kernels' layout)."""
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = dtype.itemsize
+        if blocks.shape[1] % size == 0 and start % size == 0 and stop % size == 0 and blocks.data_ptr() % size == 0:
+            return blocks.view(dtype)[:, start // size : stop // size].contiguous().view(torch.uint8)
+    return blocks[:, start:stop].contiguous()
+
+
 def _half_field(blocks: torch.Tensor, offset: int) -> torch.Tensor:
-    return blocks[:, offset : offset + 2].contiguous().view(torch.float16)  # [n, 1]
+    return _field(blocks, offset, offset + 2).view(torch.float16)  # [n, 1]
 
 
 def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> PackedWeight | None:
@@ -283,12 +295,12 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
     blocks = raw.view(-1, block_bytes)
     nb = K // QK
     if type_name == "Q4_0":  # d, qs[16]
-        return PackedWeight("q4", shape, {"qs": blocks[:, 2:18].contiguous().view(N, K // 2), "d": _half_field(blocks, 0).reshape(N, nb)})
+        return PackedWeight("q4", shape, {"qs": _field(blocks, 2, 18).view(N, K // 2), "d": _half_field(blocks, 0).reshape(N, nb)})
     if type_name == "Q4_1":  # d, m, qs[16]
-        parts = {"qs": blocks[:, 4:20].contiguous().view(N, K // 2), "d": _half_field(blocks, 0).reshape(N, nb), "m": _half_field(blocks, 2).reshape(N, nb)}
+        parts = {"qs": _field(blocks, 4, 20).view(N, K // 2), "d": _half_field(blocks, 0).reshape(N, nb), "m": _half_field(blocks, 2).reshape(N, nb)}
         return PackedWeight("q4", shape, parts)
     if type_name == "Q8_0":  # d, qs[32]
-        return PackedWeight("q8", shape, {"qs": blocks[:, 2:34].contiguous().view(torch.int8).reshape(N, K), "d": _half_field(blocks, 0).reshape(N, nb)})
+        return PackedWeight("q8", shape, {"qs": _field(blocks, 2, 34).view(torch.int8).reshape(N, K), "d": _half_field(blocks, 0).reshape(N, nb)})
     if type_name == "Q4_K":
         return _pack_q4_k(blocks, shape)
     return quantize_int8(GGUFRows(raw, type_name, shape))

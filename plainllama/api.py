@@ -18,21 +18,21 @@ from typing import Iterator
 
 import torch
 
-from . import kernels
+from .engine.cpu import kernels
 from .chat_format import chat_format_for
 from .default_model import default_model_path
-from .devices import pick_device, pick_dtype
-from .compiled import compile_decode
+from .engine.devices import pick_device, pick_dtype
+from .engine.compiled import compile_decode
 from .errors import PlainLlamaError
 from .formats import Checkpoint, open_checkpoint
-from .batch import generate_batch
-from .beam import Beam, beam_search
-from .generate import GenerationState, Timings, TokenLogprob, check_prompt, generate_tokens
-from .loading import WeightBuilder, build_model
-from .planner import MemoryPlan, parse_size, plan_memory
+from .generation.batch import generate_batch
+from .generation.beam import Beam, beam_search
+from .generation.generate import GenerationState, Timings, TokenLogprob, check_prompt, generate_tokens
+from .engine.loading import WeightBuilder, build_model
+from .engine.planner import MemoryPlan, parse_size, plan_memory
 from .model import Transformer
 from .sampling import Sampler, SamplingSettings
-from .speculative import speculative_tokens
+from .generation.speculative import speculative_tokens
 from .tokenizer import Tokenizer
 
 
@@ -125,7 +125,7 @@ class LLM:
     @property
     def streamer(self):
         """The layer reader when some layers stream from disk (streaming.py), else None."""
-        from .streaming import StreamedBlock
+        from .engine.streaming import StreamedBlock
 
         for layer in self.model.layers:
             if isinstance(layer, StreamedBlock):
@@ -168,8 +168,7 @@ class LLM:
         self, prompt: str | list[int], max_new_tokens: int = 128, stop=(), logprobs: int | None = None,
         draft: "LLM | None" = None, speculate_k: int = 4, **sampling,
     ) -> GenerationStream:
-        """Stream the continuation of `prompt`. `sampling`: temperature, top_k, top_p, min_p,
-        typical_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias, seed.
+        """Stream the continuation of `prompt`. `sampling`: the fields of SamplingSettings (sampling.py).
         `stop`: strings that end the text; `logprobs`: record N alternatives per token; `draft`:
         a smaller model with the same vocabulary for speculative decoding, `speculate_k` tokens ahead."""
         sampler = Sampler(self.sampling_settings(sampling))
@@ -184,7 +183,7 @@ class LLM:
     def trace(self, prompt: str | list[int], max_new_tokens: int = 0, top_k: int = 5, **sampling):
         """What happens inside: tokens, per-layer residual norms, attention weights and logit lens,
         and per generated step the candidates (see tracing.py)."""
-        from .tracing import trace
+        from .inspection.tracing import trace
 
         return trace(self, prompt, max_new_tokens, top_k, **sampling)
 

@@ -28,18 +28,25 @@ from .errors import PlainLlamaError
 NEG_INF = float("-inf")
 
 
+def _setting(default, type, help: str, factory=None):
+    """A sampling setting: its default, and its command-line type and help (cli/options.py builds
+    the flags from these fields, so a setting is named in one place)."""
+    metadata = {"type": type, "help": help}
+    return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
+
+
 @dataclass
 class SamplingSettings:
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    seed: int | None = None
+    temperature: float = _setting(0.0, float, "0 is greedy (the default); higher is more random")
+    top_k: int | None = _setting(None, int, "sample only from the k most likely tokens")
+    top_p: float | None = _setting(None, float, "sample only from the smallest set of tokens with this much probability")
+    min_p: float | None = _setting(None, float, "drop tokens less likely than this fraction of the most likely one")
+    typical_p: float | None = _setting(None, float, "locally typical sampling with this probability mass")
+    repetition_penalty: float | None = _setting(None, float, "above 1 discourages tokens already in the text")
+    frequency_penalty: float = _setting(0.0, float, "subtract this times each token's count so far")
+    presence_penalty: float = _setting(0.0, float, "subtract this from every token generated so far")
+    logit_bias: dict[int, float] = _setting(None, dict, "ID:BIAS[,ID:BIAS...] added to those tokens' logits", factory=dict)
+    seed: int | None = _setting(None, int, "make sampling repeatable")
 
     def check(self, vocab_size: int | None = None) -> None:
         if self.temperature < 0:

@@ -15,15 +15,17 @@ import pytest
 import torch
 
 import plainllama
-from plainllama import decode_block, kernels, packed
+from plainllama.engine.cpu import decode_block
+from plainllama.engine.cpu import kernels
+from plainllama.engine.cpu import packed
 from plainllama import model as model_py
-from plainllama.decode_block import KernelBlock
+from plainllama.engine.cpu.decode_block import KernelBlock
 from plainllama.default_model import default_model_path
 from plainllama.export.hf import write_hf
 from plainllama.formats import open_checkpoint
-from plainllama.loading import build_model
+from plainllama.engine.loading import build_model
 from plainllama.model import KVCache, TransformerBlock, causal_mask, rotary_cos_sin
-from plainllama.packed import StackedLinear
+from plainllama.engine.cpu.packed import StackedLinear
 from gguf_files import write_llama_gguf
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C kernels cannot be built on this machine (no compiler or no AVX-512 VNNI)")

@@ -12,7 +12,7 @@ import plainllama
 from gguf_files import truncated_copy
 from plainllama import PlainLlamaError
 from plainllama.sampling import Sampler, SamplingSettings
-from plainllama.speculative import accept_or_correct
+from plainllama.generation.speculative import accept_or_correct
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from gguf_files import random_blocks
-from plainllama.quants import BLOCK_FORMATS, dequantize
+from plainllama.formats.gguf_quants import BLOCK_FORMATS, dequantize
 
 
 @pytest.mark.parametrize("type_name", sorted(BLOCK_FORMATS))

@@ -98,7 +98,7 @@ def test_context_limit(tmp_path, vocab):
 
 
 def test_kv_cache_is_sized_to_the_request(llm, monkeypatch):
-    from plainllama import generate as generation
+    from plainllama.generation import generate as generation
     sizes = []
     real = generation.KVCache
 

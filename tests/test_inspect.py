@@ -107,7 +107,7 @@ def test_html_report_in_a_real_browser(llm, traced, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    from plainllama.report import write_report
+    from plainllama.inspection.report import write_report
 
     path = tmp_path / "report.html"
     write_report(traced, llm.tokenizer, str(path), PROMPT)

@@ -12,9 +12,9 @@ from gguf import GGMLQuantizationType, quants
 
 import plainllama
 from gguf_files import random_blocks, write_llama_gguf
-from plainllama import kernels
-from plainllama.packed import PackedEmbedding, PackedLinear, PackedWeight, pack_gguf, quantize_int4, quantize_int8
-from plainllama.quants import BLOCK_FORMATS
+from plainllama.engine.cpu import kernels
+from plainllama.engine.cpu.packed import PackedEmbedding, PackedLinear, PackedWeight, pack_gguf, quantize_int4, quantize_int8
+from plainllama.formats.gguf_quants import BLOCK_FORMATS
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C kernels need x86-64 with AVX-512 VNNI and a C compiler")
 

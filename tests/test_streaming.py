@@ -23,9 +23,9 @@ from plainllama.errors import PlainLlamaError
 from plainllama.export.hf import write_hf
 from plainllama.formats import open_checkpoint
 from plainllama.api import LLM
-from plainllama.loading import WeightBuilder, build_model
-from plainllama.planner import STREAM_BUFFERS, GiB, parse_size, plan_memory, process_rss
-from plainllama.streaming import StreamedBlock
+from plainllama.engine.loading import WeightBuilder, build_model
+from plainllama.engine.planner import STREAM_BUFFERS, GiB, parse_size, plan_memory, process_rss
+from plainllama.engine.streaming import StreamedBlock
 from gguf_files import write_llama_gguf
 
 SHAPE = dict(dim=256, n_layers=10, n_heads=8, n_kv_heads=4, hidden_dim=768, context_length=512)
@@ -171,7 +171,7 @@ def test_peak_rss_stays_under_the_budget(model, request):
     path = request.getfixturevalue(model)
     script = textwrap.dedent(f"""
         import json, plainllama
-        from plainllama.planner import process_rss
+        from plainllama.engine.planner import process_rss
         budget = process_rss() + (200 << 20)
         llm = plainllama.load({str(path)!r}, device="cpu", max_memory=budget, context=256)
         out = llm.generate("Once upon a time", max_new_tokens=4)
@@ -289,7 +289,7 @@ def test_gpu_streaming_matches_all_gpu(files):
 def test_max_memory_cannot_exceed_the_machine(files):
     """--max-memory caps the budget; a cap above the machine's memory is held to what it has
     (/proc/meminfo's MemAvailable), so the plan never counts on memory the OS would kill us for."""
-    from plainllama.planner import available_ram
+    from plainllama.engine.planner import available_ram
 
     builder = WeightBuilder(open_checkpoint(files["Q8_0"]), torch.float32, torch.device("cpu"), "packed")
     huge = plan_memory(builder, 1 << 40, None, 256)

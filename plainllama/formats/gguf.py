@@ -25,7 +25,7 @@ import torch
 
 from ..errors import PlainLlamaError
 from ..model import ModelArgs
-from ..quants import SUPPORTED_TYPES, byte_size, dequantize
+from .gguf_quants import SUPPORTED_TYPES, byte_size, dequantize
 from ..tokenizer import BytePairEncoding, SentencePieceBPE, Tokenizer
 from ..tokenizer.pretokenize import pre_tokenizer_for
 from .checkpoint import Checkpoint, StoredTensor, expected_shapes

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from .errors import PlainLlamaError
+from ..errors import PlainLlamaError
 from .generate import GenerationState, budget_spent, check_prompt, device_and_dtype, take_token
-from .model import KVCache, Transformer
-from .sampling import Sampler
+from ..model import KVCache, Transformer
+from ..sampling import Sampler
 
 
 def accept_or_correct(p: torch.Tensor, q: torch.Tensor, drafted: list[int], sampler: Sampler) -> list[int]:

@@ -4,8 +4,11 @@ lens of the last prompt position, in the terminal; `--html` writes the interacti
 from __future__ import annotations
 
 import json
+import sys
 
-from .report import write_report
+from ..errors import PlainLlamaError
+from ..inspection.report import write_report
+from .options import load_model
 
 
 def show(text: str) -> str:
@@ -39,3 +42,13 @@ def run_inspect(llm, prompt: str, max_new_tokens: int, top_k: int, html_path: st
     if html_path:
         write_report(trace, llm.tokenizer, html_path, f"{prompt} ({llm.checkpoint.name or llm.checkpoint.path})")
     return format_trace(trace, llm.tokenizer)
+
+
+def run_command(args) -> int:
+    if args.top_k < 1:
+        raise PlainLlamaError(f"--top-k must be >= 1, got {args.top_k}")
+    llm = load_model(args)
+    print(run_inspect(llm, args.prompt, args.max_new_tokens, args.top_k, args.html, args.chat))
+    if args.html:
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0

@@ -8,16 +8,17 @@ Prefill is a forward pass over the whole prompt; time to first token is that plu
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
 from torch import nn
 
-from . import kernels
-from .api import LLM, load
-from .errors import PlainLlamaError
-from .model import KVCache
-from .packed import PackedEmbedding, PackedLinear
+from ..engine.cpu import kernels
+from ..api import LLM, load
+from ..errors import PlainLlamaError
+from ..model import KVCache
+from ..engine.cpu.packed import PackedEmbedding, PackedLinear
 
 # Any real text: the prompt is this, repeated and cut to the requested length.
 PROMPT_TEXT = (
@@ -205,3 +206,13 @@ def format_table(r: dict) -> str:
     rows.append(("peak RSS", f"{r['peak_rss_mib']:.0f} MiB"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run_command(args) -> int:
+    from .options import load_options
+
+    if args.prompt_tokens < 1 or args.decode_tokens < 2 or args.repeats < 1:
+        raise PlainLlamaError("bench needs --prompt-tokens >= 1, --decode-tokens >= 2 and --repeats >= 1")
+    result = run(args.model, args.prompt_tokens, args.decode_tokens, args.repeats, **load_options(args))
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0

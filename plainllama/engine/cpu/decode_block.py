@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .model import TransformerBlock
+from ...model import TransformerBlock
 from .packed import DIRECT_ROWS, LAYOUT_CODES, PackedLinear, StackedLinear, _bf16_products_fast
 
 

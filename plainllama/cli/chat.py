@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from .chat_format import Message
-from .errors import PlainLlamaError
+from ..chat_format import Message
+from ..errors import PlainLlamaError
+from .options import load_model, sampling_settings
 
 HELP = "Type a message. /reset clears the conversation, /bye or Ctrl+D ends it, Ctrl+C stops an answer."
 
@@ -78,3 +79,8 @@ def run_chat(llm, system: str | None, max_new_tokens: int, sampling: dict, stop=
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append(Message("assistant", "".join(pieces)))
+
+
+def run_command(args) -> int:
+    llm = load_model(args)
+    return run_chat(llm, args.system, args.max_new_tokens, sampling_settings(args), args.stop)

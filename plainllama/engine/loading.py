@@ -14,16 +14,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import PlainLlamaError
-from .formats import Checkpoint
-from .formats.checkpoint import expected_shapes
+from ..errors import PlainLlamaError
+from ..formats import Checkpoint
+from ..formats.checkpoint import expected_shapes
 from .memory import release
-from .decode_block import kernel_block
-from .model import FUSED, Transformer, TransformerBlock, fused_name
-from .packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, can_quantize, held_nbytes, quantizes_gguf, joined, pack_gguf,
+from .cpu.decode_block import kernel_block
+from ..model import FUSED, Transformer, TransformerBlock, fused_name
+from .cpu.packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, can_quantize, held_nbytes, quantizes_gguf, joined, pack_gguf,
                      quantize_int4, quantize_int8)
 from .planner import MemoryPlan
-from .quants import dequantize
+from ..formats.gguf_quants import dequantize
 from .streaming import LayerStreamer
 
 # How the weight matrices are held (see packed.py):

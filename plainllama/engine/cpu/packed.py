@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .quants import BLOCK_FORMATS, QK, _k_scales_mins, dequantize
+from ...formats.gguf_quants import BLOCK_FORMATS, QK, _k_scales_mins, dequantize
 
 LAYOUTS = ("q4", "q8", "f16", "bf16")
 LAYOUT_CODES = {"q4": 0, "q8": 1, "f16": 2, "bf16": 3}  # as the C kernels number them

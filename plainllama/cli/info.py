@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
-from .formats import Checkpoint
-from .formats.checkpoint import expected_shapes
-from .tokenizer import BytePairEncoding, SentencePieceBPE
-from .tokenizer.sentencepiece import SentencePieceModelFile
-from .tokenizer.tiktoken_bpe import TiktokenBPE
+from ..default_model import default_model_path
+from ..formats import Checkpoint, open_checkpoint
+from ..formats.checkpoint import expected_shapes
+from ..tokenizer import BytePairEncoding, SentencePieceBPE
+from ..tokenizer.sentencepiece import SentencePieceModelFile
+from ..tokenizer.tiktoken_bpe import TiktokenBPE
 
 GIB = 1024**3
 
@@ -85,3 +87,9 @@ def format_text(info: dict) -> str:
     ]
     lines += [f"  note          {n}" for n in info["notes"]]
     return "\n".join(lines)
+
+
+def run_command(args) -> int:
+    info = describe(open_checkpoint(args.model or default_model_path()))
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import PlainLlamaError
-from .model import KVCache, Transformer
-from .sampling import Sampler
+from ..errors import PlainLlamaError
+from ..model import KVCache, Transformer
+from ..sampling import Sampler
 
 
 def device_and_dtype(model: Transformer) -> tuple[torch.device, torch.dtype]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import PlainLlamaError
+from ..errors import PlainLlamaError
 
 GiB = 1 << 30
 DEFAULT_CONTEXT = 2048  # tokens of KV cache reserved when the caller does not say (Ollama's long-standing default)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import PlainLlamaError
+from ..errors import PlainLlamaError
 from .generate import check_prompt, device_and_dtype
-from .model import KVCache, Transformer
+from ..model import KVCache, Transformer
 
 NEG = -1.0e9
 

@@ -28,8 +28,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from .errors import PlainLlamaError
-from .decode_block import kernel_block
+from ..errors import PlainLlamaError
+from .cpu.decode_block import kernel_block
 from .memory import forget, give_freed_memory_back, keep
 from .planner import STREAM_BUFFERS
 

@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-from . import kernels
-from .model import Transformer
+from .cpu import kernels
+from ..model import Transformer
 
 
 def compile_decode(model: Transformer) -> Transformer:

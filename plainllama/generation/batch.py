@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from .errors import PlainLlamaError
+from ..errors import PlainLlamaError
 from .generate import GenerationState, check_prompt, device_and_dtype
-from .model import KVCache, Transformer
-from .sampling import Sampler, SamplingSettings
+from ..model import KVCache, Transformer
+from ..sampling import Sampler, SamplingSettings
 
 
 def generate_batch(

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 
+from dataclasses import replace
+
 import torch
 
 import plainllama
@@ -43,19 +45,19 @@ def widened(folder: str, factor: int = 4) -> str:
     old = checkpoint.args.hidden_dim
     checkpoint.args.hidden_dim = old * factor
 
-    def pad(source, dim):
+    def pad(record, dim):
         def load():
-            t = source()
+            t = record.load()
             shape = list(t.shape)
             shape[dim] = old * (factor - 1)
             return torch.cat([t, torch.zeros(shape, dtype=t.dtype)], dim=dim)
         return load
 
-    for name, source in list(checkpoint.tensors.items()):
+    for name, record in list(checkpoint.tensors.items()):
         if name.endswith(("feed_forward.w1.weight", "feed_forward.w3.weight")):
-            checkpoint.tensors[name] = pad(source, 0)
+            checkpoint.tensors[name] = replace(record, load=pad(record, 0), raw=None, stored=None)
         elif name.endswith("feed_forward.w2.weight"):
-            checkpoint.tensors[name] = pad(source, 1)
+            checkpoint.tensors[name] = replace(record, load=pad(record, 1), raw=None, stored=None)
     write_meta(checkpoint, folder, torch.float32)
     return folder
 

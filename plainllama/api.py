@@ -281,10 +281,10 @@ def load(path: str | None = None, device: str = "auto", dtype: str = "auto", qua
     if report is not None and (plan.explicit or plan.streamed or plan.in_ram):
         report(plan.summary())
     model = build_model(checkpoint, torch_dtype, torch_device, weights, plan)
-    # The model now holds every weight; dropping the loader's handles releases the source files'
-    # memory maps (and any converted copies) instead of keeping them alive beside the model.
-    # (Streamed layers keep the builder, which needs only the checkpoint's `stored` byte ranges.)
-    checkpoint.tensors, checkpoint.raw_tensors = {}, {}
+    # The model now holds every weight: the loader's handles go, releasing the source files' memory
+    # maps (and any converted copies) instead of keeping them alive beside the model. (Streamed
+    # layers need only the records' byte ranges, which stay.)
+    checkpoint.release_tensors()
     if compile:
         compile_decode(model)
     return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, time.perf_counter() - start, plan)

@@ -15,8 +15,8 @@ from ..formats import open_checkpoint
 def run_command(args) -> int:
     checkpoint = open_checkpoint(args.src)
     if args.dtype == "auto":
-        stored = {t for t in checkpoint.tensor_types.values()}
-        dtype = torch.bfloat16 if stored <= {"bfloat16", "bf16", "BF16"} else torch.float16 if stored <= {"float16", "f16", "F16"} else torch.float32
+        stored = {t.type for t in checkpoint.tensors.values()}
+        dtype = torch.bfloat16 if stored == {"BF16"} else torch.float16 if stored == {"F16"} else torch.float32
     elif args.dtype in DTYPES:
         dtype = DTYPES[args.dtype]
     else:

@@ -35,7 +35,7 @@ def describe(checkpoint: Checkpoint) -> dict:
     kv_bytes_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2  # keys and values, 16-bit
     tok = checkpoint.tokenizer
     chat = "jinja template" if checkpoint.chat_template else checkpoint.chat_format or "none"
-    types = Counter(t for name, t in checkpoint.tensor_types.items() if not (args.tie_embeddings and name == "output.weight"))
+    types = Counter(t.type for name, t in checkpoint.tensors.items() if not (args.tie_embeddings and name == "output.weight"))
     return {
         "path": checkpoint.path,
         "format": checkpoint.format,

@@ -16,12 +16,12 @@ from torch import nn
 
 from ..errors import PlainLlamaError
 from ..formats import Checkpoint
-from ..formats.checkpoint import expected_shapes
+from ..formats.checkpoint import CheckpointTensor, expected_shapes
 from .memory import release
 from .cpu.decode_block import kernel_block
 from ..model import FUSED, Transformer, TransformerBlock, fused_name
-from .cpu.packed import (PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, can_quantize, held_nbytes, quantizes_gguf, joined, pack_gguf,
-                     quantize_int4, quantize_int8)
+from .cpu.packed import (Holding, PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, holding, joined, pack_gguf, quantize_int4,
+                         quantize_int8)
 from .planner import MemoryPlan
 from ..formats.gguf_quants import dequantize
 from .streaming import LayerStreamer
@@ -52,45 +52,38 @@ def skip_random_init():
 SMALL_TENSOR_BYTES = 1 << 20
 
 
-def _read_small(sources, name: str) -> torch.Tensor | None:
+def _read_small(record: CheckpointTensor) -> torch.Tensor | None:
     """A small tensor (a norm's weights) read from its file into memory of its own, or None to use
     the checkpoint's view of the file mapping. The page cache holds a file in folios of up to 2 MiB,
     and touching one byte through a mapping maps its whole folio into the process, where it counts
     as the process's memory: the 33 norms of a 16-layer Q4_0 model used in place from the mapping
     took 40 MiB there, for 130 KB of weights."""
-    where = getattr(sources, "stored", {}).get(name)
+    where = record.stored
     if where is None or where.nbytes > SMALL_TENSOR_BYTES:
         return None
     raw = torch.empty(where.nbytes, dtype=torch.uint8)
     with open(where.path, "rb", buffering=0) as f:
         got = os.preadv(f.fileno(), [raw.numpy()], where.offset)
     if got != where.nbytes:
-        raise PlainLlamaError(f"{where.path}: ended while reading {name} (the file was truncated after it was opened)")
+        raise PlainLlamaError(f"{where.path}: ended while reading a tensor (the file was truncated after it was opened)")
     return where.decode(raw)
 
 
-def _packed_weight(checkpoint: Checkpoint, name: str, shape: tuple[int, int], weights: str) -> PackedWeight | None:
-    """The [N, K] matrix `name` in a packed layout, or None to keep it as a float tensor.
-    (`checkpoint`: or any object with its tensors, raw_tensors and tensor_types.)"""
-    raw = name in checkpoint.raw_tensors and not quantizes_gguf(checkpoint.tensor_types[name], shape, weights)
-    if raw:  # GGUF: quantized blocks and 16-bit floats as stored
-        raw = checkpoint.raw_tensors[name]()
-        packed = pack_gguf(raw, checkpoint.tensor_types[name], shape)
-        if packed is not None:
-            release(raw, next(iter(packed.buffers())))
-            return packed
-    if weights in ("int8", "int4") and can_quantize(shape):
-        if name in checkpoint.raw_tensors:  # a float GGUF tensor: its file bytes, quantized a slice at a time
-            stored = dequantize(checkpoint.raw_tensors[name](), checkpoint.tensor_types[name], shape)
-        else:
-            stored = checkpoint.tensors[name]()
-        packed = (quantize_int8 if weights == "int8" else quantize_int4)(stored)
+def _packed_weight(record: CheckpointTensor, held: Holding, shape: tuple[int, int]) -> PackedWeight | None:
+    """The [N, K] matrix in the packed layout `held` says, or None where it stays a float tensor."""
+    if held.how == "gguf":  # GGUF: quantized blocks and 16-bit floats as stored
+        raw = record.raw()
+        packed = pack_gguf(raw, record.type, shape)
+        release(raw, next(iter(packed.buffers())))
+        return packed
+    if held.how == "quantize":
+        # a float GGUF tensor: its file bytes, quantized a slice at a time
+        stored = dequantize(record.raw(), record.type, shape) if record.raw is not None else record.load()
+        packed = (quantize_int8 if held.layout == "q8" else quantize_int4)(stored)
         release(stored, packed.qs)  # the source pages: not needed any more
         return packed
-    stored = checkpoint.tensors[name]()
-    half_layouts = {torch.float16: "f16", torch.bfloat16: "bf16"}
-    if stored.dtype in half_layouts and stored.shape[1] % 32 == 0:
-        return PackedWeight(half_layouts[stored.dtype], tuple(stored.shape), {"w": stored})
+    if held.how == "half":
+        return PackedWeight(held.layout, shape, {"w": record.load()})
     return None
 
 
@@ -139,33 +132,43 @@ class WeightBuilder:
         prefix = f"layers.{i}."
         return {t: names for t, names in self.groups.items() if t.startswith(prefix)}
 
+    def holding(self, record: CheckpointTensor, name: str) -> Holding:
+        return holding(record.type, self.shapes[name], self.weights, self.dtype, record.raw is not None)
+
     def held_nbytes(self, names: list[str]) -> tuple[int, bool]:
         """(bytes these checkpoint tensors take once built, whether all of them are their stored bytes)."""
-        sizes = [held_nbytes(self.checkpoint.tensor_types[n], self.shapes[n], self.weights, self.dtype, n in self.checkpoint.raw_tensors)
-                 for n in names]
-        return sum(size for size, _ in sizes), all(as_stored for _, as_stored in sizes)
+        held = [self.holding(self.checkpoint.tensors[n], n) for n in names]
+        return sum(h.nbytes for h in held), all(h.as_stored for h in held)
+
+    def packs_as_one_matrix(self, names: list[str], sources=None) -> bool:
+        """Whether the parts of a stacked matrix (q, k, v) are packed as one matrix straight from
+        their GGUF blocks: two or more parts of one type, each held "gguf". (When streamed, their
+        blocks then lie one after another in the read buffer: _pack_stacked_raw.)"""
+        records = [(sources or self.checkpoint).tensors[n] for n in names]
+        return (len(names) > 1 and len({r.type for r in records}) == 1
+                and all(self.holding(r, n).how == "gguf" for r, n in zip(records, names)))
 
     def fill(self, module: nn.Module, groups: dict[str, list[str]], sources, prefix: str = "", shared: dict | None = None) -> None:
-        """Build the model tensors `groups` from `sources` (anything with a checkpoint's tensors,
-        raw_tensors and tensor_types) and put them into `module`, whose names are relative to
+        """Build the model tensors `groups` from `sources` (anything with a checkpoint's `tensors`
+        records) and put them into `module`, whose names are relative to
         `prefix`. `shared` remembers built sources, so tied weights become one tensor."""
         shared = {} if shared is None else shared
         state = {}
 
         def as_float(name):
-            source = sources.tensors[name]
-            if source not in shared:
-                small = _read_small(sources, name)
-                stored = source() if small is None else small
-                shared[source] = stored.to(device=self.device, dtype=self.dtype)
-                release(stored, shared[source])  # the stored bytes are not needed any more
-            return shared[source]
+            record = sources.tensors[name]
+            if record.load not in shared:
+                small = _read_small(record)
+                stored = record.load() if small is None else small
+                shared[record.load] = stored.to(device=self.device, dtype=self.dtype)
+                release(stored, shared[record.load])  # the stored bytes are not needed any more
+            return shared[record.load]
 
         def packed(name):
-            source = sources.tensors[name]
-            key = ("packed", source)
+            record = sources.tensors[name]
+            key = ("packed", record.load)
             if key not in shared:
-                shared[key] = _packed_weight(sources, name, self.shapes[name], self.weights)
+                shared[key] = _packed_weight(record, self.holding(record, name), self.shapes[name])
             return shared[key]
 
         try:
@@ -186,7 +189,7 @@ class WeightBuilder:
                 if len(parts) > 1:
                     for name, part in zip(names, parts):
                         release(part, state[local])
-                        shared.pop(sources.tensors[name], None)
+                        shared.pop(sources.tensors[name].load, None)
         except (torch.OutOfMemoryError, MemoryError):
             raise PlainLlamaError(
                 f"{self.checkpoint.path}: not enough memory on {self.device} to hold the weights in {str(self.dtype).removeprefix('torch.')}"
@@ -197,15 +200,13 @@ class WeightBuilder:
         """A stacked matrix whose parts' GGUF blocks lie one after another (a layer read for
         streaming) and share a type is one matrix of blocks: packed at once, without packing the
         parts and then copying them together."""
-        if len(names) < 2 or not all(n in sources.raw_tensors for n in names) or len({sources.tensor_types[n] for n in names}) > 1:
+        if not self.packs_as_one_matrix(names, sources):
             return None
-        if quantizes_gguf(sources.tensor_types[names[0]], self.shapes[names[0]], self.weights):
-            return None
-        raws = [sources.raw_tensors[n]() for n in names]
+        raws = [sources.tensors[n].raw() for n in names]
         if not adjacent(raws):
             return None
         shape = (sum(self.shapes[n][0] for n in names), self.shapes[names[0]][1])
-        return pack_gguf(joined(raws), sources.tensor_types[names[0]], shape)
+        return pack_gguf(joined(raws), sources.tensors[names[0]].type, shape)
 
     def new_block(self) -> TransformerBlock:
         """An empty layer (shapes, no storage), to be filled."""

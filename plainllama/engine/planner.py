@@ -150,20 +150,19 @@ def kv_bytes(args, tokens: int, dtype: torch.dtype) -> int:
 
 
 def layer_sizes(builder) -> list[LayerSize]:
-    stored = builder.checkpoint.stored
+    records = builder.checkpoint.tensors
     sizes = []
     for i in range(builder.args.n_layers):
         held = read = converted = 0
         for names in builder.layer_groups(i).values():
             nbytes, as_stored = builder.held_nbytes(names)
             held += nbytes
-            read += sum(-(-stored[n].nbytes // 64) * 64 for n in names) if all(n in stored for n in names) else 0
+            if all(records[n].stored is not None for n in names):
+                read += sum(-(-records[n].stored.nbytes // 64) * 64 for n in names)
             if not as_stored:
                 # built beside the read bytes; a stacked group's parts are built first, then joined,
                 # except GGUF blocks of one type, packed as one matrix (WeightBuilder._pack_stacked_raw)
-                types = {builder.checkpoint.tensor_types[n] for n in names}
-                one_matrix = all(n in builder.checkpoint.raw_tensors for n in names) and len(types) == 1 and types != {"F32"}
-                converted += nbytes * (2 if len(names) > 1 and not one_matrix else 1)
+                converted += nbytes * (2 if len(names) > 1 and not builder.packs_as_one_matrix(names) else 1)
         sizes.append(LayerSize(held, read, converted))
     return sizes
 
@@ -174,7 +173,7 @@ def fixed_bytes(builder) -> int:
     for target, names in builder.groups.items():
         if target.startswith("layers."):
             continue
-        source = builder.checkpoint.tensors[names[0]]
+        source = builder.checkpoint.tensors[names[0]].load
         if source in seen:
             continue  # tied: the output projection is the embedding
         seen.add(source)
@@ -229,7 +228,7 @@ def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | No
     activations = activation_bytes(args, context)
     fixed = fixed_bytes(builder)
     on_gpu = device.type != "cpu"
-    can_stream = all(n in checkpoint.stored for names in builder.groups.values() for n in names if n.startswith("layers."))
+    can_stream = all(checkpoint.tensors[n].stored is not None for names in builder.groups.values() for n in names if n.startswith("layers."))
     biggest_stream = max(layer.stored + (0 if on_gpu else layer.converted) for layer in layers)
 
     plan = MemoryPlan(str(device), budget, runtime, fixed, kv, activations, context, layers, [], [],
@@ -277,7 +276,7 @@ def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | No
             plan.buffers = buffers
         plan.resident, plan.streamed = list(range(count)), list(range(count, n))
     if plan.streamed:
-        plan.disk_speed = measure_disk_speed([checkpoint.stored[name] for i in plan.streamed for names in builder.layer_groups(i).values()
+        plan.disk_speed = measure_disk_speed([checkpoint.tensors[name].stored for i in plan.streamed for names in builder.layer_groups(i).values()
                                               for name in names])
     return plan
 

@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 import weakref
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -38,13 +39,15 @@ READ_CHUNK = 64 << 20  # bytes per read call
 
 
 class LayerBytes:
-    """One layer's tensors as read into a buffer, offered the way a Checkpoint offers its own (the
-    names WeightBuilder.fill reads): `tensors` decode the bytes, `raw_tensors` give them as they are."""
+    """One layer's tensors as read into a buffer, offered the way a Checkpoint offers its own
+    (`tensors`, what WeightBuilder.fill reads): load() decodes the bytes, raw() gives them as they are."""
 
-    def __init__(self, checkpoint, raw_names: set[str], placed: dict[str, torch.Tensor]):
-        self.tensor_types = checkpoint.tensor_types
-        self.tensors = {name: partial(checkpoint.stored[name].decode, raw) for name, raw in placed.items()}
-        self.raw_tensors = {name: partial(_same, raw) for name, raw in placed.items() if name in raw_names}
+    def __init__(self, checkpoint, placed: dict[str, torch.Tensor]):
+        self.tensors = {}
+        for name, raw in placed.items():
+            record = checkpoint.tensors[name]
+            self.tensors[name] = replace(record, load=partial(record.stored.decode, raw),
+                                         raw=partial(_same, raw) if record.raw is not None else None, stored=None)
 
 
 def _same(t):
@@ -87,7 +90,6 @@ class LayerStreamer:
         give_freed_memory_back()  # before anything is built: the plan counts on freed memory leaving
         self.checkpoint = builder.checkpoint
         self.device = builder.device
-        self.raw_names = set(self.checkpoint.raw_tensors)  # the checkpoint's own handles go once the model is built
         self.order = sorted(plan.streamed + plan.in_ram)
         self.groups = {i: builder.layer_groups(i) for i in self.order}  # model tensor -> checkpoint names, per layer
         self.placement = {i: self._place(i) for i in self.order}
@@ -116,7 +118,7 @@ class LayerStreamer:
         placed, at = {}, 0
         for names in self.groups[i].values():
             for name in names:
-                where = self.checkpoint.stored[name]
+                where = self.checkpoint.tensors[name].stored
                 placed[name] = (where.offset, at, at + where.nbytes)
                 at = -(-(at + where.nbytes) // ALIGN) * ALIGN
         return placed
@@ -137,12 +139,12 @@ class LayerStreamer:
     def _read_into(self, i: int, buffer: torch.Tensor) -> torch.Tensor:
         """Read layer i's stored bytes into `buffer`, in file order."""
         placed = self.placement[i]
-        names = sorted(placed, key=lambda n: (self.checkpoint.stored[n].path, placed[n][0]))
+        names = sorted(placed, key=lambda n: (self.checkpoint.tensors[n].stored.path, placed[n][0]))
         view = memoryview(buffer.numpy())
         start = time.perf_counter()
         total = 0
         for name in names:
-            where = self.checkpoint.stored[name]
+            where = self.checkpoint.tensors[name].stored
             fd = self._fd(where.path)
             _, begin, end = placed[name]
             done = 0
@@ -162,7 +164,7 @@ class LayerStreamer:
     def _build(self, i: int, raw: torch.Tensor) -> nn.Module:
         placed = {name: raw[begin:end] for name, (_, begin, end) in self.placement[i].items()}
         block = self.builder.new_block()
-        self.builder.fill(block, self.groups[i], LayerBytes(self.checkpoint, self.raw_names, placed), prefix=f"layers.{i}.")
+        self.builder.fill(block, self.groups[i], LayerBytes(self.checkpoint, placed), prefix=f"layers.{i}.")
         return kernel_block(block)  # the same arithmetic as a resident layer, so the same logits
 
     def _load(self, i: int, slot: Slot) -> nn.Module:

@@ -40,10 +40,10 @@ def write_hf(checkpoint: Checkpoint, folder: str, dtype: torch.dtype) -> None:
     args = checkpoint.args
     os.makedirs(folder, exist_ok=True)
     tensors = {}
-    for name, source in checkpoint.tensors.items():
+    for name, record in checkpoint.tensors.items():
         if name == "output.weight" and args.tie_embeddings:
             continue  # tied: HF stores the embedding once
-        t = source().to(dtype)
+        t = record.load().to(dtype)
         if name.endswith("attention.wq.weight"):
             t = apply_rotary_permutation(t, args.n_heads)
         elif name.endswith("attention.wk.weight"):

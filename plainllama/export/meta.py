@@ -51,12 +51,12 @@ def write_meta(checkpoint: Checkpoint, folder: str, dtype: torch.dtype) -> None:
         params["use_scaled_rope"] = True
     os.makedirs(folder, exist_ok=True)
     # Meta's reference model always has output.weight, tied or not: write it, so that it loads there too.
-    converted = {}  # source -> tensor: tied weights stay one tensor, which torch.save stores once
+    converted = {}  # record -> tensor: tied weights stay one tensor, which torch.save stores once
     state = {}
-    for name, source in checkpoint.tensors.items():
-        if source not in converted:
-            converted[source] = source().to(dtype).contiguous()
-        state[name] = converted[source]
+    for name, record in checkpoint.tensors.items():
+        if id(record) not in converted:
+            converted[id(record)] = record.load().to(dtype).contiguous()
+        state[name] = converted[id(record)]
     torch.save(state, os.path.join(folder, "consolidated.00.pth"))
     with open(os.path.join(folder, "params.json"), "w") as f:
         json.dump(params, f, indent=2)

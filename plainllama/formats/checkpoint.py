@@ -6,11 +6,12 @@ is built, one tensor at a time (see loading.py): peak memory stays near the size
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
+from ..errors import PlainLlamaError
 from ..model import ModelArgs
 from ..tokenizer import Tokenizer
 
@@ -28,26 +29,57 @@ class StoredTensor:
     decode: Callable[[torch.Tensor], torch.Tensor]
 
 
+# Stored types are named as GGUF names them, whatever the format: a Meta or HF bfloat16 tensor is "BF16".
+TYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+STORED_DTYPES = {name: dtype for dtype, name in TYPE_NAMES.items()}
+
+
+def type_name(dtype: torch.dtype) -> str:
+    """A float dtype's stored-type name ("BF16"); other dtypes keep PyTorch's name ("float64")."""
+    return TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class CheckpointTensor:
+    """One tensor of a checkpoint, in our naming: its stored type and the ways to get it. A tied
+    output projection is the very same record as the embedding, and is built once (loading.py)."""
+
+    type: str  # stored type: "F32", "F16", "BF16", "Q8_0", "Q4_K", ...
+    load: Callable[[], torch.Tensor]  # the tensor as stored (float32 for quantized types, else the stored float dtype)
+    raw: Callable[[], torch.Tensor] | None = None  # GGUF: the stored bytes (uint8, 1-D), kept compressed by engine/cpu/packed.py
+    stored: StoredTensor | None = None  # where its bytes lie, when they are one byte range of a file (GGUF, safetensors): lets its layer stream
+
+
+def _released(path: str):
+    def load():
+        raise PlainLlamaError(f"{path}: the model is built and the checkpoint's tensors were released; open the checkpoint again to read them")
+    return load
+
+
 @dataclass
 class Checkpoint:
-    format: str  # "gguf", ...
+    format: str  # "gguf", "hf" or "meta"
     path: str
     args: ModelArgs
-    # name in Meta's naming (e.g. "layers.0.attention.wq.weight") -> function returning the tensor
-    # as stored (float32 for quantized weights, else the stored float dtype)
-    tensors: dict[str, Callable[[], torch.Tensor]]
-    tensor_types: dict[str, str]  # name -> stored type ("Q4_1", "F32", ...)
+    # name in Meta's naming (e.g. "layers.0.attention.wq.weight") -> the tensor. Nothing is read until
+    # a record's load() or raw() is called.
+    tensors: dict[str, CheckpointTensor]
     tokenizer: Tokenizer
     chat_template: str | None = None  # a Jinja chat template carried by the files (GGUF, HF)
     chat_format: str | None = None  # or a built-in one: "llama3", "llama2" (Meta's formats)
     name: str | None = None  # the model's own name, if the file gives one
     notes: list[str] = field(default_factory=list)  # things the loader noticed and the user may want to know
-    # name -> function returning the stored bytes (uint8, 1-D) of a block-quantized or 16-bit tensor,
-    # for loaders that keep weights compressed (packed.py); only formats with such types give them
-    raw_tensors: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
-    # name -> where its bytes are stored, for formats whose tensors are plain byte ranges of a file
-    # (GGUF, safetensors); layers can then be streamed from disk (streaming.py)
-    stored: dict[str, StoredTensor] = field(default_factory=dict)
+
+    def release_tensors(self) -> None:
+        """Let go of what reads the files (memory maps, converted copies) once the model holds every
+        weight. The records stay, with their types and byte ranges (streamed layers read those);
+        load() and raw() then say why they cannot."""
+        released = {}
+        for name, record in self.tensors.items():
+            if id(record) not in released:
+                load = _released(self.path)
+                released[id(record)] = replace(record, load=load, raw=load if record.raw is not None else None)
+            self.tensors[name] = released[id(record)]
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

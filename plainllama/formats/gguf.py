@@ -28,7 +28,7 @@ from ..model import ModelArgs
 from .gguf_quants import SUPPORTED_TYPES, byte_size, dequantize
 from ..tokenizer import BytePairEncoding, SentencePieceBPE, Tokenizer
 from ..tokenizer.pretokenize import pre_tokenizer_for
-from .checkpoint import Checkpoint, StoredTensor, expected_shapes
+from .checkpoint import Checkpoint, CheckpointTensor, StoredTensor, expected_shapes
 from .gguf_reader import GGUFFile, TensorInfo, read_gguf
 
 log = logging.getLogger("plainllama")
@@ -95,7 +95,7 @@ def load_gguf(path: str) -> Checkpoint:
     tokenizer = _tokenizer(path, meta)
     args = _model_args(gf, tokenizer)
 
-    tensors, tensor_types, raw_tensors, stored = {}, {}, {}, {}
+    tensors = {}
     for gguf_name, info in gf.tensors.items():
         ours = _our_name(gguf_name)
         if ours is None:
@@ -104,18 +104,13 @@ def load_gguf(path: str) -> Checkpoint:
             if re.fullmatch(r"blk\.\d+\.attn_rot_embd", gguf_name):
                 continue  # precomputed rotary tables some old converters wrote; recomputed here
             raise PlainLlamaError(f"{path}: unexpected tensor {gguf_name!r} (not part of a Llama model)")
-        tensors[ours] = _tensor_source(gf, info)
-        raw_tensors[ours] = _raw_source(gf, info)
-        tensor_types[ours] = info.type_name
-        if info.type_name in SUPPORTED_TYPES:  # others are refused by _check_tensors below, by name
-            stored[ours] = StoredTensor(path, info.offset, byte_size(info.type_name, info.count), _decoder(info))
+        # types outside SUPPORTED_TYPES are refused by _check_tensors below, by name
+        stored = StoredTensor(path, info.offset, byte_size(info.type_name, info.count), _decoder(info)) if info.type_name in SUPPORTED_TYPES else None
+        tensors[ours] = CheckpointTensor(info.type_name, _tensor_source(gf, info), _raw_source(gf, info), stored)
     if "output.weight" not in tensors and "tok_embeddings.weight" in tensors:
         # Tied embeddings: the output projection is the embedding matrix itself. Both names get the
-        # same source, and loading.py turns that into one shared tensor.
+        # same record, and loading.py turns that into one shared tensor.
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
-        raw_tensors["output.weight"] = raw_tensors["tok_embeddings.weight"]
-        tensor_types["output.weight"] = tensor_types["tok_embeddings.weight"]
-        stored["output.weight"] = stored["tok_embeddings.weight"]
         args.tie_embeddings = True
     _check_tensors(gf, args)
 
@@ -126,13 +121,10 @@ def load_gguf(path: str) -> Checkpoint:
         path=path,
         args=args,
         tensors=tensors,
-        tensor_types=tensor_types,
         tokenizer=tokenizer,
         chat_template=meta.get("tokenizer.chat_template"),
         name=meta.get("general.name"),
         notes=notes,
-        raw_tensors=raw_tensors,
-        stored=stored,
     )
 
 

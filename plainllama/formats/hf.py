@@ -19,7 +19,7 @@ import torch
 
 from ..errors import PlainLlamaError
 from ..model import ModelArgs, llama3_rope_factors
-from .checkpoint import Checkpoint, StoredTensor, expected_shapes
+from .checkpoint import Checkpoint, CheckpointTensor, StoredTensor, expected_shapes
 from .hf_tokenizer import load_tokenizer_json, read_json
 
 log = logging.getLogger("plainllama")
@@ -181,22 +181,19 @@ def load_hf(folder: str) -> Checkpoint:
     if extra:
         raise PlainLlamaError(f"{folder}: tensor {extra[0]!r} does not belong to a {args.n_layers}-layer model")
 
-    tensors, tensor_types, sources, stored, ranges = {}, {}, {}, {}, {}
+    tensors, records, ranges = {}, {}, {}
     for name, (f, hf_name, path) in handles.items():
         view = f.get_slice(hf_name)
         shape = tuple(view.get_shape())
         if shape != expected[name]:
             raise PlainLlamaError(f"{path}: {hf_name} has shape {list(shape)}, but config.json implies {list(expected[name])}")
-        tensor_types[name] = str(view.get_dtype()).lower()
         key = (path, hf_name)
-        if key not in sources:  # tied weights: one source for both names
-            sources[key] = tensor_source(f, hf_name, name, args)
-        tensors[name] = sources[key]
-        if path not in ranges:
-            ranges[path] = byte_ranges(path)
-        where = stored_tensor(path, ranges[path], hf_name, name, shape, args)
-        if where is not None:
-            stored[name] = where
+        if key not in records:  # tied weights: one record for both names
+            if path not in ranges:
+                ranges[path] = byte_ranges(path)
+            records[key] = CheckpointTensor(str(view.get_dtype()).upper(), tensor_source(f, hf_name, name, args),
+                                            stored=stored_tensor(path, ranges[path], hf_name, name, shape, args))
+        tensors[name] = records[key]
 
     end_ids = set()
     for source in (config, read_json(os.path.join(folder, "generation_config.json")) if os.path.isfile(os.path.join(folder, "generation_config.json")) else {}):
@@ -213,8 +210,8 @@ def load_hf(folder: str) -> Checkpoint:
             chat_template = f.read()
     for note in notes:
         log.warning("%s: %s", folder, note)
-    return Checkpoint(format="hf", path=folder, args=args, tensors=tensors, tensor_types=tensor_types, tokenizer=tokenizer,
-                      chat_template=chat_template, name=config.get("_name_or_path") or None, notes=notes, stored=stored)
+    return Checkpoint(format="hf", path=folder, args=args, tensors=tensors, tokenizer=tokenizer,
+                      chat_template=chat_template, name=config.get("_name_or_path") or None, notes=notes)
 
 
 def our_name(hf_name: str) -> str | None:

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import PlainLlamaError
 from ..model import ModelArgs, llama3_rope_factors
-from .checkpoint import Checkpoint, expected_shapes
+from .checkpoint import Checkpoint, CheckpointTensor, expected_shapes, type_name
 from .hf_tokenizer import load_tokenizer_json, read_json
 from .tokenizer_files import load_tokenizer_model
 
@@ -159,19 +159,17 @@ def load_meta(folder: str) -> Checkpoint:
             return lambda: parts[0]
         return lambda: torch.cat(parts, dim=axis)
 
-    tensors, tensor_types = {}, {}
+    tensors = {}
     for name in sorted(names):
         if name == "rope.freqs":
             continue  # Llama 1/2 checkpoints carry their rotary table; it is recomputed from params
-        tensors[name] = merge(name)
-        tensor_types[name] = str(shards[0][name].dtype).removeprefix("torch.")
+        tensors[name] = CheckpointTensor(type_name(shards[0][name].dtype), merge(name))
     first = shards[0]
     shared = "output.weight" in first and first["output.weight"].untyped_storage().data_ptr() == first["tok_embeddings.weight"].untyped_storage().data_ptr()
     if "output.weight" not in tensors or shared:
         # Tied embeddings: no output.weight, or one saved as the very same tensor as the embedding
         # (torch.save keeps shared storage shared, and `convert --to meta` writes ties that way).
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
-        tensor_types["output.weight"] = tensor_types["tok_embeddings.weight"]
         args.tie_embeddings = True
     check_merged_shapes(folder, args, shards, embedding_axis)
 
@@ -192,7 +190,7 @@ def load_meta(folder: str) -> Checkpoint:
     for note in notes:
         log.warning("%s: %s", folder, note)
     return Checkpoint(
-        format="meta", path=folder, args=args, tensors=tensors, tensor_types=tensor_types, tokenizer=tokenizer,
+        format="meta", path=folder, args=args, tensors=tensors, tokenizer=tokenizer,
         chat_format=chat_format, chat_template=chat_template, notes=notes,
     )
 

@@ -26,7 +26,9 @@ How a product runs depends on how many rows of activations come at once:
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -34,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from ...formats.checkpoint import STORED_DTYPES
 from ...formats.gguf_quants import BLOCK_FORMATS, QK, _k_scales_mins, dequantize
 
-LAYOUTS = ("q4", "q8", "f16", "bf16")
-LAYOUT_CODES = {"q4": 0, "q8": 1, "f16": 2, "bf16": 3}  # as the C kernels number them
+LAYOUT_CODES = kernels.LAYOUT_CODES  # as the C kernels number them (kernels/plainllama.h)
+LAYOUTS = tuple(LAYOUT_CODES)  # q4, q8, f16, bf16
 DIRECT_ROWS = 8  # up to this many rows the direct kernels win; from 9 the AMX or oneDNN path (measured: q4/q8 [M x 2048] x [2048 x 8192] at M = 8, 1.9-2.1 ms either way; M = 16, 3.7-3.9 vs 2.0-2.1 ms on AMX)
 UNPACK_CHUNK = 1 << 22  # weights unpacked per slice in the many-rows path (8 MB of bfloat16)
 
@@ -282,15 +285,16 @@ def _half_field(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     return _field(blocks, offset, offset + 2).view(torch.float16)  # [n, 1]
 
 
-def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> PackedWeight | None:
-    """Raw GGUF bytes of a [N, K] matrix -> PackedWeight, or None where no packed layout applies
-    (F32, or an input width the kernels do not take)."""
+def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> PackedWeight:
+    """Raw GGUF bytes of a [N, K] matrix -> PackedWeight, for a tensor `holding` says is held
+    "gguf" (its layout chosen there)."""
     N, K = shape
+    layout = holding(type_name, shape, "packed", torch.float32, raw=True).layout
+    if layout is None:
+        raise ValueError(f"a {type_name} matrix of shape {shape} has no packed layout")
     if type_name in ("F16", "BF16"):
         # a view of the file's bytes: no copy, pages read from disk as they are used
-        return PackedWeight(type_name.lower(), shape, {"w": dequantize(raw, type_name, shape)}) if K % 32 == 0 else None
-    if type_name == "F32" or K % 64:
-        return None
+        return PackedWeight(layout, shape, {"w": dequantize(raw, type_name, shape)})
     per_block, block_bytes, _ = BLOCK_FORMATS[type_name]
     blocks = raw.view(-1, block_bytes)
     nb = K // QK
@@ -403,41 +407,48 @@ def quantizes_gguf(type_name: str, shape, weights: str) -> bool:
     return weights in ("int8", "int4") and type_name in ("F32", "F16", "BF16") and can_quantize(shape)
 
 
-# ---- sizes, for the memory planner -------------------------------------------------------------
+# ---- how each tensor is held: decided here once, for the loader, the planner and the streamer ------
 
-STORED_DTYPES = {"F16": torch.float16, "f16": torch.float16, "float16": torch.float16,
-                 "BF16": torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                 "F32": torch.float32, "f32": torch.float32, "float32": torch.float32}
+Q4_LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # held as q4 as they are; the other block types become q8
 
 
-def held_nbytes(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.dtype, raw: bool) -> tuple[int, bool]:
-    """(bytes the tensor takes once built, whether those are its stored bytes as they are), following
-    the choices of loading.py's _packed_weight and pack_gguf without building anything. `raw`: the
-    checkpoint gives the stored GGUF blocks (raw_tensors), which are packed before anything else."""
-    numel = 1
-    for n in shape:
-        numel *= n
+@dataclass(frozen=True)
+class Holding:
+    """How a checkpoint tensor is held once built."""
+
+    how: str  # "gguf": packed from its GGUF blocks (pack_gguf); "quantize": --quantize from floats;
+    #           "half": its 16-bit floats used as they are; "float": a tensor in the model's dtype
+    layout: str | None  # the PackedWeight's layout (q4, q8, f16, bf16); None for "float"
+    nbytes: int  # what it takes once built
+    as_stored: bool  # the built tensor is the stored bytes themselves (no copy)
+
+
+def holding(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.dtype, raw: bool) -> Holding:
+    """How the tensor (stored as `type_name`, of `shape`) is held with the weight mode `weights`
+    (loading.WEIGHT_MODES) and the model's `dtype`; `raw`: the checkpoint gives its stored GGUF
+    bytes (CheckpointTensor.raw), which are packed as they are where a layout takes them."""
+    numel = math.prod(shape)
     stored = STORED_DTYPES.get(type_name)
-    if raw and stored != torch.float32:
-        stored = None  # GGUF hands other types over dequantized to float32: a copy
-    as_float = (numel * dtype.itemsize, stored == dtype)
+    # GGUF hands types other than F32 over as a converted copy; elsewhere a tensor already in the
+    # model's dtype is used as it is
+    as_float = Holding("float", None, numel * dtype.itemsize, stored == dtype and not (raw and stored != torch.float32))
     if weights == "float" or len(shape) != 2:
         return as_float
     N, K = shape
     q4 = N * K // 2 + N * K // QK * 2  # nibbles and float16 scales
     q4_with_min = q4 + N * K // QK * 2
     q8 = N * K + N * K // QK * 2
-    if raw and not quantizes_gguf(type_name, shape, weights):  # pack_gguf first
-        if type_name in ("F16", "BF16") and K % 32 == 0:
-            return 2 * numel, True
-        if type_name not in ("F16", "BF16", "F32") and K % 64 == 0:
-            if type_name == "Q4_0":
-                return q4, False
-            if type_name in ("Q4_1", "Q4_K"):
-                return q4_with_min, False
-            return q8, False  # Q8_0 as it is, other types requantized to it
+    if raw and not quantizes_gguf(type_name, shape, weights):
+        if type_name in ("F16", "BF16"):
+            return Holding("gguf", type_name.lower(), 2 * numel, True) if K % 32 == 0 else as_float
+        if type_name != "F32" and K % 64 == 0:  # the kernels read 64 weights at a time
+            if type_name in Q4_LAYOUT_TYPES:
+                return Holding("gguf", "q4", q4 if type_name == "Q4_0" else q4_with_min, False)
+            return Holding("gguf", "q8", q8, False)  # Q8_0 as it is, other types requantized to it
+        if type_name != "F32":
+            return as_float
     if weights in ("int8", "int4") and can_quantize(shape):
-        return (q8 if weights == "int8" else q4_with_min), False
-    if stored in (torch.float16, torch.bfloat16) and K % 32 == 0:
-        return 2 * numel, True
+        return Holding("quantize", "q8", q8, False) if weights == "int8" else Holding("quantize", "q4", q4_with_min, False)
+    if not raw and stored in (torch.float16, torch.bfloat16) and K % 32 == 0:
+        return Holding("half", type_name.lower(), 2 * numel, True)
     return as_float

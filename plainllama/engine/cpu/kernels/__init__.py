@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,37 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_matmul.c", "amx_matmul.c", "decode_layer.c")]
+HEADER = Path(__file__).with_name("plainllama.h")  # the contract: layouts, status codes, structs, prototypes
+
+
+def _enum(name: str) -> dict[str, tuple[int, str]]:
+    """The members of `enum name` in plainllama.h: NAME -> (value, the comment after it)."""
+    text = HEADER.read_text()
+    body = re.search(r"enum " + name + r" \{(.*?)\};", text, re.S).group(1)
+    return {m[1]: (int(m[2]), (m[3] or "").strip()) for m in re.finditer(r"(\w+) = (-?\d+),[ \t]*(?:/\*(.*?)\*/)?", body)}
+
+
+LAYOUT_CODES = {name.removeprefix("LAYOUT_").lower(): value for name, (value, _) in _enum("Layout").items()}  # {"q4": 0, ...}
+STATUS = {value: (name, message) for name, (value, message) in _enum("Status").items()}
+
+C_TYPES = {"int": ctypes.c_int, "long": ctypes.c_long, "size_t": ctypes.c_size_t, "float": ctypes.c_float, "double": ctypes.c_double}
+
+
+def _prototypes() -> dict[str, tuple[type, list[type]]]:
+    """Every function plainllama.h declares: name -> (ctypes return type, argument types); any
+    pointer is a c_void_p (callers pass tensors' data_ptr())."""
+    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+    functions = {}
+    for restype, name, params in re.findall(r"^(int|double) (\w+)\(([^)]*)\);", text, re.M):
+        argtypes = []
+        for param in params.split(",") if params.strip() != "void" else []:
+            words = param.replace("const", "").replace("*", " * ").split()
+            argtypes.append(ctypes.c_void_p if "*" in words else C_TYPES[words[0]])
+        functions[name] = (C_TYPES[restype], argtypes)
+    return functions
+
+
+PROTOTYPES = _prototypes()
 
 
 def cache_dir() -> Path:
@@ -40,7 +72,7 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str) -> Path:
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in [*SOURCES, HEADER]) + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_matmul-{key}.so"
     if target.exists():
         return target
@@ -66,25 +98,9 @@ def _library():
         lib = ctypes.CDLL(str(_build(compiler)))
     except OSError:
         return None
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-    for name, args in {
-        "q4_matmul": [p, i, i, p, p, p, i, p],
-        "q8_matmul": [p, i, i, p, p, i, p],
-        "f16_matmul": [p, i, i, p, i, p],
-        "bf16_matmul": [p, i, i, p, i, p],
-        "q4_to_bf16": [p, p, p, i, i, p],
-        "q8_to_bf16": [p, p, i, i, p],
-        "f16_to_bf16": [p, ctypes.c_size_t, p],
-        "read_bytes": [p, ctypes.c_size_t],
-        "decode_layer": [p, p, i, p, p, i, p, p, ctypes.c_long, i, p, p],
-        "amx_matmul": [p, i, i, i, p, p, p, i, p, p],
-        "amx_available": [],
-        "rms_norm_rows": [p, p, ctypes.c_long, i, ctypes.c_float, p],
-        "rotate_rows": [p, ctypes.c_long, i, i, i, i, p, p, i],
-        "swiglu_rows": [p, ctypes.c_long, i, p],
-    }.items():
+    for name, (restype, argtypes) in PROTOTYPES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, (f if name == "read_bytes" else i)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 
@@ -108,13 +124,12 @@ def function(name: str):
     return getattr(_library(), name)
 
 
-def check(code: int, what: str):
-    if code == -1:
-        raise MemoryError(f"{what}: out of memory for its working buffers")
-    if code == -2:
-        raise RuntimeError(f"{what}: this CPU or kernel does not allow AMX")
-    if code != 0:
-        raise ValueError(f"{what}: the input width is not a multiple of 64")
+def check(code: int, what: str) -> None:
+    """Raise for a kernel's status code (plainllama.h's enum Status)."""
+    if code == 0:
+        return
+    name, message = STATUS.get(code, ("", f"unknown status {code}"))
+    raise (MemoryError if name == "STATUS_OUT_OF_MEMORY" else RuntimeError)(f"{what}: {message}")
 
 
 def q4_to_bf16(qs, d, m, out: torch.Tensor) -> torch.Tensor:

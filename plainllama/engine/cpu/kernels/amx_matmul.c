@@ -25,13 +25,15 @@
  * TFLOP/s including the unpacking, against 1.0-1.7 for oneDNN on already-unpacked bfloat16.
  *
  * Built only where the compiler targets AMX (-march=native on such a CPU); elsewhere amx_matmul
- * returns -2 and packed.py keeps its oneDNN path.
+ * returns STATUS_NO_AMX and packed.py keeps its oneDNN path.
  */
 
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "plainllama.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 
@@ -63,13 +65,11 @@ static const TileConfig TILES __attribute__((aligned(64))) = {
 
 /* ---- one 32-weight block of one weight row, as 32 bfloat16 (16 dwords) ---------------------- */
 
-enum { Q4 = 0, Q8 = 1, F16 = 2, BF16 = 3 }; /* decode_block.py's LAYOUT_CODES */
-
 static inline __m512i pair_bf16(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
 
 static inline __m512i block_bf16(int layout, const void *w, const uint16_t *d, const uint16_t *m, size_t n, int K, int b) {
     size_t blk = n * (K / 32) + b;
-    if (layout == Q4) { /* byte j holds weights j (low nibble) and j + 16 */
+    if (layout == LAYOUT_Q4) { /* byte j holds weights j (low nibble) and j + 16 */
         __m128i packed = _mm_loadu_si128((const __m128i *)((const uint8_t *)w + 16 * blk));
         __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(0x0F))));
         __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F))));
@@ -77,7 +77,7 @@ static inline __m512i block_bf16(int layout, const void *w, const uint16_t *d, c
         __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
         return pair_bf16(_mm512_fmadd_ps(lo, vs, vm), _mm512_fmadd_ps(hi, vs, vm));
     }
-    if (layout == Q8) {
+    if (layout == LAYOUT_Q8) {
         const int8_t *q = (const int8_t *)w + 32 * blk;
         __m512 vs = _mm512_set1_ps(_cvtsh_ss(d[blk]));
         __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
@@ -85,7 +85,7 @@ static inline __m512i block_bf16(int layout, const void *w, const uint16_t *d, c
         return pair_bf16(_mm512_mul_ps(lo, vs), _mm512_mul_ps(hi, vs));
     }
     const uint16_t *h = (const uint16_t *)w + 32 * blk;
-    if (layout == F16)
+    if (layout == LAYOUT_F16)
         return pair_bf16(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 16))));
     return _mm512_loadu_si512(h); /* BF16 as stored */
 }
@@ -153,11 +153,11 @@ static void pack_rows(const float *x, int M, int K, uint16_t *xp) {
 }
 
 /* out [M, N] = x [M, K] W^T. `xp`: workspace of (M rounded up to 32) * K bfloat16, 64-byte aligned.
- * Returns 0, -1 out of memory, -2 no AMX here, -3 K not a multiple of 32 or N not of 16. */
+ * Returns STATUS_OK, STATUS_OUT_OF_MEMORY, STATUS_NO_AMX, or STATUS_BAD_WIDTH (K not a multiple of 32 or N of 16). */
 int amx_matmul(const float *x, int M, int K, int layout, const void *w, const uint16_t *d, const uint16_t *m,
                int N, float *out, uint16_t *xp) {
-    if (!amx_available()) return -2;
-    if (K % 32 || N % 16) return -3;
+    if (!amx_available()) return STATUS_NO_AMX;
+    if (K % 32 || N % 16) return STATUS_BAD_WIDTH;
     int steps = K / 32, panels = N / 16, row_blocks = (M + 31) / 32;
     int blocks = (panels + BLOCK_PANELS - 1) / BLOCK_PANELS;
     pack_rows(x, M, K, xp);
@@ -171,7 +171,7 @@ int amx_matmul(const float *x, int M, int K, int layout, const void *w, const ui
         float spill[256] __attribute__((aligned(64))); /* products with the zero panel past N */
         if (!tiles || !tail) {
 #pragma omp atomic write
-            status = -1;
+            status = STATUS_OUT_OF_MEMORY;
         }
 #pragma omp for schedule(static)
         for (int block = 0; block < blocks; block++) {
@@ -247,7 +247,7 @@ int amx_available(void) { return 0; }
 int amx_matmul(const float *x, int M, int K, int layout, const void *w, const uint16_t *d, const uint16_t *m,
                int N, float *out, uint16_t *xp) {
     (void)x; (void)M; (void)K; (void)layout; (void)w; (void)d; (void)m; (void)N; (void)out; (void)xp;
-    return -2;
+    return STATUS_NO_AMX;
 }
 
 #endif

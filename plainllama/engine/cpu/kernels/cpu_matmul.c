@@ -30,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "plainllama.h"
+
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__F16C__))
 #error "cpu_matmul.c needs AVX-512 (F, BW, VL, VNNI); plainllama uses its PyTorch path on other CPUs"
 #endif
@@ -39,11 +41,9 @@
 /* Each thread owns a contiguous range of row groups, as OpenMP's static schedule would give it (so it
  * streams its own part of the matrix and its prefetches serve itself), but takes its range a few
  * groups at a time from a counter, and a thread that finishes its range takes what is left of the
- * others'. Why: the two cores of these machines do not read memory at the same speed from one moment
- * to the next (other guests, interrupts), so with a static split one thread waited for the other at
- * the end of every product, ~130-330 us per product of ~1 ms. Measured on the 1B shapes' 65 f16
- * products in sequence, 30 interleaved runs: 4-7% more GB/s than the static split (median of paired
- * ratios; chunks of 2, 4, 8 or 16 groups within 3% of each other). */
+ * others'. Why: two cores do not read memory at the same speed from one moment to the next (other
+ * guests, interrupts), and with a static split one thread waits for the other at the end of every
+ * product (measurements: docs/performance.md). */
 #define CHUNK_GROUPS 4
 
 typedef struct {
@@ -79,6 +79,20 @@ static int take_groups(GroupSplit *s, int *first, int *end) {
         s->visited++;
     }
     return 0;
+}
+
+typedef void GroupFn(const void *product, int gi);
+
+/* group(product, gi) for every group gi in [0, groups), split between the threads as above. */
+static void for_each_group(int groups, GroupFn *group, const void *product) {
+    GroupCounter counters[omp_get_max_threads()];
+    int threads = split_groups(counters, groups);
+#pragma omp parallel
+    {
+        GroupSplit split = {counters, groups, threads, omp_get_thread_num(), 0};
+        for (int first, end; take_groups(&split, &first, &end);)
+            for (int gi = first; gi < end; gi++) group(product, gi);
+    }
 }
 
 /* ---- activations -> int8 blocks ------------------------------------------------------------ */
@@ -120,11 +134,20 @@ static int quantize_activations(const float *x, int M, int K, int pair_order, Qu
     qa->xq = aligned_alloc(64, (size_t)M * K + 64);
     qa->dx = malloc(sizeof(float) * (size_t)M * nb + 64);
     qa->sx = malloc(sizeof(float) * (size_t)M * nb + 64);
-    if (!qa->xq || !qa->dx || !qa->sx) return -1;
+    if (!qa->xq || !qa->dx || !qa->sx) return STATUS_OUT_OF_MEMORY;
     for (int r = 0; r < M; r++)
         quantize_row(x + (size_t)r * K, K, qa->xq + (size_t)r * K, qa->dx + (size_t)r * nb, qa->sx + (size_t)r * nb, pair_order);
-    return 0;
+    return STATUS_OK;
 }
+
+/* A q4 or q8 product in progress, what each group of rows reads. */
+typedef struct {
+    int M, K, N, nb;
+    const void *qs;
+    const uint16_t *d, *m; /* m: q4 minimums, or NULL */
+    QuantizedActivations qa;
+    float *out;
+} QuantizedProduct;
 
 static void free_activations(QuantizedActivations *qa) {
     free(qa->xq);
@@ -147,12 +170,8 @@ static inline __m512 scales_for_pair(__m512 s16, int pair, int pair_order) {
 /* Ask for the next group's weights while this group's are multiplied: each row is read once per
  * token, usually from L3 or DRAM, and the hardware prefetcher alone leaves the core waiting. The
  * requests are spread through the inner loop, a line per row at a time: a burst of a whole group's
- * lines at its start (the first version) stalls on the core's few fill buffers before any
- * arithmetic runs. Measured on the 1B shapes' matrices, products alone, 20 interleaved runs:
- * q8 16.3 -> 21.2 GB/s (median; burst 16 rows ahead -> spread 4 rows ahead), q4 15.8 -> 18.5
- * (q4 is then bound by its unpacking arithmetic); spread 8 or 16 rows ahead gained less. Prefetching
- * the same rows 256 B-1 KB ahead instead (what the 16-bit loop does, whose groups are 4-16x larger)
- * measured 1-2% slower here. */
+ * lines at its start stalls on the core's few fill buffers before any arithmetic runs. (The distances
+ * tried: docs/performance.md.) */
 #define PREFETCH_ROWS 4
 
 #define ROWS 4 /* weight rows per inner loop: one load of x serves four rows, and four independent
@@ -197,38 +216,35 @@ static inline void q4_dot_rows(const uint8_t *qs, const uint16_t *d, const uint1
     for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc_min[r]));
 }
 
+/* Rows gi * ROWS ... of a q4 product times every row of x. */
+static void q4_group(const void *product, int gi) {
+    const QuantizedProduct *p = product;
+    int K = p->K, N = p->N, nb = p->nb, n = gi * ROWS, rows = N - n < ROWS ? N - n : ROWS;
+    size_t row_bytes = K / 2;
+    const uint8_t *qs = p->qs;
+    const uint8_t *ahead = n + PREFETCH_ROWS + ROWS <= N ? qs + (size_t)(n + PREFETCH_ROWS) * row_bytes : NULL;
+    for (int r = 0; r < p->M; r++) {
+        float res[ROWS];
+        const uint8_t *w = qs + (size_t)n * row_bytes;
+        const uint16_t *wd = p->d + (size_t)n * nb, *wm = p->m ? p->m + (size_t)n * nb : NULL;
+        const int8_t *xr = p->qa.xq + (size_t)r * K;
+        const float *dxr = p->qa.dx + (size_t)r * nb, *sxr = p->qa.sx + (size_t)r * nb;
+        if (rows == ROWS) /* a constant row count, so the compiler unrolls the row loops */
+            q4_dot_rows(w, wd, wm, row_bytes, nb, ROWS, xr, dxr, sxr, r == 0 ? ahead : NULL, res);
+        else
+            q4_dot_rows(w, wd, wm, row_bytes, nb, rows, xr, dxr, sxr, NULL, res);
+        memcpy(p->out + (size_t)r * N + n, res, sizeof(float) * rows);
+    }
+}
+
 int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N,
               float *out) {
-    if (K % 64) return -2;
-    int nb = K / 32, groups = (N + ROWS - 1) / ROWS;
-    size_t row_bytes = K / 2;
-    QuantizedActivations qa;
-    if (quantize_activations(x, M, K, 1, &qa)) return -1;
-    GroupCounter counters[omp_get_max_threads()];
-    int threads = split_groups(counters, groups);
-#pragma omp parallel
-    {
-        GroupSplit split = {counters, groups, threads, omp_get_thread_num(), 0};
-        for (int first, end; take_groups(&split, &first, &end);)
-            for (int gi = first; gi < end; gi++) {
-                int n = gi * ROWS, rows = N - n < ROWS ? N - n : ROWS;
-                const uint8_t *ahead = n + PREFETCH_ROWS + ROWS <= N ? qs + (size_t)(n + PREFETCH_ROWS) * row_bytes : NULL;
-                for (int r = 0; r < M; r++) {
-                    float res[ROWS];
-                    const uint8_t *w = qs + (size_t)n * row_bytes;
-                    const uint16_t *wd = d + (size_t)n * nb, *wm = m ? m + (size_t)n * nb : NULL;
-                    const int8_t *xr = qa.xq + (size_t)r * K;
-                    const float *dxr = qa.dx + (size_t)r * nb, *sxr = qa.sx + (size_t)r * nb;
-                    if (rows == ROWS) /* a constant row count, so the compiler unrolls the row loops */
-                        q4_dot_rows(w, wd, wm, row_bytes, nb, ROWS, xr, dxr, sxr, r == 0 ? ahead : NULL, res);
-                    else
-                        q4_dot_rows(w, wd, wm, row_bytes, nb, rows, xr, dxr, sxr, NULL, res);
-                    memcpy(out + (size_t)r * N + n, res, sizeof(float) * rows);
-                }
-            }
-    }
-    free_activations(&qa);
-    return 0;
+    if (K % 64) return STATUS_BAD_WIDTH;
+    QuantizedProduct p = {M, K, N, K / 32, qs, d, m, {0}, out};
+    if (quantize_activations(x, M, K, 1, &p.qa)) return STATUS_OUT_OF_MEMORY;
+    for_each_group((N + ROWS - 1) / ROWS, q4_group, &p);
+    free_activations(&p.qa);
+    return STATUS_OK;
 }
 
 /* ---- q8 ------------------------------------------------------------------------------------ */
@@ -264,34 +280,31 @@ static inline void q8_dot_rows(const int8_t *qs, const uint16_t *d, int K, int n
     for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out) {
-    if (K % 64) return -2;
-    int nb = K / 32, groups = (N + ROWS - 1) / ROWS;
-    QuantizedActivations qa;
-    if (quantize_activations(x, M, K, 0, &qa)) return -1;
-    for (size_t i = 0; i < (size_t)M * K; i++) qa.xq[i] ^= (int8_t)0x80; /* two's complement + 128 */
-    GroupCounter counters[omp_get_max_threads()];
-    int threads = split_groups(counters, groups);
-#pragma omp parallel
-    {
-        GroupSplit split = {counters, groups, threads, omp_get_thread_num(), 0};
-        for (int first, end; take_groups(&split, &first, &end);)
-            for (int gi = first; gi < end; gi++) {
-                int n = gi * ROWS, rows = N - n < ROWS ? N - n : ROWS;
-                const int8_t *ahead = n + PREFETCH_ROWS + ROWS <= N ? qs + (size_t)(n + PREFETCH_ROWS) * K : NULL;
-                for (int r = 0; r < M; r++) {
-                    float res[ROWS];
-                    const uint8_t *xr = (const uint8_t *)qa.xq + (size_t)r * K;
-                    if (rows == ROWS) /* a constant row count, so the compiler unrolls the row loops */
-                        q8_dot_rows(qs + (size_t)n * K, d + (size_t)n * nb, K, nb, ROWS, xr, qa.dx + (size_t)r * nb, r == 0 ? ahead : NULL, res);
-                    else
-                        q8_dot_rows(qs + (size_t)n * K, d + (size_t)n * nb, K, nb, rows, xr, qa.dx + (size_t)r * nb, NULL, res);
-                    memcpy(out + (size_t)r * N + n, res, sizeof(float) * rows);
-                }
-            }
+/* Rows gi * ROWS ... of a q8 product times every row of x (stored as uint8, x + 128). */
+static void q8_group(const void *product, int gi) {
+    const QuantizedProduct *p = product;
+    int K = p->K, N = p->N, nb = p->nb, n = gi * ROWS, rows = N - n < ROWS ? N - n : ROWS;
+    const int8_t *qs = p->qs;
+    const int8_t *ahead = n + PREFETCH_ROWS + ROWS <= N ? qs + (size_t)(n + PREFETCH_ROWS) * K : NULL;
+    for (int r = 0; r < p->M; r++) {
+        float res[ROWS];
+        const uint8_t *xr = (const uint8_t *)p->qa.xq + (size_t)r * K;
+        if (rows == ROWS) /* a constant row count, so the compiler unrolls the row loops */
+            q8_dot_rows(qs + (size_t)n * K, p->d + (size_t)n * nb, K, nb, ROWS, xr, p->qa.dx + (size_t)r * nb, r == 0 ? ahead : NULL, res);
+        else
+            q8_dot_rows(qs + (size_t)n * K, p->d + (size_t)n * nb, K, nb, rows, xr, p->qa.dx + (size_t)r * nb, NULL, res);
+        memcpy(p->out + (size_t)r * N + n, res, sizeof(float) * rows);
     }
-    free_activations(&qa);
-    return 0;
+}
+
+int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out) {
+    if (K % 64) return STATUS_BAD_WIDTH;
+    QuantizedProduct p = {M, K, N, K / 32, qs, d, NULL, {0}, out};
+    if (quantize_activations(x, M, K, 0, &p.qa)) return STATUS_OUT_OF_MEMORY;
+    for (size_t i = 0; i < (size_t)M * K; i++) p.qa.xq[i] ^= (int8_t)0x80; /* two's complement + 128 */
+    for_each_group((N + ROWS - 1) / ROWS, q8_group, &p);
+    free_activations(&p.qa);
+    return STATUS_OK;
 }
 
 /* ---- 16-bit floats ------------------------------------------------------------------------- */
@@ -305,17 +318,25 @@ static inline __m512 load_bf16(const uint16_t *p) {
 /* HALF_ROWS weight rows per loop share each load of x, so the loads per weight are one 16-bit
  * weight and an eighth of an x float; two accumulators per row (32 weights a step) keep sixteen FMA
  * chains in flight. Each row is prefetched HALF_PREFETCH weights (1 KB) ahead of where it is read,
- * a line per row per step, running on into the next group's rows near a row's end. Measured on the
- * 1B shapes' 65 16-bit products in sequence, 30 interleaved runs, median of paired ratios: +10%
- * against prefetching the next group's rows at the same offsets (the previous version: 32-128 KB
- * ahead, more than the 48 KB L1 holds, so lines were evicted before use), 256 weights ahead +10%,
- * 128 +7%; into L2 instead of L1 +2%. Earlier, against a burst of the next group's lines at each
- * group's start: spread prefetch 25.2 vs 18.3-18.8 GB/s; 8 rows per group over 4: +5%; 2 rows -7%. */
+ * a line per row per step, running on into the next group's rows near a row's end: close enough
+ * that the lines are still in L1 when they are used. (Measurements: docs/performance.md.) */
 #define HALF_ROWS 8
 #define HALF_PREFETCH 512
 /* One group of HALF_ROWS weight rows (group gi) times all M rows of x, for one 16-bit format. */
+typedef struct {
+    const float *x;
+    int M, K, N;
+    const uint16_t *w;
+    float *out;
+} HalfProduct;
+
 #define HALF_GROUP(NAME, LOAD)                                                                       \
-    static void NAME(const float *x, int M, int K, const uint16_t *w, int N, int gi, float *out) {   \
+    static void NAME(const void *product, int gi) {                                                  \
+        const HalfProduct *p = product;                                                              \
+        const float *x = p->x;                                                                       \
+        const uint16_t *w = p->w;                                                                    \
+        int M = p->M, K = p->K, N = p->N;                                                            \
+        float *out = p->out;                                                                         \
         int n0 = gi * HALF_ROWS, rows = N - n0 < HALF_ROWS ? N - n0 : HALF_ROWS;                     \
         const uint16_t *row = w + (size_t)n0 * K;                                                    \
         /* the next group's rows, or this group's again (already cached) for the last groups */      \
@@ -355,20 +376,11 @@ static inline __m512 load_bf16(const uint16_t *p) {
 HALF_GROUP(f16_group, load_f16)
 HALF_GROUP(bf16_group, load_bf16)
 
-typedef void HalfGroup(const float *x, int M, int K, const uint16_t *w, int N, int gi, float *out);
-
-static int half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out, HalfGroup *group) {
-    if (K % 32) return -2;
-    int groups = (N + HALF_ROWS - 1) / HALF_ROWS;
-    GroupCounter counters[omp_get_max_threads()];
-    int threads = split_groups(counters, groups);
-#pragma omp parallel
-    {
-        GroupSplit split = {counters, groups, threads, omp_get_thread_num(), 0};
-        for (int first, end; take_groups(&split, &first, &end);)
-            for (int gi = first; gi < end; gi++) group(x, M, K, w, N, gi, out);
-    }
-    return 0;
+static int half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out, GroupFn *group) {
+    if (K % 32) return STATUS_BAD_WIDTH;
+    HalfProduct p = {x, M, K, N, w, out};
+    for_each_group((N + HALF_ROWS - 1) / HALF_ROWS, group, &p);
+    return STATUS_OK;
 }
 
 int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out) { return half_matmul(x, M, K, w, N, out, f16_group); }

@@ -22,33 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, float *out);
-int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out);
-int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
-int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
-
-enum { LAYOUT_Q4 = 0, LAYOUT_Q8 = 1, LAYOUT_F16 = 2, LAYOUT_BF16 = 3 };
-
-/* A stored matrix [rows, in_features] in one layout (packed.py's PackedWeight). */
-typedef struct {
-    int layout, rows;
-    const void *w;                   /* nibbles, int8 or 16-bit floats */
-    const uint16_t *d, *m;           /* float16 scales and minimums (q4/q8), or NULL */
-} MatrixPart;
-
-/* A linear layer: one matrix, or up to three of different layouts whose outputs lie side by side
- * (packed.py's StackedLinear, for files that store q, k and v in different types). */
-typedef struct {
-    int n_parts, in_features, out_features;
-    MatrixPart parts[3];
-} Linear;
-
-typedef struct {
-    int dim, n_heads, n_kv_heads, head_dim, hidden;
-    float eps;
-    const float *attention_norm, *ffn_norm; /* [D] float32 */
-    Linear wqkv, wo, w13, w2;
-} Layer;
+#include "plainllama.h"
 
 static int part_product(const MatrixPart *p, const float *x, int M, int K, float *out) {
     switch (p->layout) {
@@ -57,7 +31,7 @@ static int part_product(const MatrixPart *p, const float *x, int M, int K, float
     case LAYOUT_F16: return f16_matmul(x, M, K, p->w, p->rows, out);
     case LAYOUT_BF16: return bf16_matmul(x, M, K, p->w, p->rows, out);
     }
-    return -3;
+    return STATUS_BAD_LAYOUT;
 }
 
 /* out [M, out_features] = x [M, in_features] @ W^T */
@@ -67,7 +41,7 @@ static int linear(const Linear *l, const float *x, int M, float *out) {
     for (int i = 0; i < l->n_parts; i++) {
         const MatrixPart *p = &l->parts[i];
         float *part_out = malloc(sizeof(float) * (size_t)M * p->rows);
-        if (!part_out) return -1;
+        if (!part_out) return STATUS_OUT_OF_MEMORY;
         int code = part_product(p, x, M, l->in_features, part_out);
         for (int r = 0; r < M && code == 0; r++)
             memcpy(out + (size_t)r * l->out_features + column, part_out + (size_t)r * p->rows, sizeof(float) * p->rows);
@@ -181,7 +155,7 @@ static int attend(const float *q, int q_stride, const float *ck, const float *cv
 
 /* x [M, D] at position `start` (one token per row) -> out [M, D]; writes the rows' keys and values at
  * `start` in the cache. cos, sin [rope_rows, Hd] (rope_rows 1: shared by every row, else M).
- * Returns 0, -1 (out of memory), or a product's error code. */
+ * Returns a Status: STATUS_OK, STATUS_OUT_OF_MEMORY, or a product's. */
 int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows,
                  float *cache_k, float *cache_v, long length, int start, const uint8_t *allowed, float *out) {
     int D = L->dim, H = L->n_heads, K = L->n_kv_heads, Hd = L->head_dim, F = L->hidden;
@@ -191,7 +165,7 @@ int decode_layer(const Layer *L, const float *x, int M, const float *cos, const 
     float *att = malloc(sizeof(float) * (size_t)M * H * Hd);
     float *proj = malloc(sizeof(float) * (size_t)M * D);
     float *hidden = malloc(sizeof(float) * (size_t)M * 2 * F);
-    int code = (normed && qkv && att && proj && hidden) ? 0 : -1;
+    int code = (normed && qkv && att && proj && hidden) ? STATUS_OK : STATUS_OUT_OF_MEMORY;
 
     /* h = x + attention(attention_norm(x)) */
     if (!code) {

@@ -1,0 +1,79 @@
+/* The contract between the C kernels and Python: the weight layouts, the status codes, the structs
+ * decode_layer reads and every exported function. engine/cpu/kernels/__init__.py reads the enums
+ * below from this file (the layout numbers and the status messages are not written again in Python),
+ * and tests/test_kernels_header.py checks the ctypes structs of decode_block.py against the sizes
+ * and offsets a C compiler gives these.
+ *
+ * Shapes: x [M, K] float32 activations (M rows), W [N, K] one row per output feature, out [M, N]. */
+
+#ifndef PLAINLLAMA_H
+#define PLAINLLAMA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* How a weight matrix is stored (engine/cpu/packed.py's PackedWeight). */
+enum Layout {
+    LAYOUT_Q4 = 0,   /* nibbles uint8 [N, K/2], scales d float16 [N, K/32], optional minimums m [N, K/32] */
+    LAYOUT_Q8 = 1,   /* int8 [N, K], scales d float16 [N, K/32] */
+    LAYOUT_F16 = 2,  /* float16 [N, K] */
+    LAYOUT_BF16 = 3, /* bfloat16 [N, K] */
+};
+
+/* What every int-returning kernel returns. The comment after each is its message in Python. */
+enum Status {
+    STATUS_OK = 0,
+    STATUS_OUT_OF_MEMORY = -1, /* out of memory for its working buffers */
+    STATUS_NO_AMX = -2,        /* this CPU, or the operating system, does not allow AMX */
+    STATUS_BAD_WIDTH = -3,     /* a width is not a multiple of the kernel's block (64 inputs for q4/q8, 32 for 16-bit; 16 outputs for AMX) */
+    STATUS_BAD_LAYOUT = -4,    /* unknown weight layout */
+};
+
+/* A stored matrix [rows, in_features] in one layout. */
+typedef struct {
+    int layout, rows;
+    const void *w;         /* nibbles, int8 or 16-bit floats */
+    const uint16_t *d, *m; /* float16 scales and minimums (q4/q8), or NULL */
+} MatrixPart;
+
+/* A linear layer: one matrix, or up to three of different layouts whose outputs lie side by side
+ * (packed.py's StackedLinear, for files that store q, k and v in different types). */
+typedef struct {
+    int n_parts, in_features, out_features;
+    MatrixPart parts[3];
+} Linear;
+
+/* One transformer layer as decode_layer reads it. */
+typedef struct {
+    int dim, n_heads, n_kv_heads, head_dim, hidden;
+    float eps;
+    const float *attention_norm, *ffn_norm; /* [D] float32 */
+    Linear wqkv, wo, w13, w2;
+} Layer;
+
+/* cpu_matmul.c: products for a few rows (decoding), out [M, N] = x [M, K] W^T */
+int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, float *out);
+int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out);
+int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
+int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
+/* cpu_matmul.c: rows unpacked to bfloat16 [N, K] (prompts on CPUs without AMX multiply these with oneDNN) */
+int q4_to_bf16(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out);
+int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out);
+int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out);
+/* cpu_matmul.c: read every byte of buf with all threads (the memory bandwidth bound) */
+double read_bytes(const uint8_t *buf, size_t n);
+
+/* amx_matmul.c: products for many rows (prompts) on Intel AMX; xp: workspace of (M rounded up to
+ * 32) * K bfloat16, 64-byte aligned */
+int amx_available(void);
+int amx_matmul(const float *x, int M, int K, int layout, const void *w, const uint16_t *d, const uint16_t *m, int N,
+               float *out, uint16_t *xp);
+
+/* decode_layer.c: one decode step of a layer (one new token per row), and a prompt's in-between steps */
+int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows, float *cache_k,
+                 float *cache_v, long length, int start, const uint8_t *allowed, float *out);
+int rms_norm_rows(const float *x, const float *weight, long M, int D, float eps, float *out);
+int rotate_rows(float *x, long B, int T, int width, int heads, int Hd, const float *cos, const float *sin, int rope_rows);
+int swiglu_rows(const float *gate_up, long M, int F, float *out);
+
+#endif

@@ -13,103 +13,25 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
-from .engine.cpu import kernels
 from .chat_format import chat_format_for
 from .default_model import default_model_path
-from .engine.devices import pick_device, pick_dtype
 from .engine.compiled import compile_decode
+from .engine.devices import pick_device, pick_dtype
+from .engine.loading import load_planned, weight_mode
+from .engine.planner import MemoryPlan
 from .errors import PlainLlamaError
 from .formats import Checkpoint, open_checkpoint
 from .generation.batch import generate_batch
 from .generation.beam import Beam, beam_search
-from .generation.generate import GenerationState, Timings, TokenLogprob, check_prompt, generate_tokens
-from .engine.loading import WeightBuilder, build_model
-from .engine.planner import MemoryPlan, parse_size, plan_memory
+from .generation.generate import check_prompt
+from .generation.stops import StopMatcher
+from .generation.stream import Generation, GenerationStream
 from .model import Transformer
 from .sampling import Sampler, SamplingSettings
-from .generation.speculative import speculative_tokens
 from .tokenizer import Tokenizer
-
-
-@dataclass
-class Generation:
-    prompt_tokens: list[int]
-    tokens: list[int]  # generated ids, end token excluded
-    text: str  # the generated text (the continuation only; a stop string and what follows removed)
-    finish_reason: str  # "stop", "length" or "context"
-    timings: Timings
-    logprobs: list[TokenLogprob] | None = None  # with logprobs=N: per generated token
-    draft_acceptance: float | None = None  # with a draft model: accepted / proposed
-
-
-def held_back(text: str, stops) -> int:
-    """How many characters at the end of `text` could be the beginning of a stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
-
-
-class GenerationStream:
-    """Iterate for text pieces as they are produced; `.result` holds the Generation afterwards.
-
-    Stop strings are matched across token boundaries: text that could be the start of one is held
-    back until the next tokens show whether it is, so a stop string never reaches the output."""
-
-    def __init__(self, llm: "LLM", prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                 stop=(), logprobs: int | None = None, draft: "LLM | None" = None, speculate_k: int = 4):
-        self._llm, self._prompt_ids = llm, prompt_ids
-        self._state = GenerationState()
-        self._stops = [s for s in (stop or ()) if s]
-        self._logprobs = logprobs
-        end_ids = llm.tokenizer.end_ids
-        if draft is None:
-            self._token_iter = generate_tokens(llm.model, prompt_ids, max_new_tokens, sampler, end_ids, self._state, logprobs)
-        else:
-            self._token_iter = speculative_tokens(llm.model, draft.model, prompt_ids, max_new_tokens, sampler, speculate_k, end_ids, self._state, logprobs)
-        self._draft = draft
-        self._pieces: list[str] = []
-        self.result: Generation | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        decoder = self._llm.tokenizer.stream()
-        pending = ""
-        stopped = False
-        for token_id in self._token_iter:
-            pending += decoder.push(token_id)
-            if self._stops:
-                found = [i for i in (pending.find(s) for s in self._stops) if i >= 0]
-                if found:
-                    pending = pending[: min(found)]
-                    stopped = True
-                    break
-                ready = len(pending) - held_back(pending, self._stops)
-            else:
-                ready = len(pending)
-            if ready:
-                self._pieces.append(pending[:ready])
-                yield pending[:ready]
-                pending = pending[ready:]
-        if not stopped:
-            pending += decoder.flush()
-        if pending:
-            self._pieces.append(pending)
-            yield pending
-        s = self._state
-        if stopped:
-            s.finish_reason = "stop"
-            self._token_iter.close()
-        acceptance = s.draft_accepted / s.draft_proposed if self._draft is not None and s.draft_proposed else None
-        self.result = Generation(self._prompt_ids, s.tokens, "".join(self._pieces), s.finish_reason, s.timings,
-                                 s.logprobs if self._logprobs is not None else None, acceptance)
 
 
 class LLM:
@@ -178,7 +100,8 @@ class LLM:
             raise PlainLlamaError("--draft-model: its vocabulary differs from the target model's; speculative decoding needs the same tokens")
         ids = self.encode_prompt(prompt)
         self._check_request(1, len(ids) + max_new_tokens + (speculate_k if draft is not None else 0))
-        return GenerationStream(self, ids, max_new_tokens, sampler, stop, logprobs, draft, speculate_k)
+        return GenerationStream(self.model, self.tokenizer, ids, max_new_tokens, sampler, stop, logprobs,
+                                draft.model if draft is not None else None, speculate_k)
 
     def trace(self, prompt: str | list[int], max_new_tokens: int = 0, top_k: int = 5, **sampling):
         """What happens inside: tokens, per-layer residual norms, attention weights and logit lens,
@@ -192,26 +115,31 @@ class LLM:
         settings = self.sampling_settings(sampling)
         ids = [self.encode_prompt(p) for p in prompts]
         self._check_request(len(ids), max((len(i) for i in ids), default=0) + max_new_tokens)
-        stops = [s for s in (stop or ()) if s]
+        stops = StopMatcher(stop)
 
         def hit_stop(row, tokens):
-            return any(s in self.tokenizer.decode(tokens) for s in stops)
+            return stops.find(self.tokenizer.decode(tokens)) is not None
 
         states = generate_batch(self.model, ids, max_new_tokens, settings, self.tokenizer.end_ids, hit_stop if stops else None)
         results = []
         for prompt_ids, state in zip(ids, states, strict=True):
             text = "".join(self.tokenizer.stream().decode_all(state.tokens))
-            cut = [i for i in (text.find(s) for s in stops) if i >= 0]
-            results.append(Generation(prompt_ids, state.tokens, text[: min(cut)] if cut else text, state.finish_reason, state.timings))
+            results.append(Generation(prompt_ids, state.tokens, stops.cut(text), state.finish_reason, state.timings))
         return results
 
     def beam_search(self, prompt: str | list[int], num_beams: int = 4, max_new_tokens: int = 64, length_penalty: float = 1.0,
-                    early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, num_return: int = 1) -> list[Beam]:
-        """The num_return best continuations by beam search (best first), with their scores."""
+                    early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, num_return: int = 1, stop=()) -> list[Beam]:
+        """The num_return best continuations by beam search (best first), with their scores. A beam
+        whose text reaches a `stop` string ends there, as it would on an end token."""
         ids = self.encode_prompt(prompt)
         self._check_request(num_beams, len(ids) + max_new_tokens)
+        stops = StopMatcher(stop)
+
+        def hit_stop(tokens):
+            return stops.find(self.tokenizer.decode(tokens)) is not None
+
         return beam_search(self.model, ids, num_beams, max_new_tokens, self.tokenizer.end_ids,
-                           length_penalty, early_stopping, no_repeat_ngram_size, num_return)
+                           length_penalty, early_stopping, no_repeat_ngram_size, num_return, hit_stop if stops else None)
 
     @property
     def chat_format(self):
@@ -235,26 +163,6 @@ class LLM:
         return stream.result
 
 
-def weight_mode(device: torch.device, dtype: str, quantize: str | None, dequantize: bool) -> str:
-    """How the weights are held (loading.WEIGHT_MODES), from the user's switches. An explicit dtype
-    ("float32", ...) without --quantize means every weight in that dtype, as it always did."""
-    if quantize not in (None, "int8", "int4"):
-        raise PlainLlamaError(f"--quantize {quantize}: expected int8 or int4")
-    if quantize and dequantize:
-        raise PlainLlamaError("--quantize and --dequantize contradict each other; choose one")
-    if device.type != "cpu":
-        if quantize:
-            raise PlainLlamaError(f"--quantize runs on the CPU only; on {device.type} the weights are converted to its dtype")
-        return "float"
-    if quantize:
-        return quantize
-    if dequantize or dtype != "auto":
-        return "float"
-    # Compressed weights pay off where the kernels run; elsewhere a product would dequantize its
-    # whole weight matrix per token, and float weights are faster.
-    return "packed" if kernels.available() else "float"
-
-
 def load(path: str | None = None, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
          dequantize: bool = False, max_memory: int | str | None = None, max_gpu_memory: int | str | None = None,
          context: int | None = None, report=None, compile: bool = False) -> LLM:
@@ -275,16 +183,7 @@ def load(path: str | None = None, device: str = "auto", dtype: str = "auto", qua
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     weights = weight_mode(torch_device, dtype, quantize, dequantize)
-    plan = plan_memory(WeightBuilder(checkpoint, torch_dtype, torch_device, weights),
-                       parse_size(max_memory) if isinstance(max_memory, str) else max_memory,
-                       parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory, context)
-    if report is not None and (plan.explicit or plan.streamed or plan.in_ram):
-        report(plan.summary())
-    model = build_model(checkpoint, torch_dtype, torch_device, weights, plan)
-    # The model now holds every weight: the loader's handles go, releasing the source files' memory
-    # maps (and any converted copies) instead of keeping them alive beside the model. (Streamed
-    # layers need only the records' byte ranges, which stay.)
-    checkpoint.release_tensors()
+    model, plan = load_planned(checkpoint, torch_dtype, torch_device, weights, max_memory, max_gpu_memory, context, report)
     if compile:
         compile_decode(model)
     return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, time.perf_counter() - start, plan)

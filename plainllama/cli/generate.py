@@ -7,6 +7,7 @@ import sys
 import time
 
 from ..errors import PlainLlamaError
+from ..generation.stops import StopMatcher
 from .options import load_model, sampling_settings
 
 
@@ -45,13 +46,14 @@ def check_generate_options(args) -> None:
 
 def run_beams(llm, prompt, args) -> int:
     early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
-    beams = llm.beam_search(prompt, args.beams, args.max_new_tokens, args.length_penalty, early, args.no_repeat_ngram_size, args.num_return)
+    beams = llm.beam_search(prompt, args.beams, args.max_new_tokens, args.length_penalty, early, args.no_repeat_ngram_size, args.num_return,
+                            stop=args.stop)
+    stops = StopMatcher(args.stop)
+    texts = [stops.cut(llm.tokenizer.decode([t for t in b.tokens if t not in llm.tokenizer.end_ids])) for b in beams]
     if args.json:
-        print(json.dumps({"beams": [{"tokens": b.tokens, "text": llm.tokenizer.decode([t for t in b.tokens if t not in llm.tokenizer.end_ids]),
-                                     "score": b.score} for b in beams]}, ensure_ascii=False))
+        print(json.dumps({"beams": [{"tokens": b.tokens, "text": text, "score": b.score} for b, text in zip(beams, texts)]}, ensure_ascii=False))
     else:
-        for i, b in enumerate(beams):
-            text = llm.tokenizer.decode([t for t in b.tokens if t not in llm.tokenizer.end_ids])
+        for i, (b, text) in enumerate(zip(beams, texts)):
             print(f"[{i + 1}] score {b.score:.4f}:{text}" if len(beams) > 1 else text)
     return 0
 

@@ -22,7 +22,8 @@ from .cpu.decode_block import kernel_block
 from ..model import FUSED, Transformer, TransformerBlock, fused_name
 from .cpu.packed import (Holding, PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, holding, joined, pack_gguf, quantize_int4,
                          quantize_int8)
-from .planner import MemoryPlan
+from .cpu import kernels
+from .planner import MemoryPlan, parse_size, plan_memory
 from ..formats.gguf_quants import dequantize
 from .streaming import LayerStreamer
 
@@ -212,6 +213,43 @@ class WeightBuilder:
         """An empty layer (shapes, no storage), to be filled."""
         with torch.device("meta"), skip_random_init():
             return TransformerBlock(self.args)
+
+
+def weight_mode(device: torch.device, dtype: str, quantize: str | None, dequantize: bool) -> str:
+    """How the weights are held (WEIGHT_MODES), from the user's switches. An explicit dtype
+    ("float32", ...) without --quantize means every weight in that dtype, as it always did."""
+    if quantize not in (None, "int8", "int4"):
+        raise PlainLlamaError(f"--quantize {quantize}: expected int8 or int4")
+    if quantize and dequantize:
+        raise PlainLlamaError("--quantize and --dequantize contradict each other; choose one")
+    if device.type != "cpu":
+        if quantize:
+            raise PlainLlamaError(f"--quantize runs on the CPU only; on {device.type} the weights are converted to its dtype")
+        return "float"
+    if quantize:
+        return quantize
+    if dequantize or dtype != "auto":
+        return "float"
+    # Compressed weights pay off where the kernels run; elsewhere a product would dequantize its
+    # whole weight matrix per token, and float weights are faster.
+    return "packed" if kernels.available() else "float"
+
+
+def load_planned(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, weights: str, max_memory: int | str | None = None,
+                 max_gpu_memory: int | str | None = None, context: int | None = None, report=None) -> tuple[Transformer, MemoryPlan]:
+    """The model built within a memory plan (planner.py: what stays in memory, what streams from
+    disk), and the plan. `report(text)` receives the plan when anything streams or a cap was given."""
+    plan = plan_memory(WeightBuilder(checkpoint, dtype, device, weights),
+                       parse_size(max_memory) if isinstance(max_memory, str) else max_memory,
+                       parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory, context)
+    if report is not None and (plan.explicit or plan.streamed or plan.in_ram):
+        report(plan.summary())
+    model = build_model(checkpoint, dtype, device, weights, plan)
+    # The model now holds every weight: the loader's handles go, releasing the source files' memory
+    # maps (and any converted copies) instead of keeping them alive beside the model. (Streamed
+    # layers need only the records' byte ranges, which stay.)
+    checkpoint.release_tensors()
+    return model, plan
 
 
 def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, weights: str = "float",

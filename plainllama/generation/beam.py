@@ -40,7 +40,10 @@ def banned_by_ngrams(sequence: list[int], n: int) -> set[int]:
 def beam_search(
     model: Transformer, prompt_ids: list[int], num_beams: int, max_new_tokens: int, end_ids,
     length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, num_return: int = 1,
+    stopped=None,
 ) -> list[Beam]:
+    """`stopped(generated tokens) -> bool`: an extra end test (stop strings); a candidate it holds
+    for ends as if with an end token."""
     if num_beams < 1:
         raise PlainLlamaError(f"--beams must be >= 1, got {num_beams}")
     if not 1 <= num_return <= num_beams:
@@ -81,6 +84,10 @@ def beam_search(
             top_scores, top_index = torch.topk(total, keep)
             from_beam, token = top_index // vocab, top_index % vocab
             ends = torch.isin(token, end) | (cur + 1 >= max_len)  # an end token, or the length limit
+            if stopped is not None:
+                for j in range(keep):
+                    if not ends[j] and top_scores[j] > NEG / 2:
+                        ends[j] = stopped(running[from_beam[j]][prompt_len:] + [int(token[j])])
 
             # Candidates that end, among the best num_beams only, join the finished hypotheses.
             if improvable and not (early_stopping is True and len(finished) == num_beams):

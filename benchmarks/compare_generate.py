@@ -112,7 +112,14 @@ def bench_plainllama(path, prompt_ids, decode_tokens, repeats):
 def bench_llama_cpp(path, prompt_ids, decode_tokens, repeats):
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt_ids) + decode_tokens + 16, n_threads=2, n_threads_batch=2, n_batch=512, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=path,
+        n_ctx=len(prompt_ids) + decode_tokens + 16,
+        n_threads=2,
+        n_threads_batch=2,
+        n_batch=512,
+        verbose=False,
+    )
 
     def prefill():
         llm.reset()
@@ -173,8 +180,13 @@ def main():
     text = open(__file__, encoding="utf-8").read() * 4  # any real text long enough
     prompt_ids = tokenizer.encode(text)[: args.prompt_tokens]
 
-    engines = {"plainllama": bench_plainllama, "llama.cpp": bench_llama_cpp, "transformers": bench_transformers,
-               "meta-reference": bench_meta_reference, "plainllama-meta": bench_plainllama_meta}
+    engines = {
+        "plainllama": bench_plainllama,
+        "llama.cpp": bench_llama_cpp,
+        "transformers": bench_transformers,
+        "meta-reference": bench_meta_reference,
+        "plainllama-meta": bench_plainllama_meta,
+    }
     # Every engine is loaded first, then the measurements take turns (engine A, B, C, A, B, C, ...):
     # the machine's speed drifts over minutes, and taking turns exposes every engine to the same drift.
     names = args.engines.split(",")
@@ -192,9 +204,21 @@ def main():
     base = results.get("llama.cpp") or results.get("meta-reference")
     base_name = "llama.cpp" if "llama.cpp" in results else "meta-reference"
     if args.json:
-        print(json.dumps({"model": path, "prompt_tokens": len(prompt_ids), "decode_tokens": args.decode_tokens, "results": results}))
+        print(
+            json.dumps(
+                {
+                    "model": path,
+                    "prompt_tokens": len(prompt_ids),
+                    "decode_tokens": args.decode_tokens,
+                    "results": results,
+                }
+            )
+        )
         return
-    print(f"model: {os.path.basename(path)}   prompt: {len(prompt_ids)} tokens   decode: {args.decode_tokens} tokens   torch threads: {torch.get_num_threads()}")
+    print(
+        f"model: {os.path.basename(path)}   prompt: {len(prompt_ids)} tokens   decode: {args.decode_tokens} tokens   "
+        f"torch threads: {torch.get_num_threads()}"
+    )
     print(f"{'engine':<16}{'prefill tok/s':>15}{'vs ' + base_name:>18}{'decode tok/s':>15}{'vs ' + base_name:>18}")
     for name, r in results.items():
         ratio_p = f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x" if base else "-"
@@ -202,8 +226,10 @@ def main():
         print(f"{name:<16}{r['prefill_tok_s']:>15.1f}{ratio_p:>18}{r['decode_tok_s']:>15.1f}{ratio_d:>18}")
     if base_name != "meta-reference" and {"meta-reference", "plainllama-meta"} <= results.keys():
         ours, theirs = results["plainllama-meta"], results["meta-reference"]
-        print(f"plainllama-meta vs meta-reference: prefill {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x, "
-              f"decode {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x")
+        print(
+            f"plainllama-meta vs meta-reference: prefill {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x, "
+            f"decode {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

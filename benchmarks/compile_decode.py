@@ -59,7 +59,9 @@ def main():
 
     cache_dir = tempfile.mkdtemp(prefix="plainllama-inductor-")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
-    command = [sys.executable, __file__, "--first-step", "--dtype", args.dtype] + (["-m", args.model] if args.model else [])
+    command = [sys.executable, __file__, "--first-step", "--dtype", args.dtype] + (
+        ["-m", args.model] if args.model else []
+    )
     compile_times = []
     for _ in ("empty cache", "filled cache"):
         out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
@@ -75,9 +77,14 @@ def main():
     for _ in range(args.rounds):  # in turns: the machine's speed drifts
         for name, llm in (("eager", eager), ("compiled", compiled)):
             best[name] = min(best[name], decode_seconds(llm, args.steps))
-    print(f"first compiled step, fresh process: {compile_times[0]:.1f} s with an empty cache, {compile_times[1]:.1f} s with it filled")
-    print(f"decode, {args.dtype}: eager {1 / best['eager']:.1f} tok/s, compiled {1 / best['compiled']:.1f} tok/s "
-          f"({best['eager'] / best['compiled']:.2f}x)")
+    print(
+        f"first compiled step, fresh process: {compile_times[0]:.1f} s with an empty cache, {compile_times[1]:.1f} s "
+        "with it filled"
+    )
+    print(
+        f"decode, {args.dtype}: eager {1 / best['eager']:.1f} tok/s, compiled {1 / best['compiled']:.1f} tok/s "
+        f"({best['eager'] / best['compiled']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

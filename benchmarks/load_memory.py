@@ -45,12 +45,22 @@ def main():
     hidden = feed_forward_width(args.dim, 256, None)
     folder = tempfile.mkdtemp(prefix="plainllama-mem-")
     vocab = 128256  # Llama 3's: the tokenizer.model that ships with llama-models is used
-    state = {"tok_embeddings.weight": torch.randn(vocab, args.dim) * 0.02, "norm.weight": torch.ones(args.dim), "output.weight": torch.randn(vocab, args.dim) * 0.02}
+    state = {
+        "tok_embeddings.weight": torch.randn(vocab, args.dim) * 0.02,
+        "norm.weight": torch.ones(args.dim),
+        "output.weight": torch.randn(vocab, args.dim) * 0.02,
+    }
     for i in range(args.layers):
         p = f"layers.{i}."
-        for name, shape in (("attention.wq", (args.dim, args.dim)), ("attention.wk", (args.dim, args.dim)), ("attention.wv", (args.dim, args.dim)),
-                            ("attention.wo", (args.dim, args.dim)), ("feed_forward.w1", (hidden, args.dim)), ("feed_forward.w2", (args.dim, hidden)),
-                            ("feed_forward.w3", (hidden, args.dim))):
+        for name, shape in (
+            ("attention.wq", (args.dim, args.dim)),
+            ("attention.wk", (args.dim, args.dim)),
+            ("attention.wv", (args.dim, args.dim)),
+            ("attention.wo", (args.dim, args.dim)),
+            ("feed_forward.w1", (hidden, args.dim)),
+            ("feed_forward.w2", (args.dim, hidden)),
+            ("feed_forward.w3", (hidden, args.dim)),
+        ):
             state[p + name + ".weight"] = torch.randn(shape) * 0.02
         state[p + "attention_norm.weight"] = torch.ones(args.dim)
         state[p + "ffn_norm.weight"] = torch.ones(args.dim)
@@ -59,14 +69,26 @@ def main():
     meta = os.path.join(folder, "meta")
     os.makedirs(meta)
     torch.save(state, os.path.join(meta, "consolidated.00.pth"))
-    json.dump({"dim": args.dim, "n_layers": args.layers, "n_heads": n_heads, "vocab_size": vocab, "multiple_of": 256, "norm_eps": 1e-5}, open(os.path.join(meta, "params.json"), "w"))
+    json.dump(
+        {
+            "dim": args.dim,
+            "n_layers": args.layers,
+            "n_heads": n_heads,
+            "vocab_size": vocab,
+            "multiple_of": 256,
+            "norm_eps": 1e-5,
+        },
+        open(os.path.join(meta, "params.json"), "w"),
+    )
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from meta_files import llama3_tokenizer_model  # any tokenizer.model serves; this one ships with llama-models
 
     os.symlink(llama3_tokenizer_model(), os.path.join(meta, "tokenizer.model"))
 
     hf = os.path.join(folder, "hf")
-    subprocess.run([sys.executable, "-m", "plainllama", "convert", meta, hf, "--to", "hf"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "plainllama", "convert", meta, hf, "--to", "hf"], check=True, capture_output=True
+    )
 
     print(f"model: dim {args.dim}, {args.layers} layers, vocab {vocab}; files in {folder}")
     print(f"{'format':<8}{'load as':<10}{'weights MiB':>13}{'peak RSS MiB':>14}{'ratio':>8}")
@@ -74,7 +96,8 @@ def main():
         for dtype in ("bfloat16", "float32"):
             out = subprocess.run([sys.executable, "-c", CHILD, path, dtype], check=True, capture_output=True, text=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{fmt:<8}{dtype:<10}{r['weights_mib']:>13.0f}{r['peak_mib']:>14.0f}{r['peak_mib'] / r['weights_mib']:>8.2f}")
+            ratio = r["peak_mib"] / r["weights_mib"]
+            print(f"{fmt:<8}{dtype:<10}{r['weights_mib']:>13.0f}{r['peak_mib']:>14.0f}{ratio:>8.2f}")
 
 
 if __name__ == "__main__":

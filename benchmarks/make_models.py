@@ -39,7 +39,9 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     f16 = folder / "llama-1b-shape-F16.gguf"
     if not f16.exists():
-        write_llama_gguf(f16.with_suffix(".tmp"), default_vocabulary(), matrix_type="F16", embedding_type="F16", **SHAPE)
+        write_llama_gguf(
+            f16.with_suffix(".tmp"), default_vocabulary(), matrix_type="F16", embedding_type="F16", **SHAPE
+        )
         f16.with_suffix(".tmp").rename(f16)
     paths = [f16]
     for name, ftype in (("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):

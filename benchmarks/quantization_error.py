@@ -44,7 +44,9 @@ def main():
     rows.append(("GGUF as stored (Q4_1 + Q8_0, int8 activations)", ppl, tv))
     with tempfile.TemporaryDirectory() as folder:
         hf = os.path.join(folder, "hf")
-        subprocess.run([sys.executable, "-m", "plainllama", "convert", path, hf, "--to", "hf", "--dtype", "float32"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "plainllama", "convert", path, hf, "--to", "hf", "--dtype", "float32"], check=True
+        )
         ppl, _, tv = evaluate(plainllama.load(hf, device="cpu", dtype="float32"), ids, reference)
         rows.append(("HF folder float32", ppl, tv))
         for mode in ("int8", "int4"):

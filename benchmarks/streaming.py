@@ -1,6 +1,7 @@
 """Streaming figures (issue 5): a model larger than its memory budget, layers read from disk per pass.
 
-    .venv/bin/python benchmarks/streaming.py MODEL.gguf --max-memory 4G [--decode-tokens 4] [--prompt-tokens 512] [--batch 32]
+    .venv/bin/python benchmarks/streaming.py MODEL.gguf --max-memory 4G \
+        [--decode-tokens 4] [--prompt-tokens 512] [--batch 32]
 
 Measured in one run, in this order, so that the ratios compare like with like on a shared, noisy disk:
   1. disk read speed: the file's pages dropped from the page cache (posix_fadvise DONTNEED), then
@@ -25,8 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import plainllama  # noqa: E402
 
-PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "In 1969, the first", "My favourite recipe is",
-           "The theory of relativity", "Dear hiring manager,", "Here is a list of"]
+PROMPTS = [
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "In 1969, the first",
+    "My favourite recipe is",
+    "The theory of relativity",
+    "Dear hiring manager,",
+    "Here is a list of",
+]
 
 
 def drop_cache(path: str) -> None:
@@ -75,9 +84,13 @@ def main() -> None:
 
     speed_before = disk_speed(args.model)
     drop_cache(args.model)
-    llm = plainllama.load(args.model, device="cpu", max_memory=None if args.max_memory == "auto" else args.max_memory,
-                          context=max(args.prompt_tokens + args.decode_tokens, args.batch * (16 + args.batch_new_tokens)),
-                          report=lambda text: print(text, file=sys.stderr))
+    llm = plainllama.load(
+        args.model,
+        device="cpu",
+        max_memory=None if args.max_memory == "auto" else args.max_memory,
+        context=max(args.prompt_tokens + args.decode_tokens, args.batch * (16 + args.batch_new_tokens)),
+        report=lambda text: print(text, file=sys.stderr),
+    )
     plan = llm.plan
     if plan is None or not plan.streamed:
         sys.exit(f"streaming.py: nothing streams from disk under --max-memory {args.max_memory}: give a smaller budget")
@@ -104,17 +117,29 @@ def main() -> None:
     peak = peak_rss()  # before the second disk probe, whose 64 MB read buffer is not the model's
     speed_after = disk_speed(args.model)
     figures = {
-        "model": args.model, "budget_gib": round(plan.budget / 2**30, 2), "max_memory": args.max_memory,
-        "layers_streamed": len(plan.streamed), "layers_resident": len(plan.resident), "gb_streamed_per_pass": round(per_pass, 2),
-        "disk_gb_per_s_before": round(speed_before, 2), "disk_gb_per_s_after": round(speed_after, 2),
+        "model": args.model,
+        "budget_gib": round(plan.budget / 2**30, 2),
+        "max_memory": args.max_memory,
+        "layers_streamed": len(plan.streamed),
+        "layers_resident": len(plan.resident),
+        "gb_streamed_per_pass": round(per_pass, 2),
+        "disk_gb_per_s_before": round(speed_before, 2),
+        "disk_gb_per_s_after": round(speed_after, 2),
         "reader_gb_per_s": round(llm.streamer.stats.disk_speed / 1e9, 2),
-        "decode_tokens_per_s": round(decode_tps, 4), "decode_seconds_per_token": round(1 / decode_tps, 2) if decode_tps else None,
-        "bound_tokens_per_s": round(bound_tps, 4), "decode_fraction_of_bound": round(decode_tps / bound_tps, 3),
+        "decode_tokens_per_s": round(decode_tps, 4),
+        "decode_seconds_per_token": round(1 / decode_tps, 2) if decode_tps else None,
+        "bound_tokens_per_s": round(bound_tps, 4),
+        "decode_fraction_of_bound": round(decode_tps / bound_tps, 3),
         "decode_fraction_of_bound_vs_mean_disk": round(decode_tps / ((speed_before + speed_after) / 2 / per_pass), 3),
-        "prefill_tokens": pre.prompt_tokens, "prefill_seconds": round(pre.prefill_seconds, 1),
+        "prefill_tokens": pre.prompt_tokens,
+        "prefill_seconds": round(pre.prefill_seconds, 1),
         "prefill_tokens_per_s": round(pre.prefill_tokens_per_second, 2),
-        "batch": args.batch, "batch_prompt_tokens": prompt_tokens, "batch_generated": generated, "batch_seconds": round(seconds, 1),
-        "batch_tokens_per_s_all": round((prompt_tokens + generated) / seconds, 2), "batch_generated_per_s": round(generated / seconds, 3),
+        "batch": args.batch,
+        "batch_prompt_tokens": prompt_tokens,
+        "batch_generated": generated,
+        "batch_seconds": round(seconds, 1),
+        "batch_tokens_per_s_all": round((prompt_tokens + generated) / seconds, 2),
+        "batch_generated_per_s": round(generated / seconds, 3),
         "peak_rss_gib": round(peak / 2**30, 2),
     }
     print(json.dumps(figures, indent=1))

@@ -1,6 +1,6 @@
 """Generate text with the loop written out: tokenize, run the model with a cache, pick, decode.
 
-    python examples/minimal.py ["PROMPT"] [MODEL]
+python examples/minimal.py ["PROMPT"] [MODEL]
 """
 
 import sys

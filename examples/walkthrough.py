@@ -23,7 +23,10 @@ def show(name, t):
 
 ids = llm.tokenizer.encode(prompt)
 print(f"prompt {prompt!r} -> {len(ids)} tokens {ids}")
-print(f"model: {args.n_layers} layers, width {args.dim}, {args.n_heads} query heads sharing {args.n_kv_heads} key/value heads\n")
+print(
+    f"model: {args.n_layers} layers, width {args.dim}, {args.n_heads} query heads sharing {args.n_kv_heads} "
+    "key/value heads\n"
+)
 tokens = torch.tensor([ids])  # [B=1, T]
 B, T = tokens.shape
 
@@ -57,7 +60,12 @@ with torch.inference_mode():
     show("logits", logits)
     probs = logits[0, -1].softmax(-1)  # the next-token distribution after the last position
     top = torch.topk(probs, 5)
-    print("\nnext token:", ", ".join(f"{llm.tokenizer.piece(int(i))!r} {float(p):.1%}" for p, i in zip(top.values, top.indices)))
+    print(
+        "\nnext token:",
+        ", ".join(
+            f"{llm.tokenizer.piece(int(i))!r} {float(p):.1%}" for p, i in zip(top.values, top.indices, strict=True)
+        ),
+    )
     reference = model(tokens)
     difference = (logits - reference).abs().max().item()
     print(f"largest difference from model(tokens): {difference:.2e}")

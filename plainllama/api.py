@@ -1,13 +1,13 @@
 """The Python API. Everything the CLI does goes through here.
 
-    import plainllama
-    llm = plainllama.load()                      # the default model, on the best device
-    ids = llm.tokenizer.encode("Hello")
-    logits = llm.logits(ids)                     # [len(ids), vocab] float32
-    out = llm.generate("The capital of France is", max_new_tokens=20)
-    print(out.text)
-    for piece in llm.stream("Once upon a time"):  # text as it is produced
-        print(piece, end="")
+import plainllama
+llm = plainllama.load()                      # the default model, on the best device
+ids = llm.tokenizer.encode("Hello")
+logits = llm.logits(ids)                     # [len(ids), vocab] float32
+out = llm.generate("The capital of France is", max_new_tokens=20)
+print(out.text)
+for piece in llm.stream("Once upon a time"):  # text as it is produced
+    print(piece, end="")
 """
 
 from __future__ import annotations
@@ -35,8 +35,16 @@ from .tokenizer import Tokenizer
 
 
 class LLM:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
-                 load_seconds: float, plan: MemoryPlan | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        dtype: torch.dtype,
+        load_seconds: float,
+        plan: MemoryPlan | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
@@ -87,8 +95,14 @@ class LLM:
         return settings
 
     def stream(
-        self, prompt: str | list[int], max_new_tokens: int = 128, stop=(), logprobs: int | None = None,
-        draft: "LLM | None" = None, speculate_k: int = 4, **sampling,
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        stop=(),
+        logprobs: int | None = None,
+        draft: LLM | None = None,
+        speculate_k: int = 4,
+        **sampling,
     ) -> GenerationStream:
         """Stream the continuation of `prompt`. `sampling`: the fields of SamplingSettings (sampling.py).
         `stop`: strings that end the text; `logprobs`: record N alternatives per token; `draft`:
@@ -97,11 +111,23 @@ class LLM:
         if logprobs is not None and logprobs < 0:
             raise PlainLlamaError(f"--logprobs must be >= 0, got {logprobs}")
         if draft is not None and draft.tokenizer.tokens != self.tokenizer.tokens:
-            raise PlainLlamaError("--draft-model: its vocabulary differs from the target model's; speculative decoding needs the same tokens")
+            raise PlainLlamaError(
+                "--draft-model: its vocabulary differs from the target model's; speculative decoding needs the same "
+                "tokens"
+            )
         ids = self.encode_prompt(prompt)
         self._check_request(1, len(ids) + max_new_tokens + (speculate_k if draft is not None else 0))
-        return GenerationStream(self.model, self.tokenizer, ids, max_new_tokens, sampler, stop, logprobs,
-                                draft.model if draft is not None else None, speculate_k)
+        return GenerationStream(
+            self.model,
+            self.tokenizer,
+            ids,
+            max_new_tokens,
+            sampler,
+            stop,
+            logprobs,
+            draft.model if draft is not None else None,
+            speculate_k,
+        )
 
     def trace(self, prompt: str | list[int], max_new_tokens: int = 0, top_k: int = 5, **sampling):
         """What happens inside: tokens, per-layer residual norms, attention weights and logit lens,
@@ -120,15 +146,26 @@ class LLM:
         def hit_stop(row, tokens):
             return stops.find(self.tokenizer.decode(tokens)) is not None
 
-        states = generate_batch(self.model, ids, max_new_tokens, settings, self.tokenizer.end_ids, hit_stop if stops else None)
+        states = generate_batch(
+            self.model, ids, max_new_tokens, settings, self.tokenizer.end_ids, hit_stop if stops else None
+        )
         results = []
         for prompt_ids, state in zip(ids, states, strict=True):
             text = "".join(self.tokenizer.stream().decode_all(state.tokens))
             results.append(Generation(prompt_ids, state.tokens, stops.cut(text), state.finish_reason, state.timings))
         return results
 
-    def beam_search(self, prompt: str | list[int], num_beams: int = 4, max_new_tokens: int = 64, length_penalty: float = 1.0,
-                    early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, num_return: int = 1, stop=()) -> list[Beam]:
+    def beam_search(
+        self,
+        prompt: str | list[int],
+        num_beams: int = 4,
+        max_new_tokens: int = 64,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        no_repeat_ngram_size: int = 0,
+        num_return: int = 1,
+        stop=(),
+    ) -> list[Beam]:
         """The num_return best continuations by beam search (best first), with their scores. A beam
         whose text reaches a `stop` string ends there, as it would on an end token."""
         ids = self.encode_prompt(prompt)
@@ -138,14 +175,26 @@ class LLM:
         def hit_stop(tokens):
             return stops.find(self.tokenizer.decode(tokens)) is not None
 
-        return beam_search(self.model, ids, num_beams, max_new_tokens, self.tokenizer.end_ids,
-                           length_penalty, early_stopping, no_repeat_ngram_size, num_return, hit_stop if stops else None)
+        return beam_search(
+            self.model,
+            ids,
+            num_beams,
+            max_new_tokens,
+            self.tokenizer.end_ids,
+            length_penalty,
+            early_stopping,
+            no_repeat_ngram_size,
+            num_return,
+            hit_stop if stops else None,
+        )
 
     @property
     def chat_format(self):
         """How this model's conversations are written (its Jinja template, or Meta's Llama 2/3 format)."""
         if not hasattr(self, "_chat_format"):
-            self._chat_format = chat_format_for(self.tokenizer, self.checkpoint.chat_template, self.checkpoint.chat_format)
+            self._chat_format = chat_format_for(
+                self.tokenizer, self.checkpoint.chat_template, self.checkpoint.chat_format
+            )
         return self._chat_format
 
     def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
@@ -163,9 +212,18 @@ class LLM:
         return stream.result
 
 
-def load(path: str | None = None, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
-         dequantize: bool = False, max_memory: int | str | None = None, max_gpu_memory: int | str | None = None,
-         context: int | None = None, report=None, compile: bool = False) -> LLM:
+def load(
+    path: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: str | None = None,
+    dequantize: bool = False,
+    max_memory: int | str | None = None,
+    max_gpu_memory: int | str | None = None,
+    context: int | None = None,
+    report=None,
+    compile: bool = False,
+) -> LLM:
     """Load a model file or folder (default: the bundled SmolLM2-135M-Instruct).
 
     On the CPU with dtype "auto", weights stay in their stored compressed form (a Q4 GGUF runs from
@@ -183,7 +241,9 @@ def load(path: str | None = None, device: str = "auto", dtype: str = "auto", qua
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     weights = weight_mode(torch_device, dtype, quantize, dequantize)
-    model, plan = load_planned(checkpoint, torch_dtype, torch_device, weights, max_memory, max_gpu_memory, context, report)
+    model, plan = load_planned(
+        checkpoint, torch_dtype, torch_device, weights, max_memory, max_gpu_memory, context, report
+    )
     if compile:
         compile_decode(model)
     return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, time.perf_counter() - start, plan)

@@ -57,8 +57,10 @@ class Llama3Chat:
 
     def header(self, role: str) -> list[int]:
         return [
-            self.special["<|start_header_id|>"], *self.tok.encode("ipython" if role == "tool" else role, bos=False),
-            self.special["<|end_header_id|>"], *self.tok.encode("\n\n", bos=False),
+            self.special["<|start_header_id|>"],
+            *self.tok.encode("ipython" if role == "tool" else role, bos=False),
+            self.special["<|end_header_id|>"],
+            *self.tok.encode("\n\n", bos=False),
         ]
 
 
@@ -76,11 +78,17 @@ class Llama2Chat:
             if len(messages) < 2:
                 raise PlainLlamaError("a Llama 2 conversation needs a user message after the system prompt")
             first = messages[1]
-            messages = [Message(first.role, f"<<SYS>>\n{messages[0].content}\n<</SYS>>\n\n{first.content}")] + messages[2:]
-        if [m.role for m in messages[0::2]] != ["user"] * len(messages[0::2]) or any(m.role != "assistant" for m in messages[1::2]):
-            raise PlainLlamaError("a Llama 2 conversation alternates user and assistant messages, starting with the user")
+            messages = [Message(first.role, f"<<SYS>>\n{messages[0].content}\n<</SYS>>\n\n{first.content}")] + messages[
+                2:
+            ]
+        if [m.role for m in messages[0::2]] != ["user"] * len(messages[0::2]) or any(
+            m.role != "assistant" for m in messages[1::2]
+        ):
+            raise PlainLlamaError(
+                "a Llama 2 conversation alternates user and assistant messages, starting with the user"
+            )
         ids = []
-        for prompt, answer in zip(messages[0::2], messages[1::2]):
+        for prompt, answer in zip(messages[0::2], messages[1::2], strict=False):
             ids += self.tok.encode(f"[INST] {prompt.content.strip()} [/INST] {answer.content.strip()} ", bos=True)
             ids.append(self.tok.eos_id)
         if len(messages) % 2 == 1:
@@ -102,7 +110,9 @@ class JinjaChat:
 
         # The settings transformers uses, so templates written for it render the same here. The
         # sandbox keeps a template (it comes with a downloaded file) from reaching Python objects.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
         try:
             self.template = env.from_string(template)

@@ -2,8 +2,9 @@
 
 Read it beside the paper and Meta's reference (llama_models/llama3/model.py): the module names are
 Meta's, so a checkpoint's `layers.3.attention.wo.weight` is `model.layers[3].attention.wo.weight`
-here, except that wq, wk, wv are stacked into one `wqkv` and w1, w3 into `w13` (`fused_name`). This file knows nothing about file formats, devices or quantization: a loader hands it a
-`ModelArgs` and a state dict in this naming, and it does the arithmetic.
+here, except that wq, wk, wv are stacked into one `wqkv` and w1, w3 into `w13` (`fused_name`). This
+file knows nothing about file formats, devices or quantization: a loader hands it a `ModelArgs` and a
+state dict in this naming, and it does the arithmetic.
 
 Shapes in comments: B batch, T new tokens, S tokens in the cache (past + new), D model width,
 H query heads, K key/value heads, Hd head width, V vocabulary.
@@ -49,13 +50,20 @@ class ModelArgs:
         if self.head_dim % 2:
             problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
-            problems.append(f"rope_freq_factors has {len(self.rope_freq_factors)} entries, expected {self.head_dim // 2}")
+            problems.append(
+                f"rope_freq_factors has {len(self.rope_freq_factors)} entries, expected {self.head_dim // 2}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
 
 def llama3_rope_factors(
-    head_dim: int, theta: float, factor: float, low_freq_factor: float, high_freq_factor: float, original_context_length: int
+    head_dim: int,
+    theta: float,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_context_length: int,
 ) -> tuple[float, ...]:
     """Llama 3.1's rotary scaling as per-frequency divisors.
 
@@ -145,7 +153,9 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, batch: int, length: int, dtype: torch.dtype, device):
         self.length = length
-        self.layers = [LayerCache(batch, args.n_kv_heads, length, args.head_dim, dtype, device) for _ in range(args.n_layers)]
+        self.layers = [
+            LayerCache(batch, args.n_kv_heads, length, args.head_dim, dtype, device) for _ in range(args.n_layers)
+        ]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -241,8 +251,10 @@ def causal_mask(start_pos: int, T: int, device, pad: torch.Tensor | None = None)
 
 
 # Checkpoint names (Meta's) that the model holds stacked: stacked name -> the parts, in row order.
-FUSED = {"attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
-         "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight")}
+FUSED = {
+    "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+}
 
 
 def fused_name(name: str) -> str:
@@ -264,7 +276,11 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False,
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        last_only: bool = False,
         pad: torch.Tensor | None = None,
     ):
         """tokens [B, T] at positions start_pos..start_pos+T-1 -> logits [B, T, V] ([B, 1, V] if last_only).

@@ -39,13 +39,17 @@ def _setting(default, type, help: str, factory=None):
 class SamplingSettings:
     temperature: float = _setting(0.0, float, "0 is greedy (the default); higher is more random")
     top_k: int | None = _setting(None, int, "sample only from the k most likely tokens")
-    top_p: float | None = _setting(None, float, "sample only from the smallest set of tokens with this much probability")
+    top_p: float | None = _setting(
+        None, float, "sample only from the smallest set of tokens with this much probability"
+    )
     min_p: float | None = _setting(None, float, "drop tokens less likely than this fraction of the most likely one")
     typical_p: float | None = _setting(None, float, "locally typical sampling with this probability mass")
     repetition_penalty: float | None = _setting(None, float, "above 1 discourages tokens already in the text")
     frequency_penalty: float = _setting(0.0, float, "subtract this times each token's count so far")
     presence_penalty: float = _setting(0.0, float, "subtract this from every token generated so far")
-    logit_bias: dict[int, float] = _setting(None, dict, "ID:BIAS[,ID:BIAS...] added to those tokens' logits", factory=dict)
+    logit_bias: dict[int, float] = _setting(
+        None, dict, "ID:BIAS[,ID:BIAS...] added to those tokens' logits", factory=dict
+    )
     seed: int | None = _setting(None, int, "make sampling repeatable")
 
     def check(self, vocab_size: int | None = None) -> None:
@@ -134,9 +138,13 @@ class Sampler:
             ids = torch.tensor(list(s.logit_bias), dtype=torch.long)
             logits = logits.index_add(0, ids, torch.tensor(list(s.logit_bias.values()), dtype=logits.dtype))
         if s.repetition_penalty not in (None, 1.0) and len(history):
-            logits = apply_repetition_penalty(logits, torch.tensor(sorted(set(history)), dtype=torch.long), s.repetition_penalty)
+            logits = apply_repetition_penalty(
+                logits, torch.tensor(sorted(set(history)), dtype=torch.long), s.repetition_penalty
+            )
         if (s.frequency_penalty or s.presence_penalty) and len(generated):
-            counts = torch.bincount(torch.tensor(list(generated), dtype=torch.long), minlength=logits.shape[-1]).to(logits.dtype)
+            counts = torch.bincount(torch.tensor(list(generated), dtype=torch.long), minlength=logits.shape[-1]).to(
+                logits.dtype
+            )
             logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).to(logits.dtype)
         return logits
 

@@ -50,7 +50,8 @@ def hf_model(model_path):
 
 SP_TRAINING_TEXT = [
     "The llama is a domesticated South American camelid, widely used as a meat and pack animal.",
-    "Llamas are social animals and live with others as a herd. Their wool is soft and contains only a small amount of lanolin.",
+    "Llamas are social animals and live with others as a herd. Their wool is soft and contains only a small amount "
+    "of lanolin.",
     "def tokenize(text): return [piece for piece in text.split()]",
     "Numbers like 12345 and 3.14159 appear in text; so do dates such as 2024-05-01.",
     "Café, naïve, résumé: accented Latin letters are common in European languages.",
@@ -66,9 +67,18 @@ def sentencepiece_model(tmp_path_factory):
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(SP_TRAINING_TEXT), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "sp"), vocab_size=400, model_type="bpe", byte_fallback=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2,
+        input=str(corpus),
+        model_prefix=str(folder / "sp"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        minloglevel=2,
     )
     return spm.SentencePieceProcessor(model_file=str(folder / "sp.model"))
 
@@ -78,13 +88,17 @@ def sentencepiece_gguf(sentencepiece_model, tmp_path_factory):
     sp = sentencepiece_model
     types = []
     for i in range(sp.get_piece_size()):
-        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1)
+        types.append(
+            2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
+        )
     vocab = {
-        "model": "llama", "tokens": [sp.id_to_piece(i) for i in range(sp.get_piece_size())],
-        "scores": [sp.get_score(i) for i in range(sp.get_piece_size())], "types": types,
-        "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(),
+        "model": "llama",
+        "tokens": [sp.id_to_piece(i) for i in range(sp.get_piece_size())],
+        "scores": [sp.get_score(i) for i in range(sp.get_piece_size())],
+        "types": types,
+        "bos": sp.bos_id(),
+        "eos": sp.eos_id(),
+        "unk": sp.unk_id(),
     }
     path = tmp_path_factory.mktemp("spm-gguf") / "llama2-style.gguf"
     return write_llama_gguf(path, vocab, dim=64, n_heads=2, n_kv_heads=2, hidden_dim=128)
-
-

@@ -14,8 +14,16 @@ from plainllama.default_model import default_model_path
 
 # byte offsets of the float16 scale fields inside each block, per format
 SCALE_FIELDS = {
-    "Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
-    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    "Q8_0": [0],
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
 }
 QUANTIZABLE = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"}
 
@@ -47,7 +55,10 @@ def encode_tensor(weights: np.ndarray, type_name: str, rng: np.random.Generator)
 def default_vocabulary() -> dict:
     """The default model's tokenizer metadata, so test files get a real vocabulary."""
     reader = GGUFReader(default_model_path())
-    get = lambda key: reader.fields[key].contents()
+
+    def get(key):
+        return reader.fields[key].contents()
+
     return {
         "model": get("tokenizer.ggml.model"),
         "pre": get("tokenizer.ggml.pre"),
@@ -59,10 +70,48 @@ def default_vocabulary() -> dict:
     }
 
 
+def add_vocabulary(w: GGUFWriter, vocab: dict) -> None:
+    """The tokenizer metadata of `vocab` (as from default_vocabulary())."""
+    w.add_tokenizer_model(vocab["model"])
+    if vocab.get("pre"):
+        w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if vocab.get("merges"):
+        w.add_token_merges(vocab["merges"])
+    if vocab.get("scores") is not None:
+        w.add_token_scores(vocab["scores"])
+    if vocab.get("bos") is not None:
+        w.add_bos_token_id(vocab["bos"])
+    if vocab.get("eos") is not None:
+        w.add_eos_token_id(vocab["eos"])
+    if vocab.get("unk") is not None:
+        w.add_unk_token_id(vocab["unk"])
+    if vocab.get("add_bos") is not None:
+        w.add_add_bos_token(vocab["add_bos"])
+
+
 def write_llama_gguf(
-    path, vocab: dict, *, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512, context_length=512,
-    matrix_type="F32", embedding_type="F32", output_type=None, tied=False, seed=0, rope_freqs=None, extra_metadata=None,
-    architecture="llama", skip_tensors=(), override_shapes=None, tensor_types=None,
+    path,
+    vocab: dict,
+    *,
+    dim=256,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    hidden_dim=512,
+    context_length=512,
+    matrix_type="F32",
+    embedding_type="F32",
+    output_type=None,
+    tied=False,
+    seed=0,
+    rope_freqs=None,
+    extra_metadata=None,
+    architecture="llama",
+    skip_tensors=(),
+    override_shapes=None,
+    tensor_types=None,
 ):
     """A random-weight Llama model in GGUF. `vocab`: dict as from default_vocabulary() or a
     SentencePiece vocabulary (model "llama" with scores). `tensor_types`: {"attn_v.weight": "Q8_0", ...}
@@ -87,23 +136,7 @@ def write_llama_gguf(
             w.add_string(key, value)
         else:
             w.add_uint32(key, value)
-    w.add_tokenizer_model(vocab["model"])
-    if vocab.get("pre"):
-        w.add_tokenizer_pre(vocab["pre"])
-    w.add_token_list(vocab["tokens"])
-    w.add_token_types(vocab["types"])
-    if vocab.get("merges"):
-        w.add_token_merges(vocab["merges"])
-    if vocab.get("scores") is not None:
-        w.add_token_scores(vocab["scores"])
-    if vocab.get("bos") is not None:
-        w.add_bos_token_id(vocab["bos"])
-    if vocab.get("eos") is not None:
-        w.add_eos_token_id(vocab["eos"])
-    if vocab.get("unk") is not None:
-        w.add_unk_token_id(vocab["unk"])
-    if vocab.get("add_bos") is not None:
-        w.add_add_bos_token(vocab["add_bos"])
+    add_vocabulary(w, vocab)
 
     shapes = {
         "token_embd.weight": ((V, dim), embedding_type),
@@ -157,5 +190,8 @@ def truncated_copy(src, dst, n_layers: int):
         if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= n_layers:
             continue
         w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return dst

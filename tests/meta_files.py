@@ -46,7 +46,7 @@ def reference_model(params: dict, vocab_size: int, rope_theta: float, seed: int 
     model = Transformer(ModelArgs(**args))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
             else:
@@ -59,7 +59,16 @@ def reference_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids]), start_pos=0)[0].float()
 
 
-def write_meta_checkpoint(folder, params: dict, state_dict: dict, tokenizer_model: str, n_shards: int = 1, embedding_axis: int = 0, dtype=torch.bfloat16, tied: bool = False):
+def write_meta_checkpoint(
+    folder,
+    params: dict,
+    state_dict: dict,
+    tokenizer_model: str,
+    n_shards: int = 1,
+    embedding_axis: int = 0,
+    dtype=torch.bfloat16,
+    tied: bool = False,
+):
     """Save `state_dict` as Meta does, split into `n_shards` model-parallel shards."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "params.json"), "w") as f:

@@ -5,13 +5,25 @@ import json
 
 from test_cli import run_cli
 
-FIELDS = ("load_seconds", "prefill_tokens_per_second", "time_to_first_token_seconds", "decode_tokens_per_second",
-          "bytes_per_decoded_token", "achieved_bandwidth_gb_s", "memory_bandwidth_gb_s", "fraction_of_bandwidth",
-          "sustained_read_bandwidth_gb_s", "fraction_of_sustained_read_bandwidth", "peak_rss_mib")
+FIELDS = (
+    "load_seconds",
+    "prefill_tokens_per_second",
+    "time_to_first_token_seconds",
+    "decode_tokens_per_second",
+    "bytes_per_decoded_token",
+    "achieved_bandwidth_gb_s",
+    "memory_bandwidth_gb_s",
+    "fraction_of_bandwidth",
+    "sustained_read_bandwidth_gb_s",
+    "fraction_of_sustained_read_bandwidth",
+    "peak_rss_mib",
+)
 
 
 def test_bench_json_reports_every_figure(model_path):
-    result = run_cli("bench", "--device", "cpu", "--prompt-tokens", "32", "--decode-tokens", "4", "--repeats", "1", "--json")
+    result = run_cli(
+        "bench", "--device", "cpu", "--prompt-tokens", "32", "--decode-tokens", "4", "--repeats", "1", "--json"
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     for field in FIELDS:

@@ -20,7 +20,9 @@ def run_cli(*args, timeout=300):
 def test_generate_streams_text_and_reports_timings():
     result = run_cli("generate", "The capital of France is", "-n", "8")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(" Paris")  # the default model's greedy answer (checked against HF in test_model_vs_hf)
+    assert result.stdout.startswith(
+        " Paris"
+    )  # the default model's greedy answer (checked against HF in test_model_vs_hf)
     assert "tok/s" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -31,14 +33,48 @@ def test_generate_json(llm):
     assert record["prompt_tokens"] == llm.tokenizer.encode("The capital of France is")
     assert record["tokens"] == llm.generate("The capital of France is", max_new_tokens=6).tokens
     assert record["text"] == llm.tokenizer.decode(record["tokens"])
-    for key in ("prefill_tokens_per_second", "decode_tokens_per_second", "prefill_seconds", "decode_seconds", "load_seconds"):
+    for key in (
+        "prefill_tokens_per_second",
+        "decode_tokens_per_second",
+        "prefill_seconds",
+        "decode_seconds",
+        "load_seconds",
+    ):
         assert record[key] > 0
     assert record["finish_reason"] == "length"
 
 
 def test_sampling_options_reach_the_sampler():
-    a = run_cli("generate", "Llamas", "-n", "12", "--temperature", "1.0", "--top-k", "40", "--top-p", "0.9", "--seed", "5", "--json")
-    b = run_cli("generate", "Llamas", "-n", "12", "--temperature", "1.0", "--top-k", "40", "--top-p", "0.9", "--seed", "5", "--json")
+    a = run_cli(
+        "generate",
+        "Llamas",
+        "-n",
+        "12",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--json",
+    )
+    b = run_cli(
+        "generate",
+        "Llamas",
+        "-n",
+        "12",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--json",
+    )
     assert a.returncode == b.returncode == 0
     assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
 
@@ -100,12 +136,23 @@ def test_unsupported_architecture(tmp_path, vocab):
 
 
 def test_tensor_shape_disagrees_with_metadata(tmp_path, vocab):
-    path = write_llama_gguf(tmp_path / "shape.gguf", vocab, dim=64, n_heads=2, hidden_dim=128, override_shapes={"blk.1.ffn_up.weight": (96, 64)})
-    expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "blk.1.ffn_up.weight", "[96, 64]", "[128, 64]")
+    path = write_llama_gguf(
+        tmp_path / "shape.gguf",
+        vocab,
+        dim=64,
+        n_heads=2,
+        hidden_dim=128,
+        override_shapes={"blk.1.ffn_up.weight": (96, 64)},
+    )
+    expect_clean_error(
+        run_cli("generate", "hi", "-m", str(path)), str(path), "blk.1.ffn_up.weight", "[96, 64]", "[128, 64]"
+    )
 
 
 def test_missing_tensor(tmp_path, vocab):
-    path = write_llama_gguf(tmp_path / "missing.gguf", vocab, dim=64, n_heads=2, hidden_dim=128, skip_tensors={"blk.0.attn_v.weight"})
+    path = write_llama_gguf(
+        tmp_path / "missing.gguf", vocab, dim=64, n_heads=2, hidden_dim=128, skip_tensors={"blk.0.attn_v.weight"}
+    )
     expect_clean_error(run_cli("generate", "hi", "-m", str(path)), str(path), "layers.0.attention.wv.weight")
 
 
@@ -115,6 +162,7 @@ def test_unsupported_tensor_type(tmp_path, vocab):
     write_llama_gguf(path, vocab, dim=64, n_heads=2, hidden_dim=128)
     with_iq = tmp_path / "iq4-model.gguf"
     from gguf import GGUFReader
+
     reader = GGUFReader(str(path))
     w = GGUFWriter(str(with_iq), "llama")
     for field in reader.fields.values():
@@ -126,7 +174,10 @@ def test_unsupported_tensor_type(tmp_path, vocab):
             w.add_tensor(t.name, np.zeros((64, 64 // 32 * 18), dtype=np.uint8), raw_dtype=GGMLQuantizationType.IQ4_NL)
         else:
             w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     expect_clean_error(run_cli("generate", "hi", "-m", str(with_iq)), str(with_iq), "IQ4_NL")
 
 
@@ -137,6 +188,7 @@ def test_folder_without_model(tmp_path):
 
 def test_device_not_available():
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the error path is for machines without it")
     expect_clean_error(run_cli("generate", "hi", "--device", "cuda"), "CUDA")
@@ -147,13 +199,16 @@ def test_prompt_longer_than_context(tmp_path, vocab):
     expect_clean_error(run_cli("generate", "word " * 40, "-m", str(path)), "context holds 16")
 
 
-@pytest.mark.parametrize("content, needle", [
-    (None, "cannot read"),  # no such file
-    (b"", "no prompts"),
-    (b"\n  \n", "no prompts"),
-    (b"\x00\xff\xfe\x89PNG binary", "not a text file"),
-    (b'Hello\n{"prompt": 3\n', "line 2 is not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (None, "cannot read"),  # no such file
+        (b"", "no prompts"),
+        (b"\n  \n", "no prompts"),
+        (b"\x00\xff\xfe\x89PNG binary", "not a text file"),
+        (b'Hello\n{"prompt": 3\n', "line 2 is not a JSON object"),
+    ],
+)
 def test_bad_prompts_file(tmp_path, content, needle):
     """The prompts file is read before the model loads (the model named here does not exist, and
     the error is about the prompts file)."""

@@ -20,8 +20,16 @@ from gguf_files import write_llama_gguf
 
 @pytest.fixture(scope="module")
 def path(tmp_path_factory, vocab):
-    return write_llama_gguf(tmp_path_factory.mktemp("compile") / "m.gguf", vocab, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
-                            hidden_dim=256, seed=5)
+    return write_llama_gguf(
+        tmp_path_factory.mktemp("compile") / "m.gguf",
+        vocab,
+        dim=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=256,
+        seed=5,
+    )
 
 
 def step_logits(llm, ids):
@@ -38,16 +46,55 @@ def test_compiled_decode_matches_eager(path):
     a, b = step_logits(eager, ids), step_logits(compiled, ids)
     assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item()
     assert eager.generate("Hello", max_new_tokens=12).tokens == compiled.generate("Hello", max_new_tokens=12).tokens
-    beams = [(x.tokens, round(x.score, 4)) for x in eager.beam_search("Hi", num_beams=2, max_new_tokens=5, num_return=2)]
-    assert beams == [(x.tokens, round(x.score, 4)) for x in compiled.beam_search("Hi", num_beams=2, max_new_tokens=5, num_return=2)]
+    beams = [
+        (x.tokens, round(x.score, 4)) for x in eager.beam_search("Hi", num_beams=2, max_new_tokens=5, num_return=2)
+    ]
+    assert beams == [
+        (x.tokens, round(x.score, 4)) for x in compiled.beam_search("Hi", num_beams=2, max_new_tokens=5, num_return=2)
+    ]
     # tracing hooks need eager modules: the compiled model runs them eagerly and gives the same trace
     assert compiled.trace("Hello", max_new_tokens=2).predictions == eager.trace("Hello", max_new_tokens=2).predictions
 
 
 def test_cli_compile_flag(path):
-    out = subprocess.run([sys.executable, "-m", "plainllama", "generate", "-m", str(path), "--dtype", "float32", "--compile",
-                          "--max-new-tokens", "4", "--temperature", "0", "Hello"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "plainllama",
+            "generate",
+            "-m",
+            str(path),
+            "--dtype",
+            "float32",
+            "--compile",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "Hello",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
-    plain = subprocess.run([sys.executable, "-m", "plainllama", "generate", "-m", str(path), "--dtype", "float32",
-                            "--max-new-tokens", "4", "--temperature", "0", "Hello"], capture_output=True, text=True)
+    plain = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "plainllama",
+            "generate",
+            "-m",
+            str(path),
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "Hello",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.stdout == plain.stdout and out.stdout.strip()

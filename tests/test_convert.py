@@ -48,12 +48,16 @@ def test_transformers_loads_the_hf_folder(llm, converted):
     tokenizer = transformers.AutoTokenizer.from_pretrained(converted / "hf")
     for text in CORPUS:
         # split_special_tokens: text that looks like a control token stays text, as in plainllama
-        assert tokenizer(text, add_special_tokens=True, split_special_tokens=True).input_ids == llm.tokenizer.encode(text), text
+        assert tokenizer(text, add_special_tokens=True, split_special_tokens=True).input_ids == llm.tokenizer.encode(
+            text
+        ), text
     ids = llm.tokenizer.encode("Llamas are members of the camelid family.")
     with torch.no_grad():
         torch.testing.assert_close(model(torch.tensor([ids])).logits[0], llm.logits(ids), atol=2e-4, rtol=1e-4)
     chat = [{"role": "user", "content": "What is 2+2?"}]
-    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == llm.chat_format.render(chat)
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == llm.chat_format.render(
+        chat
+    )
 
 
 def test_meta_llama3_checkpoint_to_hf_matches_meta_reference(tmp_path):
@@ -73,11 +77,15 @@ def test_meta_llama3_checkpoint_to_hf_matches_meta_reference(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_scaling"]["rope_type"] == "llama3"
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(torch.tensor([IDS])).logits[0], reference_logits(ref, IDS), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model(torch.tensor([IDS])).logits[0], reference_logits(ref, IDS), atol=1e-4, rtol=1e-4
+        )
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     meta_tokenizer = MetaTokenizer.get_instance()
     for text in CORPUS:
-        assert tokenizer(text, split_special_tokens=True).input_ids == meta_tokenizer.encode(text, bos=True, eos=False), text
+        assert tokenizer(text, split_special_tokens=True).input_ids == meta_tokenizer.encode(
+            text, bos=True, eos=False
+        ), text
     # And back to Meta: the tokenizer.model is written again and equals the original.
     cli("convert", str(tmp_path / "hf"), str(tmp_path / "meta2"), "--to", "meta", "--dtype", "bfloat16")
     original = open(llama3_tokenizer_model(), "rb").read().split()
@@ -93,12 +101,19 @@ def test_sentencepiece_vocabulary_to_hf(sentencepiece_model, sentencepiece_gguf,
     for text in CORPUS:
         if text.strip() != text or "  " in text or not text:
             continue  # HF's Llama-2 normalizer and sentencepiece differ on edge whitespace; not ours to judge
-        assert tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids == sentencepiece_model.encode(text), text
+        assert tokenizer(
+            text, add_special_tokens=False, split_special_tokens=True
+        ).input_ids == sentencepiece_model.encode(text), text
 
 
 def test_convert_refuses_a_non_empty_destination(model_path, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    result = subprocess.run([sys.executable, "-m", "plainllama", "convert", model_path, str(tmp_path), "--to", "hf"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "plainllama", "convert", model_path, str(tmp_path), "--to", "hf"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "not an empty folder" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
@@ -109,18 +124,35 @@ def test_info_for_each_format(converted, model_path):
         assert info["format"] == fmt
         assert info["parameters"] == 134_515_008  # SmolLM2-135M, tied embeddings counted once
         arch = info["architecture"]
-        assert (arch["layers"], arch["dim"], arch["heads"], arch["kv_heads"], arch["ffn_dim"], arch["vocab_size"]) == (30, 576, 9, 3, 1536, 49152)
+        assert (arch["layers"], arch["dim"], arch["heads"], arch["kv_heads"], arch["ffn_dim"], arch["vocab_size"]) == (
+            30,
+            576,
+            9,
+            3,
+            1536,
+            49152,
+        )
         assert arch["tied_embeddings"] is True
         assert info["memory_gib"]["bfloat16"] == pytest.approx(134_515_008 * 2 / 1024**3, abs=1e-3)
         assert info["chat_format"] == "jinja template"
         assert "<|im_end|>" in info["tokenizer"]["end_tokens"]
-    assert json.loads(cli("info", str(model_path), "--json").stdout)["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert json.loads(cli("info", str(model_path), "--json").stdout)["tensor_types"] == {
+        "Q4_1": 210,
+        "F32": 61,
+        "Q8_0": 1,
+    }
     text = cli("info", str(model_path)).stdout
     assert "30 layers" in text and "134.5 M" in text
 
 
 def run_convert(*args, preexec_fn=None):
-    return subprocess.run([sys.executable, "-m", "plainllama", "convert", *args], capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+    return subprocess.run(
+        [sys.executable, "-m", "plainllama", "convert", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=preexec_fn,
+    )
 
 
 @pytest.mark.parametrize("to", ["hf", "meta"])
@@ -135,7 +167,9 @@ def test_a_write_that_fails_part_way_leaves_nothing(model_path, tmp_path, to):
 
     result = run_convert(model_path, str(tmp_path / "out"), "--to", to, preexec_fn=limit_file_size)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith(f"plainllama: error: {tmp_path / 'out'}: writing failed, nothing was left behind"), result.stderr
+    assert result.stderr.startswith(
+        f"plainllama: error: {tmp_path / 'out'}: writing failed, nothing was left behind"
+    ), result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -145,7 +179,9 @@ def test_destinations_that_cannot_be_written(model_path, tmp_path):
     for destination, needle in ((a_file, "not an empty folder"), (a_file / "out", "cannot write there")):
         result = run_convert(model_path, str(destination), "--to", "hf")
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-        assert result.stderr.startswith(f"plainllama: error: {destination}: ") and needle in result.stderr, result.stderr
+        assert result.stderr.startswith(f"plainllama: error: {destination}: ") and needle in result.stderr, (
+            result.stderr
+        )
     assert a_file.read_text() == "mine"
 
 
@@ -165,4 +201,6 @@ def test_an_empty_destination_folder_is_used(model_path, tmp_path):
     os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
     written = (tmp_path / "out" / "model.safetensors").stat().st_size
-    assert 0 < written - output_bytes(open_checkpoint(model_path), torch.float32) < 64 << 10  # auto: float32 for Q4_1/Q8_0
+    assert (
+        0 < written - output_bytes(open_checkpoint(model_path), torch.float32) < 64 << 10
+    )  # auto: float32 for Q4_1/Q8_0

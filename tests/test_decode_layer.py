@@ -28,7 +28,9 @@ from plainllama.model import KVCache, TransformerBlock, causal_mask, rotary_cos_
 from plainllama.engine.cpu.packed import StackedLinear
 from gguf_files import write_llama_gguf
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C kernels cannot be built on this machine (no compiler or no AVX-512 VNNI)")
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason="the C kernels cannot be built on this machine (no compiler or no AVX-512 VNNI)"
+)
 
 # name -> (matrix type, per-tensor types, shape): every layout the kernel reads, a file whose q/k/v
 # have different layouts (a StackedLinear), and a head width (48) that is not a multiple of 16.
@@ -47,8 +49,15 @@ FILES = {
 def model(request, tmp_path_factory, vocab):
     matrix_type, tensor_types, shape = FILES[request.param]
     shape = {**dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=512), **shape}
-    path = write_llama_gguf(tmp_path_factory.mktemp("decode") / f"{request.param}.gguf", vocab, matrix_type=matrix_type,
-                            embedding_type="F16", tensor_types=tensor_types, seed=3, **shape)
+    path = write_llama_gguf(
+        tmp_path_factory.mktemp("decode") / f"{request.param}.gguf",
+        vocab,
+        matrix_type=matrix_type,
+        embedding_type="F16",
+        tensor_types=tensor_types,
+        seed=3,
+        **shape,
+    )
     model = build_model(open_checkpoint(path), torch.float32, torch.device("cpu"), "packed")
     assert all(isinstance(layer, KernelBlock) for layer in model.layers), "every packed layer should use the kernel"
     model.float_layouts = matrix_type in ("F16", "BF16")
@@ -68,7 +77,7 @@ def random_cache(args, rows, length, seed):
 
 def copy_cache(cache, args):
     other = KVCache(args, cache.layers[0].k.shape[0], cache.length, torch.float32, "cpu")
-    for mine, theirs in zip(other.layers, cache.layers):
+    for mine, theirs in zip(other.layers, cache.layers, strict=True):
         mine.k.copy_(theirs.k)
         mine.v.copy_(theirs.v)
     return other
@@ -76,7 +85,9 @@ def copy_cache(cache, args):
 
 # (rows, left padding, position): one row, a batch, a padded batch, the most rows the kernel takes,
 # and a long cache (attention spread over threads)
-@pytest.mark.parametrize("rows, padded, start", [(1, False, 37), (3, False, 37), (3, True, 37), (8, True, 37), (2, True, 1000)])
+@pytest.mark.parametrize(
+    "rows, padded, start", [(1, False, 37), (3, False, 37), (3, True, 37), (8, True, 37), (2, True, 1000)]
+)
 def test_layer_step_matches_model_py(model, rows, padded, start):
     args = model.args
     pad = torch.tensor([0, 5, 36, 2, 0, 9, 1, 30][:rows]) if padded else None
@@ -100,7 +111,9 @@ def test_layer_step_matches_model_py(model, rows, padded, start):
         for name in ("k", "v"):
             a, b = getattr(fast_cache.layers[i], name), getattr(slow_cache.layers[i], name)
             assert (a - b).abs().max().item() <= tolerance * b.abs().max().item(), f"layer {i}: cache {name} differs"
-            assert torch.equal(a[:, :, :start], b[:, :, :start]) and torch.equal(a[:, :, start + 1 :], b[:, :, start + 1 :])
+            assert torch.equal(a[:, :, :start], b[:, :, :start]) and torch.equal(
+                a[:, :, start + 1 :], b[:, :, start + 1 :]
+            )
 
 
 # Prompt steps (KernelBlock._prompt_step): norms, rotation and SwiGLU in C, attention in bfloat16
@@ -122,8 +135,10 @@ def bf16_step(value: float) -> float:
 # (rows, left padding, start): a prompt, a padded batch of prompts, and a chunk of a prompt after 37
 # cached positions.
 @pytest.mark.parametrize("rows, padded, start", [(1, False, 0), (3, True, 0), (2, False, 37)])
-@pytest.mark.parametrize("products, attention_dtype", [("amx", "native"), ("amx", "float32"), ("bf16", "native"), ("bf16", "float32"),
-                                                       ("float32", "float32")])
+@pytest.mark.parametrize(
+    "products, attention_dtype",
+    [("amx", "native"), ("amx", "float32"), ("bf16", "native"), ("bf16", "float32"), ("float32", "float32")],
+)
 def test_prompt_step_matches_model_py(model, rows, padded, start, products, attention_dtype, monkeypatch):
     if not PRODUCT_PATHS[products]():
         pytest.skip(f"this CPU cannot run the {products} product path")
@@ -138,10 +153,18 @@ def test_prompt_step_matches_model_py(model, rows, padded, start, products, atte
         # attention given the same rounded inputs is the oracle. (Against float32 attention, the error
         # is 2^-9 of the scores, which on random weights reach thousands and reorder the softmax.)
         float_attention = model_py.attention
-        monkeypatch.setattr(model_py, "attention", lambda q, k, v, mask: float_attention(*(t.bfloat16().float() for t in (q, k, v)), mask))
+        monkeypatch.setattr(
+            model_py,
+            "attention",
+            lambda q, k, v, mask: float_attention(*(t.bfloat16().float() for t in (q, k, v)), mask),
+        )
     args, T = model.args, 40
     pad = torch.tensor([0, 5, 36][:rows]) if padded else None
-    positions = torch.arange(start, start + T)[None, :] if pad is None else torch.arange(start, start + T)[None, :] - pad[:, None]
+    positions = (
+        torch.arange(start, start + T)[None, :]
+        if pad is None
+        else torch.arange(start, start + T)[None, :] - pad[:, None]
+    )
     cos, sin = rotary_cos_sin(args, positions)
     mask = causal_mask(start, T, "cpu", pad)
     x = torch.randn(rows, T, args.dim, generator=torch.Generator().manual_seed(rows)) * 3
@@ -150,11 +173,16 @@ def test_prompt_step_matches_model_py(model, rows, padded, start, products, atte
         slow_cache = copy_cache(fast_cache, args)
         largest = {}  # the largest output of each product, over both paths
 
-        def record(name):
-            return lambda module, inputs, output: largest.__setitem__(name, max(largest.get(name, 0.0), output.abs().max().item()))
+        def record(name, largest=largest):
+            return lambda module, inputs, output: largest.__setitem__(
+                name, max(largest.get(name, 0.0), output.abs().max().item())
+            )
 
-        hooks = [layer.attention.wqkv.register_forward_hook(record("wqkv")), layer.attention.wo.register_forward_hook(record("wo")),
-                 layer.feed_forward.w2.register_forward_hook(record("w2"))]
+        hooks = [
+            layer.attention.wqkv.register_forward_hook(record("wqkv")),
+            layer.attention.wo.register_forward_hook(record("wo")),
+            layer.feed_forward.w2.register_forward_hook(record("w2")),
+        ]
         with torch.inference_mode():
             fast = layer(x, cos, sin, mask, fast_cache.layers[i], start)
             slow = TransformerBlock.forward(layer, x, cos, sin, mask, slow_cache.layers[i], start)
@@ -173,19 +201,29 @@ def test_prompt_step_matches_model_py(model, rows, padded, start, products, atte
         # - bfloat16 attention (native): PyTorch rounds the softmax weights to bfloat16 before they
         #   multiply v, 2^-9 relative, carried through wo and w2: 2e-3.
         # A wrong rotation, mask or SwiGLU is off by O(1) of the scale.
-        relative = {"float32": 1e-4, "amx": 1e-3, "bf16": 1e-3}[products] + (2e-3 if attention_dtype == "native" else 0.0)
+        relative = {"float32": 1e-4, "amx": 1e-3, "bf16": 1e-3}[products] + (
+            2e-3 if attention_dtype == "native" else 0.0
+        )
         steps = products == "bf16"
         scale = slow.abs().max().item()
         error = (fast - slow).abs().max().item()
         allowed = relative * scale + steps * (bf16_step(largest["wo"]) + bf16_step(largest["w2"]))
-        assert error <= allowed, f"layer {i}: output differs from model.py by {error / scale:.2e} x scale (allowed {allowed / scale:.2e})"
+        assert error <= allowed, (
+            f"layer {i}: output differs from model.py by {error / scale:.2e} x scale (allowed {allowed / scale:.2e})"
+        )
         for name, rounded_outputs in (("k", 2), ("v", 1)):
             a, b = getattr(fast_cache.layers[i], name), getattr(slow_cache.layers[i], name)
             written = (slice(None), slice(None), slice(start, start + T))
             cache_error = (a[written] - b[written]).abs().max().item()
-            cache_allowed = relative * b[written].abs().max().item() + steps * rounded_outputs * bf16_step(largest["wqkv"])
-            assert cache_error <= cache_allowed, f"layer {i}: cache {name} differs by {cache_error:.3g} (allowed {cache_allowed:.3g})"
-            assert torch.equal(a[:, :, :start], b[:, :, :start]) and torch.equal(a[:, :, start + T :], b[:, :, start + T :])
+            cache_allowed = relative * b[written].abs().max().item() + steps * rounded_outputs * bf16_step(
+                largest["wqkv"]
+            )
+            assert cache_error <= cache_allowed, (
+                f"layer {i}: cache {name} differs by {cache_error:.3g} (allowed {cache_allowed:.3g})"
+            )
+            assert torch.equal(a[:, :, :start], b[:, :, :start]) and torch.equal(
+                a[:, :, start + T :], b[:, :, start + T :]
+            )
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +248,7 @@ def use_kernel(monkeypatch):
             ok = on and original(self, *args)
             counts["kernel"] += ok
             return ok
+
         monkeypatch.setattr(KernelBlock, "_kernel_can_run", can_run)
         return counts
 
@@ -225,7 +264,9 @@ def teacher_forced_logprobs(llm, ids):
     cache = KVCache(llm.args, 1, 256, torch.float32, "cpu")
     with torch.inference_mode():
         llm.model(torch.tensor([ids[:5]]), 0, cache)
-        return torch.stack([llm.model(torch.tensor([[ids[i]]]), i, cache)[0, -1].log_softmax(-1) for i in range(5, len(ids))])
+        return torch.stack(
+            [llm.model(torch.tensor([[ids[i]]]), i, cache)[0, -1].log_softmax(-1) for i in range(5, len(ids))]
+        )
 
 
 def test_real_model_same_tokens_and_scores(bf16_llm, use_kernel):
@@ -245,7 +286,7 @@ def test_real_model_same_tokens_and_scores(bf16_llm, use_kernel):
     (text, batch, beams, logprobs), (text_ref, batch_ref, beams_ref, logprobs_ref) = runs[True], runs[False]
     assert text == text_ref and batch == batch_ref
     assert [b.tokens for b in beams] == [b.tokens for b in beams_ref]
-    assert all(abs(b.score - r.score) < 1e-4 for b, r in zip(beams, beams_ref))
+    assert all(abs(b.score - r.score) < 1e-4 for b, r in zip(beams, beams_ref, strict=True))
     assert (logprobs - logprobs_ref).abs().max().item() < 1e-3
 
 

@@ -20,29 +20,41 @@ PROMPTS = ["The capital of France is", "Llamas are members of the camelid family
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-@pytest.mark.parametrize("settings", [
-    dict(num_beams=3, length_penalty=1.0),
-    dict(num_beams=4, length_penalty=0.0, num_return=2),
-    dict(num_beams=3, length_penalty=2.0, early_stopping=True),
-    dict(num_beams=3, no_repeat_ngram_size=2),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(num_beams=3, length_penalty=1.0),
+        dict(num_beams=4, length_penalty=0.0, num_return=2),
+        dict(num_beams=3, length_penalty=2.0, early_stopping=True),
+        dict(num_beams=3, no_repeat_ngram_size=2),
+    ],
+)
 def test_beam_search_matches_transformers(llm, hf_model, prompt, settings):
     ids = llm.tokenizer.encode(prompt)
     num_return = settings.get("num_return", 1)
     ours = llm.beam_search(ids, max_new_tokens=16, **settings)
     hf_settings = {k: v for k, v in settings.items() if k != "num_return"}
-    out = hf_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, num_return_sequences=num_return,
-                            eos_token_id=sorted(llm.tokenizer.end_ids), pad_token_id=2, output_scores=True,
-                            return_dict_in_generate=True, **hf_settings)
+    out = hf_model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=16,
+        do_sample=False,
+        num_return_sequences=num_return,
+        eos_token_id=sorted(llm.tokenizer.end_ids),
+        pad_token_id=2,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **hf_settings,
+    )
     assert len(ours) == num_return
     for beam, sequence, score in zip(ours, out.sequences, out.sequences_scores, strict=True):
-        theirs = sequence[len(ids):].tolist()
+        theirs = sequence[len(ids) :].tolist()
         assert beam.tokens == theirs[: len(beam.tokens)]
-        assert all(t == 2 for t in theirs[len(beam.tokens):])  # transformers pads finished beams
+        assert all(t == 2 for t in theirs[len(beam.tokens) :])  # transformers pads finished beams
         assert beam.score == pytest.approx(float(score), abs=1e-3)
 
 
 # --- samplers: our filtered distributions against transformers' processors ---
+
 
 def hf_processed(logits: torch.Tensor, history: list[int], **settings) -> torch.Tensor:
     from transformers.generation import logits_process as lp
@@ -68,15 +80,23 @@ def hf_processed(logits: torch.Tensor, history: list[int], **settings) -> torch.
 
 
 SAMPLER_SETTINGS = [
-    dict(temperature=0.7), dict(temperature=1.3, top_k=20), dict(temperature=1.0, top_p=0.9), dict(temperature=0.8, top_p=0.5),
-    dict(temperature=1.0, min_p=0.05), dict(temperature=1.0, typical_p=0.8), dict(temperature=1.0, typical_p=0.2),
-    dict(temperature=1.0, repetition_penalty=1.3), dict(temperature=0.9, repetition_penalty=1.2, top_k=50, top_p=0.9, min_p=0.02),
+    dict(temperature=0.7),
+    dict(temperature=1.3, top_k=20),
+    dict(temperature=1.0, top_p=0.9),
+    dict(temperature=0.8, top_p=0.5),
+    dict(temperature=1.0, min_p=0.05),
+    dict(temperature=1.0, typical_p=0.8),
+    dict(temperature=1.0, typical_p=0.2),
+    dict(temperature=1.0, repetition_penalty=1.3),
+    dict(temperature=0.9, repetition_penalty=1.2, top_k=50, top_p=0.9, min_p=0.02),
 ]
 
 
 @pytest.mark.parametrize("settings", SAMPLER_SETTINGS, ids=[str(s) for s in SAMPLER_SETTINGS])
 def test_filtered_distribution_matches_transformers(llm, settings):
-    ids = llm.tokenizer.encode("The llama is a domesticated South American camelid, widely used as a meat and pack animal by")
+    ids = llm.tokenizer.encode(
+        "The llama is a domesticated South American camelid, widely used as a meat and pack animal by"
+    )
     logits = llm.logits(ids)[-1]  # real next-token logits of the default model
     history = ids[-20:]
     sampler = Sampler(SamplingSettings(**settings))
@@ -96,6 +116,7 @@ def test_frequency_presence_penalties_and_logit_bias():
 
 
 # --- batches, speculation, stop strings, log-probabilities ---
+
 
 def test_batch_of_prompts_equals_one_by_one(llm):
     prompts = PROMPTS + ["Once upon a time, in a valley high in the Andes, there lived", "1, 2, 3,"]
@@ -175,15 +196,29 @@ def test_logprobs_match_transformers(llm, hf_model):
         assert lp.top[0][0] == lp.token  # greedy picks the most likely
 
 
-@pytest.mark.parametrize("args, option", [
-    (["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"),
-    (["--beams", "0"], "--beams"), (["--min-p", "2"], "--min-p"), (["--typical-p", "0"], "--typical-p"),
-    (["--repetition-penalty", "0"], "--repetition-penalty"), (["--logit-bias", "999999:1"], "--logit-bias"),
-    (["--beams", "2", "--num-return", "3"], "--num-return"), (["--speculate-k", "0", "--draft-model", "DRAFT"], "--speculate-k"),
-])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--beams", "0"], "--beams"),
+        (["--min-p", "2"], "--min-p"),
+        (["--typical-p", "0"], "--typical-p"),
+        (["--repetition-penalty", "0"], "--repetition-penalty"),
+        (["--logit-bias", "999999:1"], "--logit-bias"),
+        (["--beams", "2", "--num-return", "3"], "--num-return"),
+        (["--speculate-k", "0", "--draft-model", "DRAFT"], "--speculate-k"),
+    ],
+)
 def test_nonsense_settings_are_rejected_naming_the_option(args, option, draft):
     args = [draft.checkpoint.path if a == "DRAFT" else a for a in args]
-    result = subprocess.run([sys.executable, "-m", "plainllama", "generate", "hi", "-n", "2", *args], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "plainllama", "generate", "hi", "-n", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert option in result.stderr
 

@@ -28,7 +28,9 @@ def test_float_formats_match_gguf_package(type_name):
     qtype = GGMLQuantizationType[type_name]
     stored = quants.quantize(weights, qtype)
     expected = quants.dequantize(stored, qtype)
-    ours = dequantize(torch.from_numpy(np.ascontiguousarray(stored).view(np.uint8).reshape(-1).copy()), type_name, (8, 64))
+    ours = dequantize(
+        torch.from_numpy(np.ascontiguousarray(stored).view(np.uint8).reshape(-1).copy()), type_name, (8, 64)
+    )
     np.testing.assert_array_equal(ours.float().numpy(), expected)
 
 

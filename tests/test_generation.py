@@ -41,7 +41,10 @@ def test_top_k_1_equals_greedy(llm):
 def test_sampler_filters():
     logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
     probs = logits.softmax(-1)  # [0.636, 0.234, 0.086, 0.032, 0.012]
-    kept = lambda s: torch.isfinite(s.filtered(logits)).nonzero().flatten().tolist()
+
+    def kept(sampler):
+        return torch.isfinite(sampler.filtered(logits)).nonzero().flatten().tolist()
+
     assert kept(Sampler(temperature=1.0, top_k=2)) == [0, 1]
     assert kept(Sampler(temperature=1.0, top_p=0.5)) == [0]  # the top token alone already holds 0.636
     assert kept(Sampler(temperature=1.0, top_p=0.8)) == [0, 1]  # 0.636 < 0.8 <= 0.870
@@ -54,12 +57,15 @@ def test_sampler_filters():
     assert (counts - probs).abs().max() < 0.03
 
 
-@pytest.mark.parametrize("settings, option", [
-    (dict(temperature=-1.0), "--temperature"),
-    (dict(temperature=1.0, top_p=0.0), "--top-p"),
-    (dict(temperature=1.0, top_p=1.5), "--top-p"),
-    (dict(temperature=1.0, top_k=0), "--top-k"),
-])
+@pytest.mark.parametrize(
+    "settings, option",
+    [
+        (dict(temperature=-1.0), "--temperature"),
+        (dict(temperature=1.0, top_p=0.0), "--top-p"),
+        (dict(temperature=1.0, top_p=1.5), "--top-p"),
+        (dict(temperature=1.0, top_k=0), "--top-k"),
+    ],
+)
 def test_nonsense_settings_are_rejected(llm, settings, option):
     with pytest.raises(PlainLlamaError, match=option):
         llm.generate(PROMPT, max_new_tokens=4, **settings)
@@ -85,7 +91,9 @@ def test_stream_pieces_add_up_to_the_result(llm):
 
 def test_context_limit(tmp_path, vocab):
     # A model with a 64-token context (random weights) shows the limit without a long prefill.
-    path = write_llama_gguf(tmp_path / "short-context.gguf", vocab, dim=64, n_heads=2, n_kv_heads=1, hidden_dim=128, context_length=64)
+    path = write_llama_gguf(
+        tmp_path / "short-context.gguf", vocab, dim=64, n_heads=2, n_kv_heads=1, hidden_dim=128, context_length=64
+    )
     small = plainllama.load(str(path), device="cpu")
     with pytest.raises(PlainLlamaError, match="64 tokens, but the model's context holds 64"):
         small.generate([504] * 64, max_new_tokens=4)
@@ -99,6 +107,7 @@ def test_context_limit(tmp_path, vocab):
 
 def test_kv_cache_is_sized_to_the_request(llm, monkeypatch):
     from plainllama.generation import generate as generation
+
     sizes = []
     real = generation.KVCache
 

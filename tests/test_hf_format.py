@@ -13,8 +13,14 @@ from plainllama import PlainLlamaError
 
 transformers = pytest.importorskip("transformers")
 
-TEXTS = ["Hello world", "The llama (Lama glama) is a domesticated South American camelid.", "   x = [1, 22, 333, 4444]\n\tprint(x)  # ok",
-         "日本語のテキスト 👨‍👩‍👧 e\u0301", "<|begin_of_text|>looks special but is text", "a" * 3000]
+TEXTS = [
+    "Hello world",
+    "The llama (Lama glama) is a domesticated South American camelid.",
+    "   x = [1, 22, 333, 4444]\n\tprint(x)  # ok",
+    "日本語のテキスト 👨‍👩‍👧 e\u0301",
+    "<|begin_of_text|>looks special but is text",
+    "a" * 3000,
+]
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +32,10 @@ def smollm_tokenizer_files(model_path, tmp_path_factory):
     folder, name = os.path.split(model_path)
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     out = tmp_path_factory.mktemp("smollm-tokenizer")
     tok.save_pretrained(out)
@@ -37,8 +46,18 @@ def save_random_llama(folder, tokenizer_folder, seed=0, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    base = dict(vocab_size=49152, hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    base = dict(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=320,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     base.update(config)
     model = LlamaForCausalLM(LlamaConfig(**base)).eval()
     with torch.no_grad():
@@ -53,8 +72,18 @@ def save_random_llama(folder, tokenizer_folder, seed=0, **config):
 
 CONFIGS = {
     "llama2-like": dict(),
-    "llama3.1-like": dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True,
-                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "llama3.1-like": dict(
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        ),
+    ),
     "linear-rope": dict(num_key_value_heads=1, rope_scaling=dict(rope_type="linear", factor=4.0)),
 }
 
@@ -76,7 +105,9 @@ def test_sharded_safetensors_index(tmp_path, smollm_tokenizer_files):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    ref = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)).eval()
+    ref = LlamaForCausalLM(
+        LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)
+    ).eval()
     ref.save_pretrained(tmp_path, max_shard_size="4MB")
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
     for f in os.listdir(smollm_tokenizer_files[0]):
@@ -111,7 +142,9 @@ def llama3_tokenizer_json(tmp_path_factory):
     tk.add_special_tokens([AddedToken(t, special=True) for t in LLAMA3_SPECIAL_TOKENS])
     folder = tmp_path_factory.mktemp("llama3-tokenizer")
     tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": True}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": True})
+    )
     return folder
 
 
@@ -129,6 +162,7 @@ def test_llama3_tokenizer_json_matches_meta_reference(llama3_tokenizer_json, tex
 
 
 # --- bad input ---
+
 
 @pytest.fixture
 def good_folder(tmp_path, smollm_tokenizer_files):

@@ -54,20 +54,32 @@ def test_trace_records_tokens_and_steps(llm, traced):
 
 def test_inspect_command(tmp_path):
     report = tmp_path / "report.html"
-    result = subprocess.run([sys.executable, "-m", "plainllama", "inspect", PROMPT, "-n", "3", "--html", str(report)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "plainllama", "inspect", PROMPT, "-n", "3", "--html", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
-    assert '" Paris"' in result.stdout and "logit lens" in result.stdout and "first layer with the final answer" in result.stdout
+    assert (
+        '" Paris"' in result.stdout
+        and "logit lens" in result.stdout
+        and "first layer with the final answer" in result.stdout
+    )
     page = report.read_text()
     assert "<script>" in page and "http://" not in page and "https://" not in page  # self-contained
 
 
 def test_examples_run():
-    minimal = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "minimal.py")], capture_output=True, text=True, timeout=300)
+    minimal = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "minimal.py")], capture_output=True, text=True, timeout=300
+    )
     assert minimal.returncode == 0, minimal.stderr
     assert minimal.stdout.startswith("The capital of France is Paris")
     assert len(open(os.path.join(ROOT, "examples", "minimal.py")).read().splitlines()) < 40
-    walk = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "walkthrough.py")], capture_output=True, text=True, timeout=300)
+    walk = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "walkthrough.py")], capture_output=True, text=True, timeout=300
+    )
     assert walk.returncode == 0, walk.stderr
     assert "largest difference from model(tokens)" in walk.stdout and "' Paris'" in walk.stdout
 
@@ -80,8 +92,15 @@ def test_walkthrough_logits_equal_the_model_forward():
     from gguf_files import default_vocabulary, write_llama_gguf
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_llama_gguf(os.path.join(tmp, "m.gguf"), default_vocabulary(), dim=128, n_heads=4, n_kv_heads=2, hidden_dim=256)
-        walk = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "walkthrough.py"), "Hello there", path], capture_output=True, text=True, timeout=300)
+        path = write_llama_gguf(
+            os.path.join(tmp, "m.gguf"), default_vocabulary(), dim=128, n_heads=4, n_kv_heads=2, hidden_dim=256
+        )
+        walk = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "examples", "walkthrough.py"), "Hello there", path],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert walk.returncode == 0, walk.stderr
     difference = float(walk.stdout.rsplit(":", 1)[1])
     assert difference < 1e-3
@@ -96,8 +115,17 @@ def chromium_driver():
         pytest.skip("Debian's chromium and chromium-driver are installed by `scripts/setup.sh --test` (as root)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,1600"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1200,1600",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(chromedriver), options=options)

@@ -26,7 +26,7 @@ def c_layout(tmp_path) -> dict[str, tuple[int, dict[str, int]]]:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         pytest.skip("no C compiler: the kernels are not built here either")
-    lines = ['#include <stdio.h>', '#include <stddef.h>', f'#include "{kernels.HEADER}"', "int main(void) {"]
+    lines = ["#include <stdio.h>", "#include <stddef.h>", f'#include "{kernels.HEADER}"', "int main(void) {"]
     for name, mirror in STRUCTS.items():
         lines.append(f'    printf("{name} size %zu\\n", sizeof({name}));')
         for field, _ in mirror._fields_:
@@ -63,7 +63,9 @@ def test_layouts_and_statuses_come_from_the_header():
     assert {"STATUS_OK", "STATUS_OUT_OF_MEMORY", "STATUS_NO_AMX", "STATUS_BAD_WIDTH", "STATUS_BAD_LAYOUT"} <= names
     assert all(message for code, (_, message) in kernels.STATUS.items() if code != 0)
     # every function the header declares is bound with as many arguments as it declares
-    assert {"q4_matmul", "q8_matmul", "f16_matmul", "bf16_matmul", "decode_layer", "amx_matmul", "read_bytes"} <= set(kernels.PROTOTYPES)
+    assert {"q4_matmul", "q8_matmul", "f16_matmul", "bf16_matmul", "decode_layer", "amx_matmul", "read_bytes"} <= set(
+        kernels.PROTOTYPES
+    )
     assert len(kernels.PROTOTYPES["decode_layer"][1]) == 12 and kernels.PROTOTYPES["read_bytes"][0] is ctypes.c_double
 
 

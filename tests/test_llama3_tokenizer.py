@@ -31,8 +31,13 @@ def test_ids_match_meta_reference(ours, meta, text):
 
 
 def test_special_tokens_match_meta_reference(ours, meta):
-    text = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|python_tag|>x<|reserved_special_token_100|>"
-    assert ours.encode(text, bos=False, parse_special=True) == meta.encode(text, bos=False, eos=False, allowed_special="all")
+    text = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|python_tag|>x"
+        "<|reserved_special_token_100|>"
+    )
+    assert ours.encode(text, bos=False, parse_special=True) == meta.encode(
+        text, bos=False, eos=False, allowed_special="all"
+    )
     assert ours.encode(text, bos=False) == meta.encode(text, bos=False, eos=False)  # as text by default, in both
     assert {t: i for t, i in ours.control.items()} == meta.special_tokens
 
@@ -48,4 +53,6 @@ def test_very_long_inputs_match_meta_reference(ours, meta):
 def test_end_tokens_and_single_bos(ours, meta):
     assert ours.end_ids == {meta.eos_id, meta.eot_id, meta.eom_id}
     assert ours.bos_id == meta.bos_id and ours.vocab_size == meta.n_words
-    assert ours.encode("<|begin_of_text|>Hello", parse_special=True) == [meta.bos_id] + meta.encode("Hello", bos=False, eos=False)
+    assert ours.encode("<|begin_of_text|>Hello", parse_special=True) == [meta.bos_id] + meta.encode(
+        "Hello", bos=False, eos=False
+    )

@@ -19,16 +19,43 @@ IDS = [128000, 791, 6864, 315, 9822, 374, 12366, 13, 578, 43876, 374, 264, 5679,
 
 CONFIGS = {
     # Llama 2: no GQA, ffn_dim_multiplier, vocab_size -1, no rope_theta in params.json (Llama 2 used 10000)
-    "llama2": ({"dim": 128, "n_layers": 2, "n_heads": 4, "multiple_of": 64, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "vocab_size": -1}, 10000.0),
+    "llama2": (
+        {
+            "dim": 128,
+            "n_layers": 2,
+            "n_heads": 4,
+            "multiple_of": 64,
+            "ffn_dim_multiplier": 1.3,
+            "norm_eps": 1e-5,
+            "vocab_size": -1,
+        },
+        10000.0,
+    ),
     # Llama 3.1: GQA, scaled rope, theta 500000
-    "llama3.1": ({"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 64, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5,
-                  "vocab_size": LLAMA3_VOCAB, "rope_theta": 500000.0, "use_scaled_rope": True}, 500000.0),
+    "llama3.1": (
+        {
+            "dim": 128,
+            "n_layers": 2,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "multiple_of": 64,
+            "ffn_dim_multiplier": 1.3,
+            "norm_eps": 1e-5,
+            "vocab_size": LLAMA3_VOCAB,
+            "rope_theta": 500000.0,
+            "use_scaled_rope": True,
+        },
+        500000.0,
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def references():
-    return {name: reference_model(params, LLAMA3_VOCAB, theta, seed=i) for i, (name, (params, theta)) in enumerate(CONFIGS.items())}
+    return {
+        name: reference_model(params, LLAMA3_VOCAB, theta, seed=i)
+        for i, (name, (params, theta)) in enumerate(CONFIGS.items())
+    }
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -59,17 +86,27 @@ def test_model_parallel_shards_equal_one_shard(tmp_path, references, n_shards, e
     """Llama 3 cuts the embedding along the vocabulary (axis 0), Llama 1/2 along its width (axis 1)."""
     params, _ = CONFIGS["llama3.1"]
     state = references["llama3.1"].state_dict()
-    one = plainllama.load(str(write_meta_checkpoint(tmp_path / "one", params, state, llama3_tokenizer_model())), device="cpu")
-    many = plainllama.load(str(write_meta_checkpoint(tmp_path / "many", params, state, llama3_tokenizer_model(), n_shards, embedding_axis)), device="cpu")
+    one = plainllama.load(
+        str(write_meta_checkpoint(tmp_path / "one", params, state, llama3_tokenizer_model())), device="cpu"
+    )
+    many = plainllama.load(
+        str(
+            write_meta_checkpoint(tmp_path / "many", params, state, llama3_tokenizer_model(), n_shards, embedding_axis)
+        ),
+        device="cpu",
+    )
     assert torch.equal(one.logits(IDS), many.logits(IDS))
 
 
 # --- bad input: one clear error naming the file, nothing half-loaded ---
 
+
 @pytest.fixture
 def good_folder(tmp_path, references):
     params, _ = CONFIGS["llama3.1"]
-    return write_meta_checkpoint(tmp_path / "good", params, references["llama3.1"].state_dict(), llama3_tokenizer_model(), n_shards=2)
+    return write_meta_checkpoint(
+        tmp_path / "good", params, references["llama3.1"].state_dict(), llama3_tokenizer_model(), n_shards=2
+    )
 
 
 def load_error(folder) -> str:
@@ -85,7 +122,9 @@ def test_missing_shard(good_folder):
 
 def test_shards_of_mixed_sizes(good_folder, tmp_path, references):
     other, _ = CONFIGS["llama2"]
-    small = write_meta_checkpoint(tmp_path / "small", other, references["llama2"].state_dict(), llama3_tokenizer_model(), n_shards=2)
+    small = write_meta_checkpoint(
+        tmp_path / "small", other, references["llama2"].state_dict(), llama3_tokenizer_model(), n_shards=2
+    )
     os.replace(os.path.join(small, "consolidated.01.pth"), os.path.join(good_folder, "consolidated.01.pth"))
     assert "shards of different models" in load_error(good_folder)
 
@@ -130,7 +169,10 @@ class RunsCodeWhenUnpickled:
 
 def test_pickled_objects_are_refused(good_folder):
     # A .pth whose pickle would call os.system: torch.load(weights_only=True) refuses to build it.
-    torch.save({"tok_embeddings.weight": torch.zeros(2), "payload": RunsCodeWhenUnpickled()}, os.path.join(good_folder, "consolidated.00.pth"))
+    torch.save(
+        {"tok_embeddings.weight": torch.zeros(2), "payload": RunsCodeWhenUnpickled()},
+        os.path.join(good_folder, "consolidated.00.pth"),
+    )
     message = load_error(good_folder)
     assert "consolidated.00.pth" in message and "weights_only=True" in message
 

@@ -36,8 +36,14 @@ def test_greedy_continuation_matches_hf_transformers(llm, hf_model, prompt):
     ids = llm.tokenizer.encode(prompt, parse_special=True)
     ours = llm.generate(ids, max_new_tokens=48)
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False, eos_token_id=sorted(llm.tokenizer.end_ids), pad_token_id=2)
-    theirs = out[0, len(ids):].tolist()
+        out = hf_model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=48,
+            do_sample=False,
+            eos_token_id=sorted(llm.tokenizer.end_ids),
+            pad_token_id=2,
+        )
+    theirs = out[0, len(ids) :].tolist()
     theirs = [t for t in theirs if t not in llm.tokenizer.end_ids]
     assert len(ours.tokens) >= 32 or ours.finish_reason == "stop"
     assert ours.tokens == theirs
@@ -50,7 +56,13 @@ TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "
 
 @pytest.mark.parametrize("type_name", TYPES)
 def test_every_tensor_type_matches_hf_transformers(tmp_path, vocab, type_name):
-    path = write_llama_gguf(tmp_path / f"tiny-{type_name}.gguf", vocab, matrix_type=type_name, embedding_type="Q8_0", tied=type_name in ("Q4_K", "F16"))
+    path = write_llama_gguf(
+        tmp_path / f"tiny-{type_name}.gguf",
+        vocab,
+        matrix_type=type_name,
+        embedding_type="Q8_0",
+        tied=type_name in ("Q4_K", "F16"),
+    )
     ours_llm = plainllama.load(str(path), device="cpu", dtype="float32")
     hf = hf_load_gguf(path)
     ids = ours_llm.tokenizer.encode("Random weights still have exact arithmetic.")

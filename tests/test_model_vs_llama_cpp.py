@@ -24,8 +24,14 @@ GGML_F32 = 0
 def llama_cpp_logits(path, ids):
     # A float32 KV cache (llama.cpp's default is float16) so that float32 files compare exactly.
     model = llama_cpp.Llama(
-        model_path=str(path), n_ctx=max(64, len(ids) + 8), n_threads=2, n_batch=512, logits_all=True,
-        type_k=GGML_F32, type_v=GGML_F32, verbose=False,
+        model_path=str(path),
+        n_ctx=max(64, len(ids) + 8),
+        n_threads=2,
+        n_batch=512,
+        logits_all=True,
+        type_k=GGML_F32,
+        type_v=GGML_F32,
+        verbose=False,
     )
     model.eval(ids)
     return torch.tensor(np.array(model.scores[: len(ids)]))
@@ -55,8 +61,12 @@ def test_float32_model_matches_llama_cpp(tmp_path, vocab, case):
         kwargs["tied"] = True
     if case == "llama3_rope":
         # A short original context makes the scaling bite within a 120-token test.
-        kwargs["rope_freqs"] = llama3_rope_factors(64, 10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=64)
-    path = write_llama_gguf(tmp_path / f"{case}.gguf", vocab, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=256, **kwargs)
+        kwargs["rope_freqs"] = llama3_rope_factors(
+            64, 10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context_length=64
+        )
+    path = write_llama_gguf(
+        tmp_path / f"{case}.gguf", vocab, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=256, **kwargs
+    )
     model = plainllama.load(str(path), device="cpu", dtype="float32")
     ids = list(np.random.default_rng(0).integers(100, 40000, size=120))
     ours, theirs = model.logits(ids), llama_cpp_logits(path, ids)

@@ -13,10 +13,19 @@ from gguf import GGMLQuantizationType, quants
 import plainllama
 from gguf_files import random_blocks, write_llama_gguf
 from plainllama.engine.cpu import kernels
-from plainllama.engine.cpu.packed import PackedEmbedding, PackedLinear, PackedWeight, pack_gguf, quantize_int4, quantize_int8
+from plainllama.engine.cpu.packed import (
+    PackedEmbedding,
+    PackedLinear,
+    PackedWeight,
+    pack_gguf,
+    quantize_int4,
+    quantize_int8,
+)
 from plainllama.formats.gguf_quants import BLOCK_FORMATS
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C kernels need x86-64 with AVX-512 VNNI and a C compiler")
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason="the C kernels need x86-64 with AVX-512 VNNI and a C compiler"
+)
 
 N, K = 96, 512  # K: a multiple of 256, so every block format fits whole rows
 
@@ -110,7 +119,9 @@ def assert_product_of_stored_numbers(packed, x, out):
     w64 = packed.dequantized().double()
     if packed.layout in ("q4", "q8"):
         # Exactly the integer scheme (int8 activations per block, as llama.cpp), up to float32 sums...
-        torch.testing.assert_close(out.double(), int8_activations(x) @ w64.T, rtol=1e-4, atol=1e-4 * w64.abs().max().item())
+        torch.testing.assert_close(
+            out.double(), int8_activations(x) @ w64.T, rtol=1e-4, atol=1e-4 * w64.abs().max().item()
+        )
         # ...which costs about 0.5% against the float product
         relative = ((out.double() - x.double() @ w64.T).norm(dim=-1) / (x.double() @ w64.T).norm(dim=-1)).max()
         assert relative < 0.02
@@ -208,8 +219,16 @@ def test_default_model_packed_agrees_with_float_weights_and_llama_cpp(llm, model
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("file_type", ["F32", "F16", "BF16"])
 def test_quantize_flag_on_a_float_model(tmp_path, vocab, mode, file_type):
-    path = write_llama_gguf(tmp_path / "float.gguf", vocab, dim=128, n_heads=2, n_kv_heads=1, hidden_dim=256,
-                            matrix_type=file_type, embedding_type=file_type)
+    path = write_llama_gguf(
+        tmp_path / "float.gguf",
+        vocab,
+        dim=128,
+        n_heads=2,
+        n_kv_heads=1,
+        hidden_dim=256,
+        matrix_type=file_type,
+        embedding_type=file_type,
+    )
     exact = plainllama.load(str(path), device="cpu", dtype="float32")
     quantized = plainllama.load(str(path), device="cpu", quantize=mode)
     layouts = {m.packed.layout for m in quantized.model.modules() if isinstance(m, (PackedLinear, PackedEmbedding))}
@@ -223,7 +242,9 @@ def test_quantize_flag_on_a_float_model(tmp_path, vocab, mode, file_type):
     # Against a float model holding the very numbers that were stored: what is left is the
     # int8 rounding of activations, for either weight width.
     for name, module in quantized.model.named_modules():
-        if isinstance(module, (PackedLinear, PackedEmbedding)):  # (the float weights are read-only file mappings: replace, not copy into)
+        if isinstance(
+            module, (PackedLinear, PackedEmbedding)
+        ):  # (the float weights are read-only file mappings: replace, not copy into)
             exact.model.get_submodule(name).weight = torch.nn.Parameter(module.weight, requires_grad=False)
     relative = ((ours - exact.logits(ids)).norm() / reference.norm()).item()
     assert relative < 0.03
@@ -236,27 +257,46 @@ def test_bad_quantize_settings_are_refused():
         plainllama.load(device="cpu", quantize="int8", dequantize=True)
 
 
-needs_amx = pytest.mark.skipif(not kernels.amx(), reason="amx_matmul needs a CPU with AMX (and Linux granting the tile registers)")
+needs_amx = pytest.mark.skipif(
+    not kernels.amx(), reason="amx_matmul needs a CPU with AMX (and Linux granting the tile registers)"
+)
 
 
 @needs_amx
 @pytest.mark.parametrize("layout", ["q4", "q4 no minimums", "q8", "f16", "bf16"])
-@pytest.mark.parametrize("rows, n, k", [
-    (512, 256, 512),   # whole blocks of 32 rows and 8 panels of 16 outputs
-    (77, 144, 2112),   # a partial block of rows, 9 panels (a block of 8, then one alone), 66 k-steps (chunks of 64, then 2)
-    (9, 48, 64),       # 3 panels: the last pair has only one
-    (1, 16, 576),      # one row
-])
+@pytest.mark.parametrize(
+    "rows, n, k",
+    [
+        (512, 256, 512),  # whole blocks of 32 rows and 8 panels of 16 outputs
+        (
+            77,
+            144,
+            2112,
+        ),  # a partial block of rows, 9 panels (a block of 8, then one alone), 66 k-steps (chunks of 64, then 2)
+        (9, 48, 64),  # 3 panels: the last pair has only one
+        (1, 16, 576),  # one row
+    ],
+)
 def test_amx_products_are_float32_sums_of_bfloat16_products(layout, rows, n, k):
     """amx_matmul.c (many rows on an AMX CPU): inputs and weights rounded to bfloat16, products summed in
     float32. Oracle: the float64 product of the same bfloat16-rounded numbers (weights as gguf's exact
     values where the layout holds a GGUF type, via PackedWeight.dequantized, checked above)."""
     generator = torch.Generator().manual_seed(rows + n + k)
     w = torch.randn(n, k, generator=generator) * 0.05
-    packed = {"q4": lambda: quantize_int4(w), "q8": lambda: quantize_int8(w),
-              "q4 no minimums": lambda: PackedWeight("q4", (n, k), {"qs": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator),
-                                                                      "d": (torch.rand(n, k // 32, generator=generator) * 0.01).half()}),
-              "f16": lambda: PackedWeight("f16", (n, k), {"w": w.half()}), "bf16": lambda: PackedWeight("bf16", (n, k), {"w": w.bfloat16()})}[layout]()
+    packed = {
+        "q4": lambda: quantize_int4(w),
+        "q8": lambda: quantize_int8(w),
+        "q4 no minimums": lambda: PackedWeight(
+            "q4",
+            (n, k),
+            {
+                "qs": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator),
+                "d": (torch.rand(n, k // 32, generator=generator) * 0.01).half(),
+            },
+        ),
+        "f16": lambda: PackedWeight("f16", (n, k), {"w": w.half()}),
+        "bf16": lambda: PackedWeight("bf16", (n, k), {"w": w.bfloat16()}),
+    }[layout]()
     x = torch.randn(rows, k, generator=generator)
     out = packed._unpacked_matmul(x)
     reference = x.bfloat16().double() @ packed.dequantized().bfloat16().double().T

@@ -37,9 +37,22 @@ def files(tmp_path_factory, vocab):
     folder = tmp_path_factory.mktemp("streaming")
     out = {}
     for kind in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1"):
-        out[kind] = write_llama_gguf(folder / f"m-{kind}.gguf", vocab, matrix_type=kind, embedding_type="F16" if kind != "F32" else "F32", seed=1, **SHAPE)
-    out["Q4_K"] = write_llama_gguf(folder / "m-Q4_K.gguf", vocab, matrix_type="Q4_K", embedding_type="F16", seed=1,
-                                   **{**SHAPE, "dim": 256, "hidden_dim": 512})
+        out[kind] = write_llama_gguf(
+            folder / f"m-{kind}.gguf",
+            vocab,
+            matrix_type=kind,
+            embedding_type="F16" if kind != "F32" else "F32",
+            seed=1,
+            **SHAPE,
+        )
+    out["Q4_K"] = write_llama_gguf(
+        folder / "m-Q4_K.gguf",
+        vocab,
+        matrix_type="Q4_K",
+        embedding_type="F16",
+        seed=1,
+        **{**SHAPE, "dim": 256, "hidden_dim": 512},
+    )
     hf = folder / "hf-bf16"
     write_hf(open_checkpoint(out["F32"]), str(hf), torch.bfloat16)
     out["hf-bf16"] = hf
@@ -56,14 +69,31 @@ def build(path, weights="packed", dtype=torch.float32, layers_resident=None, con
     if layers_resident is not None:
         sizes = plan_memory(builder, None, None, context)
         buffers = 2 * max(s.stored + s.converted for s in sizes.layers)
-        room = sizes.fixed + sizes.kv_cache + sizes.activations + buffers + sum(s.held for s in sizes.layers[:layers_resident])
+        room = (
+            sizes.fixed
+            + sizes.kv_cache
+            + sizes.activations
+            + buffers
+            + sum(s.held for s in sizes.layers[:layers_resident])
+        )
         plan = plan_memory(builder, process_rss() + room + sizes.layers[0].held // 2, None, context)
     model = build_model(checkpoint, dtype, torch.device("cpu"), weights, plan)
     return LLM(model, checkpoint.tokenizer, checkpoint, torch.device("cpu"), dtype, 0.0, plan)
 
 
-CASES = [("F32", "float"), ("F16", "packed"), ("Q8_0", "packed"), ("Q4_0", "packed"), ("Q4_1", "packed"), ("Q4_K", "packed"),
-         ("hf-bf16", "packed"), ("hf-bf16", "float"), ("hf-bf16", "int8"), ("F16", "float"), ("Q4_1", "float")]
+CASES = [
+    ("F32", "float"),
+    ("F16", "packed"),
+    ("Q8_0", "packed"),
+    ("Q4_0", "packed"),
+    ("Q4_1", "packed"),
+    ("Q4_K", "packed"),
+    ("hf-bf16", "packed"),
+    ("hf-bf16", "float"),
+    ("hf-bf16", "int8"),
+    ("F16", "float"),
+    ("Q4_1", "float"),
+]
 # (int4 at load is int8's path with another quantizer; its layers are so much smaller than on disk that
 # this small model would not stream at all, the right plan: it is in the sizes test below.)
 
@@ -84,7 +114,9 @@ def test_streamed_logits_identical_to_resident(files, kind, weights):
         stats, plan = streamed.streamer.stats, streamed.plan
         assert plan.stream_bytes == sum(plan.layers[i].stored for i in plan.streamed)
         records = open_checkpoint(files[kind]).tensors
-        assert stats.bytes_read >= 2 * sum(records[n].stored.nbytes for n in records if n.startswith(tuple(f"layers.{i}." for i in plan.streamed)))
+        assert stats.bytes_read >= 2 * sum(
+            records[n].stored.nbytes for n in records if n.startswith(tuple(f"layers.{i}." for i in plan.streamed))
+        )
     finally:
         streamed.close()
 
@@ -99,8 +131,14 @@ def test_generation_batch_and_beams_match_resident(files):
         a = [r.tokens for r in resident.generate_batch(prompts, max_new_tokens=6)]
         b = [r.tokens for r in streamed.generate_batch(prompts, max_new_tokens=6)]
         assert a == b
-        beams_a = [(x.tokens, round(x.score, 4)) for x in resident.beam_search("Hello", num_beams=3, max_new_tokens=5, num_return=3)]
-        beams_b = [(x.tokens, round(x.score, 4)) for x in streamed.beam_search("Hello", num_beams=3, max_new_tokens=5, num_return=3)]
+        beams_a = [
+            (x.tokens, round(x.score, 4))
+            for x in resident.beam_search("Hello", num_beams=3, max_new_tokens=5, num_return=3)
+        ]
+        beams_b = [
+            (x.tokens, round(x.score, 4))
+            for x in streamed.beam_search("Hello", num_beams=3, max_new_tokens=5, num_return=3)
+        ]
         assert beams_a == beams_b
         assert resident.generate("Hi", max_new_tokens=8).tokens == streamed.generate("Hi", max_new_tokens=8).tokens
     finally:
@@ -134,8 +172,16 @@ def test_speculative_verification_reads_the_streamed_layers_once_per_pass(files)
 
 def test_planned_layer_sizes_match_the_built_layers(files):
     """The planner sizes layers without building them (packed.held_nbytes); the built model is the check."""
-    for kind, weights in CASES + [("hf-bf16", "int4"), ("F32", "int8"), ("F32", "int4"), ("F16", "int8"), ("Q8_0", "int4")]:
-        p = plan_memory(WeightBuilder(open_checkpoint(files[kind]), torch.float32, torch.device("cpu"), weights), None, None, 256)
+    for kind, weights in CASES + [
+        ("hf-bf16", "int4"),
+        ("F32", "int8"),
+        ("F32", "int4"),
+        ("F16", "int8"),
+        ("Q8_0", "int4"),
+    ]:
+        p = plan_memory(
+            WeightBuilder(open_checkpoint(files[kind]), torch.float32, torch.device("cpu"), weights), None, None, 256
+        )
         layer = build(files[kind], weights).model.layers[0]
         built = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
         assert p.layers[0].held == built, (kind, weights)
@@ -144,16 +190,37 @@ def test_planned_layer_sizes_match_the_built_layers(files):
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory, vocab):
     """16 float32 layers of 15.7 MB: big enough that memory and disk figures stand out of the noise."""
-    return write_llama_gguf(tmp_path_factory.mktemp("big") / "big.gguf", vocab, dim=512, n_layers=16, n_heads=8, n_kv_heads=4,
-                            hidden_dim=2048, context_length=512, matrix_type="F32", embedding_type="F32")
+    return write_llama_gguf(
+        tmp_path_factory.mktemp("big") / "big.gguf",
+        vocab,
+        dim=512,
+        n_layers=16,
+        n_heads=8,
+        n_kv_heads=4,
+        hidden_dim=2048,
+        context_length=512,
+        matrix_type="F32",
+        embedding_type="F32",
+    )
 
 
 @pytest.fixture(scope="module")
 def big_quantized_model(tmp_path_factory, vocab):
     """12 Q4_0 layers of 9.4 MB and a Q6_K output projection, which has no packed layout of its
     own and is requantized to Q8_0 at load (as in llama.cpp's Q4_K_M files of Llama 3.2 1B)."""
-    return write_llama_gguf(tmp_path_factory.mktemp("big-q") / "big-q4.gguf", vocab, dim=1024, n_layers=12, n_heads=16, n_kv_heads=4,
-                            hidden_dim=4096, context_length=512, matrix_type="Q4_0", embedding_type="Q4_0", output_type="Q6_K")
+    return write_llama_gguf(
+        tmp_path_factory.mktemp("big-q") / "big-q4.gguf",
+        vocab,
+        dim=1024,
+        n_layers=12,
+        n_heads=16,
+        n_kv_heads=4,
+        hidden_dim=4096,
+        context_length=512,
+        matrix_type="Q4_0",
+        embedding_type="Q4_0",
+        output_type="Q6_K",
+    )
 
 
 # fixture -> (the layers' size at least, each layer's stored bytes at least)
@@ -176,15 +243,17 @@ def test_peak_rss_stays_under_the_budget(model, request):
         llm = plainllama.load({str(path)!r}, device="cpu", max_memory=budget, context=256)
         out = llm.generate("Once upon a time", max_new_tokens=4)
         peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-        print(json.dumps(dict(budget=budget, peak=peak, streamed=len(llm.plan.streamed), read=llm.streamer.stats.bytes_read,
-                              model=sum(s.held for s in llm.plan.layers))))
+        print(json.dumps(dict(budget=budget, peak=peak, streamed=len(llm.plan.streamed),
+                              read=llm.streamer.stats.bytes_read, model=sum(s.held for s in llm.plan.layers))))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     layers, per_layer = RSS_MODELS[model]
     assert figures["model"] > layers and figures["streamed"] >= 8, figures  # most of the model really streamed
-    assert figures["read"] >= 2 * figures["streamed"] * per_layer, figures  # ... from disk, on each pass (prefill and steps)
+    assert figures["read"] >= 2 * figures["streamed"] * per_layer, (
+        figures
+    )  # ... from disk, on each pass (prefill and steps)
     assert figures["peak"] <= figures["budget"] + (16 << 20), figures
 
 
@@ -196,7 +265,9 @@ def test_refuses_when_not_even_one_layer_fits(big_model):
     result = run_cli("generate", "Hello", "-m", str(big_model), "--max-memory", "100M")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("plainllama: error: not enough memory for even one streamed layer"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        "plainllama: error: not enough memory for even one streamed layer"
+    ), result.stderr
     assert "at least" in lines[0] and "Traceback" not in result.stderr
 
 
@@ -221,7 +292,16 @@ def test_request_beyond_the_reserved_context_is_refused(files):
 def test_meta_checkpoints_cannot_stream(tmp_path):
     from meta_files import llama3_tokenizer_model, write_meta_checkpoint
 
-    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128256, "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": 500000.0}
+    params = {
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "vocab_size": 128256,
+        "multiple_of": 32,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+    }
     from meta_files import reference_model
 
     model = reference_model(params, 128256, 500000.0)
@@ -258,9 +338,30 @@ def test_throughput_mode_counts_all_tokens(files, tmp_path):
 def test_ctrl_c_stops_cleanly(big_model):
     """SIGINT while layers stream: exit 130, a one-line note, no traceback, no hang. (400 tokens
     with ~220 MB read from disk per token take far longer than the 8 s before the signal.)"""
-    proc = subprocess.Popen([sys.executable, "-m", "plainllama", "generate", "Once upon a time", "-m", str(big_model), "--dtype", "float32",
-                             "--max-memory", "500M", "--context", "512", "-n", "400", "--stop", "never-appears"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "plainllama",
+            "generate",
+            "Once upon a time",
+            "-m",
+            str(big_model),
+            "--dtype",
+            "float32",
+            "--max-memory",
+            "500M",
+            "--context",
+            "512",
+            "-n",
+            "400",
+            "--stop",
+            "never-appears",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(8)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
@@ -269,16 +370,33 @@ def test_ctrl_c_stops_cleanly(big_model):
     assert "memory plan" in err and "[interrupted]" in err and "Traceback" not in err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the CPU -> GPU streaming path needs one")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the CPU -> GPU streaming path needs one"
+)
 def test_gpu_streaming_matches_all_gpu(files):
     resident = plainllama.load(files["F16"], device="cuda", dtype="float16", context=256)
     expected = resident.logits(IDS)
     checkpoint = open_checkpoint(files["F16"])
     sizes = plan_memory(WeightBuilder(checkpoint, torch.float16, torch.device("cuda"), "float"), None, None, 256)
-    two_layers = sizes.fixed + sizes.kv_cache + sizes.activations + 2 * max(s.held + s.stored for s in sizes.layers) + 2 * sizes.layers[0].held
-    for ram in (None, 2 * max(s.stored for s in sizes.layers) + sizes.layers[0].stored):  # the rest in pinned RAM; or some from disk
-        streamed = plainllama.load(files["F16"], device="cuda", dtype="float16", context=256, max_gpu_memory=two_layers,
-                                   max_memory=None if ram is None else process_rss() + (64 << 20) + ram)
+    two_layers = (
+        sizes.fixed
+        + sizes.kv_cache
+        + sizes.activations
+        + 2 * max(s.held + s.stored for s in sizes.layers)
+        + 2 * sizes.layers[0].held
+    )
+    for ram in (
+        None,
+        2 * max(s.stored for s in sizes.layers) + sizes.layers[0].stored,
+    ):  # the rest in pinned RAM; or some from disk
+        streamed = plainllama.load(
+            files["F16"],
+            device="cuda",
+            dtype="float16",
+            context=256,
+            max_gpu_memory=two_layers,
+            max_memory=None if ram is None else process_rss() + (64 << 20) + ram,
+        )
         try:
             assert streamed.plan.in_ram or streamed.plan.streamed
             assert torch.equal(streamed.logits(IDS), expected)

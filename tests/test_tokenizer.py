@@ -51,7 +51,10 @@ def hf_tokenizer(model_path):
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     backend = tok.backend_tokenizer
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     backend.encode_special_tokens = True  # split_special_tokens=True: text never becomes control tokens
     return backend
@@ -118,6 +121,7 @@ def test_end_tokens_of_the_default_model(llm):
 
 
 # --- SentencePiece (Llama 1/2 style vocabularies: tokenizer.ggml.model = "llama") ---
+
 
 @pytest.mark.parametrize("text", CORPUS)
 def test_sentencepiece_ids_match_sentencepiece_library(sentencepiece_model, sentencepiece_gguf, text):

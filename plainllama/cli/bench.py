@@ -32,9 +32,10 @@ PROMPT_TEXT = (
 def peak_rss_bytes() -> int:
     """This process's peak resident memory (VmHWM; ru_maxrss would include a parent's peak)."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     import resource
@@ -87,7 +88,11 @@ def weight_bytes_per_token(model: nn.Module) -> int:
             total += module.weight.numel() * module.weight.element_size()
         elif isinstance(module, (nn.Embedding, PackedEmbedding)):
             continue
-        elif hasattr(module, "weight") and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1:
+        elif (
+            hasattr(module, "weight")
+            and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and module.weight.dim() == 1
+        ):
             total += module.weight.numel() * module.weight.element_size()  # norms
     return total
 
@@ -99,13 +104,18 @@ def prompt_ids(llm: LLM, n: int) -> list[int]:
     return ids[:n]
 
 
-def run(path: str | None = None, prompt_tokens: int = 512, decode_tokens: int = 128, repeats: int = 3, **load_options) -> dict:
+def run(
+    path: str | None = None, prompt_tokens: int = 512, decode_tokens: int = 128, repeats: int = 3, **load_options
+) -> dict:
     start = time.perf_counter()
     llm = load(path, **load_options)
     load_seconds = time.perf_counter() - start
     args = llm.model.args
     if prompt_tokens + decode_tokens > args.context_length:
-        raise PlainLlamaError(f"--prompt-tokens {prompt_tokens} + --decode-tokens {decode_tokens} exceed the model's context of {args.context_length}")
+        raise PlainLlamaError(
+            f"--prompt-tokens {prompt_tokens} + --decode-tokens {decode_tokens} exceed the model's context of "
+            f"{args.context_length}"
+        )
     ids = prompt_ids(llm, prompt_tokens)
 
     def prefill() -> float:
@@ -177,7 +187,7 @@ def run(path: str | None = None, prompt_tokens: int = 512, decode_tokens: int = 
 
 
 def weight_description(model: nn.Module) -> str:
-    """"q4 x120, q8 x1" or "float32": how the matrices are held."""
+    """ "q4 x120, q8 x1" or "float32": how the matrices are held."""
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, PackedLinear):
@@ -200,9 +210,14 @@ def format_table(r: dict) -> str:
         ("read per decoded token", f"{r['bytes_per_decoded_token'] / 2**20:.1f} MiB"),
     ]
     if r["memory_bandwidth_gb_s"]:
-        rows.append(("bandwidth achieved", f"{r['achieved_bandwidth_gb_s']:.1f} GB/s of {r['memory_bandwidth_gb_s']:.1f} GB/s, the best "
-                                           f"read measured ({r['fraction_of_bandwidth']:.0%}); {r['fraction_of_sustained_read_bandwidth']:.0%} "
-                                           f"of the rate of reading for as long ({r['sustained_read_bandwidth_gb_s']:.1f} GB/s)"))
+        rows.append(
+            (
+                "bandwidth achieved",
+                f"{r['achieved_bandwidth_gb_s']:.1f} GB/s of {r['memory_bandwidth_gb_s']:.1f} GB/s, the best "
+                f"read measured ({r['fraction_of_bandwidth']:.0%}); {r['fraction_of_sustained_read_bandwidth']:.0%} "
+                f"of the rate of reading for as long ({r['sustained_read_bandwidth_gb_s']:.1f} GB/s)",
+            )
+        )
     rows.append(("peak RSS", f"{r['peak_rss_mib']:.0f} MiB"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

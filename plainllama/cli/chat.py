@@ -27,7 +27,9 @@ def fit_to_context(llm, history: list[Message], answer_room: int) -> tuple[list[
             return ids, dropped
         first = 1 if history and history[0].role == "system" else 0
         if len(history) - first <= 1:  # only the newest message is left, and it alone is too long
-            raise PlainLlamaError(f"this message needs {len(ids)} tokens; with room for the answer, the context holds {limit}")
+            raise PlainLlamaError(
+                f"this message needs {len(ids)} tokens; with room for the answer, the context holds {limit}"
+            )
         del history[first]
         dropped += 1
         if len(history) > first and history[first].role == "assistant":  # keep turns whole
@@ -36,11 +38,14 @@ def fit_to_context(llm, history: list[Message], answer_room: int) -> tuple[list[
 
 
 def run_chat(llm, system: str | None, max_new_tokens: int, sampling: dict, stop=()) -> int:
-    llm.chat_format  # fail now, not after the first message, if the model has no chat format
+    _ = llm.chat_format  # fail now, not after the first message, if the model has no chat format
     base = [Message("system", system)] if system else []
     history = list(base)
     answer_room = min(max_new_tokens, llm.args.context_length // 2)
-    print(f"plainllama chat: {llm.checkpoint.name or llm.checkpoint.path} ({llm.chat_format.name} chat format). {HELP}", file=sys.stderr)
+    print(
+        f"plainllama chat: {llm.checkpoint.name or llm.checkpoint.path} ({llm.chat_format.name} chat format). {HELP}",
+        file=sys.stderr,
+    )
     while True:
         try:
             line = input(">>> ")
@@ -67,7 +72,9 @@ def run_chat(llm, system: str | None, max_new_tokens: int, sampling: dict, stop=
             print(f"(not sent: {e})", file=sys.stderr)
             continue
         if dropped:
-            print(f"(the conversation outgrew the context: the {dropped} oldest messages were dropped)", file=sys.stderr)
+            print(
+                f"(the conversation outgrew the context: the {dropped} oldest messages were dropped)", file=sys.stderr
+            )
         pieces = []
         try:
             for piece in llm.stream(ids, max_new_tokens=max_new_tokens, stop=stop, **sampling):

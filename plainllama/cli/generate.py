@@ -18,7 +18,9 @@ def read_prompts(path: str) -> list[str]:
     except OSError as e:
         raise PlainLlamaError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise PlainLlamaError(f"{path}: not a text file (byte {e.start} is not UTF-8); expected one prompt per line") from None
+        raise PlainLlamaError(
+            f"{path}: not a text file (byte {e.start} is not UTF-8); expected one prompt per line"
+        ) from None
     prompts = []
     for number, line in enumerate(lines, 1):
         if line.lstrip().startswith("{"):
@@ -37,7 +39,9 @@ def check_generate_options(args) -> None:
     if (args.prompt is None) == (args.prompts_file is None):
         raise PlainLlamaError("give a PROMPT or --prompts-file, not both or neither")
     if args.beams is not None and (args.draft_model or args.prompts_file or args.temperature):
-        raise PlainLlamaError("--beams is deterministic and runs one prompt: not with --draft-model, --prompts-file or --temperature")
+        raise PlainLlamaError(
+            "--beams is deterministic and runs one prompt: not with --draft-model, --prompts-file or --temperature"
+        )
     if args.prompts_file and args.draft_model:
         raise PlainLlamaError("--draft-model runs one prompt at a time: not with --prompts-file")
     if args.throughput and not args.prompts_file:
@@ -46,14 +50,31 @@ def check_generate_options(args) -> None:
 
 def run_beams(llm, prompt, args) -> int:
     early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
-    beams = llm.beam_search(prompt, args.beams, args.max_new_tokens, args.length_penalty, early, args.no_repeat_ngram_size, args.num_return,
-                            stop=args.stop)
+    beams = llm.beam_search(
+        prompt,
+        args.beams,
+        args.max_new_tokens,
+        args.length_penalty,
+        early,
+        args.no_repeat_ngram_size,
+        args.num_return,
+        stop=args.stop,
+    )
     stops = StopMatcher(args.stop)
     texts = [stops.cut(llm.tokenizer.decode([t for t in b.tokens if t not in llm.tokenizer.end_ids])) for b in beams]
     if args.json:
-        print(json.dumps({"beams": [{"tokens": b.tokens, "text": text, "score": b.score} for b, text in zip(beams, texts)]}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "beams": [
+                        {"tokens": b.tokens, "text": t, "score": b.score} for b, t in zip(beams, texts, strict=True)
+                    ]
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
-        for i, (b, text) in enumerate(zip(beams, texts)):
+        for i, (b, text) in enumerate(zip(beams, texts, strict=True)):
             print(f"[{i + 1}] score {b.score:.4f}:{text}" if len(beams) > 1 else text)
     return 0
 
@@ -67,15 +88,32 @@ def run_batch(llm, prompts: list[str], args) -> int:
         prompt_tokens = sum(len(r.prompt_tokens) for r in results)
         streamer = llm.streamer
         streamed = f", {streamer.stats.bytes_read / 1e9:.1f} GB read from disk" if streamer is not None else ""
-        print(f"{len(prompts)} prompts: {prompt_tokens} prompt tokens + {generated} generated in {seconds:.1f}s = "
-              f"{(prompt_tokens + generated) / seconds:.2f} tokens/s in all, {generated / seconds:.2f} generated tokens/s{streamed}")
+        print(
+            f"{len(prompts)} prompts: {prompt_tokens} prompt tokens + {generated} generated in {seconds:.1f}s = "
+            f"{(prompt_tokens + generated) / seconds:.2f} tokens/s in all, {generated / seconds:.2f} generated "
+            f"tokens/s{streamed}"
+        )
         return 0
     for prompt, r in zip(prompts, results, strict=True):
         if args.json:
-            print(json.dumps({"prompt": prompt, "prompt_tokens": r.prompt_tokens, "tokens": r.tokens, "text": r.text, "finish_reason": r.finish_reason}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "prompt_tokens": r.prompt_tokens,
+                        "tokens": r.tokens,
+                        "text": r.text,
+                        "finish_reason": r.finish_reason,
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             print(json.dumps(prompt + r.text, ensure_ascii=False))
-    print(f"[{len(prompts)} prompts, {generated} tokens in {seconds:.1f}s: {generated / seconds:.1f} tok/s]", file=sys.stderr)
+    print(
+        f"[{len(prompts)} prompts, {generated} tokens in {seconds:.1f}s: {generated / seconds:.1f} tok/s]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -87,13 +125,22 @@ def run_command(args) -> int:
         return run_batch(llm, prompts, args)
     prompt = args.prompt
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
         prompt = llm.encode_chat(messages)
     if args.beams is not None:
         return run_beams(llm, prompt, args)
     draft = load_model(args, args.draft_model) if args.draft_model else None
-    stream = llm.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop, logprobs=args.logprobs, draft=draft,
-                        speculate_k=args.speculate_k, **sampling_settings(args))
+    stream = llm.stream(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        logprobs=args.logprobs,
+        draft=draft,
+        speculate_k=args.speculate_k,
+        **sampling_settings(args),
+    )
     if args.json:
         for _ in stream:
             pass
@@ -117,8 +164,15 @@ def run_command(args) -> int:
             **t.as_dict(),
         }
         if result.logprobs is not None:
-            record["logprobs"] = [{"token": lp.token, "text": llm.tokenizer.piece(lp.token), "logprob": lp.logprob,
-                                   "top": [{"token": i, "text": llm.tokenizer.piece(i), "logprob": v} for i, v in lp.top]} for lp in result.logprobs]
+            record["logprobs"] = [
+                {
+                    "token": lp.token,
+                    "text": llm.tokenizer.piece(lp.token),
+                    "logprob": lp.logprob,
+                    "top": [{"token": i, "text": llm.tokenizer.piece(i), "logprob": v} for i, v in lp.top],
+                }
+                for lp in result.logprobs
+            ]
         if result.draft_acceptance is not None:
             record["draft_acceptance"] = result.draft_acceptance
         print(json.dumps(record, ensure_ascii=False))
@@ -129,7 +183,8 @@ def run_command(args) -> int:
         f"[prompt {t.prompt_tokens} tokens: {t.prefill_tokens_per_second:.1f} tok/s | "
         f"generated {len(result.tokens)} tokens: {t.decode_tokens_per_second:.1f} tok/s | "
         f"{llm.device}, {str(llm.dtype).removeprefix('torch.')}, loaded in {llm.load_seconds:.1f}s"
-        + (f", draft accepted {result.draft_acceptance:.0%}" if result.draft_acceptance is not None else "") + "]",
+        + (f", draft accepted {result.draft_acceptance:.0%}" if result.draft_acceptance is not None else "")
+        + "]",
         file=sys.stderr,
     )
     return 0

@@ -35,23 +35,43 @@ def describe(checkpoint: Checkpoint) -> dict:
     kv_bytes_per_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2  # keys and values, 16-bit
     tok = checkpoint.tokenizer
     chat = "jinja template" if checkpoint.chat_template else checkpoint.chat_format or "none"
-    types = Counter(t.type for name, t in checkpoint.tensors.items() if not (args.tie_embeddings and name == "output.weight"))
+    types = Counter(
+        t.type for name, t in checkpoint.tensors.items() if not (args.tie_embeddings and name == "output.weight")
+    )
     return {
         "path": checkpoint.path,
         "format": checkpoint.format,
         "name": checkpoint.name,
         "architecture": {
-            "layers": args.n_layers, "dim": args.dim, "heads": args.n_heads, "kv_heads": args.n_kv_heads, "head_dim": args.head_dim,
-            "ffn_dim": args.hidden_dim, "vocab_size": args.vocab_size, "context_length": args.context_length,
-            "rope_theta": args.rope_theta, "rope_scaled": args.rope_freq_factors is not None, "tied_embeddings": args.tie_embeddings,
+            "layers": args.n_layers,
+            "dim": args.dim,
+            "heads": args.n_heads,
+            "kv_heads": args.n_kv_heads,
+            "head_dim": args.head_dim,
+            "ffn_dim": args.hidden_dim,
+            "vocab_size": args.vocab_size,
+            "context_length": args.context_length,
+            "rope_theta": args.rope_theta,
+            "rope_scaled": args.rope_freq_factors is not None,
+            "tied_embeddings": args.tie_embeddings,
             "norm_eps": args.norm_eps,
         },
         "parameters": params,
         "tensor_types": dict(types.most_common()),
-        "memory_gib": {"float32": round(params * 4 / GIB, 3), "bfloat16": round(params * 2 / GIB, 3), "float16": round(params * 2 / GIB, 3)},
+        "memory_gib": {
+            "float32": round(params * 4 / GIB, 3),
+            "bfloat16": round(params * 2 / GIB, 3),
+            "float16": round(params * 2 / GIB, 3),
+        },
         "kv_cache_mib_per_1k_tokens": round(kv_bytes_per_token * 1024 / 1024**2, 2),
-        "tokenizer": {"kind": tokenizer_kind(tok), "vocab_size": tok.vocab_size, "bos": _piece(tok, tok.bos_id), "eos": _piece(tok, tok.eos_id),
-                      "end_tokens": [tok.tokens[i] for i in sorted(tok.end_ids)], "adds_bos": tok.add_bos},
+        "tokenizer": {
+            "kind": tokenizer_kind(tok),
+            "vocab_size": tok.vocab_size,
+            "bos": _piece(tok, tok.bos_id),
+            "eos": _piece(tok, tok.eos_id),
+            "end_tokens": [tok.tokens[i] for i in sorted(tok.end_ids)],
+            "adds_bos": tok.add_bos,
+        },
         "chat_format": chat,
         "notes": checkpoint.notes,
     }
@@ -73,15 +93,19 @@ def format_text(info: dict) -> str:
     lines = [
         f"{info['path']}",
         f"  format        {info['format']}" + (f"  ({info['name']})" if info["name"] else ""),
-        f"  architecture  llama: {a['layers']} layers, dim {a['dim']}, {a['heads']} heads ({a['kv_heads']} key/value), head dim {a['head_dim']},"
+        f"  architecture  llama: {a['layers']} layers, dim {a['dim']}, {a['heads']} heads ({a['kv_heads']} "
+        f"key/value), head dim {a['head_dim']},"
         f" ffn {a['ffn_dim']}, vocab {a['vocab_size']}",
-        f"  context       {a['context_length']} tokens, rope theta {a['rope_theta']:g}{', scaled' if a['rope_scaled'] else ''}"
+        f"  context       {a['context_length']} tokens, rope theta "
+        f"{a['rope_theta']:g}{', scaled' if a['rope_scaled'] else ''}"
         f"{', tied embeddings' if a['tied_embeddings'] else ''}",
         f"  parameters    {info['parameters'] / 1e6:.1f} M",
         "  tensor types  " + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()),
-        f"  memory        float32 {info['memory_gib']['float32']:.2f} GiB, bfloat16/float16 {info['memory_gib']['bfloat16']:.2f} GiB"
+        f"  memory        float32 {info['memory_gib']['float32']:.2f} GiB, bfloat16/float16 "
+        f"{info['memory_gib']['bfloat16']:.2f} GiB"
         f" (+ KV cache {info['kv_cache_mib_per_1k_tokens']:.1f} MiB per 1k tokens in 16-bit)",
-        f"  tokenizer     {info['tokenizer']['kind']}; {info['tokenizer']['vocab_size']} tokens, bos {info['tokenizer']['bos']!r},"
+        f"  tokenizer     {info['tokenizer']['kind']}; {info['tokenizer']['vocab_size']} tokens, bos "
+        f"{info['tokenizer']['bos']!r},"
         f" ends on {', '.join(info['tokenizer']['end_tokens'])}",
         f"  chat format   {info['chat_format']}",
     ]

@@ -28,11 +28,17 @@ def format_trace(trace, tokenizer) -> str:
     final = trace.predictions[position]
     known = trace.first_layer_knowing(position)
     lines.append("")
-    lines.append(f"logit lens after {show(trace.tokens[position].piece)} (the next-token guess if the model stopped after each layer):")
+    lines.append(
+        f"logit lens after {show(trace.tokens[position].piece)} (the next-token guess if the model stopped after "
+        "each layer):"
+    )
     for i, layer in enumerate(trace.layers):
         top, p = layer.lens_top[position][0]
         marker = "   <- first layer with the final answer on top" if i == known else ""
-        lines.append(f"  layer {i:>3}  {show(tokenizer.piece(top)):<18} {p:6.1%}   final answer {show(tokenizer.piece(final))}: {float(layer.lens_final_prob[position]):6.1%}{marker}")
+        lines.append(
+            f"  layer {i:>3}  {show(tokenizer.piece(top)):<18} {p:6.1%}   final answer "
+            f"{show(tokenizer.piece(final))}: {float(layer.lens_final_prob[position]):6.1%}{marker}"
+        )
     return "\n".join(lines)
 
 

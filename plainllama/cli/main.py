@@ -16,35 +16,73 @@ from .options import add_model_options, add_sampling_options
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plainllama", description="Run Llama-family models you can read.")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="continue a prompt", description="Continue PROMPT; the text streams to stdout, timings go to stderr.")
+    gen = sub.add_parser(
+        "generate",
+        help="continue a prompt",
+        description="Continue PROMPT; the text streams to stdout, timings go to stderr.",
+    )
     gen.add_argument("prompt", nargs="?", default=None, help="the text to continue")
     add_model_options(gen)
     add_sampling_options(gen)
-    gen.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming")
+    gen.add_argument(
+        "--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming"
+    )
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message in the model's chat format")
     gen.add_argument("--system", default=None, help="system prompt (with --chat)")
-    gen.add_argument("--logprobs", type=int, default=None, help="with --json: each token's log-probability and the N most likely alternatives")
+    gen.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        help="with --json: each token's log-probability and the N most likely alternatives",
+    )
     gen.add_argument("--beams", type=int, default=None, help="beam search with N beams (deterministic)")
     gen.add_argument("--num-return", type=int, default=1, help="with --beams: print the N best")
-    gen.add_argument("--length-penalty", type=float, default=1.0, help="with --beams: scores are divided by length**this")
-    gen.add_argument("--early-stopping", default="false", choices=["true", "false", "never"], help="with --beams: when to stop (as in transformers)")
-    gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="with --beams: never repeat an n-gram of this size")
-    gen.add_argument("--prompts-file", default=None, help="generate for every prompt in this file (one per line, or JSONL with a 'prompt' field) as one batch")
-    gen.add_argument("--throughput", action="store_true",
-                     help="with --prompts-file: print only the totals (tokens/s over all prompts), not each text")
-    gen.add_argument("--draft-model", default=None, help="speculative decoding with this smaller model (same vocabulary)")
+    gen.add_argument(
+        "--length-penalty", type=float, default=1.0, help="with --beams: scores are divided by length**this"
+    )
+    gen.add_argument(
+        "--early-stopping",
+        default="false",
+        choices=["true", "false", "never"],
+        help="with --beams: when to stop (as in transformers)",
+    )
+    gen.add_argument(
+        "--no-repeat-ngram-size", type=int, default=0, help="with --beams: never repeat an n-gram of this size"
+    )
+    gen.add_argument(
+        "--prompts-file",
+        default=None,
+        help="generate for every prompt in this file (one per line, or JSONL with a 'prompt' field) as one batch",
+    )
+    gen.add_argument(
+        "--throughput",
+        action="store_true",
+        help="with --prompts-file: print only the totals (tokens/s over all prompts), not each text",
+    )
+    gen.add_argument(
+        "--draft-model", default=None, help="speculative decoding with this smaller model (same vocabulary)"
+    )
     gen.add_argument("--speculate-k", type=int, default=4, help="tokens the draft model proposes per step (default: 4)")
     gen.set_defaults(command_module="generate")
 
-    chat = sub.add_parser("chat", help="talk with a model", description="An interactive conversation. " + "/reset clears it, /bye or Ctrl+D ends it, Ctrl+C stops an answer.")
+    chat = sub.add_parser(
+        "chat",
+        help="talk with a model",
+        description="An interactive conversation. "
+        + "/reset clears it, /bye or Ctrl+D ends it, Ctrl+C stops an answer.",
+    )
     add_model_options(chat)
     add_sampling_options(chat)
     chat.set_defaults(max_new_tokens=512)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(command_module="chat")
 
-    inspect = sub.add_parser("inspect", help="see how the model turns a prompt into the next token",
-                             description="The tokenization, each generated step's top candidates and the logit lens, in the terminal; --html writes an interactive page.")
+    inspect = sub.add_parser(
+        "inspect",
+        help="see how the model turns a prompt into the next token",
+        description="The tokenization, each generated step's top candidates and the logit lens, in the terminal; "
+        "--html writes an interactive page.",
+    )
     inspect.add_argument("prompt")
     add_model_options(inspect)
     inspect.add_argument("-n", "--max-new-tokens", type=int, default=8, help="tokens to generate and show (default: 8)")
@@ -53,14 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--chat", action="store_true", help="send PROMPT as a user message in the model's chat format")
     inspect.set_defaults(command_module="inspect")
 
-    info = sub.add_parser("info", help="describe a model", description="Format, shape, parameter count, tensor types, memory, tokenizer and chat format of MODEL.")
+    info = sub.add_parser(
+        "info",
+        help="describe a model",
+        description="Format, shape, parameter count, tensor types, memory, tokenizer and chat format of MODEL.",
+    )
     info.add_argument("model", nargs="?", default=None, help="model file or folder (default: the bundled model)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(command_module="info")
 
-    bench = sub.add_parser("bench", help="measure prefill, decode, load time, memory and bandwidth",
-                           description="Prefill and decode speed, time to first token, load time, peak RSS, and the memory bandwidth "
-                                       "decoding achieves against this machine's measured read bandwidth.")
+    bench = sub.add_parser(
+        "bench",
+        help="measure prefill, decode, load time, memory and bandwidth",
+        description="Prefill and decode speed, time to first token, load time, peak RSS, and the memory bandwidth "
+        "decoding achieves against this machine's measured read bandwidth.",
+    )
     add_model_options(bench)
     bench.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill (default: 512)")
     bench.add_argument("--decode-tokens", type=int, default=128, help="tokens to decode (default: 128)")
@@ -68,12 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     bench.set_defaults(command_module="bench")
 
-    convert = sub.add_parser("convert", help="write a model as a Hugging Face or Meta folder",
-                             description="Write SRC (any supported format) to the folder DST. GGUF weights are dequantized.")
+    convert = sub.add_parser(
+        "convert",
+        help="write a model as a Hugging Face or Meta folder",
+        description="Write SRC (any supported format) to the folder DST. GGUF weights are dequantized.",
+    )
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument("--to", required=True, choices=["hf", "meta"])
-    convert.add_argument("--dtype", default="auto", help="auto (the source's float type; float32 for quantized GGUF), float32, bfloat16, float16")
+    convert.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (the source's float type; float32 for quantized GGUF), float32, bfloat16, float16",
+    )
     convert.set_defaults(command_module="convert")
     return parser
 
@@ -87,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plainllama: error: {e}", file=sys.stderr)
         return 1
     except MemoryError:
-        print("plainllama: error: out of memory (try a smaller model, --dtype bfloat16, or a quantized file)", file=sys.stderr)
+        print(
+            "plainllama: error: out of memory (try a smaller model, --dtype bfloat16, or a quantized file)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)

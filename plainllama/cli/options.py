@@ -12,27 +12,62 @@ from ..sampling import SamplingSettings
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=None, help="model file or folder (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "-m", "--model", default=None, help="model file or folder (default: the bundled SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto); on the CPU, an explicit dtype converts every weight to it")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="CPU: hold float weights (Meta, HF, F16/F32 GGUF) as 8- or 4-bit blocks (GGUF Q8_0 / Q4_1 rules)")
-    p.add_argument("--dequantize", action="store_true",
-                   help="CPU: convert quantized and 16-bit weights to floats instead of computing with them as stored")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="RAM this process may use (e.g. 4G); layers that do not fit are streamed from disk on every pass")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto, float32, bfloat16 or float16 (default: auto); "
+        "on the CPU, an explicit dtype converts every weight to it",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="CPU: hold float weights (Meta, HF, F16/F32 GGUF) as 8- or 4-bit blocks (GGUF Q8_0 / Q4_1 rules)",
+    )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="CPU: convert quantized and 16-bit weights to floats instead of computing with them as stored",
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="RAM this process may use (e.g. 4G); layers that do not fit are streamed from disk on every pass",
+    )
     p.add_argument("--max-gpu-memory", default=None, metavar="SIZE", help="GPU memory to use (default: what is free)")
-    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
-                   help="KV cache the memory plan reserves, in tokens, all prompts of a batch together (default: 2048)")
-    p.add_argument("--compile", action="store_true",
-                   help="run decode steps on PyTorch's operators through torch.compile (float weights, GPUs; cached "
-                        "under ~/.cache/plainllama/inductor; off by default: it does not pay on the CPU, where packed weights use C kernels)")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="KV cache the memory plan reserves, in tokens, all prompts of a batch together (default: 2048)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run decode steps on PyTorch's operators through torch.compile (float weights, GPUs; cached "
+        "under ~/.cache/plainllama/inductor; off by default: it does not pay on the CPU, where packed weights use C "
+        "kernels)",
+    )
 
 
 def load_options(args) -> dict:
     """The keyword arguments of plainllama.load() that the model options give."""
-    return dict(device=args.device, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize, max_memory=args.max_memory,
-                max_gpu_memory=args.max_gpu_memory, context=args.context, compile=args.compile)
+    return dict(
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        dequantize=args.dequantize,
+        max_memory=args.max_memory,
+        max_gpu_memory=args.max_gpu_memory,
+        context=args.context,
+        compile=args.compile,
+    )
 
 
 def load_model(args, path=None):
@@ -47,7 +82,7 @@ def load_model(args, path=None):
 
 
 def logit_bias(text: str) -> dict[int, float]:
-    """"ID:BIAS,ID:BIAS" or a JSON object {"ID": BIAS}."""
+    """ "ID:BIAS,ID:BIAS" or a JSON object {"ID": BIAS}."""
     try:
         if text.lstrip().startswith("{"):
             return {int(k): float(v) for k, v in json.loads(text).items()}
@@ -63,9 +98,15 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     for setting in dataclasses.fields(SamplingSettings):
         default = setting.default_factory() if setting.default is dataclasses.MISSING else setting.default  # type: ignore[misc]
-        p.add_argument("--" + setting.name.replace("_", "-"), type=PARSERS.get(setting.name, setting.metadata["type"]), default=default,
-                       help=setting.metadata["help"])
-    p.add_argument("--stop", action="append", default=[], help="end the text at this string (repeatable); it is not printed")
+        p.add_argument(
+            "--" + setting.name.replace("_", "-"),
+            type=PARSERS.get(setting.name, setting.metadata["type"]),
+            default=default,
+            help=setting.metadata["help"],
+        )
+    p.add_argument(
+        "--stop", action="append", default=[], help="end the text at this string (repeatable); it is not printed"
+    )
 
 
 def sampling_settings(args) -> dict:

@@ -28,7 +28,10 @@ class StreamProgress:
         self.last = now
         stats = streamer.stats
         done, n = streamer.order.index(index) + 1, len(streamer.order)
-        self.write(f"[streaming: layer {done}/{n} read | {stats.disk_speed / 1e9:.2f} GB/s from disk | {stats.tokens_per_second:.2f} tokens/s]")
+        self.write(
+            f"[streaming: layer {done}/{n} read | {stats.disk_speed / 1e9:.2f} GB/s from disk | "
+            f"{stats.tokens_per_second:.2f} tokens/s]"
+        )
 
     def write(self, text: str) -> None:
         self.stream.write("\r" + text.ljust(self.width) + ("\r" if not text else ""))

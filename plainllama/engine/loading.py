@@ -20,8 +20,19 @@ from ..formats.checkpoint import CheckpointTensor, expected_shapes
 from .memory import release
 from .cpu.decode_block import kernel_block
 from ..model import FUSED, Transformer, TransformerBlock, fused_name
-from .cpu.packed import (Holding, PackedEmbedding, PackedLinear, PackedWeight, StackedLinear, adjacent, holding, joined, pack_gguf, quantize_int4,
-                         quantize_int8)
+from .cpu.packed import (
+    Holding,
+    PackedEmbedding,
+    PackedLinear,
+    PackedWeight,
+    StackedLinear,
+    adjacent,
+    holding,
+    joined,
+    pack_gguf,
+    quantize_int4,
+    quantize_int8,
+)
 from .cpu import kernels
 from .planner import MemoryPlan, parse_size, plan_memory
 from ..formats.gguf_quants import dequantize
@@ -66,7 +77,9 @@ def _read_small(record: CheckpointTensor) -> torch.Tensor | None:
     with open(where.path, "rb", buffering=0) as f:
         got = os.preadv(f.fileno(), [raw.numpy()], where.offset)
     if got != where.nbytes:
-        raise PlainLlamaError(f"{where.path}: ended while reading a tensor (the file was truncated after it was opened)")
+        raise PlainLlamaError(
+            f"{where.path}: ended while reading a tensor (the file was truncated after it was opened)"
+        )
     return where.decode(raw)
 
 
@@ -120,7 +133,10 @@ class WeightBuilder:
         if weights not in WEIGHT_MODES:
             raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_MODES}")
         if weights != "float" and device.type != "cpu":
-            raise PlainLlamaError(f"compressed weights ({weights}) run on the CPU only; on {device.type} they are converted to {str(dtype).removeprefix('torch.')}")
+            raise PlainLlamaError(
+                f"compressed weights ({weights}) run on the CPU only; on {device.type} they are converted to "
+                f"{str(dtype).removeprefix('torch.')}"
+            )
         self.checkpoint, self.args = checkpoint, checkpoint.args
         self.dtype, self.device, self.weights = dtype, device, weights
         self.shapes = expected_shapes(checkpoint.args)  # matrices are the 2-D ones: projections and embeddings
@@ -146,10 +162,15 @@ class WeightBuilder:
         their GGUF blocks: two or more parts of one type, each held "gguf". (When streamed, their
         blocks then lie one after another in the read buffer: _pack_stacked_raw.)"""
         records = [(sources or self.checkpoint).tensors[n] for n in names]
-        return (len(names) > 1 and len({r.type for r in records}) == 1
-                and all(self.holding(r, n).how == "gguf" for r, n in zip(records, names)))
+        return (
+            len(names) > 1
+            and len({r.type for r in records}) == 1
+            and all(self.holding(r, n).how == "gguf" for r, n in zip(records, names, strict=True))
+        )
 
-    def fill(self, module: nn.Module, groups: dict[str, list[str]], sources, prefix: str = "", shared: dict | None = None) -> None:
+    def fill(
+        self, module: nn.Module, groups: dict[str, list[str]], sources, prefix: str = "", shared: dict | None = None
+    ) -> None:
         """Build the model tensors `groups` from `sources` (anything with a checkpoint's `tensors`
         records) and put them into `module`, whose names are relative to
         `prefix`. `shared` remembers built sources, so tied weights become one tensor."""
@@ -174,7 +195,7 @@ class WeightBuilder:
 
         try:
             for target, names in groups.items():
-                local = target[len(prefix):]
+                local = target[len(prefix) :]
                 if self.weights != "float" and len(self.shapes[names[0]]) == 2:
                     whole = self._pack_stacked_raw(sources, names)
                     if whole is not None:
@@ -188,12 +209,13 @@ class WeightBuilder:
                 parts = [as_float(name) for name in names]
                 state[local] = parts[0] if len(parts) == 1 else joined(parts)
                 if len(parts) > 1:
-                    for name, part in zip(names, parts):
+                    for name, part in zip(names, parts, strict=True):
                         release(part, state[local])
                         shared.pop(sources.tensors[name].load, None)
         except (torch.OutOfMemoryError, MemoryError):
             raise PlainLlamaError(
-                f"{self.checkpoint.path}: not enough memory on {self.device} to hold the weights in {str(self.dtype).removeprefix('torch.')}"
+                f"{self.checkpoint.path}: not enough memory on {self.device} to hold the weights in "
+                f"{str(self.dtype).removeprefix('torch.')}"
             ) from None
         module.load_state_dict(state, strict=False, assign=True)
 
@@ -224,7 +246,9 @@ def weight_mode(device: torch.device, dtype: str, quantize: str | None, dequanti
         raise PlainLlamaError("--quantize and --dequantize contradict each other; choose one")
     if device.type != "cpu":
         if quantize:
-            raise PlainLlamaError(f"--quantize runs on the CPU only; on {device.type} the weights are converted to its dtype")
+            raise PlainLlamaError(
+                f"--quantize runs on the CPU only; on {device.type} the weights are converted to its dtype"
+            )
         return "float"
     if quantize:
         return quantize
@@ -235,13 +259,24 @@ def weight_mode(device: torch.device, dtype: str, quantize: str | None, dequanti
     return "packed" if kernels.available() else "float"
 
 
-def load_planned(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, weights: str, max_memory: int | str | None = None,
-                 max_gpu_memory: int | str | None = None, context: int | None = None, report=None) -> tuple[Transformer, MemoryPlan]:
+def load_planned(
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: str,
+    max_memory: int | str | None = None,
+    max_gpu_memory: int | str | None = None,
+    context: int | None = None,
+    report=None,
+) -> tuple[Transformer, MemoryPlan]:
     """The model built within a memory plan (planner.py: what stays in memory, what streams from
     disk), and the plan. `report(text)` receives the plan when anything streams or a cap was given."""
-    plan = plan_memory(WeightBuilder(checkpoint, dtype, device, weights),
-                       parse_size(max_memory) if isinstance(max_memory, str) else max_memory,
-                       parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory, context)
+    plan = plan_memory(
+        WeightBuilder(checkpoint, dtype, device, weights),
+        parse_size(max_memory) if isinstance(max_memory, str) else max_memory,
+        parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory,
+        context,
+    )
     if report is not None and (plan.explicit or plan.streamed or plan.in_ram):
         report(plan.summary())
     model = build_model(checkpoint, dtype, device, weights, plan)
@@ -252,8 +287,13 @@ def load_planned(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.devic
     return model, plan
 
 
-def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, weights: str = "float",
-                plan: MemoryPlan | None = None) -> Transformer:
+def build_model(
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: str = "float",
+    plan: MemoryPlan | None = None,
+) -> Transformer:
     """The model with every weight in place; with a `plan`, its streamed layers read from disk on each pass."""
     builder = WeightBuilder(checkpoint, dtype, device, weights)
     with torch.device("meta"), skip_random_init():
@@ -262,7 +302,9 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
     if streamed:
         streamer = LayerStreamer(builder, plan)
     shared: dict = {}
-    builder.fill(model, {t: n for t, n in builder.groups.items() if not t.startswith("layers.")}, checkpoint, shared=shared)
+    builder.fill(
+        model, {t: n for t, n in builder.groups.items() if not t.startswith("layers.")}, checkpoint, shared=shared
+    )
     for i in range(checkpoint.args.n_layers):
         if i in streamed:
             model.layers[i] = streamer.block(i)

@@ -28,7 +28,7 @@ STREAM_BUFFERS = 2  # the layer being computed and the next one being read
 
 
 def parse_size(text: str) -> int:
-    """"4G", "512M", "1.5GiB", "2000000000" -> bytes (K, M, G, T are powers of 1024)."""
+    """ "4G", "512M", "1.5GiB", "2000000000" -> bytes (K, M, G, T are powers of 1024)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise PlainLlamaError(f"memory size {text!r}: expected a number with an optional K, M, G or T (e.g. 4G, 512M)")
@@ -73,7 +73,9 @@ def available_ram() -> int:
 class LayerSize:
     held: int  # bytes once built, when resident
     stored: int  # bytes in the file: what streaming reads on every pass
-    converted: int  # bytes built beside the read buffer when streamed (0 where the model uses the stored bytes as they are)
+    converted: (
+        int  # bytes built beside the read buffer when streamed (0 where the model uses the stored bytes as they are)
+    )
 
 
 @dataclass
@@ -105,33 +107,47 @@ class MemoryPlan:
 
     def summary(self) -> str:
         n = len(self.layers)
-        uses = (f"fixed weights {gb(self.fixed)} + KV cache {gb(self.kv_cache)} ({self.context} tokens) + activations {gb(self.activations)}"
-                f" + {len(self.resident)} layers {gb(sum(self.layers[i].held for i in self.resident))}")
+        uses = (
+            f"fixed weights {gb(self.fixed)} + KV cache {gb(self.kv_cache)} ({self.context} tokens) + activations "
+            f"{gb(self.activations)}"
+            f" + {len(self.resident)} layers {gb(sum(self.layers[i].held for i in self.resident))}"
+        )
         if self.gpu_budget:
-            lines = [f"memory plan ({self.device}): GPU budget {gb(self.gpu_budget)} = {uses}"
-                     + (f" + streaming buffers {gb(self.gpu_buffers)}" if self.gpu_buffers else ""),
-                     f"  RAM budget {gb(self.budget)} = runtime {gb(self.runtime)}" + (f" + pinned read buffers {gb(self.buffers)}" if self.buffers else "")]
+            lines = [
+                f"memory plan ({self.device}): GPU budget {gb(self.gpu_budget)} = {uses}"
+                + (f" + streaming buffers {gb(self.gpu_buffers)}" if self.gpu_buffers else ""),
+                f"  RAM budget {gb(self.budget)} = runtime {gb(self.runtime)}"
+                + (f" + pinned read buffers {gb(self.buffers)}" if self.buffers else ""),
+            ]
         else:
-            lines = [f"memory plan ({self.device}): budget {gb(self.budget)} = runtime {gb(self.runtime)} + {uses}"
-                     + (f" + streaming buffers {gb(self.buffers)}" if self.buffers else "")]
+            lines = [
+                f"memory plan ({self.device}): budget {gb(self.budget)} = runtime {gb(self.runtime)} + {uses}"
+                + (f" + streaming buffers {gb(self.buffers)}" if self.buffers else "")
+            ]
         if self.in_ram:
-            lines.append(f"  {len(self.in_ram)} layers held in pinned RAM ({gb(sum(self.layers[i].stored for i in self.in_ram))}), copied to the GPU on each pass")
+            lines.append(
+                f"  {len(self.in_ram)} layers held in pinned RAM "
+                f"({gb(sum(self.layers[i].stored for i in self.in_ram))}), copied to the GPU on each pass"
+            )
         if self.streamed:
             speed = f"disk reads {self.disk_speed / 1e9:.2f} GB/s" if self.disk_speed else "disk speed not measured"
             seconds = self.expected_seconds_per_pass()
             expect = f", so about {1 / seconds:.2f} tokens/s decoding one sequence" if seconds else ""
-            lines.append(f"  {len(self.streamed)} of {n} layers streamed from disk: {self.stream_bytes / 1e9:.2f} GB per forward pass; {speed}{expect}")
+            lines.append(
+                f"  {len(self.streamed)} of {n} layers streamed from disk: {self.stream_bytes / 1e9:.2f} GB per "
+                f"forward pass; {speed}{expect}"
+            )
         else:
             lines.append(f"  all {n} layers in memory")
         return "\n".join(lines)
 
     def check_request(self, rows: int, length: int) -> None:
         """A generation of `rows` sequences of up to `length` tokens must fit the reserved KV cache."""
-        if self.explicit or self.streamed or self.in_ram:
-            if rows * length > self.context:
-                raise PlainLlamaError(
-                    f"this request needs a KV cache for {rows} x {length} = {rows * length} tokens, but the memory plan reserved "
-                    f"{self.context}; load with a larger --context (and enough --max-memory)")
+        if (self.explicit or self.streamed or self.in_ram) and rows * length > self.context:
+            raise PlainLlamaError(
+                f"this request needs a KV cache for {rows} x {length} = {rows * length} tokens, "
+                f"but the memory plan reserved {self.context}; load with a larger --context (and enough --max-memory)"
+            )
 
 
 def activation_bytes(args, tokens: int) -> int:
@@ -142,7 +158,9 @@ def activation_bytes(args, tokens: int) -> int:
     per token and input feature, the widest input being the feed-forward's) or an 8 MB unpacked slice."""
     per_token = 4 * args.dim + 2 * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim + 3 * args.hidden_dim
     tiles = tokens * max(args.dim, args.hidden_dim) * 2
-    return tokens * per_token * 4 + tiles + args.vocab_size * 4 * 8 + (8 << 20)  # + a few rows of logits, the unpack slice
+    return (
+        tokens * per_token * 4 + tiles + args.vocab_size * 4 * 8 + (8 << 20)
+    )  # + a few rows of logits, the unpack slice
 
 
 def kv_bytes(args, tokens: int, dtype: torch.dtype) -> int:
@@ -211,7 +229,9 @@ def measure_disk_speed(stored: list, limit: int = 256 << 20) -> float | None:
     return total / seconds if seconds > 0 and total >= 4 << 20 else None
 
 
-def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | None = None, context: int | None = None) -> MemoryPlan:
+def plan_memory(
+    builder, max_memory: int | None = None, max_gpu_memory: int | None = None, context: int | None = None
+) -> MemoryPlan:
     """Which layers stay resident and which stream, from the model's sizes and the memory there is."""
     args, checkpoint, device = builder.args, builder.checkpoint, builder.device
     context = min(DEFAULT_CONTEXT, args.context_length) if context is None else context
@@ -228,11 +248,27 @@ def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | No
     activations = activation_bytes(args, context)
     fixed = fixed_bytes(builder)
     on_gpu = device.type != "cpu"
-    can_stream = all(checkpoint.tensors[n].stored is not None for names in builder.groups.values() for n in names if n.startswith("layers."))
+    can_stream = all(
+        checkpoint.tensors[n].stored is not None
+        for names in builder.groups.values()
+        for n in names
+        if n.startswith("layers.")
+    )
     biggest_stream = max(layer.stored + (0 if on_gpu else layer.converted) for layer in layers)
 
-    plan = MemoryPlan(str(device), budget, runtime, fixed, kv, activations, context, layers, [], [],
-                      explicit=max_memory is not None or max_gpu_memory is not None)
+    plan = MemoryPlan(
+        str(device),
+        budget,
+        runtime,
+        fixed,
+        kv,
+        activations,
+        context,
+        layers,
+        [],
+        [],
+        explicit=max_memory is not None or max_gpu_memory is not None,
+    )
     n = args.n_layers
     if on_gpu:
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -247,8 +283,10 @@ def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | No
             gpu_buffers = STREAM_BUFFERS * max(layer.held + layer.stored for layer in layers)
             if gpu_room - gpu_buffers < 0:
                 raise PlainLlamaError(
-                    f"not enough GPU memory for even one streamed layer: {gb(gpu_budget)} available, but the fixed weights take {gb(fixed)}, "
-                    f"the KV cache {gb(kv)}, activations {gb(activations)} and two layer buffers {gb(gpu_buffers)}")
+                    f"not enough GPU memory for even one streamed layer: {gb(gpu_budget)} available, but the fixed "
+                    f"weights take {gb(fixed)}, "
+                    f"the KV cache {gb(kv)}, activations {gb(activations)} and two layer buffers {gb(gpu_buffers)}"
+                )
             count = _fit(held, gpu_room - gpu_buffers)
             plan.gpu_buffers = gpu_buffers
         plan.resident = list(range(count))
@@ -265,19 +303,31 @@ def plan_memory(builder, max_memory: int | None = None, max_gpu_memory: int | No
         count = _fit([layer.held for layer in layers], room)
         if count < n:
             if not can_stream:
-                raise _cannot_stream(checkpoint, budget, runtime + fixed + kv + activations + sum(layer.held for layer in layers))
+                raise _cannot_stream(
+                    checkpoint, budget, runtime + fixed + kv + activations + sum(layer.held for layer in layers)
+                )
             buffers = STREAM_BUFFERS * biggest_stream
             if room - buffers < 0:
                 raise PlainLlamaError(
-                    f"not enough memory for even one streamed layer: the budget is {gb(budget)}, but the runtime takes {gb(runtime)}, "
-                    f"the fixed weights {gb(fixed)}, the KV cache {gb(kv)} ({context} tokens), activations {gb(activations)} and two layer "
-                    f"buffers {gb(buffers)} ({gb(biggest_stream)} each): at least {gb(runtime + fixed + kv + activations + buffers)} is needed")
+                    f"not enough memory for even one streamed layer: the budget is {gb(budget)}, but the runtime "
+                    f"takes {gb(runtime)}, "
+                    f"the fixed weights {gb(fixed)}, the KV cache {gb(kv)} ({context} tokens), activations "
+                    f"{gb(activations)} and two layer "
+                    f"buffers {gb(buffers)} ({gb(biggest_stream)} each): at least "
+                    f"{gb(runtime + fixed + kv + activations + buffers)} is needed"
+                )
             count = _fit([layer.held for layer in layers], room - buffers)
             plan.buffers = buffers
         plan.resident, plan.streamed = list(range(count)), list(range(count, n))
     if plan.streamed:
-        plan.disk_speed = measure_disk_speed([checkpoint.tensors[name].stored for i in plan.streamed for names in builder.layer_groups(i).values()
-                                              for name in names])
+        plan.disk_speed = measure_disk_speed(
+            [
+                checkpoint.tensors[name].stored
+                for i in plan.streamed
+                for names in builder.layer_groups(i).values()
+                for name in names
+            ]
+        )
     return plan
 
 
@@ -295,5 +345,8 @@ def _fit(sizes: list[int], room: int) -> int:
 def _cannot_stream(checkpoint, budget: int | None = None, needed: int | None = None) -> PlainLlamaError:
     sizes = f" (it needs about {gb(needed)}, the budget is {gb(budget)})" if needed else ""
     return PlainLlamaError(
-        f"{checkpoint.path}: the model does not fit in memory{sizes}, and layers can only be streamed from disk out of GGUF "
-        f"or safetensors files with float32/float16/bfloat16 or GGUF tensors; convert it with `plainllama convert --to hf`")
+        f"{checkpoint.path}: the model does not fit in memory{sizes}, and layers can only be streamed from disk out "
+        "of GGUF "
+        "or safetensors files with float32/float16/bfloat16 or GGUF tensors; convert it with `plainllama convert "
+        "--to hf`"
+    )

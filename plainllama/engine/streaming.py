@@ -46,8 +46,12 @@ class LayerBytes:
         self.tensors = {}
         for name, raw in placed.items():
             record = checkpoint.tensors[name]
-            self.tensors[name] = replace(record, load=partial(record.stored.decode, raw),
-                                         raw=partial(_same, raw) if record.raw is not None else None, stored=None)
+            self.tensors[name] = replace(
+                record,
+                load=partial(record.stored.decode, raw),
+                raw=partial(_same, raw) if record.raw is not None else None,
+                stored=None,
+            )
 
 
 def _same(t):
@@ -100,9 +104,13 @@ class LayerStreamer:
             for slot in self.slots:
                 self.free.put(slot)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-            raise PlainLlamaError(f"cannot allocate the streaming buffers ({STREAM_BUFFERS} x {size / 1e9:.2f} GB): {e}") from None
+            raise PlainLlamaError(
+                f"cannot allocate the streaming buffers ({STREAM_BUFFERS} x {size / 1e9:.2f} GB): {e}"
+            ) from None
         pinned = self.device.type == "cuda"  # page-locked, so the copies to the GPU run asynchronously
-        self.in_ram = {i: self._read_into(i, torch.empty(size, dtype=torch.uint8, pin_memory=pinned)) for i in plan.in_ram}
+        self.in_ram = {
+            i: self._read_into(i, torch.empty(size, dtype=torch.uint8, pin_memory=pinned)) for i in plan.in_ram
+        }
         self.ready: queue.Queue = queue.Queue()
         self.stats = StreamStats()
         self.on_layer = None  # called after each streamed layer (the CLI's progress line)
@@ -123,7 +131,7 @@ class LayerStreamer:
                 at = -(-(at + where.nbytes) // ALIGN) * ALIGN
         return placed
 
-    def block(self, i: int) -> "StreamedBlock":
+    def block(self, i: int) -> StreamedBlock:
         return StreamedBlock(self, i)
 
     # ---- the reader thread ------------------------------------------------------------------
@@ -152,7 +160,9 @@ class LayerStreamer:
                 n = min(READ_CHUNK, where.nbytes - done)
                 got = os.preadv(fd, [view[begin + done : begin + done + n]], where.offset + done)
                 if got <= 0:
-                    raise PlainLlamaError(f"{where.path}: ended while reading {name} (the file was truncated after loading)")
+                    raise PlainLlamaError(
+                        f"{where.path}: ended while reading {name} (the file was truncated after loading)"
+                    )
                 done += got
             total += done
             if hasattr(os, "posix_fadvise"):

@@ -39,8 +39,10 @@ def write_folder(checkpoint: Checkpoint, destination: str, to: str, dtype: torch
         os.makedirs(parent, exist_ok=True)
         needed, free = output_bytes(checkpoint, dtype) + SPARE_BYTES, shutil.disk_usage(parent).free
         if needed > free:
-            raise PlainLlamaError(f"{destination}: the converted model needs about {needed / 1e9:.2f} GB, "
-                                  f"but only {free / 1e9:.2f} GB is free there")
+            raise PlainLlamaError(
+                f"{destination}: the converted model needs about {needed / 1e9:.2f} GB, "
+                f"but only {free / 1e9:.2f} GB is free there"
+            )
         partial = tempfile.mkdtemp(prefix=f".{os.path.basename(destination)}.partial-", dir=parent)
     except OSError as e:
         raise PlainLlamaError(f"{destination}: cannot write there ({e.strerror})") from None
@@ -50,9 +52,15 @@ def write_folder(checkpoint: Checkpoint, destination: str, to: str, dtype: torch
         os.umask(umask)
         os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
         os.replace(partial, destination)  # atomic; replaces an empty folder
-    except (OSError, SafetensorError, RuntimeError) as e:  # the writers' own errors wrap the OS's (torch.save: RuntimeError)
+    except (
+        OSError,
+        SafetensorError,
+        RuntimeError,
+    ) as e:  # the writers' own errors wrap the OS's (torch.save: RuntimeError)
         shutil.rmtree(partial, ignore_errors=True)
-        raise PlainLlamaError(f"{destination}: writing failed, nothing was left behind ({str(e).splitlines()[0]})") from None
+        raise PlainLlamaError(
+            f"{destination}: writing failed, nothing was left behind ({str(e).splitlines()[0]})"
+        ) from None
     except BaseException:  # Ctrl+C, or a model the format cannot express
         shutil.rmtree(partial, ignore_errors=True)
         raise

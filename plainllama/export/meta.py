@@ -40,14 +40,24 @@ def ffn_params(dim: int, hidden_dim: int) -> dict:
 def write_meta(checkpoint: Checkpoint, folder: str, dtype: torch.dtype) -> None:
     args = checkpoint.args
     rope = describe_rope(args)
-    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-              "vocab_size": args.vocab_size, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "max_seq_len": args.context_length, **ffn_params(args.dim, args.hidden_dim)}
+    params = {
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size,
+        "norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "max_seq_len": args.context_length,
+        **ffn_params(args.dim, args.hidden_dim),
+    }
     if args.head_dim != args.dim // args.n_heads:
         raise PlainLlamaError(f"head width {args.head_dim} is not dim/n_heads; Meta's params.json cannot say so")
     if rope is not None:
         if rope["rope_type"] != "llama3" or (rope["factor"], rope["original_max_position_embeddings"]) != (8.0, 8192):
-            raise PlainLlamaError(f"rotary scaling {rope} has no params.json form (Meta's use_scaled_rope is factor 8 over 8192)")
+            raise PlainLlamaError(
+                f"rotary scaling {rope} has no params.json form (Meta's use_scaled_rope is factor 8 over 8192)"
+            )
         params["use_scaled_rope"] = True
     os.makedirs(folder, exist_ok=True)
     # Meta's reference model always has output.weight, tied or not: write it, so that it loads there too.

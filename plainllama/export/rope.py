@@ -19,9 +19,21 @@ def describe_rope(args: ModelArgs, hint: dict | None = None) -> dict | None:
     if len(set(factors)) == 1:
         return {"rope_type": "linear", "factor": factors[0]}
     candidates = [hint] if hint else []
-    candidates += [dict(factor=f, low_freq_factor=lo, high_freq_factor=hi, original_max_position_embeddings=ctx) for f, lo, hi, ctx in PUBLISHED_LLAMA3_SCALINGS]
+    candidates += [
+        dict(factor=f, low_freq_factor=lo, high_freq_factor=hi, original_max_position_embeddings=ctx)
+        for f, lo, hi, ctx in PUBLISHED_LLAMA3_SCALINGS
+    ]
     for c in candidates:
-        again = llama3_rope_factors(args.head_dim, args.rope_theta, c["factor"], c["low_freq_factor"], c["high_freq_factor"], c["original_max_position_embeddings"])
+        again = llama3_rope_factors(
+            args.head_dim,
+            args.rope_theta,
+            c["factor"],
+            c["low_freq_factor"],
+            c["high_freq_factor"],
+            c["original_max_position_embeddings"],
+        )
         if all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(again, factors, strict=True)):
             return {"rope_type": "llama3", **c}
-    raise PlainLlamaError("this model's rotary frequency scaling matches no Llama 3 setting, so it cannot be written as a config")
+    raise PlainLlamaError(
+        "this model's rotary frequency scaling matches no Llama 3 setting, so it cannot be written as a config"
+    )

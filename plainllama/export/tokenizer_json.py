@@ -25,8 +25,18 @@ def byte_level_spec(vocab: dict, merges: list[str], patterns, ignore_merges: boo
     return {
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": ignore_merges,
+            "vocab": vocab,
+            "merges": merges,
+        },
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
     }
 
@@ -58,14 +68,35 @@ def sentencepiece_spec(tokens: list[str], scores: list[float], types: list[int],
     normal = {t: i for t, i in vocab.items() if types[i] == 1}
     merges = all_splits(normal, priority=lambda i: -scores[i])
     return {
-        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE}, {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]},
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": SPACE},
+                {"type": "Replace", "pattern": {"String": " "}, "content": SPACE},
+            ],
+        },
         "pre_tokenizer": None,
-        "model": {"type": "BPE", "dropout": None, "unk_token": tokens[unk_id] if unk_id is not None else None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
-                  "merges": merges},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": tokens[unk_id] if unk_id is not None else None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
     }
 
 
@@ -74,7 +105,7 @@ def tokenizer_json(tok: Tokenizer) -> dict:
     added_ids = [i for i, k in enumerate(tok.token_types) if k in (CONTROL, USER_DEFINED)]
     if isinstance(model, BytePairEncoding):
         vocab = {t: i for i, t in enumerate(tok.tokens) if i not in set(added_ids)}
-        merges = [f"{l} {r}" for (l, r), _ in sorted(model.ranks.items(), key=lambda item: item[1])]
+        merges = [f"{left} {right}" for (left, right), _ in sorted(model.ranks.items(), key=lambda item: item[1])]
         spec = byte_level_spec(vocab, merges, model.pattern_strings, model.whole_piece_first)
     elif isinstance(model, TiktokenBPE):
         vocab, merges = tiktoken_merges(model)
@@ -83,19 +114,45 @@ def tokenizer_json(tok: Tokenizer) -> dict:
         spec = sentencepiece_spec(model.tokens, model.scores, model.token_types, model.unk_id)
     elif isinstance(model, SentencePieceModelFile):
         sp = model.sp
-        spec = sentencepiece_spec(tok.tokens, [sp.get_score(i) for i in range(sp.get_piece_size())], tok.token_types, sp.unk_id())
+        spec = sentencepiece_spec(
+            tok.tokens, [sp.get_score(i) for i in range(sp.get_piece_size())], tok.token_types, sp.unk_id()
+        )
     else:
         raise TypeError(f"no tokenizer.json writer for {type(model).__name__}")
-    added = [{"id": i, "content": tok.tokens[i], "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": tok.token_types[i] == CONTROL} for i in added_ids]
+    added = [
+        {
+            "id": i,
+            "content": tok.tokens[i],
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": tok.token_types[i] == CONTROL,
+        }
+        for i in added_ids
+    ]
     if tok.add_bos and tok.bos_id is not None:
         bos = tok.tokens[tok.bos_id]
-        post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}}
+        post = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}},
+        }
     else:
         post = None
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "post_processor": post, **spec}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "post_processor": post,
+        **spec,
+    }
 
 
 def tokenizer_config(tok: Tokenizer, chat_template: str | None) -> dict:

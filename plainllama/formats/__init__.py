@@ -19,12 +19,19 @@ def open_checkpoint(path: str) -> Checkpoint:
             return meta.load_meta(path)
         if hf.looks_like(path):
             return hf.load_hf(path)
-        found = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)) and gguf.looks_like(os.path.join(path, f)))
+        found = sorted(
+            f
+            for f in os.listdir(path)
+            if os.path.isfile(os.path.join(path, f)) and gguf.looks_like(os.path.join(path, f))
+        )
         if len(found) == 1:
             return gguf.load_gguf(os.path.join(path, found[0]))
         if len(found) > 1:
             raise PlainLlamaError(f"{path}: holds several GGUF files ({', '.join(found)}); name one")
-        raise PlainLlamaError(f"{path}: no model files found in this folder (expected a GGUF file, Meta's params.json with consolidated.NN.pth, or Hugging Face's config.json)")
+        raise PlainLlamaError(
+            f"{path}: no model files found in this folder (expected a GGUF file, Meta's params.json with "
+            "consolidated.NN.pth, or Hugging Face's config.json)"
+        )
     try:
         with open(path, "rb") as f:
             head = f.read(64)

@@ -7,7 +7,7 @@ is built, one tensor at a time (see loading.py): peak memory stays near the size
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -46,13 +46,21 @@ class CheckpointTensor:
 
     type: str  # stored type: "F32", "F16", "BF16", "Q8_0", "Q4_K", ...
     load: Callable[[], torch.Tensor]  # the tensor as stored (float32 for quantized types, else the stored float dtype)
-    raw: Callable[[], torch.Tensor] | None = None  # GGUF: the stored bytes (uint8, 1-D), kept compressed by engine/cpu/packed.py
-    stored: StoredTensor | None = None  # where its bytes lie, when they are one byte range of a file (GGUF, safetensors): lets its layer stream
+    raw: Callable[[], torch.Tensor] | None = (
+        None  # GGUF: the stored bytes (uint8, 1-D), kept compressed by engine/cpu/packed.py
+    )
+    stored: StoredTensor | None = (
+        None  # where its bytes lie, when they are one byte range of a file (GGUF, safetensors): lets its layer stream
+    )
 
 
 def _released(path: str):
     def load():
-        raise PlainLlamaError(f"{path}: the model is built and the checkpoint's tensors were released; open the checkpoint again to read them")
+        raise PlainLlamaError(
+            f"{path}: the model is built and the checkpoint's tensors were released; open the checkpoint again to "
+            "read them"
+        )
+
     return load
 
 

@@ -36,7 +36,11 @@ log = logging.getLogger("plainllama")
 MAGIC = b"GGUF"
 
 # GGUF tensor name -> ours. Per-layer names are "blk.N.<name>".
-GLOBAL_TENSORS = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
+GLOBAL_TENSORS = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
 LAYER_TENSORS = {
     "attn_norm": "attention_norm",
     "attn_q": "attention.wq",
@@ -52,10 +56,23 @@ LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 # Metadata keys under "llama." that this loader reads or knows to be harmless.
 KNOWN_LLAMA_KEYS = {
-    "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count",
-    "vocab_size", "attention.key_length", "attention.value_length", "rope.scaling.type", "rope.scaling.factor",
-    "rope.scaling.original_context_length", "expert_count", "expert_used_count",
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.layer_norm_rms_epsilon",
+    "rope.freq_base",
+    "rope.dimension_count",
+    "vocab_size",
+    "attention.key_length",
+    "attention.value_length",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scaling.original_context_length",
+    "expert_count",
+    "expert_used_count",
     "rope.scaling.finetuned",  # informational only
 }
 
@@ -105,7 +122,11 @@ def load_gguf(path: str) -> Checkpoint:
                 continue  # precomputed rotary tables some old converters wrote; recomputed here
             raise PlainLlamaError(f"{path}: unexpected tensor {gguf_name!r} (not part of a Llama model)")
         # types outside SUPPORTED_TYPES are refused by _check_tensors below, by name
-        stored = StoredTensor(path, info.offset, byte_size(info.type_name, info.count), _decoder(info)) if info.type_name in SUPPORTED_TYPES else None
+        stored = (
+            StoredTensor(path, info.offset, byte_size(info.type_name, info.count), _decoder(info))
+            if info.type_name in SUPPORTED_TYPES
+            else None
+        )
         tensors[ours] = CheckpointTensor(info.type_name, _tensor_source(gf, info), _raw_source(gf, info), stored)
     if "output.weight" not in tensors and "tok_embeddings.weight" in tensors:
         # Tied embeddings: the output projection is the embedding matrix itself. Both names get the
@@ -153,16 +174,23 @@ def _model_args(gf: GGUFFile, tokenizer) -> ModelArgs:
         raise PlainLlamaError(f"{path}: key width {head_dim} differs from value width {value_dim}; not a Llama layout")
     rope_dim = meta.get("llama.rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != head_dim:
-        raise PlainLlamaError(f"{path}: partial rotary embeddings (rope.dimension_count={rope_dim}, head width {head_dim}) are not supported")
+        raise PlainLlamaError(
+            f"{path}: partial rotary embeddings (rope.dimension_count={rope_dim}, head width {head_dim}) are not "
+            "supported"
+        )
     if (meta.get("llama.expert_count") or 0) > 0:
-        raise PlainLlamaError(f"{path}: mixture-of-experts models (llama.expert_count={meta['llama.expert_count']}) are not supported")
+        raise PlainLlamaError(
+            f"{path}: mixture-of-experts models (llama.expert_count={meta['llama.expert_count']}) are not supported"
+        )
 
     factors = None
     scaling = meta.get("llama.rope.scaling.type")
     if scaling == "linear":
         factors = (float(need("rope.scaling.factor")),) * (head_dim // 2)
     elif scaling not in (None, "none"):
-        raise PlainLlamaError(f"{path}: rope scaling type {scaling!r} is not supported (plainllama supports linear and Llama 3.1's)")
+        raise PlainLlamaError(
+            f"{path}: rope scaling type {scaling!r} is not supported (plainllama supports linear and Llama 3.1's)"
+        )
     if "rope_freqs.weight" in gf.tensors:
         info = gf.tensors["rope_freqs.weight"]
         if info.type_name != "F32" or info.count != head_dim // 2:
@@ -204,12 +232,21 @@ def _check_tensors(gf: GGUFFile, args: ModelArgs):
         raise PlainLlamaError(f"{path}: tensor {extra[0]!r} does not belong to a {args.n_layers}-layer model")
     for ours, info in present.items():
         if info.type_name not in SUPPORTED_TYPES:
-            raise PlainLlamaError(f"{path}: tensor {info.name} has type {info.type_name}, which plainllama cannot read (supported: {', '.join(SUPPORTED_TYPES)})")
+            raise PlainLlamaError(
+                f"{path}: tensor {info.name} has type {info.type_name}, which plainllama cannot read (supported: "
+                f"{', '.join(SUPPORTED_TYPES)})"
+            )
         if info.shape != expected[ours]:
-            raise PlainLlamaError(f"{path}: tensor {info.name} has shape {list(info.shape)}, but the metadata implies {list(expected[ours])}")
+            raise PlainLlamaError(
+                f"{path}: tensor {info.name} has shape {list(info.shape)}, but the metadata implies "
+                f"{list(expected[ours])}"
+            )
         want = byte_size(info.type_name, info.count)
         if info.offset + want > len(gf.data):
-            raise PlainLlamaError(f"{path}: tensor {info.name} runs past the end of the file ({info.offset + want} > {len(gf.data)} bytes); the file is truncated")
+            raise PlainLlamaError(
+                f"{path}: tensor {info.name} runs past the end of the file ({info.offset + want} > {len(gf.data)} "
+                "bytes); the file is truncated"
+            )
 
 
 def _raw_bytes(gf: GGUFFile, info: TensorInfo) -> np.ndarray:
@@ -268,13 +305,17 @@ def _tokenizer(path, meta) -> Tokenizer:
         elif kind == "llama":
             scores = meta.get("tokenizer.ggml.scores")
             if not scores or len(scores) != len(tokens):
-                raise PlainLlamaError(f"{path}: SentencePiece vocabulary needs one score per token (tokenizer.ggml.scores)")
+                raise PlainLlamaError(
+                    f"{path}: SentencePiece vocabulary needs one score per token (tokenizer.ggml.scores)"
+                )
             add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
             model = SentencePieceBPE(tokens, scores, types, meta.get("tokenizer.ggml.unknown_token_id"), add_prefix)
             # llama.cpp adds BOS for SentencePiece vocabularies unless the file says not to.
             add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
         else:
-            raise PlainLlamaError(f"{path}: tokenizer model {kind!r} is not supported (plainllama reads 'gpt2' and 'llama')")
+            raise PlainLlamaError(
+                f"{path}: tokenizer model {kind!r} is not supported (plainllama reads 'gpt2' and 'llama')"
+            )
     except ValueError as e:
         raise PlainLlamaError(f"{path}: broken tokenizer: {e}") from None
     return Tokenizer(model, tokens, types, bos, eos, add_bos)

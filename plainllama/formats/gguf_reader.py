@@ -24,16 +24,56 @@ from ..errors import PlainLlamaError
 
 # Metadata value types -> struct format of a scalar (8 string, 9 array handled apart)
 SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-NUMPY_TYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+NUMPY_TYPES = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 STRING, ARRAY = 8, 9
 
 # ggml tensor type ids (ggml.h) -> names. Only some can be read (quants.SUPPORTED_TYPES); the rest
 # are named so that the error message can say which one a file uses.
 GGML_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
-    12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
-    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
-    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    7: "Q5_1",
+    8: "Q8_0",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    20: "IQ4_NL",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    24: "I8",
+    25: "I16",
+    26: "I32",
+    27: "I64",
+    28: "F64",
+    29: "IQ1_M",
+    30: "BF16",
+    34: "TQ1_0",
+    35: "TQ2_0",
+    39: "MXFP4",
 }
 
 
@@ -63,7 +103,10 @@ class _Cursor:
 
     def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > len(self.buf):
-            raise PlainLlamaError(f"{self.path}: the header ends early (needs {n} bytes at byte {self.pos}, file is {len(self.buf)}); the file is truncated or corrupt")
+            raise PlainLlamaError(
+                f"{self.path}: the header ends early (needs {n} bytes at byte {self.pos}, file is {len(self.buf)}); "
+                "the file is truncated or corrupt"
+            )
         view = self.raw[self.pos : self.pos + n]
         self.pos += n
         return view
@@ -76,7 +119,9 @@ class _Cursor:
         try:
             return bytes(self.take(length)).decode("utf-8")
         except UnicodeDecodeError:
-            raise PlainLlamaError(f"{self.path}: a header string at byte {self.pos - length} is not valid UTF-8; the file is corrupt") from None
+            raise PlainLlamaError(
+                f"{self.path}: a header string at byte {self.pos - length} is not valid UTF-8; the file is corrupt"
+            ) from None
 
     def value(self, kind: int):
         if kind in SCALAR_FORMATS:
@@ -92,7 +137,9 @@ class _Cursor:
                 return [self.string() for _ in range(count)]
             if item_kind == ARRAY:
                 return [self.value(ARRAY) for _ in range(count)]
-        raise PlainLlamaError(f"{self.path}: unknown metadata value type {kind} at byte {self.pos}; the file is corrupt")
+        raise PlainLlamaError(
+            f"{self.path}: unknown metadata value type {kind} at byte {self.pos}; the file is corrupt"
+        )
 
 
 def read_gguf(path: str) -> GGUFFile:
@@ -109,7 +156,9 @@ def read_gguf(path: str) -> GGUFFile:
     tensor_count, kv_count = cur.scalar("<Q"), cur.scalar("<Q")
     # Each entry takes at least 8+4 bytes: counts larger than the file are corruption, not a reason to loop for hours.
     if tensor_count > len(buf) // 12 or kv_count > len(buf) // 12:
-        raise PlainLlamaError(f"{path}: header claims {tensor_count} tensors and {kv_count} metadata entries; the file is corrupt")
+        raise PlainLlamaError(
+            f"{path}: header claims {tensor_count} tensors and {kv_count} metadata entries; the file is corrupt"
+        )
 
     metadata = {}
     for _ in range(kv_count):

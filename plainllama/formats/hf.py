@@ -24,25 +24,64 @@ from .hf_tokenizer import load_tokenizer_json, read_json
 
 log = logging.getLogger("plainllama")
 
-GLOBAL_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 LAYER_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
 READ_KEYS = {
-    "architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-    "max_position_embeddings", "tie_word_embeddings", "head_dim", "hidden_act", "attention_bias", "mlp_bias",
-    "bos_token_id", "eos_token_id", "pad_token_id",
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "head_dim",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
 }
 # Settings of training or of transformers itself that do not change inference.
 HARMLESS_KEYS = {
-    "torch_dtype", "dtype", "transformers_version", "initializer_range", "use_cache", "pretraining_tp",
-    "attention_dropout", "_name_or_path", "return_dict", "output_attentions", "output_hidden_states",
-    "torchscript", "tokenizer_class", "unsloth_version", "quantization_config_removed",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "initializer_range",
+    "use_cache",
+    "pretraining_tp",
+    "attention_dropout",
+    "_name_or_path",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "torchscript",
+    "tokenizer_class",
+    "unsloth_version",
+    "quantization_config_removed",
 }
 
 
@@ -58,13 +97,22 @@ def undo_rotary_permutation(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def model_args(path: str, config: dict) -> tuple[ModelArgs, list[str]]:
-    if config.get("model_type") not in ("llama", None) or "LlamaForCausalLM" not in (config.get("architectures") or ["LlamaForCausalLM"]):
-        raise PlainLlamaError(f"{path}: model type {config.get('model_type')!r} / {config.get('architectures')} is not supported (plainllama runs LlamaForCausalLM)")
+    if config.get("model_type") not in ("llama", None) or "LlamaForCausalLM" not in (
+        config.get("architectures") or ["LlamaForCausalLM"]
+    ):
+        raise PlainLlamaError(
+            f"{path}: model type {config.get('model_type')!r} / {config.get('architectures')} is not supported "
+            "(plainllama runs LlamaForCausalLM)"
+        )
     if config.get("hidden_act", "silu") != "silu":
         raise PlainLlamaError(f"{path}: hidden_act {config['hidden_act']!r} is not supported (Llama uses silu)")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise PlainLlamaError(f"{path}: biases in attention or MLP layers are not part of the Llama architecture")
-    notes = [f"config.json key {k!r} is not known to plainllama and was ignored" for k in sorted(config) if k not in READ_KEYS | HARMLESS_KEYS]
+    notes = [
+        f"config.json key {k!r} is not known to plainllama and was ignored"
+        for k in sorted(config)
+        if k not in READ_KEYS | HARMLESS_KEYS
+    ]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if not isinstance(config.get(key), int):
             raise PlainLlamaError(f"{path}: '{key}' is missing or not an integer")
@@ -81,15 +129,31 @@ def model_args(path: str, config: dict) -> tuple[ModelArgs, list[str]]:
     elif kind == "linear":
         factors = (float(rope["factor"]),) * (head_dim // 2)
     elif kind == "llama3":
-        factors = llama3_rope_factors(head_dim, theta, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"])
+        factors = llama3_rope_factors(
+            head_dim,
+            theta,
+            rope["factor"],
+            rope["low_freq_factor"],
+            rope["high_freq_factor"],
+            rope["original_max_position_embeddings"],
+        )
     else:
-        raise PlainLlamaError(f"{path}: rope type {kind!r} is not supported (plainllama supports default, linear and llama3)")
+        raise PlainLlamaError(
+            f"{path}: rope type {kind!r} is not supported (plainllama supports default, linear and llama3)"
+        )
     try:
         args = ModelArgs(
-            dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-            hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=theta,
-            rope_freq_factors=factors, context_length=config.get("max_position_embeddings", 4096), head_dim=head_dim,
+            dim=dim,
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            vocab_size=config["vocab_size"],
+            hidden_dim=config["intermediate_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_freq_factors=factors,
+            context_length=config.get("max_position_embeddings", 4096),
+            head_dim=head_dim,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
     except ValueError as e:
@@ -120,7 +184,9 @@ def open_safetensors(path: str):
     try:
         return safe_open(path, framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
-        raise PlainLlamaError(f"{path}: not a readable safetensors file ({e}); the file may be truncated or corrupt") from None
+        raise PlainLlamaError(
+            f"{path}: not a readable safetensors file ({e}); the file may be truncated or corrupt"
+        ) from None
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -134,8 +200,11 @@ def byte_ranges(path: str) -> dict[str, tuple[str, int, int]]:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     start = 8 + length
-    return {name: (h["dtype"], start + h["data_offsets"][0], start + h["data_offsets"][1])
-            for name, h in header.items() if name != "__metadata__"}
+    return {
+        name: (h["dtype"], start + h["data_offsets"][0], start + h["data_offsets"][1])
+        for name, h in header.items()
+        if name != "__metadata__"
+    }
 
 
 def stored_tensor(path: str, ranges: dict, hf_name: str, name: str, shape, args: ModelArgs) -> StoredTensor | None:
@@ -154,6 +223,32 @@ def stored_tensor(path: str, ranges: dict, hf_name: str, name: str, shape, args:
     return StoredTensor(path, first, end - first, decode)
 
 
+def read_tokenizer(folder: str, config: dict):
+    """(tokenizer, Jinja chat template) from tokenizer.json and its companions; the end tokens
+    are config.json's and generation_config.json's eos_token_id."""
+    end_ids = set()
+    for source in (
+        config,
+        read_json(os.path.join(folder, "generation_config.json"))
+        if os.path.isfile(os.path.join(folder, "generation_config.json"))
+        else {},
+    ):
+        eos = source.get("eos_token_id")
+        end_ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise PlainLlamaError(f"{folder}: no tokenizer.json next to config.json")
+    tokenizer = load_tokenizer_json(folder, end_ids)
+    tokenizer_config_path = os.path.join(folder, "tokenizer_config.json")
+    chat_template = (
+        read_json(tokenizer_config_path).get("chat_template") if os.path.isfile(tokenizer_config_path) else None
+    )
+    jinja_path = os.path.join(folder, "chat_template.jinja")  # transformers 5 writes the template here
+    if chat_template is None and os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            chat_template = f.read()
+    return tokenizer, chat_template
+
+
 def load_hf(folder: str) -> Checkpoint:
     config_path = os.path.join(folder, "config.json")
     config = read_json(config_path)
@@ -162,7 +257,8 @@ def load_hf(folder: str) -> Checkpoint:
     handles = {}  # our name -> (open file, HF name)
     for path in weight_files(folder):
         f = open_safetensors(path)
-        for hf_name in f.keys():
+        names = f.keys()  # a safetensors handle lists its tensors but is not iterable
+        for hf_name in names:
             ours = our_name(hf_name)
             if ours is None:
                 if hf_name.endswith("rotary_emb.inv_freq"):
@@ -186,32 +282,33 @@ def load_hf(folder: str) -> Checkpoint:
         view = f.get_slice(hf_name)
         shape = tuple(view.get_shape())
         if shape != expected[name]:
-            raise PlainLlamaError(f"{path}: {hf_name} has shape {list(shape)}, but config.json implies {list(expected[name])}")
+            raise PlainLlamaError(
+                f"{path}: {hf_name} has shape {list(shape)}, but config.json implies {list(expected[name])}"
+            )
         key = (path, hf_name)
         if key not in records:  # tied weights: one record for both names
             if path not in ranges:
                 ranges[path] = byte_ranges(path)
-            records[key] = CheckpointTensor(str(view.get_dtype()).upper(), tensor_source(f, hf_name, name, args),
-                                            stored=stored_tensor(path, ranges[path], hf_name, name, shape, args))
+            records[key] = CheckpointTensor(
+                str(view.get_dtype()).upper(),
+                tensor_source(f, hf_name, name, args),
+                stored=stored_tensor(path, ranges[path], hf_name, name, shape, args),
+            )
         tensors[name] = records[key]
 
-    end_ids = set()
-    for source in (config, read_json(os.path.join(folder, "generation_config.json")) if os.path.isfile(os.path.join(folder, "generation_config.json")) else {}):
-        eos = source.get("eos_token_id")
-        end_ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
-    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        raise PlainLlamaError(f"{folder}: no tokenizer.json next to config.json")
-    tokenizer = load_tokenizer_json(folder, end_ids)
-    tokenizer_config_path = os.path.join(folder, "tokenizer_config.json")
-    chat_template = read_json(tokenizer_config_path).get("chat_template") if os.path.isfile(tokenizer_config_path) else None
-    jinja_path = os.path.join(folder, "chat_template.jinja")  # transformers 5 writes the template here
-    if chat_template is None and os.path.isfile(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            chat_template = f.read()
+    tokenizer, chat_template = read_tokenizer(folder, config)
     for note in notes:
         log.warning("%s: %s", folder, note)
-    return Checkpoint(format="hf", path=folder, args=args, tensors=tensors, tokenizer=tokenizer,
-                      chat_template=chat_template, name=config.get("_name_or_path") or None, notes=notes)
+    return Checkpoint(
+        format="hf",
+        path=folder,
+        args=args,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        name=config.get("_name_or_path") or None,
+        notes=notes,
+    )
 
 
 def our_name(hf_name: str) -> str | None:

@@ -62,7 +62,9 @@ def load_tokenizer_json(folder: str, extra_end_ids: set[int]) -> Tokenizer:
         if is_sentencepiece_style(spec):
             bpe = sentencepiece_style(path, spec, tokens, types, merges, vocab, model)
         else:
-            bpe = BytePairEncoding(tokens, merges, byte_level_patterns(path, spec.get("pre_tokenizer")), bool(model.get("ignore_merges")))
+            bpe = BytePairEncoding(
+                tokens, merges, byte_level_patterns(path, spec.get("pre_tokenizer")), bool(model.get("ignore_merges"))
+            )
     except ValueError as e:
         raise PlainLlamaError(f"{path}: {e}") from None
 
@@ -95,7 +97,9 @@ def sentencepiece_style(path, spec, tokens, types, merges, vocab, model) -> Sent
         if len(text) == 6 and text.startswith("<0x") and text.endswith(">") and types[i] == NORMAL:
             types[i] = BYTE
     normalizer, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
-    prefix = '"Prepend"' in json.dumps(normalizer) or (pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never")
+    prefix = '"Prepend"' in json.dumps(normalizer) or (
+        pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never"
+    )
     unk = vocab.get(model.get("unk_token")) if model.get("unk_token") else None
     return SentencePieceBPE(tokens, scores, types, unk, add_space_prefix=prefix)
 
@@ -108,7 +112,9 @@ def byte_level_patterns(path: str, pre: dict | None) -> tuple[str, ...]:
         kind = step.get("type")
         if kind == "Split":
             if step.get("behavior") not in ("Isolated", "isolated") or step.get("invert"):
-                raise PlainLlamaError(f"{path}: Split pre-tokenizer with behavior {step.get('behavior')!r} is not supported")
+                raise PlainLlamaError(
+                    f"{path}: Split pre-tokenizer with behavior {step.get('behavior')!r} is not supported"
+                )
             pattern = step.get("pattern") or {}
             patterns.append(pattern["Regex"] if "Regex" in pattern else regex.escape(pattern.get("String", "")))
         elif kind == "Digits":

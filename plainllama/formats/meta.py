@@ -36,12 +36,27 @@ ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 REPLICATED = ("attention_norm", "ffn_norm")
 
 # params.json keys: read, harmless, or a kind of model plainllama does not run.
-READ_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len"}
+READ_KEYS = {
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+    "use_scaled_rope",
+    "max_seq_len",
+}
 HARMLESS_KEYS = {"max_batch_size"}  # a setting of Meta's own runtime, not of the model
 UNSUPPORTED_KEYS = {
-    "vision_chunk_size": "vision (image) models", "vision_max_num_chunks": "vision (image) models",
-    "vision_num_cross_attention_layers": "vision (image) models", "moe_args": "mixture-of-experts models",
-    "quantization_args": "Meta's pre-quantized checkpoints", "lora_args": "LoRA adapter checkpoints",
+    "vision_chunk_size": "vision (image) models",
+    "vision_max_num_chunks": "vision (image) models",
+    "vision_num_cross_attention_layers": "vision (image) models",
+    "moe_args": "mixture-of-experts models",
+    "quantization_args": "Meta's pre-quantized checkpoints",
+    "lora_args": "LoRA adapter checkpoints",
 }
 
 
@@ -69,7 +84,11 @@ def read_params(path: str) -> tuple[dict, list[str]]:
     for key, what in UNSUPPORTED_KEYS.items():
         if params.get(key) not in (None, -1, {}, 0):
             raise PlainLlamaError(f"{path}: '{key}' marks one of {what}, which plainllama does not run")
-    notes = [f"params.json key {k!r} is not known to plainllama and was ignored" for k in sorted(params) if k not in READ_KEYS | HARMLESS_KEYS | set(UNSUPPORTED_KEYS)]
+    notes = [
+        f"params.json key {k!r} is not known to plainllama and was ignored"
+        for k in sorted(params)
+        if k not in READ_KEYS | HARMLESS_KEYS | set(UNSUPPORTED_KEYS)
+    ]
     for key in ("dim", "n_layers", "n_heads"):
         if not isinstance(params.get(key), int):
             raise PlainLlamaError(f"{path}: '{key}' is missing or not an integer")
@@ -96,25 +115,55 @@ def load_shard(path: str) -> dict:
             f"when unpickled (loaded with weights_only=True; {str(e).splitlines()[0]})"
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise PlainLlamaError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); the file may be truncated or corrupt") from None
+        raise PlainLlamaError(
+            f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); the file may be truncated or "
+            "corrupt"
+        ) from None
 
 
 def load_meta(folder: str) -> Checkpoint:
     params, notes = read_params(os.path.join(folder, "params.json"))
+    shards = read_shards(folder)
+    args, embedding_axis = model_args(folder, params, shards)
+    tensors = merged_tensors(shards, embedding_axis, args)
+    check_merged_shapes(folder, args, shards, embedding_axis)
+    tokenizer, chat_format, chat_template = read_tokenizer(folder, args)
+    for note in notes:
+        log.warning("%s: %s", folder, note)
+    return Checkpoint(
+        format="meta",
+        path=folder,
+        args=args,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        chat_format=chat_format,
+        chat_template=chat_template,
+        notes=notes,
+    )
+
+
+def read_shards(folder: str) -> list[dict]:
+    """consolidated.00.pth ... NN.pth, numbered without gaps and holding the same tensor names."""
     numbered = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := SHARD.fullmatch(f)))
     if not numbered:
         raise PlainLlamaError(f"{folder}: no consolidated.NN.pth weight files next to params.json")
     numbers = [n for n, _ in numbered]
     if numbers != list(range(len(numbers))):
-        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
-        raise PlainLlamaError(f"{folder}: shard numbering has gaps or duplicates (missing {', '.join(f'consolidated.{n:02d}.pth' for n in missing)})")
+        missing = ", ".join(f"consolidated.{n:02d}.pth" for n in sorted(set(range(max(numbers) + 1)) - set(numbers)))
+        raise PlainLlamaError(f"{folder}: shard numbering has gaps or duplicates (missing {missing})")
     shards = [load_shard(os.path.join(folder, f)) for _, f in numbered]
-    n = len(shards)
     names = set(shards[0])
     for (_, f), shard in zip(numbered[1:], shards[1:], strict=True):
         if set(shard) != names:
-            raise PlainLlamaError(f"{folder}: {f} holds different tensors than consolidated.00.pth; shards of different models?")
+            raise PlainLlamaError(
+                f"{folder}: {f} holds different tensors than consolidated.00.pth; shards of different models?"
+            )
+    return shards
 
+
+def model_args(folder: str, params: dict, shards: list[dict]) -> tuple[ModelArgs, int]:
+    """The model's shape from params.json and the embedding, and the axis the shards cut the embedding along."""
+    n = len(shards)
     dim, n_heads = params["dim"], params["n_heads"]
     n_kv_heads = params.get("n_kv_heads") or n_heads
     embedding = shards[0].get("tok_embeddings.weight")
@@ -126,7 +175,10 @@ def load_meta(folder: str) -> Checkpoint:
     elif embedding.shape[1] == dim:
         embedding_axis = 0
     else:
-        raise PlainLlamaError(f"{folder}: tok_embeddings.weight of shard 0 has shape {list(embedding.shape)}, which fits neither dim={dim} nor {n} shards of it")
+        raise PlainLlamaError(
+            f"{folder}: tok_embeddings.weight of shard 0 has shape {list(embedding.shape)}, which fits neither "
+            f"dim={dim} nor {n} shards of it"
+        )
     vocab_size = params.get("vocab_size", -1)
     if vocab_size in (-1, None):  # Llama 1/2 leave it to the tokenizer: the embedding knows
         vocab_size = embedding.shape[0] * (n if embedding_axis == 0 else 1)
@@ -137,13 +189,27 @@ def load_meta(folder: str) -> Checkpoint:
         factors = llama3_rope_factors(dim // n_heads, params.get("rope_theta", 500000.0), 8.0, 1.0, 4.0, 8192)
     try:
         args = ModelArgs(
-            dim=dim, n_layers=params["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+            dim=dim,
+            n_layers=params["n_layers"],
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            vocab_size=vocab_size,
             hidden_dim=feed_forward_width(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-            norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
-            rope_freq_factors=factors, context_length=context_length(params),
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=params.get("rope_theta", 10000.0),
+            rope_freq_factors=factors,
+            context_length=context_length(params),
         )
     except ValueError as e:
         raise PlainLlamaError(f"{folder}/params.json: {e}") from None
+
+    return args, embedding_axis
+
+
+def merged_tensors(shards: list[dict], embedding_axis: int, args: ModelArgs) -> dict[str, CheckpointTensor]:
+    """Every tensor, its shards' parts joined along the axis the model-parallel layers cut it."""
+    n = len(shards)
+    names = set(shards[0])
 
     def merge(name: str):
         parts = [shard[name] for shard in shards]
@@ -165,14 +231,22 @@ def load_meta(folder: str) -> Checkpoint:
             continue  # Llama 1/2 checkpoints carry their rotary table; it is recomputed from params
         tensors[name] = CheckpointTensor(type_name(shards[0][name].dtype), merge(name))
     first = shards[0]
-    shared = "output.weight" in first and first["output.weight"].untyped_storage().data_ptr() == first["tok_embeddings.weight"].untyped_storage().data_ptr()
+    shared = (
+        "output.weight" in first
+        and first["output.weight"].untyped_storage().data_ptr()
+        == first["tok_embeddings.weight"].untyped_storage().data_ptr()
+    )
     if "output.weight" not in tensors or shared:
         # Tied embeddings: no output.weight, or one saved as the very same tensor as the embedding
         # (torch.save keeps shared storage shared, and `convert --to meta` writes ties that way).
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
         args.tie_embeddings = True
-    check_merged_shapes(folder, args, shards, embedding_axis)
+    return tensors
 
+
+def read_tokenizer(folder: str, args: ModelArgs):
+    """(tokenizer, built-in chat format, Jinja chat template) from tokenizer.model, or the
+    tokenizer.json that `convert --to meta` writes for vocabularies tokenizer.model cannot hold."""
     tokenizer_path = os.path.join(folder, "tokenizer.model")
     chat_template = None
     if os.path.isfile(tokenizer_path):
@@ -186,13 +260,11 @@ def load_meta(folder: str) -> Checkpoint:
     else:
         raise PlainLlamaError(f"{folder}: no tokenizer.model next to params.json")
     if tokenizer.vocab_size > args.vocab_size:
-        raise PlainLlamaError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, but the model's embedding has only {args.vocab_size} rows")
-    for note in notes:
-        log.warning("%s: %s", folder, note)
-    return Checkpoint(
-        format="meta", path=folder, args=args, tensors=tensors, tokenizer=tokenizer,
-        chat_format=chat_format, chat_template=chat_template, notes=notes,
-    )
+        raise PlainLlamaError(
+            f"{tokenizer_path}: {tokenizer.vocab_size} tokens, but the model's embedding has only {args.vocab_size} "
+            "rows"
+        )
+    return tokenizer, chat_format, chat_template
 
 
 def check_merged_shapes(folder, args, shards, embedding_axis):
@@ -209,14 +281,26 @@ def check_merged_shapes(folder, args, shards, embedding_axis):
     for name in present:
         shapes = [tuple(shard[name].shape) for shard in shards]
         if len(set(shapes)) > 1:  # Meta's shards hold equal slices of every tensor
-            raise PlainLlamaError(f"{folder}: {name} has shapes {[list(s) for s in shapes]} across the {n} shards; shards of different models?")
+            raise PlainLlamaError(
+                f"{folder}: {name} has shapes {[list(s) for s in shapes]} across the {n} shards; shards of different "
+                "models?"
+            )
         want = expected[name]
         if len(want) == 1:
             merged = shapes[0]
         else:
-            axis = embedding_axis if name == "tok_embeddings.weight" else 1 if any(f".{r}." in name for r in ROW_PARALLEL) else 0
+            axis = (
+                embedding_axis
+                if name == "tok_embeddings.weight"
+                else 1
+                if any(f".{r}." in name for r in ROW_PARALLEL)
+                else 0
+            )
             merged = list(shapes[0])
             merged[axis] = sum(s[axis] for s in shapes)
             merged = tuple(merged)
         if merged != want:
-            raise PlainLlamaError(f"{folder}: {name} has shape {list(merged)} after merging {n} shard(s), but params.json implies {list(want)}")
+            raise PlainLlamaError(
+                f"{folder}: {name} has shape {list(merged)} after merging {n} shard(s), but params.json implies "
+                f"{list(want)}"
+            )

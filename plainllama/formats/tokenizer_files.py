@@ -35,14 +35,18 @@ def tiktoken_tokenizer(path: str) -> Tokenizer:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except (ValueError, binascii.Error):
-                raise PlainLlamaError(f"{path}: line {number} is not '<base64 token> <rank>'; the file is corrupt") from None
+                raise PlainLlamaError(
+                    f"{path}: line {number} is not '<base64 token> <rank>'; the file is corrupt"
+                ) from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise PlainLlamaError(f"{path}: token ranks are not 0..{len(ranks) - 1} without gaps; the file is corrupt")
     model = TiktokenBPE(ranks)
     tokens = [model.token_bytes(i).decode("utf-8", errors="replace") for i in range(len(ranks))] + LLAMA3_SPECIAL_TOKENS
     types = [NORMAL] * len(ranks) + [CONTROL] * len(LLAMA3_SPECIAL_TOKENS)
     special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
-    return Tokenizer(model, tokens, types, bos_id=special["<|begin_of_text|>"], eos_id=special["<|end_of_text|>"], add_bos=True)
+    return Tokenizer(
+        model, tokens, types, bos_id=special["<|begin_of_text|>"], eos_id=special["<|end_of_text|>"], add_bos=True
+    )
 
 
 def sentencepiece_tokenizer(path: str) -> Tokenizer:
@@ -58,6 +62,18 @@ def sentencepiece_tokenizer(path: str) -> Tokenizer:
     tokens, types = [], []
     for i in range(sp.get_piece_size()):
         tokens.append(sp.id_to_piece(i))
-        types.append(UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else BYTE if sp.is_byte(i) else UNUSED if sp.is_unused(i) else NORMAL)
+        types.append(
+            UNKNOWN
+            if sp.is_unknown(i)
+            else CONTROL
+            if sp.is_control(i)
+            else BYTE
+            if sp.is_byte(i)
+            else UNUSED
+            if sp.is_unused(i)
+            else NORMAL
+        )
     bos, eos = sp.bos_id(), sp.eos_id()
-    return Tokenizer(SentencePieceModelFile(sp), tokens, types, bos if bos >= 0 else None, eos if eos >= 0 else None, add_bos=True)
+    return Tokenizer(
+        SentencePieceModelFile(sp), tokens, types, bos if bos >= 0 else None, eos if eos >= 0 else None, add_bos=True
+    )

@@ -18,7 +18,11 @@ from ..sampling import Sampler, SamplingSettings
 
 
 def generate_batch(
-    model: Transformer, prompts: list[list[int]], max_new_tokens: int, settings: SamplingSettings, end_ids,
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    end_ids,
     stopped=None,
 ) -> list[GenerationState]:
     """`stopped(row, tokens) -> bool`: an extra per-row stop test (stop strings)."""
@@ -30,7 +34,9 @@ def generate_batch(
     budget = min(max_new_tokens, min(model.args.context_length - len(p) for p in prompts))
     device, dtype = device_and_dtype(model)
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # padding id is irrelevant: masked
+    tokens = torch.tensor(
+        [[0] * (longest - len(p)) + p for p in prompts], device=device
+    )  # padding id is irrelevant: masked
     samplers = [Sampler(settings) for _ in prompts]  # one generator per row: as if each ran alone
     states = [GenerationState() for _ in prompts]
     for state, p in zip(states, prompts, strict=True):

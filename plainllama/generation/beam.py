@@ -37,19 +37,46 @@ def banned_by_ngrams(sequence: list[int], n: int) -> set[int]:
     return {sequence[i + n - 1] for i in range(len(sequence) - n + 1) if tuple(sequence[i : i + n - 1]) == prefix}
 
 
-def beam_search(
-    model: Transformer, prompt_ids: list[int], num_beams: int, max_new_tokens: int, end_ids,
-    length_penalty: float = 1.0, early_stopping: bool | str = False, no_repeat_ngram_size: int = 0, num_return: int = 1,
-    stopped=None,
-) -> list[Beam]:
-    """`stopped(generated tokens) -> bool`: an extra end test (stop strings); a candidate it holds
-    for ends as if with an end token."""
+def check_options(num_beams: int, num_return: int, early_stopping) -> None:
     if num_beams < 1:
         raise PlainLlamaError(f"--beams must be >= 1, got {num_beams}")
     if not 1 <= num_return <= num_beams:
         raise PlainLlamaError(f"--num-return must be between 1 and --beams ({num_beams}), got {num_return}")
     if early_stopping not in (True, False, "never"):
         raise PlainLlamaError(f"--early-stopping must be true, false or never, got {early_stopping!r}")
+
+
+def ban_repeated_ngrams(logp: torch.Tensor, running: list[list[int]], n: int) -> None:
+    """Set to -inf, in each beam's row of logp [N, V], the tokens that would repeat one of its n-grams."""
+    for b, seq in enumerate(running):
+        banned = banned_by_ngrams(seq, n)
+        if banned:
+            logp[b, list(banned)] = float("-inf")
+
+
+def end_by_stop_strings(ends, top_scores, running, from_beam, token, prompt_len: int, stopped) -> None:
+    """Mark as ending the candidates (not ended already, and not impossible) whose generated tokens
+    `stopped` holds for."""
+    for j in range(len(ends)):
+        if not ends[j] and top_scores[j] > NEG / 2:
+            ends[j] = stopped(running[from_beam[j]][prompt_len:] + [int(token[j])])
+
+
+def beam_search(
+    model: Transformer,
+    prompt_ids: list[int],
+    num_beams: int,
+    max_new_tokens: int,
+    end_ids,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    no_repeat_ngram_size: int = 0,
+    num_return: int = 1,
+    stopped=None,
+) -> list[Beam]:
+    """`stopped(generated tokens) -> bool`: an extra end test (stop strings); a candidate it holds
+    for ends as if with an end token."""
+    check_options(num_beams, num_return, early_stopping)
     check_prompt(prompt_ids, model.args.context_length)
     prompt_len = len(prompt_ids)
     max_len = prompt_len + min(max_new_tokens, model.args.context_length - prompt_len)
@@ -75,19 +102,14 @@ def beam_search(
         while True:
             logp = logits.float().cpu().log_softmax(-1)  # [N, V]
             if no_repeat_ngram_size:
-                for b, seq in enumerate(running):
-                    banned = banned_by_ngrams(seq, no_repeat_ngram_size)
-                    if banned:
-                        logp[b, list(banned)] = float("-inf")
+                ban_repeated_ngrams(logp, running, no_repeat_ngram_size)
             vocab = logp.shape[-1]
             total = (logp + running_scores[:, None]).reshape(-1)
             top_scores, top_index = torch.topk(total, keep)
             from_beam, token = top_index // vocab, top_index % vocab
             ends = torch.isin(token, end) | (cur + 1 >= max_len)  # an end token, or the length limit
             if stopped is not None:
-                for j in range(keep):
-                    if not ends[j] and top_scores[j] > NEG / 2:
-                        ends[j] = stopped(running[from_beam[j]][prompt_len:] + [int(token[j])])
+                end_by_stop_strings(ends, top_scores, running, from_beam, token, prompt_len, stopped)
 
             # Candidates that end, among the best num_beams only, join the finished hypotheses.
             if improvable and not (early_stopping is True and len(finished) == num_beams):
@@ -116,7 +138,12 @@ def beam_search(
                 else:
                     best_length = cur - prompt_len
                 improvable = improvable and float(running_scores[0]) / (best_length**length_penalty) > finished[-1][0]
-            done = not improvable or (early_stopping is True and len(finished) == num_beams) or bool(ends.all()) or cur >= max_len
+            done = (
+                not improvable
+                or (early_stopping is True and len(finished) == num_beams)
+                or bool(ends.all())
+                or cur >= max_len
+            )
             if done:
                 break
             step = torch.tensor([[t[-1]] for t in running], device=device)

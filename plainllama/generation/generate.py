@@ -62,7 +62,9 @@ class GenerationState:
     """What the loop has produced so far; complete once the iterator is exhausted."""
 
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (an end token or stop string), "length" (the budget), "context" (the model's limit)
+    finish_reason: str | None = (
+        None  # "stop" (an end token or stop string), "length" (the budget), "context" (the model's limit)
+    )
     timings: Timings = field(default_factory=Timings)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     draft_proposed: int = 0  # speculative decoding: tokens the draft model proposed
@@ -72,7 +74,7 @@ class GenerationState:
 def record_logprob(state: GenerationState, logits: torch.Tensor, token: int, n: int) -> None:
     logp = logits.float().log_softmax(-1)
     top = torch.topk(logp, n) if n else None
-    alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    alternatives = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
     state.logprobs.append(TokenLogprob(token, float(logp[token]), alternatives))
 
 
@@ -101,11 +103,18 @@ def check_prompt(prompt_ids: list[int], context_length: int) -> None:
     if not prompt_ids:
         raise PlainLlamaError("the prompt is empty (no tokens to start from)")
     if len(prompt_ids) >= context_length:
-        raise PlainLlamaError(f"the prompt has {len(prompt_ids)} tokens, but the model's context holds {context_length}; shorten it")
+        raise PlainLlamaError(
+            f"the prompt has {len(prompt_ids)} tokens, but the model's context holds {context_length}; shorten it"
+        )
 
 
 def generate_tokens(
-    model: Transformer, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, end_ids, state: GenerationState,
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampler: Sampler,
+    end_ids,
+    state: GenerationState,
     logprobs: int | None = None,
 ):
     """Yields generated token ids one at a time; `state` carries the outcome and timings.

@@ -39,8 +39,15 @@ def accept_or_correct(p: torch.Tensor, q: torch.Tensor, drafted: list[int], samp
 
 
 def speculative_tokens(
-    target: Transformer, draft: Transformer, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, k: int,
-    end_ids, state: GenerationState, logprobs: int | None = None,
+    target: Transformer,
+    draft: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampler: Sampler,
+    k: int,
+    end_ids,
+    state: GenerationState,
+    logprobs: int | None = None,
 ):
     """Yields generated ids like generate_tokens, K+1 at most per target forward pass."""
     if k < 1:
@@ -90,7 +97,9 @@ def speculative_tokens(
             t_logits = target(torch.tensor([new], device=t_device), t_pos, t_cache)[0]  # [len(new), V]
             first_guess = len(new) - k - 1  # row whose logits predict drafted[0]
             rows = t_logits[first_guess:]  # [K+1, V]
-            p = torch.stack([sampler.distribution(rows[i], seq + drafted[:i], state.tokens + drafted[:i]) for i in range(k + 1)])
+            p = torch.stack(
+                [sampler.distribution(rows[i], seq + drafted[:i], state.tokens + drafted[:i]) for i in range(k + 1)]
+            )
             produced = accept_or_correct(p, torch.stack(q), drafted, sampler)
             accepted = len(produced) - 1
             state.draft_proposed += k

@@ -4,7 +4,7 @@ with a draft model) become text as it is produced, stop strings matched across t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..model import Transformer
 from ..sampling import Sampler
@@ -31,17 +31,31 @@ class GenerationStream:
     Stop strings are matched across token boundaries: text that could be the start of one is held
     back until the next tokens show whether it is, so a stop string never reaches the output."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                 stop=(), logprobs: int | None = None, draft: Transformer | None = None, speculate_k: int = 4):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampler: Sampler,
+        stop=(),
+        logprobs: int | None = None,
+        draft: Transformer | None = None,
+        speculate_k: int = 4,
+    ):
         self._tokenizer, self._prompt_ids = tokenizer, prompt_ids
         self._state = GenerationState()
         self._stops = StopMatcher(stop)
         self._logprobs = logprobs
         end_ids = tokenizer.end_ids
         if draft is None:
-            self._token_iter = generate_tokens(model, prompt_ids, max_new_tokens, sampler, end_ids, self._state, logprobs)
+            self._token_iter = generate_tokens(
+                model, prompt_ids, max_new_tokens, sampler, end_ids, self._state, logprobs
+            )
         else:
-            self._token_iter = speculative_tokens(model, draft, prompt_ids, max_new_tokens, sampler, speculate_k, end_ids, self._state, logprobs)
+            self._token_iter = speculative_tokens(
+                model, draft, prompt_ids, max_new_tokens, sampler, speculate_k, end_ids, self._state, logprobs
+            )
         self._draft = draft
         self._pieces: list[str] = []
         self.result: Generation | None = None
@@ -72,5 +86,12 @@ class GenerationStream:
             s.finish_reason = "stop"
             self._token_iter.close()
         acceptance = s.draft_accepted / s.draft_proposed if self._draft is not None and s.draft_proposed else None
-        self.result = Generation(self._prompt_ids, s.tokens, "".join(self._pieces), s.finish_reason, s.timings,
-                                 s.logprobs if self._logprobs is not None else None, acceptance)
+        self.result = Generation(
+            self._prompt_ids,
+            s.tokens,
+            "".join(self._pieces),
+            s.finish_reason,
+            s.timings,
+            s.logprobs if self._logprobs is not None else None,
+            acceptance,
+        )

@@ -20,13 +20,22 @@ def trace_data(trace: Trace, tokenizer, title: str) -> dict:
         "promptLength": trace.prompt_length,
         "tokens": [{"id": t.id, "text": t.piece, "bytes": t.bytes} for t in trace.tokens],
         "predictions": [piece(i) for i in trace.predictions],
-        "steps": [{"chosen": piece(s.chosen), "candidates": [[piece(t), round(p, 4)] for t, p in s.candidates]} for s in trace.steps],
+        "steps": [
+            {"chosen": piece(s.chosen), "candidates": [[piece(t), round(p, 4)] for t, p in s.candidates]}
+            for s in trace.steps
+        ],
         "lens": [
-            {"top": [piece(top[0][0]) for top in layer.lens_top], "topProb": [round(top[0][1], 4) for top in layer.lens_top],
-             "finalProb": [round(float(p), 4) for p in layer.lens_final_prob], "norm": [round(float(n), 2) for n in layer.residual_norm]}
+            {
+                "top": [piece(top[0][0]) for top in layer.lens_top],
+                "topProb": [round(top[0][1], 4) for top in layer.lens_top],
+                "finalProb": [round(float(p), 4) for p in layer.lens_final_prob],
+                "norm": [round(float(n), 2) for n in layer.residual_norm],
+            }
             for layer in trace.layers
         ],
-        "attention": [[[[round(float(w), 3) for w in row] for row in head] for head in layer.attention] for layer in trace.layers],
+        "attention": [
+            [[[round(float(w), 3) for w in row] for row in head] for head in layer.attention] for layer in trace.layers
+        ],
     }
 
 

@@ -25,7 +25,6 @@ import torch
 from ..errors import PlainLlamaError
 
 
-
 @dataclass
 class TokenInfo:
     id: int
@@ -104,7 +103,9 @@ class Recorder:
 def trace(llm, prompt, max_new_tokens: int = 0, top_k: int = 5, **sampling) -> Trace:
     """Trace `prompt` (text or ids); with max_new_tokens, generate first and trace the whole text."""
     if llm.streamer is not None:
-        raise PlainLlamaError("inspect needs every layer in memory, and this model streams layers from disk; give it more --max-memory")
+        raise PlainLlamaError(
+            "inspect needs every layer in memory, and this model streams layers from disk; give it more --max-memory"
+        )
     prompt_ids = llm.encode_prompt(prompt)
     steps = []
     generated = []
@@ -122,12 +123,17 @@ def trace(llm, prompt, max_new_tokens: int = 0, top_k: int = 5, **sampling) -> T
         for residual, attention in zip(rec.residuals, rec.attentions, strict=True):
             lens = model.output(model.norm(residual.to(llm.dtype))).float().softmax(-1).cpu()  # [T, V]
             top = torch.topk(lens, top_k)
-            layers.append(LayerTrace(
-                residual_norm=residual.norm(dim=-1).cpu(),
-                attention=attention.cpu(),
-                lens_top=[list(zip(i.tolist(), p.tolist())) for i, p in zip(top.indices, top.values)],
-                lens_final_prob=lens.gather(1, final[:, None])[:, 0],
-            ))
+            layers.append(
+                LayerTrace(
+                    residual_norm=residual.norm(dim=-1).cpu(),
+                    attention=attention.cpu(),
+                    lens_top=[
+                        list(zip(i.tolist(), p.tolist(), strict=True))
+                        for i, p in zip(top.indices, top.values, strict=True)
+                    ],
+                    lens_final_prob=lens.gather(1, final[:, None])[:, 0],
+                )
+            )
     tok = llm.tokenizer
     tokens = [TokenInfo(i, tok.piece(i), list(tok.token_bytes[i])) for i in ids]
     return Trace(tokens, len(prompt_ids), layers, logits, steps)

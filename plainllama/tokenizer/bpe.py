@@ -16,7 +16,9 @@ from .pretokenize import compile_patterns, split_pieces
 def byte_to_char_table() -> list[str]:
     """GPT-2's byte -> printable character table: printable Latin-1 bytes stand for themselves, the
     other 68 bytes (controls, space, ...) are moved to code points 256 and up."""
-    kept = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    kept = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in kept:

@@ -16,14 +16,16 @@ UNUSED_TOKEN = 5
 
 
 class SentencePieceBPE:
-    def __init__(self, tokens: list[str], scores: list[float], token_types: list[int], unk_id: int | None, add_space_prefix: bool):
+    def __init__(
+        self, tokens: list[str], scores: list[float], token_types: list[int], unk_id: int | None, add_space_prefix: bool
+    ):
         self.tokens = tokens
         self.scores = scores
         self.token_types = token_types
         # Unused pieces exist in the vocabulary but are never produced by the encoder.
         self.ids = {t: i for i, t in enumerate(tokens) if token_types[i] != UNUSED_TOKEN}
         self.byte_ids = {}
-        for i, (t, kind) in enumerate(zip(tokens, token_types)):
+        for i, (t, kind) in enumerate(zip(tokens, token_types, strict=False)):
             if kind == BYTE_TOKEN and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
                 self.byte_ids[int(t[3:5], 16)] = i
         self.byte_of_id = {i: b for b, i in self.byte_ids.items()}

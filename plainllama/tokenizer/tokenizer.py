@@ -7,7 +7,7 @@ tokens, and decoding back to text, including a streaming decoder for generation.
 from __future__ import annotations
 
 import codecs
-from typing import Iterator
+from collections.abc import Iterator
 
 import regex
 
@@ -21,7 +21,9 @@ END_OF_TURN_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", 
 
 
 class Tokenizer:
-    def __init__(self, model, tokens: list[str], token_types: list[int], bos_id: int | None, eos_id: int | None, add_bos: bool):
+    def __init__(
+        self, model, tokens: list[str], token_types: list[int], bos_id: int | None, eos_id: int | None, add_bos: bool
+    ):
         self.model = model
         self.tokens = tokens
         self.token_types = token_types
@@ -29,8 +31,9 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         # Control tokens (<|im_start|>, <s>) are matched in text only when the caller asks
         # (parse_special); user-defined tokens are always matched, as in llama.cpp and HF.
-        self.control = {t: i for i, (t, k) in enumerate(zip(tokens, token_types)) if k == CONTROL and t}
-        self.user_defined = {t: i for i, (t, k) in enumerate(zip(tokens, token_types)) if k == USER_DEFINED and t}
+        self.control = {t: i for i, (t, k) in enumerate(zip(tokens, token_types, strict=False)) if k == CONTROL and t}
+        kinds = list(enumerate(zip(tokens, token_types, strict=False)))
+        self.user_defined = {t: i for i, (t, k) in kinds if k == USER_DEFINED and t}
         # Per parse_special: the special tokens matched in text, and one regex that finds them.
         self._specials = {False: self.user_defined, True: {**self.control, **self.user_defined}}
         self._splitters = {flag: self._splitter(specials) for flag, specials in self._specials.items()}
@@ -94,7 +97,7 @@ class Tokenizer:
         """How one token reads on its own, for display (may show U+FFFD for a partial character)."""
         return self.token_bytes[token_id].decode("utf-8", errors="replace")
 
-    def stream(self) -> "StreamDecoder":
+    def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
 

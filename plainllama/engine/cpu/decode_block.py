@@ -30,20 +30,39 @@ from .packed import DIRECT_ROWS, LAYOUT_CODES, PackedLinear, StackedLinear, _bf1
 
 
 class MatrixPart(ctypes.Structure):
-    _fields_ = [("layout", ctypes.c_int), ("rows", ctypes.c_int), ("w", ctypes.c_void_p),
-                ("d", ctypes.c_void_p), ("m", ctypes.c_void_p)]
+    _fields_ = [
+        ("layout", ctypes.c_int),
+        ("rows", ctypes.c_int),
+        ("w", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("m", ctypes.c_void_p),
+    ]
 
 
 class Linear(ctypes.Structure):
-    _fields_ = [("n_parts", ctypes.c_int), ("in_features", ctypes.c_int), ("out_features", ctypes.c_int),
-                ("parts", MatrixPart * 3)]
+    _fields_ = [
+        ("n_parts", ctypes.c_int),
+        ("in_features", ctypes.c_int),
+        ("out_features", ctypes.c_int),
+        ("parts", MatrixPart * 3),
+    ]
 
 
 class Layer(ctypes.Structure):
-    _fields_ = [("dim", ctypes.c_int), ("n_heads", ctypes.c_int), ("n_kv_heads", ctypes.c_int),
-                ("head_dim", ctypes.c_int), ("hidden", ctypes.c_int), ("eps", ctypes.c_float),
-                ("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
-                ("wqkv", Linear), ("wo", Linear), ("w13", Linear), ("w2", Linear)]
+    _fields_ = [
+        ("dim", ctypes.c_int),
+        ("n_heads", ctypes.c_int),
+        ("n_kv_heads", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+        ("hidden", ctypes.c_int),
+        ("eps", ctypes.c_float),
+        ("attention_norm", ctypes.c_void_p),
+        ("ffn_norm", ctypes.c_void_p),
+        ("wqkv", Linear),
+        ("wo", Linear),
+        ("w13", Linear),
+        ("w2", Linear),
+    ]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -81,16 +100,32 @@ class KernelBlock(TransformerBlock):
 
     def _kernel_can_run(self, x, cos, mask, cache, start_pos) -> bool:
         B, T, _ = x.shape
-        return (T == 1 and B <= DIRECT_ROWS and cache is not None and self._plain(x)
-                and cache.k.dtype == torch.float32 and cache.k.is_contiguous()
-                and cache.v.is_contiguous() and cos.shape[0] in (1, B)
-                and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == start_pos + 1 and mask.numel() == B * (start_pos + 1))))
+        return (
+            T == 1
+            and B <= DIRECT_ROWS
+            and cache is not None
+            and self._plain(x)
+            and cache.k.dtype == torch.float32
+            and cache.k.is_contiguous()
+            and cache.v.is_contiguous()
+            and cos.shape[0] in (1, B)
+            and (
+                mask is None
+                or (
+                    mask.dtype == torch.bool and mask.shape[-1] == start_pos + 1 and mask.numel() == B * (start_pos + 1)
+                )
+            )
+        )
 
     def _plain(self, x) -> bool:
         """Nothing asks for model.py's own path: float32 rows on the CPU, no gradients, no hooks on
         the sub-layers (tracing.py reads the attention's inputs through them)."""
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in self.children()))
+        return (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
+        )
 
     def _prompt_step(self, x, cos, sin, mask, cache, start_pos):
         """TransformerBlock.forward for T > 1, the same steps; x [B, T, D] -> [B, T, D]."""
@@ -100,24 +135,37 @@ class KernelBlock(TransformerBlock):
         x = x.contiguous()
         qkv = attention.wqkv(self._norm(self.attention_norm, x))  # [B, T, (H + 2K) Hd]
         cos, sin = cos.contiguous(), sin.contiguous()  # [1 or B, T, 1, Hd]
-        kernels.check(kernels.function("rotate_rows")(qkv.data_ptr(), B, T, qkv.shape[-1], H + K, Hd, cos.data_ptr(), sin.data_ptr(),
-                                                      cos.shape[0]), "rotate_rows")  # q and k, in place
+        kernels.check(
+            kernels.function("rotate_rows")(
+                qkv.data_ptr(), B, T, qkv.shape[-1], H + K, Hd, cos.data_ptr(), sin.data_ptr(), cos.shape[0]
+            ),
+            "rotate_rows",
+        )  # q and k, in place
         q, k, v = qkv.view(B, T, H + 2 * K, Hd).transpose(1, 2).split((H, K, K), dim=1)  # heads first
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # [B, K, S, Hd]
         dtype = torch.bfloat16 if _bf16_products_fast() else torch.float32
-        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, enable_gqa=H != K)  # [B, H, T, Hd]
+        out = F.scaled_dot_product_attention(
+            q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, enable_gqa=H != K
+        )  # [B, H, T, Hd]
         h = attention.wo(out.transpose(1, 2).reshape(B, T, H * Hd).float()).add_(x)
         gate_up = ffn.w13(self._norm(self.ffn_norm, h))  # [B, T, 2F]: gate, then up
         hidden = gate_up.new_empty(B, T, gate_up.shape[-1] // 2)
-        kernels.check(kernels.function("swiglu_rows")(gate_up.data_ptr(), B * T, hidden.shape[-1], hidden.data_ptr()), "swiglu_rows")
+        kernels.check(
+            kernels.function("swiglu_rows")(gate_up.data_ptr(), B * T, hidden.shape[-1], hidden.data_ptr()),
+            "swiglu_rows",
+        )
         return ffn.w2(hidden).add_(h)
 
     @staticmethod
     def _norm(norm, x):
         out = torch.empty_like(x)
-        kernels.check(kernels.function("rms_norm_rows")(x.data_ptr(), norm.weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
-                                                        norm.eps, out.data_ptr()), "rms_norm_rows")
+        kernels.check(
+            kernels.function("rms_norm_rows")(
+                x.data_ptr(), norm.weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], norm.eps, out.data_ptr()
+            ),
+            "rms_norm_rows",
+        )
         return out
 
     def forward(self, x, cos, sin, mask, cache, start_pos):
@@ -129,8 +177,20 @@ class KernelBlock(TransformerBlock):
         x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
         allowed = mask.contiguous() if mask is not None else None  # [B, 1, 1, S]: padding masked
         out = torch.empty_like(x)
-        code = self.kernel(ctypes.byref(self.layer), x.data_ptr(), B, cos.data_ptr(), sin.data_ptr(), cos.shape[0],
-                           cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2], start_pos, _ptr(allowed), out.data_ptr())
+        code = self.kernel(
+            ctypes.byref(self.layer),
+            x.data_ptr(),
+            B,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            cos.shape[0],
+            cache.k.data_ptr(),
+            cache.v.data_ptr(),
+            cache.k.shape[2],
+            start_pos,
+            _ptr(allowed),
+            out.data_ptr(),
+        )
         kernels.check(code, "decode_layer")
         return out
 
@@ -143,11 +203,22 @@ def kernel_block(block: TransformerBlock) -> TransformerBlock:
     norms = (block.attention_norm.weight, block.ffn_norm.weight)
     if any(w.device.type != "cpu" or w.dtype != torch.float32 or not w.is_contiguous() for w in norms):
         return block
-    linears = [_linear(m) for m in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2)]
+    linears = [
+        _linear(m) for m in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2)
+    ]
     if any(lin is None for lin in linears):
         return block
     attention = block.attention
     norm = block.attention_norm
-    layer = Layer(norm.weight.shape[0], attention.n_heads, attention.n_kv_heads, attention.head_dim,
-                  linears[3].in_features, norm.eps, _ptr(norm.weight), _ptr(block.ffn_norm.weight), *linears)
+    layer = Layer(
+        norm.weight.shape[0],
+        attention.n_heads,
+        attention.n_kv_heads,
+        attention.head_dim,
+        linears[3].in_features,
+        norm.eps,
+        _ptr(norm.weight),
+        _ptr(block.ffn_norm.weight),
+        *linears,
+    )
     return KernelBlock(block, layer)

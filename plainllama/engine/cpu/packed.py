@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +41,13 @@ from ...formats.gguf_quants import BLOCK_FORMATS, QK, _k_scales_mins, dequantize
 
 LAYOUT_CODES = kernels.LAYOUT_CODES  # as the C kernels number them (kernels/plainllama.h)
 LAYOUTS = tuple(LAYOUT_CODES)  # q4, q8, f16, bf16
-DIRECT_ROWS = 8  # up to this many rows the direct kernels win; from 9 the AMX or oneDNN path (measured: q4/q8 [M x 2048] x [2048 x 8192] at M = 8, 1.9-2.1 ms either way; M = 16, 3.7-3.9 vs 2.0-2.1 ms on AMX)
+# Up to this many rows the direct kernels win; from 9 the AMX or oneDNN path (measured: q4/q8
+# [M x 2048] x [2048 x 8192] at M = 8, 1.9-2.1 ms either way; M = 16, 3.7-3.9 vs 2.0-2.1 ms on AMX).
+DIRECT_ROWS = 8
 UNPACK_CHUNK = 1 << 22  # weights unpacked per slice in the many-rows path (8 MB of bfloat16)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bf16_products_fast() -> bool:
     """Whether oneDNN runs bfloat16 products natively here (AVX-512 BF16 or AMX)."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -79,7 +81,12 @@ def adjacent(tensors: list[torch.Tensor]) -> bool:
     storage = first.untyped_storage().data_ptr()
     at = first.data_ptr()
     for t in tensors:
-        if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage or t.data_ptr() != at or t.dtype != first.dtype:
+        if (
+            not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage
+            or t.data_ptr() != at
+            or t.dtype != first.dtype
+        ):
             return False
         at += t.numel() * t.element_size()
     return True
@@ -104,20 +111,29 @@ class PackedWeight(nn.Module):
         self.layout, self.shape = layout, tuple(shape)
         # The C kernels read these buffers by the shape alone: a mismatch would read past their ends.
         n, k = self.shape
-        expected = {"w": (n, k)} if layout in ("f16", "bf16") else {"qs": (n, k if layout == "q8" else k // 2), "d": (n, k // QK), "m": (n, k // QK)}
+        expected = (
+            {"w": (n, k)}
+            if layout in ("f16", "bf16")
+            else {"qs": (n, k if layout == "q8" else k // 2), "d": (n, k // QK), "m": (n, k // QK)}
+        )
         for name, tensor in parts.items():
             if tuple(tensor.shape) != expected.get(name):
-                raise ValueError(f"{layout} weight of shape {self.shape}: part {name!r} has shape {tuple(tensor.shape)}, expected {expected.get(name)}")
+                raise ValueError(
+                    f"{layout} weight of shape {self.shape}: part {name!r} has shape {tuple(tensor.shape)}, expected "
+                    f"{expected.get(name)}"
+                )
         for name, tensor in parts.items():
             self.register_buffer(name, tensor, persistent=False)
         self.part_names = tuple(parts)
 
     @staticmethod
-    def stack(parts: list["PackedWeight"]) -> "PackedWeight":
+    def stack(parts: list[PackedWeight]) -> PackedWeight:
         """Matrices of one layout and width stacked by rows (q, k, v into one matrix)."""
         names = parts[0].part_names
         rows = sum(p.shape[0] for p in parts)
-        return PackedWeight(parts[0].layout, (rows, parts[0].shape[1]), {n: joined([getattr(p, n) for p in parts]) for n in names})
+        return PackedWeight(
+            parts[0].layout, (rows, parts[0].shape[1]), {n: joined([getattr(p, n) for p in parts]) for n in names}
+        )
 
     @property
     def nbytes(self) -> int:
@@ -149,7 +165,9 @@ class PackedWeight(nn.Module):
             out.copy_(self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, torch.bfloat16))
             return out
         if self.layout == "q4":
-            kernels.q4_to_bf16(self.qs[start:end], self.d[start:end], self.m[start:end] if "m" in self.part_names else None, out)
+            kernels.q4_to_bf16(
+                self.qs[start:end], self.d[start:end], self.m[start:end] if "m" in self.part_names else None, out
+            )
         elif self.layout == "q8":
             kernels.q8_to_bf16(self.qs[start:end], self.d[start:end], out)
         elif self.layout == "f16" and out.numel() % 16 == 0:
@@ -161,7 +179,9 @@ class PackedWeight(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(), .float(), .cuda() would turn the float16 scales into another dtype or move the
         # bytes away from the pointers the kernels were given; a packed weight stays as it is.
-        raise RuntimeError("packed weights cannot be converted or moved; load the model with dequantize=True to get float weights")
+        raise RuntimeError(
+            "packed weights cannot be converted or moved; load the model with dequantize=True to get float weights"
+        )
 
     def direct_call(self):
         """(kernel, pointer arguments) for the few-rows path, computed once: the buffers never move."""
@@ -172,7 +192,10 @@ class PackedWeight(nn.Module):
             elif self.layout == "q8":
                 self._direct = (kernels.function("q8_matmul"), (self.qs.data_ptr(), self.d.data_ptr()))
             else:
-                self._direct = (kernels.function("f16_matmul" if self.layout == "f16" else "bf16_matmul"), (self.w.data_ptr(),))
+                self._direct = (
+                    kernels.function("f16_matmul" if self.layout == "f16" else "bf16_matmul"),
+                    (self.w.data_ptr(),),
+                )
         return self._direct
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,9 +215,21 @@ class PackedWeight(nn.Module):
             x = x.float().contiguous()
             out = torch.empty(M, N, dtype=torch.float32)
             rows_tiles = _scratch.get((M + 31) // 32 * 32 * K, torch.bfloat16)  # x as bfloat16 tiles
-            w, d, m = (self.w, None, None) if self.layout in ("f16", "bf16") else (self.qs, self.d, getattr(self, "m", None))
-            code = kernels.function("amx_matmul")(x.data_ptr(), M, K, LAYOUT_CODES[self.layout], w.data_ptr(), _ptr(d), _ptr(m),
-                                                  N, out.data_ptr(), rows_tiles.data_ptr())
+            w, d, m = (
+                (self.w, None, None) if self.layout in ("f16", "bf16") else (self.qs, self.d, getattr(self, "m", None))
+            )
+            code = kernels.function("amx_matmul")(
+                x.data_ptr(),
+                M,
+                K,
+                LAYOUT_CODES[self.layout],
+                w.data_ptr(),
+                _ptr(d),
+                _ptr(m),
+                N,
+                out.data_ptr(),
+                rows_tiles.data_ptr(),
+            )
             kernels.check(code, "amx_matmul")
             return out
         compute = torch.bfloat16 if _bf16_products_fast() else torch.float32
@@ -206,7 +241,9 @@ class PackedWeight(nn.Module):
         for start in range(0, N, rows):
             end = min(N, start + rows)
             if compute == torch.bfloat16:
-                w = self.unpack_rows_bf16(start, end, _scratch.get((end - start) * K, torch.bfloat16).view(end - start, K))
+                w = self.unpack_rows_bf16(
+                    start, end, _scratch.get((end - start) * K, torch.bfloat16).view(end - start, K)
+                )
             else:
                 w = self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, compute)
             out[:, start:end] = F.linear(x, w)
@@ -299,12 +336,22 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
     blocks = raw.view(-1, block_bytes)
     nb = K // QK
     if type_name == "Q4_0":  # d, qs[16]
-        return PackedWeight("q4", shape, {"qs": _field(blocks, 2, 18).view(N, K // 2), "d": _half_field(blocks, 0).reshape(N, nb)})
+        return PackedWeight(
+            "q4", shape, {"qs": _field(blocks, 2, 18).view(N, K // 2), "d": _half_field(blocks, 0).reshape(N, nb)}
+        )
     if type_name == "Q4_1":  # d, m, qs[16]
-        parts = {"qs": _field(blocks, 4, 20).view(N, K // 2), "d": _half_field(blocks, 0).reshape(N, nb), "m": _half_field(blocks, 2).reshape(N, nb)}
+        parts = {
+            "qs": _field(blocks, 4, 20).view(N, K // 2),
+            "d": _half_field(blocks, 0).reshape(N, nb),
+            "m": _half_field(blocks, 2).reshape(N, nb),
+        }
         return PackedWeight("q4", shape, parts)
     if type_name == "Q8_0":  # d, qs[32]
-        return PackedWeight("q8", shape, {"qs": _field(blocks, 2, 34).view(torch.int8).reshape(N, K), "d": _half_field(blocks, 0).reshape(N, nb)})
+        return PackedWeight(
+            "q8",
+            shape,
+            {"qs": _field(blocks, 2, 34).view(torch.int8).reshape(N, K), "d": _half_field(blocks, 0).reshape(N, nb)},
+        )
     if type_name == "Q4_K":
         return _pack_q4_k(blocks, shape)
     return quantize_int8(GGUFRows(raw, type_name, shape))
@@ -323,7 +370,9 @@ class GGUFRows:
 
     def __getitem__(self, rows: slice) -> torch.Tensor:  # -> float32 [rows, K]
         start, stop, _ = rows.indices(self.shape[0])
-        return dequantize(self.raw[start * self.row_bytes : stop * self.row_bytes], self.type_name, (stop - start, self.shape[1]))
+        return dequantize(
+            self.raw[start * self.row_bytes : stop * self.row_bytes], self.type_name, (stop - start, self.shape[1])
+        )
 
 
 def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
@@ -353,7 +402,9 @@ QUANTIZE_CHUNK = 1 << 20  # weights quantized at a time: whole-matrix temporarie
 # embedding were several float32 copies of it (peak RSS 12 GiB loading an 8B model as int8)
 
 
-def _by_rows(weight: "torch.Tensor | GGUFRows", parts: dict[str, tuple[tuple[int, ...], torch.dtype]], quantize_rows) -> dict[str, torch.Tensor]:
+def _by_rows(
+    weight: torch.Tensor | GGUFRows, parts: dict[str, tuple[tuple[int, ...], torch.dtype]], quantize_rows
+) -> dict[str, torch.Tensor]:
     """Quantize `weight` [N, K] a slice of rows at a time into preallocated outputs: `parts` names each
     output's shape per row and dtype; quantize_rows(rows float32) returns that slice of each."""
     N, K = weight.shape
@@ -365,7 +416,7 @@ def _by_rows(weight: "torch.Tensor | GGUFRows", parts: dict[str, tuple[tuple[int
     return out
 
 
-def quantize_int8(weight: "torch.Tensor | GGUFRows") -> PackedWeight:
+def quantize_int8(weight: torch.Tensor | GGUFRows) -> PackedWeight:
     """[N, K] floats -> q8 by ggml's reference Q8_0 rule: per block of 32, d = max|w| / 127,
     q = w / d rounded half away from zero; d stored as float16."""
     N, K = weight.shape
@@ -377,7 +428,9 @@ def quantize_int8(weight: "torch.Tensor | GGUFRows") -> PackedWeight:
         q = (scaled.sign() * torch.floor(scaled.abs() + 0.5)).to(torch.int8)
         return {"qs": q.reshape(-1, K), "d": d.half()}
 
-    return PackedWeight("q8", (N, K), _by_rows(weight, {"qs": ((K,), torch.int8), "d": ((K // QK,), torch.float16)}, rows))
+    return PackedWeight(
+        "q8", (N, K), _by_rows(weight, {"qs": ((K,), torch.int8), "d": ((K // QK,), torch.float16)}, rows)
+    )
 
 
 def quantize_int4(weight: torch.Tensor) -> PackedWeight:
@@ -394,7 +447,9 @@ def quantize_int4(weight: torch.Tensor) -> PackedWeight:
         return {"qs": qs.reshape(-1, K // 2), "d": d.half(), "m": lo.half()}
 
     halves = (K // QK,), torch.float16
-    return PackedWeight("q4", (N, K), _by_rows(weight, {"qs": ((K // 2,), torch.uint8), "d": halves, "m": halves}, rows))
+    return PackedWeight(
+        "q4", (N, K), _by_rows(weight, {"qs": ((K // 2,), torch.uint8), "d": halves, "m": halves}, rows)
+    )
 
 
 def can_quantize(shape) -> bool:
@@ -448,7 +503,9 @@ def holding(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.d
         if type_name != "F32":
             return as_float
     if weights in ("int8", "int4") and can_quantize(shape):
-        return Holding("quantize", "q8", q8, False) if weights == "int8" else Holding("quantize", "q4", q4_with_min, False)
+        return (
+            Holding("quantize", "q8", q8, False) if weights == "int8" else Holding("quantize", "q4", q4_with_min, False)
+        )
     if not raw and stored in (torch.float16, torch.bfloat16) and K % 32 == 0:
         return Holding("half", type_name.lower(), 2 * numel, True)
     return as_float

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -33,13 +33,23 @@ def _enum(name: str) -> dict[str, tuple[int, str]]:
     """The members of `enum name` in plainllama.h: NAME -> (value, the comment after it)."""
     text = HEADER.read_text()
     body = re.search(r"enum " + name + r" \{(.*?)\};", text, re.S).group(1)
-    return {m[1]: (int(m[2]), (m[3] or "").strip()) for m in re.finditer(r"(\w+) = (-?\d+),[ \t]*(?:/\*(.*?)\*/)?", body)}
+    return {
+        m[1]: (int(m[2]), (m[3] or "").strip()) for m in re.finditer(r"(\w+) = (-?\d+),[ \t]*(?:/\*(.*?)\*/)?", body)
+    }
 
 
-LAYOUT_CODES = {name.removeprefix("LAYOUT_").lower(): value for name, (value, _) in _enum("Layout").items()}  # {"q4": 0, ...}
+LAYOUT_CODES = {
+    name.removeprefix("LAYOUT_").lower(): value for name, (value, _) in _enum("Layout").items()
+}  # {"q4": 0, ...}
 STATUS = {value: (name, message) for name, (value, message) in _enum("Status").items()}
 
-C_TYPES = {"int": ctypes.c_int, "long": ctypes.c_long, "size_t": ctypes.c_size_t, "float": ctypes.c_float, "double": ctypes.c_double}
+C_TYPES = {
+    "int": ctypes.c_int,
+    "long": ctypes.c_long,
+    "size_t": ctypes.c_size_t,
+    "float": ctypes.c_float,
+    "double": ctypes.c_double,
+}
 
 
 def _prototypes() -> dict[str, tuple[type, list[type]]]:
@@ -65,21 +75,34 @@ def cache_dir() -> Path:
 
 def _cpu_signature() -> str:
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next(line for line in cpuinfo if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
     return flags
 
 
 def _build(compiler: str) -> Path:
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in [*SOURCES, HEADER]) + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"".join(s.read_bytes() for s in [*SOURCES, HEADER]) + compiler.encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
     target = cache_dir() / f"cpu_matmul-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(built)]
+        command = [
+            compiler,
+            "-O3",
+            "-march=native",
+            "-fopenmp",
+            "-shared",
+            "-fPIC",
+            *map(str, SOURCES),
+            "-o",
+            str(built),
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise OSError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "compiler failed")
@@ -87,7 +110,7 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@lru_cache(maxsize=None)
+@cache
 def _library():
     if os.environ.get("PLAINLLAMA_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
@@ -108,7 +131,7 @@ def available() -> bool:
     return _library() is not None
 
 
-@lru_cache(maxsize=None)
+@cache
 def amx() -> bool:
     """Whether amx_matmul runs here: the library was built for a CPU with AMX and Linux lets this
     process use the tile registers."""

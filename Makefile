@@ -2,7 +2,7 @@
 # The default model is an instruct model, so the default prompt goes through its chat format.
 PROMPT ?= Write a short poem about a llama in the Andes.
 
-.PHONY: generate test
+.PHONY: generate test lint
 generate:
 	@scripts/setup.sh
 	.venv/bin/plainllama generate --chat "$(PROMPT)" -n 120
@@ -10,3 +10,10 @@ generate:
 test:
 	@scripts/setup.sh --test
 	.venv/bin/python -m pytest
+
+# Run by .ci/run before the tests: lint (ruff), formatting (ruff format) and types (mypy), settings in pyproject.toml.
+lint:
+	@scripts/setup.sh --test
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy

@@ -1,4 +1,4 @@
-"""plainllama: Llama inference you can read. See api.py for the Python API, cli.py for the commands."""
+"""plainllama: Llama inference you can read. See api.py for the Python API, cli/ for the commands."""
 
 from .api import LLM, Generation, GenerationStream, load
 from .errors import PlainLlamaError

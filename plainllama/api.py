@@ -152,6 +152,7 @@ class LLM:
         results = []
         for prompt_ids, state in zip(ids, states, strict=True):
             text = "".join(self.tokenizer.stream().decode_all(state.tokens))
+            assert state.finish_reason is not None  # every row ends with a reason
             results.append(Generation(prompt_ids, state.tokens, stops.cut(text), state.finish_reason, state.timings))
         return results
 
@@ -209,6 +210,7 @@ class LLM:
         stream = self.stream(prompt, **settings)
         for _ in stream:
             pass
+        assert stream.result is not None  # set once the stream is exhausted
         return stream.result
 
 

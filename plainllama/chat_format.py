@@ -90,7 +90,7 @@ class Llama2Chat:
         ids = []
         for prompt, answer in zip(messages[0::2], messages[1::2], strict=False):
             ids += self.tok.encode(f"[INST] {prompt.content.strip()} [/INST] {answer.content.strip()} ", bos=True)
-            ids.append(self.tok.eos_id)
+            ids += [self.tok.eos_id] if self.tok.eos_id is not None else []
         if len(messages) % 2 == 1:
             ids += self.tok.encode(f"[INST] {messages[-1].content.strip()} [/INST]", bos=True)
         return ids

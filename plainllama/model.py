@@ -35,11 +35,11 @@ class ModelArgs:
     # files store them ready-made as the tensor `rope_freqs.weight`.
     rope_freq_factors: tuple[float, ...] | None = None
     context_length: int = 4096  # the longest sequence the model was trained for
-    head_dim: int | None = None  # Hd; derived as dim // n_heads unless the config says otherwise
+    head_dim: int = 0  # Hd; 0: derived as dim // n_heads (configs that say otherwise give it)
     tie_embeddings: bool = False  # the output projection reuses the token embedding matrix
 
     def __post_init__(self):
-        if self.head_dim is None:
+        if not self.head_dim:
             self.head_dim = self.dim // self.n_heads
         problems = []
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "context_length"):

@@ -1,4 +1,5 @@
 import os
+from helpers import oracle
 
 # Tests compare numbers with other libraries: keep every library's threads and warnings quiet and
 # the runs repeatable.
@@ -62,7 +63,7 @@ SP_TRAINING_TEXT = [
 def sentencepiece_model(tmp_path_factory):
     """A BPE SentencePiece model trained here, set up like Llama 2's: byte fallback, no
     normalization, whitespace kept as it is, a dummy prefix space."""
-    spm = pytest.importorskip("sentencepiece")
+    spm = oracle("sentencepiece")
     folder = tmp_path_factory.mktemp("spm")
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(SP_TRAINING_TEXT), encoding="utf-8")

@@ -3,7 +3,7 @@ thresholds: speed is measured by benchmarks, not asserted by tests)."""
 
 import json
 
-from test_cli import run_cli
+from helpers import run_cli
 
 FIELDS = (
     "load_seconds",

@@ -17,6 +17,7 @@ import pytest
 
 from gguf_files import write_llama_gguf
 from plainllama.chat_format import Llama2Chat, Llama3Chat
+from helpers import oracle
 
 CONVERSATION = [
     {"role": "system", "content": "You are a concise assistant."},
@@ -33,8 +34,8 @@ FORGED = [
 
 
 def test_llama3_matches_meta_chat_format():
-    pytest.importorskip("llama_models")
-    pytest.importorskip("PIL")
+    oracle("llama_models")
+    oracle("PIL")
     from llama_models.datatypes import RawMessage
     from llama_models.llama3.chat_format import ChatFormat
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
@@ -82,7 +83,7 @@ def test_user_text_never_becomes_control_tokens(llm):
 def test_llama2_format(tmp_path_factory):
     from conftest import SP_TRAINING_TEXT
 
-    spm = pytest.importorskip("sentencepiece")
+    spm = oracle("sentencepiece")
     folder = tmp_path_factory.mktemp("l2chat")
     (folder / "c.txt").write_text("\n".join(SP_TRAINING_TEXT + ["[INST] <<SYS>> <</SYS>> [/INST]"] * 20))
     spm.SentencePieceTrainer.train(

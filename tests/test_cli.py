@@ -3,18 +3,13 @@ error line (no traceback) for each kind of bad input."""
 
 import json
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from gguf_files import write_llama_gguf
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "plainllama", *args], capture_output=True, text=True, timeout=timeout)
+from helpers import run_cli
 
 
 def test_generate_streams_text_and_reports_timings():
@@ -44,39 +39,48 @@ def test_generate_json(llm):
     assert record["finish_reason"] == "length"
 
 
-def test_sampling_options_reach_the_sampler():
-    a = run_cli(
-        "generate",
-        "Llamas",
-        "-n",
-        "12",
-        "--temperature",
-        "1.0",
-        "--top-k",
-        "40",
-        "--top-p",
-        "0.9",
-        "--seed",
-        "5",
-        "--json",
-    )
-    b = run_cli(
-        "generate",
-        "Llamas",
-        "-n",
-        "12",
-        "--temperature",
-        "1.0",
-        "--top-k",
-        "40",
-        "--top-p",
-        "0.9",
-        "--seed",
-        "5",
-        "--json",
-    )
-    assert a.returncode == b.returncode == 0
-    assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
+def generated(*options) -> list[int]:
+    result = run_cli("generate", "Llamas", "-n", "16", "--json", *options)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["tokens"]
+
+
+SAMPLED = ("--temperature", "1.0", "--seed", "5")
+
+# Each option given a value whose effect is certain, against greedy decoding (the default) or against
+# plain sampling with seed 5. A dropped option leaves its run equal to the one it is compared with.
+SAMPLING_CASES = {
+    "--logit-bias": (("--logit-bias", "504:100"), lambda t, greedy, sampled: t[0] == 504 and t != greedy),
+    "--temperature": (SAMPLED, lambda t, greedy, sampled: t != greedy),
+    "--seed": (("--temperature", "1.0", "--seed", "6"), lambda t, greedy, sampled: t != sampled),
+    "--top-k": ((*SAMPLED, "--top-k", "1"), lambda t, greedy, sampled: t == greedy != sampled),
+    "--top-p": ((*SAMPLED, "--top-p", "1e-6"), lambda t, greedy, sampled: t == greedy != sampled),
+    "--min-p": ((*SAMPLED, "--min-p", "1.0"), lambda t, greedy, sampled: t == greedy != sampled),
+    # one token kept per step: the seed no longer matters
+    "--typical-p": (
+        (*SAMPLED, "--typical-p", "1e-6"),
+        lambda t, greedy, sampled: (
+            t == generated("--temperature", "1.0", "--seed", "6", "--typical-p", "1e-6") != sampled
+        ),
+    ),
+    # the greedy text repeats itself within 16 tokens; these penalties forbid any repeat
+    "--repetition-penalty": (("--repetition-penalty", "1e6"), lambda t, greedy, sampled: len(set(t)) == len(t)),
+    "--frequency-penalty": (("--frequency-penalty", "1e6"), lambda t, greedy, sampled: len(set(t)) == len(t)),
+    "--presence-penalty": (("--presence-penalty", "1e6"), lambda t, greedy, sampled: len(set(t)) == len(t)),
+}
+
+
+@pytest.fixture(scope="module")
+def baselines():
+    greedy, sampled = generated(), generated(*SAMPLED)
+    assert len(set(greedy)) < len(greedy) and sampled != greedy  # what the cases rely on
+    return greedy, sampled
+
+
+@pytest.mark.parametrize("option", list(SAMPLING_CASES))
+def test_sampling_options_reach_the_sampler(option, baselines):
+    options, holds = SAMPLING_CASES[option]
+    assert holds(generated(*options), *baselines), f"{option} had no effect on the generated tokens"
 
 
 def expect_clean_error(result, *needles):

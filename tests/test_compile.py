@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import plainllama
+from plainllama.engine.compiled import CompiledForward
 from plainllama.model import KVCache
 from gguf_files import write_llama_gguf
 
@@ -44,6 +45,9 @@ def test_compiled_decode_matches_eager(path):
     compiled = plainllama.load(str(path), device="cpu", dtype="float32", compile=True)
     ids = eager.encode_prompt("Once upon a time there was a model that compiled itself")
     a, b = step_logits(eager, ids), step_logits(compiled, ids)
+    # the steps really ran compiled: a compile that failed and fell back to eager would pass the rest
+    assert isinstance(compiled.model.forward, CompiledForward)
+    assert not compiled.model.forward.failed and compiled.model.forward.steps == len(ids) - 4
     assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item()
     assert eager.generate("Hello", max_new_tokens=12).tokens == compiled.generate("Hello", max_new_tokens=12).tokens
     beams = [
@@ -97,4 +101,5 @@ def test_cli_compile_flag(path):
         capture_output=True,
         text=True,
     )
+    assert "torch.compile failed" not in out.stderr  # a failed compile falls back to eager and would pass the rest
     assert out.stdout == plain.stdout and out.stdout.strip()

@@ -10,15 +10,13 @@ import pytest
 import torch
 
 import plainllama
-from test_tokenizer import CORPUS
+from helpers import CORPUS, oracle, run_cli
 
-transformers = pytest.importorskip("transformers")
+transformers = oracle("transformers")
 
 
 def cli(*args):
-    result = subprocess.run([sys.executable, "-m", "plainllama", *args], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    return result
+    return run_cli(*args, timeout=600, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +61,11 @@ def test_transformers_loads_the_hf_folder(llm, converted):
 def test_meta_llama3_checkpoint_to_hf_matches_meta_reference(tmp_path):
     """Meta folder (Llama 3.1 shapes, Meta's tokenizer.model) -> HF folder -> transformers, compared
     with Meta's reference model and tokenizer on the original."""
-    pytest.importorskip("llama_models")
+    oracle("llama_models")
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
     from meta_files import llama3_tokenizer_model, reference_logits, reference_model, write_meta_checkpoint
-    from test_meta_format import CONFIGS, IDS
+    from helpers import CONFIGS, IDS
 
     params, theta = CONFIGS["llama3.1"]
     ref = reference_model(params, 128256, theta, seed=3)

@@ -13,8 +13,9 @@ from gguf_files import truncated_copy
 from plainllama import PlainLlamaError
 from plainllama.sampling import Sampler, SamplingSettings
 from plainllama.generation.speculative import accept_or_correct
+from helpers import oracle
 
-transformers = pytest.importorskip("transformers")
+transformers = oracle("transformers")
 
 PROMPTS = ["The capital of France is", "Llamas are members of the camelid family. They", "def add(a, b):"]
 

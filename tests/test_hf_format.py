@@ -10,8 +10,9 @@ import torch
 
 import plainllama
 from plainllama import PlainLlamaError
+from helpers import oracle
 
-transformers = pytest.importorskip("transformers")
+transformers = oracle("transformers")
 
 TEXTS = [
     "Hello world",
@@ -150,7 +151,7 @@ def llama3_tokenizer_json(tmp_path_factory):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_llama3_tokenizer_json_matches_meta_reference(llama3_tokenizer_json, text):
-    pytest.importorskip("llama_models")
+    oracle("llama_models")
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
     from plainllama.formats.hf_tokenizer import load_tokenizer_json

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import oracle
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +108,7 @@ def test_walkthrough_logits_equal_the_model_forward():
 
 
 def chromium_driver():
-    webdriver = pytest.importorskip("selenium.webdriver")
+    webdriver = oracle("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
 
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")

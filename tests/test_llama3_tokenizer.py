@@ -5,9 +5,9 @@ import pytest
 
 from meta_files import llama3_tokenizer_model
 from plainllama.formats.tokenizer_files import load_tokenizer_model
-from test_tokenizer import CORPUS
+from helpers import CORPUS, oracle
 
-pytest.importorskip("llama_models")
+oracle("llama_models")
 
 
 @pytest.fixture(scope="module")

@@ -8,46 +8,12 @@ import pytest
 import torch
 
 import plainllama
+from helpers import CONFIGS, IDS, LLAMA3_VOCAB, oracle
 from meta_files import llama3_tokenizer_model, reference_logits, reference_model, write_meta_checkpoint
 from plainllama import PlainLlamaError
 
-pytest.importorskip("llama_models", reason="the reference is installed by `scripts/setup.sh --test`")
-pytest.importorskip("fairscale", reason="the reference is installed by `scripts/setup.sh --test`")
-
-LLAMA3_VOCAB = 128256
-IDS = [128000, 791, 6864, 315, 9822, 374, 12366, 13, 578, 43876, 374, 264, 5679, 13, 128009, 40, 1093, 433, 0, 3639] * 3
-
-CONFIGS = {
-    # Llama 2: no GQA, ffn_dim_multiplier, vocab_size -1, no rope_theta in params.json (Llama 2 used 10000)
-    "llama2": (
-        {
-            "dim": 128,
-            "n_layers": 2,
-            "n_heads": 4,
-            "multiple_of": 64,
-            "ffn_dim_multiplier": 1.3,
-            "norm_eps": 1e-5,
-            "vocab_size": -1,
-        },
-        10000.0,
-    ),
-    # Llama 3.1: GQA, scaled rope, theta 500000
-    "llama3.1": (
-        {
-            "dim": 128,
-            "n_layers": 2,
-            "n_heads": 4,
-            "n_kv_heads": 2,
-            "multiple_of": 64,
-            "ffn_dim_multiplier": 1.3,
-            "norm_eps": 1e-5,
-            "vocab_size": LLAMA3_VOCAB,
-            "rope_theta": 500000.0,
-            "use_scaled_rope": True,
-        },
-        500000.0,
-    ),
-}
+oracle("llama_models")
+oracle("fairscale")
 
 
 @pytest.fixture(scope="module")

@@ -13,28 +13,10 @@ import torch
 
 import plainllama
 from gguf_files import write_llama_gguf
+from helpers import llama_cpp_logits, oracle
 from plainllama.model import llama3_rope_factors
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `scripts/setup.sh --test`")
-
-
-GGML_F32 = 0
-
-
-def llama_cpp_logits(path, ids):
-    # A float32 KV cache (llama.cpp's default is float16) so that float32 files compare exactly.
-    model = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=max(64, len(ids) + 8),
-        n_threads=2,
-        n_batch=512,
-        logits_all=True,
-        type_k=GGML_F32,
-        type_v=GGML_F32,
-        verbose=False,
-    )
-    model.eval(ids)
-    return torch.tensor(np.array(model.scores[: len(ids)]))
+llama_cpp = oracle("llama_cpp", "llama-cpp-python is installed by `scripts/setup.sh --test`")
 
 
 def test_default_model_agrees_with_llama_cpp(llm, model_path):

@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType, quants
 
 import plainllama
 from gguf_files import random_blocks, write_llama_gguf
+from helpers import llama_cpp_logits
 from plainllama.engine.cpu import kernels
 from plainllama.engine.cpu.packed import (
     PackedEmbedding,
@@ -210,8 +211,7 @@ def test_default_model_packed_agrees_with_float_weights_and_llama_cpp(llm, model
     assert logits_tv(ours, float_logits) < 0.08  # measured 0.03 on this text
     agree = (ours.argmax(-1) == float_logits.argmax(-1)).float().mean().item()
     assert agree >= 0.85
-    llama_cpp_test = pytest.importorskip("test_model_vs_llama_cpp")
-    theirs = llama_cpp_test.llama_cpp_logits(model_path, ids)
+    theirs = llama_cpp_logits(model_path, ids)
     assert logits_tv(ours, theirs) < 0.08
 
 

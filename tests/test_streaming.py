@@ -27,6 +27,7 @@ from plainllama.engine.loading import WeightBuilder, build_model
 from plainllama.engine.planner import STREAM_BUFFERS, GiB, parse_size, plan_memory, process_rss
 from plainllama.engine.streaming import StreamedBlock
 from gguf_files import write_llama_gguf
+from helpers import run_cli
 
 SHAPE = dict(dim=256, n_layers=10, n_heads=8, n_kv_heads=4, hidden_dim=768, context_length=512)
 IDS = [1, 17, 200, 3000, 45, 9, 812, 77, 1024, 5, 600, 31]
@@ -255,10 +256,6 @@ def test_peak_rss_stays_under_the_budget(model, request):
         figures
     )  # ... from disk, on each pass (prefill and steps)
     assert figures["peak"] <= figures["budget"] + (16 << 20), figures
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "plainllama", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_refuses_when_not_even_one_layer_fits(big_model):

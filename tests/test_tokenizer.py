@@ -14,32 +14,7 @@ import os
 import pytest
 
 import plainllama
-
-CORPUS = [
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog. It's a well-known pangram; we'll use it, they'd say.",
-    "I'M SHOUTING, YOU'RE NOT, WE'VE SEEN IT",
-    "def add(a, b):\n    return a + b  # sum\n\n\nclass Foo:\n\tpass\n",
-    "for (int i = 0; i < n; ++i) { total += x[i] * 2.5e-3; }",
-    "   leading spaces, trailing spaces   ",
-    "tabs\tand\nnewlines\r\nand\n\n\n\nmany blank lines\n",
-    "a" + " " * 17 + "b",
-    "日本語のテキストとカタカナ。中文测试：你好，世界！한국어 텍스트입니다",
-    "مرحبا بالعالم، هذه جملة عربية.",
-    "नमस्ते दुनिया, यह हिंदी वाक्य है।",
-    "Family: 👨‍👩‍👧‍👦, flags: 🇫🇷🇯🇵, skin tone: 👍🏽, heart: ❤️",
-    "e\u0301 a\u0308 n\u0303 Z\u0351\u0358a\u0360l\u0334g\u0315o",  # combining marks
-    "3141592653589793238462643383279502884197169399375105820974944",
-    "Prices: $1,234.56, 10%, 2024-01-15, v1.2.3, 0x1F, 1e10",
-    "<|im_start|>user\nThis looks like a special token<|im_end|> but is only text",
-    "<|endoftext|><repo_name>x</s><s>[INST]",
-    "Ünïcödé ünder ßtraße, naïve café, Ελληνικά, Русский текст",
-    "control\x01\x04\x1fbytes and \x7f delete",
-    "",
-    " ",
-    "\n",
-    "'s 's 'S 'll",
-]
+from helpers import CORPUS, oracle
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +37,7 @@ def hf_tokenizer(model_path):
 
 @pytest.fixture(scope="session")
 def llama_cpp_vocab(model_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `scripts/setup.sh --test`")
+    llama_cpp = oracle("llama_cpp", "llama-cpp-python is installed by `scripts/setup.sh --test`")
     return llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
 
 

@@ -88,12 +88,8 @@ def weight_bytes_per_token(model: nn.Module) -> int:
             total += module.weight.numel() * module.weight.element_size()
         elif isinstance(module, (nn.Embedding, PackedEmbedding)):
             continue
-        elif (
-            hasattr(module, "weight")
-            and isinstance(getattr(module, "weight", None), torch.Tensor)
-            and module.weight.dim() == 1
-        ):
-            total += module.weight.numel() * module.weight.element_size()  # norms
+        elif isinstance(weight := getattr(module, "weight", None), torch.Tensor) and weight.dim() == 1:
+            total += weight.numel() * weight.element_size()  # norms
     return total
 
 
@@ -148,7 +144,10 @@ def run(
     # like-for-like figure for a decode rate that is a mean over seconds (on a noisy machine it can
     # come out below the decode's own rate). Peak RSS is read before the first sample's 1 GiB test
     # buffer exists (the later generations allocate what the first did).
-    runs, sustained, burst, peak_rss = [], [], [], None
+    runs: list = []
+    sustained: list = []
+    burst: list = []
+    peak_rss = 0
     for _ in range(repeats):
         runs.append(generation())
         peak_rss = peak_rss or peak_rss_bytes()

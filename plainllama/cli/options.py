@@ -97,7 +97,8 @@ PARSERS = {"logit_bias": logit_bias}  # settings whose command-line form is not 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     for setting in dataclasses.fields(SamplingSettings):
-        default = setting.default_factory() if setting.default is dataclasses.MISSING else setting.default  # type: ignore[misc]
+        has_factory = setting.default is dataclasses.MISSING
+        default = setting.default_factory() if has_factory else setting.default  # type: ignore[operator]
         p.add_argument(
             "--" + setting.name.replace("_", "-"),
             type=PARSERS.get(setting.name, setting.metadata["type"]),

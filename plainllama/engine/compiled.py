@@ -26,26 +26,33 @@ from .cpu import kernels
 from ..model import Transformer
 
 
+class CompiledForward:
+    """A model's forward whose one-token steps run compiled. `steps` counts the steps that did;
+    `failed` is set (and said once) when compiling failed and the model carries on eagerly."""
+
+    def __init__(self, model: Transformer):
+        self.model, self.eager = model, model.forward
+        self.compiled = torch.compile(self.eager)
+        self.steps, self.failed = 0, False
+
+    def __call__(self, tokens, start_pos=0, cache=None, last_only=False, pad=None):
+        # tracing.py's hooks must see eager modules
+        hooked = any(layer._forward_hooks or layer.attention._forward_hooks for layer in self.model.layers)
+        if tokens.shape[1] != 1 or cache is None or hooked or self.failed:
+            return self.eager(tokens, start_pos, cache, last_only, pad)
+        try:
+            out = self.compiled(tokens, start_pos, cache, last_only, pad)
+        except Exception as error:  # inductor raises many kinds (compiler missing, unsupported op)
+            self.failed = True
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"plainllama: torch.compile failed ({first_line[:200]}); running without it", file=sys.stderr)
+            return self.eager(tokens, start_pos, cache, last_only, pad)
+        self.steps += 1
+        return out
+
+
 def compile_decode(model: Transformer) -> Transformer:
     """Route `model`'s one-token steps through torch.compile; returns the model."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kernels.cache_dir() / "inductor"))
-    eager = model.forward
-    compiled = torch.compile(eager)
-    state = {"failed": False}
-
-    def forward(tokens, start_pos=0, cache=None, last_only=False, pad=None):
-        # tracing.py's hooks must see eager modules; a failed compile (no C++ compiler, say) is
-        # reported once and the model carries on eagerly
-        hooked = any(layer._forward_hooks or layer.attention._forward_hooks for layer in model.layers)
-        if tokens.shape[1] != 1 or cache is None or hooked or state["failed"]:
-            return eager(tokens, start_pos, cache, last_only, pad)
-        try:
-            return compiled(tokens, start_pos, cache, last_only, pad)
-        except Exception as error:  # inductor raises many kinds (compiler missing, unsupported op)
-            state["failed"] = True
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"plainllama: torch.compile failed ({first_line[:200]}); running without it", file=sys.stderr)
-            return eager(tokens, start_pos, cache, last_only, pad)
-
-    model.forward = forward
+    model.forward = CompiledForward(model)  # type: ignore[method-assign]  # this model's forward, on this instance only
     return model

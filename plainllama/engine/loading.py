@@ -75,7 +75,7 @@ def _read_small(record: CheckpointTensor) -> torch.Tensor | None:
         return None
     raw = torch.empty(where.nbytes, dtype=torch.uint8)
     with open(where.path, "rb", buffering=0) as f:
-        got = os.preadv(f.fileno(), [raw.numpy()], where.offset)
+        got = os.preadv(f.fileno(), [raw.numpy()], where.offset)  # type: ignore[list-item]  # numpy arrays are buffers
     if got != where.nbytes:
         raise PlainLlamaError(
             f"{where.path}: ended while reading a tensor (the file was truncated after it was opened)"
@@ -86,6 +86,7 @@ def _read_small(record: CheckpointTensor) -> torch.Tensor | None:
 def _packed_weight(record: CheckpointTensor, held: Holding, shape: tuple[int, int]) -> PackedWeight | None:
     """The [N, K] matrix in the packed layout `held` says, or None where it stays a float tensor."""
     if held.how == "gguf":  # GGUF: quantized blocks and 16-bit floats as stored
+        assert record.raw is not None  # holding() says "gguf" only for records with raw bytes
         raw = record.raw()
         packed = pack_gguf(raw, record.type, shape)
         release(raw, next(iter(packed.buffers())))
@@ -97,6 +98,7 @@ def _packed_weight(record: CheckpointTensor, held: Holding, shape: tuple[int, in
         release(stored, packed.qs)  # the source pages: not needed any more
         return packed
     if held.how == "half":
+        assert held.layout is not None
         return PackedWeight(held.layout, shape, {"w": record.load()})
     return None
 

@@ -271,9 +271,11 @@ def plan_memory(
     )
     n = args.n_layers
     if on_gpu:
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        gpu_budget = max_gpu_memory if max_gpu_memory is not None else (int(free * 0.95) if free is not None else None)
-        if gpu_budget is None:  # MPS shares the machine's RAM: the RAM budget decides
+        if max_gpu_memory is not None:
+            gpu_budget = max_gpu_memory
+        elif device.type == "cuda":
+            gpu_budget = int(torch.cuda.mem_get_info(device)[0] * 0.95)
+        else:  # MPS shares the machine's RAM: the RAM budget decides
             gpu_budget = budget - runtime
         plan.gpu_budget = gpu_budget
         gpu_room = gpu_budget - fixed - kv - activations
@@ -343,7 +345,7 @@ def _fit(sizes: list[int], room: int) -> int:
 
 
 def _cannot_stream(checkpoint, budget: int | None = None, needed: int | None = None) -> PlainLlamaError:
-    sizes = f" (it needs about {gb(needed)}, the budget is {gb(budget)})" if needed else ""
+    sizes = f" (it needs about {gb(needed)}, the budget is {gb(budget)})" if needed and budget is not None else ""
     return PlainLlamaError(
         f"{checkpoint.path}: the model does not fit in memory{sizes}, and layers can only be streamed from disk out "
         "of GGUF "

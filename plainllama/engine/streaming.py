@@ -148,7 +148,7 @@ class LayerStreamer:
         """Read layer i's stored bytes into `buffer`, in file order."""
         placed = self.placement[i]
         names = sorted(placed, key=lambda n: (self.checkpoint.tensors[n].stored.path, placed[n][0]))
-        view = memoryview(buffer.numpy())
+        view = memoryview(buffer.numpy())  # type: ignore[arg-type]  # numpy arrays are buffers; its stubs do not say so
         start = time.perf_counter()
         total = 0
         for name in names:

@@ -221,10 +221,10 @@ def _check_tensors(gf: GGUFFile, args: ModelArgs):
     """Every tensor present, of a supported type, with the shape the metadata implies and all its bytes."""
     path = gf.path
     expected = expected_shapes(args)
-    present = {_our_name(name): info for name, info in gf.tensors.items() if _our_name(name)}
-    if args.tie_embeddings:
-        present["output.weight"] = present.get("tok_embeddings.weight")
-    missing = [name for name in expected if present.get(name) is None]
+    present = {ours: info for name, info in gf.tensors.items() if (ours := _our_name(name))}
+    if args.tie_embeddings and "tok_embeddings.weight" in present:
+        present["output.weight"] = present["tok_embeddings.weight"]
+    missing = [name for name in expected if name not in present]
     if missing:
         raise PlainLlamaError(f"{path}: missing tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     extra = sorted(set(present) - set(expected))
@@ -309,7 +309,7 @@ def _tokenizer(path, meta) -> Tokenizer:
                     f"{path}: SentencePiece vocabulary needs one score per token (tokenizer.ggml.scores)"
                 )
             add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-            model = SentencePieceBPE(tokens, scores, types, meta.get("tokenizer.ggml.unknown_token_id"), add_prefix)
+            model = SentencePieceBPE(tokens, scores, types, meta.get("tokenizer.ggml.unknown_token_id"), add_prefix)  # type: ignore[assignment]
             # llama.cpp adds BOS for SentencePiece vocabularies unless the file says not to.
             add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
         else:

@@ -99,7 +99,7 @@ class GGUFFile:
 class _Cursor:
     def __init__(self, path: str, buf: np.ndarray):
         self.path, self.buf, self.pos = path, buf, 0
-        self.raw = memoryview(buf)
+        self.raw = memoryview(buf)  # type: ignore[arg-type]  # numpy arrays are buffers; its stubs do not say so
 
     def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > len(self.buf):

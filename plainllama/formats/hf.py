@@ -226,7 +226,7 @@ def stored_tensor(path: str, ranges: dict, hf_name: str, name: str, shape, args:
 def read_tokenizer(folder: str, config: dict):
     """(tokenizer, Jinja chat template) from tokenizer.json and its companions; the end tokens
     are config.json's and generation_config.json's eos_token_id."""
-    end_ids = set()
+    end_ids: set[int] = set()
     for source in (
         config,
         read_json(os.path.join(folder, "generation_config.json"))

@@ -59,6 +59,7 @@ def load_tokenizer_json(folder: str, extra_end_ids: set[int]) -> Tokenizer:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
 
     try:
+        bpe: SentencePieceBPE | BytePairEncoding
         if is_sentencepiece_style(spec):
             bpe = sentencepiece_style(path, spec, tokens, types, merges, vocab, model)
         else:
@@ -69,8 +70,8 @@ def load_tokenizer_json(folder: str, extra_end_ids: set[int]) -> Tokenizer:
         raise PlainLlamaError(f"{path}: {e}") from None
 
     ids = {t: i for i, t in enumerate(tokens)}
-    bos = ids.get(token_text(config.get("bos_token")))
-    eos = ids.get(token_text(config.get("eos_token")))
+    bos = ids.get(token_text(config.get("bos_token")) or "")
+    eos = ids.get(token_text(config.get("eos_token")) or "")
     add_bos = config.get("add_bos_token")
     if add_bos is None:  # newer files say it in the post-processor instead: does it put BOS first?
         add_bos = bos is not None and bos_in_post_processor(spec.get("post_processor"), tokens[bos])
@@ -88,7 +89,7 @@ def sentencepiece_style(path, spec, tokens, types, merges, vocab, model) -> Sent
     # The merges list is the SentencePiece scores in another form: the earlier a token is made by
     # a merge, the higher its score.
     scores = [0.0] * len(tokens)
-    first_rank = {}
+    first_rank: dict[str, int] = {}
     for rank, merge in enumerate(merges):
         first_rank.setdefault(merge.replace(" ", "", 1), rank)
     for text, i in vocab.items():
@@ -106,7 +107,7 @@ def sentencepiece_style(path, spec, tokens, types, merges, vocab, model) -> Sent
 
 def byte_level_patterns(path: str, pre: dict | None) -> tuple[str, ...]:
     """The pre-tokenizer steps, as the regex patterns our BPE applies in turn."""
-    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre] if pre else []
+    steps = ((pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre] if pre else []) or []
     patterns = []
     for step in steps:
         kind = step.get("type")

@@ -84,7 +84,8 @@ def speculative_tokens(
                     return
             round_start = time.perf_counter()
             # 1. The draft guesses K tokens, first catching up on what it has not seen.
-            drafted, q = [], []
+            drafted: list[int] = []
+            q: list[torch.Tensor] = []
             feed = seq[d_pos:]
             for _ in range(k):
                 d_logits = draft(torch.tensor([feed], device=d_device), d_pos, d_cache, last_only=True)[0, -1]

@@ -85,6 +85,7 @@ class GenerationStream:
         if stopped:
             s.finish_reason = "stop"
             self._token_iter.close()
+        assert s.finish_reason is not None  # the loop sets it when it ends
         acceptance = s.draft_accepted / s.draft_proposed if self._draft is not None and s.draft_proposed else None
         self.result = Generation(
             self._prompt_ids,

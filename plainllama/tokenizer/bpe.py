@@ -8,6 +8,8 @@ that comes earliest in that list until no listed pair is left.
 
 from __future__ import annotations
 
+from typing import Any
+
 import heapq
 
 from .pretokenize import compile_patterns, split_pieces
@@ -43,7 +45,7 @@ def merge_word(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
     n = len(symbols)
     if n < 2:
         return symbols
-    sym: list[str | None] = list(symbols)
+    sym: list[Any] = list(symbols)  # a str, or None once merged into its left neighbour
     nxt = list(range(1, n)) + [-1]
     prv = [-1] + list(range(n - 1))
     heap = [(ranks[(sym[i], sym[i + 1])], i, sym[i], sym[i + 1]) for i in range(n - 1) if (sym[i], sym[i + 1]) in ranks]

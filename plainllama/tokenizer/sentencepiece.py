@@ -8,6 +8,8 @@ A character with no piece of its own falls back to its UTF-8 bytes, as the token
 
 from __future__ import annotations
 
+from typing import Any
+
 import heapq
 
 SPACE = "\u2581"
@@ -53,12 +55,12 @@ class SentencePieceBPE:
             raise ValueError(f"cannot encode {symbol!r}: the vocabulary has neither byte tokens nor an unknown token")
         return [self.unk_id]
 
-    def _merge(self, sym: list[str | None]) -> list[str]:
+    def _merge(self, sym: list[Any]) -> list[str]:  # sym: str, or None once merged into its left neighbour
         """Merge highest-scoring pairs first; a heap over a linked list, stale entries skipped."""
         n = len(sym)
         nxt = list(range(1, n)) + [-1]
         prv = [-1] + list(range(n - 1))
-        heap = []
+        heap: list[tuple[float, int, str, str]] = []
 
         def push(a: int, b: int):
             joined = sym[a] + sym[b]

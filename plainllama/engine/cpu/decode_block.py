@@ -208,6 +208,7 @@ def kernel_block(block: TransformerBlock) -> TransformerBlock:
     ]
     if any(lin is None for lin in linears):
         return block
+    assert linears[3] is not None
     attention = block.attention
     norm = block.attention_norm
     layer = Layer(

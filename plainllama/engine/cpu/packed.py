@@ -98,12 +98,19 @@ def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(tensors)
     first = tensors[0]
     rows = sum(t.shape[0] for t in tensors)
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
+    # torch's stubs lack set_'s form without strides
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))  # type: ignore[call-overload]
 
 
 class PackedWeight(nn.Module):
     """A [N, K] weight matrix in one of LAYOUTS. Shared by PackedLinear and PackedEmbedding (tied
     embeddings are one PackedWeight used by both)."""
+
+    # the parts (buffers): w for 16-bit layouts; qs, d and, for q4 with minimums, m for the others
+    w: torch.Tensor
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
 
     def __init__(self, layout: str, shape: tuple[int, int], parts: dict[str, torch.Tensor]):
         super().__init__()
@@ -284,7 +291,7 @@ class StackedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return torch.cat([part.weight for part in self.parts])
+        return torch.cat([part.weight for part in self.parts])  # type: ignore[misc]  # each part's weight property
 
 
 class PackedEmbedding(nn.Module):

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +33,9 @@ HEADER = Path(__file__).with_name("plainllama.h")  # the contract: layouts, stat
 def _enum(name: str) -> dict[str, tuple[int, str]]:
     """The members of `enum name` in plainllama.h: NAME -> (value, the comment after it)."""
     text = HEADER.read_text()
-    body = re.search(r"enum " + name + r" \{(.*?)\};", text, re.S).group(1)
+    found = re.search(r"enum " + name + r" \{(.*?)\};", text, re.S)
+    assert found, f"{HEADER} declares no enum {name}"
+    body = found.group(1)
     return {
         m[1]: (int(m[2]), (m[3] or "").strip()) for m in re.finditer(r"(\w+) = (-?\d+),[ \t]*(?:/\*(.*?)\*/)?", body)
     }
@@ -52,7 +55,7 @@ C_TYPES = {
 }
 
 
-def _prototypes() -> dict[str, tuple[type, list[type]]]:
+def _prototypes() -> dict[str, tuple[Any, list[Any]]]:
     """Every function plainllama.h declares: name -> (ctypes return type, argument types); any
     pointer is a c_void_p (callers pass tensors' data_ptr())."""
     text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)

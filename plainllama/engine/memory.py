@@ -48,11 +48,9 @@ def give_freed_memory_back() -> None:
     """Make large freed blocks go back to the OS at once. glibc serves blocks of 128 KiB and more
     with their own mappings, returned when freed, but after the first such free it raises that
     threshold to the freed size: later tensors of that size come from the heap and stay in the
-    process when freed (and the layer reader thread has a heap of its own). Under a memory budget
-    (streaming) that slack was ~30-60 MB more peak memory (a 1B-shaped Q4_0 file under 900 MiB:
-    peak 929 MiB without, 896 MiB with). The cost: each new large tensor is page-faulted in afresh,
-    ~5 ms of the ~40 ms it takes to read and convert a streamed 32 MB Q4_0 layer (the budget is a
-    promise; speed is not). Only done when layers stream."""
+    process when freed (and the layer reader thread has a heap of its own), beyond a memory budget.
+    The cost is a page fault per page of each new large tensor, so it is done only when layers
+    stream, where the budget is a promise (measurements: docs/performance.md)."""
     if _libc is not None and hasattr(_libc, "mallopt"):
         _libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
 

@@ -59,7 +59,7 @@ typedef struct {
 } TileConfig;
 
 /* Static, not built on the stack: gcc does not see that ldtilecfg reads its operand and dropped the
- * stores that filled a local one (a crash, found the hard way). Every tile: 16 rows of 64 bytes. */
+ * stores that filled a local one, and the tiles were configured from garbage. Every tile: 16 rows of 64 bytes. */
 static const TileConfig TILES __attribute__((aligned(64))) = {
     .palette = 1, .bytes_per_row = {64, 64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
 

@@ -7,9 +7,6 @@ float32 rounding, and greedy tokens are identical.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -17,6 +14,7 @@ import plainllama
 from plainllama.engine.compiled import CompiledForward
 from plainllama.model import KVCache
 from gguf_files import write_llama_gguf
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -61,45 +59,19 @@ def test_compiled_decode_matches_eager(path):
 
 
 def test_cli_compile_flag(path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "plainllama",
-            "generate",
-            "-m",
-            str(path),
-            "--dtype",
-            "float32",
-            "--compile",
-            "--max-new-tokens",
-            "4",
-            "--temperature",
-            "0",
-            "Hello",
-        ],
-        capture_output=True,
-        text=True,
+    options = (
+        "generate",
+        "-m",
+        str(path),
+        "--dtype",
+        "float32",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "Hello",
     )
-    assert out.returncode == 0, out.stderr
-    plain = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "plainllama",
-            "generate",
-            "-m",
-            str(path),
-            "--dtype",
-            "float32",
-            "--max-new-tokens",
-            "4",
-            "--temperature",
-            "0",
-            "Hello",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    out = run_cli(*options, "--compile", check=True)
+    plain = run_cli(*options, check=True)
     assert "torch.compile failed" not in out.stderr  # a failed compile falls back to eager and would pass the rest
     assert out.stdout == plain.stdout and out.stdout.strip()

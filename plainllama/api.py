@@ -19,6 +19,7 @@ import torch
 from .chat_format import chat_format_for
 from .default_model import default_model_path
 from .engine.compiled import compile_decode
+from .engine.cpu import kernels
 from .engine.devices import pick_device, pick_dtype
 from .engine.loading import load_planned, weight_mode
 from .engine.planner import MemoryPlan
@@ -44,8 +45,10 @@ class LLM:
         dtype: torch.dtype,
         load_seconds: float,
         plan: MemoryPlan | None = None,
+        weights: str = "float",
     ):
         self.model = model
+        self.weights = weights  # how the weights are held (engine/loading.py's WEIGHT_MODES)
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         self.device, self.dtype = device, dtype
@@ -70,6 +73,12 @@ class LLM:
     def _check_request(self, rows: int, length: int) -> None:
         if self.plan is not None:
             self.plan.check_request(rows, min(length, self.args.context_length))
+
+    @property
+    def compute(self) -> str:
+        """Which path the products take: "kernels amx" / "kernels avx512" (compressed weights, the C
+        kernels) or "float weights" (PyTorch's operators on weights converted to the model's dtype)."""
+        return f"kernels {kernels.isa()}" if self.weights != "float" else "float weights"
 
     @property
     def args(self):
@@ -225,6 +234,7 @@ def load(
     context: int | None = None,
     report=None,
     compile: bool = False,
+    threads: int | None = None,
 ) -> LLM:
     """Load a model file or folder (default: the bundled SmolLM2-135M-Instruct).
 
@@ -237,7 +247,12 @@ def load(
     disk on every forward pass. `max_memory` ("4G", or bytes) caps the process's RAM, `max_gpu_memory`
     the GPU's; `context` is the KV cache to reserve, in tokens (all rows of a batch together).
     `report(text)` receives the plan when anything streams or a cap was given.
-    `compile=True`: decode steps on PyTorch's operators go through torch.compile (compiled.py)."""
+    `compile=True`: decode steps on PyTorch's operators go through torch.compile (compiled.py).
+    `threads`: threads for PyTorch and the C kernels, which share one OpenMP pool (default: one per core)."""
+    if threads is not None:
+        if threads < 1:
+            raise PlainLlamaError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     checkpoint = open_checkpoint(path if path is not None else default_model_path())
     torch_device = pick_device(device)
@@ -248,7 +263,8 @@ def load(
     )
     if compile:
         compile_decode(model)
-    return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, time.perf_counter() - start, plan)
+    seconds = time.perf_counter() - start
+    return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, seconds, plan, weights)
 
 
 __all__ = ["LLM", "Beam", "Generation", "GenerationStream", "PlainLlamaError", "load"]

@@ -169,6 +169,7 @@ def run(
         "device": str(llm.device),
         "weights": weight_description(llm.model),
         "threads": torch.get_num_threads(),
+        "compute": llm.compute,
         "load_seconds": load_seconds,
         "prompt_tokens": prompt_tokens,
         "prefill_tokens_per_second": prompt_tokens / prefill_seconds,
@@ -200,7 +201,7 @@ def weight_description(model: nn.Module) -> str:
 def format_table(r: dict) -> str:
     rows = [
         ("model", r["model"]),
-        ("device, threads", f"{r['device']}, {r['threads']}"),
+        ("device, threads", f"{r['device']}, {r['threads']}, {r['compute']}"),
         ("matrices held as", r["weights"]),
         ("load", f"{r['load_seconds']:.2f} s"),
         (f"prefill ({r['prompt_tokens']} tokens)", f"{r['prefill_tokens_per_second']:.1f} tok/s"),

@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+import torch
+
 from ..errors import PlainLlamaError
 from ..generation.stops import StopMatcher
 from .options import load_model, sampling_settings
@@ -156,6 +158,8 @@ def run_command(args) -> int:
             "model": llm.checkpoint.path,
             "device": str(llm.device),
             "dtype": str(llm.dtype).removeprefix("torch."),
+            "compute": llm.compute,
+            "threads": torch.get_num_threads(),
             "prompt_tokens": result.prompt_tokens,
             "tokens": result.tokens,
             "text": result.text,
@@ -182,7 +186,7 @@ def run_command(args) -> int:
     print(
         f"[prompt {t.prompt_tokens} tokens: {t.prefill_tokens_per_second:.1f} tok/s | "
         f"generated {len(result.tokens)} tokens: {t.decode_tokens_per_second:.1f} tok/s | "
-        f"{llm.device}, {str(llm.dtype).removeprefix('torch.')}, loaded in {llm.load_seconds:.1f}s"
+        f"{llm.device}, {str(llm.dtype).removeprefix('torch.')}, {llm.compute}, loaded in {llm.load_seconds:.1f}s"
         + (f", draft accepted {result.draft_acceptance:.0%}" if result.draft_acceptance is not None else "")
         + "]",
         file=sys.stderr,

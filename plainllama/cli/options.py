@@ -48,6 +48,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="KV cache the memory plan reserves, in tokens, all prompts of a batch together (default: 2048)",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads for the products (default: one per core); on a busy machine, fewer than the cores are faster",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="run decode steps on PyTorch's operators through torch.compile (float weights, GPUs; cached "
@@ -59,6 +66,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def load_options(args) -> dict:
     """The keyword arguments of plainllama.load() that the model options give."""
     return dict(
+        threads=args.threads,
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,

@@ -2,17 +2,21 @@
 prompts, on CPUs with AMX) and decode_layer.c (a whole layer's decode step), compiled on first use
 into one library and called through ctypes.
 
-Compiled on the user's machine with `-march=native`, so it uses what that CPU has; the library is
-cached under ~/.cache/plainllama (or $PLAINLLAMA_CACHE) by a hash of the source, the compiler and
-the CPU, and rebuilt when any of them changes. No torch headers are involved, so the build takes
-about a second. Where it cannot be built (no C compiler, a CPU without AVX-512 VNNI, not x86), or
-PLAINLLAMA_KERNELS=0, `available()` is False and every caller takes its PyTorch path instead.
+Compiled on the user's machine with `-march=native`, so it uses what that CPU has, up to the level
+PLAINLLAMA_ISA caps it at (LEVELS: `amx`, the default, uses everything; `avx512` leaves Intel's
+matrix units out; `none` turns the kernels off, as PLAINLLAMA_KERNELS=0 does). The library is cached
+under ~/.cache/plainllama (or $PLAINLLAMA_CACHE) by a hash of the source, the compiler, the CPU and
+the level, rebuilt when any of them changes, and rebuilt once if the cached file cannot be loaded.
+No torch headers are involved, so the build takes about a second. Where it cannot be built (no C
+compiler, a CPU without AVX-512 VNNI, not x86), `available()` is False, `isa()` is "none", and every
+caller takes its PyTorch path instead; a build that failed says why, once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import re
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ....errors import PlainLlamaError
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_matmul.c", "amx_matmul.c", "decode_layer.c")]
 HEADER = Path(__file__).with_name("plainllama.h")  # the contract: layouts, status codes, structs, prototypes
@@ -85,9 +91,30 @@ def _cpu_signature() -> str:
     return flags
 
 
-def _build(compiler: str) -> Path:
+# Instruction-set levels, each including the ones before it, and the compiler flags that cap a build
+# at that level. There are no kernels below AVX-512 (VNNI, BW, VL) yet: "avx2" runs without them.
+LEVELS = ("none", "avx2", "avx512", "amx")
+LEVEL_FLAGS = {"avx512": ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"], "amx": []}
+
+log = logging.getLogger("plainllama")
+
+
+def requested_level() -> str:
+    """The level PLAINLLAMA_ISA asks for (default: the best the CPU has)."""
+    if os.environ.get("PLAINLLAMA_KERNELS", "1") == "0":
+        return "none"
+    level = os.environ.get("PLAINLLAMA_ISA", "amx").strip().lower() or "amx"
+    if level not in LEVELS:
+        raise PlainLlamaError(f"PLAINLLAMA_ISA={level}: expected one of {', '.join(reversed(LEVELS))}")
+    return level
+
+
+def _build(compiler: str, level: str) -> Path:
     key = hashlib.sha256(
-        b"".join(s.read_bytes() for s in [*SOURCES, HEADER]) + compiler.encode() + _cpu_signature().encode()
+        b"".join(s.read_bytes() for s in [*SOURCES, HEADER])
+        + compiler.encode()
+        + _cpu_signature().encode()
+        + level.encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"cpu_matmul-{key}.so"
     if target.exists():
@@ -99,6 +126,7 @@ def _build(compiler: str) -> Path:
             compiler,
             "-O3",
             "-march=native",
+            *LEVEL_FLAGS[level],
             "-fopenmp",
             "-shared",
             "-fPIC",
@@ -115,14 +143,26 @@ def _build(compiler: str) -> Path:
 
 @cache
 def _library():
-    if os.environ.get("PLAINLLAMA_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+    level = requested_level()
+    if (
+        level not in LEVEL_FLAGS
+        or platform.machine() not in ("x86_64", "AMD64")
+        or not sys.platform.startswith("linux")
+    ):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler or not sys.platform.startswith("linux"):
+    if not compiler:
+        log.warning("the C kernels are off: no C compiler (cc or gcc) found; compressed weights become floats")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except OSError:
+        path = _build(compiler, level)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a cached file cut short or overwritten: build it again, once
+            path.unlink(missing_ok=True)
+            lib = ctypes.CDLL(str(_build(compiler, level)))
+    except OSError as e:
+        log.warning("the C kernels are off (%s); compressed weights become floats", e)
         return None
     for name, (restype, argtypes) in PROTOTYPES.items():
         fn = getattr(lib, name)
@@ -139,6 +179,11 @@ def amx() -> bool:
     """Whether amx_matmul runs here: the library was built for a CPU with AMX and Linux lets this
     process use the tile registers."""
     return available() and _library().amx_available() == 1
+
+
+def isa() -> str:
+    """The level the kernels run at here: "amx", "avx512" or "none"."""
+    return "amx" if amx() else "avx512" if available() else "none"
 
 
 def _ptr(t: torch.Tensor | None):

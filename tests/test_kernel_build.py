@@ -1,0 +1,73 @@
+"""How the C kernels are built and chosen: PLAINLLAMA_ISA caps the instruction sets, the status says
+which path runs, --threads reaches PyTorch and the kernels' shared pool, and a cached library that
+cannot be loaded is built again. Each runs in a fresh process (the library is loaded once per process).
+The oracle for "which path ran" is the C library itself: amx_available() and whether it loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import run_cli
+from plainllama.engine.cpu import kernels
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the C kernels cannot be built on this machine")
+
+
+def generate_json(*options, env=None):
+    result = run_cli("generate", "Hi", "-n", "2", "--json", *options, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@needs_kernels
+def test_status_names_the_path_and_the_threads():
+    record = generate_json("--threads", "1")
+    assert record["threads"] == 1
+    assert record["compute"] == f"kernels {kernels.isa()}" and kernels.isa() in ("amx", "avx512")
+    assert generate_json(env={"PLAINLLAMA_ISA": "none"})["compute"] == "float weights"
+    assert generate_json("--dtype", "float32")["compute"] == "float weights"  # an explicit dtype converts the weights
+
+
+@needs_kernels
+def test_isa_cap_leaves_amx_out():
+    code = "from plainllama.engine.cpu import kernels; print(kernels.isa(), kernels.amx())"
+    for level, expected in (("avx512", "avx512 False"), ("none", "none False")):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PLAINLLAMA_ISA": level}
+        )
+        assert out.stdout.split() == expected.split(), out.stderr
+
+
+def test_unknown_isa_and_threads_are_clear_errors():
+    for options, env, message in (
+        ((), {"PLAINLLAMA_ISA": "avx3"}, "PLAINLLAMA_ISA=avx3: expected one of amx, avx512, avx2, none"),
+        (("--threads", "0"), {}, "--threads must be >= 1, got 0"),
+    ):
+        result = run_cli("generate", "Hi", "-n", "2", *options, env={**os.environ, **env})
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@needs_kernels
+def test_a_corrupt_cached_library_is_rebuilt(tmp_path):
+    env = {**os.environ, "PLAINLLAMA_CACHE": str(tmp_path)}
+    code = "from plainllama.engine.cpu import kernels; print(kernels.isa())"
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    (library,) = tmp_path.glob("cpu_matmul-*.so")
+    library.write_bytes(b"<html>not a shared library</html>")  # as a cut-short or overwritten file would be
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert first.stdout == second.stdout and second.stdout.strip() in ("amx", "avx512"), second.stderr
+    assert library.read_bytes()[:4] == b"\x7fELF"  # built again in its place
+
+
+def test_a_failed_build_says_why_once(tmp_path):
+    """A compiler that fails: the run goes on with float weights and says so once, with the reason."""
+    env = {"CC": "/bin/false", "PLAINLLAMA_CACHE": str(tmp_path)}
+    result = run_cli("generate", "Hi", "-n", "2", "--json", env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["compute"] == "float weights"
+    assert result.stderr.count("the C kernels are off") == 1 and "compressed weights become floats" in result.stderr

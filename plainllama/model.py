@@ -39,12 +39,17 @@ class ModelArgs:
     tie_embeddings: bool = False  # the output projection reuses the token embedding matrix
 
     def __post_init__(self):
-        if not self.head_dim:
-            self.head_dim = self.dim // self.n_heads
         problems = []
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "context_length"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("norm_eps", "rope_theta"):  # a NaN or negative value would make every logit NaN
+            if not 0 < getattr(self, name) < float("inf"):
+                problems.append(f"{name} must be a finite number above 0, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        if not self.head_dim:
+            self.head_dim = self.dim // self.n_heads
         if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:

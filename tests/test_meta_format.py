@@ -107,7 +107,7 @@ def test_params_disagree_with_tensors(good_folder):
     params = json.load(open(path))
     params["n_layers"] = 3
     json.dump(params, open(path, "w"))
-    assert "layers.2" in load_error(good_folder)
+    assert "n_layers is 3, but the shards hold 2 layers" in load_error(good_folder)
 
 
 def test_unknown_params_key_is_reported(good_folder, caplog):

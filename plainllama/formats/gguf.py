@@ -25,9 +25,10 @@ import torch
 
 from ..errors import PlainLlamaError
 from ..model import ModelArgs
-from .gguf_quants import SUPPORTED_TYPES, byte_size, dequantize
+from .gguf_quants import SUPPORTED_TYPES, block_size, byte_size, dequantize
 from ..tokenizer import BytePairEncoding, SentencePieceBPE, Tokenizer
 from ..tokenizer.pretokenize import pre_tokenizer_for
+from .fields import MISSING, integer, number
 from .checkpoint import Checkpoint, CheckpointTensor, StoredTensor, expected_shapes
 from .gguf_reader import GGUFFile, TensorInfo, read_gguf
 
@@ -158,59 +159,95 @@ def _our_name(gguf_name: str) -> str | None:
     return None
 
 
-def _model_args(gf: GGUFFile, tokenizer) -> ModelArgs:
-    path, meta = gf.path, gf.metadata
+class _Metadata:
+    """The llama.* metadata of a GGUF file, each field read with its type and range checked."""
 
-    def need(key):
-        value = meta.get(f"llama.{key}")
+    def __init__(self, gf: GGUFFile):
+        self.path, self.meta = gf.path, gf.metadata
+
+    def need(self, key):
+        value = self.meta.get(f"llama.{key}")
         if value is None:
-            raise PlainLlamaError(f"{path}: metadata key 'llama.{key}' is missing")
+            raise PlainLlamaError(f"{self.path}: metadata key 'llama.{key}' is missing")
         return value
 
-    dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = int(meta.get("llama.attention.key_length") or dim // n_heads)
-    value_dim = int(meta.get("llama.attention.value_length") or head_dim)
-    if value_dim != head_dim:
-        raise PlainLlamaError(f"{path}: key width {head_dim} differs from value width {value_dim}; not a Llama layout")
-    rope_dim = meta.get("llama.rope.dimension_count")
-    if rope_dim is not None and int(rope_dim) != head_dim:
-        raise PlainLlamaError(
-            f"{path}: partial rotary embeddings (rope.dimension_count={rope_dim}, head width {head_dim}) are not "
-            "supported"
-        )
-    if (meta.get("llama.expert_count") or 0) > 0:
-        raise PlainLlamaError(
-            f"{path}: mixture-of-experts models (llama.expert_count={meta['llama.expert_count']}) are not supported"
-        )
+    def given(self, key) -> bool:
+        return self.meta.get(f"llama.{key}") is not None
 
+    def count(self, key, default=MISSING):
+        """A positive integer; `default` where the key may be absent."""
+        if default is not MISSING and not self.given(key):
+            return default
+        return integer(self.path, f"metadata llama.{key}", self.need(key))
+
+    def positive(self, key, default=MISSING):
+        """A finite number above zero; `default` where the key may be absent."""
+        if default is not MISSING and not self.given(key):
+            return default
+        return number(self.path, f"metadata llama.{key}", self.need(key))
+
+
+def _rope_factors(gf: GGUFFile, m: _Metadata, head_dim: int) -> tuple[float, ...] | None:
+    """Per-frequency divisors: linear scaling from the metadata, or Llama 3.1's as rope_freqs.weight."""
     factors = None
-    scaling = meta.get("llama.rope.scaling.type")
+    scaling = gf.metadata.get("llama.rope.scaling.type")
     if scaling == "linear":
-        factors = (float(need("rope.scaling.factor")),) * (head_dim // 2)
+        factors = (m.positive("rope.scaling.factor"),) * (head_dim // 2)
     elif scaling not in (None, "none"):
         raise PlainLlamaError(
-            f"{path}: rope scaling type {scaling!r} is not supported (plainllama supports linear and Llama 3.1's)"
+            f"{gf.path}: rope scaling type {scaling!r} is not supported (plainllama supports linear and Llama 3.1's)"
         )
     if "rope_freqs.weight" in gf.tensors:
         info = gf.tensors["rope_freqs.weight"]
         if info.type_name != "F32" or info.count != head_dim // 2:
-            raise PlainLlamaError(f"{path}: rope_freqs.weight should be {head_dim // 2} float32 values")
+            raise PlainLlamaError(f"{gf.path}: rope_freqs.weight should be {head_dim // 2} float32 values")
         factors = tuple(float(x) for x in _raw_bytes(gf, info).view(np.float32))
+    return factors
 
+
+def _model_args(gf: GGUFFile, tokenizer) -> ModelArgs:
+    path, m = gf.path, _Metadata(gf)
+    dim, n_heads = m.count("embedding_length"), m.count("attention.head_count")
+    if dim % n_heads and not m.given("attention.key_length"):
+        raise PlainLlamaError(f"{path}: embedding_length {dim} is not a multiple of attention.head_count {n_heads}")
+    head_dim = m.count("attention.key_length", dim // n_heads)
+    value_dim = m.count("attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise PlainLlamaError(f"{path}: key width {head_dim} differs from value width {value_dim}; not a Llama layout")
+    rope_dim = m.count("rope.dimension_count", None)
+    if rope_dim is not None and rope_dim != head_dim:
+        raise PlainLlamaError(
+            f"{path}: partial rotary embeddings (rope.dimension_count={rope_dim}, head width {head_dim}) are not "
+            "supported"
+        )
+    if m.count("expert_count", 0) > 0:
+        raise PlainLlamaError(f"{path}: mixture-of-experts models (llama.expert_count) are not supported")
     embedding = gf.tensors.get("token_embd.weight")
-    vocab_size = meta.get("llama.vocab_size") or (embedding.shape[0] if embedding is not None else tokenizer.vocab_size)
+    vocab_size = m.count("vocab_size", embedding.shape[0] if embedding is not None else tokenizer.vocab_size)
+    # Claims are compared with what the file holds before anything is sized by them: every layer has
+    # 9 tensors, so a block_count beyond the tensor table is corruption, not a model to plan for.
+    n_layers = m.count("block_count")
+    if n_layers * 9 > len(gf.tensors):
+        raise PlainLlamaError(
+            f"{path}: metadata llama.block_count claims {n_layers} layers, but the file holds only "
+            f"{len(gf.tensors)} tensors ({n_layers * 9} needed); the metadata is corrupt"
+        )
+    if tokenizer.vocab_size > vocab_size:
+        raise PlainLlamaError(
+            f"{path}: the vocabulary has {tokenizer.vocab_size} tokens, but the model's embedding has {vocab_size} rows"
+        )
     try:
         return ModelArgs(
             dim=dim,
-            n_layers=int(need("block_count")),
+            n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=int(meta.get("llama.attention.head_count_kv") or n_heads),
-            vocab_size=int(vocab_size),
-            hidden_dim=int(need("feed_forward_length")),
-            norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(meta.get("llama.rope.freq_base") or 10000.0),
-            rope_freq_factors=factors,
-            context_length=int(need("context_length")),
+            n_kv_heads=m.count("attention.head_count_kv", n_heads),
+            vocab_size=vocab_size,
+            hidden_dim=m.count("feed_forward_length"),
+            norm_eps=m.positive("attention.layer_norm_rms_epsilon"),
+            rope_theta=m.positive("rope.freq_base", 10000.0),
+            rope_freq_factors=_rope_factors(gf, m, head_dim),
+            context_length=m.count("context_length"),
             head_dim=head_dim,
         )
     except ValueError as e:
@@ -235,6 +272,11 @@ def _check_tensors(gf: GGUFFile, args: ModelArgs):
             raise PlainLlamaError(
                 f"{path}: tensor {info.name} has type {info.type_name}, which plainllama cannot read (supported: "
                 f"{', '.join(SUPPORTED_TYPES)})"
+            )
+        if info.shape and info.shape[-1] % block_size(info.type_name):
+            raise PlainLlamaError(
+                f"{path}: tensor {info.name} has rows of {info.shape[-1]} values, which are not whole "
+                f"{info.type_name} blocks of {block_size(info.type_name)} (ggml refuses such files too)"
             )
         if info.shape != expected[ours]:
             raise PlainLlamaError(

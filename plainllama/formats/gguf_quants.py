@@ -171,6 +171,11 @@ def dequantize(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> tor
     return fn(raw.view(-1, block_bytes)).view(shape)
 
 
+def block_size(type_name: str) -> int:
+    """Weights per block of this format (1 for float formats)."""
+    return 1 if type_name in FLOAT_FORMATS else BLOCK_FORMATS[type_name][0]
+
+
 def byte_size(type_name: str, count: int) -> int:
     """Bytes that `count` weights take in this format."""
     if type_name in FLOAT_FORMATS:

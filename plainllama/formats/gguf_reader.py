@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PlainLlamaError
+from .gguf_quants import SUPPORTED_TYPES, block_size, byte_size
 
 # Metadata value types -> struct format of a scalar (8 string, 9 array handled apart)
 SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -38,6 +39,7 @@ NUMPY_TYPES = {
     12: np.float64,
 }
 STRING, ARRAY = 8, 9
+MAX_ARRAY_DEPTH = 4  # llama.cpp's own files nest arrays one deep at most
 
 # ggml tensor type ids (ggml.h) -> names. Only some can be read (quants.SUPPORTED_TYPES); the rest
 # are named so that the error message can say which one a file uses.
@@ -123,7 +125,7 @@ class _Cursor:
                 f"{self.path}: a header string at byte {self.pos - length} is not valid UTF-8; the file is corrupt"
             ) from None
 
-    def value(self, kind: int):
+    def value(self, kind: int, depth: int = 0):
         if kind in SCALAR_FORMATS:
             return self.scalar(SCALAR_FORMATS[kind])
         if kind == STRING:
@@ -136,7 +138,12 @@ class _Cursor:
             if item_kind == STRING:
                 return [self.string() for _ in range(count)]
             if item_kind == ARRAY:
-                return [self.value(ARRAY) for _ in range(count)]
+                if depth >= MAX_ARRAY_DEPTH:
+                    raise PlainLlamaError(
+                        f"{self.path}: metadata arrays nested more than {MAX_ARRAY_DEPTH} deep at byte {self.pos}; "
+                        "the file is corrupt"
+                    )
+                return [self.value(ARRAY, depth + 1) for _ in range(count)]
         raise PlainLlamaError(
             f"{self.path}: unknown metadata value type {kind} at byte {self.pos}; the file is corrupt"
         )
@@ -175,17 +182,30 @@ def read_gguf(path: str) -> GGUFFile:
         type_id, offset = cur.scalar("<I"), cur.scalar("<Q")
         infos.append((name, dims, type_id, offset))
 
-    alignment = int(metadata.get("general.alignment", 32))
-    if alignment <= 0 or alignment & (alignment - 1):
-        raise PlainLlamaError(f"{path}: general.alignment {alignment} is not a power of two")
+    alignment = metadata.get("general.alignment", 32)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise PlainLlamaError(f"{path}: metadata general.alignment must be a power of two, got {alignment!r}")
     data_start = -(-cur.pos // alignment) * alignment
 
     tensors = {}
+    expected_offset: int | None = 0  # ggml's rule: each tensor's data follows the one before, aligned
     for name, dims, type_id, offset in infos:
+        if name in tensors:
+            raise PlainLlamaError(f"{path}: tensor {name!r} is listed twice; the tensor table is corrupt")
         count = 1
         for d in dims:
             count *= d
         shape = tuple(reversed(dims))  # ggml lists the innermost dimension first
         type_name = GGML_TYPES.get(type_id, f"unknown type id {type_id}")
+        if expected_offset is not None:
+            if offset != expected_offset:
+                raise PlainLlamaError(
+                    f"{path}: tensor {name!r} has its data at offset {offset}, but the tensors before it end at "
+                    f"{expected_offset}; the tensor table is corrupt (a moved offset or a changed type)"
+                )
+            if type_name in SUPPORTED_TYPES and count % block_size(type_name) == 0:
+                expected_offset += -(-byte_size(type_name, count) // alignment) * alignment
+            else:  # a type or shape refused later by name: the rest of the table cannot be checked
+                expected_offset = None
         tensors[name] = TensorInfo(name, type_name, shape, data_start + offset, count)
     return GGUFFile(path, version, metadata, tensors, buf, data_start)

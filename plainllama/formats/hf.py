@@ -19,6 +19,7 @@ import torch
 
 from ..errors import PlainLlamaError
 from ..model import ModelArgs, llama3_rope_factors
+from .fields import integer, mapping, number
 from .checkpoint import Checkpoint, CheckpointTensor, StoredTensor, expected_shapes
 from .hf_tokenizer import load_tokenizer_json, read_json
 
@@ -96,6 +97,39 @@ def undo_rotary_permutation(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rope_settings(path: str, config: dict, head_dim: int) -> tuple[float, tuple[float, ...] | None]:
+    """(rope theta, per-frequency divisors or None) from config.json's rope fields."""
+    # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
+    rope = dict(mapping(path, "'rope_parameters'", config.get("rope_parameters") or {}))
+    rope.update(mapping(path, "'rope_scaling'", config.get("rope_scaling") or {}))
+    theta = number(path, "the rope theta", rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+
+    def field(name):
+        if name not in rope:
+            raise PlainLlamaError(f"{path}: rope scaling of type {kind!r} needs '{name}'")
+        return number(path, f"rope scaling '{name}'", rope[name])
+
+    if kind == "default":
+        factors = None
+    elif kind == "linear":
+        factors = (field("factor"),) * (head_dim // 2)
+    elif kind == "llama3":
+        factors = llama3_rope_factors(
+            head_dim,
+            theta,
+            field("factor"),
+            field("low_freq_factor"),
+            field("high_freq_factor"),
+            int(field("original_max_position_embeddings")),
+        )
+    else:
+        raise PlainLlamaError(
+            f"{path}: rope type {kind!r} is not supported (plainllama supports default, linear and llama3)"
+        )
+    return theta, factors
+
+
 def model_args(path: str, config: dict) -> tuple[ModelArgs, list[str]]:
     if config.get("model_type") not in ("llama", None) or "LlamaForCausalLM" not in (
         config.get("architectures") or ["LlamaForCausalLM"]
@@ -114,33 +148,19 @@ def model_args(path: str, config: dict) -> tuple[ModelArgs, list[str]]:
         if k not in READ_KEYS | HARMLESS_KEYS
     ]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if not isinstance(config.get(key), int):
-            raise PlainLlamaError(f"{path}: '{key}' is missing or not an integer")
+        if key not in config:
+            raise PlainLlamaError(f"{path}: '{key}' is missing")
+        integer(path, f"'{key}'", config[key])
+    for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        if config.get(key) is not None:
+            integer(path, f"'{key}'", config[key])
+    for key in ("rms_norm_eps", "rope_theta"):
+        if config.get(key) is not None:
+            number(path, f"'{key}'", config[key])
 
-    # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
-    rope = dict(config.get("rope_parameters") or {})
-    rope.update(config.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    kind = rope.get("rope_type", rope.get("type", "default"))
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or dim // n_heads
-    if kind == "default":
-        factors = None
-    elif kind == "linear":
-        factors = (float(rope["factor"]),) * (head_dim // 2)
-    elif kind == "llama3":
-        factors = llama3_rope_factors(
-            head_dim,
-            theta,
-            rope["factor"],
-            rope["low_freq_factor"],
-            rope["high_freq_factor"],
-            rope["original_max_position_embeddings"],
-        )
-    else:
-        raise PlainLlamaError(
-            f"{path}: rope type {kind!r} is not supported (plainllama supports default, linear and llama3)"
-        )
+    theta, factors = rope_settings(path, config, head_dim)
     try:
         args = ModelArgs(
             dim=dim,
@@ -234,7 +254,8 @@ def read_tokenizer(folder: str, config: dict):
         else {},
     ):
         eos = source.get("eos_token_id")
-        end_ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+        for token in eos if isinstance(eos, list) else [eos] if eos is not None else []:
+            end_ids.add(integer(folder, "eos_token_id", token, minimum=0))
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
         raise PlainLlamaError(f"{folder}: no tokenizer.json next to config.json")
     tokenizer = load_tokenizer_json(folder, end_ids)
@@ -266,6 +287,11 @@ def load_hf(folder: str) -> Checkpoint:
                 raise PlainLlamaError(f"{path}: unexpected tensor {hf_name!r} (not part of a Llama model)")
             handles[ours] = (f, hf_name, path)
 
+    # Claims are compared with what the files hold before anything is sized by them (9 tensors a layer).
+    if args.n_layers * 9 > len(handles):
+        raise PlainLlamaError(
+            f"{folder}/config.json: num_hidden_layers is {args.n_layers}, but the weights hold {len(handles)} tensors"
+        )
     expected = expected_shapes(args)
     if "output.weight" not in handles and "tok_embeddings.weight" in handles:
         args.tie_embeddings = True

@@ -23,12 +23,18 @@ from ..tokenizer.sentencepiece import SPACE
 from ..tokenizer.tokenizer import BYTE, CONTROL, NORMAL, USER_DEFINED
 
 
-def read_json(path: str):
+def read_json(path: str) -> dict:
+    """A JSON file that must hold an object (every config and tokenizer file does)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlainLlamaError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise PlainLlamaError(f"{path}: JSON nested too deeply to be a config file") from None
+    if not isinstance(value, dict):
+        raise PlainLlamaError(f"{path}: expected a JSON object, found a {type(value).__name__}")
+    return value
 
 
 def token_text(value) -> str | None:

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import PlainLlamaError
 from ..model import ModelArgs, llama3_rope_factors
+from .fields import integer, number
 from .checkpoint import Checkpoint, CheckpointTensor, expected_shapes, type_name
 from .hf_tokenizer import load_tokenizer_json, read_json
 from .tokenizer_files import load_tokenizer_model
@@ -60,6 +61,32 @@ UNSUPPORTED_KEYS = {
 }
 
 
+def _vocab_size(where, name, value):
+    return value if value == -1 else integer(where, name, value)  # -1: "as many as the tokenizer has"
+
+
+def _flag(where, name, value):
+    if not isinstance(value, bool):
+        raise PlainLlamaError(f"{where}: {name} must be true or false, got {value!r}")
+    return value
+
+
+# The type and range of every params.json key that is read (absent or null: its default).
+PARAM_CHECKS = {
+    "dim": integer,
+    "n_layers": integer,
+    "n_heads": integer,
+    "n_kv_heads": integer,
+    "vocab_size": _vocab_size,
+    "multiple_of": integer,
+    "ffn_dim_multiplier": number,
+    "norm_eps": number,
+    "rope_theta": number,
+    "use_scaled_rope": _flag,
+    "max_seq_len": integer,
+}
+
+
 def looks_like(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "params.json")) and any(SHARD.fullmatch(f) for f in os.listdir(folder))
 
@@ -90,8 +117,11 @@ def read_params(path: str) -> tuple[dict, list[str]]:
         if k not in READ_KEYS | HARMLESS_KEYS | set(UNSUPPORTED_KEYS)
     ]
     for key in ("dim", "n_layers", "n_heads"):
-        if not isinstance(params.get(key), int):
-            raise PlainLlamaError(f"{path}: '{key}' is missing or not an integer")
+        if key not in params:
+            raise PlainLlamaError(f"{path}: '{key}' is missing")
+    for key, check in PARAM_CHECKS.items():
+        if params.get(key) is not None:
+            check(path, f"'{key}'", params[key])
     return params, notes
 
 
@@ -165,6 +195,12 @@ def model_args(folder: str, params: dict, shards: list[dict]) -> tuple[ModelArgs
     """The model's shape from params.json and the embedding, and the axis the shards cut the embedding along."""
     n = len(shards)
     dim, n_heads = params["dim"], params["n_heads"]
+    # Claims are compared with what the shards hold before anything is sized by them.
+    layers = {name.split(".")[1] for name in shards[0] if name.startswith("layers.")}
+    if params["n_layers"] > len(layers):
+        raise PlainLlamaError(
+            f"{folder}/params.json: n_layers is {params['n_layers']}, but the shards hold {len(layers)} layers"
+        )
     n_kv_heads = params.get("n_kv_heads") or n_heads
     embedding = shards[0].get("tok_embeddings.weight")
     if embedding is None:

@@ -22,7 +22,7 @@ from .engine.compiled import compile_decode
 from .engine.cpu import kernels
 from .engine.devices import pick_device, pick_dtype
 from .engine.loading import load_planned, weight_mode
-from .engine.planner import MemoryPlan
+from .engine.planner import MemoryPlan, available_ram, gb, kv_bytes
 from .errors import PlainLlamaError
 from .formats import Checkpoint, open_checkpoint
 from .generation.batch import generate_batch
@@ -33,6 +33,19 @@ from .generation.stream import Generation, GenerationStream
 from .model import Transformer
 from .sampling import Sampler, SamplingSettings
 from .tokenizer import Tokenizer
+
+
+def valid_text(text: str, what: str) -> str:
+    """`text`, if it can be encoded as UTF-8. Python turns invalid UTF-8 on the command line or in a
+    file into lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PlainLlamaError(
+            f"{what} is not valid Unicode: character {e.object[e.start]!r} at position {e.start} "
+            "(bytes that are not UTF-8?)"
+        ) from None
+    return text
 
 
 class LLM:
@@ -71,8 +84,19 @@ class LLM:
             self.streamer.close()
 
     def _check_request(self, rows: int, length: int) -> None:
+        """A generation of `rows` sequences of up to `length` tokens must fit: within the memory plan's
+        KV cache, and its cache and logits within the memory the machine has now (checked before
+        anything is allocated, so that 100000 beams are an error, not minutes of swapping)."""
+        length = min(length, self.args.context_length)
         if self.plan is not None:
-            self.plan.check_request(rows, min(length, self.args.context_length))
+            self.plan.check_request(rows, length)
+        if self.device.type == "cpu":
+            needed = kv_bytes(self.args, rows * length, self.dtype) + 4 * rows * self.args.vocab_size * 4
+            if needed > available_ram():
+                raise PlainLlamaError(
+                    f"this request ({rows} row(s) of up to {length} tokens) needs {gb(needed)} for its KV cache and "
+                    f"logits, but {gb(available_ram())} of memory is available"
+                )
 
     @property
     def compute(self) -> str:
@@ -86,14 +110,27 @@ class LLM:
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """One forward pass over `ids` from position 0: float32 [len(ids), vocab]."""
-        check_prompt(list(ids), self.args.context_length + 1)
+        ids = self.encode_prompt(list(ids))
+        check_prompt(ids, self.args.context_length + 1)
         self._check_request(1, len(ids))
         with torch.inference_mode():
             tokens = torch.tensor([list(ids)], device=self.device)
             return self.model(tokens)[0].float().cpu()
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        return list(prompt) if isinstance(prompt, (list, tuple)) else self.tokenizer.encode(prompt)
+        """Text -> token ids; a list of ids is checked against the vocabulary (an id beyond it, or a
+        negative one, would index the embedding out of range or wrap around)."""
+        if isinstance(prompt, (list, tuple)):
+            vocab = self.args.vocab_size
+            for token in prompt:
+                if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                    raise PlainLlamaError(
+                        f"the prompt holds token id {token!r}, outside the vocabulary (0 to {vocab - 1})"
+                    )
+            return list(prompt)
+        if not isinstance(prompt, str):
+            raise PlainLlamaError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}")
+        return self.tokenizer.encode(valid_text(prompt, "the prompt"))
 
     def sampling_settings(self, sampling: dict) -> SamplingSettings:
         try:
@@ -117,8 +154,10 @@ class LLM:
         `stop`: strings that end the text; `logprobs`: record N alternatives per token; `draft`:
         a smaller model with the same vocabulary for speculative decoding, `speculate_k` tokens ahead."""
         sampler = Sampler(self.sampling_settings(sampling))
-        if logprobs is not None and logprobs < 0:
-            raise PlainLlamaError(f"--logprobs must be >= 0, got {logprobs}")
+        if logprobs is not None and not 0 <= logprobs <= self.args.vocab_size:
+            raise PlainLlamaError(
+                f"--logprobs must be between 0 and the vocabulary's {self.args.vocab_size}, got {logprobs}"
+            )
         if draft is not None and draft.tokenizer.tokens != self.tokenizer.tokens:
             raise PlainLlamaError(
                 "--draft-model: its vocabulary differs from the target model's; speculative decoding needs the same "
@@ -209,6 +248,10 @@ class LLM:
 
     def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """[{"role": "user", "content": "..."}, ...] -> token ids, ending with the assistant's turn opened."""
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+            if isinstance(content, str):
+                valid_text(content, "a chat message")
         return self.chat_format.encode(messages, add_generation_prompt)
 
     def chat(self, messages, **settings) -> GenerationStream:

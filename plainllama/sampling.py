@@ -19,6 +19,7 @@ A seed makes the draws repeatable.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from .errors import PlainLlamaError
 
 NEG_INF = float("-inf")
+MIN_TEMPERATURE = 1e-4
 
 
 def _setting(default, type, help: str, factory=None):
@@ -53,8 +55,26 @@ class SamplingSettings:
     seed: int | None = _setting(None, int, "make sampling repeatable")
 
     def check(self, vocab_size: int | None = None) -> None:
-        if self.temperature < 0:
-            raise PlainLlamaError(f"--temperature must be >= 0, got {self.temperature}")
+        floats = (
+            "temperature",
+            "top_p",
+            "min_p",
+            "typical_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        )
+        for name in floats:
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise PlainLlamaError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if self.temperature < 0 or 0 < self.temperature < MIN_TEMPERATURE:
+            # dividing logits by a tinier temperature overflows them to infinity
+            raise PlainLlamaError(
+                f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}"
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise PlainLlamaError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
         if self.top_k is not None and self.top_k < 1:
             raise PlainLlamaError(f"--top-k must be >= 1, got {self.top_k}")
         for name, value in (("--top-p", self.top_p), ("--typical-p", self.typical_p)):
@@ -64,10 +84,11 @@ class SamplingSettings:
             raise PlainLlamaError(f"--min-p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise PlainLlamaError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
-        if vocab_size is not None:
-            for token in self.logit_bias:
-                if not 0 <= token < vocab_size:
-                    raise PlainLlamaError(f"--logit-bias: token id {token} is outside the vocabulary of {vocab_size}")
+        for token, bias in self.logit_bias.items():
+            if vocab_size is not None and not 0 <= token < vocab_size:
+                raise PlainLlamaError(f"--logit-bias: token id {token} is outside the vocabulary of {vocab_size}")
+            if not math.isfinite(bias):
+                raise PlainLlamaError(f"--logit-bias: the bias of token {token} must be a finite number, got {bias}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -27,9 +27,16 @@ def read_prompts(path: str) -> list[str]:
     for number, line in enumerate(lines, 1):
         if line.lstrip().startswith("{"):
             try:
-                prompts.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                 raise PlainLlamaError(f"{path}: line {number} is not a JSON object with a 'prompt'") from None
+            ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+            if not (isinstance(prompt, str) or ids):
+                shown = json.dumps(prompt)[:40]
+                raise PlainLlamaError(
+                    f"{path}: line {number}: 'prompt' must be text or a list of token ids, got {shown}"
+                )
+            prompts.append(prompt)
         else:
             prompts.append(line)
     if not prompts:

@@ -4,6 +4,7 @@ lens of the last prompt position, in the terminal; `--html` writes the interacti
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from ..errors import PlainLlamaError
@@ -53,6 +54,12 @@ def run_inspect(llm, prompt: str, max_new_tokens: int, top_k: int, html_path: st
 def run_command(args) -> int:
     if args.top_k < 1:
         raise PlainLlamaError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.html:  # before a load that may take minutes
+        folder = os.path.dirname(os.path.abspath(args.html))
+        if not os.path.isdir(folder):
+            raise PlainLlamaError(f"--html {args.html}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise PlainLlamaError(f"--html {args.html}: the folder {folder} is not writable")
     llm = load_model(args)
     print(run_inspect(llm, args.prompt, args.max_new_tokens, args.top_k, args.html, args.chat))
     if args.html:

@@ -10,10 +10,11 @@ import logging
 import sys
 
 from ..errors import PlainLlamaError
-from .options import add_model_options, add_sampling_options
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .options import add_model_options, add_sampling_options
+
     parser = argparse.ArgumentParser(prog="plainllama", description="Run Llama-family models you can read.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser(
@@ -131,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl+C while PyTorch is still being imported
+        return 130
     logging.basicConfig(format="plainllama: %(levelname)s: %(message)s", level=logging.WARNING, stream=sys.stderr)
     try:
         return importlib.import_module(f"{__package__}.{args.command_module}").run_command(args)
@@ -143,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             "plainllama: error: out of memory (try a smaller model, --dtype bfloat16, or a quantized file)",
             file=sys.stderr,
         )
+        return 1
+    except RuntimeError as e:  # PyTorch's out-of-memory is a RuntimeError (torch.OutOfMemoryError), not a MemoryError
+        if "out of memory" not in str(e).lower():
+            raise
+        print(f"plainllama: error: out of memory: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)

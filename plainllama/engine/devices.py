@@ -22,7 +22,10 @@ def pick_device(name: str = "auto") -> torch.device:
         raise PlainLlamaError("--device mps: Apple's Metal backend is not available here")
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise PlainLlamaError(f"--device {name}: expected auto, cpu, cuda or mps")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise PlainLlamaError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps") from None
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

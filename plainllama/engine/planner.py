@@ -32,6 +32,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise PlainLlamaError(f"memory size {text!r}: expected a number with an optional K, M, G or T (e.g. 4G, 512M)")
+    if not m.group(2) and float(m.group(1)) < 1024:
+        raise PlainLlamaError(
+            f"memory size {text!r}: give a unit (K, M, G or T, e.g. {m.group(1)}G); a bare number is bytes"
+        )
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 

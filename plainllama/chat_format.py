@@ -13,6 +13,8 @@ those characters, so nobody can end a turn or forge a role by typing.
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -96,6 +98,52 @@ class Llama2Chat:
         return ids
 
 
+RENDER_SECONDS = 5.0  # a template comes with a downloaded file: its loops must not hang the program
+RENDER_CHARS = 10_000_000
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def bounded_render(pieces) -> str:
+    """Join a template's output pieces within RENDER_SECONDS and RENDER_CHARS. The time is checked on
+    every line the template's compiled code runs (a trace function), so that loops which print
+    nothing are stopped too. Any error inside the template (its own, or Python's: 1/0, a recursive
+    macro) becomes one line."""
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def tracer(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _OutOfTime
+        return tracer
+
+    text, size = [], 0
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        for piece in pieces:
+            text.append(piece)
+            size += len(piece)
+            if size > RENDER_CHARS:
+                raise PlainLlamaError(
+                    f"the model's chat template wrote more than {RENDER_CHARS} characters; it is broken"
+                )
+    except _OutOfTime:
+        raise PlainLlamaError(
+            f"the model's chat template ran for more than {RENDER_SECONDS:g} s; it is broken"
+        ) from None
+    except RecursionError:
+        raise PlainLlamaError("the model's chat template recursed too deeply; it is broken") from None
+    except PlainLlamaError:
+        raise
+    except Exception as e:  # the template is code from a file: jinja2's errors and Python's (1/0, bad types)
+        raise PlainLlamaError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
+    finally:
+        sys.settrace(previous)
+    return "".join(text)
+
+
 class JinjaChat:
     name = "jinja"
 
@@ -120,18 +168,14 @@ class JinjaChat:
             raise PlainLlamaError(f"the model's chat template does not parse: {e}") from None
 
     def render(self, messages, add_generation_prompt: bool = True) -> str:
-        import jinja2
-
         tok = self.tok
-        try:
-            return self.template.render(
-                messages=[{"role": m.role, "content": m.content} for m in as_messages(messages)],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
-                eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "",
-            )
-        except jinja2.TemplateError as e:
-            raise PlainLlamaError(f"the model's chat template failed: {e}") from None
+        pieces = self.template.generate(
+            messages=[{"role": m.role, "content": m.content} for m in as_messages(messages)],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None else "",
+            eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None else "",
+        )
+        return bounded_render(pieces)
 
     def encode(self, messages, add_generation_prompt: bool = True) -> list[int]:
         messages = as_messages(messages)

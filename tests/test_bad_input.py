@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
@@ -26,10 +27,12 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from gguf_files import write_llama_gguf
 from helpers import run_cli
-from plainllama import PlainLlamaError
+import plainllama
+from plainllama import PlainLlamaError, chat_format
 from plainllama.export.hf import write_hf
 from plainllama.export.meta import write_meta
 from plainllama.formats import open_checkpoint
+from plainllama.formats.meta import load_shard
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +311,79 @@ def test_ctrl_c_during_start_up_exits_quietly():
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
         assert process.returncode == 130 and "Traceback" not in err, (delay, err)
+
+
+def shortened_record(src, dst, record: str, length: int):
+    """A copy of the torch zip file `src` whose `record` claims `length` bytes (local header and
+    central directory), everything else where it was: what a cut or edited download looks like."""
+    data = bytearray(open(src, "rb").read())
+    info = zipfile.ZipFile(src).getinfo(record)
+    struct.pack_into("<II", data, info.header_offset + 18, length, length)
+    at = data.find(b"PK\x01\x02")
+    while at != -1:
+        name_length = struct.unpack_from("<H", data, at + 28)[0]
+        if bytes(data[at + 46 : at + 46 + name_length]) == record.encode():
+            struct.pack_into("<II", data, at + 20, length, length)
+        at = data.find(b"PK\x01\x02", at + 4)
+    open(dst, "wb").write(data)
+    return dst
+
+
+def test_meta_shard_of_the_wrong_shape(tmp_path):
+    """torch.load(mmap=True) reads a tensor longer than its record from the bytes after it (the
+    oracle: torch.load with mmap=False refuses the same file); and a shard must hold named tensors."""
+    torch.save({"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(256)}, tmp_path / "x.pth")
+    short = shortened_record(tmp_path / "x.pth", tmp_path / "short.pth", "x/data/0", 400)
+    with pytest.raises(RuntimeError, match="record size"):
+        torch.load(short, mmap=False, weights_only=True)
+    with pytest.raises(PlainLlamaError, match="a tensor claims 4000 bytes, but its record in the file holds 400"):
+        load_shard(str(short))
+    torch.save([torch.ones(3)], tmp_path / "list.pth")
+    torch.save({"a": 5}, tmp_path / "numbers.pth")
+    for name in ("list.pth", "numbers.pth"):
+        with pytest.raises(PlainLlamaError, match="expected a dictionary of named tensors"):
+            load_shard(str(tmp_path / name))
+
+
+TOKENIZER_CASES = {
+    "added token without an id": (lambda t: t["added_tokens"].append({"content": "<x>"}), "must be an integer"),
+    "added token id of 10**8": (
+        lambda t: t["added_tokens"].append({"content": "<x>", "id": 10**8}),
+        "token ids go up to 100000000, but the file holds only",
+    ),
+    "added token without content": (lambda t: t["added_tokens"].append({"id": 5}), "with a 'content' string"),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_tokenizer_json_of_the_wrong_shape(folders, tmp_path, case):
+    edit, message = TOKENIZER_CASES[case]
+
+    def edited(spec):
+        edit(spec)
+        return spec
+
+    assert message in error_of(edited_json(folders / "hf", "tokenizer.json", tmp_path, edited))
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{{ 1/0 }}", "failed: ZeroDivisionError"),
+        ("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", "recursed too deeply"),
+        ("{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}", "ran for more than"),
+        ("{% for a in range(99999) %}{% for b in range(99999) %}xxxxxxxx{% endfor %}{% endfor %}", "wrote more than"),
+    ],
+)
+def test_chat_templates_that_fail_or_never_end(template, message, monkeypatch):
+    monkeypatch.setattr(chat_format, "RENDER_SECONDS", 0.5)
+    monkeypatch.setattr(chat_format, "RENDER_CHARS", 100_000)
+    llm = plainllama.load(device="cpu")
+    with pytest.raises(PlainLlamaError, match=message):
+        chat_format.JinjaChat(llm.tokenizer, template).encode([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's /sys, a file system that takes no files")
+def test_convert_into_a_place_that_takes_no_files(good_gguf):
+    result = run_cli("convert", str(good_gguf), "/sys/plainllama-out", "--to", "hf")
+    assert result.returncode == 1 and "cannot write there" in result.stderr and "free" not in result.stderr

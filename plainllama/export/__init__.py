@@ -37,15 +37,18 @@ def write_folder(checkpoint: Checkpoint, destination: str, to: str, dtype: torch
     parent = os.path.dirname(os.path.abspath(destination))
     try:
         os.makedirs(parent, exist_ok=True)
-        needed, free = output_bytes(checkpoint, dtype) + SPARE_BYTES, shutil.disk_usage(parent).free
-        if needed > free:
-            raise PlainLlamaError(
-                f"{destination}: the converted model needs about {needed / 1e9:.2f} GB, "
-                f"but only {free / 1e9:.2f} GB is free there"
-            )
+        # Written first, so that a place that takes no files (read-only, not permitted, a special file
+        # system) says so, rather than that it lacks free space.
         partial = tempfile.mkdtemp(prefix=f".{os.path.basename(destination)}.partial-", dir=parent)
+        needed, free = output_bytes(checkpoint, dtype) + SPARE_BYTES, shutil.disk_usage(parent).free
     except OSError as e:
         raise PlainLlamaError(f"{destination}: cannot write there ({e.strerror})") from None
+    if needed > free:
+        os.rmdir(partial)
+        raise PlainLlamaError(
+            f"{destination}: the converted model needs about {needed / 1e9:.2f} GB, but only {free / 1e9:.2f} GB is "
+            "free there"
+        )
     try:
         (write_hf if to == "hf" else write_meta)(checkpoint, partial, dtype)
         umask = os.umask(0)

@@ -216,9 +216,11 @@ def _model_args(gf: GGUFFile, tokenizer) -> ModelArgs:
         raise PlainLlamaError(f"{path}: key width {head_dim} differs from value width {value_dim}; not a Llama layout")
     rope_dim = m.count("rope.dimension_count", None)
     if rope_dim is not None and rope_dim != head_dim:
+        derived = "" if m.given("attention.key_length") else f" (embedding_length {dim} / head_count {n_heads})"
         raise PlainLlamaError(
-            f"{path}: partial rotary embeddings (rope.dimension_count={rope_dim}, head width {head_dim}) are not "
-            "supported"
+            f"{path}: the head width {head_dim}{derived} disagrees with rope.dimension_count {rope_dim}: one of them "
+            "is "
+            "wrong, or the model rotates part of each head (partial rotary embeddings), which plainllama does not run"
         )
     if m.count("expert_count", 0) > 0:
         raise PlainLlamaError(f"{path}: mixture-of-experts models (llama.expert_count) are not supported")

@@ -164,7 +164,8 @@ def read_gguf(path: str) -> GGUFFile:
     # Each entry takes at least 8+4 bytes: counts larger than the file are corruption, not a reason to loop for hours.
     if tensor_count > len(buf) // 12 or kv_count > len(buf) // 12:
         raise PlainLlamaError(
-            f"{path}: header claims {tensor_count} tensors and {kv_count} metadata entries; the file is corrupt"
+            f"{path}: the header claims {tensor_count} tensors and {kv_count} metadata entries, more than a file of "
+            f"{len(buf)} bytes can hold; the file is truncated or corrupt"
         )
 
     metadata = {}

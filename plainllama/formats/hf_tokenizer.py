@@ -17,6 +17,7 @@ import os
 import regex
 
 from ..errors import PlainLlamaError
+from .fields import integer
 from ..tokenizer import BytePairEncoding, SentencePieceBPE, Tokenizer
 from ..tokenizer.pretokenize import GPT2
 from ..tokenizer.sentencepiece import SPACE
@@ -55,7 +56,23 @@ def load_tokenizer_json(folder: str, extra_end_ids: set[int]) -> Tokenizer:
 
     vocab: dict[str, int] = model.get("vocab") or {}
     added = spec.get("added_tokens") or []
+    if not isinstance(vocab, dict) or not isinstance(added, list):
+        raise PlainLlamaError(f"{path}: model.vocab must be an object and added_tokens a list")
+    for text, i in vocab.items():
+        integer(path, f"the id of vocabulary entry {text!r}", i, minimum=0)
+    for t in added:
+        if not isinstance(t, dict) or not isinstance(t.get("content"), str):
+            raise PlainLlamaError(
+                f"{path}: an added token must be an object with a 'content' string, got {str(t)[:60]}"
+            )
+        integer(path, f"the id of added token {t['content']!r}", t.get("id"), minimum=0)
     size = 1 + max([*vocab.values(), *(t["id"] for t in added)], default=-1)
+    # The token table is sized by the largest id: it must be about as large as the entries are many.
+    if size > len(vocab) + len(added) + 1024:
+        raise PlainLlamaError(
+            f"{path}: token ids go up to {size - 1}, but the file holds only {len(vocab) + len(added)} tokens; "
+            "it is corrupt"
+        )
     tokens, types = [""] * size, [NORMAL] * size
     for text, i in vocab.items():
         tokens[i] = text

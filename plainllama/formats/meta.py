@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 import zipfile
 
 import torch
@@ -138,7 +139,7 @@ def context_length(params: dict) -> int:
 
 def load_shard(path: str) -> dict:
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         raise PlainLlamaError(
             f"{path}: refused to load: the file holds Python objects other than tensors, which could run code "
@@ -149,6 +150,39 @@ def load_shard(path: str) -> dict:
             f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); the file may be truncated or "
             "corrupt"
         ) from None
+    if not isinstance(shard, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in shard.items()
+    ):
+        raise PlainLlamaError(
+            f"{path}: expected a dictionary of named tensors, found a {type(shard).__name__} of other things"
+        )
+    check_records(path, shard)
+    return shard
+
+
+def check_records(path: str, shard: dict) -> None:
+    """Each tensor's bytes must lie within its own record of the zip file. torch.load(mmap=True) maps
+    the file and does not check this (mmap=False does): a storage longer than its record would be
+    read from the bytes that follow it. The storages lie in the mapping at their records' offsets."""
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        records = []  # (where the data starts in the file, its length)
+        for info in archive.infolist():
+            if "/data/" in info.filename and info.filename.rsplit("/", 1)[-1].isdigit():
+                f.seek(info.header_offset + 26)
+                name_length, extra_length = struct.unpack("<HH", f.read(4))
+                records.append((info.header_offset + 30 + name_length + extra_length, info.file_size))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in shard.values()}
+    if not records or not storages:
+        return
+    base = min(storages) - min(start for start, _ in records)  # the first storage is the first record
+    lengths = dict(records)
+    for pointer, nbytes in storages.items():
+        length = lengths.get(pointer - base)
+        if length is not None and nbytes > length:
+            raise PlainLlamaError(
+                f"{path}: a tensor claims {nbytes} bytes, but its record in the file holds {length}; the file is "
+                "corrupt"
+            )
 
 
 def load_meta(folder: str) -> Checkpoint:

@@ -387,3 +387,35 @@ def test_chat_templates_that_fail_or_never_end(template, message, monkeypatch):
 def test_convert_into_a_place_that_takes_no_files(good_gguf):
     result = run_cli("convert", str(good_gguf), "/sys/plainllama-out", "--to", "hf")
     assert result.returncode == 1 and "cannot write there" in result.stderr and "free" not in result.stderr
+
+
+GGUF_TOKENIZER_CASES = {
+    "merges stored as integers": (
+        {"tokenizer.ggml.merges": ([1, 2, 3], ARR)},
+        "tokenizer.ggml.merges must be a list of strings",
+    ),
+    "eos id as a string": ({"tokenizer.ggml.eos_token_id": ("2", STR)}, "eos_token_id must be an integer"),
+    "eos id beyond the vocabulary": (
+        {"tokenizer.ggml.eos_token_id": (10**6, U32)},
+        "eos_token_id must be between 0 and",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_TOKENIZER_CASES))
+def test_gguf_tokenizer_metadata_of_the_wrong_type(good_gguf, tmp_path, case):
+    changes, message = GGUF_TOKENIZER_CASES[case]
+    assert message in error_of(rewritten(good_gguf, tmp_path / "bad.gguf", changes))
+
+
+def test_safetensors_index_of_the_wrong_shape(folders, tmp_path):
+    for index, message in (
+        ([], "expected a JSON object"),
+        ({"weight_map": {"x": "/etc/passwd"}}, "is not a file name in this folder"),
+    ):
+        folder = tmp_path / f"case{len(message)}"
+        os.makedirs(folder)
+        for entry in os.listdir(folders / "hf"):
+            os.symlink(folders / "hf" / entry, folder / entry)
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        assert message in error_of(folder)

@@ -326,28 +326,40 @@ def _raw_source(gf: GGUFFile, info: TensorInfo):
     return load
 
 
+def _list_of(path, meta, key: str, kind: type, what: str) -> list | None:
+    """A metadata array whose items are all of `kind` (an int is a float too), or None if absent."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(v, kind) or (kind is float and isinstance(v, int)) for v in value
+    ):
+        raise PlainLlamaError(f"{path}: metadata {key} must be a list of {what}")
+    return value
+
+
 def _tokenizer(path, meta) -> Tokenizer:
     kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = _list_of(path, meta, "tokenizer.ggml.tokens", str, "strings")
     if not tokens:
         raise PlainLlamaError(f"{path}: no tokenizer vocabulary (tokenizer.ggml.tokens) in the file")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = _list_of(path, meta, "tokenizer.ggml.token_type", int, "integers") or [1] * len(tokens)
     if len(types) != len(tokens):
         raise PlainLlamaError(f"{path}: tokenizer has {len(tokens)} tokens but {len(types)} token types")
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
     for name, value in (("bos", bos), ("eos", eos)):
-        if value is not None and not 0 <= value < len(tokens):
-            raise PlainLlamaError(f"{path}: {name} token id {value} is outside the vocabulary of {len(tokens)}")
+        if value is not None:
+            integer(path, f"metadata tokenizer.ggml.{name}_token_id", value, minimum=0, maximum=len(tokens) - 1)
     try:
         if kind == "gpt2":
-            merges = meta.get("tokenizer.ggml.merges")
+            merges = _list_of(path, meta, "tokenizer.ggml.merges", str, "strings")
             if not merges:
                 raise PlainLlamaError(f"{path}: byte-level BPE vocabulary without merges (tokenizer.ggml.merges)")
             patterns, whole_piece_first = pre_tokenizer_for(meta.get("tokenizer.ggml.pre"))
             model = BytePairEncoding(tokens, merges, patterns, whole_piece_first)
             add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
         elif kind == "llama":
-            scores = meta.get("tokenizer.ggml.scores")
+            scores = _list_of(path, meta, "tokenizer.ggml.scores", float, "numbers")
             if not scores or len(scores) != len(tokens):
                 raise PlainLlamaError(
                     f"{path}: SentencePiece vocabulary needs one score per token (tokenizer.ggml.scores)"

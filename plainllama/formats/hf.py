@@ -19,7 +19,7 @@ import torch
 
 from ..errors import PlainLlamaError
 from ..model import ModelArgs, llama3_rope_factors
-from .fields import integer, mapping, number
+from .fields import integer, mapping, number, string
 from .checkpoint import Checkpoint, CheckpointTensor, StoredTensor, expected_shapes
 from .hf_tokenizer import load_tokenizer_json, read_json
 
@@ -184,8 +184,11 @@ def model_args(path: str, config: dict) -> tuple[ModelArgs, list[str]]:
 def weight_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        weight_map = read_json(index).get("weight_map") or {}
-        files = sorted(set(weight_map.values()))
+        weight_map = mapping(index, "'weight_map'", read_json(index).get("weight_map") or {})
+        files = sorted({string(index, "a file in 'weight_map'", f) for f in weight_map.values()})
+        outside = [f for f in files if os.path.basename(f) != f]
+        if outside:  # the index names files beside it, not elsewhere on the machine
+            raise PlainLlamaError(f"{index}: {outside[0]!r} is not a file name in this folder")
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
         if missing:
             raise PlainLlamaError(f"{folder}: {missing[0]} is listed in model.safetensors.index.json but missing")

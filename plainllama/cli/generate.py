@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -10,7 +11,10 @@ import torch
 
 from ..errors import PlainLlamaError
 from ..generation.stops import StopMatcher
+from ..sampling import SamplingSettings
 from .options import load_model, sampling_settings
+
+SAMPLING_NAMES = tuple(SamplingSettings.__dataclass_fields__)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -44,29 +48,99 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+BEAM_OPTIONS = ("num_return", "length_penalty", "early_stopping", "no_repeat_ngram_size")
+
+
+def given(args, name: str) -> bool:
+    """Whether an option was given (its value differs from its default)."""
+    default = (
+        SamplingSettings.__dataclass_fields__[name].default if name in SamplingSettings.__dataclass_fields__ else None
+    )
+    value = getattr(args, name)
+    return value not in (None, {}) and value != default
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check_generate_options(args) -> None:
-    if (args.prompt is None) == (args.prompts_file is None):
-        raise PlainLlamaError("give a PROMPT or --prompts-file, not both or neither")
-    if args.beams is not None and (args.draft_model or args.prompts_file or args.temperature):
+    """Each combination either works or is refused, naming both options: none is dropped silently."""
+    sources = [s for s in (args.prompt is not None, args.file is not None, args.prompts_file is not None) if s]
+    if len(sources) > 1:
+        raise PlainLlamaError("give one of PROMPT, -f/--file and --prompts-file")
+    if args.beams is not None:
+        for name in ("draft_model", "prompts_file", "logprobs", *SAMPLING_NAMES):
+            if given(args, name):
+                raise PlainLlamaError(f"--beams is deterministic and runs one prompt: not with {flag(name)}")
+    else:
+        for name in BEAM_OPTIONS:
+            if getattr(args, name) is not None:
+                raise PlainLlamaError(f"{flag(name)} applies to beam search: give --beams N too")
+    if args.prompts_file and (args.draft_model or args.chat or args.logprobs is not None):
+        other = "--draft-model" if args.draft_model else "--chat" if args.chat else "--logprobs"
+        raise PlainLlamaError(f"{other} runs one prompt at a time: not with --prompts-file")
+    if (args.system is not None or args.system_file is not None) and not args.chat:
         raise PlainLlamaError(
-            "--beams is deterministic and runs one prompt: not with --draft-model, --prompts-file or --temperature"
+            f"{'--system' if args.system is not None else '--system-file'} applies to --chat: give --chat too"
         )
-    if args.prompts_file and args.draft_model:
-        raise PlainLlamaError("--draft-model runs one prompt at a time: not with --prompts-file")
+    if args.system is not None and args.system_file is not None:
+        raise PlainLlamaError("give --system or --system-file, not both")
+    if args.logprobs is not None and not args.json:
+        raise PlainLlamaError("--logprobs is printed with --json: give --json too")
     if args.throughput and not args.prompts_file:
         raise PlainLlamaError("--throughput measures a batch: give --prompts-file")
 
 
+def unescape(text: str) -> str:
+    """-e/--escape: \\n, \\t, \\r and \\\\ as the characters they name (as llama.cpp's -e does)."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
+def read_text(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise PlainLlamaError(f"{path}: cannot read {what} ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PlainLlamaError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+
+
+def piped(stream) -> bool:
+    """Whether text is being piped in (not a terminal, and not closed)."""
+    return stream is not None and not stream.closed and not stream.isatty()
+
+
+def the_prompt(args) -> str | None:
+    """The prompt from PROMPT, -f FILE, or stdin (PROMPT `-`, or none given with text piped in)."""
+    if args.file is not None:
+        text = read_text(args.file, "the prompt")
+    elif args.prompt == "-" or (args.prompt is None and args.prompts_file is None and piped(sys.stdin)):
+        text = sys.stdin.read() if sys.stdin is not None else ""
+    elif args.prompt is None:
+        if args.prompts_file is None:
+            raise PlainLlamaError("give a PROMPT, -f/--file PROMPT_FILE, --prompts-file, or pipe text into stdin")
+        return None
+    else:
+        text = args.prompt
+    if args.file is not None or args.prompt in ("-", None):
+        text = text.removesuffix("\n")  # the line end that `echo` and editors add
+    if not text:
+        raise PlainLlamaError("the prompt is empty")
+    return unescape(text) if args.escape else text
+
+
 def run_beams(llm, prompt, args) -> int:
-    early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+    early = {"true": True, "false": False, "never": "never"}[args.early_stopping or "false"]
     beams = llm.beam_search(
         prompt,
         args.beams,
         args.max_new_tokens,
-        args.length_penalty,
+        1.0 if args.length_penalty is None else args.length_penalty,
         early,
-        args.no_repeat_ngram_size,
-        args.num_return,
+        args.no_repeat_ngram_size or 0,
+        args.num_return or 1,
         stop=args.stop,
     )
     stops = StopMatcher(args.stop)
@@ -128,15 +202,20 @@ def run_batch(llm, prompts: list[str], args) -> int:
 
 def run_command(args) -> int:
     check_generate_options(args)
-    prompts = read_prompts(args.prompts_file) if args.prompts_file else None  # before a load that may take minutes
+    # everything read before a load that may take minutes
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else None
+    text = the_prompt(args)
+    system = read_text(args.system_file, "the system prompt") if args.system_file else args.system
+    if args.escape:
+        system = unescape(system) if system is not None else None
+        args.stop = [unescape(s) for s in args.stop]
     llm = load_model(args)
     if prompts is not None:
         return run_batch(llm, prompts, args)
-    prompt = args.prompt
+    assert text is not None
+    prompt: str | list[int] = text
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}
-        ]
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         prompt = llm.encode_chat(messages)
     if args.beams is not None:
         return run_beams(llm, prompt, args)

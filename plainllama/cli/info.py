@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 from ..default_model import default_model_path
+from ..errors import PlainLlamaError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.checkpoint import expected_shapes
 from ..tokenizer import BytePairEncoding, SentencePieceBPE
@@ -114,6 +115,8 @@ def format_text(info: dict) -> str:
 
 
 def run_command(args) -> int:
-    info = describe(open_checkpoint(args.model or default_model_path()))
+    if args.model and args.model_option and args.model != args.model_option:
+        raise PlainLlamaError(f"two models given: {args.model} and -m {args.model_option}; give one")
+    info = describe(open_checkpoint(args.model or args.model_option or default_model_path()))
     print(json.dumps(info, indent=2) if args.json else format_text(info))
     return 0

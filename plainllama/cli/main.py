@@ -15,14 +15,26 @@ from ..errors import PlainLlamaError
 def build_parser() -> argparse.ArgumentParser:
     from .options import add_model_options, add_sampling_options
 
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="plainllama", description="Run Llama-family models you can read.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"plainllama {__version__}")
+    sub = parser.add_subparsers(dest="command")
     gen = sub.add_parser(
         "generate",
         help="continue a prompt",
         description="Continue PROMPT; the text streams to stdout, timings go to stderr.",
     )
-    gen.add_argument("prompt", nargs="?", default=None, help="the text to continue")
+    gen.add_argument(
+        "prompt", nargs="?", default=None, help="the text to continue; - (or no PROMPT with text piped in) reads stdin"
+    )
+    gen.add_argument("-f", "--file", default=None, metavar="PROMPT_FILE", help="read the prompt from this file")
+    gen.add_argument(
+        "-e",
+        "--escape",
+        action="store_true",
+        help="turn \\n, \\t and \\\\ in the prompt, --system and --stop into characters",
+    )
     add_model_options(gen)
     add_sampling_options(gen)
     gen.add_argument(
@@ -30,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message in the model's chat format")
     gen.add_argument("--system", default=None, help="system prompt (with --chat)")
+    gen.add_argument("--system-file", default=None, help="read the system prompt from this file (with --chat)")
     gen.add_argument(
         "--logprobs",
         type=int,
@@ -37,18 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --json: each token's log-probability and the N most likely alternatives",
     )
     gen.add_argument("--beams", type=int, default=None, help="beam search with N beams (deterministic)")
-    gen.add_argument("--num-return", type=int, default=1, help="with --beams: print the N best")
+    # beam options default to None, so that giving one without --beams can be told apart (and refused)
+    gen.add_argument("--num-return", type=int, default=None, help="with --beams: print the N best (default: 1)")
     gen.add_argument(
-        "--length-penalty", type=float, default=1.0, help="with --beams: scores are divided by length**this"
+        "--length-penalty",
+        type=float,
+        default=None,
+        help="with --beams: scores are divided by length**this (default: 1)",
     )
     gen.add_argument(
         "--early-stopping",
-        default="false",
+        default=None,
         choices=["true", "false", "never"],
-        help="with --beams: when to stop (as in transformers)",
+        help="with --beams: when to stop (as in transformers; default: false)",
     )
     gen.add_argument(
-        "--no-repeat-ngram-size", type=int, default=0, help="with --beams: never repeat an n-gram of this size"
+        "--no-repeat-ngram-size", type=int, default=None, help="with --beams: never repeat an n-gram of this size"
     )
     gen.add_argument(
         "--prompts-file",
@@ -84,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The tokenization, each generated step's top candidates and the logit lens, in the terminal; "
         "--html writes an interactive page.",
     )
-    inspect.add_argument("prompt")
+    inspect.add_argument("prompt", help="the text whose next tokens are shown")
     add_model_options(inspect)
     inspect.add_argument("-n", "--max-new-tokens", type=int, default=8, help="tokens to generate and show (default: 8)")
     inspect.add_argument("--top-k", type=int, default=5, help="candidates shown per step and per layer (default: 5)")
@@ -98,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Format, shape, parameter count, tensor types, memory, tokenizer and chat format of MODEL.",
     )
     info.add_argument("model", nargs="?", default=None, help="model file or folder (default: the bundled model)")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("-m", "--model", dest="model_option", default=None, help="the same as MODEL")
+    info.add_argument("--json", action="store_true", help="print the description as one JSON object")
     info.set_defaults(command_module="info")
 
     bench = sub.add_parser(
@@ -119,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a model as a Hugging Face or Meta folder",
         description="Write SRC (any supported format) to the folder DST. GGUF weights are dequantized.",
     )
-    convert.add_argument("src")
-    convert.add_argument("dst")
-    convert.add_argument("--to", required=True, choices=["hf", "meta"])
+    convert.add_argument("src", help="the model to convert: a GGUF file, a Meta or a Hugging Face folder")
+    convert.add_argument("dst", help="the folder to write (new, or empty)")
+    convert.add_argument("--to", required=True, choices=["hf", "meta"], help="the format to write")
     convert.add_argument(
         "--dtype",
         default="auto",
@@ -133,9 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
     except KeyboardInterrupt:  # Ctrl+C while PyTorch is still being imported
         return 130
+    if args.command is None:  # bare `plainllama`
+        parser.print_help()
+        return 0
     logging.basicConfig(format="plainllama: %(levelname)s: %(message)s", level=logging.WARNING, stream=sys.stderr)
     try:
         return importlib.import_module(f"{__package__}.{args.command_module}").run_command(args)

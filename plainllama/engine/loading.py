@@ -273,8 +273,17 @@ def load_planned(
 ) -> tuple[Transformer, MemoryPlan]:
     """The model built within a memory plan (planner.py: what stays in memory, what streams from
     disk), and the plan. `report(text)` receives the plan when anything streams or a cap was given."""
+    builder = WeightBuilder(checkpoint, dtype, device, weights)
+    if weights in ("int8", "int4") and not any(
+        builder.holding(record, name).how == "quantize" for name, record in checkpoint.tensors.items()
+    ):
+        types = ", ".join(sorted({record.type for record in checkpoint.tensors.values()}))
+        raise PlainLlamaError(
+            f"--quantize {weights}: {checkpoint.path} holds no float matrices to quantize (its tensors are {types}); "
+            "its quantized weights are used as stored without --quantize"
+        )
     plan = plan_memory(
-        WeightBuilder(checkpoint, dtype, device, weights),
+        builder,
         parse_size(max_memory) if isinstance(max_memory, str) else max_memory,
         parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory,
         context,

@@ -298,6 +298,14 @@ def load(
         torch.set_num_threads(threads)
     start = time.perf_counter()
     checkpoint = open_checkpoint(path if path is not None else default_model_path())
+    if context is not None:
+        # A hard cap, as llama.cpp's -c: generation stops ("context") and a chat trims its turns there.
+        trained = checkpoint.args.context_length
+        if isinstance(context, bool) or not isinstance(context, int) or not 2 <= context <= trained:
+            raise PlainLlamaError(
+                f"--context must be between 2 and the model's context of {trained} tokens, got {context}"
+            )
+        checkpoint.args.context_length = context
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     weights = weight_mode(torch_device, dtype, quantize, dequantize)

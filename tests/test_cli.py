@@ -292,3 +292,13 @@ def test_prompts_file_with_chat_is_refused(tmp_path):
 def test_quantize_a_file_already_quantized_is_refused():
     result = run_cli("generate", "Hi", "-n", "2", "--quantize", "int4")  # the default model is Q4_1 and Q8_0
     assert result.returncode == 1 and "holds no float matrices to quantize" in result.stderr
+
+
+def test_context_is_a_hard_cap():
+    result = run_cli("generate", "Once upon a time", "--context", "16", "-n", "100", "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["finish_reason"] == "context" and len(record["prompt_tokens"]) + len(record["tokens"]) == 16
+    for bad in ("1", "100000"):
+        refused = run_cli("generate", "Hi", "--context", bad, "-n", "2")
+        assert refused.returncode == 1 and "--context must be between 2 and the model's context of 8192" in refused.stderr

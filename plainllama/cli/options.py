@@ -45,7 +45,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="TOKENS",
-        help="KV cache the memory plan reserves, in tokens, all prompts of a batch together (default: 2048)",
+        help="the context in tokens (default: the model's): generation stops there, a chat trims its turns to it, "
+        "and the memory plan reserves its KV cache (all prompts of a batch together; default 2048)",
     )
     p.add_argument(
         "--threads",

@@ -301,4 +301,6 @@ def test_context_is_a_hard_cap():
     assert record["finish_reason"] == "context" and len(record["prompt_tokens"]) + len(record["tokens"]) == 16
     for bad in ("1", "100000"):
         refused = run_cli("generate", "Hi", "--context", bad, "-n", "2")
-        assert refused.returncode == 1 and "--context must be between 2 and the model's context of 8192" in refused.stderr
+        assert (
+            refused.returncode == 1 and "--context must be between 2 and the model's context of 8192" in refused.stderr
+        )

@@ -12,6 +12,7 @@ for piece in llm.stream("Once upon a time"):  # text as it is produced
 
 from __future__ import annotations
 
+import operator
 import time
 
 import torch
@@ -117,17 +118,22 @@ class LLM:
             tokens = torch.tensor([list(ids)], device=self.device)
             return self.model(tokens)[0].float().cpu()
 
+    def _token_id(self, token) -> int:
+        """A prompt's token id as a Python int (numpy's and PyTorch's integers too), within the vocabulary."""
+        vocab = self.args.vocab_size
+        try:
+            value = operator.index(token)
+        except TypeError:
+            value = -1
+        if isinstance(token, bool) or not 0 <= value < vocab:
+            raise PlainLlamaError(f"the prompt holds token id {token!r}, outside the vocabulary (0 to {vocab - 1})")
+        return value
+
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Text -> token ids; a list of ids is checked against the vocabulary (an id beyond it, or a
         negative one, would index the embedding out of range or wrap around)."""
         if isinstance(prompt, (list, tuple)):
-            vocab = self.args.vocab_size
-            for token in prompt:
-                if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
-                    raise PlainLlamaError(
-                        f"the prompt holds token id {token!r}, outside the vocabulary (0 to {vocab - 1})"
-                    )
-            return list(prompt)
+            return [self._token_id(token) for token in prompt]
         if not isinstance(prompt, str):
             raise PlainLlamaError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}")
         return self.tokenizer.encode(valid_text(prompt, "the prompt"))

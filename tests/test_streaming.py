@@ -313,9 +313,11 @@ def test_meta_checkpoints_cannot_stream(tmp_path):
 
 def test_parse_size():
     assert parse_size("4G") == 4 * GiB and parse_size("512M") == 512 << 20 and parse_size("1.5GiB") == int(1.5 * GiB)
-    assert parse_size("123") == 123 and parse_size("2t") == 2 << 40
+    assert parse_size("2000000000") == 2_000_000_000 and parse_size("2t") == 2 << 40
     with pytest.raises(PlainLlamaError):
         parse_size("lots")
+    with pytest.raises(PlainLlamaError, match="give a unit"):  # `--max-memory 4` is never meant as 4 bytes
+        parse_size("4")
 
 
 def test_throughput_mode_counts_all_tokens(files, tmp_path):

@@ -419,3 +419,16 @@ def test_safetensors_index_of_the_wrong_shape(folders, tmp_path):
             os.symlink(folders / "hf" / entry, folder / entry)
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
         assert message in error_of(folder)
+
+
+def test_memory_size_of_400_digits():
+    result = run_cli("generate", "Hi", "-n", "2", "--max-memory", "9" * 400 + "G")
+    assert result.returncode == 1 and "a number of 400 digits is not a memory size" in result.stderr
+
+
+def test_tokenizer_json_vocabulary_of_invalid_unicode(folders, tmp_path):
+    def edited(spec):
+        spec["model"]["vocab"]["\ud800"] = len(spec["model"]["vocab"]) + len(spec["added_tokens"])
+        return spec
+
+    assert "which is not valid Unicode" in error_of(edited_json(folders / "hf", "tokenizer.json", tmp_path, edited))

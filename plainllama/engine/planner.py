@@ -32,6 +32,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise PlainLlamaError(f"memory size {text!r}: expected a number with an optional K, M, G or T (e.g. 4G, 512M)")
+    if len(m.group(1)) > 30:  # beyond any memory there is; float() would make it infinite
+        raise PlainLlamaError(
+            f"memory size {text[:40]!r}...: a number of {len(m.group(1))} digits is not a memory size"
+        )
     if not m.group(2) and float(m.group(1)) < 1024:
         raise PlainLlamaError(
             f"memory size {text!r}: give a unit (K, M, G or T, e.g. {m.group(1)}G); a bare number is bytes"

@@ -80,6 +80,11 @@ def load_tokenizer_json(folder: str, extra_end_ids: set[int]) -> Tokenizer:
         tokens[t["id"]] = t["content"]
         types[t["id"]] = CONTROL if t.get("special") else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    for text in (*tokens, *merges):
+        try:  # JSON's \ud800 escapes give lone surrogates, which no text can contain
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PlainLlamaError(f"{path}: the vocabulary holds {text!r}, which is not valid Unicode") from None
 
     try:
         bpe: SentencePieceBPE | BytePairEncoding

@@ -432,3 +432,10 @@ def test_tokenizer_json_vocabulary_of_invalid_unicode(folders, tmp_path):
         return spec
 
     assert "which is not valid Unicode" in error_of(edited_json(folders / "hf", "tokenizer.json", tmp_path, edited))
+
+
+def test_chat_message_of_invalid_unicode():
+    """What the chat REPL hands on for a line typed with bytes that are not UTF-8."""
+    llm = plainllama.load(device="cpu")
+    with pytest.raises(PlainLlamaError, match="a chat message is not valid Unicode"):
+        llm.encode_chat([{"role": "user", "content": "caf\udce9"}])

@@ -310,7 +310,9 @@ def test_ctrl_c_during_start_up_exits_quietly():
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
-        assert process.returncode == 130 and "Traceback" not in err, (delay, err)
+        # 130 from plainllama's handler; or, if the signal came before Python had installed its own
+        # handler (a loaded machine), killed by SIGINT, which a shell reports as 130 too
+        assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in err, (delay, process.returncode, err)
 
 
 def shortened_record(src, dst, record: str, length: int):

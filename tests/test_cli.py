@@ -25,7 +25,8 @@ def test_generate_json(llm):
     result = run_cli("generate", "The capital of France is", "-n", "6", "--dtype", "float32", "--json")
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
-    assert record["prompt_tokens"] == llm.tokenizer.encode("The capital of France is")
+    assert record["prompt_ids"] == llm.tokenizer.encode("The capital of France is")
+    assert record["usage"] == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
     assert record["tokens"] == llm.generate("The capital of France is", max_new_tokens=6).tokens
     assert record["text"] == llm.tokenizer.decode(record["tokens"])
     for key in (
@@ -35,7 +36,7 @@ def test_generate_json(llm):
         "decode_seconds",
         "load_seconds",
     ):
-        assert record[key] > 0
+        assert record["timings"][key] > 0
     assert record["finish_reason"] == "length"
 
 
@@ -254,7 +255,7 @@ def test_prompt_from_stdin_a_file_and_escapes(tmp_path):
     escaped = run_cli("generate", "The capital of France is\\nParis", "-e", "-n", "4", "--json")
     for result in (piped, dash, from_file, escaped):
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["prompt_tokens"] == expected["prompt_tokens"]
+        assert json.loads(result.stdout)["prompt_ids"] == expected["prompt_ids"]
     # --stop '\n' with -e stops at the first newline (without -e it is two characters, backslash and n)
     stopped = run_cli("generate", "Write three lines:", "-e", "--stop", "\\n", "-n", "40", "--json")
     assert "\n" not in json.loads(stopped.stdout)["text"]
@@ -298,9 +299,33 @@ def test_context_is_a_hard_cap():
     result = run_cli("generate", "Once upon a time", "--context", "16", "-n", "100", "--json")
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
-    assert record["finish_reason"] == "context" and len(record["prompt_tokens"]) + len(record["tokens"]) == 16
+    assert record["finish_reason"] == "context" and record["usage"]["total_tokens"] == 16
     for bad in ("1", "100000"):
         refused = run_cli("generate", "Hi", "--context", bad, "-n", "2")
         assert (
             refused.returncode == 1 and "--context must be between 2 and the model's context of 8192" in refused.stderr
         )
+
+
+def test_one_json_shape_for_prompts_batches_and_beams(tmp_path):
+    (tmp_path / "prompts.txt").write_text("Hi\nBonjour\n")
+    single = json.loads(run_cli("generate", "Hi", "-n", "3", "--json").stdout)
+    batch = [
+        json.loads(line)
+        for line in run_cli(
+            "generate", "--prompts-file", str(tmp_path / "prompts.txt"), "-n", "3", "--json"
+        ).stdout.splitlines()
+    ]
+    beams = json.loads(run_cli("generate", "Hi", "-n", "3", "--beams", "2", "--num-return", "2", "--json").stdout)
+    shared = {"model", "text", "tokens", "finish_reason", "usage", "timings", "prompt_ids"}
+    for record in (single, *batch, beams):
+        assert shared <= set(record), set(record)
+        usage = record["usage"]
+        assert usage["prompt_tokens"] == len(record["prompt_ids"]) and usage["completion_tokens"] == len(
+            record["tokens"]
+        )
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert [r["prompt"] for r in batch] == ["Hi", "Bonjour"] and len(beams["beams"]) == 2
+    assert (
+        batch[0]["tokens"] == single["tokens"]
+    )  # the same greedy tokens in a batch (checked against plain runs in test_decoding)

@@ -329,7 +329,7 @@ def test_throughput_mode_counts_all_tokens(files, tmp_path):
     assert totals.returncode == 0 and listing.returncode == 0, totals.stderr + listing.stderr
     rows = [json.loads(line) for line in listing.stdout.splitlines()]
     line = totals.stdout.strip()
-    prompt_tokens, generated = sum(len(r["prompt_tokens"]) for r in rows), sum(len(r["tokens"]) for r in rows)
+    prompt_tokens, generated = sum(r["usage"]["prompt_tokens"] for r in rows), sum(len(r["tokens"]) for r in rows)
     assert line.startswith(f"4 prompts: {prompt_tokens} prompt tokens + {generated} generated in "), line
     assert "tokens/s in all" in line
 

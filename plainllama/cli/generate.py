@@ -131,7 +131,30 @@ def the_prompt(args) -> str | None:
     return unescape(text) if args.escape else text
 
 
+def json_record(llm, prompt_ids: list[int], tokens: list[int], text: str, finish_reason: str, timings: dict) -> dict:
+    """The one JSON shape of `generate --json`, for a prompt, each prompt of a batch, and beams (which
+    add "beams"): OpenAI's names for the counts (usage), plainllama's for the rest."""
+    return {
+        "model": llm.checkpoint.path,
+        "device": str(llm.device),
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        "compute": llm.compute,
+        "threads": torch.get_num_threads(),
+        "prompt_ids": prompt_ids,
+        "text": text,
+        "tokens": tokens,
+        "finish_reason": finish_reason,
+        "usage": {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(tokens),
+            "total_tokens": len(prompt_ids) + len(tokens),
+        },
+        "timings": {"load_seconds": round(llm.load_seconds, 3), **timings},
+    }
+
+
 def run_beams(llm, prompt, args) -> int:
+    start = time.perf_counter()
     early = {"true": True, "false": False, "never": "never"}[args.early_stopping or "false"]
     beams = llm.beam_search(
         prompt,
@@ -143,19 +166,23 @@ def run_beams(llm, prompt, args) -> int:
         args.num_return or 1,
         stop=args.stop,
     )
+    seconds = time.perf_counter() - start
     stops = StopMatcher(args.stop)
     texts = [stops.cut(llm.tokenizer.decode([t for t in b.tokens if t not in llm.tokenizer.end_ids])) for b in beams]
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "beams": [
-                        {"tokens": b.tokens, "text": t, "score": b.score} for b, t in zip(beams, texts, strict=True)
-                    ]
-                },
-                ensure_ascii=False,
-            )
+        best = beams[0]
+        ended = (
+            bool(best.tokens)
+            and best.tokens[-1] in llm.tokenizer.end_ids
+            or texts[0] != llm.tokenizer.decode(best.tokens)
         )
+        generated = [t for t in best.tokens if t not in llm.tokenizer.end_ids]
+        ids = prompt if isinstance(prompt, list) else llm.encode_prompt(prompt)
+        record = json_record(
+            llm, ids, generated, texts[0], "stop" if ended else "length", {"seconds": round(seconds, 4)}
+        )
+        record["beams"] = [{"tokens": b.tokens, "text": t, "score": b.score} for b, t in zip(beams, texts, strict=True)]
+        print(json.dumps(record, ensure_ascii=False))
     else:
         for i, (b, text) in enumerate(zip(beams, texts, strict=True)):
             print(f"[{i + 1}] score {b.score:.4f}:{text}" if len(beams) > 1 else text)
@@ -179,18 +206,8 @@ def run_batch(llm, prompts: list[str], args) -> int:
         return 0
     for prompt, r in zip(prompts, results, strict=True):
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "prompt": prompt,
-                        "prompt_tokens": r.prompt_tokens,
-                        "tokens": r.tokens,
-                        "text": r.text,
-                        "finish_reason": r.finish_reason,
-                    },
-                    ensure_ascii=False,
-                )
-            )
+            record = json_record(llm, r.prompt_tokens, r.tokens, r.text, r.finish_reason, r.timings.as_dict())
+            print(json.dumps({"prompt": prompt, **record}, ensure_ascii=False))
         else:
             print(json.dumps(prompt + r.text, ensure_ascii=False))
     print(
@@ -240,19 +257,7 @@ def run_command(args) -> int:
     result = stream.result
     t = result.timings
     if args.json:
-        record = {
-            "model": llm.checkpoint.path,
-            "device": str(llm.device),
-            "dtype": str(llm.dtype).removeprefix("torch."),
-            "compute": llm.compute,
-            "threads": torch.get_num_threads(),
-            "prompt_tokens": result.prompt_tokens,
-            "tokens": result.tokens,
-            "text": result.text,
-            "finish_reason": result.finish_reason,
-            "load_seconds": round(llm.load_seconds, 3),
-            **t.as_dict(),
-        }
+        record = json_record(llm, result.prompt_tokens, result.tokens, result.text, result.finish_reason, t.as_dict())
         if result.logprobs is not None:
             record["logprobs"] = [
                 {

@@ -2,7 +2,10 @@
 error line (no traceback) for each kind of bad input."""
 
 import json
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -329,3 +332,60 @@ def test_one_json_shape_for_prompts_batches_and_beams(tmp_path):
     assert (
         batch[0]["tokens"] == single["tokens"]
     )  # the same greedy tokens in a batch (checked against plain runs in test_decoding)
+
+
+def run_on_pty(args: list[str], timeout: float = 240) -> tuple[int, str]:
+    """Run a command with stdin, stdout and stderr on one pseudo-terminal: what a user's terminal sees."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out, end = b"", time.time() + timeout
+    while time.time() < end:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the other end closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif process.poll() is not None:
+            break
+    process.wait()
+    os.close(master)
+    return process.returncode, out.decode("utf-8", "replace")
+
+
+def terminal_screen(text: str) -> list[str]:
+    """The lines a terminal shows for this output: \\r returns to the line's start and what follows
+    overwrites it (the progress line's way of redrawing itself)."""
+    lines, line, column = [], [], 0
+    for char in text:
+        if char == "\n":
+            lines.append("".join(line).rstrip())
+            line, column = [], 0
+        elif char == "\r":
+            column = 0
+        else:
+            line[column : column + 1] = [char]
+            column += 1
+    return [*lines, "".join(line).rstrip()]
+
+
+def test_progress_line_never_erases_the_answer():
+    """Layers streamed under --max-memory draw a progress line on stderr; on a real terminal, where
+    the answer streams on the same screen, every line of the answer stays visible."""
+    args = ["generate", "The capital of France is", "-n", "40", "--max-memory", "480M"]
+    expected = run_cli(*args, "--json", check=True)
+    assert "streamed from disk" in expected.stderr  # the model really streams at this budget
+    answer = json.loads(expected.stdout)["text"]
+    returncode, output = run_on_pty([sys.executable, "-m", "plainllama", *args])
+    assert returncode == 0, output
+    assert "[streaming: layer" in output  # the progress line was drawn
+    screen = "\n".join(terminal_screen(output))
+    assert answer.strip() in screen, (answer, screen)

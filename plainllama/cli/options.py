@@ -84,9 +84,12 @@ def load_model(args, path=None):
 
     llm = load(path or args.model, **load_options(args), report=lambda text: print(text, file=sys.stderr))
     if llm.streamer is not None and sys.stderr.isatty():
-        from .progress import StreamProgress
+        from .progress import OutputTracker, StreamProgress
 
-        llm.streamer.on_layer = StreamProgress(sys.stderr)
+        output = None
+        if sys.stdout.isatty():  # the answer shows on the same terminal as the progress line
+            output = sys.stdout = OutputTracker(sys.stdout)
+        llm.streamer.on_layer = StreamProgress(sys.stderr, output)
     return llm
 
 

@@ -5,6 +5,7 @@
 - Llama 2: Meta's published [INST]/<<SYS>> format, tokenized by the sentencepiece library.
 """
 
+import json
 import os
 import pty
 import select
@@ -196,4 +197,49 @@ def test_chat_history_is_trimmed_to_the_context(tmp_path, vocab, llm):
     assert result.returncode == 0, result.stderr
     assert "outgrew the context" in result.stderr
     assert "conversation cleared" in result.stderr
-    assert result.stdout.count(">>> ") == 9  # 8 inputs, then the prompt that meets end of input
+    assert ">>> " not in result.stdout  # the prompt is for a person at a terminal, not for a pipe
+
+
+def test_chat_commands_multiline_and_saved_conversations(tmp_path):
+    """Piped into the REPL: /set changes a setting (checked like the command line's), a message between
+    lines of three quotes is one message of several lines, /save writes the conversation as JSON,
+    /load reads it back and the chat goes on from it."""
+    saved, again = tmp_path / "conversation.json", tmp_path / "again.json"
+    lines = (
+        "/set temperature 0\n/set top_p 2\n/set system Answer in one word.\n"
+        '"""\nWhat is the capital\nof France?\n"""\n'
+        f"/save {saved}\n/reset\n/load {saved}\nAnd of Italy?\n/save {again}\n/bye\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "plainllama", "chat", "-n", "12"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "temperature 0.0" in result.stderr and "--top-p must be in (0, 1], got 2.0" in result.stderr
+    first = json.loads(saved.read_text())
+    assert [m["role"] for m in first] == ["system", "user", "assistant"]
+    assert first[0]["content"] == "Answer in one word." and first[1]["content"] == "What is the capital\nof France?"
+    assert (
+        "Paris" in first[2]["content"]
+    )  # greedy after /set temperature 0 (the model's answer, checked in other tests)
+    second = json.loads(again.read_text())
+    assert second[:3] == first and second[3] == {"role": "user", "content": "And of Italy?"} and len(second) == 5
+
+
+def test_chat_sampling_comes_from_the_model_then_chat_defaults(tmp_path, llm):
+    """generation_config.json's settings are the chat's defaults (do_sample false: greedy); without one,
+    the chat samples with CHAT_DEFAULTS rather than greedily (greedy small models loop)."""
+    from plainllama.cli.chat import CHAT_DEFAULTS, chat_sampling
+
+    assert chat_sampling(llm, {"temperature": None, "top_k": 5}) == {**CHAT_DEFAULTS, "top_k": 5}
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    from plainllama.formats.hf import sampling_settings
+
+    assert sampling_settings(str(folder)) == {"temperature": 0.0}
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    assert sampling_settings(str(folder)) == {"temperature": 0.6, "top_p": 0.9}

@@ -13,6 +13,7 @@ from ..errors import PlainLlamaError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .chat import SETTABLE
     from .options import add_model_options, add_sampling_options
 
     from .. import __version__
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_options(chat)
     add_sampling_options(chat)
-    chat.set_defaults(max_new_tokens=512)
+    # sampling settings not given stay None: the model's own, then the chat defaults, fill them (chat.py)
+    chat.set_defaults(max_new_tokens=512, **dict.fromkeys(SETTABLE))
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(command_module="chat")
 

@@ -77,6 +77,7 @@ class Checkpoint:
     chat_format: str | None = None  # or a built-in one: "llama3", "llama2" (Meta's formats)
     name: str | None = None  # the model's own name, if the file gives one
     notes: list[str] = field(default_factory=list)  # things the loader noticed and the user may want to know
+    sampling: dict = field(default_factory=dict)  # the model's own sampling settings (generation_config.json)
 
     def release_tensors(self) -> None:
         """Let go of what reads the files (memory maps, converted copies) once the model holds every

@@ -246,6 +246,30 @@ def stored_tensor(path: str, ranges: dict, hf_name: str, name: str, shape, args:
     return StoredTensor(path, first, end - first, decode)
 
 
+def sampling_settings(folder: str) -> dict:
+    """The sampling settings generation_config.json recommends, in SamplingSettings' names."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    config = read_json(path)
+    if config.get("do_sample") is False:
+        return {"temperature": 0.0}
+    settings = {}
+    for ours, theirs in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("top_k", "top_k"),
+        ("repetition_penalty", "repetition_penalty"),
+        ("min_p", "min_p"),
+    ):
+        value = config.get(theirs)
+        if value is not None:
+            settings[ours] = (
+                integer(path, theirs, value) if ours == "top_k" else number(path, theirs, value, positive=False)
+            )
+    return settings
+
+
 def read_tokenizer(folder: str, config: dict):
     """(tokenizer, Jinja chat template) from tokenizer.json and its companions; the end tokens
     are config.json's and generation_config.json's eos_token_id."""
@@ -337,6 +361,7 @@ def load_hf(folder: str) -> Checkpoint:
         chat_template=chat_template,
         name=config.get("_name_or_path") or None,
         notes=notes,
+        sampling=sampling_settings(folder),
     )
 
 

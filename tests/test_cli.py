@@ -389,3 +389,35 @@ def test_progress_line_never_erases_the_answer():
     assert "[streaming: layer" in output  # the progress line was drawn
     screen = "\n".join(terminal_screen(output))
     assert answer.strip() in screen, (answer, screen)
+
+
+def test_help_is_grouped_and_does_not_import_torch():
+    """--help answers without importing PyTorch (1.5 s), groups generate's options and shows examples;
+    every positional argument is explained."""
+    code = (
+        "import sys; from plainllama.cli import main\n"
+        "try:\n    main(['generate', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().endswith("torch not imported"), result.stdout[-300:]
+    for group in (
+        "prompt:",
+        "model:",
+        "sampling:",
+        "stopping:",
+        "output:",
+        "beam search:",
+        "batches:",
+        "speculative decoding:",
+        "examples:",
+    ):
+        assert f"\n{group}\n" in result.stdout, group
+    for command in ("inspect", "info", "convert"):
+        text = run_cli(command, "--help").stdout
+        positional = text.split("positional arguments:")[1].split("\n\n")[0]
+        assert all(
+            len(line.split(None, 1)) == 2
+            for line in positional.strip().splitlines()
+            if line.startswith("  ") and not line.startswith("   ")
+        ), text

@@ -14,8 +14,8 @@ import sys
 
 from ..chat_format import Message
 from ..errors import PlainLlamaError
-from ..sampling import SamplingSettings
-from .options import load_model, sampling_settings
+from ..sampling_settings import SamplingSettings
+from .options import SETTABLE, load_model, sampling_settings
 
 HELP = "Type a message; /help lists the commands. Ctrl+C stops an answer, Ctrl+D or /bye ends the chat."
 COMMANDS = """commands:
@@ -30,17 +30,6 @@ COMMANDS = """commands:
 # Sampling when neither the command line nor the model's files say otherwise: greedy answers of small
 # models repeat themselves ("strength and strength and ..."); these are the usual chat settings.
 CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
-SETTABLE = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-)
 
 
 def fit_to_context(llm, history: list[Message], answer_room: int) -> tuple[list[int], int]:

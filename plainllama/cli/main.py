@@ -12,9 +12,18 @@ import sys
 from ..errors import PlainLlamaError
 
 
+GENERATE_EXAMPLES = """examples:
+  plainllama generate "The capital of France is" -n 32
+  plainllama generate --chat "What do llamas eat?" --system "Answer briefly."
+  echo "Once upon a time" | plainllama generate --temperature 0.8 --top-p 0.95 --seed 1
+  plainllama generate -f prompt.txt -m model.gguf --max-memory 4G --json
+  plainllama generate "def fib(n):" --beams 4 --num-return 2
+  plainllama generate --prompts-file prompts.jsonl --throughput
+  plainllama generate "Hello" -m big.gguf --draft-model small.gguf --speculate-k 4"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .chat import SETTABLE
-    from .options import add_model_options, add_sampling_options
+    from .options import SETTABLE, add_model_options, add_sampling_options
 
     from .. import __version__
 
@@ -25,63 +34,73 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="continue a prompt",
         description="Continue PROMPT; the text streams to stdout, timings go to stderr.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GENERATE_EXAMPLES,
     )
-    gen.add_argument(
+    prompt = gen.add_argument_group("prompt")
+    prompt.add_argument(
         "prompt", nargs="?", default=None, help="the text to continue; - (or no PROMPT with text piped in) reads stdin"
     )
-    gen.add_argument("-f", "--file", default=None, metavar="PROMPT_FILE", help="read the prompt from this file")
-    gen.add_argument(
+    prompt.add_argument("-f", "--file", default=None, metavar="PROMPT_FILE", help="read the prompt from this file")
+    prompt.add_argument(
         "-e",
         "--escape",
         action="store_true",
         help="turn \\n, \\t and \\\\ in the prompt, --system and --stop into characters",
     )
-    add_model_options(gen)
-    add_sampling_options(gen)
-    gen.add_argument(
+    prompt.add_argument("--chat", action="store_true", help="send PROMPT as a user message in the model's chat format")
+    prompt.add_argument("--system", default=None, help="system prompt (with --chat)")
+    prompt.add_argument("--system-file", default=None, help="read the system prompt from this file (with --chat)")
+    add_model_options(gen.add_argument_group("model"))
+    add_sampling_options(gen.add_argument_group("sampling"), gen.add_argument_group("stopping"))
+    output = gen.add_argument_group("output")
+    output.add_argument(
         "--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming"
     )
-    gen.add_argument("--chat", action="store_true", help="send PROMPT as a user message in the model's chat format")
-    gen.add_argument("--system", default=None, help="system prompt (with --chat)")
-    gen.add_argument("--system-file", default=None, help="read the system prompt from this file (with --chat)")
-    gen.add_argument(
+    output.add_argument(
         "--logprobs",
         type=int,
         default=None,
         help="with --json: each token's log-probability and the N most likely alternatives",
     )
-    gen.add_argument("--beams", type=int, default=None, help="beam search with N beams (deterministic)")
+    beams = gen.add_argument_group("beam search")
+    beams.add_argument("--beams", type=int, default=None, help="beam search with N beams (deterministic)")
     # beam options default to None, so that giving one without --beams can be told apart (and refused)
-    gen.add_argument("--num-return", type=int, default=None, help="with --beams: print the N best (default: 1)")
-    gen.add_argument(
+    beams.add_argument("--num-return", type=int, default=None, help="with --beams: print the N best (default: 1)")
+    beams.add_argument(
         "--length-penalty",
         type=float,
         default=None,
         help="with --beams: scores are divided by length**this (default: 1)",
     )
-    gen.add_argument(
+    beams.add_argument(
         "--early-stopping",
         default=None,
         choices=["true", "false", "never"],
         help="with --beams: when to stop (as in transformers; default: false)",
     )
-    gen.add_argument(
+    beams.add_argument(
         "--no-repeat-ngram-size", type=int, default=None, help="with --beams: never repeat an n-gram of this size"
     )
-    gen.add_argument(
+    batches = gen.add_argument_group("batches")
+    batches.add_argument(
         "--prompts-file",
         default=None,
         help="generate for every prompt in this file (one per line, or JSONL with a 'prompt' field) as one batch",
     )
-    gen.add_argument(
+    batches.add_argument(
         "--throughput",
         action="store_true",
         help="with --prompts-file: print only the totals (tokens/s over all prompts), not each text",
     )
-    gen.add_argument(
+    speculative = gen.add_argument_group("speculative decoding")
+    speculative.add_argument(
         "--draft-model", default=None, help="speculative decoding with this smaller model (same vocabulary)"
     )
-    gen.add_argument("--speculate-k", type=int, default=4, help="tokens the draft model proposes per step (default: 4)")
+    speculative.add_argument(
+        "--speculate-k", type=int, default=4, help="tokens the draft model proposes per step (default: 4)"
+    )
+
     gen.set_defaults(command_module="generate")
 
     chat = sub.add_parser(

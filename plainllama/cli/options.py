@@ -8,10 +8,10 @@ import dataclasses
 import json
 import sys
 
-from ..sampling import SamplingSettings
+from ..sampling_settings import SamplingSettings
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p) -> None:  # a parser or an argument group
     p.add_argument(
         "-m", "--model", default=None, help="model file or folder (default: the bundled SmolLM2-135M-Instruct)"
     )
@@ -103,11 +103,28 @@ def logit_bias(text: str) -> dict[int, float]:
         raise argparse.ArgumentTypeError(f"expected ID:BIAS[,ID:BIAS...] or a JSON object, got {text!r}") from None
 
 
+# the settings the chat's /set changes, and whose command-line defaults the chat leaves open
+SETTABLE = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+)
+
 PARSERS = {"logit_bias": logit_bias}  # settings whose command-line form is not their Python type
 
 
-def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+def add_sampling_options(p, stopping=None) -> None:
+    """The sampling settings on `p`; -n and --stop on `stopping` (an argument group), or on `p` too."""
+    stopping = stopping if stopping is not None else p
+    stopping.add_argument(
+        "-n", "--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)"
+    )
     for setting in dataclasses.fields(SamplingSettings):
         has_factory = setting.default is dataclasses.MISSING
         default = setting.default_factory() if has_factory else setting.default  # type: ignore[operator]
@@ -117,7 +134,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
             default=default,
             help=setting.metadata["help"],
         )
-    p.add_argument(
+    stopping.add_argument(
         "--stop", action="append", default=[], help="end the text at this string (repeatable); it is not printed"
     )
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import plainllama
+from gguf_files import write_llama_gguf
 from helpers import CORPUS, oracle, run_cli
 
 transformers = oracle("transformers")
@@ -202,3 +203,26 @@ def test_an_empty_destination_folder_is_used(model_path, tmp_path):
     assert (
         0 < written - output_bytes(open_checkpoint(model_path), torch.float32) < 64 << 10
     )  # auto: float32 for Q4_1/Q8_0
+
+
+def test_convert_keeps_16_bit_precision_and_takes_m(tmp_path, vocab):
+    """A BF16 GGUF (float32 norms, as llama.cpp writes them) converts to bfloat16 by default, not
+    float32 (the oracle: safetensors' own header of the written file); -m names the source."""
+    source = write_llama_gguf(
+        tmp_path / "bf16.gguf",
+        vocab,
+        dim=64,
+        n_heads=2,
+        n_kv_heads=1,
+        hidden_dim=128,
+        matrix_type="BF16",
+        embedding_type="BF16",
+    )
+    cli("convert", "-m", str(source), str(tmp_path / "hf"), "--to", "hf")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
+    assert dtypes == {"BF16"}
+    refused = run_cli("convert", "-m", str(source), str(tmp_path / "a"), str(tmp_path / "b"), "--to", "hf")
+    assert refused.returncode == 1 and "give only the destination folder" in refused.stderr

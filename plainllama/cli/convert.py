@@ -13,9 +13,20 @@ from ..formats import open_checkpoint
 
 
 def run_command(args) -> int:
-    checkpoint = open_checkpoint(args.src)
+    if args.model is not None:
+        if args.dst is not None:
+            raise PlainLlamaError("with -m/--model, give only the destination folder (-m SRC DST or SRC DST)")
+        src, dst = args.model, args.src
+    else:
+        src, dst = args.src, args.dst
+    if src is None or dst is None:
+        raise PlainLlamaError("give the model to convert and the folder to write: convert SRC DST --to hf|meta")
+    args.dst = dst
+    checkpoint = open_checkpoint(src)
     if args.dtype == "auto":
-        stored = {t.type for t in checkpoint.tensors.values()}
+        # the matrices' stored precision where the target has it (a bfloat16 source stays bfloat16,
+        # its float32 norms with it); quantized types are written as float32
+        stored = {t.type for name, t in checkpoint.tensors.items() if not name.endswith("norm.weight")}
         dtype = torch.bfloat16 if stored == {"BF16"} else torch.float16 if stored == {"F16"} else torch.float32
     elif args.dtype in DTYPES:
         dtype = DTYPES[args.dtype]

@@ -158,13 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a model as a Hugging Face or Meta folder",
         description="Write SRC (any supported format) to the folder DST. GGUF weights are dequantized.",
     )
-    convert.add_argument("src", help="the model to convert: a GGUF file, a Meta or a Hugging Face folder")
-    convert.add_argument("dst", help="the folder to write (new, or empty)")
+    convert.add_argument(
+        "src", nargs="?", default=None, help="the model to convert: a GGUF file, a Meta or a Hugging Face folder"
+    )
+    convert.add_argument("dst", nargs="?", default=None, help="the folder to write (new, or empty)")
+    convert.add_argument("-m", "--model", default=None, help="the model to convert (then DST is the only positional)")
     convert.add_argument("--to", required=True, choices=["hf", "meta"], help="the format to write")
     convert.add_argument(
         "--dtype",
         default="auto",
-        help="auto (the source's float type; float32 for quantized GGUF), float32, bfloat16, float16",
+        help="auto (the stored type of the source's matrices where it is 16-bit; float32 for quantized GGUF), "
+        "float32, bfloat16, float16",
     )
     convert.set_defaults(command_module="convert")
     return parser

@@ -5,7 +5,7 @@ from sampling.py, which needs PyTorch, so that the command line builds its flags
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .errors import PlainLlamaError
 
@@ -37,16 +37,7 @@ class SamplingSettings:
     seed: int | None = _setting(None, int, "make sampling repeatable")
 
     def check(self, vocab_size: int | None = None) -> None:
-        floats = (
-            "temperature",
-            "top_p",
-            "min_p",
-            "typical_p",
-            "repetition_penalty",
-            "frequency_penalty",
-            "presence_penalty",
-        )
-        for name in floats:
+        for name in (setting.name for setting in fields(self) if setting.metadata["type"] is float):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise PlainLlamaError(f"--{name.replace('_', '-')} must be a finite number, got {value}")

@@ -332,7 +332,7 @@ def shortened_record(src, dst, record: str, length: int):
 
 
 def test_meta_shard_of_the_wrong_shape(tmp_path):
-    """torch.load(mmap=True) reads a tensor longer than its record from the bytes after it (the
+    """torch.load with mmap=True reads a tensor longer than its record from the bytes after it (the
     oracle: torch.load with mmap=False refuses the same file); and a shard must hold named tensors."""
     torch.save({"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(256)}, tmp_path / "x.pth")
     short = shortened_record(tmp_path / "x.pth", tmp_path / "short.pth", "x/data/0", 400)

@@ -104,17 +104,7 @@ def logit_bias(text: str) -> dict[int, float]:
 
 
 # the settings the chat's /set changes, and whose command-line defaults the chat leaves open
-SETTABLE = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-)
+SETTABLE = tuple(setting.name for setting in dataclasses.fields(SamplingSettings) if setting.name != "logit_bias")
 
 PARSERS = {"logit_bias": logit_bias}  # settings whose command-line form is not their Python type
 

@@ -161,7 +161,7 @@ def load_shard(path: str) -> dict:
 
 
 def check_records(path: str, shard: dict) -> None:
-    """Each tensor's bytes must lie within its own record of the zip file. torch.load(mmap=True) maps
+    """Each tensor's bytes must lie within its own record of the zip file. Loading with mmap=True maps
     the file and does not check this (mmap=False does): a storage longer than its record would be
     read from the bytes that follow it. The storages lie in the mapping at their records' offsets."""
     with open(path, "rb") as f, zipfile.ZipFile(f) as archive:

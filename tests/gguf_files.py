@@ -195,3 +195,86 @@ def truncated_copy(src, dst, n_layers: int):
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+def padded_vocabulary(size: int) -> dict:
+    vocab = default_vocabulary()
+    tokens, types = list(vocab["tokens"]), list(vocab["types"])
+    tokens += [f"<|unused_{i}|>" for i in range(size - len(tokens))]
+    types += [5] * (size - len(types))  # UNUSED: never produced by the tokenizer
+    vocab["tokens"], vocab["types"] = tokens, types
+    return vocab
+
+
+def encode_16_bit(weights: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "F16":
+        return weights.astype(np.float16)
+    bits = weights.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even bfloat16
+
+
+def write_big_gguf(
+    path, dtype: str, dim, n_layers, n_heads, n_kv_heads, hidden_dim, vocab, context_length, rope_theta, tied=False, **_
+) -> None:
+    """A random-weight model at a real large model's shape, written one tensor at a time (a whole
+    model would not fit in memory). Every layer holds the same random matrices (drawing billions of
+    fresh random numbers takes longer than what the file is for): the bytes on disk are as many as
+    the real model's. `vocab` tokens: the default model's, padded with unused ones."""
+    raw_type = GGMLQuantizationType.F16 if dtype == "F16" else GGMLQuantizationType.BF16
+    numpy_type = np.float16 if dtype == "F16" else np.uint16
+    rng = np.random.default_rng(0)
+    v = padded_vocabulary(vocab)
+    head_dim = dim // n_heads
+    w = GGUFWriter(str(path), "llama")
+    for key, value in (
+        ("block_count", n_layers),
+        ("context_length", context_length),
+        ("embedding_length", dim),
+        ("feed_forward_length", hidden_dim),
+        ("attention.head_count", n_heads),
+        ("attention.head_count_kv", n_kv_heads),
+        ("rope.dimension_count", head_dim),
+        ("vocab_size", vocab),
+    ):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32("llama.rope.freq_base", rope_theta)
+    w.add_tokenizer_model(v["model"])
+    w.add_tokenizer_pre(v["pre"])
+    w.add_token_list(v["tokens"])
+    w.add_token_types(v["types"])
+    w.add_token_merges(v["merges"])
+    w.add_bos_token_id(v["bos"])
+    w.add_eos_token_id(v["eos"])
+
+    def matrix(rows, cols):
+        return encode_16_bit((rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)), dtype)
+
+    layer = {
+        "attn_q": matrix(n_heads * head_dim, dim),
+        "attn_k": matrix(n_kv_heads * head_dim, dim),
+        "attn_v": matrix(n_kv_heads * head_dim, dim),
+        "attn_output": matrix(dim, n_heads * head_dim),
+        "ffn_gate": matrix(hidden_dim, dim),
+        "ffn_up": matrix(hidden_dim, dim),
+        "ffn_down": matrix(dim, hidden_dim),
+    }
+    norm = (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32)
+    embedding = matrix(vocab, dim)
+    tensors = [("token_embd.weight", embedding), ("output_norm.weight", norm)]
+    if not tied:
+        tensors.append(("output.weight", embedding))
+    for i in range(n_layers):
+        tensors += [(f"blk.{i}.attn_norm.weight", norm), (f"blk.{i}.ffn_norm.weight", norm)]
+        tensors += [(f"blk.{i}.{name}.weight", data) for name, data in layer.items()]
+    for name, data in tensors:
+        if data.dtype == np.float32:
+            w.add_tensor_info(name, data.shape, data.dtype, data.nbytes)
+        else:
+            w.add_tensor_info(name, data.shape, numpy_type, data.nbytes, raw_dtype=raw_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for _, data in tensors:
+        w.write_tensor_data(data)
+    w.close()

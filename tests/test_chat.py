@@ -174,6 +174,38 @@ def test_chat_repl_on_a_terminal():
         os.close(fd)
 
 
+def test_line_editing_and_history_on_a_terminal(tmp_path):
+    """readline on a real pseudo-terminal: the left arrow moves the cursor to fix a typo mid-line, Ctrl+E
+    goes back to the end, and the up arrow brings back the last message (the saved conversation holds
+    the edited message twice). Without readline the arrows arrive as text ("^[[D") in the message."""
+    saved = tmp_path / "conversation.json"
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "plainllama", "chat", "-n", "4", "--temperature", "0"])
+    try:
+        assert b">>> " in read_until(fd, b">>> ", 120)
+        left = b"\x1b[D"
+        os.write(fd, b"What is the capital of Frnce" + left * 3 + b"a" + b"\x05" + b"? Answer in one word.\r")
+        read_until(fd, b">>> ", 120)
+        os.write(fd, b"\x1b[A\r")  # up arrow: the previous message, sent again
+        read_until(fd, b">>> ", 120)
+        os.write(fd, f"/save {saved}\r".encode())
+        read_until(fd, b">>> ", 60)
+        os.write(fd, b"/bye\r")
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+    messages = json.loads(saved.read_text())
+    asked = [m["content"] for m in messages if m["role"] == "user"]
+    assert asked == ["What is the capital of France? Answer in one word."] * 2
+
+
 def test_chat_history_is_trimmed_to_the_context(tmp_path, vocab, llm):
     """Piped stdin, a model with a 96-token context: older turns are dropped with a notice."""
     path = write_llama_gguf(

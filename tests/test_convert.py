@@ -23,7 +23,8 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def converted(model_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted")
-    cli("convert", model_path, str(out / "hf"), "--to", "hf")
+    # 100 MB shards: the 538 MB float32 model becomes 6 files and an index, as transformers writes them
+    cli("convert", model_path, str(out / "hf"), "--to", "hf", "--shard-size", "100M")
     cli("convert", str(out / "hf"), str(out / "meta"), "--to", "meta")
     return out
 
@@ -40,6 +41,46 @@ def test_default_model_gives_identical_logits_as_gguf_hf_and_meta(llm, converted
     assert torch.equal(meta.logits(ids), reference)
     chat = [{"role": "user", "content": "Hi!"}]
     assert hf.encode_chat(chat) == llm.encode_chat(chat) == meta.encode_chat(chat)
+
+
+def test_shards_and_index_as_transformers_writes_them(converted):
+    """The index names every tensor once, each in the shard the safetensors library finds it in, and
+    its total_size is the sum of the tensors' bytes; no shard passes the limit unless one tensor does."""
+    from safetensors import safe_open
+
+    folder = converted / "hf"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert files == [f"model-{i:05d}-of-00006.safetensors" for i in range(1, 7)]
+    found, total = {}, 0
+    for file in files:
+        with safe_open(str(folder / file), "pt") as f:
+            names = list(f.keys())  # noqa: SIM118
+            for name in names:
+                found[name] = file
+                total += f.get_tensor(name).nbytes
+        assert (folder / file).stat().st_size <= 100 << 20 or len(names) == 1
+    assert index["weight_map"] == found and index["metadata"]["total_size"] == total
+    assert "lm_head.weight" not in found  # tied: stored once, as the embedding
+
+
+def test_meta_pth_is_an_intact_zip_that_torch_loads(llm, converted):
+    """consolidated.00.pth is written tensor by tensor into the file torch.save lays out (skip_data):
+    Python's zipfile finds every record's CRC-32 right, and torch.load(weights_only=True) gives the
+    source's tensors, the tied output sharing the embedding's storage as torch.save would store it."""
+    import zipfile
+
+    path = converted / "meta" / "consolidated.00.pth"
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    from plainllama.formats import open_checkpoint
+
+    source = open_checkpoint(str(converted / "hf"))
+    assert list(state) == list(source.tensors)
+    for name, record in source.tensors.items():
+        assert torch.equal(state[name], record.load()), name
+    assert state["output.weight"].data_ptr() == state["tok_embeddings.weight"].data_ptr()
 
 
 def test_transformers_loads_the_hf_folder(llm, converted):
@@ -154,7 +195,7 @@ def run_convert(*args, preexec_fn=None):
     )
 
 
-@pytest.mark.parametrize("to", ["hf", "meta"])
+@pytest.mark.parametrize("to", ["hf", "meta", "gguf"])
 def test_a_write_that_fails_part_way_leaves_nothing(model_path, tmp_path, to):
     """A file-size limit (RLIMIT_FSIZE, which Python turns into EFBIG errors, as a full disk would
     give ENOSPC) stops the ~270 MB weights file after 20 MB: one clean error line, and neither the
@@ -201,7 +242,7 @@ def test_an_empty_destination_folder_is_used(model_path, tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
     written = (tmp_path / "out" / "model.safetensors").stat().st_size
     assert (
-        0 < written - output_bytes(open_checkpoint(model_path), torch.float32) < 64 << 10
+        0 < written - output_bytes(open_checkpoint(model_path), "hf", torch.float32) < 64 << 10
     )  # auto: float32 for Q4_1/Q8_0
 
 
@@ -225,4 +266,78 @@ def test_convert_keeps_16_bit_precision_and_takes_m(tmp_path, vocab):
         dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
     assert dtypes == {"BF16"}
     refused = run_cli("convert", "-m", str(source), str(tmp_path / "a"), str(tmp_path / "b"), "--to", "hf")
-    assert refused.returncode == 1 and "give only the destination folder" in refused.stderr
+    assert refused.returncode == 1 and "give only the destination" in refused.stderr
+
+
+def test_sentencepiece_vocabulary_to_meta_writes_a_real_tokenizer_model(
+    sentencepiece_model, sentencepiece_gguf, tmp_path
+):
+    """A Llama 2-style GGUF vocabulary becomes a tokenizer.model that the sentencepiece library loads
+    and that encodes as the model it was made from; plainllama reads the folder with it."""
+    spm = oracle("sentencepiece")
+    cli("convert", "-m", str(sentencepiece_gguf), str(tmp_path / "meta"), "--to", "meta")
+    assert not (tmp_path / "meta" / "tokenizer.json").exists()
+    written = spm.SentencePieceProcessor(model_file=str(tmp_path / "meta" / "tokenizer.model"))
+    assert written.get_piece_size() == sentencepiece_model.get_piece_size()
+    assert (written.bos_id(), written.eos_id(), written.unk_id()) == (
+        sentencepiece_model.bos_id(),
+        sentencepiece_model.eos_id(),
+        sentencepiece_model.unk_id(),
+    )
+    for text in CORPUS:
+        assert written.encode(text) == sentencepiece_model.encode(text), text
+    model = plainllama.load(str(tmp_path / "meta"), device="cpu", dtype="float32")
+    assert model.tokenizer.encode("Hello world", bos=False) == sentencepiece_model.encode("Hello world")
+
+
+LLAMA_3_2_1B = dict(
+    dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab=128256, context_length=8192,
+    rope_theta=500000.0, tied=True,
+)  # fmt: skip
+
+
+def peak_rss_kib(code: str) -> int:
+    """The peak resident memory of a fresh Python process running `code` (its ru_maxrss, in KiB)."""
+    probe = f"{code}\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("to", ["hf", "meta", "gguf"])
+def test_convert_memory_stays_near_the_largest_tensor(tmp_path_factory, to):
+    """A Llama 3.2 1B-shaped BF16 GGUF (2.5 GB; the largest tensor is the 525 MB embedding) converts
+    with a peak RSS below 1.2 x that tensor + the runtime: the RSS of a fresh process that imports
+    the converter and opens the checkpoint without writing. Building the whole model first, as
+    convert did, peaks at the model's size."""
+    from gguf_files import write_big_gguf
+
+    folder = tmp_path_factory.getbasetemp() / "one-b"
+    source = folder / "1b-BF16.gguf"
+    if not source.exists():
+        folder.mkdir(exist_ok=True)
+        write_big_gguf(source, "BF16", **LLAMA_3_2_1B)
+    destination = tmp_path_factory.mktemp(to) / ("out.gguf" if to == "gguf" else "out")
+    runtime = peak_rss_kib(
+        "import plainllama.cli.convert, plainllama.export.hf, plainllama.export.meta, plainllama.export.gguf, "
+        f"safetensors, gguf\nfrom plainllama.formats import open_checkpoint\nopen_checkpoint({str(source)!r})"
+    )
+    peak = peak_rss_kib(
+        f"from plainllama.cli.main import main\nmain(['convert', '-m', {str(source)!r}, {str(destination)!r}, "
+        f"'--to', {to!r}])"
+    )
+    largest = LLAMA_3_2_1B["vocab"] * LLAMA_3_2_1B["dim"] * 2 / 1024
+    assert peak < runtime + 1.2 * largest, f"peak {peak / 1024:.0f} MiB, runtime {runtime / 1024:.0f} MiB"
+    assert destination.exists()
+
+
+def test_progress_on_a_terminal(model_path, tmp_path):
+    """On a terminal, convert shows how much is written, over one line, and clears it at the end."""
+    from test_cli import run_on_pty
+
+    returncode, output = run_on_pty(
+        [sys.executable, "-m", "plainllama", "convert", "-m", model_path, str(tmp_path / "out"), "--to", "hf"]
+    )
+    assert returncode == 0, output
+    assert "[converting: " in output and "/0.54 GB written]" in output
+    assert output.rstrip().endswith("wrote " + str(tmp_path / "out") + " (hf, float32)")

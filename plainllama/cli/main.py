@@ -155,20 +155,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser(
         "convert",
-        help="write a model as a Hugging Face or Meta folder",
-        description="Write SRC (any supported format) to the folder DST. GGUF weights are dequantized.",
+        help="write a model as a Hugging Face folder, a Meta folder or a GGUF file",
+        description="Write SRC (any supported format) as DST, one tensor at a time: memory stays near the largest "
+        "tensor, whatever the model's size. Quantized GGUF weights are dequantized.",
+        epilog="examples:\n"
+        "  plainllama convert -m Meta-Llama-3.1-8B/ llama-3.1-8b.gguf --to gguf --dtype q8_0\n"
+        "  plainllama convert -m model.gguf model-hf/ --to hf --shard-size 2G",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument(
         "src", nargs="?", default=None, help="the model to convert: a GGUF file, a Meta or a Hugging Face folder"
     )
-    convert.add_argument("dst", nargs="?", default=None, help="the folder to write (new, or empty)")
+    convert.add_argument(
+        "dst", nargs="?", default=None, help="what to write: a folder (new, or empty) for hf and meta; a new .gguf file"
+    )
     convert.add_argument("-m", "--model", default=None, help="the model to convert (then DST is the only positional)")
-    convert.add_argument("--to", required=True, choices=["hf", "meta"], help="the format to write")
+    convert.add_argument("--to", required=True, choices=["hf", "meta", "gguf"], help="the format to write")
     convert.add_argument(
         "--dtype",
         default="auto",
-        help="auto (the stored type of the source's matrices where it is 16-bit; float32 for quantized GGUF), "
-        "float32, bfloat16, float16",
+        help="auto (the source's 16-bit type where its matrices have one; else float32 for hf and meta, float16 "
+        "for gguf), float32, bfloat16, float16; for gguf also q8_0",
+    )
+    convert.add_argument(
+        "--shard-size",
+        default=None,
+        metavar="SIZE",
+        help="--to hf: cut the safetensors into files of at most SIZE (e.g. 2G, 500M), with an index, as "
+        "transformers does (default: 5 GB)",
     )
     convert.set_defaults(command_module="convert")
     return parser

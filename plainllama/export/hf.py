@@ -1,5 +1,6 @@
-"""Write a model as a Hugging Face folder: config.json, model.safetensors, tokenizer.json,
-tokenizer_config.json, generation_config.json. transformers loads the result as LlamaForCausalLM."""
+"""Write a model as a Hugging Face folder: config.json, model.safetensors (or shards and their
+index), tokenizer.json, tokenizer_config.json, generation_config.json. transformers loads the
+result as LlamaForCausalLM."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import os
 import torch
 
 from ..formats import Checkpoint
+from ..formats.checkpoint import expected_shapes
+from .reading import tensors_in_order
 from .rope import describe_rope
+from .safetensors_file import write_safetensors
 from .tokenizer_json import write_tokenizer
 
 LAYER_PARTS = {
@@ -44,22 +48,55 @@ def hf_name(name: str) -> str:
     return f"model.layers.{layer}.{LAYER_PARTS[part]}.weight"
 
 
-def write_hf(checkpoint: Checkpoint, folder: str, dtype: torch.dtype) -> None:
-    from safetensors.torch import save_file
+def shard_plan(entries: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_bytes: int) -> list[list[int]]:
+    """The entries' indices cut into consecutive shards of at most shard_bytes each (a tensor larger
+    than that takes a shard of its own), as transformers' save_pretrained cuts them."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape) in enumerate(entries):
+        nbytes = torch.Size(shape).numel() * itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
 
+
+def permuted_for_hf(tensors, args):
+    for name, t in tensors:
+        if name.endswith("attention.wq.weight"):
+            t = apply_rotary_permutation(t, args.n_heads).contiguous()
+        elif name.endswith("attention.wk.weight"):
+            t = apply_rotary_permutation(t, args.n_kv_heads).contiguous()
+        yield hf_name(name), t
+
+
+def write_hf(checkpoint: Checkpoint, folder: str, dtype: torch.dtype, shard_bytes: int, written=None) -> None:
+    """Tensors go to model.safetensors, or above shard_bytes to model-0000i-of-0000N.safetensors with
+    model.safetensors.index.json saying which tensor is in which file (transformers' layout)."""
     args = checkpoint.args
     os.makedirs(folder, exist_ok=True)
-    tensors = {}
-    for name, record in checkpoint.tensors.items():
-        if name == "output.weight" and args.tie_embeddings:
-            continue  # tied: HF stores the embedding once
-        t = record.load().to(dtype)
-        if name.endswith("attention.wq.weight"):
-            t = apply_rotary_permutation(t, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = apply_rotary_permutation(t, args.n_kv_heads)
-        tensors[hf_name(name)] = t.contiguous()
-    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    shapes = expected_shapes(args)
+    # tied: HF stores the embedding once
+    names = [n for n in checkpoint.tensors if not (n == "output.weight" and args.tie_embeddings)]
+    entries = [(hf_name(n), shapes[n]) for n in names]
+    shards = shard_plan(entries, dtype.itemsize, shard_bytes)
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    tensors = permuted_for_hf(tensors_in_order(checkpoint, names, dtype, written), args)
+    weight_map = {}
+    for file, shard in zip(files, shards, strict=True):
+        write_safetensors(os.path.join(folder, file), [entries[i] for i in shard], dtype, tensors)
+        weight_map.update({entries[i][0]: file for i in shard})
+    if len(files) > 1:
+        total = sum(torch.Size(shape).numel() for _, shape in entries) * dtype.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
 
     tok = checkpoint.tokenizer
     rope = describe_rope(args)

@@ -16,13 +16,17 @@ import torch
 
 from ..errors import PlainLlamaError
 from ..formats import Checkpoint
+from ..formats.checkpoint import expected_shapes
 from ..formats.meta import feed_forward_width
 from ..tokenizer import BytePairEncoding
 from ..tokenizer.bpe import CHAR_TO_BYTE
 from ..tokenizer.pretokenize import LLAMA3
-from ..tokenizer.sentencepiece import SentencePieceModelFile
+from ..tokenizer.sentencepiece import SentencePieceBPE, SentencePieceModelFile
 from ..tokenizer.tiktoken_bpe import LLAMA3_SPECIAL_TOKENS, TiktokenBPE
+from .pth_file import write_pth
+from .reading import tensors_in_order
 from .rope import describe_rope
+from .sentencepiece_proto import model_proto
 from .tokenizer_json import write_tokenizer
 
 
@@ -37,7 +41,7 @@ def ffn_params(dim: int, hidden_dim: int) -> dict:
     raise PlainLlamaError(f"feed-forward width {hidden_dim} cannot be expressed in params.json for dim {dim}")
 
 
-def write_meta(checkpoint: Checkpoint, folder: str, dtype: torch.dtype) -> None:
+def write_meta(checkpoint: Checkpoint, folder: str, dtype: torch.dtype, written=None) -> None:
     args = checkpoint.args
     rope = describe_rope(args)
     params = {
@@ -60,26 +64,41 @@ def write_meta(checkpoint: Checkpoint, folder: str, dtype: torch.dtype) -> None:
             )
         params["use_scaled_rope"] = True
     os.makedirs(folder, exist_ok=True)
-    # Meta's reference model always has output.weight, tied or not: write it, so that it loads there too.
-    converted = {}  # record -> tensor: tied weights stay one tensor, which torch.save stores once
-    state = {}
+    # Meta's reference model always has output.weight, tied or not: write it, so that it loads there too
+    # (sharing the embedding's storage, which torch.save stores once).
+    shapes = expected_shapes(args)
+    owners: dict[int, str] = {}  # record -> the first name it is saved under
+    layout = {}
     for name, record in checkpoint.tensors.items():
-        if id(record) not in converted:
-            converted[id(record)] = record.load().to(dtype).contiguous()
-        state[name] = converted[id(record)]
-    torch.save(state, os.path.join(folder, "consolidated.00.pth"))
+        owner = owners.setdefault(id(record), name)
+        layout[name] = (shapes[name], dtype, owner)
+    names = [name for name, (_, _, owner) in layout.items() if owner == name]
+    write_pth(os.path.join(folder, "consolidated.00.pth"), layout, tensors_in_order(checkpoint, names, dtype, written))
     with open(os.path.join(folder, "params.json"), "w") as f:
         json.dump(params, f, indent=2)
+    write_tokenizer_model(folder, checkpoint)
 
+
+def write_tokenizer_model(folder: str, checkpoint: Checkpoint) -> None:
+    """tokenizer.model in the form Meta's code reads: Llama 3's tiktoken ranks, or a SentencePiece
+    model (Llama 2). Other vocabularies have no tokenizer.model form (see the module's docstring)."""
     tok = checkpoint.tokenizer
     ranks = llama3_ranks(tok)
+    path = os.path.join(folder, "tokenizer.model")
     if ranks is not None:
-        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        with open(path, "wb") as f:
             for rank, token in enumerate(ranks):
                 f.write(base64.b64encode(token) + b" %d\n" % rank)
     elif isinstance(tok.model, SentencePieceModelFile):
-        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        with open(path, "wb") as f:
             f.write(tok.model.sp.serialized_model_proto())
+    elif isinstance(tok.model, SentencePieceBPE):
+        model = tok.model
+        unk = tok.tokens[model.unk_id] if model.unk_id is not None else None
+        bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else None
+        eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else None
+        with open(path, "wb") as f:
+            f.write(model_proto(tok.tokens, model.scores, tok.token_types, unk, bos, eos, model.add_space_prefix))
     else:
         write_tokenizer(folder, tok, checkpoint.chat_template)
 

@@ -21,7 +21,7 @@ from ..formats.checkpoint import Checkpoint, expected_shapes
 SPARE_BYTES = 64 << 20  # tokenizer and config files, and room the filesystem needs
 # Above this, safetensors output is cut into shards: transformers 4's default max_shard_size ("5GB"),
 # the shard size of most models on the Hugging Face Hub (transformers 5 raised its default to 50 GB).
-DEFAULT_SHARD_BYTES = 5 * 10**9
+DEFAULT_SHARD_BYTES = 5 * 10**9  # (write_hf's default too)
 
 
 def output_bytes(checkpoint: Checkpoint, to: str, precision: torch.dtype | str) -> int:

@@ -72,7 +72,9 @@ def permuted_for_hf(tensors, args):
         yield hf_name(name), t
 
 
-def write_hf(checkpoint: Checkpoint, folder: str, dtype: torch.dtype, shard_bytes: int, written=None) -> None:
+def write_hf(
+    checkpoint: Checkpoint, folder: str, dtype: torch.dtype, shard_bytes: int = 5 * 10**9, written=None
+) -> None:
     """Tensors go to model.safetensors, or above shard_bytes to model-0000i-of-0000N.safetensors with
     model.safetensors.index.json saying which tensor is in which file (transformers' layout)."""
     args = checkpoint.args

@@ -114,20 +114,34 @@ static inline float dot(const float *a, const float *b, int n) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* model.py's attention() for one query per head: softmax(q k^T / sqrt(Hd)) v over positions 0..S-1,
- * query head h reading key/value head h / (H / K). `allowed` [M, S] (NULL: every position) is
- * causal_mask's padding mask for left-padded batches. q [M, q_stride], out [M, H * Hd]. */
-static int attend(const float *q, int q_stride, const float *ck, const float *cv, long length, int M, int H, int K,
-                  int Hd, int S, const uint8_t *allowed, float *out) {
+/* Where each row's keys and values are: row r's cache holds `length[r]` positions per key/value
+ * head (k[r], v[r]: float32 [K, length[r], Hd]), and its new token is at position start[r]. A batch
+ * sharing one cache tensor (decode_layer) and sequences with caches of their own (decode_rows, the
+ * server's continuous batches) are both this. */
+typedef struct {
+    float *const *k, *const *v;
+    const long *length;
+    const int *start;
+} RowCaches;
+
+/* model.py's attention() for one query per head: softmax(q k^T / sqrt(Hd)) v over positions
+ * 0..start[r] of row r's cache, query head h reading key/value head h / (H / K). `allowed` [M, S]
+ * (NULL: every position) is causal_mask's padding mask for left-padded batches (S = start + 1, the
+ * same for every row then). q [M, q_stride], out [M, H * Hd]. Each row's arithmetic is its own:
+ * the result for a row does not depend on which other rows are in the call. */
+static int attend(const float *q, int q_stride, const RowCaches *c, int M, int H, int K, int Hd, const uint8_t *allowed,
+                  float *out) {
     float inv_sqrt = 1.0f / sqrtf((float)Hd);
     int failed = 0;
-    /* worth spreading over threads only when the cache is long */
-#pragma omp parallel for collapse(2) schedule(static) if ((long)M * H * S * Hd > (1L << 17))
+    long work = 0;
+    for (int r = 0; r < M; r++) work += (long)H * (c->start[r] + 1) * Hd;
+    /* worth spreading over threads only when the caches are long */
+#pragma omp parallel for collapse(2) schedule(static) if (work > (1L << 17))
     for (int r = 0; r < M; r++) {
         for (int h = 0; h < H; h++) {
-            int g = h / (H / K);
+            int g = h / (H / K), S = c->start[r] + 1;
             const float *qh = q + (size_t)r * q_stride + (size_t)h * Hd;
-            const float *keys = ck + ((size_t)r * K + g) * length * Hd, *values = cv + ((size_t)r * K + g) * length * Hd;
+            const float *keys = c->k[r] + (size_t)g * c->length[r] * Hd, *values = c->v[r] + (size_t)g * c->length[r] * Hd;
             const uint8_t *ok = allowed ? allowed + (size_t)r * S : NULL;
             float *scores = malloc(sizeof(float) * S), *o = out + (size_t)r * H * Hd + (size_t)h * Hd;
             if (!scores) {
@@ -153,13 +167,12 @@ static int attend(const float *q, int q_stride, const float *ck, const float *cv
     return failed ? -1 : 0;
 }
 
-/* x [M, D] at position `start` (one token per row) -> out [M, D]; writes the rows' keys and values at
- * `start` in the cache. cos, sin [rope_rows, Hd] (rope_rows 1: shared by every row, else M).
- * Returns a Status: STATUS_OK, STATUS_OUT_OF_MEMORY, or a product's. */
-int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows,
-                 float *cache_k, float *cache_v, long length, int start, const uint8_t *allowed, float *out) {
+/* x [M, D], one token per row -> out [M, D]; writes each row's key and value at its position in its
+ * cache. cos, sin [rope_rows, Hd] (rope_rows 1: shared by every row, else M). */
+static int layer_step(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows,
+                      const RowCaches *c, const uint8_t *allowed, float *out) {
     int D = L->dim, H = L->n_heads, K = L->n_kv_heads, Hd = L->head_dim, F = L->hidden;
-    int qkv_width = (H + 2 * K) * Hd, S = start + 1;
+    int qkv_width = (H + 2 * K) * Hd;
     float *normed = malloc(sizeof(float) * (size_t)M * (D > F ? D : F));
     float *qkv = malloc(sizeof(float) * (size_t)M * qkv_width);
     float *att = malloc(sizeof(float) * (size_t)M * H * Hd);
@@ -175,15 +188,15 @@ int decode_layer(const Layer *L, const float *x, int M, const float *cos, const 
     if (!code) {
         for (int r = 0; r < M; r++) {
             float *row = qkv + (size_t)r * qkv_width;
-            const float *c = cos + (size_t)(rope_rows == 1 ? 0 : r) * Hd, *s = sin + (size_t)(rope_rows == 1 ? 0 : r) * Hd;
-            for (int h = 0; h < H + K; h++) rotate(row + (size_t)h * Hd, c, s, Hd); /* q and k */
-            for (int g = 0; g < K; g++) {                                            /* cache.update */
-                size_t at = (((size_t)r * K + g) * length + start) * Hd;
-                memcpy(cache_k + at, row + (size_t)(H + g) * Hd, sizeof(float) * Hd);
-                memcpy(cache_v + at, row + (size_t)(H + K + g) * Hd, sizeof(float) * Hd);
+            const float *cr = cos + (size_t)(rope_rows == 1 ? 0 : r) * Hd, *sr = sin + (size_t)(rope_rows == 1 ? 0 : r) * Hd;
+            for (int h = 0; h < H + K; h++) rotate(row + (size_t)h * Hd, cr, sr, Hd); /* q and k */
+            for (int g = 0; g < K; g++) {                                              /* cache.update */
+                size_t at = ((size_t)g * c->length[r] + c->start[r]) * Hd;
+                memcpy(c->k[r] + at, row + (size_t)(H + g) * Hd, sizeof(float) * Hd);
+                memcpy(c->v[r] + at, row + (size_t)(H + K + g) * Hd, sizeof(float) * Hd);
             }
         }
-        code = attend(qkv, qkv_width, cache_k, cache_v, length, M, H, K, Hd, S, allowed, att);
+        code = attend(qkv, qkv_width, c, M, H, K, Hd, allowed, att);
     }
     if (!code) code = linear(&L->wo, att, M, proj);
     if (!code) {
@@ -204,6 +217,44 @@ int decode_layer(const Layer *L, const float *x, int M, const float *cos, const 
     free(proj);
     free(hidden);
     return code;
+}
+
+/* x [M, D] at position `start` (one token per row) -> out [M, D]; writes the rows' keys and values at
+ * `start` in the cache, model.py's LayerCache: k and v float32 [rows >= M, K, length, Hd],
+ * contiguous. cos, sin [rope_rows, Hd] (rope_rows 1: shared by every row, else M).
+ * Returns a Status: STATUS_OK, STATUS_OUT_OF_MEMORY, or a product's. */
+int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows,
+                 float *cache_k, float *cache_v, long length, int start, const uint8_t *allowed, float *out) {
+    float **k = malloc(sizeof(float *) * M), **v = malloc(sizeof(float *) * M);
+    long *lengths = malloc(sizeof(long) * M);
+    int *starts = malloc(sizeof(int) * M);
+    int code = (k && v && lengths && starts) ? STATUS_OK : STATUS_OUT_OF_MEMORY;
+    if (!code) {
+        size_t row = (size_t)L->n_kv_heads * length * L->head_dim;
+        for (int r = 0; r < M; r++) {
+            k[r] = cache_k + r * row;
+            v[r] = cache_v + r * row;
+            lengths[r] = length;
+            starts[r] = start;
+        }
+        RowCaches c = {k, v, lengths, starts};
+        code = layer_step(L, x, M, cos, sin, rope_rows, &c, allowed, out);
+    }
+    free(k);
+    free(v);
+    free(lengths);
+    free(starts);
+    return code;
+}
+
+/* decode_layer for rows that are separate sequences (a server's continuous batch): row r at position
+ * start[r], its cache k[r], v[r] float32 [K, length[r], Hd] (the address of each row's LayerCache
+ * tensors, as int64). cos, sin [M, Hd], each row's own. The products read the weights once for all
+ * rows; everything else is per row, so a row's result is the same in any company. */
+int decode_rows(const Layer *L, const float *x, int M, const float *cos, const float *sin, const int64_t *cache_k,
+                const int64_t *cache_v, const long *length, const int *start, float *out) {
+    RowCaches c = {(float *const *)cache_k, (float *const *)cache_v, length, start};
+    return layer_step(L, x, M, cos, sin, M, &c, NULL, out);
 }
 
 /* ---- the same steps for many rows, for prompts (decode_block.py's KernelBlock._prompt_step) ---- */

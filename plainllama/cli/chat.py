@@ -54,8 +54,12 @@ def fit_to_context(llm, history: list[Message], answer_room: int) -> tuple[list[
 
 
 def model_name(llm) -> str:
-    """A name people recognise: the file's name without extension, or the folder's."""
-    path = llm.checkpoint.path.rstrip(os.sep)
+    return name_of(llm.checkpoint.path)
+
+
+def name_of(path: str) -> str:
+    """A name people recognise for a model: the file's name without extension, or the folder's."""
+    path = path.rstrip(os.sep)
     return os.path.splitext(os.path.basename(path))[0] if os.path.isfile(path) else os.path.basename(path)
 
 

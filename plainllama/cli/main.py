@@ -116,6 +116,45 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(command_module="chat")
 
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (continuous batching)",
+        description="Load the model once and serve OpenAI's API: POST /v1/chat/completions and /v1/completions "
+        "(streamed or not), GET /v1/models, /health and /metrics. Every running request is decoded in one pass "
+        "over the weights per step; new requests join between steps.",
+        epilog="examples:\n"
+        "  plainllama serve -m model.gguf --port 8000\n"
+        '  curl localhost:8000/v1/chat/completions -d \'{"messages": [{"role": "user", "content": "Hi"}]}\'',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on (default: 8000)")
+    serve.add_argument(
+        "--max-batch", type=int, default=16, metavar="N", help="requests decoded together at most (default: 16)"
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        metavar="N",
+        help="requests waiting for a place in the batch at most; beyond, 429 with Retry-After (default: 256)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model's id in the API (default: the model file's or folder's name)",
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on Ctrl+C or SIGTERM, how long running requests may finish before they are cancelled (default: 10)",
+    )
+    serve.set_defaults(command_module="serve")
+
     inspect = sub.add_parser(
         "inspect",
         help="see how the model turns a prompt into the next token",

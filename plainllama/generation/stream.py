@@ -61,28 +61,20 @@ class GenerationStream:
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[str]:
-        decoder = self._tokenizer.stream()
-        pending = ""
-        stopped = False
+        text = StreamedText(self._tokenizer, self._stops)
         for token_id in self._token_iter:
-            pending += decoder.push(token_id)
-            at = self._stops.find(pending)
-            if at is not None:
-                pending = pending[:at]
-                stopped = True
+            piece = text.push(token_id)
+            if piece:
+                self._pieces.append(piece)
+                yield piece
+            if text.stopped:
                 break
-            ready = len(pending) - self._stops.held_back(pending)
-            if ready:
-                self._pieces.append(pending[:ready])
-                yield pending[:ready]
-                pending = pending[ready:]
-        if not stopped:
-            pending += decoder.flush()
-        if pending:
-            self._pieces.append(pending)
-            yield pending
+        piece = text.finish()
+        if piece:
+            self._pieces.append(piece)
+            yield piece
         s = self._state
-        if stopped:
+        if text.stopped:
             s.finish_reason = "stop"
             self._token_iter.close()
         assert s.finish_reason is not None  # the loop sets it when it ends
@@ -96,3 +88,33 @@ class GenerationStream:
             s.logprobs if self._logprobs is not None else None,
             acceptance,
         )
+
+
+class StreamedText:
+    """Token ids in, text out once it is final: the text a stop string starts ends everything, and
+    text that could be the beginning of one is held back until the next tokens show whether it is.
+    Pushed one token at a time by GenerationStream, and by the server for each of its requests."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: StopMatcher):
+        self._decoder = tokenizer.stream()
+        self._stops = stops
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        self._pending += self._decoder.push(token_id)
+        at = self._stops.find(self._pending)
+        if at is not None:
+            self.stopped = True
+            ready, self._pending = self._pending[:at], ""
+            return ready
+        cut = len(self._pending) - self._stops.held_back(self._pending)
+        ready, self._pending = self._pending[:cut], self._pending[cut:]
+        return ready
+
+    def finish(self) -> str:
+        """What is held back, once no more tokens come (nothing if a stop string ended the text)."""
+        if self.stopped:
+            return ""
+        rest, self._pending = self._pending + self._decoder.flush(), ""
+        return rest

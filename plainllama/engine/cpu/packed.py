@@ -207,14 +207,22 @@ class PackedWeight(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x @ W.T [M, N] float32."""
-        M, N = x.shape[0], self.shape[0]
-        if M <= DIRECT_ROWS and x.device.type == "cpu" and kernels.available():
-            x = x.float().contiguous()
-            out = torch.empty(M, N, dtype=torch.float32)
-            kernel, pointers = self.direct_call()
-            kernels.check(kernel(x.data_ptr(), M, x.shape[1], *pointers, N, out.data_ptr()), kernel.__name__)
-            return out
+        if x.shape[0] <= DIRECT_ROWS and x.device.type == "cpu" and kernels.available():
+            return self.matmul_each_row(x)
         return self._unpacked_matmul(x)
+
+    def matmul_each_row(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x @ W.T [M, N] float32 with the direct kernels whatever M: each row's result is
+        computed as if it were alone (its own quantized activations, its own dot products), so it is
+        the same in any company; the weights are still read once for all rows. (The many-rows path
+        rounds rows to bfloat16 together and is faster for prompts, but a row's result there depends
+        on how many rows there are.)"""
+        M, N = x.shape[0], self.shape[0]
+        x = x.float().contiguous()
+        out = torch.empty(M, N, dtype=torch.float32)
+        kernel, pointers = self.direct_call()
+        kernels.check(kernel(x.data_ptr(), M, x.shape[1], *pointers, N, out.data_ptr()), kernel.__name__)
+        return out
 
     def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
         M, (N, K) = x.shape[0], self.shape

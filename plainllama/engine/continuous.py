@@ -1,0 +1,89 @@
+"""One decode step for sequences that are each at their own position with caches of their own: what a
+server's continuous batch runs (server/scheduler.py), requests joining and leaving between steps.
+
+    token of each sequence [M] --embedding--> [M, D] --layers (decode_rows in C)--> --norm, output--> logits [M, V]
+
+The products read each weight matrix once for all M sequences (the point of batching: decoding is
+bound by reading the weights). Everything else is per row, and the products use the kernels that
+compute each row alone (`matmul_each_row`), so a sequence's logits are bit-for-bit those it gets
+alone, or beside any other sequences: a request's answer does not depend on the company it keeps.
+For M = 1 this is exactly the arithmetic of a single generation's decode step (decode_layer.c).
+
+Only for models whose every layer runs in the C kernels (compressed weights on the CPU: the
+default); others step each sequence through model.py alone (`step_alone`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ..model import KVCache, Transformer, rotary_cos_sin
+from .cpu import kernels
+from .cpu.decode_block import KernelBlock
+from .cpu.packed import PackedLinear
+
+
+def rows_can_step(model: Transformer) -> bool:
+    return (
+        kernels.available()
+        and all(isinstance(layer, KernelBlock) for layer in model.layers)
+        and isinstance(model.output, PackedLinear)
+        and model.norm.weight.dtype == torch.float32
+    )
+
+
+class SequenceCache(KVCache):
+    """A sequence's own KV cache (batch 1, float32), with its layers' addresses ready for decode_rows."""
+
+    def __init__(self, model: Transformer, length: int):
+        super().__init__(model.args, 1, length, torch.float32, torch.device("cpu"))
+        self.k_addresses = torch.tensor([layer.k.data_ptr() for layer in self.layers], dtype=torch.int64)
+        self.v_addresses = torch.tensor([layer.v.data_ptr() for layer in self.layers], dtype=torch.int64)
+
+
+def step_rows(model: Transformer, tokens: list[int], positions: list[int], caches: list[SequenceCache]) -> torch.Tensor:
+    """Each sequence's next token at its position -> logits [M, V] float32; writes each one's keys
+    and values into its own cache."""
+    M, args = len(tokens), model.args
+    with torch.inference_mode():
+        x = model.tok_embeddings(torch.tensor(tokens)[:, None]).reshape(M, args.dim).float().contiguous()  # [M, D]
+        cos, sin = rotary_cos_sin(args, torch.tensor(positions)[:, None])  # [M, 1, 1, Hd] each
+        cos, sin = cos.reshape(M, -1).contiguous(), sin.reshape(M, -1).contiguous()
+        lengths = torch.tensor([c.length for c in caches], dtype=torch.long)
+        starts = torch.tensor(positions, dtype=torch.int32)
+        k_addresses = torch.stack([c.k_addresses for c in caches], dim=1).contiguous()  # [layers, M]
+        v_addresses = torch.stack([c.v_addresses for c in caches], dim=1).contiguous()
+        decode_rows = kernels.function("decode_rows")
+        for i, layer in enumerate(model.layers):
+            assert isinstance(layer, KernelBlock)
+            out = torch.empty_like(x)
+            code = decode_rows(
+                ctypes.byref(layer.layer),
+                x.data_ptr(),
+                M,
+                cos.data_ptr(),
+                sin.data_ptr(),
+                k_addresses[i].data_ptr(),
+                v_addresses[i].data_ptr(),
+                lengths.data_ptr(),
+                starts.data_ptr(),
+                out.data_ptr(),
+            )
+            kernels.check(code, "decode_rows")
+            x = out
+        h = model.norm(x[:, None, :]).reshape(M, args.dim)  # [M, D]
+        assert isinstance(model.output, PackedLinear)
+        return model.output.packed.matmul_each_row(h)  # [M, V]
+
+
+def step_alone(model: Transformer, tokens: list[int], positions: list[int], caches: list[KVCache]) -> torch.Tensor:
+    """The same step for any model: each sequence through model.py on its own (no shared weight read)."""
+    with torch.inference_mode():
+        return torch.cat(
+            [
+                model(torch.tensor([[t]], device=model.norm.weight.device), p, c, last_only=True)[0, -1:].float().cpu()
+                for t, p, c in zip(tokens, positions, caches, strict=True)
+            ]
+        )

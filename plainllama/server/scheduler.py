@@ -1,0 +1,258 @@
+"""The server's engine: one thread that runs the model for every request at once (continuous batching).
+
+Each step of the loop:
+1. admits waiting jobs while fewer than `max_batch` run (each gets its own KV cache, sized to its
+   prompt and its token budget);
+2. prefills one chunk (at most `prefill_chunk` tokens) of one job whose prompt is not yet in its
+   cache, oldest first. A long prompt is taken in chunks so that the streams already running wait
+   for at most one chunk between their tokens, not for a whole 4000-token prompt; 256 tokens is about
+   as long as one decode step of 16 rows takes on the default model, so a new prompt costs the
+   running streams at most about half their speed while it is read;
+3. decodes one token for every job past its prompt, all in one pass over the weights
+   (engine/continuous.py), then samples each job's token with its own sampler, seed, stop strings
+   and budget.
+Jobs join and leave between steps. A job whose client went away is dropped at the next step and its
+cache freed.
+
+A job's arithmetic is its own: its prompt is prefilled alone, chunked at the same positions
+whatever else runs, and its decode rows are computed row by row (continuous.py), so its tokens do
+not depend on the other jobs. Events go back to the HTTP side through each job's `emit`, which
+must be safe to call from this thread (app.py hands them to the event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine.continuous import SequenceCache, rows_can_step, step_alone, step_rows
+from ..errors import PlainLlamaError
+from ..generation.generate import TokenLogprob, device_and_dtype, record_logprob, GenerationState
+from ..generation.stops import StopMatcher
+from ..generation.stream import StreamedText
+from ..model import KVCache
+from ..sampling import Sampler, SamplingSettings
+
+log = logging.getLogger("plainllama")
+
+PREFILL_CHUNK = 256
+
+
+@dataclass
+class Event:
+    """What a job produced in one step: text (possibly empty while a stop string may be starting),
+    the token, and at the end the finish reason and token counts."""
+
+    text: str = ""
+    token: int | None = None
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None  # "stop", "length" (its max_tokens) or "context" (the model's limit)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    """One sequence to generate (one choice of one request)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    settings: SamplingSettings
+    emit: Callable[[Event], None]
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # record this many alternatives per token (None: no log-probabilities)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Running:
+    """A job in the engine: its cache, sampler, text and where it is."""
+
+    def __init__(self, job: Job, scheduler: Scheduler):
+        args = scheduler.model.args
+        self.job = job
+        self.budget = min(job.max_tokens, args.context_length - len(job.prompt_ids))
+        length = len(job.prompt_ids) + max(self.budget, 1)
+        if scheduler.rows:
+            self.cache: KVCache = SequenceCache(scheduler.model, length)
+        else:
+            device, dtype = device_and_dtype(scheduler.model)
+            self.cache = KVCache(args, 1, length, dtype, device)
+        self.sampler = Sampler(job.settings)
+        self.text = StreamedText(scheduler.tokenizer, StopMatcher(job.stop))
+        self.state = GenerationState()
+        self.prefilled = 0  # prompt tokens in the cache
+        self.next_token = -1  # the last sampled token, fed at the next decode step
+        self.finished = False
+
+    @property
+    def decoding(self) -> bool:
+        return not self.finished and self.prefilled == len(self.job.prompt_ids)
+
+    @property
+    def position(self) -> int:
+        return len(self.job.prompt_ids) + len(self.state.tokens) - 1
+
+
+class Scheduler:
+    def __init__(self, llm, max_batch: int = 16, max_queue: int = 256, prefill_chunk: int = PREFILL_CHUNK):
+        self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.rows = rows_can_step(self.model)  # decode_rows in C; else each job through model.py alone
+        self.end_ids = llm.tokenizer.end_ids
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Running] = []
+        self.condition = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="plainllama-engine", daemon=True)
+        # for GET /metrics
+        self.generated_tokens = 0
+        self.prefilled_tokens = 0
+        self.steps = 0
+        self.last_batch = 0
+        self.decode_seconds = 0.0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.condition:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+            self.waiting.append(job)
+            self.condition.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel what waits and what runs (each client gets an error event), and end the thread."""
+        with self.condition:
+            self.stopping = True
+            self.condition.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running)
+
+    def _loop(self) -> None:
+        while True:
+            with self.condition:
+                while not self.waiting and not self.running and not self.stopping:
+                    self.condition.wait()
+                if self.stopping:  # every client is told, so that no response waits forever
+                    for job in [*self.waiting, *(r.job for r in self.running)]:
+                        job.emit(Event(error="the server is shutting down; the request was cancelled"))
+                    self.waiting.clear()
+                    self.running = []
+                    return
+                while self.waiting and len(self.running) < self.max_batch:
+                    job = self.waiting.popleft()
+                    if not job.cancelled.is_set():
+                        self._admit(job)
+            self._step()
+
+    def _admit(self, job: Job) -> None:
+        try:
+            self.running.append(Running(job, self))
+        except (MemoryError, RuntimeError, PlainLlamaError) as e:  # torch reports a failed allocation as RuntimeError
+            job.emit(Event(error=f"cannot start this request: {e}"))
+
+    def _step(self) -> None:
+        for running in self.running:
+            if running.job.cancelled.is_set():
+                running.finished = True
+        self.running = [r for r in self.running if not r.finished]
+        try:
+            prefilling = next((r for r in self.running if not r.decoding), None)
+            if prefilling is not None:
+                self._prefill_chunk(prefilling)
+            decoding = [r for r in self.running if r.decoding]
+            if decoding:
+                self._decode(decoding)
+        except (RuntimeError, PlainLlamaError, MemoryError) as e:
+            log.exception("engine step failed")
+            for running in self.running:
+                running.job.emit(Event(error=f"generation failed: {e}"))
+                running.finished = True
+        self.running = [r for r in self.running if not r.finished]
+
+    def _prefill_chunk(self, running: Running) -> None:
+        prompt = running.job.prompt_ids
+        if running.budget <= 0:
+            self._finish(running, "length" if running.job.max_tokens == 0 else "context")
+            return
+        start = running.prefilled
+        chunk = prompt[start : start + self.prefill_chunk]
+        device = self.model.norm.weight.device
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([chunk], device=device), start, running.cache, last_only=True)[0, -1]
+        running.prefilled += len(chunk)
+        self.prefilled_tokens += len(chunk)
+        if running.prefilled == len(prompt):
+            self._take(running, logits)
+
+    def _decode(self, decoding: list[Running]) -> None:
+        start = time.perf_counter()
+        tokens, positions, caches = (
+            [r.next_token for r in decoding],
+            [r.position for r in decoding],
+            [r.cache for r in decoding],
+        )
+        if self.rows:
+            logits = step_rows(self.model, tokens, positions, caches)  # type: ignore[arg-type]  # SequenceCaches
+        else:
+            logits = step_alone(self.model, tokens, positions, caches)
+        self.decode_seconds += time.perf_counter() - start
+        self.steps += 1
+        self.last_batch = len(decoding)
+        for running, row in zip(decoding, logits, strict=True):
+            self._take(running, row)
+
+    def _take(self, running: Running, logits: torch.Tensor) -> None:
+        """Sample the job's next token from `logits` [V] and tell the client."""
+        job, state = running.job, running.state
+        token = running.sampler(logits, job.prompt_ids + state.tokens, state.tokens)
+        if token in self.end_ids:
+            self._finish(running, "stop")
+            return
+        state.tokens.append(token)
+        self.generated_tokens += 1
+        logprob = None
+        if job.logprobs is not None:
+            record_logprob(state, logits, token, job.logprobs)
+            logprob = state.logprobs[-1]
+        job.emit(Event(text=running.text.push(token), token=token, logprob=logprob))
+        if running.text.stopped:
+            self._finish(running, "stop")
+        elif len(state.tokens) >= running.budget:
+            self._finish(running, "length" if running.budget == job.max_tokens else "context")
+        else:
+            running.next_token = token
+
+    def _finish(self, running: Running, reason: str) -> None:
+        running.finished = True
+        running.job.emit(
+            Event(
+                text=running.text.finish(),
+                finish_reason=reason,
+                prompt_tokens=len(running.job.prompt_ids),
+                completion_tokens=len(running.state.tokens),
+            )
+        )

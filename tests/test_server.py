@@ -295,3 +295,36 @@ def test_a_full_queue_answers_429_and_shutdown_exits_cleanly():
     assert time.time() - started < 5 + 15
     for stream in streams:
         stream.close()
+
+
+def test_a_chat_reuses_its_history_from_the_prefix_cache(server, packed):
+    """Four turns, each sending the whole conversation: from the second turn on, the previous prompt's
+    whole 64-token blocks come from the cache (usage.prompt_tokens_details.cached_tokens), only the
+    rest is prefilled (counted by /metrics), and every answer is the one LLM.chat gives without any
+    cache (greedy)."""
+    questions = [
+        "Tell me three facts about llamas, with some detail on each.",
+        "Now tell me about alpacas in the same way.",
+        "Which of the two is better for wool, and why?",
+        "Summarize our conversation in two sentences.",
+    ]
+    messages = [{"role": "system", "content": "You are a helpful assistant who answers in full sentences."}]
+    cached_turns = []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        before = server.metric("prompt_tokens_total")
+        answer = server.client.chat.completions.create(
+            model=server.model, messages=messages, temperature=0, max_tokens=48
+        )
+        prefilled = server.metric("prompt_tokens_total") - before
+        expected = packed.chat(messages, max_new_tokens=48, temperature=0)
+        for _ in expected:
+            pass
+        assert answer.choices[0].message.content == expected.result.text
+        cached = answer.usage.prompt_tokens_details.cached_tokens
+        assert prefilled == answer.usage.prompt_tokens - cached
+        cached_turns.append((cached, answer.usage.prompt_tokens))
+        messages.append({"role": "assistant", "content": answer.choices[0].message.content})
+    # each turn reuses every whole block of the previous turn's prompt (its answer's keys came from decode steps)
+    expected_reuse = [0] + [length // 64 * 64 for _, length in cached_turns[:-1]]
+    assert [cached for cached, _ in cached_turns] == expected_reuse and expected_reuse[-1] > 0, cached_turns

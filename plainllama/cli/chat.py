@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import sys
 
 from ..chat_format import Message
 from ..errors import PlainLlamaError
 from ..sampling_settings import SamplingSettings
+from ..server.scheduler import Job, Scheduler
 from .options import SETTABLE, load_model, sampling_settings
 
 HELP = "Type a message; /help lists the commands. Ctrl+C stops an answer, Ctrl+D or /bye ends the chat."
@@ -152,6 +154,17 @@ def run_chat(llm, system: str | None, max_new_tokens: int, sampling: dict, stop=
         with contextlib.suppress(ImportError):  # line editing and history for input(), where Python has it
             import readline  # noqa: F401
     print(f"plainllama chat: {model_name(llm)} ({llm.chat_format.name} chat format). {HELP}", file=sys.stderr)
+    # The server's engine, for one conversation: its prefix cache keeps the history's keys and values,
+    # so that each turn prefills only what is new since the previous prompt.
+    engine = Scheduler(llm, max_batch=1)
+    engine.start()
+    try:
+        return converse(llm, engine, history, base, interactive, answer_room, max_new_tokens, sampling, stop)
+    finally:
+        engine.stop()  # its thread ends before the interpreter does (a thread inside PyTorch at exit aborts)
+
+
+def converse(llm, engine, history, base, interactive, answer_room, max_new_tokens, sampling, stop) -> int:
     while True:
         try:
             line = read_message(interactive)
@@ -186,7 +199,7 @@ def run_chat(llm, system: str | None, max_new_tokens: int, sampling: dict, stop=
             )
         pieces = []
         try:
-            for piece in llm.stream(ids, max_new_tokens=max_new_tokens, stop=stop, **sampling):
+            for piece in answer(engine, ids, max_new_tokens, stop, sampling):
                 pieces.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -195,6 +208,27 @@ def run_chat(llm, system: str | None, max_new_tokens: int, sampling: dict, stop=
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append(Message("assistant", "".join(pieces)))
+
+
+def answer(engine: Scheduler, ids: list[int], max_new_tokens: int, stop, sampling: dict):
+    """The answer's text as it comes, from the engine (Ctrl+C, or any exit, cancels it)."""
+    llm = engine.llm
+    settings = llm.sampling_settings(sampling)
+    llm._check_request(1, len(ids) + max_new_tokens)
+    events: queue.Queue = queue.Queue()
+    job = Job(ids, max_new_tokens, settings, events.put, list(stop or ()))
+    engine.submit(job)
+    try:
+        while True:
+            event = events.get()
+            if event.error:
+                raise PlainLlamaError(event.error)
+            if event.text:
+                yield event.text
+            if event.finish_reason:
+                return
+    finally:
+        job.cancelled.set()
 
 
 def chat_sampling(llm, given: dict) -> dict:

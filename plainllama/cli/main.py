@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests waiting for a place in the batch at most; beyond, 429 with Retry-After (default: 256)",
     )
     serve.add_argument(
+        "--prefix-cache",
+        default="512M",
+        metavar="SIZE",
+        help="memory for the keys and values of recent prompts, so that a request that starts with one (a chat's "
+        "history) prefills only what follows; 0 turns it off (default: 512M)",
+    )
+    serve.add_argument(
         "--served-model-name",
         default=None,
         metavar="NAME",

@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..default_model import default_model_path
+from ..engine.planner import parse_size
 from ..errors import PlainLlamaError
 from .chat import name_of
 from .options import load_model
@@ -49,7 +50,8 @@ def run_command(args) -> int:
         print(f"plainllama: {name} loaded ({llm.compute}); answering requests", file=sys.stderr)
         return llm
 
-    server = ModelServer(load, name, args.max_batch, args.max_queue)
+    prefix_bytes = 0 if args.prefix_cache in ("0", "off") else parse_size(args.prefix_cache)
+    server = ModelServer(load, name, args.max_batch, args.max_queue, prefix_bytes)
     config = uvicorn.Config(
         build_app(server),
         host=args.host,

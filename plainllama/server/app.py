@@ -40,9 +40,9 @@ DISCONNECT_POLL_SECONDS = 0.5
 class Server:
     """The model (loaded on a thread of its own once the port is open) and its scheduler."""
 
-    def __init__(self, load: Callable, served_name: str, max_batch: int, max_queue: int):
+    def __init__(self, load: Callable, served_name: str, max_batch: int, max_queue: int, prefix_cache_bytes: int):
         self.load, self.served_name = load, served_name
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefix_cache_bytes = max_batch, max_queue, prefix_cache_bytes
         self.llm = None
         self.scheduler: Scheduler | None = None
         self.metrics = Metrics()
@@ -58,7 +58,7 @@ class Server:
         except PlainLlamaError as e:
             self.on_load_failure(str(e))
             return
-        scheduler = Scheduler(llm, self.max_batch, self.max_queue)
+        scheduler = Scheduler(llm, self.max_batch, self.max_queue, prefix_cache_bytes=self.prefix_cache_bytes)
         scheduler.start()
         self.llm, self.scheduler = llm, scheduler
 
@@ -145,6 +145,14 @@ class Shape:
         self.chat, self.parsed, self.model, self.tokenizer = chat, parsed, model, tokenizer
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.prompt_tokens = sum(len(p) for p in parsed.prompts)
+        self.cached_tokens: dict[int, int] = {}  # prompt -> its tokens read from the prefix cache (by any choice)
+
+    def cached(self, index: int, tokens: int) -> None:
+        prompt = index // self.parsed.n
+        self.cached_tokens[prompt] = max(tokens, self.cached_tokens.get(prompt, 0))
+
+    def usage(self, completion_tokens: int) -> dict:
+        return usage(self.prompt_tokens, completion_tokens, sum(self.cached_tokens.values()))
 
     def head(self, streamed: bool) -> dict:
         kind = ("chat.completion" + (".chunk" if streamed else "")) if self.chat else "text_completion"
@@ -180,6 +188,7 @@ async def whole_answer(request: Request, shape: Shape, queue: asyncio.Queue, job
             if event.finish_reason:
                 finish[index] = OPENAI_FINISH[event.finish_reason]
                 completion_tokens += event.completion_tokens
+                shape.cached(index, event.cached_tokens)
     finally:
         for job in jobs:
             job.cancelled.set()
@@ -197,9 +206,7 @@ async def whole_answer(request: Request, shape: Shape, queue: asyncio.Queue, job
         else:
             choice = {"index": i, "text": text, "logprobs": shape.logprobs(entries[i]), "finish_reason": finish[i]}
         choices.append(choice)
-    return JSONResponse(
-        {**shape.head(False), "choices": choices, "usage": usage(shape.prompt_tokens, completion_tokens)}
-    )
+    return JSONResponse({**shape.head(False), "choices": choices, "usage": shape.usage(completion_tokens)})
 
 
 def sse(data: dict | str) -> str:
@@ -231,11 +238,12 @@ async def stream_events(shape: Shape, queue: asyncio.Queue, jobs: list[Job]):
             if event.finish_reason:
                 finished += 1
                 completion_tokens += event.completion_tokens
+                shape.cached(index, event.cached_tokens)
                 reason = OPENAI_FINISH[event.finish_reason]
                 choice = {"index": index, "delta": {}} if shape.chat else {"index": index, "text": ""}
                 yield sse({**shape.head(True), "choices": [{**choice, "logprobs": None, "finish_reason": reason}]})
         if shape.parsed.include_usage:
-            yield sse({**shape.head(True), "choices": [], "usage": usage(shape.prompt_tokens, completion_tokens)})
+            yield sse({**shape.head(True), "choices": [], "usage": shape.usage(completion_tokens)})
         yield sse("[DONE]")
     finally:  # also when the client went away: Starlette cancels this generator then
         for job in jobs:

@@ -27,6 +27,7 @@ class Metrics:
             ("model_loaded", "gauge", "1 once the model is loaded and requests are served.", scheduler is not None),
         ]
         if scheduler is not None:
+            prefix = scheduler.prefix_cache
             rate = scheduler.generated_tokens / scheduler.decode_seconds if scheduler.decode_seconds else 0.0
             gauges += [
                 ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", scheduler.prefilled_tokens),
@@ -35,6 +36,19 @@ class Metrics:
                 ("queue_length", "gauge", "Requests waiting for a slot in the batch.", scheduler.queue_length),
                 ("running_requests", "gauge", "Requests in the batch (prefilling or decoding).", scheduler.batch_size),
                 ("batch_size", "gauge", "Sequences decoded together in the last step.", scheduler.last_batch),
+                (
+                    "prefix_cache_hits_total",
+                    "counter",
+                    "Requests that reused a cached prompt prefix.",
+                    prefix.hits if prefix else 0,
+                ),
+                (
+                    "prefix_cache_tokens_total",
+                    "counter",
+                    "Prompt tokens read from the prefix cache, not prefilled.",
+                    prefix.reused_tokens if prefix else 0,
+                ),
+                ("prefix_cache_bytes", "gauge", "Memory the prefix cache holds.", prefix.nbytes if prefix else 0),
                 ("tokens_per_second", "gauge", "Generated tokens per second of decoding, since start.", round(rate, 3)),
             ]
         for name, kind, help_text, value in gauges:

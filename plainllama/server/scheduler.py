@@ -37,11 +37,14 @@ from ..generation.generate import TokenLogprob, device_and_dtype, record_logprob
 from ..generation.stops import StopMatcher
 from ..generation.stream import StreamedText
 from ..model import KVCache
+from .prefix_cache import PrefixCache, copy_prefix
 from ..sampling import Sampler, SamplingSettings
 
 log = logging.getLogger("plainllama")
 
-PREFILL_CHUNK = 256
+PREFILL_CHUNK = 256  # a multiple of prefix_cache.ALIGN: chunks end on whole blocks
+GROWTH = 256  # positions a cache gains at first beyond the prompt; it doubles when full
+PREFIX_CACHE_BYTES = 512 << 20
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Event:
     finish_reason: str | None = None  # "stop", "length" (its max_tokens) or "context" (the model's limit)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     error: str | None = None
 
 
@@ -81,18 +85,21 @@ class Running:
 
     def __init__(self, job: Job, scheduler: Scheduler):
         args = scheduler.model.args
-        self.job = job
+        self.job, self.scheduler = job, scheduler
         self.budget = min(job.max_tokens, args.context_length - len(job.prompt_ids))
-        length = len(job.prompt_ids) + max(self.budget, 1)
-        if scheduler.rows:
-            self.cache: KVCache = SequenceCache(scheduler.model, length)
-        else:
-            device, dtype = device_and_dtype(scheduler.model)
-            self.cache = KVCache(args, 1, length, dtype, device)
+        self.length = len(job.prompt_ids) + max(self.budget, 1)  # the positions this job can reach
+        # The cache starts with room for the prompt and a first stretch of tokens and grows as they come:
+        # a chat's default budget is the rest of the context, and most answers are far shorter.
+        self.cache = scheduler.new_cache(min(self.length, len(job.prompt_ids) + GROWTH))
+        self.prefilled, reused = 0, None  # prompt tokens in the cache
+        if scheduler.prefix_cache is not None:
+            self.prefilled, reused = scheduler.prefix_cache.lookup(job.prompt_ids)
+        if reused is not None:
+            copy_prefix(reused, self.cache, self.prefilled)
+        self.cached_tokens = self.prefilled
         self.sampler = Sampler(job.settings)
         self.text = StreamedText(scheduler.tokenizer, StopMatcher(job.stop))
         self.state = GenerationState()
-        self.prefilled = 0  # prompt tokens in the cache
         self.next_token = -1  # the last sampled token, fed at the next decode step
         self.finished = False
 
@@ -104,10 +111,26 @@ class Running:
     def position(self) -> int:
         return len(self.job.prompt_ids) + len(self.state.tokens) - 1
 
+    def make_room(self) -> None:
+        """Before a decode step: a cache that is full grows (doubles, up to what the job can reach)."""
+        if self.position < self.cache.length:
+            return
+        bigger = self.scheduler.new_cache(min(self.length, 2 * self.cache.length))
+        copy_prefix(self.cache, bigger, self.cache.length)
+        self.cache = bigger
+
 
 class Scheduler:
-    def __init__(self, llm, max_batch: int = 16, max_queue: int = 256, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(
+        self,
+        llm,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        prefill_chunk: int = PREFILL_CHUNK,
+        prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
+    ):
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.rows = rows_can_step(self.model)  # decode_rows in C; else each job through model.py alone
         self.end_ids = llm.tokenizer.end_ids
@@ -125,6 +148,12 @@ class Scheduler:
 
     def start(self) -> None:
         self.thread.start()
+
+    def new_cache(self, length: int) -> KVCache:
+        if self.rows:
+            return SequenceCache(self.model, length)
+        device, dtype = device_and_dtype(self.model)
+        return KVCache(self.model.args, 1, length, dtype, device)
 
     def submit(self, job: Job) -> None:
         with self.condition:
@@ -198,18 +227,25 @@ class Scheduler:
         if running.budget <= 0:
             self._finish(running, "length" if running.job.max_tokens == 0 else "context")
             return
+        # Chunks end at multiples of prefill_chunk whatever the first one's start: with or without a
+        # reused prefix, the same rows are computed in the same blocks (see prefix_cache.py).
         start = running.prefilled
-        chunk = prompt[start : start + self.prefill_chunk]
+        end = min(len(prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk)
         device = self.model.norm.weight.device
         with torch.inference_mode():
-            logits = self.model(torch.tensor([chunk], device=device), start, running.cache, last_only=True)[0, -1]
-        running.prefilled += len(chunk)
-        self.prefilled_tokens += len(chunk)
+            tokens = torch.tensor([prompt[start:end]], device=device)
+            logits = self.model(tokens, start, running.cache, last_only=True)[0, -1]
+        running.prefilled = end
+        self.prefilled_tokens += end - start
         if running.prefilled == len(prompt):
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(prompt, running.cache, self.new_cache)
             self._take(running, logits)
 
     def _decode(self, decoding: list[Running]) -> None:
         start = time.perf_counter()
+        for running in decoding:
+            running.make_room()
         tokens, positions, caches = (
             [r.next_token for r in decoding],
             [r.position for r in decoding],
@@ -254,5 +290,6 @@ class Scheduler:
                 finish_reason=reason,
                 prompt_tokens=len(running.job.prompt_ids),
                 completion_tokens=len(running.state.tokens),
+                cached_tokens=running.cached_tokens,
             )
         )

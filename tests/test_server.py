@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -52,11 +53,11 @@ class Served:
     def __init__(self, *args):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the server
         self.process = subprocess.Popen(
             [sys.executable, "-m", "plainllama", "serve", "--port", str(self.port), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
         )
         self.statuses = []
         deadline = time.time() + 120
@@ -84,8 +85,9 @@ class Served:
 
     def stop(self, sig=signal.SIGTERM, timeout=60):
         self.process.send_signal(sig)
-        _, stderr = self.process.communicate(timeout=timeout)
-        return self.process.returncode, stderr
+        self.process.wait(timeout)
+        self.log.seek(0)
+        return self.process.returncode, self.log.read()
 
 
 @pytest.fixture(scope="module")
@@ -274,27 +276,31 @@ def test_a_full_queue_answers_429_and_shutdown_exits_cleanly():
     """--max-batch 1 --max-queue 1: a third request while one runs and one waits gets 429 with
     Retry-After. SIGTERM then stops the server within its grace period with status 0, no traceback."""
     s = Served("--max-batch", "1", "--max-queue", "1", "--grace", "5")
-    body = {"prompt": PROMPTS[3], "max_tokens": 400, "temperature": 0, "stream": True}
-    streams = []
-    for _ in range(2):
+    try:
+        body = {"prompt": PROMPTS[3], "max_tokens": 400, "temperature": 0, "stream": True}
+        streams = []
+        for _ in range(2):
+            request = urllib.request.Request(s.url + "/v1/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})  # fmt: skip
+            streams.append(urllib.request.urlopen(request, timeout=60))  # returns with the headers, sent at once
+        deadline = time.time() + 10
+        while s.metric("queue_length") < 1 and time.time() < deadline:
+            time.sleep(0.05)
         request = urllib.request.Request(s.url + "/v1/completions", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})  # fmt: skip
-        streams.append(urllib.request.urlopen(request, timeout=60))  # returns with the headers, sent at once
-    deadline = time.time() + 10
-    while s.metric("queue_length") < 1 and time.time() < deadline:
-        time.sleep(0.05)
-    request = urllib.request.Request(s.url + "/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})  # fmt: skip
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=60)
-    assert refused.value.code == 429 and refused.value.headers["Retry-After"]
-    assert json.loads(refused.value.read())["error"]["code"] == "queue_full"
-    started = time.time()
-    code, stderr = s.stop(signal.SIGTERM, timeout=60)
-    assert code == 0 and "Traceback" not in stderr, stderr
-    assert time.time() - started < 5 + 15
-    for stream in streams:
-        stream.close()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 429 and refused.value.headers["Retry-After"]
+        assert json.loads(refused.value.read())["error"]["code"] == "queue_full"
+        started = time.time()
+        code, stderr = s.stop(signal.SIGTERM, timeout=60)
+        assert code == 0 and "Traceback" not in stderr, stderr
+        assert time.time() - started < 5 + 15
+        for stream in streams:
+            stream.close()
+    finally:
+        if s.process.poll() is None:
+            s.process.kill()
 
 
 def test_a_chat_reuses_its_history_from_the_prefix_cache(server, packed):

@@ -5,6 +5,7 @@
 - Llama 2: Meta's published [INST]/<<SYS>> format, tokenized by the sentencepiece library.
 """
 
+import contextlib
 import json
 import os
 import pty
@@ -141,13 +142,33 @@ def read_until(fd, needle: bytes, timeout: float) -> bytes:
     return data
 
 
+@contextlib.contextmanager
+def chat_on_a_terminal(*args):
+    """`plainllama chat ARGS` on a real pseudo-terminal: yields (pid, fd), the child's terminal;
+    the child is killed afterwards if it is still there."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the real command on a pseudo-terminal
+        os.execv(sys.executable, [sys.executable, "-m", "plainllama", "chat", *args])
+    try:
+        yield pid, fd
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+
+
+def ended_cleanly(pid) -> bool:
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def test_chat_repl_on_a_terminal():
     """Two turns, a Ctrl+C in the middle of a long answer, the session goes on, /bye ends it.
     Greedy, so the first answer is the model's best one (a sampled answer may miss the point)."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the real command on a pseudo-terminal
-        os.execv(sys.executable, [sys.executable, "-m", "plainllama", "chat", "-n", "400", "--temperature", "0"])
-    try:
+    with chat_on_a_terminal("-n", "400", "--temperature", "0") as (pid, fd):
         assert b">>> " in read_until(fd, b">>> ", 120)
         os.write(fd, b"What is the capital of France? Answer in one word.\r")
         first = read_until(fd, b">>> ", 120)
@@ -163,15 +184,7 @@ def test_chat_repl_on_a_terminal():
         third = read_until(fd, b">>> ", 120)
         assert len(third.strip()) > len(b">>> ")
         os.write(fd, b"/bye\r")
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
+        assert ended_cleanly(pid)
 
 
 def test_line_editing_and_history_on_a_terminal(tmp_path):
@@ -179,10 +192,7 @@ def test_line_editing_and_history_on_a_terminal(tmp_path):
     goes back to the end, and the up arrow brings back the last message (the saved conversation holds
     the edited message twice). Without readline the arrows arrive as text ("^[[D") in the message."""
     saved = tmp_path / "conversation.json"
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "plainllama", "chat", "-n", "4", "--temperature", "0"])
-    try:
+    with chat_on_a_terminal("-n", "4", "--temperature", "0") as (pid, fd):
         assert b">>> " in read_until(fd, b">>> ", 120)
         left = b"\x1b[D"
         os.write(fd, b"What is the capital of Frnce" + left * 3 + b"a" + b"\x05" + b"? Answer in one word.\r")
@@ -192,15 +202,7 @@ def test_line_editing_and_history_on_a_terminal(tmp_path):
         os.write(fd, f"/save {saved}\r".encode())
         read_until(fd, b">>> ", 60)
         os.write(fd, b"/bye\r")
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
+        assert ended_cleanly(pid)
     messages = json.loads(saved.read_text())
     asked = [m["content"] for m in messages if m["role"] == "user"]
     assert asked == ["What is the capital of France? Answer in one word."] * 2

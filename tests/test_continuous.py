@@ -69,3 +69,43 @@ def test_any_model_steps_each_sequence_alone(llm):
     ids = [llm.tokenizer.encode(p) for p in PROMPTS]
     expected = alone(llm.model, ids[0])
     assert torch.equal(together(llm.model, ids[:3], step_alone, KVCache), expected)
+
+
+@pytest.mark.parametrize("extra", [3, 9, 40])
+def test_prefix_cache_changes_no_number(packed, extra):
+    """The server's engine (server/scheduler.py) with and without its prefix cache: a prompt that
+    extends an earlier one by `extra` tokens gets the same tokens and bit-identical log-probabilities
+    either way. With 3 new tokens past the last whole block the cache backs off a block (a 3-row
+    chunk would be computed by the few-rows kernels, unlike the same rows in a fresh run)."""
+    import queue
+
+    from plainllama.server.scheduler import Job, Scheduler
+
+    base = packed.tokenizer.encode("The history of the llama begins in the Andes, where " * 12)[:128]
+    longer = base + packed.tokenizer.encode(" and then the llamas went on to the coast" * 5)[:extra]
+
+    def run(engine, ids):
+        events = queue.Queue()
+        engine.submit(Job(ids, 6, packed.sampling_settings({"temperature": 0}), events.put, logprobs=2))
+        tokens, logprobs = [], []
+        while True:
+            event = events.get(timeout=120)
+            assert event.error is None
+            if event.token is not None:
+                tokens.append(event.token)
+                logprobs.append((event.logprob.logprob, event.logprob.top))
+            if event.finish_reason:
+                return tokens, logprobs, event.cached_tokens
+
+    cached, fresh = Scheduler(packed, prefix_cache_bytes=64 << 20), Scheduler(packed, prefix_cache_bytes=0)
+    cached.start()
+    fresh.start()
+    try:
+        run(cached, base)
+        *with_cache, reused = run(cached, longer)
+        *without, _ = run(fresh, longer)
+    finally:
+        cached.stop()
+        fresh.stop()
+    assert with_cache == without
+    assert reused == (64 if extra <= 8 else 128)

@@ -18,6 +18,7 @@ import collections
 
 import torch
 
+from ..engine.cpu.packed import DIRECT_ROWS
 from ..model import KVCache
 
 ALIGN = 64  # tokens per reusable block; a multiple of every block size the prompt path uses (16, AMX's 32)
@@ -57,8 +58,10 @@ class PrefixCache:
         self.nbytes += nbytes
 
     def lookup(self, prompt: list[int]) -> tuple[int, KVCache | None]:
-        """(n, cache): the longest kept prefix of `prompt` in whole ALIGN-blocks, leaving at least one
-        token to prefill (its logits give the first new token); (0, None) if none."""
+        """(n, cache): the longest kept prefix of `prompt` in whole ALIGN-blocks that leaves more than
+        DIRECT_ROWS tokens to prefill: a shorter last chunk would be computed by the few-rows kernels
+        (or the one-token decode step), another arithmetic than the same rows inside the longer chunk
+        a run without the cache reads them in. (0, None) if none."""
         best, found = 0, None
         for key, cache in self.entries.items():
             common = 0
@@ -66,6 +69,8 @@ class PrefixCache:
             while common < limit and key[common] == prompt[common]:
                 common += 1
             n = common // ALIGN * ALIGN
+            while n > 0 and len(prompt) - n <= DIRECT_ROWS:
+                n -= ALIGN  # a chunk this short would take the few-rows product path, not the fresh run's
             if n > best:
                 best, found = n, (key, cache)
         if found is None:

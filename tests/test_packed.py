@@ -116,6 +116,28 @@ def test_kernels_compute_the_product_of_the_stored_numbers(name, rows):
     assert_product_of_stored_numbers(packed, x, packed.matmul(x))
 
 
+@needs_kernels
+@pytest.mark.parametrize("n, k", [(7, 64), (13, 576), (5, 1600), (10, 8192)])
+@pytest.mark.parametrize("layout", ["q4", "q4 no minimums", "q8"])
+def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k):
+    """The q4/q8 kernels take 16 blocks (512 weights) at a time and x rows 4 at a time: widths of 2,
+    18 and 50 blocks leave a partial last group (576 is SmolLM2's width), 9 rows of x leave a
+    partial tile, and 5, 7, 10 and 13 weight rows a partial row group. Checked against the float64
+    product of the stored numbers, and each row of x against the same row multiplied alone
+    (bit-identical: the arithmetic of a row must not depend on the rows beside it)."""
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    packed = quantize_int8(w) if layout == "q8" else quantize_int4(w)
+    if layout == "q4 no minimums":
+        packed = PackedWeight("q4", (n, k), {"qs": packed.qs, "d": packed.d})
+    x = torch.randn(9, k, generator=g)
+    out = packed.matmul_each_row(x)
+    assert_product_of_stored_numbers(packed, x, out)
+    for i in range(9):
+        assert torch.equal(packed.matmul_each_row(x[i : i + 1])[0], out[i])
+    assert torch.equal(packed.matmul_each_row(x[3:8]), out[3:8])
+
+
 def assert_product_of_stored_numbers(packed, x, out):
     w64 = packed.dequantized().double()
     if packed.layout in ("q4", "q8"):

@@ -154,14 +154,20 @@ def test_speculative_verification_reads_the_streamed_layers_once_per_pass(files)
     draft = build(files["Q8_0"], context=512)
     streamed = build(files["Q8_0"], layers_resident=1, context=512)
     try:
-        expected = resident.generate("Once upon a time", max_new_tokens=20).tokens
+        # The oracle: the same speculative run on the resident target (streaming never changes the
+        # arithmetic, so the same tokens, acceptance and passes), its passes counted at layer 0.
+        resident_passes = []
+        resident.model.layers[0].register_forward_pre_hook(lambda *_: resident_passes.append(1))
+        expected = resident.generate("Once upon a time", max_new_tokens=20, draft=draft, speculate_k=4)
         stats, plan = streamed.streamer.stats, streamed.plan
         bytes_before, layers_before = stats.bytes_read, stats.layers_done
         result = streamed.generate("Once upon a time", max_new_tokens=20, draft=draft, speculate_k=4)
-        assert result.tokens == expected and result.draft_acceptance == 1.0
+        assert result.tokens == expected.tokens and result.draft_acceptance == expected.draft_acceptance
         passes = (stats.layers_done - layers_before) / len(plan.streamed)
-        # the prompt's pass gives the first token, then each pass 5 (4 drafted + 1 of the target's own)
-        assert passes == 1 + -(-19 // 5), passes
+        assert passes == len(resident_passes), (passes, len(resident_passes))
+        # a draft that is the target itself is mostly accepted (not always: its one-token decode steps
+        # round otherwise than the target's 5-token verification pass): a pass gives several tokens
+        assert passes <= len(result.tokens) / 2, (passes, result.draft_acceptance)
         # each pass read the streamed layers once; the reader may have gone on with the next pass's
         # first layers (one per buffer)
         read = stats.bytes_read - bytes_before

@@ -95,216 +95,252 @@ static void for_each_group(int groups, GroupFn *group, const void *product) {
     }
 }
 
-/* ---- activations -> int8 blocks ------------------------------------------------------------ */
+/* ---- q4 and q8: sixteen blocks side by side ------------------------------------------------- */
 
-/* One row of x [K] -> xq [K] int8, dx [K/32] scales, sx [K/32] = dx * sum(xq) of each block.
- * `pair_order`: store each pair of blocks as (b lo16, b+1 lo16, b hi16, b+1 hi16), the order in which
- * the q4 loop unpacks nibbles, so no shuffle is needed there. */
-static void quantize_row(const float *x, int K, int8_t *xq, float *dx, float *sx, int pair_order) {
-    int nb = K / 32;
-    for (int b = 0; b < nb; b++) {
-        __m512 a0 = _mm512_loadu_ps(x + 32 * b), a1 = _mm512_loadu_ps(x + 32 * b + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
-        float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-        __m512 vinv = _mm512_set1_ps(inv);
-        __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, vinv)); /* round to nearest even */
-        __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, vinv));
-        __m128i q0 = _mm512_cvtsepi32_epi8(i0), q1 = _mm512_cvtsepi32_epi8(i1);
-        dx[b] = d;
-        sx[b] = d * (float)(_mm512_reduce_add_epi32(i0) + _mm512_reduce_add_epi32(i1));
-        if (pair_order) {
-            int pair = b / 2, second = b % 2;
-            int8_t *base = xq + 64 * pair + 16 * second;
-            _mm_storeu_si128((__m128i *)base, q0);        /* weights 0..15 of block b */
-            _mm_storeu_si128((__m128i *)(base + 32), q1); /* weights 16..31 */
-        } else {
-            _mm_storeu_si128((__m128i *)(xq + 32 * b), q0);
-            _mm_storeu_si128((__m128i *)(xq + 32 * b + 16), q1);
-        }
-    }
-}
+/* The quantized products work on sixteen 32-weight blocks at a time (a "group", 512 weights), with
+ * each of the sixteen int32 lanes of a vector following one block: step s of a group multiplies
+ * weights 4s..4s+3 of every block (vpdpbusd adds the four products into the block's lane), so after
+ * eight steps each lane holds one block's whole integer dot product, and the group's sixteen blocks
+ * are scaled with one convert and one multiply-add. (Lanes that mix blocks, as a plain load gives,
+ * need a convert, a lane-spreading permute and a multiply-add per 64 weights: 3.5x the work.)
+ *
+ * The weights stay in GGUF's layout; each row's group is put side by side in registers (a transpose of
+ * its 4-byte pieces) once, and then serves every row of x: with X_TILE rows of x per weight row the
+ * transpose costs a quarter of the integer products. The x side is arranged in that order when it is
+ * quantized. The transposes leave the blocks in a fixed lane order (Q4_LANES, Q8_LANES below); the
+ * per-block scales are permuted to match.
+ *
+ * Batch invariance: the arithmetic for a (weight row, x row) pair is the same whatever the number
+ * of rows of x and whichever tile the row falls in (integer products are exact; the float steps run
+ * in one fixed order per group), so a row's result is the same alone or beside others. */
 
+#define GROUP_BLOCKS 16
+#define GROUP_STEPS 8 /* 4-byte steps per 32-weight block */
+#define W_ROWS 4      /* weight rows per thread work item (and per prefetch distance) */
+#define X_TILE 4      /* rows of x that share one transpose of a weight row's group */
+
+/* lane -> block within a group, as the transposes below leave them */
+static const int Q4_LANES[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+static const int Q8_LANES[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
+
+/* x quantized to int8 blocks of 32 (scale = max|x| / 127) and arranged by group, step and lane:
+ * xq [M, groups, 8 steps, 16 lanes, 4 bytes]; per lane, dx (the block's scale) and a sum for the
+ * weights' offset: sx = dx * sum(q) (q4), or sum128 = 128 * sum(q) (q8). Lanes past the last block
+ * are zero. */
 typedef struct {
     int8_t *xq;
     float *dx, *sx;
-} QuantizedActivations;
+    int32_t *sum128;
+} ArrangedActivations;
 
-static int quantize_activations(const float *x, int M, int K, int pair_order, QuantizedActivations *qa) {
-    int nb = K / 32;
-    qa->xq = aligned_alloc(64, (size_t)M * K + 64);
-    qa->dx = malloc(sizeof(float) * (size_t)M * nb + 64);
-    qa->sx = malloc(sizeof(float) * (size_t)M * nb + 64);
-    if (!qa->xq || !qa->dx || !qa->sx) return STATUS_OUT_OF_MEMORY;
+static void free_activations(ArrangedActivations *a) {
+    free(a->xq);
+    free(a->dx);
+    free(a->sx);
+    free(a->sum128);
+}
+
+static int arrange_activations(const float *x, int M, int K, const int *lanes, ArrangedActivations *a) {
+    int nb = K / 32, groups = (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS;
+    size_t lanes_total = (size_t)M * groups * GROUP_BLOCKS;
+    a->xq = aligned_alloc(64, lanes_total * 32);
+    a->dx = aligned_alloc(64, lanes_total * sizeof(float));
+    a->sx = aligned_alloc(64, lanes_total * sizeof(float));
+    a->sum128 = aligned_alloc(64, lanes_total * sizeof(int32_t));
+    if (!a->xq || !a->dx || !a->sx || !a->sum128) return STATUS_OUT_OF_MEMORY;
     for (int r = 0; r < M; r++)
-        quantize_row(x + (size_t)r * K, K, qa->xq + (size_t)r * K, qa->dx + (size_t)r * nb, qa->sx + (size_t)r * nb, pair_order);
+        for (int g = 0; g < groups; g++)
+            for (int lane = 0; lane < GROUP_BLOCKS; lane++) {
+                int b = g * GROUP_BLOCKS + lanes[lane];
+                size_t at = ((size_t)r * groups + g) * GROUP_BLOCKS + lane;
+                int8_t *dst = a->xq + ((size_t)r * groups + g) * GROUP_BLOCKS * 32 + 4 * lane;
+                if (b >= nb) {
+                    a->dx[at] = a->sx[at] = 0;
+                    a->sum128[at] = 0;
+                    for (int s = 0; s < GROUP_STEPS; s++) memset(dst + 64 * s, 0, 4);
+                    continue;
+                }
+                const float *xb = x + (size_t)r * K + 32 * b;
+                __m512 a0 = _mm512_loadu_ps(xb), a1 = _mm512_loadu_ps(xb + 16);
+                float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+                float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+                __m512 vinv = _mm512_set1_ps(inv);
+                __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, vinv)); /* round to nearest even */
+                __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, vinv));
+                int8_t q[32];
+                _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(i0));
+                _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(i1));
+                int sum = _mm512_reduce_add_epi32(i0) + _mm512_reduce_add_epi32(i1);
+                a->dx[at] = d;
+                a->sx[at] = d * (float)sum;
+                a->sum128[at] = 128 * sum;
+                for (int s = 0; s < GROUP_STEPS; s++) memcpy(dst + 64 * s, q + 4 * s, 4); /* step s: weights 4s..4s+3 */
+            }
     return STATUS_OK;
 }
 
-/* A q4 or q8 product in progress, what each group of rows reads. */
 typedef struct {
-    int M, K, N, nb;
+    int M, K, N, nb, groups;
     const void *qs;
     const uint16_t *d, *m; /* m: q4 minimums, or NULL */
-    QuantizedActivations qa;
+    ArrangedActivations xa;
     float *out;
 } QuantizedProduct;
 
-static void free_activations(QuantizedActivations *qa) {
-    free(qa->xq);
-    free(qa->dx);
-    free(qa->sx);
+/* A row's sixteen float16 block values of group g in lane order (zeros past the last block). */
+static inline __m512 group_halves(const uint16_t *row, int g, int blocks, __m512i lane_blocks) {
+    __mmask16 mask = blocks >= GROUP_BLOCKS ? 0xFFFF : (__mmask16)((1u << blocks) - 1);
+    return _mm512_permutexvar_ps(lane_blocks, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, row + GROUP_BLOCKS * g)));
 }
 
-/* Lane -> block maps for spreading 16 per-block scales over the int32 lanes of one 64-byte step. */
-static inline __m512 scales_for_pair(__m512 s16, int pair, int pair_order) {
-    /* pair_order (q4): lanes 0-3 block 2p, 4-7 block 2p+1, 8-11 block 2p, 12-15 block 2p+1.
-     * natural (q8):    lanes 0-7 block 2p, 8-15 block 2p+1. */
-    const __m512i q4_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
-    const __m512i q8_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    __m512i idx = _mm512_add_epi32(pair_order ? q4_idx : q8_idx, _mm512_set1_epi32(2 * pair));
-    return _mm512_permutexvar_ps(idx, s16);
+/* 64 bytes at p, only the first `valid` of them (the rest zero) */
+static inline __m512i load_part(const void *p, int valid) {
+    if (valid >= 64) return _mm512_loadu_si512(p);
+    if (valid <= 0) return _mm512_setzero_si512();
+    return _mm512_maskz_loadu_epi8(valid >= 64 ? ~0ULL : ((1ULL << valid) - 1), p);
 }
 
-/* ---- q4 ------------------------------------------------------------------------------------ */
+/* 4x4 transposes of 32-bit pieces inside each 128-bit lane of four registers */
+static inline void transpose4(__m512i r0, __m512i r1, __m512i r2, __m512i r3, __m512i t[4]) {
+    __m512i a = _mm512_unpacklo_epi32(r0, r1), b = _mm512_unpackhi_epi32(r0, r1);
+    __m512i c = _mm512_unpacklo_epi32(r2, r3), e = _mm512_unpackhi_epi32(r2, r3);
+    t[0] = _mm512_unpacklo_epi64(a, c);
+    t[1] = _mm512_unpackhi_epi64(a, c);
+    t[2] = _mm512_unpacklo_epi64(b, e);
+    t[3] = _mm512_unpackhi_epi64(b, e);
+}
 
-/* Ask for the next group's weights while this group's are multiplied: each row is read once per
- * token, usually from L3 or DRAM, and the hardware prefetcher alone leaves the core waiting. The
- * requests are spread through the inner loop, a line per row at a time: a burst of a whole group's
- * lines at its start stalls on the core's few fill buffers before any arithmetic runs. (The distances
- * tried: docs/performance.md.) */
-#define PREFETCH_ROWS 4
-
-#define ROWS 4 /* weight rows per inner loop: one load of x serves four rows, and four independent
-                  accumulator chains keep the FMA units busy */
-
-/* Dot products of `rows` (<= ROWS) consecutive q4 weight rows with one quantized activation row
-   -> out[0..rows). */
-static inline void q4_dot_rows(const uint8_t *qs, const uint16_t *d, const uint16_t *m, size_t row_bytes, int nb,
-                               int rows, const int8_t *xq, const float *dx, const float *sx, const uint8_t *ahead, float *out) {
+/* One group of a q4 row (16 blocks x 16 bytes) -> w[s] step s = weights 4s..4s+3 of each block as
+ * uint8 0..15. GGUF's byte j of a block holds weight j (low nibble) and j + 16 (high nibble), so
+ * 4-byte piece s of a block gives steps s (low) and s + 4 (high). */
+static inline void q4_group_steps(const uint8_t *src, int blocks, __m512i w[GROUP_STEPS]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    /* shift the upper 256 bits (the copy holding high nibbles) right by 4 */
-    const __m512i shifts = _mm512_setr_epi64(0, 0, 0, 0, 0x0004000400040004LL, 0x0004000400040004LL,
-                                             0x0004000400040004LL, 0x0004000400040004LL);
-    __m512 acc[ROWS], acc_min[ROWS];
-    for (int r = 0; r < ROWS; r++) acc[r] = acc_min[r] = _mm512_setzero_ps();
-    for (int g = 0; g < nb; g += 16) { /* 16 blocks share one load of scales */
-        int n = nb - g < 16 ? nb - g : 16;
-        __mmask16 mask = (__mmask16)((1u << n) - 1);
-        __m512 vdx = _mm512_maskz_loadu_ps(mask, dx + g), vsx = _mm512_maskz_loadu_ps(mask, sx + g);
-        __m512 s16[ROWS];
-        for (int r = 0; r < ROWS; r++) {
-            if (r >= rows) break;
-            __m512 wd = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d + (size_t)r * nb + g));
-            s16[r] = _mm512_mul_ps(wd, vdx);
-            __m512 wm = m ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m + (size_t)r * nb + g)) : _mm512_mul_ps(wd, _mm512_set1_ps(-8.0f));
-            acc_min[r] = _mm512_fmadd_ps(wm, vsx, acc_min[r]);
-        }
-        for (int p = 0; p < n / 2; p++) {
-            int b = g + 2 * p;
-            if (ahead && p % 2 == 0) /* one line (4 blocks) of each later row per two steps */
-                for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(ahead + r * row_bytes + 16 * b), _MM_HINT_T0);
-            __m512i xv = _mm512_loadu_si512((const void *)(xq + 32 * b));
-            for (int r = 0; r < ROWS; r++) {
-                if (r >= rows) break;
-                __m512i packed = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + r * row_bytes + 16 * b)));
-                __m512i w = _mm512_and_si512(_mm512_srlv_epi16(packed, shifts), low4);
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales_for_pair(s16[r], p, 1), acc[r]);
+    int valid = 16 * blocks;
+    __m512i t[4];
+    transpose4(load_part(src, valid), load_part(src + 64, valid - 64), load_part(src + 128, valid - 128),
+               load_part(src + 192, valid - 192), t);
+    for (int s = 0; s < 4; s++) {
+        w[s] = _mm512_and_si512(t[s], low4);
+        w[s + 4] = _mm512_and_si512(_mm512_srli_epi16(t[s], 4), low4);
+    }
+}
+
+/* One group of a q8 row (16 blocks x 32 bytes) -> w[s] = weights 4s..4s+3 of each block, + 128 as
+ * uint8 (vpdpbusd multiplies unsigned by signed bytes; the x side subtracts 128 * sum(x)). */
+static inline void q8_group_steps(const int8_t *src, int blocks, __m512i w[GROUP_STEPS]) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    int valid = 32 * blocks;
+    __m512i r[8], lo[4], hi[4];
+    for (int i = 0; i < 8; i++) r[i] = load_part(src + 64 * i, valid - 64 * i);
+    transpose4(r[0], r[1], r[2], r[3], lo); /* 128-bit lane L of lo[d]: blocks 0,2,4,6 (L=0) or 1,3,5,7 (L=2), piece d; L=1,3: piece 4+d */
+    transpose4(r[4], r[5], r[6], r[7], hi); /* the same for blocks 8..15 */
+    for (int s = 0; s < 4; s++) {
+        w[s] = _mm512_xor_si512(_mm512_shuffle_i32x4(lo[s], hi[s], 0x88), flip);     /* lanes 0, 2 of each */
+        w[s + 4] = _mm512_xor_si512(_mm512_shuffle_i32x4(lo[s], hi[s], 0xDD), flip); /* lanes 1, 3 */
+    }
+}
+
+/* int32 dot product per lane of one group: 8 steps in two chains (integers: the order is exact) */
+static inline __m512i group_dot(const __m512i w[GROUP_STEPS], const int8_t *xg) {
+    const __m512i *x = (const __m512i *)xg;
+    __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(x + 0));
+    __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_load_si512(x + 4));
+    for (int s = 1; s < 4; s++) {
+        a = _mm512_dpbusd_epi32(a, w[s], _mm512_load_si512(x + s));
+        b = _mm512_dpbusd_epi32(b, w[s + 4], _mm512_load_si512(x + s + 4));
+    }
+    return _mm512_add_epi32(a, b);
+}
+
+/* Weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out. R and XT are constants at each call
+ * (always_inline), so the accumulators stay in registers. `ahead`: weight rows to prefetch, or NULL. */
+static inline __attribute__((always_inline)) void quantized_tile(const QuantizedProduct *p, int q8, int n, int R,
+                                                                 int i0, int XT, const uint8_t *ahead) {
+    int nb = p->nb, groups = p->groups, K = p->K;
+    size_t row_bytes = q8 ? (size_t)K : (size_t)K / 2, group_bytes = q8 ? 512 : 256;
+    const __m512i lane_blocks = _mm512_loadu_si512(q8 ? Q8_LANES : Q4_LANES);
+    __m512 acc[W_ROWS][X_TILE];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < XT; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        int blocks = nb - g * GROUP_BLOCKS < GROUP_BLOCKS ? nb - g * GROUP_BLOCKS : GROUP_BLOCKS;
+        for (int r = 0; r < R; r++) {
+            const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + g * group_bytes;
+            if (ahead) /* this group of the row W_ROWS further on */
+                for (size_t line = 0; line < group_bytes; line += 64)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * group_bytes + line), _MM_HINT_T0);
+            __m512i w[GROUP_STEPS];
+            if (q8)
+                q8_group_steps((const int8_t *)src, blocks, w);
+            else
+                q4_group_steps(src, blocks, w);
+            __m512 wd = group_halves(p->d + (size_t)(n + r) * nb, g, blocks, lane_blocks);
+            __m512 wm = q8 ? wd : p->m ? group_halves(p->m + (size_t)(n + r) * nb, g, blocks, lane_blocks)
+                                       : _mm512_mul_ps(wd, _mm512_set1_ps(-8.0f)); /* Q4_0: d * (q - 8) */
+            for (int i = 0; i < XT; i++) {
+                size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
+                __m512i dot = group_dot(w, p->xa.xq + at * 32);
+                __m512 dx = _mm512_load_ps(p->xa.dx + at);
+                if (q8) { /* sum (w + 128) x - 128 sum x */
+                    dot = _mm512_sub_epi32(dot, _mm512_load_si512(p->xa.sum128 + at));
+                    acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd, dx), acc[r][i]);
+                } else { /* d dx sum(q x) + m dx sum(x) */
+                    acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd, dx), acc[r][i]);
+                    acc[r][i] = _mm512_fmadd_ps(wm, _mm512_load_ps(p->xa.sx + at), acc[r][i]);
+                }
             }
         }
     }
-    for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc_min[r]));
+    for (int i = 0; i < XT; i++)
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
-/* Rows gi * ROWS ... of a q4 product times every row of x. */
-static void q4_group(const void *product, int gi) {
-    const QuantizedProduct *p = product;
-    int K = p->K, N = p->N, nb = p->nb, n = gi * ROWS, rows = N - n < ROWS ? N - n : ROWS;
-    size_t row_bytes = K / 2;
-    const uint8_t *qs = p->qs;
-    const uint8_t *ahead = n + PREFETCH_ROWS + ROWS <= N ? qs + (size_t)(n + PREFETCH_ROWS) * row_bytes : NULL;
-    for (int r = 0; r < p->M; r++) {
-        float res[ROWS];
-        const uint8_t *w = qs + (size_t)n * row_bytes;
-        const uint16_t *wd = p->d + (size_t)n * nb, *wm = p->m ? p->m + (size_t)n * nb : NULL;
-        const int8_t *xr = p->qa.xq + (size_t)r * K;
-        const float *dxr = p->qa.dx + (size_t)r * nb, *sxr = p->qa.sx + (size_t)r * nb;
-        if (rows == ROWS) /* a constant row count, so the compiler unrolls the row loops */
-            q4_dot_rows(w, wd, wm, row_bytes, nb, ROWS, xr, dxr, sxr, r == 0 ? ahead : NULL, res);
-        else
-            q4_dot_rows(w, wd, wm, row_bytes, nb, rows, xr, dxr, sxr, NULL, res);
-        memcpy(p->out + (size_t)r * N + n, res, sizeof(float) * rows);
+/* Every (R, XT) up to (W_ROWS, X_TILE), each with its constants, for q4 (q8 = 0) and q8 (q8 = 1). */
+typedef void TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead);
+#define TILE(Q8, R, XT)                                                                              \
+    static void tile_##Q8##_##R##_##XT(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
+        quantized_tile(p, Q8, n, R, i0, XT, ahead);                                                  \
     }
+#define TILES_FOR(Q8, R) TILE(Q8, R, 1) TILE(Q8, R, 2) TILE(Q8, R, 3) TILE(Q8, R, 4)
+TILES_FOR(0, 1) TILES_FOR(0, 2) TILES_FOR(0, 3) TILES_FOR(0, 4)
+TILES_FOR(1, 1) TILES_FOR(1, 2) TILES_FOR(1, 3) TILES_FOR(1, 4)
+#define TILE_ROW(Q8, R) {tile_##Q8##_##R##_1, tile_##Q8##_##R##_2, tile_##Q8##_##R##_3, tile_##Q8##_##R##_4}
+static TileFn *const TILES[2][W_ROWS][X_TILE] = {
+    {TILE_ROW(0, 1), TILE_ROW(0, 2), TILE_ROW(0, 3), TILE_ROW(0, 4)},
+    {TILE_ROW(1, 1), TILE_ROW(1, 2), TILE_ROW(1, 3), TILE_ROW(1, 4)},
+};
+
+/* Weight rows gi * W_ROWS ... times every row of x, X_TILE rows of x at a time. */
+static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
+    int n = gi * W_ROWS, R = p->N - n < W_ROWS ? p->N - n : W_ROWS;
+    size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2;
+    const uint8_t *ahead = n + 2 * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + W_ROWS) * row_bytes : NULL;
+    for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
+        int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
+        TILES[q8][R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
+    }
+}
+static void q4_group(const void *product, int gi) { quantized_group(product, gi, 0); }
+static void q8_group(const void *product, int gi) { quantized_group(product, gi, 1); }
+
+static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint16_t *d, const uint16_t *m, int N,
+                            float *out, int q8) {
+    if (K % 64) return STATUS_BAD_WIDTH;
+    int nb = K / 32;
+    QuantizedProduct p = {M, K, N, nb, (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS, qs, d, m, {0}, out};
+    int status = arrange_activations(x, M, K, q8 ? Q8_LANES : Q4_LANES, &p.xa);
+    if (status == STATUS_OK) for_each_group((N + W_ROWS - 1) / W_ROWS, q8 ? q8_group : q4_group, &p);
+    free_activations(&p.xa);
+    return status;
 }
 
 int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N,
               float *out) {
-    if (K % 64) return STATUS_BAD_WIDTH;
-    QuantizedProduct p = {M, K, N, K / 32, qs, d, m, {0}, out};
-    if (quantize_activations(x, M, K, 1, &p.qa)) return STATUS_OUT_OF_MEMORY;
-    for_each_group((N + ROWS - 1) / ROWS, q4_group, &p);
-    free_activations(&p.qa);
-    return STATUS_OK;
-}
-
-/* ---- q8 ------------------------------------------------------------------------------------ */
-
-static inline void q8_dot_rows(const int8_t *qs, const uint16_t *d, int K, int nb, int rows, const uint8_t *xu,
-                               const float *dx, const int8_t *ahead, float *out) {
-    /* vpdpbusd needs one unsigned operand: x + 128 as uint8, and subtract 128 * sum(w) */
-    const __m512i ones = _mm512_set1_epi8(1);
-    __m512 acc[ROWS];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
-    for (int g = 0; g < nb; g += 16) {
-        int n = nb - g < 16 ? nb - g : 16;
-        __mmask16 mask = (__mmask16)((1u << n) - 1);
-        __m512 vdx = _mm512_maskz_loadu_ps(mask, dx + g);
-        __m512 s16[ROWS];
-        for (int r = 0; r < ROWS; r++)
-            if (r < rows) s16[r] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d + (size_t)r * nb + g)), vdx);
-        for (int p = 0; p < n / 2; p++) {
-            int b = g + 2 * p;
-            if (ahead) /* one line (2 blocks) of each later row per step */
-                for (int r = 0; r < ROWS; r++) _mm_prefetch((const char *)(ahead + (size_t)r * K + 32 * b), _MM_HINT_T0);
-            __m512i xv = _mm512_loadu_si512((const void *)(xu + 32 * b));
-            for (int r = 0; r < ROWS; r++) {
-                if (r >= rows) break;
-                __m512i w = _mm512_loadu_si512((const void *)(qs + (size_t)r * K + 32 * b));
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, w);
-                __m512i wsum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, w);
-                dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(wsum, 7));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scales_for_pair(s16[r], p, 0), acc[r]);
-            }
-        }
-    }
-    for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
-/* Rows gi * ROWS ... of a q8 product times every row of x (stored as uint8, x + 128). */
-static void q8_group(const void *product, int gi) {
-    const QuantizedProduct *p = product;
-    int K = p->K, N = p->N, nb = p->nb, n = gi * ROWS, rows = N - n < ROWS ? N - n : ROWS;
-    const int8_t *qs = p->qs;
-    const int8_t *ahead = n + PREFETCH_ROWS + ROWS <= N ? qs + (size_t)(n + PREFETCH_ROWS) * K : NULL;
-    for (int r = 0; r < p->M; r++) {
-        float res[ROWS];
-        const uint8_t *xr = (const uint8_t *)p->qa.xq + (size_t)r * K;
-        if (rows == ROWS) /* a constant row count, so the compiler unrolls the row loops */
-            q8_dot_rows(qs + (size_t)n * K, p->d + (size_t)n * nb, K, nb, ROWS, xr, p->qa.dx + (size_t)r * nb, r == 0 ? ahead : NULL, res);
-        else
-            q8_dot_rows(qs + (size_t)n * K, p->d + (size_t)n * nb, K, nb, rows, xr, p->qa.dx + (size_t)r * nb, NULL, res);
-        memcpy(p->out + (size_t)r * N + n, res, sizeof(float) * rows);
-    }
+    return quantized_matmul(x, M, K, qs, d, m, N, out, 0);
 }
 
 int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out) {
-    if (K % 64) return STATUS_BAD_WIDTH;
-    QuantizedProduct p = {M, K, N, K / 32, qs, d, NULL, {0}, out};
-    if (quantize_activations(x, M, K, 0, &p.qa)) return STATUS_OUT_OF_MEMORY;
-    for (size_t i = 0; i < (size_t)M * K; i++) p.qa.xq[i] ^= (int8_t)0x80; /* two's complement + 128 */
-    for_each_group((N + ROWS - 1) / ROWS, q8_group, &p);
-    free_activations(&p.qa);
-    return STATUS_OK;
+    return quantized_matmul(x, M, K, qs, d, NULL, N, out, 1);
 }
 
 /* ---- 16-bit floats ------------------------------------------------------------------------- */

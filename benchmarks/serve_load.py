@@ -5,7 +5,7 @@ by side are what count).
 
     .venv/bin/pip install -c requirements-test.txt fastapi==0.163.2 sse-starlette==3.7.0 \\
         starlette-context==0.5.1 pydantic-settings==2.16.3 python-dotenv==1.2.4   # llama_cpp.server's own
-    .venv/bin/python benchmarks/serve_load.py [-m MODEL] [--clients 1,4,16,32] [--tokens 64]
+    .venv/bin/python benchmarks/serve_load.py [-m MODEL] [--clients 1,4,16,32] [--tokens 64] [--max-memory 600M]
 
 For each engine and each number of clients, that many clients at once each stream one completion of
 --tokens tokens (the end token banned with logit_bias, so every answer has the same length; greedy)
@@ -46,10 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(engine: str, model: str, port: int, max_batch: int) -> subprocess.Popen:
+def start(engine: str, model: str, port: int, max_batch: int, max_memory: str | None) -> subprocess.Popen:
     if engine == "plainllama":
         command = [sys.executable, "-m", "plainllama", "serve", "-m", model, "--port", str(port),
                    "--max-batch", str(max_batch), "--prefix-cache", "0"]  # fmt: skip
+        if max_memory:
+            command += ["--max-memory", max_memory]
     else:
         command = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(port),
                    "--n_threads", "2", "--n_ctx", "4096", "--interrupt_requests", "False"]  # fmt: skip
@@ -113,13 +115,14 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16,32")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--engines", default="plainllama,llama.cpp")
+    parser.add_argument("--max-memory", help="plainllama's --max-memory (layers beyond it stream from disk)")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     eos = open_checkpoint(args.model).tokenizer.eos_id
     table: dict[str, dict[int, tuple[float, float]]] = {}
     for engine in args.engines.split(","):
         port = free_port()
-        process = start(engine, args.model, port, max(levels))
+        process = start(engine, args.model, port, max(levels), args.max_memory)
         try:
             level(port, process.model_id, 1, 4, eos)  # type: ignore[attr-defined]  # warm-up
             table[engine] = {c: level(port, process.model_id, c, args.tokens, eos) for c in levels}  # type: ignore[attr-defined]

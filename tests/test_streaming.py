@@ -177,6 +177,31 @@ def test_speculative_verification_reads_the_streamed_layers_once_per_pass(files)
         streamed.close()
 
 
+def test_a_continuous_batch_reads_the_streamed_layers_once_per_step(files):
+    """The server's decode step (engine/continuous.py's step_rows) on a streamed model: one read of the
+    streamed layers serves every sequence in the batch, and each sequence's logits are bit-identical
+    to the resident model's (the oracle: the same file with every layer resident, same step)."""
+    from plainllama.engine.continuous import SequenceCache, rows_can_step, step_rows
+
+    resident = build(files["Q4_0"], context=256)
+    streamed = build(files["Q4_0"], layers_resident=1, context=256)
+    try:
+        assert rows_can_step(streamed.model) and any(isinstance(m, StreamedBlock) for m in streamed.model.layers)
+        stats, plan = streamed.streamer.stats, streamed.plan
+        rows = [IDS[:3], IDS[3:8], IDS[8:], IDS[1:6], IDS[2:4]]  # five sequences at their own positions
+        caches = {name: [SequenceCache(llm.model, 64) for _ in rows] for name, llm in (("r", resident), ("s", streamed))}
+        for step in range(4):
+            tokens = [ids[step % len(ids)] for ids in rows]
+            positions = [step] * len(rows)
+            layers_before = stats.layers_done
+            expected = step_rows(resident.model, tokens, positions, caches["r"])
+            got = step_rows(streamed.model, tokens, positions, caches["s"])
+            assert torch.equal(got, expected)
+            assert stats.layers_done - layers_before == len(plan.streamed)  # once for all five
+    finally:
+        streamed.close()
+
+
 def test_planned_layer_sizes_match_the_built_layers(files):
     """The planner sizes layers without building them (packed.held_nbytes); the built model is the check."""
     for kind, weights in CASES + [

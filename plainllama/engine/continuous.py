@@ -10,16 +10,21 @@ alone, or beside any other sequences: a request's answer does not depend on the 
 For M = 1 this is exactly the arithmetic of a single generation's decode step (decode_layer.c).
 
 Only for models whose every layer runs in the C kernels (compressed weights on the CPU: the
-default); others step each sequence through model.py alone (`step_alone`).
+default), held in memory or streamed from disk (a streamed layer is read once per step for all
+sequences, so the disk's cost is shared by every sequence); others step each sequence through
+model.py alone (`step_alone`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import torch
 
+from ..errors import PlainLlamaError
 from ..model import KVCache, Transformer, rotary_cos_sin
+from .streaming import StreamedBlock
 from .cpu import kernels
 from .cpu.decode_block import KernelBlock
 from .cpu.packed import PackedLinear
@@ -28,10 +33,25 @@ from .cpu.packed import PackedLinear
 def rows_can_step(model: Transformer) -> bool:
     return (
         kernels.available()
-        and all(isinstance(layer, KernelBlock) for layer in model.layers)
+        and all(
+            isinstance(layer, KernelBlock) or (isinstance(layer, StreamedBlock) and layer.on_cpu())
+            for layer in model.layers
+        )
         and isinstance(model.output, PackedLinear)
         and model.norm.weight.dtype == torch.float32
     )
+
+
+@contextlib.contextmanager
+def kernel_layer(layer, rows: int):
+    """Layer `layer` as a KernelBlock: itself, or a streamed layer read and built for this step."""
+    if isinstance(layer, KernelBlock):
+        yield layer
+        return
+    with layer.built(rows) as block:
+        if not isinstance(block, KernelBlock):
+            raise PlainLlamaError(f"streamed layer {layer.index} cannot run in the C kernels (its weights are not packed)")
+        yield block
 
 
 class SequenceCache(KVCache):
@@ -57,20 +77,20 @@ def step_rows(model: Transformer, tokens: list[int], positions: list[int], cache
         v_addresses = torch.stack([c.v_addresses for c in caches], dim=1).contiguous()
         decode_rows = kernels.function("decode_rows")
         for i, layer in enumerate(model.layers):
-            assert isinstance(layer, KernelBlock)
             out = torch.empty_like(x)
-            code = decode_rows(
-                ctypes.byref(layer.layer),
-                x.data_ptr(),
-                M,
-                cos.data_ptr(),
-                sin.data_ptr(),
-                k_addresses[i].data_ptr(),
-                v_addresses[i].data_ptr(),
-                lengths.data_ptr(),
-                starts.data_ptr(),
-                out.data_ptr(),
-            )
+            with kernel_layer(layer, M) as block:
+                code = decode_rows(
+                    ctypes.byref(block.layer),
+                    x.data_ptr(),
+                    M,
+                    cos.data_ptr(),
+                    sin.data_ptr(),
+                    k_addresses[i].data_ptr(),
+                    v_addresses[i].data_ptr(),
+                    lengths.data_ptr(),
+                    starts.data_ptr(),
+                    out.data_ptr(),
+                )
             kernels.check(code, "decode_rows")
             x = out
         h = model.norm(x[:, None, :]).reshape(M, args.dim)  # [M, D]

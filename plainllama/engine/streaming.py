@@ -18,6 +18,7 @@ and the layer is built there. Layers the planner holds in RAM skip the disk read
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import queue
 import threading
@@ -258,12 +259,18 @@ class StreamedBlock(nn.Module):
         self._streamer = [streamer]  # in a list: not a submodule, so .to()/.eval() do not walk into it
 
     def forward(self, x, cos, sin, mask, cache, start_pos):
+        with self.built(x.shape[0] * x.shape[1]) as block:
+            return block(x, cos, sin, mask, cache, start_pos)
+
+    @contextlib.contextmanager
+    def built(self, tokens: int):
+        """The layer, read and built, for one pass of `tokens` tokens; let go of at the end."""
         streamer = self._streamer[0]
         if self.index == streamer.order[0]:
-            streamer.stats.tokens += x.shape[0] * x.shape[1]
+            streamer.stats.tokens += tokens
         slot, block = streamer.take(self.index)
         try:
-            return block(x, cos, sin, mask, cache, start_pos)
+            yield block
         finally:
             streamer.finished()
             del block
@@ -271,6 +278,9 @@ class StreamedBlock(nn.Module):
             streamer.stats.layers_done += 1
             if streamer.on_layer is not None:
                 streamer.on_layer(streamer, self.index)
+
+    def on_cpu(self) -> bool:
+        return self._streamer[0].device.type == "cpu"
 
     def extra_repr(self) -> str:
         return f"layer {self.index}, read from disk on each pass"

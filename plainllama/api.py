@@ -23,7 +23,7 @@ from .engine.compiled import compile_decode
 from .engine.cpu import kernels
 from .engine.devices import pick_device, pick_dtype
 from .engine.loading import load_planned, weight_mode
-from .engine.planner import MemoryPlan, available_ram, gb, kv_bytes
+from .engine.planner import MemoryPlan, available_ram, gb, kv_bytes, parse_size
 from .errors import PlainLlamaError
 from .formats import Checkpoint, open_checkpoint
 from .generation.batch import generate_batch
@@ -284,6 +284,7 @@ def load(
     report=None,
     compile: bool = False,
     threads: int | None = None,
+    prefix_cache: int | str = 0,
 ) -> LLM:
     """Load a model file or folder (default: the bundled SmolLM2-135M-Instruct).
 
@@ -297,7 +298,9 @@ def load(
     the GPU's; `context` is the KV cache to reserve, in tokens (all rows of a batch together).
     `report(text)` receives the plan when anything streams or a cap was given.
     `compile=True`: decode steps on PyTorch's operators go through torch.compile (compiled.py).
-    `threads`: threads for PyTorch and the C kernels, which share one OpenMP pool (default: one per core)."""
+    `threads`: threads for PyTorch and the C kernels, which share one OpenMP pool (default: one per core).
+    `prefix_cache`: memory to plan for a prefix cache beside the KV cache (bytes, "512M", or "context" for
+    one context's worth); `plainllama serve` and `chat` keep prompts' keys and values there (server/)."""
     if threads is not None:
         if threads < 1:
             raise PlainLlamaError(f"--threads must be >= 1, got {threads}")
@@ -315,8 +318,10 @@ def load(
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     weights = weight_mode(torch_device, dtype, quantize, dequantize)
+    if isinstance(prefix_cache, str) and prefix_cache != "context":
+        prefix_cache = parse_size(prefix_cache)
     model, plan = load_planned(
-        checkpoint, torch_dtype, torch_device, weights, max_memory, max_gpu_memory, context, report
+        checkpoint, torch_dtype, torch_device, weights, max_memory, max_gpu_memory, context, report, prefix_cache
     )
     if compile:
         compile_decode(model)

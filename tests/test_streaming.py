@@ -24,7 +24,7 @@ from plainllama.export.hf import write_hf
 from plainllama.formats import open_checkpoint
 from plainllama.api import LLM
 from plainllama.engine.loading import WeightBuilder, build_model
-from plainllama.engine.planner import STREAM_BUFFERS, GiB, parse_size, plan_memory, process_rss
+from plainllama.engine.planner import STREAM_BUFFERS, GiB, gb, parse_size, plan_memory, process_rss
 from plainllama.engine.streaming import StreamedBlock
 from gguf_files import write_llama_gguf
 from helpers import run_cli
@@ -189,7 +189,7 @@ def test_a_continuous_batch_reads_the_streamed_layers_once_per_step(files):
         assert rows_can_step(streamed.model) and any(isinstance(m, StreamedBlock) for m in streamed.model.layers)
         stats, plan = streamed.streamer.stats, streamed.plan
         rows = [IDS[:3], IDS[3:8], IDS[8:], IDS[1:6], IDS[2:4]]  # five sequences at their own positions
-        caches = {name: [SequenceCache(llm.model, 64) for _ in rows] for name, llm in (("r", resident), ("s", streamed))}
+        caches = {name: [SequenceCache(m.model, 64) for _ in rows] for name, m in (("r", resident), ("s", streamed))}
         for step in range(4):
             tokens = [ids[step % len(ids)] for ids in rows]
             positions = [step] * len(rows)
@@ -217,6 +217,24 @@ def test_planned_layer_sizes_match_the_built_layers(files):
         layer = build(files[kind], weights).model.layers[0]
         built = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
         assert p.layers[0].held == built, (kind, weights)
+
+
+def test_the_prefix_cache_is_counted_in_the_plan(files):
+    """serve/chat keep prompts' keys and values beside the KV cache (server/prefix_cache.py): the plan
+    sets that memory aside, so a budget that holds every layer without it streams layers with it, and
+    the summary says so. "context" reserves one context's KV cache (a chat's history)."""
+    builder = WeightBuilder(open_checkpoint(files["Q8_0"]), torch.float32, torch.device("cpu"), "packed")
+    sizes = plan_memory(builder, None, None, 256)
+    all_layers = sum(layer.held for layer in sizes.layers)
+    budget = process_rss() + sizes.fixed + sizes.kv_cache + sizes.activations + all_layers + sizes.layers[0].held // 2
+    assert not plan_memory(builder, budget, None, 256).streamed
+    reserve = 4 * sizes.layers[0].held
+    with_cache = plan_memory(builder, budget, None, 256, prefix_cache=reserve)
+    assert with_cache.prefix_cache == reserve and len(with_cache.streamed) >= 3
+    assert f"prefix cache {gb(reserve)}" in with_cache.summary()
+    assert plan_memory(builder, None, None, 256, prefix_cache="context").prefix_cache == sizes.kv_cache
+    with pytest.raises(PlainLlamaError, match="prefix cache"):
+        plan_memory(builder, None, None, 256, prefix_cache=-1)
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def run_chat(llm, system: str | None, max_new_tokens: int, sampling: dict, stop=
     print(f"plainllama chat: {model_name(llm)} ({llm.chat_format.name} chat format). {HELP}", file=sys.stderr)
     # The server's engine, for one conversation: its prefix cache keeps the history's keys and values,
     # so that each turn prefills only what is new since the previous prompt.
-    engine = Scheduler(llm, max_batch=1)
+    engine = Scheduler(llm, max_batch=1)  # its prefix cache: the one context's worth load_model planned
     engine.start()
     try:
         return converse(llm, engine, history, base, interactive, answer_room, max_new_tokens, sampling, stop)
@@ -238,5 +238,5 @@ def chat_sampling(llm, given: dict) -> dict:
 
 
 def run_command(args) -> int:
-    llm = load_model(args)
+    llm = load_model(args, prefix_cache="context")
     return run_chat(llm, args.system, args.max_new_tokens, chat_sampling(llm, sampling_settings(args)), args.stop)

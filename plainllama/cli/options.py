@@ -79,10 +79,17 @@ def load_options(args) -> dict:
     )
 
 
-def load_model(args, path=None):
+def load_model(args, path=None, prefix_cache: int | str = 0):
+    """The model, its plan reported on stderr. `prefix_cache`: memory the plan sets aside for the
+    serve/chat engine's prefix cache (plainllama.load)."""
     from ..api import load
 
-    llm = load(path or args.model, **load_options(args), report=lambda text: print(text, file=sys.stderr))
+    llm = load(
+        path or args.model,
+        **load_options(args),
+        prefix_cache=prefix_cache,
+        report=lambda text: print(text, file=sys.stderr),
+    )
     if llm.streamer is not None and sys.stderr.isatty():
         from .progress import OutputTracker, StreamProgress
 

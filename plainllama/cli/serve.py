@@ -45,12 +45,13 @@ def run_command(args) -> int:
         raise PlainLlamaError(f"{path}: no such file or folder")
     name = args.served_model_name or name_of(path)
 
+    prefix_bytes = 0 if args.prefix_cache in ("0", "off") else parse_size(args.prefix_cache)
+
     def load():
-        llm = load_model(args, path)
+        llm = load_model(args, path, prefix_cache=prefix_bytes)
         print(f"plainllama: {name} loaded ({llm.compute}); answering requests", file=sys.stderr)
         return llm
 
-    prefix_bytes = 0 if args.prefix_cache in ("0", "off") else parse_size(args.prefix_cache)
     server = ModelServer(load, name, args.max_batch, args.max_queue, prefix_bytes)
     config = uvicorn.Config(
         build_app(server),

@@ -50,7 +50,7 @@ def kernel_layer(layer, rows: int):
         return
     with layer.built(rows) as block:
         if not isinstance(block, KernelBlock):
-            raise PlainLlamaError(f"streamed layer {layer.index} cannot run in the C kernels (its weights are not packed)")
+            raise PlainLlamaError(f"streamed layer {layer.index} cannot run in the C kernels (weights not packed)")
         yield block
 
 

@@ -270,6 +270,7 @@ def load_planned(
     max_gpu_memory: int | str | None = None,
     context: int | None = None,
     report=None,
+    prefix_cache: int | str = 0,
 ) -> tuple[Transformer, MemoryPlan]:
     """The model built within a memory plan (planner.py: what stays in memory, what streams from
     disk), and the plan. `report(text)` receives the plan when anything streams or a cap was given."""
@@ -287,6 +288,7 @@ def load_planned(
         parse_size(max_memory) if isinstance(max_memory, str) else max_memory,
         parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory,
         context,
+        prefix_cache,
     )
     if report is not None and (plan.explicit or plan.streamed or plan.in_ram):
         report(plan.summary())

@@ -104,6 +104,7 @@ class MemoryPlan:
     gpu_buffers: int = 0  # the GPU's streaming buffers: a layer's stored bytes and the layer built from them
     disk_speed: float | None = None  # bytes/s, measured on the file with its pages dropped from the cache
     explicit: bool = False  # the caller set a memory cap: requests are held to the reserved context
+    prefix_cache: int = 0  # a server's or chat's prefix cache (server/prefix_cache.py): kept prompts' keys and values
 
     @property
     def stream_bytes(self) -> int:
@@ -118,7 +119,8 @@ class MemoryPlan:
         uses = (
             f"fixed weights {gb(self.fixed)} + KV cache {gb(self.kv_cache)} ({self.context} tokens) + activations "
             f"{gb(self.activations)}"
-            f" + {len(self.resident)} layers {gb(sum(self.layers[i].held for i in self.resident))}"
+            + (f" + prefix cache {gb(self.prefix_cache)}" if self.prefix_cache else "")
+            + f" + {len(self.resident)} layers {gb(sum(self.layers[i].held for i in self.resident))}"
         )
         if self.gpu_budget:
             lines = [
@@ -238,9 +240,15 @@ def measure_disk_speed(stored: list, limit: int = 256 << 20) -> float | None:
 
 
 def plan_memory(
-    builder, max_memory: int | None = None, max_gpu_memory: int | None = None, context: int | None = None
+    builder,
+    max_memory: int | None = None,
+    max_gpu_memory: int | None = None,
+    context: int | None = None,
+    prefix_cache: int | str = 0,
 ) -> MemoryPlan:
-    """Which layers stay resident and which stream, from the model's sizes and the memory there is."""
+    """Which layers stay resident and which stream, from the model's sizes and the memory there is.
+    `prefix_cache`: bytes a prefix cache may hold beside the KV cache (`plainllama serve`), or
+    "context": one context's KV cache (a chat's, whose history never exceeds the context)."""
     args, checkpoint, device = builder.args, builder.checkpoint, builder.device
     context = min(DEFAULT_CONTEXT, args.context_length) if context is None else context
     if context < 1:
@@ -253,6 +261,9 @@ def plan_memory(
     machine = runtime + free - min(GiB, free // 10)
     budget = machine if max_memory is None else min(max_memory, machine)
     kv = kv_bytes(args, context, builder.dtype)
+    prefix = kv if prefix_cache == "context" else int(prefix_cache)
+    if prefix < 0:
+        raise PlainLlamaError(f"the prefix cache's size must be >= 0, got {prefix}")
     activations = activation_bytes(args, context)
     fixed = fixed_bytes(builder)
     on_gpu = device.type != "cpu"
@@ -276,7 +287,10 @@ def plan_memory(
         [],
         [],
         explicit=max_memory is not None or max_gpu_memory is not None,
+        prefix_cache=prefix,
     )
+    # The prefix cache lives where the KV caches do; from here on it is counted as part of them.
+    kv += prefix
     n = args.n_layers
     if on_gpu:
         if max_gpu_memory is not None:
@@ -321,7 +335,9 @@ def plan_memory(
                 raise PlainLlamaError(
                     f"not enough memory for even one streamed layer: the budget is {gb(budget)}, but the runtime "
                     f"takes {gb(runtime)}, "
-                    f"the fixed weights {gb(fixed)}, the KV cache {gb(kv)} ({context} tokens), activations "
+                    f"the fixed weights {gb(fixed)}, the KV cache {gb(kv - prefix)} ({context} tokens)"
+                    + (f", the prefix cache {gb(prefix)}" if prefix else "")
+                    + ", activations "
                     f"{gb(activations)} and two layer "
                     f"buffers {gb(buffers)} ({gb(biggest_stream)} each): at least "
                     f"{gb(runtime + fixed + kv + activations + buffers)} is needed"

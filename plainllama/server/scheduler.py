@@ -44,7 +44,6 @@ log = logging.getLogger("plainllama")
 
 PREFILL_CHUNK = 256  # a multiple of prefix_cache.ALIGN: chunks end on whole blocks
 GROWTH = 256  # positions a cache gains at first beyond the prompt; it doubles when full
-PREFIX_CACHE_BYTES = 512 << 20
 
 
 @dataclass
@@ -127,9 +126,14 @@ class Scheduler:
         max_batch: int = 16,
         max_queue: int = 256,
         prefill_chunk: int = PREFILL_CHUNK,
-        prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
+        prefix_cache_bytes: int | None = None,
     ):
+        """`prefix_cache_bytes`: the prefix cache's budget (0: none); by default what the model's
+        memory plan set aside for it (load(prefix_cache=...))."""
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
+        if prefix_cache_bytes is None:
+            plan = getattr(llm, "plan", None)
+            prefix_cache_bytes = plan.prefix_cache if plan is not None else 0
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.rows = rows_can_step(self.model)  # decode_rows in C; else each job through model.py alone

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import plainllama
-from plainllama.engine.continuous import SequenceCache, rows_can_step, step_alone, step_rows
+from plainllama.engine.continuous import (
+    SequenceCache,
+    can_prefill_together,
+    prefill_rows,
+    rows_can_step,
+    step_alone,
+    step_rows,
+)
 from plainllama.model import KVCache
 
 PROMPTS = ["The capital of France is", "Hello there, my name", "1 2 3 4 5 6 7", "Llamas are", "def main():"]
@@ -69,6 +76,38 @@ def test_any_model_steps_each_sequence_alone(llm):
     ids = [llm.tokenizer.encode(p) for p in PROMPTS]
     expected = alone(llm.model, ids[0])
     assert torch.equal(together(llm.model, ids[:3], step_alone, KVCache), expected)
+
+
+def test_prompt_chunks_prefilled_together_as_alone(packed):
+    """prefill_rows: chunks of three prompts in one pass (one starting at 0, one continuing its cache at
+    position 64, one of 9 tokens, the shortest that may join) give each chunk's last logits and its
+    keys and values bit for bit as model.py's forward of that chunk alone (the scheduler's path)."""
+    model = packed.model
+    text = "The history of the llama begins in the Andes, where people kept them for wool and meat. " * 4
+    ids = packed.tokenizer.encode(text)
+    chunks = [ids[:12], ids[64:94], ids[5:14]]
+    starts = [0, 64, 0]
+
+    def fresh():
+        caches = [SequenceCache(model, 128) for _ in chunks]
+        with torch.inference_mode():
+            model(torch.tensor([ids[:64]]), 0, caches[1])  # the second sequence's first 64 tokens
+        return caches
+
+    alone_caches, together_caches = fresh(), fresh()
+    with torch.inference_mode():
+        expected = torch.stack(
+            [
+                model(torch.tensor([c]), s, cache, last_only=True)[0, -1].float()
+                for c, s, cache in zip(chunks, starts, alone_caches, strict=True)
+            ]
+        )
+    got = prefill_rows(model, chunks, starts, together_caches)
+    assert torch.equal(got, expected)
+    for a, b in zip(alone_caches, together_caches, strict=True):
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            assert torch.equal(la.k, lb.k) and torch.equal(la.v, lb.v)
+    assert not can_prefill_together(8)
 
 
 @pytest.mark.parametrize("extra", [3, 9, 40])

@@ -23,11 +23,11 @@ import ctypes
 import torch
 
 from ..errors import PlainLlamaError
-from ..model import KVCache, Transformer, rotary_cos_sin
+from ..model import KVCache, Transformer, causal_mask, rotary_cos_sin
 from .streaming import StreamedBlock
 from .cpu import kernels
 from .cpu.decode_block import KernelBlock
-from .cpu.packed import PackedLinear
+from .cpu.packed import DIRECT_ROWS, PackedLinear
 
 
 def rows_can_step(model: Transformer) -> bool:
@@ -107,3 +107,36 @@ def step_alone(model: Transformer, tokens: list[int], positions: list[int], cach
                 for t, p, c in zip(tokens, positions, caches, strict=True)
             ]
         )
+
+
+def can_prefill_together(chunk_tokens: int) -> bool:
+    """Whether a prompt chunk of this many tokens can share prefill_rows' pass: chunks of more than
+    DIRECT_ROWS tokens, whose products take the many-rows path alone and together alike."""
+    return chunk_tokens > DIRECT_ROWS
+
+
+def prefill_rows(model: Transformer, chunks: list[list[int]], starts: list[int], caches: list[KVCache]) -> torch.Tensor:
+    """Several sequences' prompt chunks in one pass -> the logits after each chunk's last token [B, V]
+    float32; each chunk's keys and values go into its own cache (batch 1) from its own start.
+
+    What a server gains: a chunk of a short prompt costs as much as a long one (the pass reads and
+    unpacks every weight), so new requests that arrive together share that cost. Each chunk's
+    numbers are those of model(chunk, start, cache) alone (KernelBlock.prompt_segments says why):
+    every chunk needs more than DIRECT_ROWS tokens (`can_prefill_together`)."""
+    assert all(can_prefill_together(len(c)) for c in chunks)
+    args, lengths = model.args, [len(c) for c in chunks]
+    with torch.inference_mode():
+        x = model.tok_embeddings(torch.tensor([t for c in chunks for t in c])[None, :])  # [1, R, D]
+        # each chunk's angles and mask computed as for it alone (a vectorized cos may round a value
+        # differently at another index of a longer table)
+        tables = [rotary_cos_sin(args, torch.arange(s, s + n)[None, :]) for s, n in zip(starts, lengths, strict=True)]
+        cos = torch.cat([c for c, _ in tables], dim=1)  # [1, R, 1, Hd]
+        sin = torch.cat([s for _, s in tables], dim=1)
+        masks = [causal_mask(s, n, x.device) for s, n in zip(starts, lengths, strict=True)]
+        for i, layer in enumerate(model.layers):
+            with kernel_layer(layer, x.shape[1]) as block:
+                x = block.prompt_segments(x, cos, sin, masks, [c.layers[i] for c in caches], starts, lengths)
+        ends = torch.tensor(lengths).cumsum(0) - 1
+        h = model.norm(x[0, ends][:, None, :]).reshape(len(chunks), args.dim)  # [B, D]
+        assert isinstance(model.output, PackedLinear)
+        return model.output.packed.matmul_each_row(h)  # [B, V]

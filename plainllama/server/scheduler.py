@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.continuous import SequenceCache, rows_can_step, step_alone, step_rows
+from ..engine.continuous import (
+    SequenceCache,
+    can_prefill_together,
+    prefill_rows,
+    rows_can_step,
+    step_alone,
+    step_rows,
+)
 from ..errors import PlainLlamaError
 from ..generation.generate import TokenLogprob, device_and_dtype, record_logprob, GenerationState
 from ..generation.stops import StopMatcher
@@ -213,9 +220,9 @@ class Scheduler:
                 running.finished = True
         self.running = [r for r in self.running if not r.finished]
         try:
-            prefilling = next((r for r in self.running if not r.decoding), None)
-            if prefilling is not None:
-                self._prefill_chunk(prefilling)
+            prefilling = [r for r in self.running if not r.decoding]
+            if prefilling:
+                self._prefill(prefilling)
             decoding = [r for r in self.running if r.decoding]
             if decoding:
                 self._decode(decoding)
@@ -226,21 +233,52 @@ class Scheduler:
                 running.finished = True
         self.running = [r for r in self.running if not r.finished]
 
-    def _prefill_chunk(self, running: Running) -> None:
-        prompt = running.job.prompt_ids
-        if running.budget <= 0:
-            self._finish(running, "length" if running.job.max_tokens == 0 else "context")
-            return
-        # Chunks end at multiples of prefill_chunk whatever the first one's start: with or without a
-        # reused prefix, the same rows are computed in the same blocks (see prefix_cache.py).
+    def _chunk(self, running: Running) -> tuple[int, int]:
+        """The next chunk [start, end) of a job's prompt. Chunks end at multiples of prefill_chunk
+        whatever the first one's start: with or without a reused prefix, the same rows are computed in
+        the same blocks (see prefix_cache.py)."""
         start = running.prefilled
-        end = min(len(prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk)
-        device = self.model.norm.weight.device
-        with torch.inference_mode():
-            tokens = torch.tensor([prompt[start:end]], device=device)
-            logits = self.model(tokens, start, running.cache, last_only=True)[0, -1]
+        return start, min(len(running.job.prompt_ids), (start // self.prefill_chunk + 1) * self.prefill_chunk)
+
+    def _prefill(self, prefilling: list[Running]) -> None:
+        """The oldest job's next chunk, and with it those of other new jobs that can share its pass
+        (continuous.prefill_rows: chunks of more than 8 tokens, up to prefill_chunk tokens in all, so
+        that the running streams still wait for at most about one chunk)."""
+        for running in prefilling:
+            if running.budget <= 0:
+                self._finish(running, "length" if running.job.max_tokens == 0 else "context")
+        prefilling = [r for r in prefilling if not r.finished]
+        if not prefilling:
+            return
+        first = prefilling[0]
+        start, end = self._chunk(first)
+        if not (self.rows and can_prefill_together(end - start)):
+            device = self.model.norm.weight.device
+            with torch.inference_mode():
+                tokens = torch.tensor([first.job.prompt_ids[start:end]], device=device)
+                logits = self.model(tokens, start, first.cache, last_only=True)[0, -1]
+            self._prefilled(first, end, logits)
+            return
+        together, spans, rows = [first], [(start, end)], end - start
+        for running in prefilling[1:]:
+            start, end = self._chunk(running)
+            if can_prefill_together(end - start) and rows + end - start <= self.prefill_chunk:
+                together.append(running)
+                spans.append((start, end))
+                rows += end - start
+        logits = prefill_rows(
+            self.model,
+            [r.job.prompt_ids[s:e] for r, (s, e) in zip(together, spans, strict=True)],
+            [s for s, _ in spans],
+            [r.cache for r in together],
+        )
+        for running, (_, end), row in zip(together, spans, logits, strict=True):
+            self._prefilled(running, end, row)
+
+    def _prefilled(self, running: Running, end: int, logits: torch.Tensor) -> None:
+        prompt = running.job.prompt_ids
+        self.prefilled_tokens += end - running.prefilled
         running.prefilled = end
-        self.prefilled_tokens += end - start
         if running.prefilled == len(prompt):
             if self.prefix_cache is not None:
                 self.prefix_cache.store(prompt, running.cache, self.new_cache)

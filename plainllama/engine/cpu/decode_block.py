@@ -130,17 +130,56 @@ class KernelBlock(TransformerBlock):
     def _prompt_step(self, x, cos, sin, mask, cache, start_pos):
         """TransformerBlock.forward for T > 1, the same steps; x [B, T, D] -> [B, T, D]."""
         B, T, D = x.shape
-        attention, ffn = self.attention, self.feed_forward
-        H, K, Hd = attention.n_heads, attention.n_kv_heads, attention.head_dim
         x = x.contiguous()
+        qkv = self._rotated_qkv(x, cos, sin)  # [B, T, (H + 2K) Hd]
+        h = self.attention.wo(self._attention(qkv, mask, cache, start_pos)).add_(x)
+        return self._feed_forward(h)
+
+    def prompt_segments(self, x, cos, sin, masks, caches, starts, lengths):
+        """The prompt step for several sequences' chunks side by side: x [1, R, D] holds the chunks'
+        rows one after another (R = sum of `lengths`), cos/sin [1, R, 1, Hd] their positions' angles;
+        chunk i starts at position starts[i] of its own cache caches[i] (a LayerCache of batch 1) with
+        its own mask. The products run once on all R rows (one read and unpacking of the weights for
+        every chunk); attention runs per chunk. Each chunk's rows come out as `_prompt_step` gives them
+        for that chunk alone, when every chunk has more than DIRECT_ROWS rows: the many-rows products
+        (oneDNN's and AMX's bfloat16 ones) compute each row on its own, and the rest is per row or per
+        chunk (continuous.prefill_rows; tests/test_continuous.py checks it bit for bit)."""
+        x = x.contiguous()
+        qkv = self._rotated_qkv(x, cos, sin)  # [1, R, (H + 2K) Hd]
+        outs, at = [], 0
+        for mask, cache, start, T in zip(masks, caches, starts, lengths, strict=True):
+            outs.append(self._attention(qkv[:, at : at + T], mask, cache, start))  # [1, T, H Hd]
+            at += T
+        h = self.attention.wo(torch.cat(outs, dim=1)).add_(x)
+        return self._feed_forward(h)
+
+    def _rotated_qkv(self, x, cos, sin):
+        """x [B, T, D] -> q, k and v side by side [B, T, (H + 2K) Hd], q and k turned by their angles."""
+        attention = self.attention
+        B, T, _ = x.shape
         qkv = attention.wqkv(self._norm(self.attention_norm, x))  # [B, T, (H + 2K) Hd]
         cos, sin = cos.contiguous(), sin.contiguous()  # [1 or B, T, 1, Hd]
         kernels.check(
             kernels.function("rotate_rows")(
-                qkv.data_ptr(), B, T, qkv.shape[-1], H + K, Hd, cos.data_ptr(), sin.data_ptr(), cos.shape[0]
+                qkv.data_ptr(),
+                B,
+                T,
+                qkv.shape[-1],
+                attention.n_heads + attention.n_kv_heads,
+                attention.head_dim,
+                cos.data_ptr(),
+                sin.data_ptr(),
+                cos.shape[0],
             ),
             "rotate_rows",
         )  # q and k, in place
+        return qkv
+
+    def _attention(self, qkv, mask, cache, start_pos):
+        """qkv [B, T, (H + 2K) Hd] -> attention's output [B, T, H Hd] float32, writing k and v into the cache."""
+        attention = self.attention
+        H, K, Hd = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, H + 2 * K, Hd).transpose(1, 2).split((H, K, K), dim=1)  # heads first
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # [B, K, S, Hd]
@@ -148,7 +187,12 @@ class KernelBlock(TransformerBlock):
         out = F.scaled_dot_product_attention(
             q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, enable_gqa=H != K
         )  # [B, H, T, Hd]
-        h = attention.wo(out.transpose(1, 2).reshape(B, T, H * Hd).float()).add_(x)
+        return out.transpose(1, 2).reshape(B, T, H * Hd).float()
+
+    def _feed_forward(self, h):
+        """h [B, T, D] -> h + SwiGLU feed-forward of its norm."""
+        ffn = self.feed_forward
+        B, T, _ = h.shape
         gate_up = ffn.w13(self._norm(self.ffn_norm, h))  # [B, T, 2F]: gate, then up
         hidden = gate_up.new_empty(B, T, gate_up.shape[-1] // 2)
         kernels.check(

@@ -78,10 +78,12 @@ def test_any_model_steps_each_sequence_alone(llm):
     assert torch.equal(together(llm.model, ids[:3], step_alone, KVCache), expected)
 
 
-def test_prompt_chunks_prefilled_together_as_alone(packed):
+@pytest.mark.parametrize("align", [1, 32])
+def test_prompt_chunks_prefilled_together_as_alone(packed, align):
     """prefill_rows: chunks of three prompts in one pass (one starting at 0, one continuing its cache at
     position 64, one of 9 tokens, the shortest that may join) give each chunk's last logits and its
-    keys and values bit for bit as model.py's forward of that chunk alone (the scheduler's path)."""
+    keys and values bit for bit as model.py's forward of that chunk alone (the scheduler's path).
+    align 32: the chunks at multiples of 32 rows with zero rows between them (AMX's layout)."""
     model = packed.model
     text = "The history of the llama begins in the Andes, where people kept them for wool and meat. " * 4
     ids = packed.tokenizer.encode(text)
@@ -102,7 +104,7 @@ def test_prompt_chunks_prefilled_together_as_alone(packed):
                 for c, s, cache in zip(chunks, starts, alone_caches, strict=True)
             ]
         )
-    got = prefill_rows(model, chunks, starts, together_caches)
+    got = prefill_rows(model, chunks, starts, together_caches, align=align)
     assert torch.equal(got, expected)
     for a, b in zip(alone_caches, together_caches, strict=True):
         for la, lb in zip(a.layers, b.layers, strict=True):

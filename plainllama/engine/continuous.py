@@ -115,28 +115,45 @@ def can_prefill_together(chunk_tokens: int) -> bool:
     return chunk_tokens > DIRECT_ROWS
 
 
-def prefill_rows(model: Transformer, chunks: list[list[int]], starts: list[int], caches: list[KVCache]) -> torch.Tensor:
+def prefill_rows(
+    model: Transformer, chunks: list[list[int]], starts: list[int], caches: list[KVCache], align: int | None = None
+) -> torch.Tensor:
     """Several sequences' prompt chunks in one pass -> the logits after each chunk's last token [B, V]
     float32; each chunk's keys and values go into its own cache (batch 1) from its own start.
 
     What a server gains: a chunk of a short prompt costs as much as a long one (the pass reads and
     unpacks every weight), so new requests that arrive together share that cost. Each chunk's
     numbers are those of model(chunk, start, cache) alone (KernelBlock.prompt_segments says why):
-    every chunk needs more than DIRECT_ROWS tokens (`can_prefill_together`)."""
+    every chunk needs more than DIRECT_ROWS tokens (`can_prefill_together`).
+
+    On a CPU with AMX each chunk starts at a multiple of 32 rows (zero rows between chunks), where
+    its rows sit alone too: amx_matmul takes rows 32 at a time, and a row's numbers must not depend
+    on its place in such a block (`align`: the row multiple chunks start at, by default that)."""
     assert all(can_prefill_together(len(c)) for c in chunks)
     args, lengths = model.args, [len(c) for c in chunks]
+    if align is None:
+        align = 32 if kernels.amx() else 1
+    offsets, rows = [], 0
+    for n in lengths:
+        offsets.append(rows)
+        rows = -(-(rows + n) // align) * align
     with torch.inference_mode():
-        x = model.tok_embeddings(torch.tensor([t for c in chunks for t in c])[None, :])  # [1, R, D]
-        # each chunk's angles and mask computed as for it alone (a vectorized cos may round a value
-        # differently at another index of a longer table)
-        tables = [rotary_cos_sin(args, torch.arange(s, s + n)[None, :]) for s, n in zip(starts, lengths, strict=True)]
-        cos = torch.cat([c for c, _ in tables], dim=1)  # [1, R, 1, Hd]
-        sin = torch.cat([s for _, s in tables], dim=1)
+        x = torch.zeros(1, rows, args.dim)  # [1, R, D]: the chunks' rows at their offsets, zeros between
+        cos = torch.zeros(1, rows, 1, args.head_dim)
+        sin = torch.zeros(1, rows, 1, args.head_dim)
+        for chunk, start, at in zip(chunks, starts, offsets, strict=True):
+            T = len(chunk)
+            rows_in = model.tok_embeddings(torch.tensor([chunk]))  # [1, T, D]
+            assert rows_in.dtype == torch.float32  # as in KernelBlock's own prompt step
+            x[:, at : at + T] = rows_in
+            # each chunk's angles computed as for it alone (a vectorized cos may round a value
+            # differently at another index of a longer table)
+            cos[:, at : at + T], sin[:, at : at + T] = rotary_cos_sin(args, torch.arange(start, start + T)[None, :])
         masks = [causal_mask(s, n, x.device) for s, n in zip(starts, lengths, strict=True)]
         for i, layer in enumerate(model.layers):
-            with kernel_layer(layer, x.shape[1]) as block:
-                x = block.prompt_segments(x, cos, sin, masks, [c.layers[i] for c in caches], starts, lengths)
-        ends = torch.tensor(lengths).cumsum(0) - 1
+            with kernel_layer(layer, rows) as block:
+                x = block.prompt_segments(x, cos, sin, masks, [c.layers[i] for c in caches], starts, offsets, lengths)
+        ends = torch.tensor(offsets) + torch.tensor(lengths) - 1
         h = model.norm(x[0, ends][:, None, :]).reshape(len(chunks), args.dim)  # [B, D]
         assert isinstance(model.output, PackedLinear)
         return model.output.packed.matmul_each_row(h)  # [B, V]

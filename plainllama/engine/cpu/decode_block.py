@@ -135,22 +135,23 @@ class KernelBlock(TransformerBlock):
         h = self.attention.wo(self._attention(qkv, mask, cache, start_pos)).add_(x)
         return self._feed_forward(h)
 
-    def prompt_segments(self, x, cos, sin, masks, caches, starts, lengths):
-        """The prompt step for several sequences' chunks side by side: x [1, R, D] holds the chunks'
-        rows one after another (R = sum of `lengths`), cos/sin [1, R, 1, Hd] their positions' angles;
-        chunk i starts at position starts[i] of its own cache caches[i] (a LayerCache of batch 1) with
-        its own mask. The products run once on all R rows (one read and unpacking of the weights for
-        every chunk); attention runs per chunk. Each chunk's rows come out as `_prompt_step` gives them
-        for that chunk alone, when every chunk has more than DIRECT_ROWS rows: the many-rows products
-        (oneDNN's and AMX's bfloat16 ones) compute each row on its own, and the rest is per row or per
-        chunk (continuous.prefill_rows; tests/test_continuous.py checks it bit for bit)."""
+    def prompt_segments(self, x, cos, sin, masks, caches, starts, offsets, lengths):
+        """The prompt step for several sequences' chunks side by side: x [1, R, D] holds chunk i's
+        rows at offsets[i] .. offsets[i] + lengths[i] (zero rows between chunks), cos/sin [1, R, 1, Hd]
+        their positions' angles; chunk i starts at position starts[i] of its own cache caches[i] (a
+        LayerCache of batch 1) with its own mask. The products run once on all R rows (one read and
+        unpacking of the weights for every chunk); attention runs per chunk. Each chunk's rows come
+        out as `_prompt_step` gives them for that chunk alone, when every chunk has more than
+        DIRECT_ROWS rows: the many-rows products (oneDNN's and AMX's bfloat16 ones) compute each row
+        on its own, and the rest is per row or per chunk (continuous.prefill_rows;
+        tests/test_continuous.py checks it bit for bit)."""
         x = x.contiguous()
         qkv = self._rotated_qkv(x, cos, sin)  # [1, R, (H + 2K) Hd]
-        outs, at = [], 0
-        for mask, cache, start, T in zip(masks, caches, starts, lengths, strict=True):
-            outs.append(self._attention(qkv[:, at : at + T], mask, cache, start))  # [1, T, H Hd]
-            at += T
-        h = self.attention.wo(torch.cat(outs, dim=1)).add_(x)
+        attention = self.attention
+        out = x.new_zeros(1, x.shape[1], attention.n_heads * attention.head_dim)  # [1, R, H Hd]
+        for mask, cache, start, at, T in zip(masks, caches, starts, offsets, lengths, strict=True):
+            out[:, at : at + T] = self._attention(qkv[:, at : at + T], mask, cache, start)
+        h = attention.wo(out).add_(x)
         return self._feed_forward(h)
 
     def _rotated_qkv(self, x, cos, sin):

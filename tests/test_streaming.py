@@ -335,26 +335,69 @@ def test_request_beyond_the_reserved_context_is_refused(files):
         llm.close()
 
 
-def test_meta_checkpoints_cannot_stream(tmp_path):
-    from meta_files import llama3_tokenizer_model, write_meta_checkpoint
+@pytest.fixture(scope="module")
+def meta_folders(tmp_path_factory):
+    """A Llama 3-shaped random Meta checkpoint (bfloat16, as Meta ships them) in 1 and 2 shards."""
+    from meta_files import llama3_tokenizer_model, reference_model, write_meta_checkpoint
 
     params = {
-        "dim": 64,
-        "n_layers": 2,
-        "n_heads": 4,
-        "n_kv_heads": 2,
+        "dim": 256,
+        "n_layers": 8,
+        "n_heads": 8,
+        "n_kv_heads": 4,
         "vocab_size": 128256,
-        "multiple_of": 32,
+        "multiple_of": 256,
         "norm_eps": 1e-5,
         "rope_theta": 500000.0,
     }
-    from meta_files import reference_model
+    state = reference_model(params, 128256, 500000.0).state_dict()
+    folders = {}
+    for shards in (1, 2):
+        folder = tmp_path_factory.mktemp(f"meta-{shards}")
+        write_meta_checkpoint(folder, params, state, llama3_tokenizer_model(), n_shards=shards)
+        folders[shards] = str(folder)
+    return folders
 
-    model = reference_model(params, 128256, 500000.0)
-    write_meta_checkpoint(tmp_path, params, model.state_dict(), llama3_tokenizer_model())
-    builder = WeightBuilder(open_checkpoint(str(tmp_path)), torch.float32, torch.device("cpu"), "float")
+
+def budget_for(builder, resident_layers: int) -> int:
+    sizes = plan_memory(builder, None, None, 256)
+    buffers = 2 * max(s.stored + s.converted for s in sizes.layers)
+    held = sum(s.held for s in sizes.layers[:resident_layers])
+    return process_rss() + sizes.fixed + sizes.kv_cache + sizes.activations + buffers + held + sizes.layers[0].held // 2
+
+
+def test_single_shard_meta_checkpoints_stream(meta_folders):
+    """A Meta checkpoint of one consolidated.00.pth streams its layers by byte range (the .pth zip
+    stores each tensor's record uncompressed; formats/meta.py's stored_tensors): logits bit-identical
+    to the same folder with every layer resident (the oracle: streaming changes where bytes come from,
+    not the arithmetic), and the streamed layers really are read from the file on each pass."""
+    folder = meta_folders[1]
+    resident = build(folder)
+    builder = WeightBuilder(open_checkpoint(folder), torch.float32, torch.device("cpu"), "packed")
+    model = build_model(
+        open_checkpoint(folder),
+        torch.float32,
+        torch.device("cpu"),
+        "packed",
+        plan_memory(builder, budget_for(builder, 1), None, 256),
+    )
+    streamed = LLM(model, resident.tokenizer, open_checkpoint(folder), torch.device("cpu"), torch.float32, 0.0, None)
+    try:
+        assert sum(isinstance(m, StreamedBlock) for m in model.layers) >= 6
+        with torch.inference_mode():
+            assert torch.equal(streamed.logits(IDS), resident.logits(IDS))
+        assert (
+            streamed.generate("Once upon a time", max_new_tokens=8).tokens
+            == resident.generate("Once upon a time", max_new_tokens=8).tokens
+        )
+    finally:
+        streamed.close()
+
+
+def test_meta_checkpoints_of_several_shards_cannot_stream_yet(meta_folders):
+    builder = WeightBuilder(open_checkpoint(meta_folders[2]), torch.float32, torch.device("cpu"), "float")
     sizes = plan_memory(builder, None, None, 16)
-    with pytest.raises(PlainLlamaError, match="GGUF or safetensors"):
+    with pytest.raises(PlainLlamaError, match="single-shard Meta checkpoints"):
         # a budget with no room for any layer: the layers here are ~100 KB, less than the process's
         # RSS moves between two readings in a long test run, so the margin is well clear of that
         plan_memory(builder, process_rss() + sizes.fixed + sizes.kv_cache + sizes.activations - 64 * 2**20, None, 16)

@@ -372,7 +372,6 @@ def _cannot_stream(checkpoint, budget: int | None = None, needed: int | None = N
     sizes = f" (it needs about {gb(needed)}, the budget is {gb(budget)})" if needed and budget is not None else ""
     return PlainLlamaError(
         f"{checkpoint.path}: the model does not fit in memory{sizes}, and layers can only be streamed from disk out "
-        "of GGUF "
-        "or safetensors files with float32/float16/bfloat16 or GGUF tensors; convert it with `plainllama convert "
-        "--to hf`"
+        "of GGUF files, safetensors files with float32/float16/bfloat16 tensors and single-shard Meta checkpoints; "
+        "convert it with `plainllama convert --to hf`"
     )

@@ -20,13 +20,14 @@ import pickle
 import re
 import struct
 import zipfile
+from functools import partial
 
 import torch
 
 from ..errors import PlainLlamaError
 from ..model import ModelArgs, llama3_rope_factors
 from .fields import integer, number
-from .checkpoint import Checkpoint, CheckpointTensor, expected_shapes, type_name
+from .checkpoint import Checkpoint, CheckpointTensor, StoredTensor, expected_shapes, type_name
 from .hf_tokenizer import load_tokenizer_json, read_json
 from .tokenizer_files import load_tokenizer_model
 
@@ -160,21 +161,35 @@ def load_shard(path: str) -> dict:
     return shard
 
 
-def check_records(path: str, shard: dict) -> None:
-    """Each tensor's bytes must lie within its own record of the zip file. Loading with mmap=True maps
-    the file and does not check this (mmap=False does): a storage longer than its record would be
-    read from the bytes that follow it. The storages lie in the mapping at their records' offsets."""
+def zip_records(path: str) -> list[tuple[int, int]]:
+    """(where the data starts in the file, its length) of each tensor storage's record."""
     with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
-        records = []  # (where the data starts in the file, its length)
+        records = []
         for info in archive.infolist():
             if "/data/" in info.filename and info.filename.rsplit("/", 1)[-1].isdigit():
                 f.seek(info.header_offset + 26)
                 name_length, extra_length = struct.unpack("<HH", f.read(4))
                 records.append((info.header_offset + 30 + name_length + extra_length, info.file_size))
+    return records
+
+
+def mapping_base(shard: dict, records: list[tuple[int, int]]) -> int | None:
+    """The address of the file's first byte in torch.load's memory map (mmap=True): storages lie in
+    the mapping at their records' offsets, and the first storage is the first record."""
+    if not records or not shard:
+        return None
+    return min(t.untyped_storage().data_ptr() for t in shard.values()) - min(start for start, _ in records)
+
+
+def check_records(path: str, shard: dict) -> None:
+    """Each tensor's bytes must lie within its own record of the zip file. Loading with mmap=True maps
+    the file and does not check this (mmap=False does): a storage longer than its record would be
+    read from the bytes that follow it."""
+    records = zip_records(path)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in shard.values()}
-    if not records or not storages:
+    base = mapping_base(shard, records)
+    if base is None:
         return
-    base = min(storages) - min(start for start, _ in records)  # the first storage is the first record
     lengths = dict(records)
     for pointer, nbytes in storages.items():
         length = lengths.get(pointer - base)
@@ -187,9 +202,10 @@ def check_records(path: str, shard: dict) -> None:
 
 def load_meta(folder: str) -> Checkpoint:
     params, notes = read_params(os.path.join(folder, "params.json"))
-    shards = read_shards(folder)
+    paths, shards = read_shards(folder)
     args, embedding_axis = model_args(folder, params, shards)
-    tensors = merged_tensors(shards, embedding_axis, args)
+    stored = stored_tensors(paths[0], shards[0]) if len(shards) == 1 else {}
+    tensors = merged_tensors(shards, embedding_axis, args, stored)
     check_merged_shapes(folder, args, shards, embedding_axis)
     tokenizer, chat_format, chat_template = read_tokenizer(folder, args)
     for note in notes:
@@ -206,8 +222,9 @@ def load_meta(folder: str) -> Checkpoint:
     )
 
 
-def read_shards(folder: str) -> list[dict]:
-    """consolidated.00.pth ... NN.pth, numbered without gaps and holding the same tensor names."""
+def read_shards(folder: str) -> tuple[list[str], list[dict]]:
+    """consolidated.00.pth ... NN.pth, numbered without gaps and holding the same tensor names: their
+    paths and their tensors."""
     numbered = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := SHARD.fullmatch(f)))
     if not numbered:
         raise PlainLlamaError(f"{folder}: no consolidated.NN.pth weight files next to params.json")
@@ -215,14 +232,15 @@ def read_shards(folder: str) -> list[dict]:
     if numbers != list(range(len(numbers))):
         missing = ", ".join(f"consolidated.{n:02d}.pth" for n in sorted(set(range(max(numbers) + 1)) - set(numbers)))
         raise PlainLlamaError(f"{folder}: shard numbering has gaps or duplicates (missing {missing})")
-    shards = [load_shard(os.path.join(folder, f)) for _, f in numbered]
+    paths = [os.path.join(folder, f) for _, f in numbered]
+    shards = [load_shard(path) for path in paths]
     names = set(shards[0])
     for (_, f), shard in zip(numbered[1:], shards[1:], strict=True):
         if set(shard) != names:
             raise PlainLlamaError(
                 f"{folder}: {f} holds different tensors than consolidated.00.pth; shards of different models?"
             )
-    return shards
+    return paths, shards
 
 
 def model_args(folder: str, params: dict, shards: list[dict]) -> tuple[ModelArgs, int]:
@@ -276,8 +294,30 @@ def model_args(folder: str, params: dict, shards: list[dict]) -> tuple[ModelArgs
     return args, embedding_axis
 
 
-def merged_tensors(shards: list[dict], embedding_axis: int, args: ModelArgs) -> dict[str, CheckpointTensor]:
-    """Every tensor, its shards' parts joined along the axis the model-parallel layers cut it."""
+def stored_tensors(path: str, shard: dict) -> dict[str, StoredTensor]:
+    """Where each (contiguous) tensor's bytes lie in its .pth file: lets a single-shard checkpoint's
+    layers stream from disk like GGUF and safetensors ones (engine/streaming.py reads the byte range
+    with plain reads; the zip stores records uncompressed)."""
+    base = mapping_base(shard, zip_records(path))
+    if base is None:
+        return {}
+    stored = {}
+    for name, t in shard.items():
+        if t.is_contiguous():
+            offset = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
+            stored[name] = StoredTensor(path, offset, t.numel() * t.element_size(), partial(_decode, t.dtype, t.shape))
+    return stored
+
+
+def _decode(dtype: torch.dtype, shape: torch.Size, raw: torch.Tensor) -> torch.Tensor:
+    return raw.view(dtype).view(shape)
+
+
+def merged_tensors(
+    shards: list[dict], embedding_axis: int, args: ModelArgs, stored: dict[str, StoredTensor]
+) -> dict[str, CheckpointTensor]:
+    """Every tensor, its shards' parts joined along the axis the model-parallel layers cut it.
+    `stored`: the byte ranges of a single shard's tensors (several shards' parts cannot stream yet)."""
     n = len(shards)
     names = set(shards[0])
 
@@ -299,7 +339,7 @@ def merged_tensors(shards: list[dict], embedding_axis: int, args: ModelArgs) -> 
     for name in sorted(names):
         if name == "rope.freqs":
             continue  # Llama 1/2 checkpoints carry their rotary table; it is recomputed from params
-        tensors[name] = CheckpointTensor(type_name(shards[0][name].dtype), merge(name))
+        tensors[name] = CheckpointTensor(type_name(shards[0][name].dtype), merge(name), stored=stored.get(name))
     first = shards[0]
     shared = (
         "output.weight" in first

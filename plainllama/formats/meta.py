@@ -139,6 +139,11 @@ def context_length(params: dict) -> int:
 
 
 def load_shard(path: str) -> dict:
+    return read_shard(path)[0]
+
+
+def read_shard(path: str) -> tuple[dict, dict[str, StoredTensor]]:
+    """A shard's tensors (memory-mapped), checked, and where each one's bytes lie in the file."""
     try:
         shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -157,8 +162,7 @@ def load_shard(path: str) -> dict:
         raise PlainLlamaError(
             f"{path}: expected a dictionary of named tensors, found a {type(shard).__name__} of other things"
         )
-    check_records(path, shard)
-    return shard
+    return shard, stored_tensors(path, shard, check_records(path, shard))
 
 
 def zip_records(path: str) -> list[tuple[int, int]]:
@@ -181,15 +185,16 @@ def mapping_base(shard: dict, records: list[tuple[int, int]]) -> int | None:
     return min(t.untyped_storage().data_ptr() for t in shard.values()) - min(start for start, _ in records)
 
 
-def check_records(path: str, shard: dict) -> None:
+def check_records(path: str, shard: dict) -> dict[int, tuple[int, int]]:
     """Each tensor's bytes must lie within its own record of the zip file. Loading with mmap=True maps
     the file and does not check this (mmap=False does): a storage longer than its record would be
-    read from the bytes that follow it."""
+    read from the bytes that follow it. Returns storage address -> (its offset in the file, the
+    record's length), for the storages that start a record."""
     records = zip_records(path)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in shard.values()}
     base = mapping_base(shard, records)
     if base is None:
-        return
+        return {}
     lengths = dict(records)
     for pointer, nbytes in storages.items():
         length = lengths.get(pointer - base)
@@ -198,14 +203,14 @@ def check_records(path: str, shard: dict) -> None:
                 f"{path}: a tensor claims {nbytes} bytes, but its record in the file holds {length}; the file is "
                 "corrupt"
             )
+    return {pointer: (pointer - base, lengths[pointer - base]) for pointer in storages if pointer - base in lengths}
 
 
 def load_meta(folder: str) -> Checkpoint:
     params, notes = read_params(os.path.join(folder, "params.json"))
-    paths, shards = read_shards(folder)
+    shards, stored = read_shards(folder)
     args, embedding_axis = model_args(folder, params, shards)
-    stored = stored_tensors(paths[0], shards[0]) if len(shards) == 1 else {}
-    tensors = merged_tensors(shards, embedding_axis, args, stored)
+    tensors = merged_tensors(shards, embedding_axis, args, stored if len(shards) == 1 else {})
     check_merged_shapes(folder, args, shards, embedding_axis)
     tokenizer, chat_format, chat_template = read_tokenizer(folder, args)
     for note in notes:
@@ -222,9 +227,9 @@ def load_meta(folder: str) -> Checkpoint:
     )
 
 
-def read_shards(folder: str) -> tuple[list[str], list[dict]]:
+def read_shards(folder: str) -> tuple[list[dict], dict[str, StoredTensor]]:
     """consolidated.00.pth ... NN.pth, numbered without gaps and holding the same tensor names: their
-    paths and their tensors."""
+    tensors, and where the first shard's tensors lie in its file."""
     numbered = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := SHARD.fullmatch(f)))
     if not numbered:
         raise PlainLlamaError(f"{folder}: no consolidated.NN.pth weight files next to params.json")
@@ -232,15 +237,14 @@ def read_shards(folder: str) -> tuple[list[str], list[dict]]:
     if numbers != list(range(len(numbers))):
         missing = ", ".join(f"consolidated.{n:02d}.pth" for n in sorted(set(range(max(numbers) + 1)) - set(numbers)))
         raise PlainLlamaError(f"{folder}: shard numbering has gaps or duplicates (missing {missing})")
-    paths = [os.path.join(folder, f) for _, f in numbered]
-    shards = [load_shard(path) for path in paths]
+    shards, stored = zip(*(read_shard(os.path.join(folder, f)) for _, f in numbered), strict=True)
     names = set(shards[0])
     for (_, f), shard in zip(numbered[1:], shards[1:], strict=True):
         if set(shard) != names:
             raise PlainLlamaError(
                 f"{folder}: {f} holds different tensors than consolidated.00.pth; shards of different models?"
             )
-    return paths, shards
+    return list(shards), stored[0]
 
 
 def model_args(folder: str, params: dict, shards: list[dict]) -> tuple[ModelArgs, int]:
@@ -294,18 +298,17 @@ def model_args(folder: str, params: dict, shards: list[dict]) -> tuple[ModelArgs
     return args, embedding_axis
 
 
-def stored_tensors(path: str, shard: dict) -> dict[str, StoredTensor]:
-    """Where each (contiguous) tensor's bytes lie in its .pth file: lets a single-shard checkpoint's
-    layers stream from disk like GGUF and safetensors ones (engine/streaming.py reads the byte range
-    with plain reads; the zip stores records uncompressed)."""
-    base = mapping_base(shard, zip_records(path))
-    if base is None:
-        return {}
+def stored_tensors(path: str, shard: dict, records: dict[int, tuple[int, int]]) -> dict[str, StoredTensor]:
+    """Where each contiguous tensor's bytes lie in its .pth file (`records`: check_records'), when they
+    lie within its storage's record: lets a single-shard checkpoint's layers stream from disk like GGUF
+    and safetensors ones (engine/streaming.py reads the byte range with plain reads; the zip stores
+    records uncompressed). A tensor without one cannot stream, and the planner says so."""
     stored = {}
     for name, t in shard.items():
-        if t.is_contiguous():
-            offset = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
-            stored[name] = StoredTensor(path, offset, t.numel() * t.element_size(), partial(_decode, t.dtype, t.shape))
+        record = records.get(t.untyped_storage().data_ptr())
+        start, nbytes = t.storage_offset() * t.element_size(), t.numel() * t.element_size()
+        if t.is_contiguous() and record is not None and start + nbytes <= record[1]:
+            stored[name] = StoredTensor(path, record[0] + start, nbytes, partial(_decode, t.dtype, t.shape))
     return stored
 
 

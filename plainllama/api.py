@@ -13,6 +13,7 @@ for piece in llm.stream("Once upon a time"):  # text as it is produced
 from __future__ import annotations
 
 import operator
+import os
 import time
 
 import torch
@@ -60,8 +61,10 @@ class LLM:
         load_seconds: float,
         plan: MemoryPlan | None = None,
         weights: str = "float",
+        ranks=None,
     ):
         self.model = model
+        self.ranks = ranks  # this process's place among tensor-parallel ranks (parallel/ranks.py), or None
         self.weights = weights  # how the weights are held (engine/loading.py's WEIGHT_MODES)
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
@@ -160,6 +163,10 @@ class LLM:
         `stop`: strings that end the text; `logprobs`: record N alternatives per token; `draft`:
         a smaller model with the same vocabulary for speculative decoding, `speculate_k` tokens ahead."""
         sampler = Sampler(self.sampling_settings(sampling))
+        if self.ranks is not None:  # rank 0 draws each token and the others take it
+            from .parallel.ranks import LeaderSampler
+
+            sampler = LeaderSampler(sampler, self.ranks)
         if logprobs is not None and not 0 <= logprobs <= self.args.vocab_size:
             raise PlainLlamaError(
                 f"--logprobs must be between 0 and the vocabulary's {self.args.vocab_size}, got {logprobs}"
@@ -300,11 +307,19 @@ def load(
     `compile=True`: decode steps on PyTorch's operators go through torch.compile (compiled.py).
     `threads`: threads for PyTorch and the C kernels, which share one OpenMP pool (default: one per core).
     `prefix_cache`: memory to plan for a prefix cache beside the KV cache (bytes, "512M", or "context" for
-    one context's worth); `plainllama serve` and `chat` keep prompts' keys and values there (server/)."""
+    one context's worth); `plainllama serve` and `chat` keep prompts' keys and values there (server/).
+
+    Started by torchrun (or `plainllama ... --tp N`), with WORLD_SIZE > 1 in the environment, each
+    process joins the others and holds 1/N of every layer (parallel/): call load() on every rank."""
+    from .parallel.ranks import from_environment
+
+    ranks = from_environment()
     if threads is not None:
         if threads < 1:
             raise PlainLlamaError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    elif ranks is not None:  # ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world))
     start = time.perf_counter()
     checkpoint = open_checkpoint(path if path is not None else default_model_path())
     if context is not None:
@@ -316,17 +331,35 @@ def load(
             )
         checkpoint.args.context_length = context
     torch_device = pick_device(device)
+    if ranks is not None and torch_device.type == "cuda":  # one GPU per rank on each machine
+        torch_device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(torch_device)
     torch_dtype = pick_dtype(dtype, torch_device)
     weights = weight_mode(torch_device, dtype, quantize, dequantize)
     if isinstance(prefix_cache, str) and prefix_cache != "context":
         prefix_cache = parse_size(prefix_cache)
-    model, plan = load_planned(
-        checkpoint, torch_dtype, torch_device, weights, max_memory, max_gpu_memory, context, report, prefix_cache
-    )
+    if ranks is not None:
+        from .parallel.tensor_parallel import load_rank
+
+        model, plan = load_rank(
+            checkpoint,
+            ranks,
+            torch_dtype,
+            torch_device,
+            weights,
+            parse_size(max_memory) if isinstance(max_memory, str) else max_memory,
+            parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory,
+            context,
+            prefix_cache,
+        )
+    else:
+        model, plan = load_planned(
+            checkpoint, torch_dtype, torch_device, weights, max_memory, max_gpu_memory, context, report, prefix_cache
+        )
     if compile:
         compile_decode(model)
     seconds = time.perf_counter() - start
-    return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, seconds, plan, weights)
+    return LLM(model, checkpoint.tokenizer, checkpoint, torch_device, torch_dtype, seconds, plan, weights, ranks)
 
 
 __all__ = ["LLM", "Beam", "Generation", "GenerationStream", "PlainLlamaError", "load"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -140,6 +141,7 @@ def json_record(llm, prompt_ids: list[int], tokens: list[int], text: str, finish
         "dtype": str(llm.dtype).removeprefix("torch."),
         "compute": llm.compute,
         "threads": torch.get_num_threads(),
+        "world_size": llm.ranks.world if llm.ranks is not None else 1,  # tensor-parallel ranks
         "prompt_ids": prompt_ids,
         "text": text,
         "tokens": tokens,
@@ -219,14 +221,19 @@ def run_batch(llm, prompts: list[str], args) -> int:
 
 def run_command(args) -> int:
     check_generate_options(args)
+    follower = os.environ.get("RANK", "0") != "0"  # a tensor-parallel rank other than 0: rank 0 reads the prompt
     # everything read before a load that may take minutes
-    prompts = read_prompts(args.prompts_file) if args.prompts_file else None
-    text = the_prompt(args)
+    prompts = read_prompts(args.prompts_file) if args.prompts_file and not follower else None
+    text = the_prompt(args) if not follower else None
     system = read_text(args.system_file, "the system prompt") if args.system_file else args.system
     if args.escape:
         system = unescape(system) if system is not None else None
         args.stop = [unescape(s) for s in args.stop]
     llm = load_model(args)
+    if llm.ranks is not None:  # every rank continues rank 0's prompt (only it can read stdin)
+        from ..parallel.ranks import share_object
+
+        prompts, text, system = share_object(llm.ranks, (prompts, text, system))
     if prompts is not None:
         return run_batch(llm, prompts, args)
     assert text is not None

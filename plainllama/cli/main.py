@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -260,6 +261,31 @@ def interrupt_deferred():
         raise KeyboardInterrupt
 
 
+# Commands that run under tensor parallelism (every rank runs the same command in step; rank 0 talks)
+PARALLEL_COMMANDS = ("generate", "bench")
+
+
+def started_as_ranks() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a single process."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1  # parallel/ranks.py names the bad variable when the model loads
+
+
+def check_ranks(args, world: int) -> None:
+    tp = getattr(args, "tp", None)
+    if tp is not None and tp < 1:
+        raise PlainLlamaError(f"--tp must be >= 1, got {tp}")
+    if tp is not None and world > 1 and tp != world:
+        raise PlainLlamaError(f"--tp {tp}, but this process was started as one of {world} ranks (WORLD_SIZE)")
+    if max(world, tp or 1) > 1 and args.command_module not in PARALLEL_COMMANDS:
+        raise PlainLlamaError(
+            f"`plainllama {args.command}` does not run under tensor parallelism yet (--tp and torchrun run "
+            f"{' and '.join(PARALLEL_COMMANDS)})"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -270,26 +296,41 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     logging.basicConfig(format="plainllama: %(levelname)s: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    rank, world = started_as_ranks()
+    errors, said = sys.stderr, "plainllama: error: " if rank == 0 else f"plainllama: rank {rank}: error: "
     try:
+        check_ranks(args, world)
+        if world == 1 and (getattr(args, "tp", None) or 1) > 1:
+            from ..parallel.launch import run_ranks
+
+            return run_ranks(args.tp, sys.argv[1:] if argv is None else argv)
+        if rank > 0:  # a follower: rank 0 prints the answer and the timings; followers only their errors
+            sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115  # for the process's life
         with interrupt_deferred():  # the command's imports (PyTorch among them)
             command = importlib.import_module(f"{__package__}.{args.command_module}")
         return command.run_command(args)
     except PlainLlamaError as e:
-        print(f"plainllama: error: {e}", file=sys.stderr)
+        print(f"{said}{e}", file=errors)
         return 1
     except MemoryError:
-        print(
-            "plainllama: error: out of memory (try a smaller model, --dtype bfloat16, or a quantized file)",
-            file=sys.stderr,
-        )
+        print(f"{said}out of memory (try a smaller model, --dtype bfloat16, or a quantized file)", file=errors)
         return 1
     except RuntimeError as e:  # PyTorch's out-of-memory is a RuntimeError (torch.OutOfMemoryError), not a MemoryError
-        if "out of memory" not in str(e).lower():
-            raise
-        print(f"plainllama: error: out of memory: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+        if "out of memory" in str(e).lower():
+            print(f"{said}out of memory: {str(e).strip().splitlines()[0]}", file=errors)
+            return 1
+        if world > 1:  # a collective failed: a peer died, or hung past the deadline
+            address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(
+                f"plainllama: error: rank {rank} of {world} lost contact with the other ranks (group at {address}): "
+                f"{reason}; another rank stopped, or its machine is unreachable",
+                file=errors,
+            )
+            return 1
+        raise
     except KeyboardInterrupt:
-        print("\n[interrupted]", file=sys.stderr)
+        print("\n[interrupted]", file=errors)
         return 130
     except BrokenPipeError:
         return 0  # the reader went away (`plainllama generate ... | head`)

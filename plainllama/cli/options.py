@@ -56,6 +56,14 @@ def add_model_options(p) -> None:  # a parser or an argument group
         help="threads for the products (default: one per core); on a busy machine, fewer than the cores are faster",
     )
     p.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tensor parallelism: run N processes on this machine, each holding 1/N of every layer "
+        "(generate and bench; for several machines start the command with torchrun instead)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="run decode steps on PyTorch's operators through torch.compile (float weights, GPUs; cached "

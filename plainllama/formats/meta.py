@@ -316,27 +316,36 @@ def _decode(dtype: torch.dtype, shape: torch.Size, raw: torch.Tensor) -> torch.T
     return raw.view(dtype).view(shape)
 
 
+class ShardParts:
+    """A tensor as Meta's model-parallel shards hold it: one part per shard, cut along `axis` (None:
+    each shard holds all of it, as the norms). Calling it joins the parts; tensor parallelism
+    (parallel/slicing.py) cuts its own slice from them instead, reading only that slice."""
+
+    def __init__(self, parts: list[torch.Tensor], axis: int | None):
+        self.parts, self.axis = parts, axis
+
+    def __call__(self) -> torch.Tensor:
+        if self.axis is None or len(self.parts) == 1:
+            return self.parts[0]
+        return torch.cat(self.parts, dim=self.axis)
+
+
 def merged_tensors(
     shards: list[dict], embedding_axis: int, args: ModelArgs, stored: dict[str, StoredTensor]
 ) -> dict[str, CheckpointTensor]:
     """Every tensor, its shards' parts joined along the axis the model-parallel layers cut it.
     `stored`: the byte ranges of a single shard's tensors (several shards' parts cannot stream yet)."""
-    n = len(shards)
     names = set(shards[0])
 
-    def merge(name: str):
+    def merge(name: str) -> ShardParts:
         parts = [shard[name] for shard in shards]
-        if n == 1:
-            return lambda: parts[0]
         if name == "tok_embeddings.weight":
-            axis = embedding_axis
-        elif name == "output.weight" or any(f".{c}." in name for c in COLUMN_PARALLEL):
-            axis = 0
-        elif any(f".{r}." in name for r in ROW_PARALLEL):
-            axis = 1
-        else:  # norms are replicated: every shard holds the whole vector
-            return lambda: parts[0]
-        return lambda: torch.cat(parts, dim=axis)
+            return ShardParts(parts, embedding_axis)
+        if name == "output.weight" or any(f".{c}." in name for c in COLUMN_PARALLEL):
+            return ShardParts(parts, 0)
+        if any(f".{r}." in name for r in ROW_PARALLEL):
+            return ShardParts(parts, 1)
+        return ShardParts(parts, None)  # norms are replicated: every shard holds the whole vector
 
     tensors = {}
     for name in sorted(names):

@@ -1,0 +1,92 @@
+"""`plainllama generate ... --tp N` on one machine: start N copies of the same command as ranks
+0..N-1, in the environment torchrun would give them, and wait for them.
+
+Rank 0 keeps the terminal (stdin, stdout); the others' stdout goes nowhere, their errors still
+reach stderr. If a rank fails, the others are given a few seconds to notice (their next collective
+fails at once when a peer's connection closes) and are then stopped; the launcher says which rank
+ended first and how. (For several machines use torchrun, which does the same across hosts.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+GRACE_SECONDS = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def how_it_ended(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def run_ranks(world: int, argv: list[str]) -> int:
+    """Run `python -m plainllama *argv` as `world` ranks; the exit status is rank 0's, or the
+    first failed rank's if rank 0 succeeded."""
+    port = free_port()
+    ranks = []
+    for rank in range(world):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        follower = rank > 0
+        ranks.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "plainllama", *argv],
+                env=env,
+                stdin=subprocess.DEVNULL if follower else None,
+                stdout=subprocess.DEVNULL if follower else None,
+            )
+        )
+    first_failure: tuple[int, int] | None = None
+    deadline = None
+    try:
+        while any(p.poll() is None for p in ranks):
+            for rank, p in enumerate(ranks):
+                code = p.poll()
+                if code not in (None, 0) and first_failure is None:
+                    first_failure = (rank, code)
+                    deadline = time.monotonic() + GRACE_SECONDS
+            if deadline is not None and time.monotonic() > deadline:
+                for p in ranks:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.05)
+    except KeyboardInterrupt:  # Ctrl+C reached every rank too (one process group): let them finish quietly
+        for p in ranks:
+            try:
+                p.wait(timeout=GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        return 130
+    if first_failure is not None:
+        rank, code = first_failure
+        if code != 130:  # Ctrl+C needs no explanation
+            print(
+                f"plainllama: rank {rank} of {world} {how_it_ended(code)}; the other ranks were stopped",
+                file=sys.stderr,
+            )
+    leader = ranks[0].returncode
+    if leader != 0:
+        return leader if leader > 0 else 128 - leader
+    return 0 if first_failure is None else (first_failure[1] if first_failure[1] > 0 else 128 - first_failure[1])

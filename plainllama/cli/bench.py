@@ -19,6 +19,7 @@ from ..api import LLM, load
 from ..errors import PlainLlamaError
 from ..model import KVCache
 from ..engine.cpu.packed import PackedEmbedding, PackedLinear
+from ..parallel.tensor_parallel import collectives_of
 
 # Any real text: the prompt is this, repeated and cut to the requested length.
 PROMPT_TEXT = (
@@ -123,16 +124,25 @@ def run(
             torch.cuda.synchronize()
         return time.perf_counter() - begin
 
+    collectives = collectives_of(llm.model)  # under tensor parallelism (parallel/tensor_parallel.py)
+    communication: list[float] = []  # seconds per decode step in collectives, per run
+
     def generation() -> tuple[float, float, float]:
         """(time to first token, seconds per decode step, seconds of decoding) of a greedy generation
         after the prompt. Generation is forced to the full length: the end token is masked out by a
         logit bias."""
         begin = time.perf_counter()
         stamps = []
+        waited = 0.0
         ban = {i: -1e9 for i in llm.tokenizer.end_ids}
         for _ in llm.stream(ids, max_new_tokens=decode_tokens, temperature=0, logit_bias=ban):
             stamps.append(time.perf_counter())
-        return stamps[0] - begin, (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), stamps[-1] - stamps[0]
+            if len(stamps) == 1 and collectives is not None:
+                waited = collectives.seconds  # from the first token on: the decode steps' collectives
+        steps = max(len(stamps) - 1, 1)
+        if collectives is not None:
+            communication.append((collectives.seconds - waited) / steps)
+        return stamps[0] - begin, (stamps[-1] - stamps[0]) / steps, stamps[-1] - stamps[0]
 
     prefill()  # warm-up: first-use costs (thread pools, kernel library) are not the model's speed
     prefill_seconds = min(prefill() for _ in range(repeats))
@@ -183,6 +193,24 @@ def run(
         "sustained_read_bandwidth_gb_s": sustained_bound / 1e9 if sustained_bound else None,
         "fraction_of_sustained_read_bandwidth": achieved / sustained_bound if sustained_bound else None,
         "peak_rss_mib": peak_rss / 2**20,
+        **parallel_figures(llm, peak_rss, min(communication) if communication else None),
+    }
+
+
+def parallel_figures(llm: LLM, peak_rss: int, collective_seconds: float | None) -> dict:
+    """Under tensor parallelism: the rank count, each rank's peak RSS, and the time rank 0 spent per
+    decoded token in collectives (two all-reduces per layer, the embedding's and the logits' gather)."""
+    if llm.ranks is None:
+        return {"world_size": 1}
+    import torch.distributed as dist
+
+    everyone: list = [None] * llm.ranks.world
+    dist.all_gather_object(everyone, peak_rss / 2**20)
+    return {
+        "world_size": llm.ranks.world,
+        "peak_rss_mib_per_rank": everyone,
+        "collective_seconds_per_token": collective_seconds,
+        "collectives_per_token": 2 * llm.args.n_layers + 2,
     }
 
 

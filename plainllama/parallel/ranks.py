@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PlainLlamaError
+from ..sampling import Sampler
 
 DEFAULT_TIMEOUT_SECONDS = 60
 
@@ -106,16 +107,14 @@ def share_object(ranks: Ranks, value):
     return box[0]
 
 
-class LeaderSampler:
+class LeaderSampler(Sampler):
     """A sampler whose choice is rank 0's: rank 0 draws the token and broadcasts it, so every rank
     feeds the same token to the next step whatever its own random state. (The gathered logits are
     the same on every rank; this makes the same token a guarantee, not a coincidence.)"""
 
-    def __init__(self, sampler, ranks: Ranks):
-        self.sampler, self.ranks = sampler, ranks
-
-    def __getattr__(self, name):  # greedy, distribution, settings...: the wrapped sampler's
-        return getattr(self.sampler, name)
+    def __init__(self, sampler: Sampler, ranks: Ranks):
+        vars(self).update(vars(sampler))  # its settings and its random generator
+        self.ranks = ranks
 
     def _leaders(self, token: int | None) -> int:
         chosen = torch.tensor([token if token is not None else 0])
@@ -123,7 +122,7 @@ class LeaderSampler:
         return int(chosen)
 
     def __call__(self, logits: torch.Tensor, history=(), generated=()) -> int:
-        return self._leaders(self.sampler(logits, history, generated) if self.ranks.leader else None)
+        return self._leaders(super().__call__(logits, history, generated) if self.ranks.leader else None)
 
     def draw(self, probs: torch.Tensor) -> int:  # speculative decoding's draws
-        return self._leaders(self.sampler.draw(probs) if self.ranks.leader else None)
+        return self._leaders(super().draw(probs) if self.ranks.leader else None)

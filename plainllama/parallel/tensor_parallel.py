@@ -19,7 +19,8 @@ match a single process to within float32 reduction-order error, not bit for bit.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -35,51 +36,81 @@ from .ranks import Ranks, agree_on_model, model_fingerprint
 from .slicing import rank_checkpoint, vocabulary_rows
 
 
+@dataclass
+class Collectives:
+    """Time this rank spent in collectives (waiting for the slowest rank included) and the bytes it
+    handed them: what `plainllama bench` reports per decoded token under --tp."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        start = time.perf_counter()
+        dist.all_reduce(t)
+        self._count(start, t)
+
+    def all_gather(self, pieces: list[torch.Tensor], t: torch.Tensor) -> None:
+        start = time.perf_counter()
+        dist.all_gather(pieces, t)
+        self._count(start, t)
+
+    def _count(self, start: float, t: torch.Tensor) -> None:
+        self.calls += 1
+        self.seconds += time.perf_counter() - start
+        self.bytes += t.numel() * t.element_size()
+
+
 class AllReduced(nn.Module):
     """A row-parallel projection (wo, w2): this rank's columns times this rank's part of the input
     give a partial sum, which the ranks add up. [B, T, in/N] -> [B, T, D]."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, collectives: Collectives):
         super().__init__()
-        self.inner = inner
+        self.inner, self.collectives = inner, collectives
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = self.inner(x)
         total = partial.float()  # a copy for 16-bit models; float32 is summed in place
-        dist.all_reduce(total)
+        self.collectives.all_reduce(total)
         return total.type_as(partial)
 
 
 class VocabularyParallelEmbedding(nn.Module):
     """This rank's rows [start, start + rows) of the embedding table; tokens [B, T] -> [B, T, D]."""
 
-    def __init__(self, inner: nn.Module, start: int, rows: int):
+    def __init__(self, inner: nn.Module, start: int, rows: int, collectives: Collectives):
         super().__init__()
-        self.inner, self.start, self.rows = inner, start, rows
+        self.inner, self.start, self.rows, self.collectives = inner, start, rows, collectives
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.start
         mine = (local >= 0) & (local < self.rows)  # [B, T]
         h = self.inner(local.clamp(0, self.rows - 1))
         total = torch.where(mine[..., None], h.float(), 0.0)  # [B, T, D]
-        dist.all_reduce(total)  # exactly one rank gives each token a nonzero row: the sum is exact
+        self.collectives.all_reduce(total)  # exactly one rank gives each token a nonzero row: the sum is exact
         return total.type_as(h)
 
 
 class VocabularyParallelOutput(nn.Module):
     """Logits for this rank's vocabulary rows, gathered from every rank: [B, T, D] -> [B, T, V]."""
 
-    def __init__(self, inner: nn.Module, rows_per_rank: list[int]):
+    def __init__(self, inner: nn.Module, rows_per_rank: list[int], collectives: Collectives):
         super().__init__()
-        self.inner, self.rows_per_rank = inner, rows_per_rank
+        self.inner, self.rows_per_rank, self.collectives = inner, rows_per_rank, collectives
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         local = self.inner(h)  # [B, T, V/N]
         widest = max(self.rows_per_rank)
         padded = F.pad(local.float(), (0, widest - local.shape[-1])).contiguous()  # gather needs equal sizes
         pieces = [torch.empty_like(padded) for _ in self.rows_per_rank]
-        dist.all_gather(pieces, padded)
+        self.collectives.all_gather(pieces, padded)
         return torch.cat([p[..., :n] for p, n in zip(pieces, self.rows_per_rank, strict=True)], dim=-1).type_as(local)
+
+
+def collectives_of(model: nn.Module) -> Collectives | None:
+    """The collectives' account of a rank's model, or None for a single process's model."""
+    return next((m.collectives for m in model.modules() if isinstance(m, AllReduced)), None)
 
 
 def build_rank_model(
@@ -91,18 +122,19 @@ def build_rank_model(
     builder = WeightBuilder(sliced, dtype, device, weights)
     with torch.device("meta"), skip_random_init():
         model = Transformer(sliced.args)
+    collectives = Collectives()
     shared: dict = {}
     builder.fill(model, {t: n for t, n in builder.groups.items() if not t.startswith("layers.")}, sliced, shared=shared)
     for i in range(sliced.args.n_layers):
         block = builder.new_block()
         builder.fill(block, builder.layer_groups(i), sliced, prefix=f"layers.{i}.")
-        block.attention.wo = AllReduced(block.attention.wo)
-        block.feed_forward.w2 = AllReduced(block.feed_forward.w2)
+        block.set_submodule("attention.wo", AllReduced(block.attention.wo, collectives))
+        block.set_submodule("feed_forward.w2", AllReduced(block.feed_forward.w2, collectives))
         model.layers[i] = block
     rows = vocabulary_rows(vocab_size, ranks.world)
     start, mine = rows[ranks.rank]
-    model.tok_embeddings = VocabularyParallelEmbedding(model.tok_embeddings, start, mine)
-    model.output = VocabularyParallelOutput(model.output, [n for _, n in rows])
+    model.set_submodule("tok_embeddings", VocabularyParallelEmbedding(model.tok_embeddings, start, mine, collectives))
+    model.set_submodule("output", VocabularyParallelOutput(model.output, [n for _, n in rows], collectives))
     empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise PlainLlamaError(f"{sliced.path}: no weights for {', '.join(empty[:4])}")

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -294,8 +295,62 @@ def test_ranks_with_different_models_refuse_to_start(gguf_models, tmp_path):
     assert "rank 1 loaded a different model" in errors[0] and "Traceback" not in errors[0]
 
 
-@pytest.mark.parametrize("command", ["chat", "serve"])
-def test_commands_not_yet_parallel_say_so(command):
-    result = run_cli(command, "--tp", "2", timeout=120)
+def test_chat_on_three_ranks():
+    """`plainllama chat --tp 3`: rank 0 reads the messages and every rank steps the engine with it; a
+    two-turn conversation answers as one process does (float32, greedy)."""
+    conversation = "What is the capital of France?\nAnd of Italy?\n"
+    args = ["chat", "--temperature", "0", "-n", "24", "--dtype", "float32"]
+    single = run_cli(*args, input=conversation, check=True)
+    parallel = run_cli(*args, "--tp", "3", input=conversation, check=True)
+    assert parallel.stdout == single.stdout and "Paris" in single.stdout
+
+
+def test_serve_on_three_ranks_answers_as_one_process():
+    """`plainllama serve --tp 3`, driven by the official openai client: chat and completions, streamed
+    and not, and two seeded requests at once, give the single process's tokens (LLM.chat /
+    LLM.generate in float32); SIGTERM stops every rank and the launcher exits 0."""
+    import plainllama
+    from test_server import CHAT, Served
+
+    single = plainllama.load(dtype="float32")
+    server = Served("--tp", "3", "--dtype", "float32", "--max-batch", "4")
+    try:
+        expected = single.chat(CHAT, max_new_tokens=20, temperature=0)
+        for _ in expected:
+            pass
+        answer = server.client.chat.completions.create(model=server.model, messages=CHAT, temperature=0, max_tokens=20)
+        assert answer.choices[0].message.content == expected.result.text
+        streamed = server.client.chat.completions.create(
+            model=server.model, messages=CHAT, temperature=0, max_tokens=20, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected.result.text
+
+        prompts = ["The capital of France is", "Llamas live in"]
+        wanted = [single.generate(p, max_new_tokens=16, temperature=0.8, seed=3).text for p in prompts]
+        got: list = [None, None]
+
+        def ask(i):
+            got[i] = (
+                server.client.completions.create(
+                    model=server.model, prompt=prompts[i], temperature=0.8, seed=3, max_tokens=16
+                )
+                .choices[0]
+                .text
+            )
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert got == wanted
+    finally:
+        code, log = server.stop()
+    assert code == 0, log
+    assert "Traceback" not in log
+
+
+def test_commands_without_a_model_to_share_say_so():
+    result = run_cli("inspect", "Hello", "--tp", "2", timeout=120)
     assert result.returncode == 1
-    assert "does not run under tensor parallelism yet" in result.stderr
+    assert "does not run under tensor parallelism" in result.stderr

@@ -239,4 +239,7 @@ def chat_sampling(llm, given: dict) -> dict:
 
 def run_command(args) -> int:
     llm = load_model(args, prefix_cache="context")
+    if llm.ranks is not None and not llm.ranks.leader:  # rank 0 talks to the user; this rank steps with it
+        Scheduler(llm, max_batch=1).follow()
+        return 0
     return run_chat(llm, args.system, args.max_new_tokens, chat_sampling(llm, sampling_settings(args)), args.stop)

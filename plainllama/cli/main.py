@@ -262,7 +262,7 @@ def interrupt_deferred():
 
 
 # Commands that run under tensor parallelism (every rank runs the same command in step; rank 0 talks)
-PARALLEL_COMMANDS = ("generate", "bench")
+PARALLEL_COMMANDS = ("generate", "chat", "serve", "bench")
 
 
 def started_as_ranks() -> tuple[int, int]:
@@ -281,8 +281,8 @@ def check_ranks(args, world: int) -> None:
         raise PlainLlamaError(f"--tp {tp}, but this process was started as one of {world} ranks (WORLD_SIZE)")
     if max(world, tp or 1) > 1 and args.command_module not in PARALLEL_COMMANDS:
         raise PlainLlamaError(
-            f"`plainllama {args.command}` does not run under tensor parallelism yet (--tp and torchrun run "
-            f"{' and '.join(PARALLEL_COMMANDS)})"
+            f"`plainllama {args.command}` does not run under tensor parallelism (--tp and torchrun run "
+            f"{', '.join(PARALLEL_COMMANDS)})"
         )
 
 

@@ -61,7 +61,7 @@ def add_model_options(p) -> None:  # a parser or an argument group
         default=None,
         metavar="N",
         help="tensor parallelism: run N processes on this machine, each holding 1/N of every layer "
-        "(generate and bench; for several machines start the command with torchrun instead)",
+        "(generate, chat, serve, bench; for several machines start the command with torchrun instead)",
     )
     p.add_argument(
         "--compile",

@@ -47,6 +47,13 @@ def run_command(args) -> int:
 
     prefix_bytes = 0 if args.prefix_cache in ("0", "off") else parse_size(args.prefix_cache)
 
+    if os.environ.get("RANK", "0") != "0":  # a tensor-parallel rank: rank 0 serves, this one steps with it
+        from ..server.scheduler import Scheduler
+
+        llm = load_model(args, path, prefix_cache=prefix_bytes)
+        Scheduler(llm, args.max_batch, args.max_queue, prefix_cache_bytes=prefix_bytes).follow()
+        return 0
+
     def load():
         llm = load_model(args, path, prefix_cache=prefix_bytes)
         print(f"plainllama: {name} loaded ({llm.compute}); answering requests", file=sys.stderr)

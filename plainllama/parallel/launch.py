@@ -2,7 +2,8 @@
 0..N-1, in the environment torchrun would give them, and wait for them.
 
 Rank 0 keeps the terminal (stdin, stdout); the others' stdout goes nowhere, their errors still
-reach stderr. If a rank fails, the others are given a few seconds to notice (their next collective
+reach stderr. Ctrl+C reaches every rank (they share the terminal's process group); SIGTERM sent to
+the launcher is passed to rank 0. If a rank fails, the others are given a few seconds to notice (their next collective
 fails at once when a peer's connection closes) and are then stopped; the launcher says which rank
 ended first and how. (For several machines use torchrun, which does the same across hosts.)
 """
@@ -58,6 +59,9 @@ def run_ranks(world: int, argv: list[str]) -> int:
                 stdout=subprocess.DEVNULL if follower else None,
             )
         )
+    # SIGTERM (a service manager stopping us) goes to rank 0, which ends the run for every rank:
+    # a server drains its clients first, a generation stops and the others notice
+    signal.signal(signal.SIGTERM, lambda signum, frame: ranks[0].send_signal(signal.SIGTERM))
     first_failure: tuple[int, int] | None = None
     deadline = None
     try:

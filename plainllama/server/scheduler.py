@@ -14,6 +14,11 @@ Each step of the loop:
 Jobs join and leave between steps. A job whose client went away is dropped at the next step and its
 cache freed.
 
+Under tensor parallelism (parallel/) every rank runs this engine in step: rank 0's decides (which
+jobs join, which were cancelled, when to stop) and broadcasts its decisions before each step; the
+other ranks `follow()` them with the same jobs, caches and prefix cache, so that every forward pass
+is entered by all ranks together. Rank 0 draws every token and broadcasts it (LeaderSampler).
+
 A job's arithmetic is its own: its prompt is prefilled alone, chunked at the same positions
 whatever else runs, and its decode rows are computed row by row (continuous.py), so its tokens do
 not depend on the other jobs. Events go back to the HTTP side through each job's `emit`, which
@@ -49,6 +54,7 @@ from ..sampling import Sampler, SamplingSettings
 
 log = logging.getLogger("plainllama")
 
+HEARTBEAT_SECONDS = 5.0  # an idle rank 0 tells the other ranks it is still there, well within their deadline
 PREFILL_CHUNK = 256  # a multiple of prefix_cache.ALIGN: chunks end on whole blocks
 GROWTH = 256  # positions a cache gains at first beyond the prompt; it doubles when full
 
@@ -104,6 +110,10 @@ class Running:
             copy_prefix(reused, self.cache, self.prefilled)
         self.cached_tokens = self.prefilled
         self.sampler = Sampler(job.settings)
+        if scheduler.ranks is not None:
+            from ..parallel.ranks import LeaderSampler
+
+            self.sampler = LeaderSampler(self.sampler, scheduler.ranks)
         self.text = StreamedText(scheduler.tokenizer, StopMatcher(job.stop))
         self.state = GenerationState()
         self.next_token = -1  # the last sampled token, fed at the next decode step
@@ -138,9 +148,14 @@ class Scheduler:
         """`prefix_cache_bytes`: the prefix cache's budget (0: none); by default what the model's
         memory plan set aside for it (load(prefix_cache=...))."""
         self.llm, self.model, self.tokenizer = llm, llm.model, llm.tokenizer
+        self.ranks = getattr(llm, "ranks", None)  # tensor-parallel ranks, or None
         if prefix_cache_bytes is None:
             plan = getattr(llm, "plan", None)
             prefix_cache_bytes = plan.prefix_cache if plan is not None else 0
+        if self.ranks is not None:  # the same budget everywhere, or ranks would evict different prefixes
+            from ..parallel.ranks import share_object
+
+            prefix_cache_bytes = share_object(self.ranks, prefix_cache_bytes)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.rows = rows_can_step(self.model)  # decode_rows in C; else each job through model.py alone
@@ -149,6 +164,7 @@ class Scheduler:
         self.running: list[Running] = []
         self.condition = threading.Condition()
         self.stopping = False
+        self.broken: str | None = None  # under tensor parallelism: why the ranks can no longer step together
         self.thread = threading.Thread(target=self._loop, name="plainllama-engine", daemon=True)
         # for GET /metrics
         self.generated_tokens = 0
@@ -168,8 +184,8 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self.condition:
-            if self.stopping:
-                raise QueueFull("the server is shutting down")
+            if self.stopping or self.broken:
+                raise QueueFull(self.broken or "the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
             self.waiting.append(job)
@@ -195,18 +211,75 @@ class Scheduler:
         while True:
             with self.condition:
                 while not self.waiting and not self.running and not self.stopping:
-                    self.condition.wait()
-                if self.stopping:  # every client is told, so that no response waits forever
+                    if not self.condition.wait(HEARTBEAT_SECONDS if self.ranks is not None else None):
+                        break  # idle: rank 0 still tells the other ranks, which wait on its word
+                stopping = self.stopping
+                if stopping:  # every client is told, so that no response waits forever
                     for job in [*self.waiting, *(r.job for r in self.running)]:
                         job.emit(Event(error="the server is shutting down; the request was cancelled"))
                     self.waiting.clear()
-                    self.running = []
-                    return
-                while self.waiting and len(self.running) < self.max_batch:
+                admitted: list[Job] = []
+                while not stopping and self.waiting and len(self.running) + len(admitted) < self.max_batch:
                     job = self.waiting.popleft()
                     if not job.cancelled.is_set():
-                        self._admit(job)
-            self._step()
+                        admitted.append(job)
+            cancelled = [i for i, r in enumerate(self.running) if r.job.cancelled.is_set()]
+            if self.ranks is not None:
+                try:
+                    self._tell_ranks(admitted, cancelled, stopping)
+                except RuntimeError as e:
+                    self._break(e, admitted)
+                    return
+            if stopping:
+                self.running = []
+                return
+            for job in admitted:
+                self._admit(job)
+            self._step(cancelled)
+            if self.broken:
+                return
+
+    def _tell_ranks(self, admitted: list[Job], cancelled: list[int], stopping: bool) -> None:
+        """Rank 0's decisions for this step, to every other rank (what follow() receives)."""
+        from ..parallel.ranks import share_object
+
+        assert self.ranks is not None
+        jobs = [(j.prompt_ids, j.max_tokens, j.settings, j.stop, j.logprobs) for j in admitted]
+        share_object(self.ranks, (jobs, cancelled, stopping))
+
+    def follow(self) -> None:
+        """A rank other than 0: take rank 0's decisions and step with it, until it stops. Its clients
+        are rank 0's; the jobs here only keep the caches and tokens in step."""
+        import signal
+
+        from ..parallel.ranks import share_object
+
+        assert self.ranks is not None, "follow() is for tensor-parallel ranks other than 0"
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl+C and SIGTERM (which torchrun sends every rank) are rank 0's to act on: it drains its
+            # clients and then tells this rank to stop
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            jobs, cancelled, stopping = share_object(self.ranks, None)
+            if stopping:
+                return
+            for prompt_ids, max_tokens, settings, stop, logprobs in jobs:
+                self._admit(Job(prompt_ids, max_tokens, settings, lambda event: None, stop, logprobs))
+            if self.running:
+                self._step(cancelled)
+            if self.broken:
+                raise PlainLlamaError(self.broken)
+
+    def _break(self, error: BaseException, admitted=()) -> None:
+        """Under tensor parallelism a failed step cannot be skipped (the ranks would fall out of step):
+        every job ends with the error, and no more are taken."""
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        self.broken = f"the tensor-parallel ranks can no longer run together ({reason}); restart the server"
+        log.error("%s", self.broken)
+        for job in [*admitted, *(r.job for r in self.running)]:
+            job.emit(Event(error=self.broken))
+        self.running = []
 
     def _admit(self, job: Job) -> None:
         try:
@@ -214,10 +287,10 @@ class Scheduler:
         except (MemoryError, RuntimeError, PlainLlamaError) as e:  # torch reports a failed allocation as RuntimeError
             job.emit(Event(error=f"cannot start this request: {e}"))
 
-    def _step(self) -> None:
-        for running in self.running:
-            if running.job.cancelled.is_set():
-                running.finished = True
+    def _step(self, cancelled: list[int]) -> None:
+        """One step; `cancelled`: indices into self.running of jobs whose clients went away."""
+        for i in cancelled:
+            self.running[i].finished = True
         self.running = [r for r in self.running if not r.finished]
         try:
             prefilling = [r for r in self.running if not r.decoding]
@@ -227,6 +300,9 @@ class Scheduler:
             if decoding:
                 self._decode(decoding)
         except (RuntimeError, PlainLlamaError, MemoryError) as e:
+            if self.ranks is not None:
+                self._break(e)
+                return
             log.exception("engine step failed")
             for running in self.running:
                 running.job.emit(Event(error=f"generation failed: {e}"))

@@ -195,6 +195,24 @@ def test_the_default_model_on_three_ranks_from_the_command_line():
         assert record["tokens"] == single["tokens"], (record["text"], single["text"])
 
 
+def test_torchrun_starts_the_ranks(gguf_models):
+    """PyTorch's own launcher, as on several machines: `torchrun --nproc-per-node 2 -m plainllama
+    generate ...` gives the single process's tokens; only rank 0 prints the answer."""
+    args = ["generate", "Hello there", "-m", str(gguf_models["F32"]), "-n", "8", "--json", "--dtype", "float32"]
+    single = json.loads(run_cli(*args, check=True).stdout)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "plainllama", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 1 and records[0]["world_size"] == 2
+    assert records[0]["tokens"] == single["tokens"]
+
+
 def test_stdin_prompt_reaches_every_rank(gguf_models):
     """Only rank 0 can read stdin; the others take the prompt from it."""
     model = str(gguf_models["F32"])

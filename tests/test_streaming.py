@@ -366,14 +366,20 @@ def budget_for(builder, resident_layers: int) -> int:
     return process_rss() + sizes.fixed + sizes.kv_cache + sizes.activations + buffers + held + sizes.layers[0].held // 2
 
 
-def test_single_shard_meta_checkpoints_stream(meta_folders):
-    """A Meta checkpoint of one consolidated.00.pth streams its layers by byte range (the .pth zip
-    stores each tensor's record uncompressed; formats/meta.py's stored_tensors): logits bit-identical
-    to the same folder with every layer resident (the oracle: streaming changes where bytes come from,
-    not the arithmetic), and the streamed layers really are read from the file on each pass."""
-    folder = meta_folders[1]
+@pytest.mark.parametrize("shards", [1, 2])
+def test_meta_checkpoints_stream(meta_folders, shards):
+    """A Meta checkpoint streams its layers by byte range (the .pth zip stores each tensor's record
+    uncompressed; formats/meta.py's stored_tensors), and one of several shards reads each tensor's
+    parts from every consolidated.NN.pth and joins them as they are read (stored_across_shards):
+    logits bit-identical to the same folder with every layer resident (the oracle: streaming changes
+    where bytes come from, not the arithmetic), and the streamed layers really are read from the
+    files on each pass."""
+    folder = meta_folders[shards]
     resident = build(folder)
-    builder = WeightBuilder(open_checkpoint(folder), torch.float32, torch.device("cpu"), "packed")
+    checkpoint = open_checkpoint(folder)
+    wo = checkpoint.tensors["layers.0.attention.wo.weight"].stored
+    assert wo is not None and len({path for path, _, _ in wo.ranges}) == shards  # a part from each shard's file
+    builder = WeightBuilder(checkpoint, torch.float32, torch.device("cpu"), "packed")
     model = build_model(
         open_checkpoint(folder),
         torch.float32,
@@ -384,23 +390,16 @@ def test_single_shard_meta_checkpoints_stream(meta_folders):
     streamed = LLM(model, resident.tokenizer, open_checkpoint(folder), torch.device("cpu"), torch.float32, 0.0, None)
     try:
         assert sum(isinstance(m, StreamedBlock) for m in model.layers) >= 6
+        read_before = streamed.streamer.stats.bytes_read
         with torch.inference_mode():
             assert torch.equal(streamed.logits(IDS), resident.logits(IDS))
+        assert streamed.streamer.stats.bytes_read > read_before
         assert (
             streamed.generate("Once upon a time", max_new_tokens=8).tokens
             == resident.generate("Once upon a time", max_new_tokens=8).tokens
         )
     finally:
         streamed.close()
-
-
-def test_meta_checkpoints_of_several_shards_cannot_stream_yet(meta_folders):
-    builder = WeightBuilder(open_checkpoint(meta_folders[2]), torch.float32, torch.device("cpu"), "float")
-    sizes = plan_memory(builder, None, None, 16)
-    with pytest.raises(PlainLlamaError, match="single-shard Meta checkpoints"):
-        # a budget with no room for any layer: the layers here are ~100 KB, less than the process's
-        # RSS moves between two readings in a long test run, so the margin is well clear of that
-        plan_memory(builder, process_rss() + sizes.fixed + sizes.kv_cache + sizes.activations - 64 * 2**20, None, 16)
 
 
 def test_parse_size():

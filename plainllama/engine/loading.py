@@ -74,12 +74,13 @@ def _read_small(record: CheckpointTensor) -> torch.Tensor | None:
     if where is None or where.nbytes > SMALL_TENSOR_BYTES:
         return None
     raw = torch.empty(where.nbytes, dtype=torch.uint8)
-    with open(where.path, "rb", buffering=0) as f:
-        got = os.preadv(f.fileno(), [raw.numpy()], where.offset)  # type: ignore[list-item]  # numpy arrays are buffers
-    if got != where.nbytes:
-        raise PlainLlamaError(
-            f"{where.path}: ended while reading a tensor (the file was truncated after it was opened)"
-        )
+    at = 0
+    for path, offset, nbytes in where.ranges:
+        with open(path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [raw[at : at + nbytes].numpy()], offset)  # type: ignore[list-item]  # numpy arrays are buffers
+        if got != nbytes:
+            raise PlainLlamaError(f"{path}: ended while reading a tensor (the file was truncated after it was opened)")
+        at += nbytes
     return where.decode(raw)
 
 

@@ -218,15 +218,15 @@ def measure_disk_speed(stored: list, limit: int = 256 << 20) -> float | None:
         return None
     buffer = bytearray(min(64 << 20, limit))
     total, seconds = 0, 0.0
-    for where in stored:
-        fd = os.open(where.path, os.O_RDONLY)
+    for path, offset, nbytes in (r for where in stored for r in where.ranges):
+        fd = os.open(path, os.O_RDONLY)
         try:
-            length = min(where.nbytes, limit - total)
-            os.posix_fadvise(fd, where.offset, length, os.POSIX_FADV_DONTNEED)
+            length = min(nbytes, limit - total)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
             start, done = time.perf_counter(), 0
             while done < length:
                 view = memoryview(buffer)[: min(len(buffer), length - done)]
-                got = os.preadv(fd, [view], where.offset + done)
+                got = os.preadv(fd, [view], offset + done)
                 if got <= 0:
                     break
                 done += got
@@ -372,6 +372,7 @@ def _cannot_stream(checkpoint, budget: int | None = None, needed: int | None = N
     sizes = f" (it needs about {gb(needed)}, the budget is {gb(budget)})" if needed and budget is not None else ""
     return PlainLlamaError(
         f"{checkpoint.path}: the model does not fit in memory{sizes}, and layers can only be streamed from disk out "
-        "of GGUF files, safetensors files with float32/float16/bfloat16 tensors and single-shard Meta checkpoints; "
+        "of GGUF files, safetensors files with float32/float16/bfloat16 tensors and Meta checkpoints whose tensors "
+        "each lie in one record of their .pth files; "
         "convert it with `plainllama convert --to hf`"
     )

@@ -153,21 +153,22 @@ class LayerStreamer:
         start = time.perf_counter()
         total = 0
         for name in names:
-            where = self.checkpoint.tensors[name].stored
-            fd = self._fd(where.path)
-            _, begin, end = placed[name]
-            done = 0
-            while done < where.nbytes:
-                n = min(READ_CHUNK, where.nbytes - done)
-                got = os.preadv(fd, [view[begin + done : begin + done + n]], where.offset + done)
-                if got <= 0:
-                    raise PlainLlamaError(
-                        f"{where.path}: ended while reading {name} (the file was truncated after loading)"
-                    )
-                done += got
-            total += done
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, where.offset, where.nbytes, os.POSIX_FADV_DONTNEED)
+            _, at, end = placed[name]
+            for path, offset, nbytes in self.checkpoint.tensors[name].stored.ranges:  # one, or a part per shard
+                fd = self._fd(path)
+                done = 0
+                while done < nbytes:
+                    n = min(READ_CHUNK, nbytes - done)
+                    got = os.preadv(fd, [view[at + done : at + done + n]], offset + done)
+                    if got <= 0:
+                        raise PlainLlamaError(
+                            f"{path}: ended while reading {name} (the file was truncated after loading)"
+                        )
+                    done += got
+                at += done
+                total += done
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
         self.stats.bytes_read += total
         self.stats.read_seconds += time.perf_counter() - start
         return buffer

@@ -22,14 +22,17 @@ def read_tensor(record: CheckpointTensor) -> torch.Tensor:
     if stored is None:  # Meta's .pth records, whose loader maps the file (issue 21 reads them by offset)
         return record.load()
     buffer = torch.empty(stored.nbytes, dtype=torch.uint8)
-    try:
-        with open(stored.path, "rb") as f:
-            f.seek(stored.offset)
-            got = f.readinto(buffer.numpy().data)
-    except OSError as e:
-        raise PlainLlamaError(f"{stored.path}: cannot read ({e.strerror})") from None
-    if got != stored.nbytes:
-        raise PlainLlamaError(f"{stored.path}: the file ended early (it changed or was truncated while converting)")
+    at = 0
+    for path, offset, nbytes in stored.ranges:
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                got = f.readinto(buffer[at : at + nbytes].numpy().data)
+        except OSError as e:
+            raise PlainLlamaError(f"{path}: cannot read ({e.strerror})") from None
+        if got != nbytes:
+            raise PlainLlamaError(f"{path}: the file ended early (it changed or was truncated while converting)")
+        at += nbytes
     return stored.decode(buffer)
 
 

@@ -27,6 +27,15 @@ class StoredTensor:
     offset: int
     nbytes: int
     decode: Callable[[torch.Tensor], torch.Tensor]
+    # A tensor whose bytes lie in several places (Meta's model-parallel shards, one part per file): the
+    # (path, offset, nbytes) of each part, read one after another; then path and offset are the
+    # first part's, nbytes the sum, and decode joins the parts.
+    pieces: tuple[tuple[str, int, int], ...] = ()
+
+    @property
+    def ranges(self) -> tuple[tuple[str, int, int], ...]:
+        """(path, offset, nbytes) of each byte range, in the order decode expects them."""
+        return self.pieces or ((self.path, self.offset, self.nbytes),)
 
 
 # Stored types are named as GGUF names them, whatever the format: a Meta or HF bfloat16 tensor is "BF16".

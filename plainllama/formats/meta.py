@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -210,7 +211,7 @@ def load_meta(folder: str) -> Checkpoint:
     params, notes = read_params(os.path.join(folder, "params.json"))
     shards, stored = read_shards(folder)
     args, embedding_axis = model_args(folder, params, shards)
-    tensors = merged_tensors(shards, embedding_axis, args, stored if len(shards) == 1 else {})
+    tensors = merged_tensors(shards, embedding_axis, args, stored_across_shards(shards, stored, embedding_axis))
     check_merged_shapes(folder, args, shards, embedding_axis)
     tokenizer, chat_format, chat_template = read_tokenizer(folder, args)
     for note in notes:
@@ -227,9 +228,9 @@ def load_meta(folder: str) -> Checkpoint:
     )
 
 
-def read_shards(folder: str) -> tuple[list[dict], dict[str, StoredTensor]]:
+def read_shards(folder: str) -> tuple[list[dict], list[dict[str, StoredTensor]]]:
     """consolidated.00.pth ... NN.pth, numbered without gaps and holding the same tensor names: their
-    tensors, and where the first shard's tensors lie in its file."""
+    tensors, and where each shard's tensors lie in its file."""
     numbered = sorted((int(m.group(1)), f) for f in os.listdir(folder) if (m := SHARD.fullmatch(f)))
     if not numbered:
         raise PlainLlamaError(f"{folder}: no consolidated.NN.pth weight files next to params.json")
@@ -244,7 +245,7 @@ def read_shards(folder: str) -> tuple[list[dict], dict[str, StoredTensor]]:
             raise PlainLlamaError(
                 f"{folder}: {f} holds different tensors than consolidated.00.pth; shards of different models?"
             )
-    return list(shards), stored[0]
+    return list(shards), list(stored)
 
 
 def model_args(folder: str, params: dict, shards: list[dict]) -> tuple[ModelArgs, int]:
@@ -316,6 +317,55 @@ def _decode(dtype: torch.dtype, shape: torch.Size, raw: torch.Tensor) -> torch.T
     return raw.view(dtype).view(shape)
 
 
+def shard_axis(name: str, embedding_axis: int) -> int | None:
+    """The axis Meta's model-parallel layers cut a tensor along; None for the norms, which every shard
+    holds whole."""
+    if name == "tok_embeddings.weight":
+        return embedding_axis
+    if name == "output.weight" or any(f".{c}." in name for c in COLUMN_PARALLEL):
+        return 0
+    if any(f".{r}." in name for r in ROW_PARALLEL):
+        return 1
+    return None
+
+
+def stored_across_shards(
+    shards: list[dict], stored: list[dict[str, StoredTensor]], embedding_axis: int
+) -> dict[str, StoredTensor]:
+    """Where each tensor's parts lie in the shards' files, as one StoredTensor of several byte ranges:
+    what lets a checkpoint of several shards stream (engine/streaming.py reads the parts one after
+    another and `decode` joins them: for a cut by rows the bytes already are the whole tensor's)."""
+    if len(shards) == 1:
+        return stored[0]
+    joined = {}
+    for name in shards[0]:
+        if not all(name in s for s in stored):
+            continue  # a part that is not one contiguous range of its file: the tensor cannot stream
+        axis = shard_axis(name, embedding_axis)
+        if axis is None:
+            joined[name] = stored[0][name]
+            continue
+        shapes = [tuple(shard[name].shape) for shard in shards]
+        parts = [s[name] for s in stored]
+        joined[name] = StoredTensor(
+            parts[0].path,
+            parts[0].offset,
+            sum(p.nbytes for p in parts),
+            partial(_decode_parts, shards[0][name].dtype, shapes, axis),
+            tuple((p.path, p.offset, p.nbytes) for p in parts),
+        )
+    return joined
+
+
+def _decode_parts(dtype: torch.dtype, shapes: list[tuple[int, ...]], axis: int, raw: torch.Tensor) -> torch.Tensor:
+    """The shards' parts, read one after another into `raw`, joined along `axis`."""
+    counts = [math.prod(shape) * dtype.itemsize for shape in shapes]
+    parts = [piece.view(dtype).view(shape) for piece, shape in zip(raw.split(counts), shapes, strict=True)]
+    if axis == 0:  # rows after rows: the bytes are the whole tensor's already
+        return raw.view(dtype).view(sum(shape[0] for shape in shapes), *shapes[0][1:])
+    return torch.cat(parts, dim=axis)
+
+
 class ShardParts:
     """A tensor as Meta's model-parallel shards hold it: one part per shard, cut along `axis` (None:
     each shard holds all of it, as the norms). Calling it joins the parts; tensor parallelism
@@ -334,18 +384,11 @@ def merged_tensors(
     shards: list[dict], embedding_axis: int, args: ModelArgs, stored: dict[str, StoredTensor]
 ) -> dict[str, CheckpointTensor]:
     """Every tensor, its shards' parts joined along the axis the model-parallel layers cut it.
-    `stored`: the byte ranges of a single shard's tensors (several shards' parts cannot stream yet)."""
+    `stored`: where each tensor's bytes lie (stored_across_shards)."""
     names = set(shards[0])
 
     def merge(name: str) -> ShardParts:
-        parts = [shard[name] for shard in shards]
-        if name == "tok_embeddings.weight":
-            return ShardParts(parts, embedding_axis)
-        if name == "output.weight" or any(f".{c}." in name for c in COLUMN_PARALLEL):
-            return ShardParts(parts, 0)
-        if any(f".{r}." in name for r in ROW_PARALLEL):
-            return ShardParts(parts, 1)
-        return ShardParts(parts, None)  # norms are replicated: every shard holds the whole vector
+        return ShardParts([shard[name] for shard in shards], shard_axis(name, embedding_axis))
 
     tensors = {}
     for name in sorted(names):

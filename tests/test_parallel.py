@@ -301,6 +301,17 @@ def test_the_launcher_names_a_rank_that_died(gguf_models):
     assert "rank 1 of 2 was killed by SIGKILL" in err and "Traceback" not in err, err
 
 
+def test_a_rank_that_cannot_reach_rank_0_says_where_it_looked(gguf_models):
+    """Rank 1 of 2 with nobody at MASTER_ADDR:MASTER_PORT: one line naming the address and the
+    deadline (PLAINLLAMA_TP_TIMEOUT), after the deadline, not a hang or c10d's C++ stack."""
+    env = dict(rank_environment(1, 2, free_port()), PLAINLLAMA_TP_TIMEOUT="3")
+    command = [sys.executable, "-m", "plainllama", "generate", "Hi", "-m", str(gguf_models["F32"]), "-n", "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "rank 1 of 2 could not meet the others at 127.0.0.1:" in result.stderr and "within 3 s" in result.stderr
+    assert "frame #" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_ranks_with_different_models_refuse_to_start(gguf_models, tmp_path):
     """A rank whose files differ from rank 0's (another model, another config) is named at start-up."""
     port = free_port()

@@ -377,7 +377,19 @@ class ShardParts:
     def __call__(self) -> torch.Tensor:
         if self.axis is None or len(self.parts) == 1:
             return self.parts[0]
-        return torch.cat(self.parts, dim=self.axis)
+        from ..engine.memory import release
+
+        # torch.cat, a part at a time: each part's pages of the mapped file are dropped once copied,
+        # so joining holds the result and one part, not the result and every part
+        shape = list(self.parts[0].shape)
+        shape[self.axis] = sum(part.shape[self.axis] for part in self.parts)
+        joined = torch.empty(shape, dtype=self.parts[0].dtype)
+        at = 0
+        for part in self.parts:
+            joined.narrow(self.axis, at, part.shape[self.axis]).copy_(part)
+            release(part, joined)
+            at += part.shape[self.axis]
+        return joined
 
 
 def merged_tensors(

@@ -166,7 +166,7 @@ def meta_folders(tmp_path_factory):
     return folders
 
 
-@pytest.mark.parametrize("shards,world", [(1, 2), (2, 2), (4, 2), (2, 4), (4, 4)])
+@pytest.mark.parametrize("shards,world", [(1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (4, 4)])
 def test_meta_shards_at_any_rank_count(meta_folders, tmp_path, shards, world):
     """Each rank cuts its slice from the shards' parts without joining them (with as many ranks as
     shards, rank i's slice is shard i's part): the single process's logits and tokens."""
@@ -175,11 +175,13 @@ def test_meta_shards_at_any_rank_count(meta_folders, tmp_path, shards, world):
     assert_same_model(single, parallel)
 
 
-def test_hf_folder(gguf_models, tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_hf_folder(gguf_models, tmp_path, world):
+    """safetensors cut per rank (q and k rows un-permuted from HF's rotary order first)."""
     folder = tmp_path / "hf"
     run_cli("convert", str(gguf_models["F32"]), str(folder), "--to", "hf", check=True)
     single = run_worker(folder, tmp_path / "one.pt", 1, {"dtype": "float32"})
-    parallel = run_worker(folder, tmp_path / "n.pt", 2, {"dtype": "float32"})
+    parallel = run_worker(folder, tmp_path / "n.pt", world, {"dtype": "float32"})
     assert_same_model(single, parallel)
 
 

@@ -59,6 +59,29 @@ def reference_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids]), start_pos=0)[0].float()
 
 
+def meta_folders_by_shards(tmp_path_factory, n_layers: int, shard_counts, prefix: str) -> dict[int, str]:
+    """A Llama 3-shaped random checkpoint (width 256, 8 query and 4 key/value heads, Meta's tokenizer),
+    from Meta's reference model, written as Meta writes it in each of `shard_counts` shards:
+    shard count -> folder."""
+    params = {
+        "dim": 256,
+        "n_layers": n_layers,
+        "n_heads": 8,
+        "n_kv_heads": 4,
+        "vocab_size": 128256,
+        "multiple_of": 256,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+    }
+    state = reference_model(params, 128256, 500000.0).state_dict()
+    folders = {}
+    for shards in shard_counts:
+        folder = tmp_path_factory.mktemp(f"{prefix}-{shards}")
+        write_meta_checkpoint(folder, params, state, llama3_tokenizer_model(), n_shards=shards)
+        folders[shards] = str(folder)
+    return folders
+
+
 def write_meta_checkpoint(
     folder,
     params: dict,

@@ -65,7 +65,7 @@ def run_worker(model, out, world: int, options: dict | None = None) -> dict:
         for p in ranks:
             _, err = p.communicate(timeout=600)
             assert p.returncode == 0, err
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 def assert_same_model(single: dict, parallel: dict, tolerance: float = FLOAT32_TOLERANCE):
@@ -145,25 +145,9 @@ def test_a_rank_count_that_does_not_divide_the_heads_is_refused(gguf_models):
 @pytest.fixture(scope="module")
 def meta_folders(tmp_path_factory):
     """A Llama 3-shaped random Meta checkpoint written as Meta writes it, in 1, 2 and 4 shards."""
-    from meta_files import llama3_tokenizer_model, reference_model, write_meta_checkpoint
+    from meta_files import meta_folders_by_shards
 
-    params = {
-        "dim": 256,
-        "n_layers": 2,
-        "n_heads": 8,
-        "n_kv_heads": 4,
-        "vocab_size": 128256,
-        "multiple_of": 256,
-        "norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-    }
-    state = reference_model(params, 128256, 500000.0).state_dict()
-    folders = {}
-    for shards in (1, 2, 4):
-        folder = tmp_path_factory.mktemp(f"tp-meta-{shards}")
-        write_meta_checkpoint(folder, params, state, llama3_tokenizer_model(), n_shards=shards)
-        folders[shards] = str(folder)
-    return folders
+    return meta_folders_by_shards(tmp_path_factory, 2, (1, 2, 4), "tp-meta")
 
 
 @pytest.mark.parametrize("shards,world", [(1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (4, 4)])
@@ -312,6 +296,33 @@ def test_a_rank_that_cannot_reach_rank_0_says_where_it_looked(gguf_models):
     assert result.returncode == 1
     assert "rank 1 of 2 could not meet the others at 127.0.0.1:" in result.stderr and "within 3 s" in result.stderr
     assert "frame #" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_ranks_end_when_the_launcher_is_killed(gguf_models):
+    """`serve --tp 2` whose launcher is killed outright (SIGKILL, nothing forwarded): its ranks are
+    told by the kernel (PR_SET_PDEATHSIG) and end; rank 0 stops the other, none keeps serving."""
+    from test_server import Served
+
+    server = Served("-m", str(gguf_models["F32"]), "--tp", "2")
+    children = subprocess.run(
+        ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert len(children) == 2
+    server.process.kill()
+    server.process.wait(30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(running(pid) for pid in children):
+        time.sleep(0.2)
+    assert not [pid for pid in children if running(pid)]
+
+
+def running(pid: str) -> bool:
+    """Whether a process exists and has not ended (an ended one whose parent has not reaped it is a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_ranks_with_different_models_refuse_to_start(gguf_models, tmp_path):

@@ -364,25 +364,9 @@ def test_request_beyond_the_reserved_context_is_refused(files):
 @pytest.fixture(scope="module")
 def meta_folders(tmp_path_factory):
     """A Llama 3-shaped random Meta checkpoint (bfloat16, as Meta ships them) in 1 and 2 shards."""
-    from meta_files import llama3_tokenizer_model, reference_model, write_meta_checkpoint
+    from meta_files import meta_folders_by_shards
 
-    params = {
-        "dim": 256,
-        "n_layers": 8,
-        "n_heads": 8,
-        "n_kv_heads": 4,
-        "vocab_size": 128256,
-        "multiple_of": 256,
-        "norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-    }
-    state = reference_model(params, 128256, 500000.0).state_dict()
-    folders = {}
-    for shards in (1, 2):
-        folder = tmp_path_factory.mktemp(f"meta-{shards}")
-        write_meta_checkpoint(folder, params, state, llama3_tokenizer_model(), n_shards=shards)
-        folders[shards] = str(folder)
-    return folders
+    return meta_folders_by_shards(tmp_path_factory, 8, (1, 2), "meta")
 
 
 def budget_for(builder, resident_layers: int) -> int:

@@ -10,6 +10,7 @@ ended first and how. (For several machines use torchrun, which does the same acr
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -24,6 +25,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def end_with_the_launcher() -> None:
+    """In each rank, before it starts: the kernel sends it SIGTERM when the launcher dies, however it
+    dies (a SIGKILL included), so that no rank is left serving or waiting on its own (Linux)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def how_it_ended(code: int) -> str:
@@ -57,6 +65,7 @@ def run_ranks(world: int, argv: list[str]) -> int:
                 env=env,
                 stdin=subprocess.DEVNULL if follower else None,
                 stdout=subprocess.DEVNULL if follower else None,
+                preexec_fn=end_with_the_launcher if sys.platform.startswith("linux") else None,
             )
         )
     # SIGTERM (a service manager stopping us) goes to rank 0, which ends the run for every rank:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
+
+from plainllama.parallel.launch import free_port, rank_environment
 
 PROBE = r"""
 import json, os, sys, time
@@ -63,23 +64,8 @@ BITS_PER_WEIGHT = 4.5  # Q4_0: 18 bytes per 32 weights
 DISTRIBUTED_LLAMA_PI5 = {1: 564.31, 2: 444.27, 4: 331.47}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rank_env(rank: int, world: int, port: int) -> dict:
-    return dict(
-        os.environ,
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
+    return rank_environment(rank, world, port, OMP_NUM_THREADS="1")
 
 
 def probe(world: int, width: int) -> dict:

@@ -351,6 +351,7 @@ def load(
             parse_size(max_gpu_memory) if isinstance(max_gpu_memory, str) else max_gpu_memory,
             context,
             prefix_cache,
+            report,
         )
     else:
         model, plan = load_planned(

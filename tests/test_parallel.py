@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,29 +25,16 @@ import torch
 
 from gguf_files import default_vocabulary, write_llama_gguf
 from helpers import run_cli
+from plainllama.parallel import launch
+from plainllama.parallel.launch import free_port
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 FLOAT32_TOLERANCE = 2e-5  # of the largest logit; see the module's docstring
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rank_environment(rank: int, world: int, port: int) -> dict:
-    """What torchrun gives each of its processes."""
-    return dict(
-        os.environ,
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
+    """What torchrun gives each of its processes, one thread each."""
+    return launch.rank_environment(rank, world, port, OMP_NUM_THREADS="1")
 
 
 def start_ranks(world: int, command: list[str], **popen) -> list[subprocess.Popen]:

@@ -43,21 +43,28 @@ def how_it_ended(code: int) -> str:
     return f"exited with status {code}"
 
 
+def rank_environment(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:
+    """This process's environment plus what torchrun gives rank `rank` of `world` on one machine,
+    meeting at 127.0.0.1:`port` (the tests and benchmarks start ranks with it too)."""
+    return dict(
+        os.environ,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **extra,
+    )
+
+
 def run_ranks(world: int, argv: list[str]) -> int:
     """Run `python -m plainllama *argv` as `world` ranks; the exit status is rank 0's, or the
     first failed rank's if rank 0 succeeded."""
     port = free_port()
     ranks = []
     for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
+        env = rank_environment(rank, world, port)
         follower = rank > 0
         ranks.append(
             subprocess.Popen(

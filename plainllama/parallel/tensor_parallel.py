@@ -166,11 +166,14 @@ def load_rank(
     max_gpu_memory: int | None,
     context: int | None,
     prefix_cache: int | str,
+    report=None,
 ) -> tuple[Transformer, MemoryPlan]:
     """This rank's model and memory plan. Every rank first checks that all loaded the same model."""
     agree_on_model(ranks, model_fingerprint(checkpoint), checkpoint.path)
     sliced = rank_checkpoint(checkpoint, ranks.rank, ranks.world)
     plan = plan_memory(WeightBuilder(sliced, dtype, device, weights), max_memory, max_gpu_memory, context, prefix_cache)
+    if report is not None and plan.explicit and ranks.leader:  # a cap was given: rank 0 shows its share's plan
+        report(plan.summary())
     if plan.streamed:
         raise PlainLlamaError(
             f"rank {ranks.rank}'s 1/{ranks.world} of the model does not fit in its memory ({plan.summary()}); "

@@ -308,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115  # for the process's life
         with interrupt_deferred():  # the command's imports (PyTorch among them)
             command = importlib.import_module(f"{__package__}.{args.command_module}")
-        return command.run_command(args)
+        code = command.run_command(args)
+        if world > 1:  # leave the group before exiting: gloo's threads still running at exit abort the process
+            from ..parallel.ranks import leave
+
+            leave()
+        return code
     except PlainLlamaError as e:
         print(f"{said}{e}", file=errors)
         return 1

@@ -13,6 +13,31 @@ import torch
 import plainllama
 from plainllama.default_model import default_model_path
 from gguf_files import write_llama_gguf
+from plainllama.engine.cpu import kernels
+
+# Every instruction-set level whose kernels this CPU runs (on an AVX-512 machine: avx2 and avx512;
+# with AMX also amx). Kernel tests take the fixture `isa` (or `module_isa`) and run at each, so one
+# CI machine also checks the kernels of the CPUs below it.
+KERNEL_LEVELS = kernels.levels() or ["none"]
+
+
+def _use_level(level: str, patch: pytest.MonkeyPatch) -> str:
+    patch.setenv("PLAINLLAMA_ISA", level)
+    assert kernels.isa() == level, f"PLAINLLAMA_ISA={level} built the {kernels.isa()} kernels"
+    return level
+
+
+@pytest.fixture(params=KERNEL_LEVELS)
+def isa(request, monkeypatch):
+    """The kernels capped at each level this CPU runs, for one test."""
+    return _use_level(request.param, monkeypatch)
+
+
+@pytest.fixture(scope="module", params=KERNEL_LEVELS)
+def module_isa(request):
+    """The kernels capped at each level this CPU runs, for a module's fixtures and tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield _use_level(request.param, patch)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from plainllama.engine.cpu.packed import StackedLinear
 from gguf_files import write_llama_gguf
 
 pytestmark = pytest.mark.skipif(
-    not kernels.available(), reason="the C kernels cannot be built on this machine (no compiler or no AVX-512 VNNI)"
+    not kernels.available(), reason="the C kernels cannot be built on this machine (no compiler or no AVX2)"
 )
 
 # name -> (matrix type, per-tensor types, shape): every layout the kernel reads, a file whose q/k/v
@@ -46,7 +46,8 @@ FILES = {
 
 
 @pytest.fixture(scope="module", params=list(FILES))
-def model(request, tmp_path_factory, vocab):
+def model(request, tmp_path_factory, vocab, module_isa):
+    """A 2-layer model of each kind, built with the kernels of each level this CPU runs."""
     matrix_type, tensor_types, shape = FILES[request.param]
     shape = {**dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=512), **shape}
     path = write_llama_gguf(

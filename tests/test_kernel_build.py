@@ -28,7 +28,7 @@ def generate_json(*options, env=None):
 def test_status_names_the_path_and_the_threads():
     record = generate_json("--threads", "1")
     assert record["threads"] == 1
-    assert record["compute"] == f"kernels {kernels.isa()}" and kernels.isa() in ("amx", "avx512")
+    assert record["compute"] == f"kernels {kernels.isa()}" and kernels.isa() in ("amx", "avx512", "avx2")
     assert generate_json(env={"PLAINLLAMA_ISA": "none"})["compute"] == "float weights"
     assert generate_json("--dtype", "float32")["compute"] == "float weights"  # an explicit dtype converts the weights
 
@@ -36,7 +36,9 @@ def test_status_names_the_path_and_the_threads():
 @needs_kernels
 def test_isa_cap_leaves_amx_out():
     code = "from plainllama.engine.cpu import kernels; print(kernels.isa(), kernels.amx())"
-    for level, expected in (("avx512", "avx512 False"), ("none", "none False")):
+    for level, expected in (("avx512", "avx512 False"), ("avx2", "avx2 False"), ("none", "none False")):
+        if level == "avx512" and "avx512" not in kernels.levels():
+            continue  # an AVX2-only CPU builds its own level under a higher cap
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PLAINLLAMA_ISA": level}
         )
@@ -60,7 +62,7 @@ def test_a_corrupt_cached_library_is_rebuilt(tmp_path):
     (library,) = tmp_path.glob("cpu_matmul-*.so")
     library.write_bytes(b"<html>not a shared library</html>")  # as a cut-short or overwritten file would be
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert first.stdout == second.stdout and second.stdout.strip() in ("amx", "avx512"), second.stderr
+    assert first.stdout == second.stdout and second.stdout.strip() in ("amx", "avx512", "avx2"), second.stderr
     assert library.read_bytes()[:4] == b"\x7fELF"  # built again in its place
 
 

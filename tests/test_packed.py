@@ -1,4 +1,6 @@
-"""Weights kept compressed (packed.py and the kernels in kernels/cpu_matmul.c).
+"""Weights kept compressed (packed.py and the kernels in kernels/cpu_matmul.c and cpu_matmul_avx2.c).
+The kernel tests take the fixture `isa` (conftest.py): they run at every instruction-set level
+this CPU has.
 
 Oracles: the `gguf` package's numpy dequantizers and quantizers (llama.cpp's Python reference) for
 what each layout holds; float64 products of the same numbers for what the kernels compute; the
@@ -25,7 +27,7 @@ from plainllama.engine.cpu.packed import (
 from plainllama.formats.gguf_quants import BLOCK_FORMATS
 
 needs_kernels = pytest.mark.skipif(
-    not kernels.available(), reason="the C kernels need x86-64 with AVX-512 VNNI and a C compiler"
+    not kernels.available(), reason="the C kernels need x86-64 with AVX2 and a C compiler"
 )
 
 N, K = 96, 512  # K: a multiple of 256, so every block format fits whole rows
@@ -110,7 +112,7 @@ def packed_weights(rng_seed=5, n=N):
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("name", list(packed_weights()))
-def test_kernels_compute_the_product_of_the_stored_numbers(name, rows):
+def test_kernels_compute_the_product_of_the_stored_numbers(name, rows, isa):
     packed = packed_weights()[name]
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
     assert_product_of_stored_numbers(packed, x, packed.matmul(x))
@@ -119,10 +121,11 @@ def test_kernels_compute_the_product_of_the_stored_numbers(name, rows):
 @needs_kernels
 @pytest.mark.parametrize("n, k", [(7, 64), (13, 576), (5, 1600), (10, 8192)])
 @pytest.mark.parametrize("layout", ["q4", "q4 no minimums", "q8"])
-def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k):
-    """The q4/q8 kernels take 16 blocks (512 weights) at a time and x rows 4 at a time: widths of 2,
-    18 and 50 blocks leave a partial last group (576 is SmolLM2's width), 9 rows of x leave a
-    partial tile, and 5, 7, 10 and 13 weight rows a partial row group. Checked against the float64
+def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k, isa):
+    """The q4/q8 kernels take 16 blocks (512 weights; 8 blocks at the avx2 level) at a time and x
+    rows 4 (avx2: 2) at a time: widths of 2, 18 and 50 blocks leave a partial last group (576 is
+    SmolLM2's width), 9 rows of x leave a partial tile, and 5, 7, 10 and 13 weight rows a partial
+    row group. Checked against the float64
     product of the stored numbers, and each row of x against the same row multiplied alone
     (bit-identical: the arithmetic of a row must not depend on the rows beside it)."""
     g = torch.Generator().manual_seed(n * k)
@@ -155,7 +158,7 @@ def assert_product_of_stored_numbers(packed, x, out):
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 3, 7])
 @pytest.mark.parametrize("name", list(packed_weights()))
-def test_products_do_not_depend_on_the_thread_count(name, threads):
+def test_products_do_not_depend_on_the_thread_count(name, threads, isa):
     """The decode kernels give each thread a range of row groups and let a thread that is done take
     what is left of the others' (cpu_matmul.c's take_groups). With more threads than this machine's
     cores, threads are descheduled mid-product and others can take their groups (how often is up to
@@ -177,7 +180,7 @@ def test_products_do_not_depend_on_the_thread_count(name, threads):
 
 
 @pytest.mark.parametrize("name", list(packed_weights()))
-def test_many_rows_unpack_to_bfloat16_and_match_the_float_product(name):
+def test_many_rows_unpack_to_bfloat16_and_match_the_float_product(name, isa):
     packed = packed_weights()[name]
     x = torch.randn(40, K, generator=torch.Generator().manual_seed(0))
     reference = x.double() @ packed.dequantized().double().T
@@ -188,7 +191,7 @@ def test_many_rows_unpack_to_bfloat16_and_match_the_float_product(name):
 
 @needs_kernels
 @pytest.mark.parametrize("name", ["q4 (Q4_1 rule, with minimums)", "q4 (Q4_0, no minimums)", "q8", "f16"])
-def test_unpacking_kernel_equals_dequantizing(name):
+def test_unpacking_kernel_equals_dequantizing(name, isa):
     packed = packed_weights()[name]
     out = torch.empty(N, K, dtype=torch.bfloat16)
     packed.unpack_rows_bf16(0, N, out)

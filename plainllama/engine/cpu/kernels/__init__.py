@@ -4,11 +4,12 @@ into one library and called through ctypes.
 
 Compiled on the user's machine with `-march=native`, so it uses what that CPU has, up to the level
 PLAINLLAMA_ISA caps it at (LEVELS: `amx`, the default, uses everything; `avx512` leaves Intel's
-matrix units out; `none` turns the kernels off, as PLAINLLAMA_KERNELS=0 does). The library is cached
+matrix units out; `avx2` builds cpu_matmul_avx2.c, the kernels for CPUs without AVX-512; `none`
+turns the kernels off, as PLAINLLAMA_KERNELS=0 does). The library is cached
 under ~/.cache/plainllama (or $PLAINLLAMA_CACHE) by a hash of the source, the compiler, the CPU and
 the level, rebuilt when any of them changes, and rebuilt once if the cached file cannot be loaded.
 No torch headers are involved, so the build takes about a second. Where it cannot be built (no C
-compiler, a CPU without AVX-512 VNNI, not x86), `available()` is False, `isa()` is "none", and every
+compiler, a CPU without AVX2, not x86), `available()` is False, `isa()` is "none", and every
 caller takes its PyTorch path instead; a build that failed says why, once.
 """
 
@@ -32,8 +33,13 @@ import torch
 
 from ....errors import PlainLlamaError
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_matmul.c", "amx_matmul.c", "decode_layer.c")]
+# cpu_matmul.c (AVX-512) and cpu_matmul_avx2.c hold the same functions; which one a build compiles
+# depends on the instruction sets the compiler is allowed (the other compiles to nothing).
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("cpu_matmul.c", "cpu_matmul_avx2.c", "amx_matmul.c", "decode_layer.c")
+]
 HEADER = Path(__file__).with_name("plainllama.h")  # the contract: layouts, status codes, structs, prototypes
+INTERNAL_HEADERS = [Path(__file__).with_name("row_groups.h")]
 
 
 def _enum(name: str) -> dict[str, tuple[int, str]]:
@@ -92,9 +98,12 @@ def _cpu_signature() -> str:
 
 
 # Instruction-set levels, each including the ones before it, and the compiler flags that cap a build
-# at that level. There are no kernels below AVX-512 (VNNI, BW, VL) yet: "avx2" runs without them.
+# at that level (on top of -march=native: a level above what the CPU has builds what the CPU has).
+# "avx2": AVX2, FMA and F16C, plus AVX-VNNI where the CPU has it; -mno-avx512f turns off every
+# AVX-512 extension, so cpu_matmul_avx2.c is compiled instead of cpu_matmul.c.
 LEVELS = ("none", "avx2", "avx512", "amx")
-LEVEL_FLAGS = {"avx512": ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"], "amx": []}
+NO_AMX = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+LEVEL_FLAGS = {"avx2": ["-mno-avx512f", *NO_AMX], "avx512": NO_AMX, "amx": []}
 
 log = logging.getLogger("plainllama")
 
@@ -111,7 +120,7 @@ def requested_level() -> str:
 
 def _build(compiler: str, level: str) -> Path:
     key = hashlib.sha256(
-        b"".join(s.read_bytes() for s in [*SOURCES, HEADER])
+        b"".join(s.read_bytes() for s in [*SOURCES, HEADER, *INTERNAL_HEADERS])
         + compiler.encode()
         + _cpu_signature().encode()
         + level.encode()
@@ -142,8 +151,8 @@ def _build(compiler: str, level: str) -> Path:
 
 
 @cache
-def _library():
-    level = requested_level()
+def _library_at(level: str):
+    """The library built at `level` (None where it cannot be), loaded once per process and level."""
     if (
         level not in LEVEL_FLAGS
         or platform.machine() not in ("x86_64", "AMD64")
@@ -170,20 +179,48 @@ def _library():
     return lib
 
 
+def _library():
+    # PLAINLLAMA_ISA is read on each call, so that the tests can run every kernel at each level the
+    # CPU has in one process; a model keeps the functions it was built with (function() below).
+    return _library_at(requested_level())
+
+
 def available() -> bool:
     return _library() is not None
 
 
 @cache
+def _amx_at(level: str) -> bool:
+    lib = _library_at(level)
+    return lib is not None and lib.amx_available() == 1
+
+
 def amx() -> bool:
     """Whether amx_matmul runs here: the library was built for a CPU with AMX and Linux lets this
     process use the tile registers."""
-    return available() and _library().amx_available() == 1
+    return _amx_at(requested_level())
 
 
 def isa() -> str:
-    """The level the kernels run at here: "amx", "avx512" or "none"."""
-    return "amx" if amx() else "avx512" if available() else "none"
+    """The level the kernels run at here, as the library itself says: "amx", "avx512", "avx2" or "none"."""
+    lib = _library()
+    if lib is None:
+        return "none"
+    return "amx" if amx() else {3: "avx512", 2: "avx2"}[lib.kernel_level()]
+
+
+def levels() -> list[str]:
+    """Every level whose kernels this machine builds and runs, best last, each named once by what it
+    built (a cap above the CPU's own level builds the same library as the CPU's level)."""
+    found: list[str] = []
+    for level in LEVELS[1:]:
+        lib = _library_at(level)
+        if lib is None:
+            continue
+        name = "amx" if _amx_at(level) else {3: "avx512", 2: "avx2"}[lib.kernel_level()]
+        if name not in found:
+            found.append(name)
+    return found
 
 
 def _ptr(t: torch.Tensor | None):

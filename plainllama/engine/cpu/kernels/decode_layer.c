@@ -73,6 +73,8 @@ static void rotate(float *x, const float *cos, const float *sin, int Hd) {
     }
 }
 
+#if defined(__AVX512F__)
+
 /* e^x for 16 floats: e^x = 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor
  * polynomial to degree 7 (relative error < 2e-7 over that range, about one float32 step), and 2^n
  * applied by vscalefps, which also gives 0 and inf where the result leaves float32's range. */
@@ -113,6 +115,57 @@ static inline float dot(const float *a, const float *b, int n) {
     }
     return _mm512_reduce_add_ps(acc);
 }
+
+#else /* AVX2: the same steps, 8 floats at a time */
+
+/* e^x for 8 floats as exp16 computes it; 2^n is put into the exponent bits directly, so x is first
+ * clamped to [-87.3, 88.7], where 2^n stays a normal float: below, e^x < 1.2e-38 gives a value
+ * within a float32 step of the true tiny result for silu's use (g / (1 + e^-g) then underflows to 0
+ * or -0 either way); above, inf becomes 1.6e38. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+static void swiglu_row(const float *gate_up, int F, float *out) {
+    const float *gate = gate_up, *up = gate_up + F;
+    int i = 0;
+    for (; i + 8 <= F; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < F; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc2);
+    }
+    acc = _mm256_add_ps(acc, acc2);
+    float tail = 0;
+    for (; i < n; i++) tail += a[i] * b[i];
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s))) + tail;
+}
+
+#endif
 
 /* Where each row's keys and values are: row r's cache holds `length[r]` positions per key/value
  * head (k[r], v[r]: float32 [K, length[r], Hd]), and its new token is at position start[r]. A batch

@@ -12,6 +12,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Which file holds the product kernels in a build: cpu_matmul.c where the compiler may use AVX-512
+ * F/BW/VL/VNNI (set by -march=native and PLAINLLAMA_ISA's flags), cpu_matmul_avx2.c elsewhere. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__F16C__)
+#define KERNELS_AVX512 1
+#else
+#define KERNELS_AVX512 0
+#endif
+
 /* How a weight matrix is stored (engine/cpu/packed.py's PackedWeight). */
 enum Layout {
     LAYOUT_Q4 = 0,   /* nibbles uint8 [N, K/2], scales d float16 [N, K/32], optional minimums m [N, K/32] */
@@ -51,6 +59,8 @@ typedef struct {
     Linear wqkv, wo, w13, w2;
 } Layer;
 
+/* cpu_matmul.c or cpu_matmul_avx2.c: the level the products were built for (2: AVX2, 3: AVX-512) */
+int kernel_level(void);
 /* cpu_matmul.c: products for a few rows (decoding), out [M, N] = x [M, K] W^T */
 int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, float *out);
 int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out);

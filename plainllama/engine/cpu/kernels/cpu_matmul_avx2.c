@@ -1,0 +1,367 @@
+/* The kernels of cpu_matmul.c for CPUs with AVX2 but without AVX-512 VNNI: nearly every Intel laptop
+ * and desktop CPU, AMD before Zen 4, and AVX-512 CPUs capped by PLAINLLAMA_ISA=avx2. Same layouts,
+ * same functions, same results up to float rounding; cpu_matmul.c's comments say what each does.
+ *
+ * What differs from AVX-512 is the width (8 float or int32 lanes) and the integer dot product:
+ * without VNNI, a block's 32 byte products are vpmaddubsw (pairs of unsigned x signed bytes summed
+ * into int16) and vpmaddwd by ones (pairs of int16 into int32), as llama.cpp does. No sum can
+ * saturate: q4 weights are 0..15 and x's int8 are within +-127 (2 * 15 * 127 < 32767); q8 weights
+ * are multiplied as |w| (0..128) by x with w's sign (2 * 128 * 127 < 32767). Where the CPU has
+ * AVX-VNNI (Intel since Alder Lake), vpdpbusd does both steps. So the integer dot products are exact
+ * and equal to cpu_matmul.c's; the float steps differ in order (8 lanes, one block at a time).
+ *
+ * Each (weight row, x row) pair runs the same arithmetic in the same order whatever the number of
+ * rows and the tile it falls in, so a row's result does not depend on its company (batch invariance),
+ * as in cpu_matmul.c.
+ */
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "plainllama.h"
+
+#if !KERNELS_AVX512 /* else cpu_matmul.c holds these functions */
+
+#if !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#error "the C kernels need AVX2, FMA and F16C at least; plainllama uses its PyTorch path on other CPUs"
+#endif
+
+#include "row_groups.h"
+
+int kernel_level(void) { return 2; }
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* int32 [8] sums of u[j] * s[j] over groups of four bytes: unsigned u, signed s */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* ---- q4 and q8: one 32-weight block at a time, eight blocks' scales in one vector ------------- */
+
+#define GROUP_BLOCKS 8 /* blocks whose scales are converted and multiplied together */
+#define W_ROWS 4       /* weight rows per thread work item (and per prefetch distance) */
+#define X_TILE 2       /* rows of x that share one unpacking of a weight block (registers: 4 x 2 sums) */
+
+/* x quantized to int8 blocks of 32 as cpu_matmul.c does (scale = max|x| / 127, rounded to nearest
+ * even), in its natural order: xq [M, nb, 32], dx [M, nb], sx [M, nb] = dx * sum(q). */
+typedef struct {
+    int8_t *xq;
+    float *dx, *sx;
+} QuantizedActivations;
+
+static void free_activations(QuantizedActivations *a) {
+    free(a->xq);
+    free(a->dx);
+    free(a->sx);
+}
+
+static int quantize_activations(const float *x, int M, int K, QuantizedActivations *a) {
+    int nb = K / 32;
+    size_t blocks = (size_t)M * nb;
+    a->xq = aligned_alloc(64, blocks * 32);
+    a->dx = aligned_alloc(64, (blocks * sizeof(float) + 63) / 64 * 64);
+    a->sx = aligned_alloc(64, (blocks * sizeof(float) + 63) / 64 * 64);
+    if (!a->xq || !a->dx || !a->sx) return STATUS_OUT_OF_MEMORY;
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (size_t blk = 0; blk < blocks; blk++) {
+        const float *xb = x + 32 * blk; /* rows are whole blocks: block blk of the [M, K] matrix */
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(xb + 8 * j);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[j]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float top = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        float d = top / 127.0f, inv = top > 0 ? 127.0f / top : 0.0f;
+        __m256i q[4], total = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv))); /* round to nearest even */
+            total = _mm256_add_epi32(total, q[j]);
+        }
+        /* int32 -> int8 packs within 128-bit lanes; the permute puts the 32 bytes back in order */
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_store_si256((__m256i *)(a->xq + 32 * blk), _mm256_permutevar8x32_epi32(packed, order));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_hadd_epi32(t, t);
+        t = _mm_hadd_epi32(t, t);
+        a->dx[blk] = d;
+        a->sx[blk] = d * (float)_mm_cvtsi128_si32(t);
+    }
+    return STATUS_OK;
+}
+
+typedef struct {
+    int M, K, N, nb;
+    const void *qs;
+    const uint16_t *d, *m; /* m: q4 minimums, or NULL */
+    QuantizedActivations xa;
+    float *out;
+} QuantizedProduct;
+
+/* eight float16 values from p (only the first `count`; the rest zero) as floats */
+static inline __m256 load_halves(const uint16_t *p, int count) {
+    if (count >= GROUP_BLOCKS) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    uint16_t part[GROUP_BLOCKS] = {0};
+    memcpy(part, p, sizeof(uint16_t) * count);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)part));
+}
+
+/* A q4 block (16 bytes: byte j holds weight j in its low nibble and j + 16 in its high one) as 32
+ * unsigned bytes 0..15 in weight order. */
+static inline __m256i q4_block(const uint8_t *src) {
+    __m128i packed = _mm_loadu_si128((const __m128i *)src);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+/* Weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out; R and XT constants at each call. */
+static inline __attribute__((always_inline)) void quantized_tile(const QuantizedProduct *p, int q8, int n, int R,
+                                                                 int i0, int XT, const uint8_t *ahead) {
+    int nb = p->nb;
+    size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2, block_bytes = q8 ? 32 : 16;
+    __m256 acc[W_ROWS][X_TILE];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < XT; i++) acc[r][i] = _mm256_setzero_ps();
+    for (int g = 0; g < nb; g += GROUP_BLOCKS) {
+        int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
+        for (int r = 0; r < R; r++) {
+            const uint8_t *row = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes;
+            if (ahead) /* these blocks of the row W_ROWS further on */
+                for (size_t line = 0; line < GROUP_BLOCKS * block_bytes; line += 64)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * block_bytes + line), _MM_HINT_T0);
+            __m256 wd = load_halves(p->d + (size_t)(n + r) * nb + g, blocks);
+            __m256 wm = q8 ? wd : p->m ? load_halves(p->m + (size_t)(n + r) * nb + g, blocks)
+                                       : _mm256_mul_ps(wd, _mm256_set1_ps(-8.0f)); /* Q4_0: d * (q - 8) */
+            float scale[X_TILE][GROUP_BLOCKS] __attribute__((aligned(32)));
+            for (int i = 0; i < XT; i++) {
+                size_t at = (size_t)(i0 + i) * nb + g;
+                __m256 dx = blocks == GROUP_BLOCKS ? _mm256_loadu_ps(p->xa.dx + at)
+                                                   : _mm256_maskload_ps(p->xa.dx + at, _mm256_cmpgt_epi32(_mm256_set1_epi32(blocks), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+                _mm256_store_ps(scale[i], _mm256_mul_ps(wd, dx));
+            }
+            for (int b = 0; b < blocks; b++) {
+                const uint8_t *src = row + (size_t)(g + b) * block_bytes;
+                __m256i w = q8 ? _mm256_abs_epi8(_mm256_loadu_si256((const __m256i *)src)) : q4_block(src);
+                for (int i = 0; i < XT; i++) {
+                    __m256i xq = _mm256_load_si256((const __m256i *)(p->xa.xq + ((size_t)(i0 + i) * nb + g + b) * 32));
+                    if (q8) xq = _mm256_sign_epi8(xq, _mm256_loadu_si256((const __m256i *)src)); /* |w| x sign(w) */
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(w, xq)), _mm256_set1_ps(scale[i][b]), acc[r][i]);
+                }
+            }
+            if (!q8) /* + m dx sum(x) per block */
+                for (int i = 0; i < XT; i++) {
+                    size_t at = (size_t)(i0 + i) * nb + g;
+                    __m256 sx = blocks == GROUP_BLOCKS ? _mm256_loadu_ps(p->xa.sx + at)
+                                                       : _mm256_maskload_ps(p->xa.sx + at, _mm256_cmpgt_epi32(_mm256_set1_epi32(blocks), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+                    acc[r][i] = _mm256_fmadd_ps(wm, sx, acc[r][i]);
+                }
+        }
+    }
+    for (int i = 0; i < XT; i++)
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = hsum8(acc[r][i]);
+}
+
+typedef void TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead);
+#define TILE(Q8, R, XT)                                                                              \
+    static void tile_##Q8##_##R##_##XT(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
+        quantized_tile(p, Q8, n, R, i0, XT, ahead);                                                  \
+    }
+#define TILES_FOR(Q8, R) TILE(Q8, R, 1) TILE(Q8, R, 2)
+TILES_FOR(0, 1) TILES_FOR(0, 2) TILES_FOR(0, 3) TILES_FOR(0, 4)
+TILES_FOR(1, 1) TILES_FOR(1, 2) TILES_FOR(1, 3) TILES_FOR(1, 4)
+#define TILE_ROW(Q8, R) {tile_##Q8##_##R##_1, tile_##Q8##_##R##_2}
+static TileFn *const TILES[2][W_ROWS][X_TILE] = {
+    {TILE_ROW(0, 1), TILE_ROW(0, 2), TILE_ROW(0, 3), TILE_ROW(0, 4)},
+    {TILE_ROW(1, 1), TILE_ROW(1, 2), TILE_ROW(1, 3), TILE_ROW(1, 4)},
+};
+
+static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
+    int n = gi * W_ROWS, R = p->N - n < W_ROWS ? p->N - n : W_ROWS;
+    size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2;
+    const uint8_t *ahead = n + 2 * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + W_ROWS) * row_bytes : NULL;
+    for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
+        int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
+        TILES[q8][R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
+    }
+}
+static void q4_group(const void *product, int gi) { quantized_group(product, gi, 0); }
+static void q8_group(const void *product, int gi) { quantized_group(product, gi, 1); }
+
+static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint16_t *d, const uint16_t *m, int N,
+                            float *out, int q8) {
+    if (K % 64) return STATUS_BAD_WIDTH;
+    QuantizedProduct p = {M, K, N, K / 32, qs, d, m, {0}, out};
+    int status = quantize_activations(x, M, K, &p.xa);
+    if (status == STATUS_OK) for_each_group((N + W_ROWS - 1) / W_ROWS, q8 ? q8_group : q4_group, &p);
+    free_activations(&p.xa);
+    return status;
+}
+
+int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N,
+              float *out) {
+    return quantized_matmul(x, M, K, qs, d, m, N, out, 0);
+}
+
+int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out) {
+    return quantized_matmul(x, M, K, qs, d, NULL, N, out, 1);
+}
+
+/* ---- 16-bit floats ------------------------------------------------------------------------- */
+
+static inline __m256 load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+static inline __m256 load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* HALF_ROWS weight rows share each load of x; two sums per row (16 weights a step) keep eight FMA
+ * chains in flight within AVX2's sixteen registers. Rows are prefetched HALF_PREFETCH weights ahead,
+ * as in cpu_matmul.c. */
+#define HALF_ROWS 4
+#define HALF_PREFETCH 512
+typedef struct {
+    const float *x;
+    int M, K, N;
+    const uint16_t *w;
+    float *out;
+} HalfProduct;
+
+#define HALF_GROUP(NAME, LOAD)                                                                       \
+    static void NAME(const void *product, int gi) {                                                  \
+        const HalfProduct *p = product;                                                              \
+        int M = p->M, K = p->K, N = p->N;                                                            \
+        int n0 = gi * HALF_ROWS, rows = N - n0 < HALF_ROWS ? N - n0 : HALF_ROWS;                     \
+        const uint16_t *row = p->w + (size_t)n0 * K;                                                 \
+        const uint16_t *next = n0 + 2 * HALF_ROWS <= N ? row + (size_t)HALF_ROWS * K : row;          \
+        for (int r = 0; r < M; r++) {                                                                \
+            const float *xr = p->x + (size_t)r * K;                                                  \
+            __m256 acc[HALF_ROWS], acc2[HALF_ROWS];                                                  \
+            for (int j = 0; j < HALF_ROWS; j++) acc[j] = acc2[j] = _mm256_setzero_ps();              \
+            for (int k = 0; k < K; k += 16) {                                                        \
+                if (r == 0 && k % 32 == 0) {                                                         \
+                    const uint16_t *ahead = row;                                                     \
+                    int at = k + HALF_PREFETCH;                                                      \
+                    if (at >= K) ahead = next, at -= K;                                              \
+                    if (at >= K) at = k;                                                             \
+                    for (int j = 0; j < rows; j++) _mm_prefetch((const char *)(ahead + (size_t)j * K + at), _MM_HINT_T0); \
+                }                                                                                    \
+                __m256 xv = _mm256_loadu_ps(xr + k), xv2 = _mm256_loadu_ps(xr + k + 8);             \
+                if (rows == HALF_ROWS)                                                               \
+                    for (int j = 0; j < HALF_ROWS; j++) {                                            \
+                        acc[j] = _mm256_fmadd_ps(LOAD(row + (size_t)j * K + k), xv, acc[j]);         \
+                        acc2[j] = _mm256_fmadd_ps(LOAD(row + (size_t)j * K + k + 8), xv2, acc2[j]);  \
+                    }                                                                                \
+                else                                                                                 \
+                    for (int j = 0; j < rows; j++) {                                                 \
+                        acc[j] = _mm256_fmadd_ps(LOAD(row + (size_t)j * K + k), xv, acc[j]);         \
+                        acc2[j] = _mm256_fmadd_ps(LOAD(row + (size_t)j * K + k + 8), xv2, acc2[j]);  \
+                    }                                                                                \
+            }                                                                                        \
+            for (int j = 0; j < rows; j++) p->out[(size_t)r * N + n0 + j] = hsum8(_mm256_add_ps(acc[j], acc2[j])); \
+        }                                                                                            \
+    }
+
+HALF_GROUP(f16_group, load_f16)
+HALF_GROUP(bf16_group, load_bf16)
+
+static int half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out, GroupFn *group) {
+    if (K % 32) return STATUS_BAD_WIDTH;
+    HalfProduct p = {x, M, K, N, w, out};
+    for_each_group((N + HALF_ROWS - 1) / HALF_ROWS, group, &p);
+    return STATUS_OK;
+}
+
+int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out) { return half_matmul(x, M, K, w, N, out, f16_group); }
+int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out) { return half_matmul(x, M, K, w, N, out, bf16_group); }
+
+/* ---- unpacking to bfloat16, for products with many rows (prefill) ---------------------------- */
+
+/* 16 floats -> bfloat16, rounded to nearest even as vcvtneps2bf16 and PyTorch do (finite values) */
+static inline __m256i to_bf16(__m256 lo, __m256 hi) {
+    __m256i a = _mm256_castps_si256(lo), b = _mm256_castps_si256(hi), one = _mm256_set1_epi32(1);
+    __m256i bias = _mm256_set1_epi32(0x7FFF);
+    a = _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(a, 16), one))), 16);
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(b, 16), one))), 16);
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8); /* packus works per 128-bit lane */
+}
+
+int q4_to_bf16(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out) {
+    size_t nblocks = (size_t)N * (K / 32);
+#pragma omp parallel for schedule(static)
+    for (size_t blk = 0; blk < nblocks; blk++) {
+        __m256i q = q4_block(qs + 16 * blk);
+        float scale = _cvtsh_ss(d[blk]), minimum = m ? _cvtsh_ss(m[blk]) : -8.0f * scale;
+        __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(minimum);
+        for (int h = 0; h < 2; h++) {
+            __m128i half = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+            __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half)), vs, vm);
+            __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(half, 8))), vs, vm);
+            _mm256_storeu_si256((__m256i *)(out + 32 * blk + 16 * h), to_bf16(lo, hi));
+        }
+    }
+    return 0;
+}
+
+int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out) {
+    size_t nblocks = (size_t)N * (K / 32);
+#pragma omp parallel for schedule(static)
+    for (size_t blk = 0; blk < nblocks; blk++) {
+        __m256 vs = _mm256_set1_ps(_cvtsh_ss(d[blk]));
+        for (int h = 0; h < 2; h++) {
+            __m128i q = _mm_loadu_si128((const __m128i *)(qs + 32 * blk + 16 * h));
+            __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vs);
+            __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), vs);
+            _mm256_storeu_si256((__m256i *)(out + 32 * blk + 16 * h), to_bf16(lo, hi));
+        }
+    }
+    return 0;
+}
+
+int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out) {
+    /* n a multiple of 16 */
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n / 16; i++)
+        _mm256_storeu_si256((__m256i *)(out + 16 * i), to_bf16(load_f16(w + 16 * i), load_f16(w + 16 * i + 8)));
+    return 0;
+}
+
+/* ---- the machine's read bandwidth ------------------------------------------------------------ */
+
+double read_bytes(const uint8_t *buf, size_t n) {
+    /* as cpu_matmul.c's: every 64-bit word summed by all threads, one stream each, 1 KB prefetch */
+    size_t blocks = n / 256;
+    double total = 0;
+#pragma omp parallel reduction(+ : total)
+    {
+        __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+#pragma omp for schedule(static)
+        for (size_t i = 0; i < blocks; i++) {
+            const __m256i *p = (const __m256i *)(buf + 256 * i);
+            if (i + 4 < blocks)
+                for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(p + 32 + 2 * j), _MM_HINT_T0);
+            for (int j = 0; j < 8; j++) s[j % 4] = _mm256_add_epi64(s[j % 4], _mm256_loadu_si256(p + j));
+        }
+        __m256i all = _mm256_add_epi64(_mm256_add_epi64(s[0], s[1]), _mm256_add_epi64(s[2], s[3]));
+        int64_t lanes[4];
+        _mm256_storeu_si256((__m256i *)lanes, all);
+        total += (double)(lanes[0] + lanes[1] + lanes[2] + lanes[3]);
+    }
+    return total;
+}
+
+#endif

@@ -104,9 +104,13 @@ class LLM:
 
     @property
     def compute(self) -> str:
-        """Which path the products take: "kernels amx" / "kernels avx512" (compressed weights, the C
-        kernels) or "float weights" (PyTorch's operators on weights converted to the model's dtype)."""
-        return f"kernels {kernels.isa()}" if self.weights != "float" else "float weights"
+        """Which path the products take: "kernels amx" / "kernels avx512" / "kernels avx2" (compressed
+        weights, the C kernels), "torch weight-only" (compressed weights, PyTorch's weight-only
+        operators: where the kernels do not run) or "float weights" (weights converted to the
+        model's dtype)."""
+        if self.weights == "float":
+            return "float weights"
+        return "torch weight-only" if kernels.isa() == "none" else f"kernels {kernels.isa()}"
 
     @property
     def args(self):

@@ -29,7 +29,7 @@ def test_status_names_the_path_and_the_threads():
     record = generate_json("--threads", "1")
     assert record["threads"] == 1
     assert record["compute"] == f"kernels {kernels.isa()}" and kernels.isa() in ("amx", "avx512", "avx2")
-    assert generate_json(env={"PLAINLLAMA_ISA": "none"})["compute"] == "float weights"
+    assert generate_json(env={"PLAINLLAMA_ISA": "none"})["compute"] == "torch weight-only"
     assert generate_json("--dtype", "float32")["compute"] == "float weights"  # an explicit dtype converts the weights
 
 
@@ -67,9 +67,10 @@ def test_a_corrupt_cached_library_is_rebuilt(tmp_path):
 
 
 def test_a_failed_build_says_why_once(tmp_path):
-    """A compiler that fails: the run goes on with float weights and says so once, with the reason."""
+    """A compiler that fails: the run goes on with PyTorch's weight-only products and says so once,
+    with the reason."""
     env = {"CC": "/bin/false", "PLAINLLAMA_CACHE": str(tmp_path)}
     result = run_cli("generate", "Hi", "-n", "2", "--json", env={**os.environ, **env})
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["compute"] == "float weights"
-    assert result.stderr.count("the C kernels are off") == 1 and "compressed weights become floats" in result.stderr
+    assert json.loads(result.stdout)["compute"] == "torch weight-only"
+    assert result.stderr.count("the C kernels are off") == 1 and "weight-only operators" in result.stderr

@@ -22,6 +22,8 @@ How a product runs depends on how many rows of activations come at once:
         straight into its matrix units' tile layout, with bfloat16 inputs and float32 sums;
         elsewhere the weights are unpacked to bfloat16 a slice at a time into a reused buffer and
         multiplied by oneDNN (AVX-512 BF16), or dequantized to float32 where there is no bfloat16.
+Where the C kernels do not run at all, every product goes through PyTorch's weight-only operators
+(torch_products.py), so the weights stay compressed there too.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .torch_products import HalfProduct, Int4Product
 from ...formats.checkpoint import STORED_DTYPES
 from ...formats.gguf_quants import BLOCK_FORMATS, QK, _k_scales_mins, dequantize
 
@@ -132,6 +135,8 @@ class PackedWeight(nn.Module):
         for name, tensor in parts.items():
             self.register_buffer(name, tensor, persistent=False)
         self.part_names = tuple(parts)
+        self.serves_rows = False  # set by a PackedEmbedding that looks rows up in it
+        self._torch: Int4Product | HalfProduct | None = None  # torch_product()
 
     @staticmethod
     def stack(parts: list[PackedWeight]) -> PackedWeight:
@@ -144,14 +149,35 @@ class PackedWeight(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.part_names)
+        held = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.part_names)
+        return held + (self._torch.nbytes if self._torch is not None else 0)
+
+    def torch_product(self) -> Int4Product | HalfProduct:
+        """The form PyTorch's weight-only operators multiply (torch_products.py), for CPUs where the C
+        kernels do not run; built once. The stored parts are then let go unless an embedding looks
+        rows up in them (tied embeddings keep both: the table is held twice)."""
+        if self._torch is None:
+            if self.layout == "q4":
+                self._torch = Int4Product(self.qs, self.d, self.m if "m" in self.part_names else None)
+            elif self.layout == "q8":
+                self._torch = HalfProduct.from_q8(self.qs, self.d)
+            else:
+                self._torch = HalfProduct(self.w)
+            if not self.serves_rows:
+                for name in self.part_names:
+                    delattr(self, name)
+                self.part_names = ()
+        return self._torch
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `index` [...] dequantized -> [..., K] (an embedding lookup)."""
         return self._dequantize({n: getattr(self, n)[index] for n in self.part_names}, dtype)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The whole matrix as floats [N, K], computed with PyTorch ops (reference and fallback)."""
+        """The whole matrix as floats [N, K], computed with PyTorch ops (reference and fallback); once
+        only the torch form is held, the numbers it multiplies by."""
+        if not self.part_names:
+            return self.torch_product().dequantized().to(dtype)
         return self._dequantize({n: getattr(self, n) for n in self.part_names}, dtype)
 
     def _dequantize(self, parts, dtype):
@@ -207,7 +233,9 @@ class PackedWeight(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x @ W.T [M, N] float32."""
-        if x.shape[0] <= DIRECT_ROWS and x.device.type == "cpu" and kernels.available():
+        if x.device.type == "cpu" and not kernels.available():
+            return self.torch_product().matmul(x)
+        if x.shape[0] <= DIRECT_ROWS and x.device.type == "cpu":
             return self.matmul_each_row(x)
         return self._unpacked_matmul(x)
 
@@ -308,6 +336,7 @@ class PackedEmbedding(nn.Module):
     def __init__(self, weight: PackedWeight, dtype: torch.dtype):
         super().__init__()
         self.packed, self.dtype = weight, dtype
+        weight.serves_rows = True
         self.num_embeddings, self.embedding_dim = weight.shape
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
@@ -506,7 +535,8 @@ def holding(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.d
     N, K = shape
     q4 = N * K // 2 + N * K // QK * 2  # nibbles and float16 scales
     q4_with_min = q4 + N * K // QK * 2
-    q8 = N * K + N * K // QK * 2
+    # int8 and float16 scales; where the kernels do not run, float16 (torch_products.py)
+    q8 = N * K + N * K // QK * 2 if kernels.available() else 2 * N * K
     if raw and not quantizes_gguf(type_name, shape, weights):
         if type_name in ("F16", "BF16"):
             return Holding("gguf", type_name.lower(), 2 * numel, True) if K % 32 == 0 else as_float

@@ -10,7 +10,8 @@ under ~/.cache/plainllama (or $PLAINLLAMA_CACHE) by a hash of the source, the co
 the level, rebuilt when any of them changes, and rebuilt once if the cached file cannot be loaded.
 No torch headers are involved, so the build takes about a second. Where it cannot be built (no C
 compiler, a CPU without AVX2, not x86), `available()` is False, `isa()` is "none", and every
-caller takes its PyTorch path instead; a build that failed says why, once.
+caller takes its PyTorch path instead (packed weights: engine/cpu/torch_products.py); a build that
+failed says why, once.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ NO_AMX = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
 LEVEL_FLAGS = {"avx2": ["-mno-avx512f", *NO_AMX], "avx512": NO_AMX, "amx": []}
 
 log = logging.getLogger("plainllama")
+FALLBACK = "PyTorch's weight-only operators multiply the compressed weights (slower)"
 
 
 def requested_level() -> str:
@@ -161,7 +163,7 @@ def _library_at(level: str):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        log.warning("the C kernels are off: no C compiler (cc or gcc) found; compressed weights become floats")
+        log.warning("the C kernels are off: no C compiler (cc or gcc) found; %s", FALLBACK)
         return None
     try:
         path = _build(compiler, level)
@@ -171,7 +173,7 @@ def _library_at(level: str):
             path.unlink(missing_ok=True)
             lib = ctypes.CDLL(str(_build(compiler, level)))
     except OSError as e:
-        log.warning("the C kernels are off (%s); compressed weights become floats", e)
+        log.warning("the C kernels are off (%s); %s", e, FALLBACK)
         return None
     for name, (restype, argtypes) in PROTOTYPES.items():
         fn = getattr(lib, name)

@@ -18,16 +18,17 @@ import plainllama
 from gguf_files import write_llama_gguf
 from plainllama.engine.cpu import kernels
 from plainllama.engine.cpu.packed import PackedLinear, PackedWeight, quantize_int4, quantize_int8
-from plainllama.engine.cpu.torch_products import HalfProduct, Int4Product
+from plainllama.engine.cpu.torch_products import HalfProduct, Int4Product, Int8BlockProduct
 
 # Relative error (L2 norm of a row's error / L2 norm of the row) each form may have against the
 # float64 product of the stored numbers, from the roundings each makes (u = a unit roundoff):
-#   q4 (int4pack): activations, scales, zero points and outputs each rounded to bfloat16, u = 2^-9
-#       relative; the errors of K terms are independent, so a row's relative error is ~ a few u: 1e-2.
-#   q8 (float16 d * q), f16: activations and outputs rounded to float16, u = 2^-12 (weights too for
-#       q8): 2e-3.
+#   q4 (int4pack), q8 (int8 per block column): activations, scales, zero points and outputs (q8: each
+#       block column's partial product) rounded to bfloat16, u = 2^-8 relative; the errors of K
+#       terms are independent, so a row's relative error is ~ a few u: 1e-2.
+#   f16: activations and outputs rounded to float16, u = 2^-11: 2e-3.
 #   bf16: activations and outputs rounded to bfloat16: 1e-2.
-TOLERANCE = {"q4": 1e-2, "q8": 2e-3, "f16": 2e-3, "bf16": 1e-2}
+TOLERANCE = {"q4": 1e-2, "q8": 1e-2, "f16": 2e-3, "bf16": 1e-2}
+FORMS = {"q4": Int4Product, "q8": Int8BlockProduct, "f16": HalfProduct, "bf16": HalfProduct}
 
 
 @pytest.fixture
@@ -64,13 +65,14 @@ def test_torch_forms_compute_the_product_of_the_stored_numbers(no_kernels, name,
         relative = ((out.double() - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
         assert relative < TOLERANCE[packed.layout], f"{name}, {rows} rows: relative error {relative:.2e}"
     # once converted, the matrix is held in the torch form only, and says which numbers it multiplies by
-    assert packed.part_names == () and isinstance(packed._torch, Int4Product if packed.layout == "q4" else HalfProduct)
+    assert packed.part_names == () and isinstance(packed._torch, FORMS[packed.layout])
     held = packed.dequantized().double()
     weight_error = ((held - exact).norm(dim=-1) / exact.norm(dim=-1)).max().item()
-    # q4: scale and zero point rounded to bfloat16, each off by up to 2^-9 of itself; a weight's error
-    # is then up to 2^-9 (8 d + |zero|) ~ 2^-9 x 2 max|w| of its block, ~4 x 2^-9 of a row's RMS.
-    # q8: float16 (u = 2^-11 of each weight). 16-bit layouts: the stored numbers themselves.
-    assert weight_error <= {"q4": 1e-2, "q8": 5e-4, "f16": 0.0, "bf16": 0.0}[packed.layout]
+    # Rounding to bfloat16 (8 significant bits) moves a number by up to u = 2^-8 of itself.
+    # q4: scale and zero point rounded, so a weight moves by up to u (8 d + |zero|), about u x 2 max|w|
+    # of its block: a row's RMS error is below 3u (measured up to 1.4u).
+    # q8: the scale rounded: each weight moves by up to u. 16-bit layouts: the stored numbers.
+    assert weight_error <= {"q4": 3 * 2.0**-8, "q8": 2.0**-8, "f16": 0.0, "bf16": 0.0}[packed.layout]
 
 
 def test_a_table_that_embeddings_read_keeps_its_rows(no_kernels):
@@ -81,7 +83,7 @@ def test_a_table_that_embeddings_read_keeps_its_rows(no_kernels):
     stored = packed.dequantized()
     embedding, output = PackedEmbedding(packed, torch.float32), PackedLinear(packed)
     x = torch.randn(2, 512)
-    torch.testing.assert_close(output(x), x @ stored.T, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(output(x), x @ stored.T, rtol=1e-2, atol=1e-2)
     assert packed.part_names == ("qs", "d")  # still there for the lookups
     assert torch.equal(embedding(torch.tensor([[3, 95]]))[0], stored[[3, 95]])
 

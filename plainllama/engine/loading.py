@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import PlainLlamaError
 from ..formats import Checkpoint
 from ..formats.checkpoint import CheckpointTensor, expected_shapes
-from .memory import release
+from .memory import give_freed_memory_back, release
 from .cpu.decode_block import kernel_block
 from ..model import FUSED, Transformer, TransformerBlock, fused_name
 from .cpu.packed import (
@@ -315,24 +315,34 @@ def build_model(
     streamed = plan.streamed if plan is not None else []
     if streamed:
         streamer = LayerStreamer(builder, plan)
+    torch_forms = device.type == "cpu" and weights != "float" and not kernels.available()
+    if torch_forms:
+        give_freed_memory_back()  # the stored parts, let go as each matrix is converted, leave the process
     shared: dict = {}
     builder.fill(
         model, {t: n for t, n in builder.groups.items() if not t.startswith("layers.")}, checkpoint, shared=shared
     )
+    if torch_forms:
+        _torch_products(model)  # the output projection (a tied table keeps its rows for the lookups)
     for i in range(checkpoint.args.n_layers):
         if i in streamed:
             model.layers[i] = streamer.block(i)
         else:
             block = builder.new_block()
             builder.fill(block, builder.layer_groups(i), checkpoint, prefix=f"layers.{i}.")
+            if torch_forms:
+                _torch_products(block)
             model.layers[i] = kernel_block(block)  # decode steps in one C call where the weights allow
     empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise PlainLlamaError(f"{checkpoint.path}: no weights for {', '.join(empty[:4])}")
-    if device.type == "cpu" and not kernels.available():
-        # PyTorch's weight-only forms are built now, not at the first token (streamed layers build
-        # theirs on each pass)
-        for module in model.modules():
-            if isinstance(module, PackedLinear):
-                module.packed.torch_product()
     return model.eval()
+
+
+def _torch_products(module: nn.Module) -> None:
+    """Where the C kernels do not run, the compressed matrices of `module` take PyTorch's weight-only
+    forms (torch_products.py) as soon as they are built, one layer at a time, not at the first token
+    (streamed layers build theirs on each pass)."""
+    for linear in module.modules():
+        if isinstance(linear, PackedLinear):
+            linear.packed.torch_product()

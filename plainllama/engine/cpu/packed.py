@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .torch_products import HalfProduct, Int4Product
+from .torch_products import HalfProduct, Int4Product, Int8BlockProduct
 from ...formats.checkpoint import STORED_DTYPES
 from ...formats.gguf_quants import BLOCK_FORMATS, QK, _k_scales_mins, dequantize
 
@@ -136,7 +136,7 @@ class PackedWeight(nn.Module):
             self.register_buffer(name, tensor, persistent=False)
         self.part_names = tuple(parts)
         self.serves_rows = False  # set by a PackedEmbedding that looks rows up in it
-        self._torch: Int4Product | HalfProduct | None = None  # torch_product()
+        self._torch: Int4Product | Int8BlockProduct | HalfProduct | None = None  # torch_product()
 
     @staticmethod
     def stack(parts: list[PackedWeight]) -> PackedWeight:
@@ -152,7 +152,7 @@ class PackedWeight(nn.Module):
         held = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.part_names)
         return held + (self._torch.nbytes if self._torch is not None else 0)
 
-    def torch_product(self) -> Int4Product | HalfProduct:
+    def torch_product(self) -> Int4Product | Int8BlockProduct | HalfProduct:
         """The form PyTorch's weight-only operators multiply (torch_products.py), for CPUs where the C
         kernels do not run; built once. The stored parts are then let go unless an embedding looks
         rows up in them (tied embeddings keep both: the table is held twice)."""
@@ -160,7 +160,7 @@ class PackedWeight(nn.Module):
             if self.layout == "q4":
                 self._torch = Int4Product(self.qs, self.d, self.m if "m" in self.part_names else None)
             elif self.layout == "q8":
-                self._torch = HalfProduct.from_q8(self.qs, self.d)
+                self._torch = Int8BlockProduct(self.qs, self.d)
             else:
                 self._torch = HalfProduct(self.w)
             if not self.serves_rows:
@@ -535,8 +535,7 @@ def holding(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.d
     N, K = shape
     q4 = N * K // 2 + N * K // QK * 2  # nibbles and float16 scales
     q4_with_min = q4 + N * K // QK * 2
-    # int8 and float16 scales; where the kernels do not run, float16 (torch_products.py)
-    q8 = N * K + N * K // QK * 2 if kernels.available() else 2 * N * K
+    q8 = N * K + N * K // QK * 2  # int8 and float16 scales (torch_products.py: bfloat16 scales)
     if raw and not quantizes_gguf(type_name, shape, weights):
         if type_name in ("F16", "BF16"):
             return Holding("gguf", type_name.lower(), 2 * numel, True) if K % 32 == 0 else as_float

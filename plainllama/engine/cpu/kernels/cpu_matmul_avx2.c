@@ -141,9 +141,9 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
         int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
         for (int r = 0; r < R; r++) {
             const uint8_t *row = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes;
-            if (ahead) /* these blocks of the row W_ROWS further on */
+            if (ahead) /* these blocks of the row PREFETCH_ITEMS * W_ROWS further on */
                 for (size_t line = 0; line < GROUP_BLOCKS * block_bytes; line += 64)
-                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * block_bytes + line), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * block_bytes + line), PREFETCH_HINT);
             __m256 wd = load_halves(p->d + (size_t)(n + r) * nb + g, blocks);
             __m256 wm = q8 ? wd : p->m ? load_halves(p->m + (size_t)(n + r) * nb + g, blocks)
                                        : _mm256_mul_ps(wd, _mm256_set1_ps(-8.0f)); /* Q4_0: d * (q - 8) */
@@ -193,7 +193,8 @@ static TileFn *const TILES[2][W_ROWS][X_TILE] = {
 static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
     int n = gi * W_ROWS, R = p->N - n < W_ROWS ? p->N - n : W_ROWS;
     size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2;
-    const uint8_t *ahead = n + 2 * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + W_ROWS) * row_bytes : NULL;
+    const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
+        n + (PREFETCH_ITEMS + 1) * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * W_ROWS) * row_bytes : NULL;
     for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
         int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
         TILES[q8][R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
@@ -258,7 +259,7 @@ typedef struct {
                     int at = k + HALF_PREFETCH;                                                      \
                     if (at >= K) ahead = next, at -= K;                                              \
                     if (at >= K) at = k;                                                             \
-                    for (int j = 0; j < rows; j++) _mm_prefetch((const char *)(ahead + (size_t)j * K + at), _MM_HINT_T0); \
+                    for (int j = 0; j < rows; j++) _mm_prefetch((const char *)(ahead + (size_t)j * K + at), PREFETCH_HINT); \
                 }                                                                                    \
                 __m256 xv = _mm256_loadu_ps(xr + k), xv2 = _mm256_loadu_ps(xr + k + 8);             \
                 if (rows == HALF_ROWS)                                                               \
@@ -343,7 +344,7 @@ int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out) {
 /* ---- the machine's read bandwidth ------------------------------------------------------------ */
 
 double read_bytes(const uint8_t *buf, size_t n) {
-    /* as cpu_matmul.c's: every 64-bit word summed by all threads, one stream each, 1 KB prefetch */
+    /* as cpu_matmul.c's: every 64-bit word summed by all threads, one stream each, 2 KB prefetch */
     size_t blocks = n / 256;
     double total = 0;
 #pragma omp parallel reduction(+ : total)
@@ -353,7 +354,7 @@ double read_bytes(const uint8_t *buf, size_t n) {
         for (size_t i = 0; i < blocks; i++) {
             const __m256i *p = (const __m256i *)(buf + 256 * i);
             if (i + 4 < blocks)
-                for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(p + 32 + 2 * j), _MM_HINT_T0);
+                for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(p + 64 + 2 * j), PREFETCH_HINT); /* 2 KB ahead */
             for (int j = 0; j < 8; j++) s[j % 4] = _mm256_add_epi64(s[j % 4], _mm256_loadu_si256(p + j));
         }
         __m256i all = _mm256_add_epi64(_mm256_add_epi64(s[0], s[1]), _mm256_add_epi64(s[2], s[3]));

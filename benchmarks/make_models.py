@@ -1,10 +1,12 @@
 """The bench models of issue 6: random weights at Llama 3.2 1B's body shapes (width 2048, 16 layers,
 32 query / 8 key-value heads, feed-forward 8192; SmolLM2's 49152-token vocabulary), written in F16
-with the `gguf` package and quantized to Q8_0 and Q4_0 by llama.cpp's own quantizer.
+with the `gguf` package and quantized by llama.cpp's own quantizer to Q8_0 and Q4_0, and with
+--k-quants also to Q6_K, Q5_K_M and Q4_K_M (the files people download most: K-quant matrices,
+with Q6_K values and down projections in the _M mixes).
 
-    .venv/bin/python benchmarks/make_models.py [FOLDER]     # default ~/.cache/plainllama/bench-models
+    .venv/bin/python benchmarks/make_models.py [FOLDER] [--k-quants]   # default ~/.cache/plainllama/bench-models
 
-Prints the three paths. Files that exist are kept. Needs the test set-up (gguf, llama-cpp-python).
+Prints the paths. Files that exist are kept. Needs the test set-up (gguf, llama-cpp-python).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def quantize(src: Path, dst: Path, ftype: int) -> None:
 def main() -> None:
     import llama_cpp
 
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path.home() / ".cache" / "plainllama" / "bench-models")
+    arguments = [a for a in sys.argv[1:] if a != "--k-quants"]
+    folder = Path(arguments[0] if arguments else Path.home() / ".cache" / "plainllama" / "bench-models")
     folder.mkdir(parents=True, exist_ok=True)
     f16 = folder / "llama-1b-shape-F16.gguf"
     if not f16.exists():
@@ -44,7 +47,14 @@ def main() -> None:
         )
         f16.with_suffix(".tmp").rename(f16)
     paths = [f16]
-    for name, ftype in (("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+    types = [("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)]
+    if "--k-quants" in sys.argv[1:]:
+        types += [
+            ("Q6_K", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K),
+            ("Q5_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M),
+            ("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
+        ]
+    for name, ftype in types:
         path = folder / f"llama-1b-shape-{name}.gguf"
         if not path.exists():
             quantize(f16, path.with_suffix(".tmp"), ftype)

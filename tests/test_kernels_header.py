@@ -56,16 +56,23 @@ def test_ctypes_structs_match_the_c_header(tmp_path):
 
 def test_layouts_and_statuses_come_from_the_header():
     text = kernels.HEADER.read_text()
-    assert LAYOUT_CODES == {"q4": 0, "q8": 1, "f16": 2, "bf16": 3}
+    assert LAYOUT_CODES == {"q4": 0, "q8": 1, "f16": 2, "bf16": 3, "q6": 4}
     for layout, code in LAYOUT_CODES.items():
         assert f"LAYOUT_{layout.upper()} = {code}," in text
     names = {name for name, _ in kernels.STATUS.values()}
     assert {"STATUS_OK", "STATUS_OUT_OF_MEMORY", "STATUS_NO_AMX", "STATUS_BAD_WIDTH", "STATUS_BAD_LAYOUT"} <= names
     assert all(message for code, (_, message) in kernels.STATUS.items() if code != 0)
     # every function the header declares is bound with as many arguments as it declares
-    assert {"q4_matmul", "q8_matmul", "f16_matmul", "bf16_matmul", "decode_layer", "amx_matmul", "read_bytes"} <= set(
-        kernels.PROTOTYPES
-    )
+    assert {
+        "q4_matmul",
+        "q8_matmul",
+        "q6_matmul",
+        "f16_matmul",
+        "bf16_matmul",
+        "decode_layer",
+        "amx_matmul",
+        "read_bytes",
+    } <= set(kernels.PROTOTYPES)
     assert len(kernels.PROTOTYPES["decode_layer"][1]) == 12 and kernels.PROTOTYPES["read_bytes"][0] is ctypes.c_double
 
 

@@ -44,12 +44,15 @@ def gguf_tensor(type_name, rng):
     return torch.from_numpy(raw.copy()), quants.dequantize(raw, qtype).reshape(N, K)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q6_K", "F16", "BF16"])
 def test_stored_formats_are_kept_exactly(type_name):
     raw, expected = gguf_tensor(type_name, np.random.default_rng(1))
     packed = pack_gguf(raw, type_name, (N, K))
-    assert packed.layout == {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8", "F16": "f16", "BF16": "bf16"}[type_name]
+    layouts = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8", "Q6_K": "q6", "F16": "f16", "BF16": "bf16"}
+    assert packed.layout == layouts[type_name]
     np.testing.assert_array_equal(packed.dequantized().numpy(), expected)
+    if type_name == "Q6_K":  # regrouped, not requantized: the same bytes
+        assert packed.nbytes == raw.numel()
 
 
 def test_q4_k_is_kept_as_4_bit_blocks_with_float16_scales():
@@ -62,7 +65,7 @@ def test_q4_k_is_kept_as_4_bit_blocks_with_float16_scales():
     assert (error <= scale * 2**-9 + 1e-30).all()
 
 
-@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K"])
 def test_other_formats_are_requantized_to_q8_0_exactly_as_ggml_would(type_name):
     raw, expected = gguf_tensor(type_name, np.random.default_rng(3))
     packed = pack_gguf(raw, type_name, (N, K))
@@ -104,6 +107,9 @@ def packed_weights(rng_seed=5, n=N):
         "q4 (Q4_1 rule, with minimums)": quantize_int4(w),
         "q4 (Q4_0, no minimums)": pack_gguf(raw[: n * (K // 32) * 18], "Q4_0", (n, K)),
         "q8": quantize_int8(w),
+        "q6 (Q6_K)": pack_gguf(
+            gguf_tensor("Q6_K", np.random.default_rng(rng_seed))[0][: n * (K // 256) * 210], "Q6_K", (n, K)
+        ),
         "f16": PackedWeight("f16", (n, K), {"w": w.half()}),
         "bf16": PackedWeight("bf16", (n, K), {"w": w.bfloat16()}),
     }
@@ -141,9 +147,28 @@ def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k, is
     assert torch.equal(packed.matmul_each_row(x[3:8]), out[3:8])
 
 
+@needs_kernels
+@pytest.mark.parametrize("n, k", [(7, 256), (13, 768), (5, 1792), (10, 8192)])
+def test_q6_kernel_at_every_shape(n, k, isa):
+    """q6_matmul takes 256 weights (one Q6_K super-block, 16 sub-blocks) at a time, 4 weight rows per
+    work item and 4 (avx2: 2) rows of x per tile: 5, 7, 10 and 13 rows leave a partial row group,
+    9 rows of x a partial tile. Checked as test_quantized_kernels_at_widths_that_leave_a_partial_group:
+    against the float64 product of the stored numbers (gguf's dequantizer), and each row of x alone."""
+    rng = np.random.default_rng(n * k)
+    raw = np.ascontiguousarray(random_blocks("Q6_K", n * k // 256, rng)).view(np.uint8).reshape(-1)
+    packed = pack_gguf(torch.from_numpy(raw.copy()), "Q6_K", (n, k))
+    expected = quants.dequantize(raw, GGMLQuantizationType.Q6_K).reshape(n, k)
+    np.testing.assert_array_equal(packed.dequantized().numpy(), expected)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(n))
+    out = packed.matmul_each_row(x)
+    assert_product_of_stored_numbers(packed, x, out)
+    for i in range(9):
+        assert torch.equal(packed.matmul_each_row(x[i : i + 1])[0], out[i])
+
+
 def assert_product_of_stored_numbers(packed, x, out):
     w64 = packed.dequantized().double()
-    if packed.layout in ("q4", "q8"):
+    if packed.layout in ("q4", "q8", "q6"):
         # Exactly the integer scheme (int8 activations per block, as llama.cpp), up to float32 sums...
         torch.testing.assert_close(
             out.double(), int8_activations(x) @ w64.T, rtol=1e-4, atol=1e-4 * w64.abs().max().item()
@@ -190,7 +215,7 @@ def test_many_rows_unpack_to_bfloat16_and_match_the_float_product(name, isa):
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", ["q4 (Q4_1 rule, with minimums)", "q4 (Q4_0, no minimums)", "q8", "f16"])
+@pytest.mark.parametrize("name", ["q4 (Q4_1 rule, with minimums)", "q4 (Q4_0, no minimums)", "q8", "q6 (Q6_K)", "f16"])
 def test_unpacking_kernel_equals_dequantizing(name, isa):
     packed = packed_weights()[name]
     out = torch.empty(N, K, dtype=torch.bfloat16)

@@ -256,8 +256,8 @@ def big_model(tmp_path_factory, vocab):
 
 @pytest.fixture(scope="module")
 def big_quantized_model(tmp_path_factory, vocab):
-    """12 Q4_0 layers of 9.4 MB and a Q6_K output projection, which has no packed layout of its
-    own and is requantized to Q8_0 at load (as in llama.cpp's Q4_K_M files of Llama 3.2 1B)."""
+    """12 Q4_0 layers of 9.4 MB and a Q6_K output projection, regrouped into the q6 layout at load
+    (as in llama.cpp's Q4_K_M files of Llama 3.2 1B)."""
     return write_llama_gguf(
         tmp_path_factory.mktemp("big-q") / "big-q4.gguf",
         vocab,
@@ -308,7 +308,8 @@ def test_peak_rss_stays_under_the_budget(model, request):
     """A model of ~100-250 MB of layers under a budget of the runtime + 200 MB: peak RSS (VmHWM, measured in
     a fresh process) stays under the budget plus 16 MiB of stated overhead (allocator slack, the
     reader thread's stack, PyTorch's per-op scratch, code it loads on the first pass). The quantized
-    model once peaked 410 MiB over: its Q6_K output was dequantized whole before requantizing.
+    model once peaked 410 MiB over: its Q6_K output was dequantized whole before requantizing (and
+    47 MiB over when the Q6_K regrouping took 16M weights at a time).
     (A 1B-shaped Q4_0 file under 900 MiB was also over by 40 MiB for norms used in place from the
     file mapping, each mapping a 2 MiB page-cache folio, and by ~50 MB for allocator slack.)"""
     path = request.getfixturevalue(model)

@@ -11,24 +11,25 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import plainllama
-from gguf_files import write_llama_gguf
+from gguf_files import random_blocks, write_llama_gguf
 from plainllama.engine.cpu import kernels
-from plainllama.engine.cpu.packed import PackedLinear, PackedWeight, quantize_int4, quantize_int8
+from plainllama.engine.cpu.packed import PackedLinear, PackedWeight, pack_gguf, quantize_int4, quantize_int8
 from plainllama.engine.cpu.torch_products import HalfProduct, Int4Product, Int8BlockProduct
 
 # Relative error (L2 norm of a row's error / L2 norm of the row) each form may have against the
 # float64 product of the stored numbers, from the roundings each makes (u = a unit roundoff):
-#   q4 (int4pack), q8 (int8 per block column): activations, scales, zero points and outputs (q8: each
+#   q4 (int4pack), q8 and q6 (int8 per block column): activations, scales, zero points and outputs (q8: each
 #       block column's partial product) rounded to bfloat16, u = 2^-8 relative; the errors of K
 #       terms are independent, so a row's relative error is ~ a few u: 1e-2.
 #   f16: activations and outputs rounded to float16, u = 2^-11: 2e-3.
 #   bf16: activations and outputs rounded to bfloat16: 1e-2.
-TOLERANCE = {"q4": 1e-2, "q8": 1e-2, "f16": 2e-3, "bf16": 1e-2}
-FORMS = {"q4": Int4Product, "q8": Int8BlockProduct, "f16": HalfProduct, "bf16": HalfProduct}
+TOLERANCE = {"q4": 1e-2, "q8": 1e-2, "q6": 1e-2, "f16": 2e-3, "bf16": 1e-2}
+FORMS = {"q4": Int4Product, "q8": Int8BlockProduct, "q6": Int8BlockProduct, "f16": HalfProduct, "bf16": HalfProduct}
 
 
 @pytest.fixture
@@ -37,12 +38,15 @@ def no_kernels(monkeypatch):
     assert not kernels.available()
 
 
-def weights(n: int, k: int, seed: int) -> dict[str, PackedWeight]:
-    """One random [n, k] matrix in each layout."""
+def weights(n: int, k: int, seed: int) -> dict[str, PackedWeight | None]:
+    """One random [n, k] matrix in each layout (q6: None where k is not a multiple of 256)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
     q4 = quantize_int4(w)
+    rng = np.random.default_rng(seed)
+    q6_raw = np.ascontiguousarray(random_blocks("Q6_K", n * k // 256, rng)).view(np.uint8).reshape(-1)
     return {
+        "q6 (Q6_K)": pack_gguf(torch.from_numpy(q6_raw.copy()), "Q6_K", (n, k)) if k % 256 == 0 else None,
         "q4 with minimums": q4,
         "q4 without minimums (Q4_0)": PackedWeight("q4", (n, k), {"qs": q4.qs.clone(), "d": q4.d.clone()}),
         "q8": quantize_int8(w),
@@ -52,10 +56,12 @@ def weights(n: int, k: int, seed: int) -> dict[str, PackedWeight]:
 
 
 # 93 rows: torch's int4 layout takes rows in multiples of 16, so q4 is padded; 576 = SmolLM2's width
-@pytest.mark.parametrize("n, k", [(96, 512), (93, 576), (2048, 64)])
-@pytest.mark.parametrize("name", list(weights(16, 64, 0)))
+@pytest.mark.parametrize("n, k", [(96, 512), (93, 576), (2048, 64), (37, 768)])
+@pytest.mark.parametrize("name", list(weights(16, 256, 0)))
 def test_torch_forms_compute_the_product_of_the_stored_numbers(no_kernels, name, n, k):
     packed = weights(n, k, seed=n + k)[name]
+    if packed is None:
+        pytest.skip("Q6_K rows are whole 256-weight blocks")
     exact = packed.dequantized().double()  # the stored numbers, before the conversion
     for rows in (1, 5, 40):  # a decode step, a small batch, a prompt: one path for all
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 2
@@ -71,8 +77,8 @@ def test_torch_forms_compute_the_product_of_the_stored_numbers(no_kernels, name,
     # Rounding to bfloat16 (8 significant bits) moves a number by up to u = 2^-8 of itself.
     # q4: scale and zero point rounded, so a weight moves by up to u (8 d + |zero|), about u x 2 max|w|
     # of its block: a row's RMS error is below 3u (measured up to 1.4u).
-    # q8: the scale rounded: each weight moves by up to u. 16-bit layouts: the stored numbers.
-    assert weight_error <= {"q4": 3 * 2.0**-8, "q8": 2.0**-8, "f16": 0.0, "bf16": 0.0}[packed.layout]
+    # q8, q6: the scale (q6: d * sc) rounded: each weight moves by up to u. 16-bit layouts: the stored numbers.
+    assert weight_error <= {"q4": 3 * 2.0**-8, "q8": 2.0**-8, "q6": 2.0**-8, "f16": 0.0, "bf16": 0.0}[packed.layout]
 
 
 def test_a_table_that_embeddings_read_keeps_its_rows(no_kernels):
@@ -82,8 +88,9 @@ def test_a_table_that_embeddings_read_keeps_its_rows(no_kernels):
     packed = weights(96, 512, seed=1)["q8"]
     stored = packed.dequantized()
     embedding, output = PackedEmbedding(packed, torch.float32), PackedLinear(packed)
-    x = torch.randn(2, 512)
-    torch.testing.assert_close(output(x), x @ stored.T, rtol=1e-2, atol=1e-2)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
+    reference = x.double() @ stored.double().T
+    assert ((output(x).double() - reference).norm(dim=-1) / reference.norm(dim=-1)).max() < TOLERANCE["q8"]
     assert packed.part_names == ("qs", "d")  # still there for the lookups
     assert torch.equal(embedding(torch.tensor([[3, 95]]))[0], stored[[3, 95]])
 

@@ -122,17 +122,24 @@ def dequantize_q5_k(blocks):
     return ((d * scales)[:, :, None] * q - (dmin * mins)[:, :, None]).reshape(n, QK_K)
 
 
-def dequantize_q6_k(blocks):
-    """ql: 128 bytes of low nibbles, qh: 64 bytes of 2-bit highs, scales: 16 int8, d: f16.
-    Each half of the block takes 64 ql bytes and 32 qh bytes and makes 4 runs of 32 weights; run k
-    uses nibble k // 2 of ql bytes (k % 2) * 32 + l and bits 2k..2k+1 of qh byte l.
-    weight = d * scale * (q - 32), one scale per 16 weights."""
+def q6_k_values(blocks):
+    """The 6-bit numbers q (0..63) of Q6_K blocks [n, 210], [n, 256] uint8 in weight order.
+    ql: 128 bytes of low nibbles, qh: 64 bytes of 2-bit highs. Each half of the block takes 64 ql
+    bytes and 32 qh bytes and makes 4 runs of 32 weights; run k uses nibble k // 2 of ql bytes
+    (k % 2) * 32 + l and bits 2k..2k+1 of qh byte l."""
     n = blocks.shape[0]
     ql = blocks[:, 0:128].view(n, 2, 1, 64)  # [n, half, 1, 64] -> nibbles [n, half, 1, 128]
     low4 = _nibbles(ql).view(n, 2, 4, 32)  # run k = 2 * nibble + (byte >= 32)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
     high2 = (blocks[:, 128:192].view(n, 2, 1, 32) >> shifts) & 3  # [n, half, run, 32]
-    q = (low4 | (high2 << 4)).float() - 32
+    return (low4 | (high2 << 4)).view(n, QK_K)
+
+
+def dequantize_q6_k(blocks):
+    """scales: 16 int8, d: f16 after the values (q6_k_values). weight = d * scale * (q - 32), one
+    scale per 16 weights."""
+    n = blocks.shape[0]
+    q = q6_k_values(blocks).float() - 32
     scale = blocks[:, 192:208].contiguous().view(torch.int8).float()  # [n, 16]
     d = _half(blocks, 208)
     return ((d * scale)[:, :, None] * q.view(n, 16, 16)).reshape(n, QK_K)

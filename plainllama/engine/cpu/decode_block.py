@@ -36,6 +36,7 @@ class MatrixPart(ctypes.Structure):
         ("w", ctypes.c_void_p),
         ("d", ctypes.c_void_p),
         ("m", ctypes.c_void_p),
+        ("sc", ctypes.c_void_p),
     ]
 
 
@@ -77,11 +78,14 @@ def _linear(module) -> Linear | None:
     described = Linear(len(parts), parts[0].in_features, sum(p.out_features for p in parts))
     for i, part in enumerate(parts):
         w = part.packed
-        # q4/q8 blocks are read 64 weights at a time, 16-bit rows 32 at a time
-        if part.in_features != described.in_features or part.in_features % (32 if w.layout in ("f16", "bf16") else 64):
+        # q4/q8 blocks are read 64 weights at a time, q6 256, 16-bit rows 32 at a time
+        width = {"f16": 32, "bf16": 32, "q6": 256}.get(w.layout, 64)
+        if part.in_features != described.in_features or part.in_features % width:
             return None
         if w.layout in ("f16", "bf16"):
             described.parts[i] = MatrixPart(LAYOUT_CODES[w.layout], w.shape[0], _ptr(w.w), None, None)
+        elif w.layout == "q6":
+            described.parts[i] = MatrixPart(LAYOUT_CODES["q6"], w.shape[0], _ptr(w.qs), _ptr(w.d), None, _ptr(w.sc))
         else:
             m = w.m if "m" in w.part_names else None
             described.parts[i] = MatrixPart(LAYOUT_CODES[w.layout], w.shape[0], _ptr(w.qs), _ptr(w.d), _ptr(m))

@@ -11,8 +11,10 @@ Layouts, one row per output feature, blocks of 32 weights along the input:
     q4    nibbles uint8 [N, K/2] (GGUF's order), scale d float16 [N, K/32], optional minimum m:
           weight = d * q + m, or d * (q - 8) without m. Holds Q4_0, Q4_1 and Q4_K as they are
           (Q4_K's sub-block scale d * scale6 is rounded to float16: relative error <= 2^-11).
-    q8    int8 [N, K], scale d float16 [N, K/32]: weight = d * q. Holds Q8_0 as it is; other
-          formats (Q5_x, Q2_K, Q3_K, Q5_K, Q6_K) are requantized to it from their exact values.
+    q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0 as it is; other
+          formats (Q5_x, Q2_K, Q3_K, Q5_K) are requantized to it from their exact values.
+    q6    Q6_K's own numbers (6-bit q, int8 scale per 16 weights, float16 d per 256), the values
+          regrouped for kernels/q6_matmul.c: weight = d * sc * (q - 32).
     f16, bf16: the 16-bit floats as stored.
 
 How a product runs depends on how many rows of activations come at once:
@@ -40,7 +42,7 @@ from torch import nn
 from . import kernels
 from .torch_products import HalfProduct, Int4Product, Int8BlockProduct
 from ...formats.checkpoint import STORED_DTYPES
-from ...formats.gguf_quants import BLOCK_FORMATS, QK, _k_scales_mins, dequantize
+from ...formats.gguf_quants import BLOCK_FORMATS, QK, QK_K, _k_scales_mins, dequantize, q6_k_values
 
 LAYOUT_CODES = kernels.LAYOUT_CODES  # as the C kernels number them (kernels/plainllama.h)
 LAYOUTS = tuple(LAYOUT_CODES)  # q4, q8, f16, bf16
@@ -121,11 +123,12 @@ class PackedWeight(nn.Module):
         self.layout, self.shape = layout, tuple(shape)
         # The C kernels read these buffers by the shape alone: a mismatch would read past their ends.
         n, k = self.shape
-        expected = (
-            {"w": (n, k)}
-            if layout in ("f16", "bf16")
-            else {"qs": (n, k if layout == "q8" else k // 2), "d": (n, k // QK), "m": (n, k // QK)}
-        )
+        if layout in ("f16", "bf16"):
+            expected = {"w": (n, k)}
+        elif layout == "q6":
+            expected = {"qs": (n, k // QK_K * Q6_BYTES), "sc": (n, k // 16), "d": (n, k // QK_K)}
+        else:
+            expected = {"qs": (n, k if layout == "q8" else k // 2), "d": (n, k // QK), "m": (n, k // QK)}
         for name, tensor in parts.items():
             if tuple(tensor.shape) != expected.get(name):
                 raise ValueError(
@@ -160,7 +163,10 @@ class PackedWeight(nn.Module):
             if self.layout == "q4":
                 self._torch = Int4Product(self.qs, self.d, self.m if "m" in self.part_names else None)
             elif self.layout == "q8":
-                self._torch = Int8BlockProduct(self.qs, self.d)
+                self._torch = Int8BlockProduct(self.qs, self.d.float(), QK)
+            elif self.layout == "q6":  # weight = (d sc) (q - 32): int8 values, a scale per 16
+                scale = self.d.float().repeat_interleave(QK_K // 16, dim=-1) * self.sc.float()
+                self._torch = Int8BlockProduct((q6_values(self.qs).short() - 32).to(torch.int8), scale, 16)
             else:
                 self._torch = HalfProduct(self.w)
             if not self.serves_rows:
@@ -183,6 +189,10 @@ class PackedWeight(nn.Module):
     def _dequantize(self, parts, dtype):
         if self.layout in ("f16", "bf16"):
             return parts["w"].to(dtype)
+        if self.layout == "q6":  # d * sc * (q - 32), with d * sc first as ggml computes it
+            scale = parts["d"].float().repeat_interleave(QK_K // 16, dim=-1) * parts["sc"].float()  # [..., K/16]
+            q = q6_values(parts["qs"]).float() - 32  # [..., K]
+            return (scale[..., None] * q.unflatten(-1, (-1, 16))).flatten(-2).to(dtype)
         d = parts["d"].float()[..., None]  # [..., K/32, 1]
         if self.layout == "q8":
             q = parts["qs"].float().unflatten(-1, (-1, QK))  # [..., K/32, 32]
@@ -203,6 +213,8 @@ class PackedWeight(nn.Module):
             )
         elif self.layout == "q8":
             kernels.q8_to_bf16(self.qs[start:end], self.d[start:end], out)
+        elif self.layout == "q6":
+            kernels.q6_to_bf16(self.qs[start:end], self.sc[start:end], self.d[start:end], out)
         elif self.layout == "f16" and out.numel() % 16 == 0:
             kernels.f16_to_bf16(self.w[start:end], out)  # 0.7 ms per 4M weights; torch's copy_ took 3.8 ms
         else:
@@ -224,6 +236,11 @@ class PackedWeight(nn.Module):
                 self._direct = (kernels.function("q4_matmul"), (self.qs.data_ptr(), self.d.data_ptr(), m))
             elif self.layout == "q8":
                 self._direct = (kernels.function("q8_matmul"), (self.qs.data_ptr(), self.d.data_ptr()))
+            elif self.layout == "q6":
+                self._direct = (
+                    kernels.function("q6_matmul"),
+                    (self.qs.data_ptr(), self.sc.data_ptr(), self.d.data_ptr()),
+                )
             else:
                 self._direct = (
                     kernels.function("f16_matmul" if self.layout == "f16" else "bf16_matmul"),
@@ -254,7 +271,7 @@ class PackedWeight(nn.Module):
 
     def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
         M, (N, K) = x.shape[0], self.shape
-        if x.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and kernels.amx():
+        if x.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and self.layout != "q6" and kernels.amx():
             x = x.float().contiguous()
             out = torch.empty(M, N, dtype=torch.float32)
             rows_tiles = _scratch.get((M + 31) // 32 * 32 * K, torch.bfloat16)  # x as bfloat16 tiles
@@ -397,6 +414,8 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
         )
     if type_name == "Q4_K":
         return _pack_q4_k(blocks, shape)
+    if layout == "q6":
+        return _pack_q6_k(blocks, shape)
     return quantize_int8(GGUFRows(raw, type_name, shape))
 
 
@@ -436,6 +455,50 @@ def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
         "m": (-dmin * mins).half().reshape(N, K // QK),
     }
     return PackedWeight("q4", shape, parts)
+
+
+Q6_BYTES = 192  # bytes of 6-bit values per 256 weights in the q6 layout
+
+
+def _pack_q6_k(blocks: torch.Tensor, shape) -> PackedWeight:
+    """Q6_K (ql[128], qh[64], scales int8[16], d float16 per 256 weights; weight = d * scale * (q - 32))
+    -> the q6 layout of kernels/q6_matmul.c: the same numbers, the 6-bit values regrouped so that a
+    64-byte vector holds 4 consecutive weights of each of the 16 sub-blocks ("step" s: weights
+    16j + 4s .. 16j + 4s + 3 at bytes 4j..4j+3), low nibbles of steps (0, 2) and (1, 3) in two
+    vectors, the high 2 bits of all four steps in a third. Regrouped a slice of blocks at a time (the
+    uint8 temporaries of a whole output matrix would be several times its size)."""
+    N, K = shape
+    n = blocks.shape[0]  # super-blocks
+    packed = torch.empty(n, Q6_BYTES, dtype=torch.uint8)
+    step = 4096  # super-blocks (1M weights) at a time: ~8 MB of uint8 temporaries
+    for start in range(0, n, step):
+        part = blocks[start : start + step]
+        steps = q6_k_values(part).view(-1, 16, 4, 4).transpose(1, 2).reshape(-1, 4, 64)  # [n, step, lane*4+t]
+        low, high = steps & 0x0F, steps >> 4
+        packed[start : start + step] = torch.cat(
+            (
+                low[:, 0] | (low[:, 2] << 4),
+                low[:, 1] | (low[:, 3] << 4),
+                high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6),
+            ),
+            dim=-1,
+        )
+    parts = {
+        "qs": packed.view(N, K // QK_K * Q6_BYTES),
+        "sc": blocks[:, 192:208].contiguous().view(torch.int8).reshape(N, K // 16),
+        "d": _half_field(blocks, 208).reshape(N, K // QK_K),
+    }
+    return PackedWeight("q6", shape, parts)
+
+
+def q6_values(qs: torch.Tensor) -> torch.Tensor:
+    """The q6 layout's 6-bit values [..., K/256 * 192] -> q [..., K] uint8 0..63 in weight order."""
+    planes = qs.unflatten(-1, (-1, 3, 64))  # [..., S, (lo0, lo1, hi), 64]
+    lo0, lo1, hi = planes[..., 0, :], planes[..., 1, :], planes[..., 2, :]
+    low = torch.stack((lo0 & 0x0F, lo1 & 0x0F, lo0 >> 4, lo1 >> 4), dim=-2)  # [..., S, step, 64]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)
+    steps = low | (((hi.unsqueeze(-2) >> shifts) & 3) << 4)  # [..., S, step, lane * 4 + t]
+    return steps.unflatten(-1, (16, 4)).transpose(-3, -2).flatten(-4)  # [..., S, lane, step, t] -> [..., K]
 
 
 # ---- from float weights (--quantize) ---------------------------------------------------------
@@ -542,6 +605,8 @@ def holding(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.d
         if type_name != "F32" and K % 64 == 0:  # the kernels read 64 weights at a time
             if type_name in Q4_LAYOUT_TYPES:
                 return Holding("gguf", "q4", q4 if type_name == "Q4_0" else q4_with_min, False)
+            if type_name == "Q6_K" and K % QK_K == 0:
+                return Holding("gguf", "q6", N * K // QK_K * 210, False)  # as stored
             return Holding("gguf", "q8", q8, False)  # Q8_0 as it is, other types requantized to it
         if type_name != "F32":
             return as_float

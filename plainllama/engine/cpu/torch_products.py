@@ -5,9 +5,9 @@ without AVX2, PLAINLLAMA_ISA=none): PyTorch's own weight-only operators, so that
     q4          -> torch's int4 layout (torch._convert_weight_to_int4pack_for_cpu), multiplied by
                    torch._weight_int4pack_mm_for_cpu with bfloat16 activations and per-block
                    scales and zero points: 4.5 bits per weight as in the file.
-    q8          -> int8 in block-major order with bfloat16 scales, multiplied a block column at a
-                   time by torch._weight_int8pack_mm (which takes one scale per row, not Q8_0's
-                   one per 32 weights): 1.06 bytes per weight as in the file.
+    q8, q6      -> int8 in block-major order with bfloat16 scales, multiplied a block column at a
+                   time by torch._weight_int8pack_mm (which takes one scale per row, not one per
+                   32 or 16 weights): about a byte per weight, as in the file.
     f16, bf16   -> as stored, F.linear in that dtype.
 
 Measured on one [8192 x 2048] matrix, one row of activations (Zen 5, 2 threads): float32 F.linear
@@ -72,23 +72,24 @@ class Int4Product:
 
 
 class Int8BlockProduct:
-    """A q8 matrix [N, K] (weight = d * q per block of 32) as int8 in block-major order [K/32, N, 32]
-    with bfloat16 scales [K/32, N]: torch._weight_int8pack_mm takes one scale per row, so each block
-    column is one call (its 32 weights of every row, each row's scale of that block) and the partial
-    products are summed in float32. 1.06 bytes per weight as in the file, where float16 would take 2;
-    as fast as float16's F.linear on one [16384 x 2048] matrix here (6.7 vs 5.2 ms)."""
+    """A matrix [N, K] of int8 values with a scale per block of B weights (q8: B = 32, weight = d q;
+    q6: B = 16, weight = d sc (q - 32)), as int8 in block-major order [K/B, N, B] with bfloat16
+    scales [K/B, N]: torch._weight_int8pack_mm takes one scale per row, so each block column is one
+    call (its B weights of every row, each row's scale of that block) and the partial products are
+    summed in float32. About a byte per weight, as in the file, where float16 would take 2; as fast
+    as float16's F.linear on one [16384 x 2048] q8 matrix here (6.7 vs 5.2 ms)."""
 
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor):
-        N, K = qs.shape
-        self.qs = torch.empty(K // QK, N, QK, dtype=torch.int8)
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor, block: int):
+        N, K = values.shape
+        self.block = block
+        self.qs = torch.empty(K // block, N, block, dtype=torch.int8)
         for start in range(0, N, PACK_ROWS):
-            self.qs[:, start : start + PACK_ROWS] = (
-                qs[start : start + PACK_ROWS].unflatten(-1, (-1, QK)).transpose(0, 1)
-            )
-        self.d = d.T.bfloat16().contiguous()  # [K/32, N]
+            rows = values[start : start + PACK_ROWS].unflatten(-1, (-1, block))
+            self.qs[:, start : start + PACK_ROWS] = rows.transpose(0, 1)
+        self.d = scales.T.bfloat16().contiguous()  # [K/B, N]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N] float32
-        blocks = x.bfloat16().unflatten(-1, (-1, QK))  # [M, K/32, 32]
+        blocks = x.bfloat16().unflatten(-1, (-1, self.block))  # [M, K/B, B]
         out = torch.zeros(x.shape[0], self.qs.shape[1])
         for b in range(self.qs.shape[0]):
             out += torch._weight_int8pack_mm(blocks[:, b].contiguous(), self.qs[b], self.d[b])

@@ -1,6 +1,7 @@
-"""The CPU kernels in cpu_matmul.c (matrix products for a few rows), amx_matmul.c (products for
-prompts, on CPUs with AMX) and decode_layer.c (a whole layer's decode step), compiled on first use
-into one library and called through ctypes.
+"""The CPU kernels in cpu_matmul.c (matrix products for a few rows; cpu_matmul_avx2.c at the AVX2
+level), q6_matmul.c (the same for Q6_K weights kept as stored), amx_matmul.c (products for prompts,
+on CPUs with AMX) and decode_layer.c (a whole layer's decode step), compiled on first use into one
+library and called through ctypes.
 
 Compiled on the user's machine with `-march=native`, so it uses what that CPU has, up to the level
 PLAINLLAMA_ISA caps it at (LEVELS: `amx`, the default, uses everything; `avx512` leaves Intel's
@@ -37,7 +38,8 @@ from ....errors import PlainLlamaError
 # cpu_matmul.c (AVX-512) and cpu_matmul_avx2.c hold the same functions; which one a build compiles
 # depends on the instruction sets the compiler is allowed (the other compiles to nothing).
 SOURCES = [
-    Path(__file__).with_name(name) for name in ("cpu_matmul.c", "cpu_matmul_avx2.c", "amx_matmul.c", "decode_layer.c")
+    Path(__file__).with_name(name)
+    for name in ("cpu_matmul.c", "cpu_matmul_avx2.c", "q6_matmul.c", "amx_matmul.c", "decode_layer.c")
 ]
 HEADER = Path(__file__).with_name("plainllama.h")  # the contract: layouts, status codes, structs, prototypes
 INTERNAL_HEADERS = [Path(__file__).with_name("row_groups.h")]
@@ -252,6 +254,13 @@ def q4_to_bf16(qs, d, m, out: torch.Tensor) -> torch.Tensor:
 def q8_to_bf16(qs, d, out: torch.Tensor) -> torch.Tensor:
     """q8 rows -> bfloat16 [N, K] written into `out`."""
     _library().q8_to_bf16(_ptr(qs), _ptr(d), qs.shape[0], qs.shape[1], _ptr(out))
+    return out
+
+
+def q6_to_bf16(qs, sc, d, out: torch.Tensor) -> torch.Tensor:
+    """q6 rows -> bfloat16 [N, K] written into `out`."""
+    N, K = out.shape
+    check(_library().q6_to_bf16(_ptr(qs), _ptr(sc), _ptr(d), N, K, _ptr(out)), "q6_to_bf16")
     return out
 
 

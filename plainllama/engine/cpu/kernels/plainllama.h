@@ -26,6 +26,7 @@ enum Layout {
     LAYOUT_Q8 = 1,   /* int8 [N, K], scales d float16 [N, K/32] */
     LAYOUT_F16 = 2,  /* float16 [N, K] */
     LAYOUT_BF16 = 3, /* bfloat16 [N, K] */
+    LAYOUT_Q6 = 4,   /* Q6_K regrouped: 6-bit values uint8 [N, K/256 * 192], scales sc int8 [N, K/16], d float16 [N, K/256] (q6_matmul.c) */
 };
 
 /* What every int-returning kernel returns. The comment after each is its message in Python. */
@@ -33,15 +34,16 @@ enum Status {
     STATUS_OK = 0,
     STATUS_OUT_OF_MEMORY = -1, /* out of memory for its working buffers */
     STATUS_NO_AMX = -2,        /* this CPU, or the operating system, does not allow AMX */
-    STATUS_BAD_WIDTH = -3,     /* a width is not a multiple of the kernel's block (64 inputs for q4/q8, 32 for 16-bit; 16 outputs for AMX) */
+    STATUS_BAD_WIDTH = -3,     /* a width is not a multiple of the kernel's block (64 inputs for q4/q8, 256 for q6, 32 for 16-bit; 16 outputs for AMX) */
     STATUS_BAD_LAYOUT = -4,    /* unknown weight layout */
 };
 
 /* A stored matrix [rows, in_features] in one layout. */
 typedef struct {
     int layout, rows;
-    const void *w;         /* nibbles, int8 or 16-bit floats */
-    const uint16_t *d, *m; /* float16 scales and minimums (q4/q8), or NULL */
+    const void *w;         /* nibbles, int8, 6-bit values or 16-bit floats */
+    const uint16_t *d, *m; /* float16 scales and minimums (q4/q8/q6), or NULL */
+    const int8_t *sc;      /* q6: int8 scale per 16 weights, or NULL */
 } MatrixPart;
 
 /* A linear layer: one matrix, or up to three of different layouts whose outputs lie side by side
@@ -66,6 +68,9 @@ int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d
 int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out);
 int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
 int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
+/* q6_matmul.c: the same for Q6_K kept as stored, and its rows unpacked to bfloat16 */
+int q6_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, float *out);
+int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out);
 /* cpu_matmul.c: rows unpacked to bfloat16 [N, K] (prompts on CPUs without AMX multiply these with oneDNN) */
 int q4_to_bf16(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out);
 int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out);

@@ -1,0 +1,274 @@
+/* Products with Q6_K weights kept as stored (6.56 bits per weight), for decoding: a few rows of
+ * activations x [M, K] times W [N, K]. Q6_K is in nearly every file people download (the output
+ * projection, value and down projections of Q4_K_M and Q5_K_M, all of Q6_K); requantized to Q8_0
+ * it read 1.3x the bytes per token and rounded a second time.
+ *
+ * Layout "q6" (engine/cpu/packed.py's _pack_q6_k), per row, super-blocks of 256 weights: sub-block
+ * j (0..15) is weights 16j..16j+15 with an int8 scale sc[j]; weight = d * sc[j] * (q - 32) with
+ * q 0..63, Q6_K's own numbers. The 6-bit values are regrouped at load so that one 64-byte vector
+ * holds four consecutive weights of each of the 16 sub-blocks: "step" s (0..3) is weights
+ * 16j + 4s .. 16j + 4s + 3 in bytes 4j .. 4j + 3. A super-block's 192 bytes are
+ *   lo[0][64]  low 4 bits of step 0 (low nibble) and step 2 (high nibble)
+ *   lo[1][64]  low 4 bits of step 1 and step 3
+ *   hi[64]     bits 4-5 of step s in bits 2s..2s+1
+ * then sc [N, K/16] int8 and d [N, K/256] float16 beside them.
+ *
+ * x is quantized to int8 per 32 as in cpu_matmul.c (scale max|x| / 127, rounded to nearest even)
+ * and arranged in the same step order, so each int32 lane of a vpdpbusd follows one sub-block:
+ * four steps give the 16 sub-blocks' integer dot products, q's +32 offset is taken out with x's
+ * sub-block sums, then one convert and one multiply-add per 256 weights. AVX2 takes the 16 lanes as
+ * two halves of 8 (bytes 0-31 and 32-63 of each step), with vpmaddubsw + vpmaddwd (or AVX-VNNI).
+ * The integer products are exact (2 * 63 * 127 < 32767); a (weight row, x row) pair's arithmetic is
+ * the same in any company (batch invariance), as in cpu_matmul.c.
+ */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "plainllama.h"
+#include "row_groups.h"
+
+#define SUPER 256         /* weights per super-block */
+#define SUPER_BYTES 192   /* bytes of 6-bit values per super-block */
+#define SUBS 16           /* sub-blocks of 16 weights per super-block */
+#define Q6_ROWS 4         /* weight rows per work item */
+#if KERNELS_AVX512
+#define Q6_X_TILE 4       /* rows of x per unpacking of a weight row's super-block */
+#else
+#define Q6_X_TILE 2
+#endif
+
+/* x quantized per 32 and arranged like the weights: xq [M, S, 4 steps, 16 lanes, 4 bytes]; per
+ * (row, super-block, lane): dx, the scale of the 32-block the sub-block lies in, and sum32 =
+ * 32 * the sum of the sub-block's int8 values. */
+typedef struct {
+    int8_t *xq;
+    float *dx;
+    int32_t *sum32;
+} Q6Activations;
+
+static void free_q6_activations(Q6Activations *a) {
+    free(a->xq);
+    free(a->dx);
+    free(a->sum32);
+}
+
+static int arrange_q6_activations(const float *x, int M, int K, Q6Activations *a) {
+    size_t supers = (size_t)M * (K / SUPER);
+    a->xq = aligned_alloc(64, supers * SUPER);
+    a->dx = aligned_alloc(64, supers * SUBS * sizeof(float));
+    a->sum32 = aligned_alloc(64, supers * SUBS * sizeof(int32_t));
+    if (!a->xq || !a->dx || !a->sum32) return STATUS_OUT_OF_MEMORY;
+    for (size_t sb = 0; sb < supers; sb++) {
+        const float *xs = x + sb * SUPER; /* rows are whole super-blocks */
+        int8_t *dst = a->xq + sb * SUPER;
+        for (int b = 0; b < SUPER / 32; b++) { /* the 32-blocks: sub-blocks 2b and 2b + 1 */
+            const float *xb = xs + 32 * b;
+            float amax = 0;
+            for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(xb[k]));
+            float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+            for (int half = 0; half < 2; half++) {
+                int j = 2 * b + half, sum = 0;
+                for (int k = 0; k < 16; k++) {
+                    int q = (int)nearbyintf(xb[16 * half + k] * inv); /* round to nearest even, as cvtps2dq */
+                    sum += q;
+                    dst[64 * (k / 4) + 4 * j + k % 4] = (int8_t)q; /* step k / 4, lane j */
+                }
+                a->dx[sb * SUBS + j] = d;
+                a->sum32[sb * SUBS + j] = 32 * sum;
+            }
+        }
+    }
+    return STATUS_OK;
+}
+
+typedef struct {
+    int M, K, N, supers;
+    const uint8_t *qs;
+    const int8_t *sc;
+    const uint16_t *d;
+    Q6Activations xa;
+    float *out;
+} Q6Product;
+
+#if KERNELS_AVX512
+
+/* A super-block's four steps as unsigned bytes q = 0..63 */
+static inline void q6_steps(const uint8_t *src, __m512i w[4]) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03);
+    __m512i lo0 = _mm512_loadu_si512(src), lo1 = _mm512_loadu_si512(src + 64), hi = _mm512_loadu_si512(src + 128);
+    w[0] = _mm512_or_si512(_mm512_and_si512(lo0, low4), _mm512_slli_epi16(_mm512_and_si512(hi, low2), 4));
+    w[1] = _mm512_or_si512(_mm512_and_si512(lo1, low4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hi, 2), low2), 4));
+    w[2] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo0, 4), low4),
+                           _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hi, 4), low2), 4));
+    w[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo1, 4), low4),
+                           _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hi, 6), low2), 4));
+}
+
+static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, int n, int R, int i0, int XT,
+                                                          const uint8_t *ahead) {
+    int S = p->supers;
+    size_t row_bytes = (size_t)S * SUPER_BYTES;
+    __m512 acc[Q6_ROWS][Q6_X_TILE];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < XT; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int sb = 0; sb < S; sb++) {
+        for (int r = 0; r < R; r++) {
+            const uint8_t *src = p->qs + (size_t)(n + r) * row_bytes + (size_t)sb * SUPER_BYTES;
+            if (ahead)
+                for (int line = 0; line < SUPER_BYTES; line += 64)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * SUPER_BYTES + line), PREFETCH_HINT);
+            __m512i w[4];
+            q6_steps(src, w);
+            __m512 scales = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + ((size_t)(n + r) * S + sb) * SUBS)))),
+                _mm512_set1_ps(_cvtsh_ss(p->d[(size_t)(n + r) * S + sb]))); /* d * sc, as ggml computes it */
+            for (int i = 0; i < XT; i++) {
+                size_t at = (size_t)(i0 + i) * S + sb;
+                const __m512i *xg = (const __m512i *)(p->xa.xq + at * SUPER);
+                __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(xg));
+                __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_load_si512(xg + 1));
+                a = _mm512_dpbusd_epi32(a, w[2], _mm512_load_si512(xg + 2));
+                b = _mm512_dpbusd_epi32(b, w[3], _mm512_load_si512(xg + 3));
+                __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a, b), _mm512_load_si512(p->xa.sum32 + at * SUBS)); /* sum (q - 32) x */
+                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, _mm512_load_ps(p->xa.dx + at * SUBS)), acc[r][i]);
+            }
+        }
+    }
+    for (int i = 0; i < XT; i++)
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+#else /* AVX2 */
+
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* Half h of a super-block's four steps (lanes 8h..8h+7) as unsigned bytes q = 0..63 */
+static inline void q6_half_steps(const uint8_t *src, int h, __m256i w[4]) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03);
+    __m256i lo0 = _mm256_loadu_si256((const __m256i *)(src + 32 * h));
+    __m256i lo1 = _mm256_loadu_si256((const __m256i *)(src + 64 + 32 * h));
+    __m256i hi = _mm256_loadu_si256((const __m256i *)(src + 128 + 32 * h));
+    w[0] = _mm256_or_si256(_mm256_and_si256(lo0, low4), _mm256_slli_epi16(_mm256_and_si256(hi, low2), 4));
+    w[1] = _mm256_or_si256(_mm256_and_si256(lo1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2), low2), 4));
+    w[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo0, 4), low4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), low2), 4));
+    w[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo1, 4), low4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 6), low2), 4));
+}
+
+static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, int n, int R, int i0, int XT,
+                                                          const uint8_t *ahead) {
+    int S = p->supers;
+    size_t row_bytes = (size_t)S * SUPER_BYTES;
+    __m256 acc[Q6_ROWS][Q6_X_TILE];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < XT; i++) acc[r][i] = _mm256_setzero_ps();
+    for (int sb = 0; sb < S; sb++) {
+        for (int r = 0; r < R; r++) {
+            const uint8_t *src = p->qs + (size_t)(n + r) * row_bytes + (size_t)sb * SUPER_BYTES;
+            if (ahead)
+                for (int line = 0; line < SUPER_BYTES; line += 64)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * SUPER_BYTES + line), PREFETCH_HINT);
+            const int8_t *sc = p->sc + ((size_t)(n + r) * S + sb) * SUBS;
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(p->d[(size_t)(n + r) * S + sb]));
+            for (int h = 0; h < 2; h++) {
+                __m256i w[4];
+                q6_half_steps(src, h, w);
+                __m256 scales = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + 8 * h)))), d);
+                for (int i = 0; i < XT; i++) {
+                    size_t at = (size_t)(i0 + i) * S + sb;
+                    const int8_t *xg = p->xa.xq + at * SUPER + 32 * h;
+                    __m256i dot = dot_u8s8(w[0], _mm256_load_si256((const __m256i *)xg));
+                    dot = _mm256_add_epi32(dot, dot_u8s8(w[1], _mm256_load_si256((const __m256i *)(xg + 64))));
+                    dot = _mm256_add_epi32(dot, dot_u8s8(w[2], _mm256_load_si256((const __m256i *)(xg + 128))));
+                    dot = _mm256_add_epi32(dot, dot_u8s8(w[3], _mm256_load_si256((const __m256i *)(xg + 192))));
+                    dot = _mm256_sub_epi32(dot, _mm256_load_si256((const __m256i *)(p->xa.sum32 + at * SUBS + 8 * h)));
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scales, _mm256_load_ps(p->xa.dx + at * SUBS + 8 * h)), acc[r][i]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < XT; i++)
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = hsum8(acc[r][i]);
+}
+
+#endif
+
+/* Every (R, XT) with its constants */
+typedef void Q6TileFn(const Q6Product *p, int n, int i0, const uint8_t *ahead);
+#define Q6_TILE(R, XT) \
+    static void q6_tile_##R##_##XT(const Q6Product *p, int n, int i0, const uint8_t *ahead) { q6_tile(p, n, R, i0, XT, ahead); }
+#if KERNELS_AVX512
+#define Q6_TILES_FOR(R) Q6_TILE(R, 1) Q6_TILE(R, 2) Q6_TILE(R, 3) Q6_TILE(R, 4)
+#define Q6_TILE_ROW(R) {q6_tile_##R##_1, q6_tile_##R##_2, q6_tile_##R##_3, q6_tile_##R##_4}
+#else
+#define Q6_TILES_FOR(R) Q6_TILE(R, 1) Q6_TILE(R, 2)
+#define Q6_TILE_ROW(R) {q6_tile_##R##_1, q6_tile_##R##_2}
+#endif
+Q6_TILES_FOR(1) Q6_TILES_FOR(2) Q6_TILES_FOR(3) Q6_TILES_FOR(4)
+static Q6TileFn *const Q6_TILES[Q6_ROWS][Q6_X_TILE] = {Q6_TILE_ROW(1), Q6_TILE_ROW(2), Q6_TILE_ROW(3), Q6_TILE_ROW(4)};
+
+static void q6_group(const void *product, int gi) {
+    const Q6Product *p = product;
+    int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
+    size_t row_bytes = (size_t)p->supers * SUPER_BYTES;
+    const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
+        n + (PREFETCH_ITEMS + 1) * Q6_ROWS <= p->N ? p->qs + (size_t)(n + PREFETCH_ITEMS * Q6_ROWS) * row_bytes : NULL;
+    for (int i0 = 0; i0 < p->M; i0 += Q6_X_TILE) {
+        int XT = p->M - i0 < Q6_X_TILE ? p->M - i0 : Q6_X_TILE;
+        Q6_TILES[R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
+    }
+}
+
+int q6_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, float *out) {
+    if (K % SUPER) return STATUS_BAD_WIDTH;
+    Q6Product p = {M, K, N, K / SUPER, qs, sc, d, {0}, out};
+    int status = arrange_q6_activations(x, M, K, &p.xa);
+    if (status == STATUS_OK) for_each_group((N + Q6_ROWS - 1) / Q6_ROWS, q6_group, &p);
+    free_q6_activations(&p.xa);
+    return status;
+}
+
+/* ---- unpacking to bfloat16, for prompts (oneDNN multiplies them) --------------------------------- */
+
+static inline uint16_t bf16_of(float f) { /* rounded to nearest even, as vcvtneps2bf16 (finite values) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out) {
+    if (K % SUPER) return STATUS_BAD_WIDTH;
+    size_t supers = (size_t)N * (K / SUPER);
+#pragma omp parallel for schedule(static)
+    for (size_t sb = 0; sb < supers; sb++) {
+        const uint8_t *lo = qs + sb * SUPER_BYTES, *hi = lo + 128;
+        float dd = _cvtsh_ss(d[sb]);
+        uint16_t *dst = out + sb * SUPER;
+        for (int j = 0; j < SUBS; j++) {
+            float scale = dd * (float)sc[sb * SUBS + j];
+            for (int k = 0; k < 16; k++) {
+                int s = k / 4, byte = 4 * j + k % 4;
+                int q = ((lo[64 * (s & 1) + byte] >> (4 * (s >> 1))) & 0x0F) | (((hi[byte] >> (2 * s)) & 3) << 4);
+                dst[16 * j + k] = bf16_of(scale * (float)(q - 32));
+            }
+        }
+    }
+    return 0;
+}

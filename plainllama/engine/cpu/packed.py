@@ -111,11 +111,13 @@ class PackedWeight(nn.Module):
     """A [N, K] weight matrix in one of LAYOUTS. Shared by PackedLinear and PackedEmbedding (tied
     embeddings are one PackedWeight used by both)."""
 
-    # the parts (buffers): w for 16-bit layouts; qs, d and, for q4 with minimums, m for the others
+    # the parts (buffers): w for 16-bit layouts; qs, d and, for q4 with minimums, m for the others;
+    # q6: qs, sc, d
     w: torch.Tensor
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor
+    sc: torch.Tensor
 
     def __init__(self, layout: str, shape: tuple[int, int], parts: dict[str, torch.Tensor]):
         super().__init__()

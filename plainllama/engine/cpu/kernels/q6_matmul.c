@@ -247,10 +247,16 @@ int q6_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc,
 
 /* ---- unpacking to bfloat16, for prompts (oneDNN multiplies them) --------------------------------- */
 
-static inline uint16_t bf16_of(float f) { /* rounded to nearest even, as vcvtneps2bf16 (finite values) */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+/* A super-block's steps back in weight order: within each 128-bit lane, a 4x4 transpose of the
+ * 4-byte pieces of the four step vectors gives, in t[p]'s lane L, the 16 values of sub-block
+ * 4L + p (steps 0..3, 4 weights each). Each is then d * sc * (q - 32) rounded to bfloat16 (to
+ * nearest even, on the bits: as vcvtneps2bf16 for finite values). */
+#if KERNELS_AVX512
+
+static inline __m256i bf16_bits(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
 }
 
 int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out) {
@@ -258,17 +264,63 @@ int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, in
     size_t supers = (size_t)N * (K / SUPER);
 #pragma omp parallel for schedule(static)
     for (size_t sb = 0; sb < supers; sb++) {
-        const uint8_t *lo = qs + sb * SUPER_BYTES, *hi = lo + 128;
+        __m512i w[4], t[4];
+        q6_steps(qs + sb * SUPER_BYTES, w);
+        __m512i a = _mm512_unpacklo_epi32(w[0], w[1]), b = _mm512_unpackhi_epi32(w[0], w[1]);
+        __m512i c = _mm512_unpacklo_epi32(w[2], w[3]), e = _mm512_unpackhi_epi32(w[2], w[3]);
+        t[0] = _mm512_unpacklo_epi64(a, c);
+        t[1] = _mm512_unpackhi_epi64(a, c);
+        t[2] = _mm512_unpacklo_epi64(b, e);
+        t[3] = _mm512_unpackhi_epi64(b, e);
         float dd = _cvtsh_ss(d[sb]);
-        uint16_t *dst = out + sb * SUPER;
-        for (int j = 0; j < SUBS; j++) {
-            float scale = dd * (float)sc[sb * SUBS + j];
-            for (int k = 0; k < 16; k++) {
-                int s = k / 4, byte = 4 * j + k % 4;
-                int q = ((lo[64 * (s & 1) + byte] >> (4 * (s >> 1))) & 0x0F) | (((hi[byte] >> (2 * s)) & 3) << 4);
-                dst[16 * j + k] = bf16_of(scale * (float)(q - 32));
+        for (int p = 0; p < 4; p++)
+            for (int L = 0; L < 4; L++) {
+                int j = 4 * L + p;
+                __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(t[p], L)), _mm512_set1_epi32(32)));
+                __m512 v = _mm512_mul_ps(_mm512_set1_ps(dd * (float)sc[sb * SUBS + j]), q);
+                _mm256_storeu_si256((__m256i *)(out + sb * SUPER + 16 * j), bf16_bits(v));
             }
+    }
+    return 0;
+}
+
+#else
+
+static inline __m128i bf16_bits(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out) {
+    if (K % SUPER) return STATUS_BAD_WIDTH;
+    size_t supers = (size_t)N * (K / SUPER);
+#pragma omp parallel for schedule(static)
+    for (size_t sb = 0; sb < supers; sb++) {
+        float dd = _cvtsh_ss(d[sb]);
+        for (int h = 0; h < 2; h++) {
+            __m256i w[4], t[4];
+            q6_half_steps(qs + sb * SUPER_BYTES, h, w);
+            __m256i a = _mm256_unpacklo_epi32(w[0], w[1]), b = _mm256_unpackhi_epi32(w[0], w[1]);
+            __m256i c = _mm256_unpacklo_epi32(w[2], w[3]), e = _mm256_unpackhi_epi32(w[2], w[3]);
+            t[0] = _mm256_unpacklo_epi64(a, c);
+            t[1] = _mm256_unpackhi_epi64(a, c);
+            t[2] = _mm256_unpacklo_epi64(b, e);
+            t[3] = _mm256_unpackhi_epi64(b, e);
+            for (int p = 0; p < 4; p++)
+                for (int L = 0; L < 2; L++) {
+                    int j = 8 * h + 4 * L + p;
+                    __m128i bytes = L ? _mm256_extracti128_si256(t[p], 1) : _mm256_castsi256_si128(t[p]);
+                    __m256 scale = _mm256_set1_ps(dd * (float)sc[sb * SUBS + j]), offset = _mm256_set1_ps(32.0f);
+                    __m256 lo = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), offset));
+                    __m256 hi = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))), offset));
+                    _mm_storeu_si128((__m128i *)(out + sb * SUPER + 16 * j), bf16_bits(lo));
+                    _mm_storeu_si128((__m128i *)(out + sb * SUPER + 16 * j + 8), bf16_bits(hi));
+                }
         }
     }
     return 0;
 }
+
+#endif

@@ -56,7 +56,7 @@ def test_ctypes_structs_match_the_c_header(tmp_path):
 
 def test_layouts_and_statuses_come_from_the_header():
     text = kernels.HEADER.read_text()
-    assert LAYOUT_CODES == {"q4": 0, "q8": 1, "f16": 2, "bf16": 3, "q6": 4}
+    assert LAYOUT_CODES == {"q4": 0, "q8": 1, "f16": 2, "bf16": 3, "q6": 4, "q5": 5}
     for layout, code in LAYOUT_CODES.items():
         assert f"LAYOUT_{layout.upper()} = {code}," in text
     names = {name for name, _ in kernels.STATUS.values()}

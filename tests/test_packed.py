@@ -44,14 +44,14 @@ def gguf_tensor(type_name, rng):
     return torch.from_numpy(raw.copy()), quants.dequantize(raw, qtype).reshape(N, K)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q6_K", "F16", "BF16"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q6_K", "F16", "BF16"])
 def test_stored_formats_are_kept_exactly(type_name):
     raw, expected = gguf_tensor(type_name, np.random.default_rng(1))
     packed = pack_gguf(raw, type_name, (N, K))
-    layouts = {"Q4_0": "q4", "Q4_1": "q4", "Q8_0": "q8", "Q6_K": "q6", "F16": "f16", "BF16": "bf16"}
-    assert packed.layout == layouts[type_name]
+    layouts = {"Q4_0": "q4", "Q4_1": "q4", "Q5_0": "q5", "Q5_1": "q5", "Q8_0": "q8", "Q6_K": "q6"}
+    assert packed.layout == layouts.get(type_name, type_name.lower())
     np.testing.assert_array_equal(packed.dequantized().numpy(), expected)
-    if type_name == "Q6_K":  # regrouped, not requantized: the same bytes
+    if type_name in ("Q5_0", "Q5_1", "Q6_K"):  # regrouped, not requantized: the same bytes
         assert packed.nbytes == raw.numel()
 
 
@@ -65,7 +65,17 @@ def test_q4_k_is_kept_as_4_bit_blocks_with_float16_scales():
     assert (error <= scale * 2**-9 + 1e-30).all()
 
 
-@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K"])
+def test_q5_k_is_kept_as_5_bit_blocks_with_float16_scales():
+    raw, expected = gguf_tensor("Q5_K", np.random.default_rng(2))
+    packed = pack_gguf(raw, "Q5_K", (N, K))
+    assert packed.layout == "q5" and packed.nbytes < N * K * 0.76  # 6 bits a weight: 5, and d, m per 32
+    # As Q4_K: each sub-block's d*scale and dmin*min are rounded to float16 (2^-11 relative).
+    scale = np.abs(expected).reshape(N, K // 32, 32).max(-1, keepdims=True)
+    error = np.abs(packed.dequantized().numpy() - expected).reshape(N, K // 32, 32)
+    assert (error <= scale * 2**-9 + 1e-30).all()
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K"])
 def test_other_formats_are_requantized_to_q8_0_exactly_as_ggml_would(type_name):
     raw, expected = gguf_tensor(type_name, np.random.default_rng(3))
     packed = pack_gguf(raw, type_name, (N, K))
@@ -107,6 +117,12 @@ def packed_weights(rng_seed=5, n=N):
         "q4 (Q4_1 rule, with minimums)": quantize_int4(w),
         "q4 (Q4_0, no minimums)": pack_gguf(raw[: n * (K // 32) * 18], "Q4_0", (n, K)),
         "q8": quantize_int8(w),
+        "q5 (Q5_0, no minimums)": pack_gguf(
+            gguf_tensor("Q5_0", np.random.default_rng(rng_seed))[0][: n * (K // 32) * 22], "Q5_0", (n, K)
+        ),
+        "q5 (Q5_K)": pack_gguf(
+            gguf_tensor("Q5_K", np.random.default_rng(rng_seed))[0][: n * (K // 256) * 176], "Q5_K", (n, K)
+        ),
         "q6 (Q6_K)": pack_gguf(
             gguf_tensor("Q6_K", np.random.default_rng(rng_seed))[0][: n * (K // 256) * 210], "Q6_K", (n, K)
         ),
@@ -126,9 +142,9 @@ def test_kernels_compute_the_product_of_the_stored_numbers(name, rows, isa):
 
 @needs_kernels
 @pytest.mark.parametrize("n, k", [(7, 64), (13, 576), (5, 1600), (10, 8192)])
-@pytest.mark.parametrize("layout", ["q4", "q4 no minimums", "q8"])
+@pytest.mark.parametrize("layout", ["q4", "q4 no minimums", "q5", "q5 no minimums", "q8"])
 def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k, isa):
-    """The q4/q8 kernels take 16 blocks (512 weights; 8 blocks at the avx2 level) at a time and x
+    """The q4/q5/q8 kernels take 16 blocks (512 weights; 8 blocks at the avx2 level) at a time and x
     rows 4 (avx2: 2) at a time: widths of 2, 18 and 50 blocks leave a partial last group (576 is
     SmolLM2's width), 9 rows of x leave a partial tile, and 5, 7, 10 and 13 weight rows a partial
     row group. Checked against the float64
@@ -139,6 +155,10 @@ def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k, is
     packed = quantize_int8(w) if layout == "q8" else quantize_int4(w)
     if layout == "q4 no minimums":
         packed = PackedWeight("q4", (n, k), {"qs": packed.qs, "d": packed.d})
+    if layout.startswith("q5"):  # Q5_1 / Q5_0 blocks as a file holds them (q5: q4 plus fifth bits)
+        type_name = "Q5_1" if layout == "q5" else "Q5_0"
+        raw = np.ascontiguousarray(random_blocks(type_name, n * k // 32, np.random.default_rng(n * k)))
+        packed = pack_gguf(torch.from_numpy(raw.view(np.uint8).reshape(-1).copy()), type_name, (n, k))
     x = torch.randn(9, k, generator=g)
     out = packed.matmul_each_row(x)
     assert_product_of_stored_numbers(packed, x, out)
@@ -168,7 +188,7 @@ def test_q6_kernel_at_every_shape(n, k, isa):
 
 def assert_product_of_stored_numbers(packed, x, out):
     w64 = packed.dequantized().double()
-    if packed.layout in ("q4", "q8", "q6"):
+    if packed.layout in ("q4", "q5", "q8", "q6"):
         # Exactly the integer scheme (int8 activations per block, as llama.cpp), up to float32 sums...
         torch.testing.assert_close(
             out.double(), int8_activations(x) @ w64.T, rtol=1e-4, atol=1e-4 * w64.abs().max().item()
@@ -215,7 +235,18 @@ def test_many_rows_unpack_to_bfloat16_and_match_the_float_product(name, isa):
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", ["q4 (Q4_1 rule, with minimums)", "q4 (Q4_0, no minimums)", "q8", "q6 (Q6_K)", "f16"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "q4 (Q4_1 rule, with minimums)",
+        "q4 (Q4_0, no minimums)",
+        "q5 (Q5_0, no minimums)",
+        "q5 (Q5_K)",
+        "q8",
+        "q6 (Q6_K)",
+        "f16",
+    ],
+)
 def test_unpacking_kernel_equals_dequantizing(name, isa):
     packed = packed_weights()[name]
     out = torch.empty(N, K, dtype=torch.bfloat16)

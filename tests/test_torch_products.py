@@ -23,13 +23,20 @@ from plainllama.engine.cpu.torch_products import HalfProduct, Int4Product, Int8B
 
 # Relative error (L2 norm of a row's error / L2 norm of the row) each form may have against the
 # float64 product of the stored numbers, from the roundings each makes (u = a unit roundoff):
-#   q4 (int4pack), q8 and q6 (int8 per block column): activations, scales, zero points and outputs (q8: each
+#   q4 (int4pack), q5, q8 and q6 (int8 per block column): activations, scales, zero points and outputs (q8: each
 #       block column's partial product) rounded to bfloat16, u = 2^-8 relative; the errors of K
 #       terms are independent, so a row's relative error is ~ a few u: 1e-2.
 #   f16: activations and outputs rounded to float16, u = 2^-11: 2e-3.
 #   bf16: activations and outputs rounded to bfloat16: 1e-2.
-TOLERANCE = {"q4": 1e-2, "q8": 1e-2, "q6": 1e-2, "f16": 2e-3, "bf16": 1e-2}
-FORMS = {"q4": Int4Product, "q8": Int8BlockProduct, "q6": Int8BlockProduct, "f16": HalfProduct, "bf16": HalfProduct}
+TOLERANCE = {"q4": 1e-2, "q5": 1e-2, "q8": 1e-2, "q6": 1e-2, "f16": 2e-3, "bf16": 1e-2}
+FORMS = {
+    "q4": Int4Product,
+    "q5": Int8BlockProduct,
+    "q8": Int8BlockProduct,
+    "q6": Int8BlockProduct,
+    "f16": HalfProduct,
+    "bf16": HalfProduct,
+}
 
 
 @pytest.fixture
@@ -39,14 +46,18 @@ def no_kernels(monkeypatch):
 
 
 def weights(n: int, k: int, seed: int) -> dict[str, PackedWeight | None]:
-    """One random [n, k] matrix in each layout (q6: None where k is not a multiple of 256)."""
+    """One random [n, k] matrix in each layout (K-quants: None where k is not a multiple of 256)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
     q4 = quantize_int4(w)
     rng = np.random.default_rng(seed)
     q6_raw = np.ascontiguousarray(random_blocks("Q6_K", n * k // 256, rng)).view(np.uint8).reshape(-1)
+    q5_raw = np.ascontiguousarray(random_blocks("Q5_K", n * k // 256, rng)).view(np.uint8).reshape(-1)
+    q50_raw = np.ascontiguousarray(random_blocks("Q5_0", n * k // 32, rng)).view(np.uint8).reshape(-1)
     return {
         "q6 (Q6_K)": pack_gguf(torch.from_numpy(q6_raw.copy()), "Q6_K", (n, k)) if k % 256 == 0 else None,
+        "q5 (Q5_K)": pack_gguf(torch.from_numpy(q5_raw.copy()), "Q5_K", (n, k)) if k % 256 == 0 else None,
+        "q5 (Q5_0)": pack_gguf(torch.from_numpy(q50_raw.copy()), "Q5_0", (n, k)),
         "q4 with minimums": q4,
         "q4 without minimums (Q4_0)": PackedWeight("q4", (n, k), {"qs": q4.qs.clone(), "d": q4.d.clone()}),
         "q8": quantize_int8(w),
@@ -61,7 +72,7 @@ def weights(n: int, k: int, seed: int) -> dict[str, PackedWeight | None]:
 def test_torch_forms_compute_the_product_of_the_stored_numbers(no_kernels, name, n, k):
     packed = weights(n, k, seed=n + k)[name]
     if packed is None:
-        pytest.skip("Q6_K rows are whole 256-weight blocks")
+        pytest.skip("K-quant rows are whole 256-weight blocks")
     exact = packed.dequantized().double()  # the stored numbers, before the conversion
     for rows in (1, 5, 40):  # a decode step, a small batch, a prompt: one path for all
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 2
@@ -75,10 +86,11 @@ def test_torch_forms_compute_the_product_of_the_stored_numbers(no_kernels, name,
     held = packed.dequantized().double()
     weight_error = ((held - exact).norm(dim=-1) / exact.norm(dim=-1)).max().item()
     # Rounding to bfloat16 (8 significant bits) moves a number by up to u = 2^-8 of itself.
-    # q4: scale and zero point rounded, so a weight moves by up to u (8 d + |zero|), about u x 2 max|w|
+    # q4, q5: scale and zero point rounded, so a weight moves by up to u (8 d + |zero|), about u x 2 max|w|
     # of its block: a row's RMS error is below 3u (measured up to 1.4u).
     # q8, q6: the scale (q6: d * sc) rounded: each weight moves by up to u. 16-bit layouts: the stored numbers.
-    assert weight_error <= {"q4": 3 * 2.0**-8, "q8": 2.0**-8, "q6": 2.0**-8, "f16": 0.0, "bf16": 0.0}[packed.layout]
+    bound = {"q4": 3 * 2.0**-8, "q5": 3 * 2.0**-8, "q8": 2.0**-8, "q6": 2.0**-8, "f16": 0.0, "bf16": 0.0}
+    assert weight_error <= bound[packed.layout]
 
 
 def test_a_table_that_embeddings_read_keeps_its_rows(no_kernels):

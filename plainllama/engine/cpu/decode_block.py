@@ -37,6 +37,7 @@ class MatrixPart(ctypes.Structure):
         ("d", ctypes.c_void_p),
         ("m", ctypes.c_void_p),
         ("sc", ctypes.c_void_p),
+        ("qh", ctypes.c_void_p),
     ]
 
 
@@ -88,7 +89,10 @@ def _linear(module) -> Linear | None:
             described.parts[i] = MatrixPart(LAYOUT_CODES["q6"], w.shape[0], _ptr(w.qs), _ptr(w.d), None, _ptr(w.sc))
         else:
             m = w.m if "m" in w.part_names else None
-            described.parts[i] = MatrixPart(LAYOUT_CODES[w.layout], w.shape[0], _ptr(w.qs), _ptr(w.d), _ptr(m))
+            qh = w.qh if w.layout == "q5" else None
+            described.parts[i] = MatrixPart(
+                LAYOUT_CODES[w.layout], w.shape[0], _ptr(w.qs), _ptr(w.d), _ptr(m), None, _ptr(qh)
+            )
     return described
 
 

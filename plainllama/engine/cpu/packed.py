@@ -11,8 +11,10 @@ Layouts, one row per output feature, blocks of 32 weights along the input:
     q4    nibbles uint8 [N, K/2] (GGUF's order), scale d float16 [N, K/32], optional minimum m:
           weight = d * q + m, or d * (q - 8) without m. Holds Q4_0, Q4_1 and Q4_K as they are
           (Q4_K's sub-block scale d * scale6 is rounded to float16: relative error <= 2^-11).
-    q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0 as it is; other
-          formats (Q5_x, Q2_K, Q3_K, Q5_K) are requantized to it from their exact values.
+    q5    q4's parts plus each block's fifth bits qh int32 [N, K/32] (bit k: weight k): weight =
+          d * q + m, or d * (q - 16). Holds Q5_0 and Q5_1 as they are, and Q5_K as q4 holds Q4_K.
+    q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0 as it is; Q2_K and
+          Q3_K are requantized to it from their exact values.
     q6    Q6_K's own numbers (6-bit q, int8 scale per 16 weights, float16 d per 256), the values
           regrouped for kernels/q6_matmul.c: weight = d * sc * (q - 32).
     f16, bf16: the 16-bit floats as stored.
@@ -112,12 +114,13 @@ class PackedWeight(nn.Module):
     embeddings are one PackedWeight used by both)."""
 
     # the parts (buffers): w for 16-bit layouts; qs, d and, for q4 with minimums, m for the others;
-    # q6: qs, sc, d
+    # q5: those of q4 and qh; q6: qs, sc, d
     w: torch.Tensor
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor
     sc: torch.Tensor
+    qh: torch.Tensor
 
     def __init__(self, layout: str, shape: tuple[int, int], parts: dict[str, torch.Tensor]):
         super().__init__()
@@ -131,6 +134,8 @@ class PackedWeight(nn.Module):
             expected = {"qs": (n, k // QK_K * Q6_BYTES), "sc": (n, k // 16), "d": (n, k // QK_K)}
         else:
             expected = {"qs": (n, k if layout == "q8" else k // 2), "d": (n, k // QK), "m": (n, k // QK)}
+            if layout == "q5":
+                expected["qh"] = (n, k // QK)
         for name, tensor in parts.items():
             if tuple(tensor.shape) != expected.get(name):
                 raise ValueError(
@@ -166,6 +171,13 @@ class PackedWeight(nn.Module):
                 self._torch = Int4Product(self.qs, self.d, self.m if "m" in self.part_names else None)
             elif self.layout == "q8":
                 self._torch = Int8BlockProduct(self.qs, self.d.float(), QK)
+            elif self.layout == "q5":  # weight = d (q - 16) + (m + 16 d): int8 values, scale and zero per 32
+                q = torch.cat((self.qs.unflatten(-1, (-1, 16)) & 0x0F, self.qs.unflatten(-1, (-1, 16)) >> 4), dim=-1)
+                bits = torch.arange(QK, dtype=torch.int32)
+                q = (q.short() + 16 * ((self.qh[..., None] >> bits) & 1) - 16).to(torch.int8).flatten(-2)
+                d = self.d.float()
+                zeros = self.m.float() + 16 * d if "m" in self.part_names else torch.zeros_like(d)
+                self._torch = Int8BlockProduct(q, d, QK, zeros)
             elif self.layout == "q6":  # weight = (d sc) (q - 32): int8 values, a scale per 16
                 scale = self.d.float().repeat_interleave(QK_K // 16, dim=-1) * self.sc.float()
                 self._torch = Int8BlockProduct((q6_values(self.qs).short() - 32).to(torch.int8), scale, 16)
@@ -201,7 +213,10 @@ class PackedWeight(nn.Module):
             return (d * q).flatten(-2).to(dtype)
         nibbles = parts["qs"].unflatten(-1, (-1, QK // 2))  # [..., K/32, 16]
         q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1).float()  # [..., K/32, 32]
-        m = parts["m"].float()[..., None] if "m" in parts else -8 * d
+        if self.layout == "q5":  # + 16 where the fifth bit is set (bit k of the block's word: weight k)
+            bits = torch.arange(QK, dtype=torch.int32, device=q.device)
+            q = q + 16 * ((parts["qh"][..., None] >> bits) & 1).float()
+        m = parts["m"].float()[..., None] if "m" in parts else (-16 if self.layout == "q5" else -8) * d
         return (d * q + m).flatten(-2).to(dtype)
 
     def unpack_rows_bf16(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
@@ -209,9 +224,13 @@ class PackedWeight(nn.Module):
         if not kernels.available():
             out.copy_(self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, torch.bfloat16))
             return out
-        if self.layout == "q4":
+        if self.layout in ("q4", "q5"):
             kernels.q4_to_bf16(
-                self.qs[start:end], self.d[start:end], self.m[start:end] if "m" in self.part_names else None, out
+                self.qs[start:end],
+                self.d[start:end],
+                self.m[start:end] if "m" in self.part_names else None,
+                out,
+                self.qh[start:end] if self.layout == "q5" else None,
             )
         elif self.layout == "q8":
             kernels.q8_to_bf16(self.qs[start:end], self.d[start:end], out)
@@ -238,6 +257,12 @@ class PackedWeight(nn.Module):
                 self._direct = (kernels.function("q4_matmul"), (self.qs.data_ptr(), self.d.data_ptr(), m))
             elif self.layout == "q8":
                 self._direct = (kernels.function("q8_matmul"), (self.qs.data_ptr(), self.d.data_ptr()))
+            elif self.layout == "q5":
+                m = self.m.data_ptr() if "m" in self.part_names else None
+                self._direct = (
+                    kernels.function("q5_matmul"),
+                    (self.qs.data_ptr(), self.qh.data_ptr(), self.d.data_ptr(), m),
+                )
             elif self.layout == "q6":
                 self._direct = (
                     kernels.function("q6_matmul"),
@@ -273,7 +298,7 @@ class PackedWeight(nn.Module):
 
     def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
         M, (N, K) = x.shape[0], self.shape
-        if x.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and self.layout != "q6" and kernels.amx():
+        if x.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and self.layout not in ("q5", "q6") and kernels.amx():
             x = x.float().contiguous()
             out = torch.empty(M, N, dtype=torch.float32)
             rows_tiles = _scratch.get((M + 31) // 32 * 32 * K, torch.bfloat16)  # x as bfloat16 tiles
@@ -414,8 +439,20 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
             shape,
             {"qs": _field(blocks, 2, 34).view(torch.int8).reshape(N, K), "d": _half_field(blocks, 0).reshape(N, nb)},
         )
+    if type_name in ("Q5_0", "Q5_1"):  # d, [m], qh (32 bits, bit k: weight k), qs[16] as Q4_0's
+        start = 2 if type_name == "Q5_0" else 4
+        parts = {
+            "qs": _field(blocks, start + 4, start + 20).view(N, K // 2),
+            "qh": _field(blocks, start, start + 4).view(torch.int32).reshape(N, nb),
+            "d": _half_field(blocks, 0).reshape(N, nb),
+        }
+        if type_name == "Q5_1":
+            parts["m"] = _half_field(blocks, 2).reshape(N, nb)
+        return PackedWeight("q5", shape, parts)
     if type_name == "Q4_K":
         return _pack_q4_k(blocks, shape)
+    if type_name == "Q5_K":
+        return _pack_q5_k(blocks, shape)
     if layout == "q6":
         return _pack_q6_k(blocks, shape)
     return quantize_int8(GGUFRows(raw, type_name, shape))
@@ -437,6 +474,24 @@ class GGUFRows:
         return dequantize(
             self.raw[start * self.row_bytes : stop * self.row_bytes], self.type_name, (stop - start, self.shape[1])
         )
+
+
+def _pack_q5_k(blocks: torch.Tensor, shape) -> PackedWeight:
+    """Q5_K: Q4_K's layout (d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles) with
+    32 bytes of fifth bits before the nibbles: bit s of byte l is the fifth bit of weight l of
+    sub-block s. Each sub-block becomes a q5 block: q4's d' = d*scale and m' = -dmin*min (rounded
+    to float16, as for Q4_K) and a 32-bit word of its fifth bits."""
+    N, K = shape
+    n = blocks.shape[0]
+    packed = _pack_q4_k(torch.cat((blocks[:, 0:16], blocks[:, 48:176]), dim=1), shape)  # without the fifth bits
+    qh = torch.empty(n, 8, dtype=torch.int32)
+    sub_blocks = torch.arange(8, dtype=torch.uint8)[:, None]
+    positions = torch.arange(32, dtype=torch.int64)
+    for start in range(0, n, 4096):  # a slice at a time: the bits take 1 KB per super-block
+        bits = (blocks[start : start + 4096, 16:48][:, None, :] >> sub_blocks) & 1  # [n, sub-block, l]
+        words = (bits.long() << positions).sum(-1)  # [n, 8]: bit l is weight l's fifth bit
+        qh[start : start + 4096] = torch.where(words >= 1 << 31, words - (1 << 32), words).int()  # as int32
+    return PackedWeight("q5", shape, {"qs": packed.qs, "qh": qh.reshape(N, K // QK), "d": packed.d, "m": packed.m})
 
 
 def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
@@ -572,7 +627,7 @@ def quantizes_gguf(type_name: str, shape, weights: str) -> bool:
 
 # ---- how each tensor is held: decided here once, for the loader, the planner and the streamer ------
 
-Q4_LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # held as q4 as they are; the other block types become q8
+Q4_LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # held as q4 as they are (Q5_x: q5, Q6_K: q6, others q8)
 
 
 @dataclass(frozen=True)
@@ -609,6 +664,8 @@ def holding(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.d
                 return Holding("gguf", "q4", q4 if type_name == "Q4_0" else q4_with_min, False)
             if type_name == "Q6_K" and K % QK_K == 0:
                 return Holding("gguf", "q6", N * K // QK_K * 210, False)  # as stored
+            if type_name in ("Q5_0", "Q5_1", "Q5_K"):  # q4 and a word of fifth bits per block
+                return Holding("gguf", "q5", (q4 if type_name == "Q5_0" else q4_with_min) + N * K // QK * 4, False)
             return Holding("gguf", "q8", q8, False)  # Q8_0 as it is, other types requantized to it
         if type_name != "F32":
             return as_float

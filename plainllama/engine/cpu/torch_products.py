@@ -5,9 +5,10 @@ without AVX2, PLAINLLAMA_ISA=none): PyTorch's own weight-only operators, so that
     q4          -> torch's int4 layout (torch._convert_weight_to_int4pack_for_cpu), multiplied by
                    torch._weight_int4pack_mm_for_cpu with bfloat16 activations and per-block
                    scales and zero points: 4.5 bits per weight as in the file.
-    q8, q6      -> int8 in block-major order with bfloat16 scales, multiplied a block column at a
-                   time by torch._weight_int8pack_mm (which takes one scale per row, not one per
-                   32 or 16 weights): about a byte per weight, as in the file.
+    q8, q6, q5  -> int8 in block-major order with bfloat16 scales (q5: and zero points), multiplied
+                   a block column at a time by torch._weight_int8pack_mm (which takes one scale per
+                   row, not one per 32 or 16 weights): about a byte per weight (q5: 5.5 bits in
+                   the file, 9 here, still below float16's 16).
     f16, bf16   -> as stored, F.linear in that dtype.
 
 Measured on one [8192 x 2048] matrix, one row of activations (Zen 5, 2 threads): float32 F.linear
@@ -79,7 +80,7 @@ class Int8BlockProduct:
     summed in float32. About a byte per weight, as in the file, where float16 would take 2; as fast
     as float16's F.linear on one [16384 x 2048] q8 matrix here (6.7 vs 5.2 ms)."""
 
-    def __init__(self, values: torch.Tensor, scales: torch.Tensor, block: int):
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor, block: int, zeros: torch.Tensor | None = None):
         N, K = values.shape
         self.block = block
         self.qs = torch.empty(K // block, N, block, dtype=torch.int8)
@@ -87,20 +88,28 @@ class Int8BlockProduct:
             rows = values[start : start + PACK_ROWS].unflatten(-1, (-1, block))
             self.qs[:, start : start + PACK_ROWS] = rows.transpose(0, 1)
         self.d = scales.T.bfloat16().contiguous()  # [K/B, N]
+        # q5: weight = d (q - 16) + zero per block; the zeros' part is each block's sum of x times
+        # its zero, a product of width K/B
+        self.zeros = zeros.bfloat16() if zeros is not None else None  # [N, K/B]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N] float32
         blocks = x.bfloat16().unflatten(-1, (-1, self.block))  # [M, K/B, B]
         out = torch.zeros(x.shape[0], self.qs.shape[1])
         for b in range(self.qs.shape[0]):
             out += torch._weight_int8pack_mm(blocks[:, b].contiguous(), self.qs[b], self.d[b])
+        if self.zeros is not None:
+            out += F.linear(blocks.sum(-1), self.zeros).float()
         return out
 
     def dequantized(self) -> torch.Tensor:
-        return (self.qs.float() * self.d.float()[..., None]).transpose(0, 1).flatten(1)
+        w = (self.qs.float() * self.d.float()[..., None]).transpose(0, 1)  # [N, K/B, B]
+        if self.zeros is not None:
+            w = w + self.zeros.float()[..., None]
+        return w.flatten(1)
 
     @property
     def nbytes(self) -> int:
-        return self.qs.numel() + self.d.numel() * 2
+        return self.qs.numel() + self.d.numel() * 2 + (self.zeros.numel() * 2 if self.zeros is not None else 0)
 
 
 class HalfProduct:

@@ -126,9 +126,28 @@ typedef struct {
     int M, K, N, nb, groups;
     const void *qs;
     const uint16_t *d, *m; /* m: q4 minimums, or NULL */
+    const uint32_t *qh;    /* q5: each block's fifth bits (bit k: weight k), or NULL for q4 */
     ArrangedActivations xa;
     float *out;
 } QuantizedProduct;
+
+/* q5: the fifth bits of a group's 16 blocks added to its steps. The blocks' 32-bit words are put in
+ * lane order; for step s (weights 4s..4s+3 of each block), byte s / 2 of each word is copied into the
+ * word's 4 bytes and its nibble s % 2 tested bit by bit: a 64-bit mask, one bit per byte of w[s],
+ * where 16 is added. */
+static inline void add_fifth_bits(const uint32_t *qh_row, int g, int blocks, __m512i lane_blocks, __m512i w[GROUP_STEPS]) {
+    __mmask16 mask = blocks >= GROUP_BLOCKS ? 0xFFFF : (__mmask16)((1u << blocks) - 1);
+    __m512i words = _mm512_permutexvar_epi32(lane_blocks, _mm512_maskz_loadu_epi32(mask, qh_row + GROUP_BLOCKS * g));
+    const __m512i low_bits = _mm512_set1_epi32(0x08040201), high_bits = _mm512_set1_epi32((int)0x80402010);
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    for (int s = 0; s < GROUP_STEPS; s++) {
+        int k = s / 2; /* vpshufb picks within 128-bit lanes: dword i of a lane is bytes 4i..4i+3 */
+        __m512i byte = _mm512_shuffle_epi8(
+            words, _mm512_set4_epi32(0x01010101 * (12 + k), 0x01010101 * (8 + k), 0x01010101 * (4 + k), 0x01010101 * k));
+        __mmask64 set = _mm512_test_epi8_mask(byte, s % 2 ? high_bits : low_bits);
+        w[s] = _mm512_mask_add_epi8(w[s], set, w[s], sixteen);
+    }
+}
 
 /* A row's sixteen float16 block values of group g in lane order (zeros past the last block). */
 static inline __m512 group_halves(const uint16_t *row, int g, int blocks, __m512i lane_blocks) {
@@ -217,9 +236,10 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
                 q8_group_steps((const int8_t *)src, blocks, w);
             else
                 q4_group_steps(src, blocks, w);
+            if (!q8 && p->qh) add_fifth_bits(p->qh + (size_t)(n + r) * nb, g, blocks, lane_blocks, w);
             __m512 wd = group_halves(p->d + (size_t)(n + r) * nb, g, blocks, lane_blocks);
             __m512 wm = q8 ? wd : p->m ? group_halves(p->m + (size_t)(n + r) * nb, g, blocks, lane_blocks)
-                                       : _mm512_mul_ps(wd, _mm512_set1_ps(-8.0f)); /* Q4_0: d * (q - 8) */
+                                       : _mm512_mul_ps(wd, _mm512_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
             for (int i = 0; i < XT; i++) {
                 size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
                 __m512i dot = group_dot(w, p->xa.xq + at * 32);
@@ -267,11 +287,11 @@ static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
 static void q4_group(const void *product, int gi) { quantized_group(product, gi, 0); }
 static void q8_group(const void *product, int gi) { quantized_group(product, gi, 1); }
 
-static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint16_t *d, const uint16_t *m, int N,
-                            float *out, int q8) {
+static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint32_t *qh, const uint16_t *d,
+                            const uint16_t *m, int N, float *out, int q8) {
     if (K % 64) return STATUS_BAD_WIDTH;
     int nb = K / 32;
-    QuantizedProduct p = {M, K, N, nb, (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS, qs, d, m, {0}, out};
+    QuantizedProduct p = {M, K, N, nb, (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS, qs, d, m, qh, {0}, out};
     int status = arrange_activations(x, M, K, q8 ? Q8_LANES : Q4_LANES, &p.xa);
     if (status == STATUS_OK) for_each_group((N + W_ROWS - 1) / W_ROWS, q8 ? q8_group : q4_group, &p);
     free_activations(&p.xa);
@@ -280,11 +300,16 @@ static int quantized_matmul(const float *x, int M, int K, const void *qs, const 
 
 int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N,
               float *out) {
-    return quantized_matmul(x, M, K, qs, d, m, N, out, 0);
+    return quantized_matmul(x, M, K, qs, NULL, d, m, N, out, 0);
+}
+
+int q5_matmul(const float *x, int M, int K, const uint8_t *qs, const uint32_t *qh, const uint16_t *d,
+              const uint16_t *m, int N, float *out) {
+    return quantized_matmul(x, M, K, qs, qh, d, m, N, out, 0);
 }
 
 int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out) {
-    return quantized_matmul(x, M, K, qs, d, NULL, N, out, 1);
+    return quantized_matmul(x, M, K, qs, NULL, d, NULL, N, out, 1);
 }
 
 /* ---- 16-bit floats ------------------------------------------------------------------------- */
@@ -381,7 +406,7 @@ static inline __m256i to_bf16(__m512 v) {
 #endif
 }
 
-int q4_to_bf16(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out) {
+int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out) {
     int nb = K / 32;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -390,7 +415,11 @@ int q4_to_bf16(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, i
             __m128i packed = _mm_loadu_si128((const __m128i *)(qs + 16 * blk));
             __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(0x0F)));
             __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)));
-            float scale = _cvtsh_ss(d[blk]), minimum = m ? _cvtsh_ss(m[blk]) : -8.0f * scale;
+            if (qh) { /* q5: + 16 where the fifth bit is set (bit k: weight k) */
+                lo = _mm512_mask_add_epi32(lo, (__mmask16)(qh[blk] & 0xFFFF), lo, _mm512_set1_epi32(16));
+                hi = _mm512_mask_add_epi32(hi, (__mmask16)(qh[blk] >> 16), hi, _mm512_set1_epi32(16));
+            }
+            float scale = _cvtsh_ss(d[blk]), minimum = m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
             __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
             _mm256_storeu_si256((__m256i *)(out + 32 * blk), to_bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vs, vm)));
             _mm256_storeu_si256((__m256i *)(out + 32 * blk + 16), to_bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vm)));

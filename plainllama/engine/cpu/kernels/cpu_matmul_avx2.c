@@ -109,6 +109,7 @@ typedef struct {
     int M, K, N, nb;
     const void *qs;
     const uint16_t *d, *m; /* m: q4 minimums, or NULL */
+    const uint32_t *qh;    /* q5: each block's fifth bits (bit k: weight k), or NULL for q4 */
     QuantizedActivations xa;
     float *out;
 } QuantizedProduct;
@@ -129,6 +130,16 @@ static inline __m256i q4_block(const uint8_t *src) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
+/* q5: a block's fifth bits (bit k: weight k) as 32 bytes of 0 or 16 in weight order: byte k / 8 of
+ * the word copied into bytes 8 (k / 8) .. 8 (k / 8) + 7, each tested against its own bit. */
+static inline __m256i fifth_bits(uint32_t word) {
+    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3,
+                                          3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i bytes = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)word), pick), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(16));
+}
+
 /* Weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out; R and XT constants at each call. */
 static inline __attribute__((always_inline)) void quantized_tile(const QuantizedProduct *p, int q8, int n, int R,
                                                                  int i0, int XT, const uint8_t *ahead) {
@@ -146,7 +157,8 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * block_bytes + line), PREFETCH_HINT);
             __m256 wd = load_halves(p->d + (size_t)(n + r) * nb + g, blocks);
             __m256 wm = q8 ? wd : p->m ? load_halves(p->m + (size_t)(n + r) * nb + g, blocks)
-                                       : _mm256_mul_ps(wd, _mm256_set1_ps(-8.0f)); /* Q4_0: d * (q - 8) */
+                                       : _mm256_mul_ps(wd, _mm256_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
+            const uint32_t *qh = p->qh ? p->qh + (size_t)(n + r) * nb + g : NULL;
             float scale[X_TILE][GROUP_BLOCKS] __attribute__((aligned(32)));
             for (int i = 0; i < XT; i++) {
                 size_t at = (size_t)(i0 + i) * nb + g;
@@ -157,6 +169,7 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
             for (int b = 0; b < blocks; b++) {
                 const uint8_t *src = row + (size_t)(g + b) * block_bytes;
                 __m256i w = q8 ? _mm256_abs_epi8(_mm256_loadu_si256((const __m256i *)src)) : q4_block(src);
+                if (!q8 && qh) w = _mm256_or_si256(w, fifth_bits(qh[b]));
                 for (int i = 0; i < XT; i++) {
                     __m256i xq = _mm256_load_si256((const __m256i *)(p->xa.xq + ((size_t)(i0 + i) * nb + g + b) * 32));
                     if (q8) xq = _mm256_sign_epi8(xq, _mm256_loadu_si256((const __m256i *)src)); /* |w| x sign(w) */
@@ -203,10 +216,10 @@ static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
 static void q4_group(const void *product, int gi) { quantized_group(product, gi, 0); }
 static void q8_group(const void *product, int gi) { quantized_group(product, gi, 1); }
 
-static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint16_t *d, const uint16_t *m, int N,
-                            float *out, int q8) {
+static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint32_t *qh, const uint16_t *d,
+                            const uint16_t *m, int N, float *out, int q8) {
     if (K % 64) return STATUS_BAD_WIDTH;
-    QuantizedProduct p = {M, K, N, K / 32, qs, d, m, {0}, out};
+    QuantizedProduct p = {M, K, N, K / 32, qs, d, m, qh, {0}, out};
     int status = quantize_activations(x, M, K, &p.xa);
     if (status == STATUS_OK) for_each_group((N + W_ROWS - 1) / W_ROWS, q8 ? q8_group : q4_group, &p);
     free_activations(&p.xa);
@@ -215,11 +228,16 @@ static int quantized_matmul(const float *x, int M, int K, const void *qs, const 
 
 int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N,
               float *out) {
-    return quantized_matmul(x, M, K, qs, d, m, N, out, 0);
+    return quantized_matmul(x, M, K, qs, NULL, d, m, N, out, 0);
+}
+
+int q5_matmul(const float *x, int M, int K, const uint8_t *qs, const uint32_t *qh, const uint16_t *d,
+              const uint16_t *m, int N, float *out) {
+    return quantized_matmul(x, M, K, qs, qh, d, m, N, out, 0);
 }
 
 int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out) {
-    return quantized_matmul(x, M, K, qs, d, NULL, N, out, 1);
+    return quantized_matmul(x, M, K, qs, NULL, d, NULL, N, out, 1);
 }
 
 /* ---- 16-bit floats ------------------------------------------------------------------------- */
@@ -301,12 +319,13 @@ static inline __m256i to_bf16(__m256 lo, __m256 hi) {
     return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8); /* packus works per 128-bit lane */
 }
 
-int q4_to_bf16(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out) {
+int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out) {
     size_t nblocks = (size_t)N * (K / 32);
 #pragma omp parallel for schedule(static)
     for (size_t blk = 0; blk < nblocks; blk++) {
         __m256i q = q4_block(qs + 16 * blk);
-        float scale = _cvtsh_ss(d[blk]), minimum = m ? _cvtsh_ss(m[blk]) : -8.0f * scale;
+        if (qh) q = _mm256_or_si256(q, fifth_bits(qh[blk]));
+        float scale = _cvtsh_ss(d[blk]), minimum = m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
         __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(minimum);
         for (int h = 0; h < 2; h++) {
             __m128i half = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);

@@ -27,6 +27,7 @@ enum Layout {
     LAYOUT_F16 = 2,  /* float16 [N, K] */
     LAYOUT_BF16 = 3, /* bfloat16 [N, K] */
     LAYOUT_Q6 = 4,   /* Q6_K regrouped: 6-bit values uint8 [N, K/256 * 192], scales sc int8 [N, K/16], d float16 [N, K/256] (q6_matmul.c) */
+    LAYOUT_Q5 = 5,   /* q4's nibbles, scales and optional minimums, plus fifth bits qh uint32 [N, K/32] (bit k: weight k): weight = d * q + m, or d * (q - 16) */
 };
 
 /* What every int-returning kernel returns. The comment after each is its message in Python. */
@@ -44,6 +45,7 @@ typedef struct {
     const void *w;         /* nibbles, int8, 6-bit values or 16-bit floats */
     const uint16_t *d, *m; /* float16 scales and minimums (q4/q8/q6), or NULL */
     const int8_t *sc;      /* q6: int8 scale per 16 weights, or NULL */
+    const uint32_t *qh;    /* q5: fifth bits, or NULL */
 } MatrixPart;
 
 /* A linear layer: one matrix, or up to three of different layouts whose outputs lie side by side
@@ -65,6 +67,8 @@ typedef struct {
 int kernel_level(void);
 /* cpu_matmul.c: products for a few rows (decoding), out [M, N] = x [M, K] W^T */
 int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, float *out);
+int q5_matmul(const float *x, int M, int K, const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m,
+              int N, float *out);
 int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out);
 int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
 int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
@@ -72,7 +76,7 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *o
 int q6_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, float *out);
 int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out);
 /* cpu_matmul.c: rows unpacked to bfloat16 [N, K] (prompts on CPUs without AMX multiply these with oneDNN) */
-int q4_to_bf16(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out);
+int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out);
 int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out);
 int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out);
 /* cpu_matmul.c: read every byte of buf with all threads (the memory bandwidth bound) */

@@ -228,9 +228,14 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
         int blocks = nb - g * GROUP_BLOCKS < GROUP_BLOCKS ? nb - g * GROUP_BLOCKS : GROUP_BLOCKS;
         for (int r = 0; r < R; r++) {
             const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + g * group_bytes;
-            if (ahead) /* this group of the row PREFETCH_ITEMS * W_ROWS further on */
+            if (ahead) { /* this group of the row PREFETCH_ITEMS * W_ROWS further on, and its scales */
                 for (size_t line = 0; line < group_bytes; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * group_bytes + line), PREFETCH_HINT);
+                size_t later = (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + GROUP_BLOCKS * g;
+                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+                if (p->m) _mm_prefetch((const char *)(p->m + later), PREFETCH_HINT);
+                if (p->qh) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
+            }
             __m512i w[GROUP_STEPS];
             if (q8)
                 q8_group_steps((const int8_t *)src, blocks, w);

@@ -152,9 +152,14 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
         int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
         for (int r = 0; r < R; r++) {
             const uint8_t *row = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes;
-            if (ahead) /* these blocks of the row PREFETCH_ITEMS * W_ROWS further on */
+            if (ahead) { /* these blocks of the row PREFETCH_ITEMS * W_ROWS further on, and their scales */
                 for (size_t line = 0; line < GROUP_BLOCKS * block_bytes; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * block_bytes + line), PREFETCH_HINT);
+                size_t later = (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + g;
+                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+                if (p->m) _mm_prefetch((const char *)(p->m + later), PREFETCH_HINT);
+                if (p->qh) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
+            }
             __m256 wd = load_halves(p->d + (size_t)(n + r) * nb + g, blocks);
             __m256 wm = q8 ? wd : p->m ? load_halves(p->m + (size_t)(n + r) * nb + g, blocks)
                                        : _mm256_mul_ps(wd, _mm256_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */

@@ -118,9 +118,13 @@ static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, in
     for (int sb = 0; sb < S; sb++) {
         for (int r = 0; r < R; r++) {
             const uint8_t *src = p->qs + (size_t)(n + r) * row_bytes + (size_t)sb * SUPER_BYTES;
-            if (ahead)
+            if (ahead) { /* this super-block of the row PREFETCH_ITEMS * Q6_ROWS further on, and its scales */
                 for (int line = 0; line < SUPER_BYTES; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * SUPER_BYTES + line), PREFETCH_HINT);
+                size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q6_ROWS) * S + sb;
+                _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+            }
             __m512i w[4];
             q6_steps(src, w);
             __m512 scales = _mm512_mul_ps(
@@ -182,9 +186,13 @@ static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, in
     for (int sb = 0; sb < S; sb++) {
         for (int r = 0; r < R; r++) {
             const uint8_t *src = p->qs + (size_t)(n + r) * row_bytes + (size_t)sb * SUPER_BYTES;
-            if (ahead)
+            if (ahead) { /* this super-block of the row PREFETCH_ITEMS * Q6_ROWS further on, and its scales */
                 for (int line = 0; line < SUPER_BYTES; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * SUPER_BYTES + line), PREFETCH_HINT);
+                size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q6_ROWS) * S + sb;
+                _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+            }
             const int8_t *sc = p->sc + ((size_t)(n + r) * S + sb) * SUBS;
             __m256 d = _mm256_set1_ps(_cvtsh_ss(p->d[(size_t)(n + r) * S + sb]));
             for (int h = 0; h < 2; h++) {

@@ -47,7 +47,7 @@ from ...formats.checkpoint import STORED_DTYPES
 from ...formats.gguf_quants import BLOCK_FORMATS, QK, QK_K, _k_scales_mins, dequantize, q6_k_values
 
 LAYOUT_CODES = kernels.LAYOUT_CODES  # as the C kernels number them (kernels/plainllama.h)
-LAYOUTS = tuple(LAYOUT_CODES)  # q4, q8, f16, bf16
+LAYOUTS = tuple(LAYOUT_CODES)  # q4, q8, f16, bf16, q6, q5
 # Up to this many rows the direct kernels win; from 9 the AMX or oneDNN path (measured: q4/q8
 # [M x 2048] x [2048 x 8192] at M = 8, 1.9-2.1 ms either way; M = 16, 3.7-3.9 vs 2.0-2.1 ms on AMX).
 DIRECT_ROWS = 8
@@ -172,15 +172,12 @@ class PackedWeight(nn.Module):
             elif self.layout == "q8":
                 self._torch = Int8BlockProduct(self.qs, self.d.float(), QK)
             elif self.layout == "q5":  # weight = d (q - 16) + (m + 16 d): int8 values, scale and zero per 32
-                q = torch.cat((self.qs.unflatten(-1, (-1, 16)) & 0x0F, self.qs.unflatten(-1, (-1, 16)) >> 4), dim=-1)
-                bits = torch.arange(QK, dtype=torch.int32)
-                q = (q.short() + 16 * ((self.qh[..., None] >> bits) & 1) - 16).to(torch.int8).flatten(-2)
                 d = self.d.float()
                 zeros = self.m.float() + 16 * d if "m" in self.part_names else torch.zeros_like(d)
-                self._torch = Int8BlockProduct(q, d, QK, zeros)
+                self._torch = Int8BlockProduct(self._signed_values(), d, QK, zeros)
             elif self.layout == "q6":  # weight = (d sc) (q - 32): int8 values, a scale per 16
                 scale = self.d.float().repeat_interleave(QK_K // 16, dim=-1) * self.sc.float()
-                self._torch = Int8BlockProduct((q6_values(self.qs).short() - 32).to(torch.int8), scale, 16)
+                self._torch = Int8BlockProduct(self._signed_values(), scale, 16)
             else:
                 self._torch = HalfProduct(self.w)
             if not self.serves_rows:
@@ -188,6 +185,22 @@ class PackedWeight(nn.Module):
                     delattr(self, name)
                 self.part_names = ()
         return self._torch
+
+    def _signed_values(self) -> torch.Tensor:
+        """q5's q - 16 or q6's q - 32 as int8 [N, K], unpacked a slice of rows at a time (the int16
+        temporaries of a whole output matrix would be several times its size)."""
+        N, K = self.shape
+        out = torch.empty(N, K, dtype=torch.int8)
+        for start in range(0, N, 1024):
+            rows = slice(start, start + 1024)
+            if self.layout == "q6":
+                out[rows] = (q6_values(self.qs[rows]).short() - 32).to(torch.int8)
+                continue
+            nibbles = self.qs[rows].unflatten(-1, (-1, 16))
+            q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1).short()  # [n, K/32, 32]
+            fifth = (self.qh[rows][..., None] >> torch.arange(QK, dtype=torch.int32)) & 1
+            out[rows] = (q + 16 * fifth - 16).to(torch.int8).flatten(-2)
+        return out
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `index` [...] dequantized -> [..., K] (an embedding lookup)."""

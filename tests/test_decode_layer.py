@@ -206,14 +206,17 @@ def test_prompt_step_matches_model_py(model, rows, padded, start, products, atte
         relative = {"float32": 1e-4, "amx": 1e-3, "bf16": 1e-3}[products] + (
             2e-3 if attention_dtype == "native" else 0.0
         )
-        steps = products == "bf16"
+        # amx_matmul has no q5/q6 unpacking: on an AMX CPU those matrices take the bfloat16 path,
+        # whose outputs are rounded to bfloat16 (a file with them then has both paths' errors)
+        layouts = {m.packed.layout for m in layer.modules() if isinstance(m, packed.PackedLinear)}
+        steps = products == "bf16" or (products == "amx" and bool(layouts & {"q5", "q6"}))
         scale = slow.abs().max().item()
         error = (fast - slow).abs().max().item()
         allowed = relative * scale + steps * (bf16_step(largest["wo"]) + bf16_step(largest["w2"]))
         assert error <= allowed, (
             f"layer {i}: output differs from model.py by {error / scale:.2e} x scale (allowed {allowed / scale:.2e})"
         )
-        for name, rounded_outputs in (("k", 2), ("v", 1)):
+        for name, rounded_outputs in (("k", 2), ("v", 1)):  # steps as above
             a, b = getattr(fast_cache.layers[i], name), getattr(slow_cache.layers[i], name)
             written = (slice(None), slice(None), slice(start, start + T))
             cache_error = (a[written] - b[written]).abs().max().item()

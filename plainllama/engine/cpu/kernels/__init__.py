@@ -36,13 +36,14 @@ import torch
 from ....errors import PlainLlamaError
 
 # cpu_matmul.c (AVX-512) and cpu_matmul_avx2.c hold the same functions; which one a build compiles
-# depends on the instruction sets the compiler is allowed (the other compiles to nothing).
+# depends on the instruction sets the compiler is allowed (the other compiles to nothing); q6_matmul.c
+# holds both widths itself.
 SOURCES = [
     Path(__file__).with_name(name)
     for name in ("cpu_matmul.c", "cpu_matmul_avx2.c", "q6_matmul.c", "amx_matmul.c", "decode_layer.c")
 ]
 HEADER = Path(__file__).with_name("plainllama.h")  # the contract: layouts, status codes, structs, prototypes
-INTERNAL_HEADERS = [Path(__file__).with_name("row_groups.h")]
+INTERNAL_HEADERS = [Path(__file__).with_name(name) for name in ("row_groups.h", "vectors.h")]
 
 
 def _enum(name: str) -> dict[str, tuple[int, str]]:

@@ -35,6 +35,7 @@
 #if KERNELS_AVX512 /* else cpu_matmul_avx2.c holds these functions */
 
 #include "row_groups.h"
+#include "vectors.h"
 
 int kernel_level(void) { return 3; }
 
@@ -397,19 +398,6 @@ int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *ou
 int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out) { return half_matmul(x, M, K, w, N, out, bf16_group); }
 
 /* ---- unpacking to bfloat16, for products with many rows (prefill), done by oneDNN ----------- */
-
-/* 16 floats -> bfloat16, rounded to nearest even: one instruction with AVX-512 BF16; Ice Lake and
- * Tiger Lake have VNNI without it, so there the rounding is done on the bits (the same result for
- * finite values). */
-static inline __m256i to_bf16(__m512 v) {
-#if defined(__AVX512BF16__)
-    return (__m256i)_mm512_cvtneps_pbh(v);
-#else
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
-#endif
-}
 
 int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out) {
     int nb = K / 32;

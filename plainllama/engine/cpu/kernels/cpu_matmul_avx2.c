@@ -31,23 +31,9 @@
 #endif
 
 #include "row_groups.h"
+#include "vectors.h"
 
 int kernel_level(void) { return 2; }
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-/* int32 [8] sums of u[j] * s[j] over groups of four bytes: unsigned u, signed s */
-static inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
 
 /* ---- q4 and q8: one 32-weight block at a time, eight blocks' scales in one vector ------------- */
 
@@ -314,15 +300,6 @@ int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *ou
 int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out) { return half_matmul(x, M, K, w, N, out, bf16_group); }
 
 /* ---- unpacking to bfloat16, for products with many rows (prefill) ---------------------------- */
-
-/* 16 floats -> bfloat16, rounded to nearest even as vcvtneps2bf16 and PyTorch do (finite values) */
-static inline __m256i to_bf16(__m256 lo, __m256 hi) {
-    __m256i a = _mm256_castps_si256(lo), b = _mm256_castps_si256(hi), one = _mm256_set1_epi32(1);
-    __m256i bias = _mm256_set1_epi32(0x7FFF);
-    a = _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(a, 16), one))), 16);
-    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(b, 16), one))), 16);
-    return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8); /* packus works per 128-bit lane */
-}
 
 int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out) {
     size_t nblocks = (size_t)N * (K / 32);

@@ -30,6 +30,7 @@
 
 #include "plainllama.h"
 #include "row_groups.h"
+#include "vectors.h"
 
 #define SUPER 256         /* weights per super-block */
 #define SUPER_BYTES 192   /* bytes of 6-bit values per super-block */
@@ -148,20 +149,6 @@ static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, in
 
 #else /* AVX2 */
 
-static inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 /* Half h of a super-block's four steps (lanes 8h..8h+7) as unsigned bytes q = 0..63 */
 static inline void q6_half_steps(const uint8_t *src, int h, __m256i w[4]) {
     const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03);
@@ -257,15 +244,9 @@ int q6_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc,
 
 /* A super-block's steps back in weight order: within each 128-bit lane, a 4x4 transpose of the
  * 4-byte pieces of the four step vectors gives, in t[p]'s lane L, the 16 values of sub-block
- * 4L + p (steps 0..3, 4 weights each). Each is then d * sc * (q - 32) rounded to bfloat16 (to
- * nearest even, on the bits: as vcvtneps2bf16 for finite values). */
+ * 4L + p (steps 0..3, 4 weights each). Each is then d * sc * (q - 32) rounded to bfloat16
+ * (vectors.h). */
 #if KERNELS_AVX512
-
-static inline __m256i bf16_bits(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
-}
 
 int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out) {
     if (K % SUPER) return STATUS_BAD_WIDTH;
@@ -286,20 +267,13 @@ int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, in
                 int j = 4 * L + p;
                 __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(t[p], L)), _mm512_set1_epi32(32)));
                 __m512 v = _mm512_mul_ps(_mm512_set1_ps(dd * (float)sc[sb * SUBS + j]), q);
-                _mm256_storeu_si256((__m256i *)(out + sb * SUPER + 16 * j), bf16_bits(v));
+                _mm256_storeu_si256((__m256i *)(out + sb * SUPER + 16 * j), to_bf16(v));
             }
     }
     return 0;
 }
 
 #else
-
-static inline __m128i bf16_bits(__m256 v) {
-    __m256i u = _mm256_castps_si256(v);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-}
 
 int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out) {
     if (K % SUPER) return STATUS_BAD_WIDTH;
@@ -323,8 +297,8 @@ int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, in
                     __m256 scale = _mm256_set1_ps(dd * (float)sc[sb * SUBS + j]), offset = _mm256_set1_ps(32.0f);
                     __m256 lo = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), offset));
                     __m256 hi = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))), offset));
-                    _mm_storeu_si128((__m128i *)(out + sb * SUPER + 16 * j), bf16_bits(lo));
-                    _mm_storeu_si128((__m128i *)(out + sb * SUPER + 16 * j + 8), bf16_bits(hi));
+                    _mm_storeu_si128((__m128i *)(out + sb * SUPER + 16 * j), to_bf16_8(lo));
+                    _mm_storeu_si128((__m128i *)(out + sb * SUPER + 16 * j + 8), to_bf16_8(hi));
                 }
         }
     }

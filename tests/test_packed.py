@@ -147,7 +147,8 @@ def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k, is
     """The q4/q5/q8 kernels take 16 blocks (512 weights; 8 blocks at the avx2 level) at a time and x
     rows 4 (avx2: 2) at a time: widths of 2, 18 and 50 blocks leave a partial last group (576 is
     SmolLM2's width), 9 rows of x leave a partial tile, and 5, 7, 10 and 13 weight rows a partial
-    row group. Checked against the float64
+    row group (4 weight rows per work item; 8 for q4/q5 at the avx2 level, so 13 and 10 are a
+    whole group and a partial one). Checked against the float64
     product of the stored numbers, and each row of x against the same row multiplied alone
     (bit-identical: the arithmetic of a row must not depend on the rows beside it)."""
     g = torch.Generator().manual_seed(n * k)

@@ -42,16 +42,19 @@ int kernel_level(void) { return 2; }
 #define X_TILE 2       /* rows of x that share one unpacking of a weight block (registers: 4 x 2 sums) */
 
 /* x quantized to int8 blocks of 32 as cpu_matmul.c does (scale = max|x| / 127, rounded to nearest
- * even), in its natural order: xq [M, nb, 32], dx [M, nb], sx [M, nb] = dx * sum(q). */
+ * even), in its natural order: xq [M, nb, 32], dx [M, nb], sx [M, nb] = dx * sum(q), and
+ * sum8 [M, nb] = 8 * sum(q) (Q4_0's offset, taken out in integers). */
 typedef struct {
     int8_t *xq;
     float *dx, *sx;
+    int32_t *sum8;
 } QuantizedActivations;
 
 static void free_activations(QuantizedActivations *a) {
     free(a->xq);
     free(a->dx);
     free(a->sx);
+    free(a->sum8);
 }
 
 static int quantize_activations(const float *x, int M, int K, QuantizedActivations *a) {
@@ -60,7 +63,8 @@ static int quantize_activations(const float *x, int M, int K, QuantizedActivatio
     a->xq = aligned_alloc(64, blocks * 32);
     a->dx = aligned_alloc(64, (blocks * sizeof(float) + 63) / 64 * 64);
     a->sx = aligned_alloc(64, (blocks * sizeof(float) + 63) / 64 * 64);
-    if (!a->xq || !a->dx || !a->sx) return STATUS_OUT_OF_MEMORY;
+    a->sum8 = aligned_alloc(64, (blocks * sizeof(int32_t) + 63) / 64 * 64);
+    if (!a->xq || !a->dx || !a->sx || !a->sum8) return STATUS_OUT_OF_MEMORY;
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (size_t blk = 0; blk < blocks; blk++) {
@@ -87,6 +91,7 @@ static int quantize_activations(const float *x, int M, int K, QuantizedActivatio
         t = _mm_hadd_epi32(t, t);
         a->dx[blk] = d;
         a->sx[blk] = d * (float)_mm_cvtsi128_si32(t);
+        a->sum8[blk] = 8 * _mm_cvtsi128_si32(t);
     }
     return STATUS_OK;
 }
@@ -126,6 +131,137 @@ static inline __m256i fifth_bits(uint32_t word) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(16));
 }
 
+/* ---- q4 and q5: eight weight rows at a time ----------------------------------------------- */
+
+/* A block's 32 integer dot products for eight weight rows end in one vector, one int32 lane per row,
+ * so that a block costs one convert and one multiply-add per row of x for all eight rows (one per
+ * row otherwise, and a horizontal sum at the end). This is what llama.cpp gains by repacking Q4_0
+ * into 8-row interleaved blocks at load time; here the rows are paired in registers instead, and
+ * the layout stays GGUF's.
+ *
+ * Rows j and j + 4 share a vector (row j in the low 128-bit half, j + 4 in the high one); each half
+ * holds its row's 16 bytes, so `and 0x0F` gives weights 0..15 and the shifted copy 16..31, both in
+ * order, multiplied by x's first and second 16 bytes broadcast to both halves. vpmaddubsw sums pairs
+ * into int16, the two halves' products are added (4 products per int16), vphaddw pairs the words of
+ * rows j and j + 1 (8 products: at most 8 * 31 * 127 = 31496 for q5, so nothing saturates), vpmaddwd
+ * widens to int32, and a last vphaddd leaves lanes 0-3 = rows 0-3 and lanes 4-7 = rows 4-7. Exact,
+ * like every integer step here. */
+#define Q4_ROWS 8 /* weight rows per q4/q5 work item */
+
+/* q5: the fifth bits of two rows' blocks (low half: `low`, high half: `high`; bit k: weight k) as
+ * bytes of 0 or 16 for weights 0..15 (upper = 0) or 16..31 (upper = 1), each half in weight order */
+static inline __m256i fifth_bits_pair(uint32_t low, uint32_t high, int upper) {
+    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1,
+                                          1, 1, 1, 1, 1, 1);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i words = _mm256_set_m128i(_mm_set1_epi32((int)(high >> (16 * upper))), _mm_set1_epi32((int)(low >> (16 * upper))));
+    __m256i bytes = _mm256_and_si256(_mm256_shuffle_epi8(words, pick), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(16));
+}
+
+/* whether `last` (the last byte of a group's scales, `bytes` long) lies in another cache line than
+ * the previous group's last byte: each line of scales is then prefetched once, by the group that
+ * first reaches into it (d and m are [N, nb] float16 and qh [N, nb] int32, rows one after another) */
+static inline int new_line(const void *last, size_t bytes) {
+    return (uintptr_t)last / 64 != ((uintptr_t)last - bytes) / 64;
+}
+
+/* eight vectors of eight floats transposed: out[j] lane i = in[i] lane j */
+static inline void transpose8(const __m256 in[8], __m256 out[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(in[i], in[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(in[i], in[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        out[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+        out[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+    }
+}
+
+/* q4/q5 weight rows n .. n+R-1 (R <= 8) times x rows i0 .. i0+XT-1 -> out. Rows past R multiply
+ * zeros. Per (weight row, x row) the float steps are the same whatever M and the tile (batch
+ * invariance): per block, one multiply-add of the integer sum by d dx and one of m by dx sum(x). */
+static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct *p, int n, int R, int i0, int XT,
+                                                          const uint8_t *ahead) {
+    int nb = p->nb;
+    size_t row_bytes = (size_t)p->K / 2;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[X_TILE], acc_m[X_TILE];
+    for (int i = 0; i < XT; i++) acc[i] = acc_m[i] = _mm256_setzero_ps();
+    for (int g = 0; g < nb; g += GROUP_BLOCKS) {
+        int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
+        __m256 wd[Q4_ROWS], wm[Q4_ROWS]; /* lanes: blocks */
+        for (int r = 0; r < Q4_ROWS; r++) {
+            if (r >= R) {
+                wd[r] = wm[r] = _mm256_setzero_ps();
+                continue;
+            }
+            if (ahead) { /* these blocks of the row PREFETCH_ITEMS work items further on, and their scales
+                          * when a new line of them starts (a prefetch costs as much as a load) */
+                for (size_t line = 0; line < GROUP_BLOCKS * 16; line += 64)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 16 + line), PREFETCH_HINT);
+                size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q4_ROWS) * nb + g;
+                if (new_line(p->d + later + GROUP_BLOCKS - 1, 2 * GROUP_BLOCKS)) {
+                    _mm_prefetch((const char *)(p->d + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                    if (p->m) _mm_prefetch((const char *)(p->m + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                }
+                if (p->qh && new_line(p->qh + later + GROUP_BLOCKS - 1, 4 * GROUP_BLOCKS))
+                    _mm_prefetch((const char *)(p->qh + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+            }
+            wd[r] = load_halves(p->d + (size_t)(n + r) * nb + g, blocks);
+            if (p->m) wm[r] = load_halves(p->m + (size_t)(n + r) * nb + g, blocks);
+        }
+        __m256 rows_d[GROUP_BLOCKS], rows_m[GROUP_BLOCKS]; /* [block], lanes: rows */
+        transpose8(wd, rows_d);
+        if (p->m) transpose8(wm, rows_m);
+        for (int b = 0; b < blocks; b++) {
+            __m256i lo[4], hi[4]; /* rows j (low half) and j + 4 (high half): weights 0..15 / 16..31 */
+            for (int j = 0; j < 4; j++) {
+                const uint8_t *first = (const uint8_t *)p->qs + (size_t)(n + j) * row_bytes + (size_t)(g + b) * 16;
+                __m128i a = j < R ? _mm_loadu_si128((const __m128i *)first) : _mm_setzero_si128();
+                __m128i c = j + 4 < R ? _mm_loadu_si128((const __m128i *)(first + 4 * row_bytes)) : _mm_setzero_si128();
+                __m256i both = _mm256_set_m128i(c, a);
+                lo[j] = _mm256_and_si256(both, low4);
+                hi[j] = _mm256_and_si256(_mm256_srli_epi16(both, 4), low4);
+                if (p->qh) {
+                    const uint32_t *qh = p->qh + (size_t)(n + j) * nb + g + b;
+                    uint32_t wa = j < R ? qh[0] : 0, wc = j + 4 < R ? qh[4 * (size_t)nb] : 0;
+                    lo[j] = _mm256_or_si256(lo[j], fifth_bits_pair(wa, wc, 0));
+                    hi[j] = _mm256_or_si256(hi[j], fifth_bits_pair(wa, wc, 1));
+                }
+            }
+            for (int i = 0; i < XT; i++) {
+                size_t at = (size_t)(i0 + i) * nb + g + b;
+                const __m128i *xb = (const __m128i *)(p->xa.xq + at * 32);
+                __m256i x_lo = _mm256_broadcastsi128_si256(_mm_load_si128(xb)), x_hi = _mm256_broadcastsi128_si256(_mm_load_si128(xb + 1));
+                __m256i v[4];
+                for (int j = 0; j < 4; j++)
+                    v[j] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], x_lo), _mm256_maddubs_epi16(hi[j], x_hi));
+                __m256i dot = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_hadd_epi16(v[0], v[1]), ones),
+                                                _mm256_madd_epi16(_mm256_hadd_epi16(v[2], v[3]), ones));
+                if (!p->m) { /* Q4_0: sum (q - 8) x, Q5_0: sum (q - 16) x, in integers */
+                    __m256i offset = _mm256_set1_epi32(p->xa.sum8[at]);
+                    dot = _mm256_sub_epi32(dot, p->qh ? _mm256_add_epi32(offset, offset) : offset);
+                }
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(rows_d[b], _mm256_broadcast_ss(p->xa.dx + at)), acc[i]);
+                if (p->m) acc_m[i] = _mm256_fmadd_ps(rows_m[b], _mm256_broadcast_ss(p->xa.sx + at), acc_m[i]);
+            }
+        }
+    }
+    for (int i = 0; i < XT; i++) {
+        float lanes[8] __attribute__((aligned(32)));
+        _mm256_store_ps(lanes, _mm256_add_ps(acc[i], acc_m[i]));
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = lanes[r];
+    }
+}
+
 /* Weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out; R and XT constants at each call. */
 static inline __attribute__((always_inline)) void quantized_tile(const QuantizedProduct *p, int q8, int n, int R,
                                                                  int i0, int XT, const uint8_t *ahead) {
@@ -136,8 +272,12 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
         for (int i = 0; i < XT; i++) acc[r][i] = _mm256_setzero_ps();
     for (int g = 0; g < nb; g += GROUP_BLOCKS) {
         int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
+        /* Each (weight row, x row) sum takes one multiply-add per block in block order; the rows are
+         * interleaved within a block so that R x XT independent chains hide the multiply-add's
+         * latency (rows one after another, a single chain ran at one block per ~6 cycles). */
+        float scale[W_ROWS][X_TILE][GROUP_BLOCKS] __attribute__((aligned(32)));
+        __m256 wm[W_ROWS];
         for (int r = 0; r < R; r++) {
-            const uint8_t *row = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes;
             if (ahead) { /* these blocks of the row PREFETCH_ITEMS * W_ROWS further on, and their scales */
                 for (size_t line = 0; line < GROUP_BLOCKS * block_bytes; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * block_bytes + line), PREFETCH_HINT);
@@ -147,72 +287,86 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
                 if (p->qh) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
             }
             __m256 wd = load_halves(p->d + (size_t)(n + r) * nb + g, blocks);
-            __m256 wm = q8 ? wd : p->m ? load_halves(p->m + (size_t)(n + r) * nb + g, blocks)
-                                       : _mm256_mul_ps(wd, _mm256_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
-            const uint32_t *qh = p->qh ? p->qh + (size_t)(n + r) * nb + g : NULL;
-            float scale[X_TILE][GROUP_BLOCKS] __attribute__((aligned(32)));
+            wm[r] = q8 ? wd : p->m ? load_halves(p->m + (size_t)(n + r) * nb + g, blocks)
+                                   : _mm256_mul_ps(wd, _mm256_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
             for (int i = 0; i < XT; i++) {
                 size_t at = (size_t)(i0 + i) * nb + g;
                 __m256 dx = blocks == GROUP_BLOCKS ? _mm256_loadu_ps(p->xa.dx + at)
                                                    : _mm256_maskload_ps(p->xa.dx + at, _mm256_cmpgt_epi32(_mm256_set1_epi32(blocks), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-                _mm256_store_ps(scale[i], _mm256_mul_ps(wd, dx));
+                _mm256_store_ps(scale[r][i], _mm256_mul_ps(wd, dx));
             }
-            for (int b = 0; b < blocks; b++) {
-                const uint8_t *src = row + (size_t)(g + b) * block_bytes;
-                __m256i w = q8 ? _mm256_abs_epi8(_mm256_loadu_si256((const __m256i *)src)) : q4_block(src);
-                if (!q8 && qh) w = _mm256_or_si256(w, fifth_bits(qh[b]));
-                for (int i = 0; i < XT; i++) {
-                    __m256i xq = _mm256_load_si256((const __m256i *)(p->xa.xq + ((size_t)(i0 + i) * nb + g + b) * 32));
-                    if (q8) xq = _mm256_sign_epi8(xq, _mm256_loadu_si256((const __m256i *)src)); /* |w| x sign(w) */
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(w, xq)), _mm256_set1_ps(scale[i][b]), acc[r][i]);
-                }
-            }
-            if (!q8) /* + m dx sum(x) per block */
-                for (int i = 0; i < XT; i++) {
-                    size_t at = (size_t)(i0 + i) * nb + g;
-                    __m256 sx = blocks == GROUP_BLOCKS ? _mm256_loadu_ps(p->xa.sx + at)
-                                                       : _mm256_maskload_ps(p->xa.sx + at, _mm256_cmpgt_epi32(_mm256_set1_epi32(blocks), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-                    acc[r][i] = _mm256_fmadd_ps(wm, sx, acc[r][i]);
-                }
         }
+        for (int b = 0; b < blocks; b++) {
+            __m256i xq[X_TILE];
+            for (int i = 0; i < XT; i++) xq[i] = _mm256_load_si256((const __m256i *)(p->xa.xq + ((size_t)(i0 + i) * nb + g + b) * 32));
+            for (int r = 0; r < R; r++) {
+                const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + (size_t)(g + b) * block_bytes;
+                __m256i w = q8 ? _mm256_abs_epi8(_mm256_loadu_si256((const __m256i *)src)) : q4_block(src);
+                if (!q8 && p->qh) w = _mm256_or_si256(w, fifth_bits(p->qh[(size_t)(n + r) * nb + g + b]));
+                for (int i = 0; i < XT; i++) {
+                    __m256i xs = q8 ? _mm256_sign_epi8(xq[i], _mm256_loadu_si256((const __m256i *)src)) : xq[i]; /* |w| x sign(w) */
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(w, xs)), _mm256_set1_ps(scale[r][i][b]), acc[r][i]);
+                }
+            }
+        }
+        if (!q8) /* + m dx sum(x) per block */
+            for (int i = 0; i < XT; i++) {
+                size_t at = (size_t)(i0 + i) * nb + g;
+                __m256 sx = blocks == GROUP_BLOCKS ? _mm256_loadu_ps(p->xa.sx + at)
+                                                   : _mm256_maskload_ps(p->xa.sx + at, _mm256_cmpgt_epi32(_mm256_set1_epi32(blocks), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+                for (int r = 0; r < R; r++) acc[r][i] = _mm256_fmadd_ps(wm[r], sx, acc[r][i]);
+            }
     }
     for (int i = 0; i < XT; i++)
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = hsum8(acc[r][i]);
 }
 
 typedef void TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead);
-#define TILE(Q8, R, XT)                                                                              \
-    static void tile_##Q8##_##R##_##XT(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
-        quantized_tile(p, Q8, n, R, i0, XT, ahead);                                                  \
+#define Q8_TILE(R, XT)                                                                               \
+    static void q8_tile_##R##_##XT(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
+        quantized_tile(p, 1, n, R, i0, XT, ahead);                                                   \
     }
-#define TILES_FOR(Q8, R) TILE(Q8, R, 1) TILE(Q8, R, 2)
-TILES_FOR(0, 1) TILES_FOR(0, 2) TILES_FOR(0, 3) TILES_FOR(0, 4)
-TILES_FOR(1, 1) TILES_FOR(1, 2) TILES_FOR(1, 3) TILES_FOR(1, 4)
-#define TILE_ROW(Q8, R) {tile_##Q8##_##R##_1, tile_##Q8##_##R##_2}
-static TileFn *const TILES[2][W_ROWS][X_TILE] = {
-    {TILE_ROW(0, 1), TILE_ROW(0, 2), TILE_ROW(0, 3), TILE_ROW(0, 4)},
-    {TILE_ROW(1, 1), TILE_ROW(1, 2), TILE_ROW(1, 3), TILE_ROW(1, 4)},
-};
+#define Q8_TILES_FOR(R) Q8_TILE(R, 1) Q8_TILE(R, 2)
+Q8_TILES_FOR(1) Q8_TILES_FOR(2) Q8_TILES_FOR(3) Q8_TILES_FOR(4)
+#define Q8_TILE_ROW(R) {q8_tile_##R##_1, q8_tile_##R##_2}
+static TileFn *const Q8_TILES[W_ROWS][X_TILE] = {Q8_TILE_ROW(1), Q8_TILE_ROW(2), Q8_TILE_ROW(3), Q8_TILE_ROW(4)};
 
-static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
+static void q8_group(const void *product, int gi) {
+    const QuantizedProduct *p = product;
     int n = gi * W_ROWS, R = p->N - n < W_ROWS ? p->N - n : W_ROWS;
-    size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2;
     const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
-        n + (PREFETCH_ITEMS + 1) * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * W_ROWS) * row_bytes : NULL;
+        n + (PREFETCH_ITEMS + 1) * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * W_ROWS) * p->K : NULL;
     for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
         int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
-        TILES[q8][R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
+        Q8_TILES[R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
     }
 }
-static void q4_group(const void *product, int gi) { quantized_group(product, gi, 0); }
-static void q8_group(const void *product, int gi) { quantized_group(product, gi, 1); }
+
+/* q4: eight rows with the loops unrolled, or a matrix's last rows when N is not a multiple of 8 */
+static void q4_tile_8_1(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { q4_tile(p, n, Q4_ROWS, i0, 1, ahead); }
+static void q4_tile_8_2(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { q4_tile(p, n, Q4_ROWS, i0, 2, ahead); }
+static void q4_tile_rest(const QuantizedProduct *p, int n, int R, int i0, int XT) { q4_tile(p, n, R, i0, XT, NULL); }
+
+static void q4_group(const void *product, int gi) {
+    const QuantizedProduct *p = product;
+    int n = gi * Q4_ROWS, R = p->N - n < Q4_ROWS ? p->N - n : Q4_ROWS;
+    const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
+        n + (PREFETCH_ITEMS + 1) * Q4_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * Q4_ROWS) * (p->K / 2) : NULL;
+    for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
+        int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
+        if (R < Q4_ROWS)
+            q4_tile_rest(p, n, R, i0, XT);
+        else
+            (XT == 2 ? q4_tile_8_2 : q4_tile_8_1)(p, n, i0, i0 == 0 ? ahead : NULL);
+    }
+}
 
 static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint32_t *qh, const uint16_t *d,
                             const uint16_t *m, int N, float *out, int q8) {
     if (K % 64) return STATUS_BAD_WIDTH;
     QuantizedProduct p = {M, K, N, K / 32, qs, d, m, qh, {0}, out};
     int status = quantize_activations(x, M, K, &p.xa);
-    if (status == STATUS_OK) for_each_group((N + W_ROWS - 1) / W_ROWS, q8 ? q8_group : q4_group, &p);
+    if (status == STATUS_OK) for_each_group(q8 ? (N + W_ROWS - 1) / W_ROWS : (N + Q4_ROWS - 1) / Q4_ROWS, q8 ? q8_group : q4_group, &p);
     free_activations(&p.xa);
     return status;
 }

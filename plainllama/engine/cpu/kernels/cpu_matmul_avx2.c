@@ -35,11 +35,11 @@
 
 int kernel_level(void) { return 2; }
 
-/* ---- q4 and q8: one 32-weight block at a time, eight blocks' scales in one vector ------------- */
+/* ---- q4, q5 and q8: x in int8 blocks, eight blocks' scales in one vector --------------------- */
 
 #define GROUP_BLOCKS 8 /* blocks whose scales are converted and multiplied together */
-#define W_ROWS 4       /* weight rows per thread work item (and per prefetch distance) */
-#define X_TILE 2       /* rows of x that share one unpacking of a weight block (registers: 4 x 2 sums) */
+#define W_ROWS 4       /* q8 weight rows per thread work item (q4/q5: Q4_ROWS below) */
+#define X_TILE 2       /* rows of x that share one unpacking of a weight block */
 
 /* x quantized to int8 blocks of 32 as cpu_matmul.c does (scale = max|x| / 127, rounded to nearest
  * even), in its natural order: xq [M, nb, 32], dx [M, nb], sx [M, nb] = dx * sum(q), and
@@ -114,7 +114,7 @@ static inline __m256 load_halves(const uint16_t *p, int count) {
 }
 
 /* A q4 block (16 bytes: byte j holds weight j in its low nibble and j + 16 in its high one) as 32
- * unsigned bytes 0..15 in weight order. */
+ * unsigned bytes 0..15 in weight order (for the unpacking to bfloat16 below). */
 static inline __m256i q4_block(const uint8_t *src) {
     __m128i packed = _mm_loadu_si128((const __m128i *)src);
     __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
@@ -145,7 +145,13 @@ static inline __m256i fifth_bits(uint32_t word) {
  * into int16, the two halves' products are added (4 products per int16), vphaddw pairs the words of
  * rows j and j + 1 (8 products: at most 8 * 31 * 127 = 31496 for q5, so nothing saturates), vpmaddwd
  * widens to int32, and a last vphaddd leaves lanes 0-3 = rows 0-3 and lanes 4-7 = rows 4-7. Exact,
- * like every integer step here. */
+ * like every integer step here.
+ *
+ * Measured (AMD Zen 5 capped at AVX2, M = 1, old and new libraries in one harness): one core on a
+ * [512 x 2048] matrix in L2, 1.29 -> 1.01 ns per block and weight row; two cores on 64 MB from
+ * memory, 18.3 -> 21.5 GB/s (the AVX-512 kernel: 30.6). Whole-model decode against llama.cpp built
+ * for AVX2: docs/performance.md. Rows 16 ahead (PREFETCH_ITEMS work items) measured best of 8, 16
+ * and 32; into L1 instead of L2, 15.8 GB/s. */
 #define Q4_ROWS 8 /* weight rows per q4/q5 work item */
 
 /* q5: the fifth bits of two rows' blocks (low half: `low`, high half: `high`; bit k: weight k) as
@@ -262,33 +268,29 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
     }
 }
 
-/* Weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out; R and XT constants at each call. */
-static inline __attribute__((always_inline)) void quantized_tile(const QuantizedProduct *p, int q8, int n, int R,
-                                                                 int i0, int XT, const uint8_t *ahead) {
+/* ---- q8: four weight rows at a time ------------------------------------------------------- */
+
+/* q8 weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out; R and XT constants at each call.
+ * Each (weight row, x row) sum takes one multiply-add per block in block order; the rows are
+ * interleaved within a block so that R x XT independent chains hide the multiply-add's latency
+ * (rows one after another, a single chain ran at one block per ~6 cycles). */
+static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct *p, int n, int R, int i0, int XT,
+                                                          const uint8_t *ahead) {
     int nb = p->nb;
-    size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2, block_bytes = q8 ? 32 : 16;
+    size_t row_bytes = (size_t)p->K;
     __m256 acc[W_ROWS][X_TILE];
     for (int r = 0; r < R; r++)
         for (int i = 0; i < XT; i++) acc[r][i] = _mm256_setzero_ps();
     for (int g = 0; g < nb; g += GROUP_BLOCKS) {
         int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
-        /* Each (weight row, x row) sum takes one multiply-add per block in block order; the rows are
-         * interleaved within a block so that R x XT independent chains hide the multiply-add's
-         * latency (rows one after another, a single chain ran at one block per ~6 cycles). */
         float scale[W_ROWS][X_TILE][GROUP_BLOCKS] __attribute__((aligned(32)));
-        __m256 wm[W_ROWS];
         for (int r = 0; r < R; r++) {
             if (ahead) { /* these blocks of the row PREFETCH_ITEMS * W_ROWS further on, and their scales */
-                for (size_t line = 0; line < GROUP_BLOCKS * block_bytes; line += 64)
-                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * block_bytes + line), PREFETCH_HINT);
-                size_t later = (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + g;
-                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
-                if (p->m) _mm_prefetch((const char *)(p->m + later), PREFETCH_HINT);
-                if (p->qh) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
+                for (size_t line = 0; line < GROUP_BLOCKS * 32; line += 64)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 32 + line), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->d + (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + g), PREFETCH_HINT);
             }
             __m256 wd = load_halves(p->d + (size_t)(n + r) * nb + g, blocks);
-            wm[r] = q8 ? wd : p->m ? load_halves(p->m + (size_t)(n + r) * nb + g, blocks)
-                                   : _mm256_mul_ps(wd, _mm256_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
             for (int i = 0; i < XT; i++) {
                 size_t at = (size_t)(i0 + i) * nb + g;
                 __m256 dx = blocks == GROUP_BLOCKS ? _mm256_loadu_ps(p->xa.dx + at)
@@ -300,22 +302,13 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
             __m256i xq[X_TILE];
             for (int i = 0; i < XT; i++) xq[i] = _mm256_load_si256((const __m256i *)(p->xa.xq + ((size_t)(i0 + i) * nb + g + b) * 32));
             for (int r = 0; r < R; r++) {
-                const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + (size_t)(g + b) * block_bytes;
-                __m256i w = q8 ? _mm256_abs_epi8(_mm256_loadu_si256((const __m256i *)src)) : q4_block(src);
-                if (!q8 && p->qh) w = _mm256_or_si256(w, fifth_bits(p->qh[(size_t)(n + r) * nb + g + b]));
-                for (int i = 0; i < XT; i++) {
-                    __m256i xs = q8 ? _mm256_sign_epi8(xq[i], _mm256_loadu_si256((const __m256i *)src)) : xq[i]; /* |w| x sign(w) */
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(w, xs)), _mm256_set1_ps(scale[r][i][b]), acc[r][i]);
-                }
+                const __m256i *src = (const __m256i *)((const int8_t *)p->qs + (size_t)(n + r) * row_bytes + (size_t)(g + b) * 32);
+                __m256i w = _mm256_loadu_si256(src);
+                for (int i = 0; i < XT; i++) /* |w| times x with w's sign */
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(w), _mm256_sign_epi8(xq[i], w))),
+                                                _mm256_set1_ps(scale[r][i][b]), acc[r][i]);
             }
         }
-        if (!q8) /* + m dx sum(x) per block */
-            for (int i = 0; i < XT; i++) {
-                size_t at = (size_t)(i0 + i) * nb + g;
-                __m256 sx = blocks == GROUP_BLOCKS ? _mm256_loadu_ps(p->xa.sx + at)
-                                                   : _mm256_maskload_ps(p->xa.sx + at, _mm256_cmpgt_epi32(_mm256_set1_epi32(blocks), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-                for (int r = 0; r < R; r++) acc[r][i] = _mm256_fmadd_ps(wm[r], sx, acc[r][i]);
-            }
     }
     for (int i = 0; i < XT; i++)
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = hsum8(acc[r][i]);
@@ -324,7 +317,7 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
 typedef void TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead);
 #define Q8_TILE(R, XT)                                                                               \
     static void q8_tile_##R##_##XT(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
-        quantized_tile(p, 1, n, R, i0, XT, ahead);                                                   \
+        q8_tile(p, n, R, i0, XT, ahead);                                                             \
     }
 #define Q8_TILES_FOR(R) Q8_TILE(R, 1) Q8_TILE(R, 2)
 Q8_TILES_FOR(1) Q8_TILES_FOR(2) Q8_TILES_FOR(3) Q8_TILES_FOR(4)

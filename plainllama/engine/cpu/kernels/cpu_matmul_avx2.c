@@ -195,7 +195,7 @@ static inline void transpose8(const __m256 in[8], __m256 out[8]) {
  * zeros. Per (weight row, x row) the float steps are the same whatever M and the tile (batch
  * invariance): per block, one multiply-add of the integer sum by d dx and one of m by dx sum(x). */
 static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct *p, int n, int R, int i0, int XT,
-                                                          const uint8_t *ahead) {
+                                                          const uint8_t *ahead, int has_m, int has_qh) {
     int nb = p->nb;
     size_t row_bytes = (size_t)p->K / 2;
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -216,17 +216,17 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
                 size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q4_ROWS) * nb + g;
                 if (new_line(p->d + later + GROUP_BLOCKS - 1, 2 * GROUP_BLOCKS)) {
                     _mm_prefetch((const char *)(p->d + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
-                    if (p->m) _mm_prefetch((const char *)(p->m + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                    if (has_m) _mm_prefetch((const char *)(p->m + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
                 }
-                if (p->qh && new_line(p->qh + later + GROUP_BLOCKS - 1, 4 * GROUP_BLOCKS))
+                if (has_qh && new_line(p->qh + later + GROUP_BLOCKS - 1, 4 * GROUP_BLOCKS))
                     _mm_prefetch((const char *)(p->qh + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
             }
             wd[r] = load_halves(p->d + (size_t)(n + r) * nb + g, blocks);
-            if (p->m) wm[r] = load_halves(p->m + (size_t)(n + r) * nb + g, blocks);
+            if (has_m) wm[r] = load_halves(p->m + (size_t)(n + r) * nb + g, blocks);
         }
         __m256 rows_d[GROUP_BLOCKS], rows_m[GROUP_BLOCKS]; /* [block], lanes: rows */
         transpose8(wd, rows_d);
-        if (p->m) transpose8(wm, rows_m);
+        if (has_m) transpose8(wm, rows_m);
         for (int b = 0; b < blocks; b++) {
             __m256i lo[4], hi[4]; /* rows j (low half) and j + 4 (high half): weights 0..15 / 16..31 */
             for (int j = 0; j < 4; j++) {
@@ -236,7 +236,7 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
                 __m256i both = _mm256_set_m128i(c, a);
                 lo[j] = _mm256_and_si256(both, low4);
                 hi[j] = _mm256_and_si256(_mm256_srli_epi16(both, 4), low4);
-                if (p->qh) {
+                if (has_qh) {
                     const uint32_t *qh = p->qh + (size_t)(n + j) * nb + g + b;
                     uint32_t wa = j < R ? qh[0] : 0, wc = j + 4 < R ? qh[4 * (size_t)nb] : 0;
                     lo[j] = _mm256_or_si256(lo[j], fifth_bits_pair(wa, wc, 0));
@@ -252,12 +252,12 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
                     v[j] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], x_lo), _mm256_maddubs_epi16(hi[j], x_hi));
                 __m256i dot = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_hadd_epi16(v[0], v[1]), ones),
                                                 _mm256_madd_epi16(_mm256_hadd_epi16(v[2], v[3]), ones));
-                if (!p->m) { /* Q4_0: sum (q - 8) x, Q5_0: sum (q - 16) x, in integers */
+                if (!has_m) { /* Q4_0: sum (q - 8) x, Q5_0: sum (q - 16) x, in integers */
                     __m256i offset = _mm256_set1_epi32(p->xa.sum8[at]);
-                    dot = _mm256_sub_epi32(dot, p->qh ? _mm256_add_epi32(offset, offset) : offset);
+                    dot = _mm256_sub_epi32(dot, has_qh ? _mm256_add_epi32(offset, offset) : offset);
                 }
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(rows_d[b], _mm256_broadcast_ss(p->xa.dx + at)), acc[i]);
-                if (p->m) acc_m[i] = _mm256_fmadd_ps(rows_m[b], _mm256_broadcast_ss(p->xa.sx + at), acc_m[i]);
+                if (has_m) acc_m[i] = _mm256_fmadd_ps(rows_m[b], _mm256_broadcast_ss(p->xa.sx + at), acc_m[i]);
             }
         }
     }
@@ -335,10 +335,20 @@ static void q8_group(const void *product, int gi) {
     }
 }
 
-/* q4: eight rows with the loops unrolled, or a matrix's last rows when N is not a multiple of 8 */
-static void q4_tile_8_1(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { q4_tile(p, n, Q4_ROWS, i0, 1, ahead); }
-static void q4_tile_8_2(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { q4_tile(p, n, Q4_ROWS, i0, 2, ahead); }
-static void q4_tile_rest(const QuantizedProduct *p, int n, int R, int i0, int XT) { q4_tile(p, n, R, i0, XT, NULL); }
+/* q4: eight rows with the loops unrolled, for each kind of block (with or without minimums and fifth
+ * bits: constants, so that the compiler keeps the sums in registers), or a matrix's last rows when N
+ * is not a multiple of 8 */
+#define Q4_TILE(XT, M, QH)                                                                            \
+    static void q4_tile_##XT##_##M##QH(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
+        q4_tile(p, n, Q4_ROWS, i0, XT, ahead, M, QH);                                                 \
+    }
+#define Q4_TILES_FOR(M, QH) Q4_TILE(1, M, QH) Q4_TILE(2, M, QH)
+Q4_TILES_FOR(0, 0) Q4_TILES_FOR(0, 1) Q4_TILES_FOR(1, 0) Q4_TILES_FOR(1, 1)
+#define Q4_TILE_KINDS(XT) {{q4_tile_##XT##_00, q4_tile_##XT##_01}, {q4_tile_##XT##_10, q4_tile_##XT##_11}}
+static TileFn *const Q4_TILES[X_TILE][2][2] = {Q4_TILE_KINDS(1), Q4_TILE_KINDS(2)}; /* [XT - 1][m][qh] */
+static void q4_tile_rest(const QuantizedProduct *p, int n, int R, int i0, int XT) {
+    q4_tile(p, n, R, i0, XT, NULL, p->m != NULL, p->qh != NULL);
+}
 
 static void q4_group(const void *product, int gi) {
     const QuantizedProduct *p = product;
@@ -350,7 +360,7 @@ static void q4_group(const void *product, int gi) {
         if (R < Q4_ROWS)
             q4_tile_rest(p, n, R, i0, XT);
         else
-            (XT == 2 ? q4_tile_8_2 : q4_tile_8_1)(p, n, i0, i0 == 0 ? ahead : NULL);
+            Q4_TILES[XT - 1][p->m != NULL][p->qh != NULL](p, n, i0, i0 == 0 ? ahead : NULL);
     }
 }
 

@@ -7,6 +7,9 @@ what each layout holds; float64 products of the same numbers for what the kernel
 same model loaded with float weights for the whole forward pass; llama.cpp for the default model.
 """
 
+import gc
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -387,3 +390,48 @@ def test_amx_products_are_float32_sums_of_bfloat16_products(layout, rows, n, k):
     relative = ((out.double() - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
     assert relative < 1e-5
     assert torch.isfinite(out).all()
+
+
+def _anon_huge_kib(address: int) -> int | None:
+    """AnonHugePages of the mapping holding `address` (/proc/self/smaps), None if no mapping does."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return None
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_resident_weights_are_placed_on_huge_pages():
+    """memory.empty_for_weights: a large weight built while loading lies on 2 MiB pages (the kernel's
+    own count, /proc/self/smaps), starts on a 2 MiB boundary, holds what the file holds, and its
+    mapping goes away with it; outside loading, and for small tensors, it is a plain torch.empty."""
+    from plainllama.engine.memory import HUGE_PAGE, empty_for_weights, weights_on_huge_pages
+
+    packed = plainllama.load(device="cpu")
+    table = packed.model.tok_embeddings.packed  # SmolLM2's 49152 x 576 Q8_0 table: 27 MiB of int8
+    assert table.qs.data_ptr() % HUGE_PAGE == 0
+    assert _anon_huge_kib(table.qs.data_ptr()) >= 2048
+    ids = torch.tensor([0, 1, 2, 49151])
+    floats = plainllama.load(device="cpu", dequantize=True).model.tok_embeddings(ids[None])[0]
+    assert torch.equal(table.rows(ids, torch.float32), floats)
+
+    assert empty_for_weights((4096, 4096), torch.uint8).untyped_storage().resizable()  # torch's own: not loading
+    with weights_on_huge_pages():
+        small = empty_for_weights((1000,), torch.float32)
+        big = empty_for_weights((3, 4096, 1024), torch.float16)
+    assert small.untyped_storage().resizable() and not big.untyped_storage().resizable()
+    assert big.shape == (3, 4096, 1024) and big.dtype == torch.float16
+    big.fill_(1.5)
+    address = big.data_ptr()
+    assert _anon_huge_kib(address) >= 2048 and torch.all(big == 1.5)
+    del big
+    gc.collect()
+    assert _anon_huge_kib(address) is None  # unmapped with the tensor

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import PlainLlamaError
 from ..formats import Checkpoint
 from ..formats.checkpoint import CheckpointTensor, expected_shapes
-from .memory import give_freed_memory_back, release
+from .memory import give_freed_memory_back, release, weights_on_huge_pages
 from .cpu.decode_block import kernel_block
 from ..model import FUSED, Transformer, TransformerBlock, fused_name
 from .cpu.packed import (
@@ -319,9 +319,10 @@ def build_model(
     if torch_forms:
         give_freed_memory_back()  # the stored parts, let go as each matrix is converted, leave the process
     shared: dict = {}
-    builder.fill(
-        model, {t: n for t, n in builder.groups.items() if not t.startswith("layers.")}, checkpoint, shared=shared
-    )
+    with weights_on_huge_pages():  # the layers that stay in memory (memory.py says why)
+        builder.fill(
+            model, {t: n for t, n in builder.groups.items() if not t.startswith("layers.")}, checkpoint, shared=shared
+        )
     if torch_forms:
         _torch_products(model)  # the output projection (a tied table keeps its rows for the lookups)
     for i in range(checkpoint.args.n_layers):
@@ -329,7 +330,8 @@ def build_model(
             model.layers[i] = streamer.block(i)
         else:
             block = builder.new_block()
-            builder.fill(block, builder.layer_groups(i), checkpoint, prefix=f"layers.{i}.")
+            with weights_on_huge_pages():
+                builder.fill(block, builder.layer_groups(i), checkpoint, prefix=f"layers.{i}.")
             if torch_forms:
                 _torch_products(block)
             model.layers[i] = kernel_block(block)  # decode steps in one C call where the weights allow

@@ -1,4 +1,4 @@
-"""Giving memory back while a model loads.
+"""Giving memory back while a model loads, and placing the weights a decode step streams.
 
 A memory-mapped checkpoint's pages count as the process's memory once read. When a tensor is
 converted into new memory (bfloat16 file -> float32 model), its source pages are not needed any
@@ -10,8 +10,11 @@ For a file mapping this only drops them from this process; read again, they come
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import sys
+import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -72,4 +75,65 @@ def release(source: torch.Tensor, result: torch.Tensor) -> None:
         _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
-__all__ = ["forget", "give_freed_memory_back", "keep", "release"]
+# ---- weights on transparent huge pages ------------------------------------------------------
+#
+# A decode step reads every weight once, front to back: hundreds of megabytes per token. With 4 KiB
+# pages that is a TLB miss every 4 KiB, and the CPU's stream prefetchers stop at each page boundary;
+# on 2 MiB pages they run on. Measured on AMD Zen 5 (2 threads, a Q4_0 product [16384 x 2048] over
+# 8 copies, alternating in one process): 20.9 -> 28.7 and 24.3 -> 29.0 GB/s. Linux gives huge pages
+# to anonymous memory only where asked (transparent_hugepage=madvise, the usual default), and only
+# when the memory is first touched, so the weights are placed in fresh mappings advised before they
+# are written. Only for the layers that stay in memory: streamed layers are built on every pass,
+# where finding free 2 MiB pages can make the kernel compact memory first.
+
+HUGE_PAGE = 2 << 20
+HUGE_PAGES_FROM = HUGE_PAGE  # smaller tensors cannot hold one
+_placing = threading.local()
+
+
+@contextmanager
+def weights_on_huge_pages():
+    """Within this block, on this thread, `empty_for_weights` places large tensors on huge pages."""
+    before = getattr(_placing, "huge", False)
+    _placing.huge = True
+    try:
+        yield
+    finally:
+        _placing.huge = before
+
+
+def _address(mapping: mmap.mmap) -> int:
+    view = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view  # the buffer export, or the mapping could never be closed
+
+
+def empty_for_weights(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty(shape, dtype), on transparent huge pages inside `weights_on_huge_pages` when the
+    tensor is large and the system can: a mapping of its own (freed with the tensor), advised
+    MADV_HUGEPAGE before anything touches it, the tensor starting on a 2 MiB boundary. The mapping
+    ends where the tensor does, so its last partial 2 MiB stays on small pages (nothing is
+    allocated beyond the tensor's bytes)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not getattr(_placing, "huge", False) or nbytes < HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    # private: a shared anonymous mapping is shared memory, whose huge pages are a separate setting
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -_address(mapping) % HUGE_PAGE
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    except OSError:
+        pass  # no huge pages here: small ones serve the same
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start).view(dtype).view(shape)
+
+
+__all__ = [
+    "empty_for_weights",
+    "forget",
+    "give_freed_memory_back",
+    "keep",
+    "release",
+    "weights_on_huge_pages",
+]

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from ..memory import empty_for_weights
 from .torch_products import HalfProduct, Int4Product, Int8BlockProduct
 from ...formats.checkpoint import STORED_DTYPES
 from ...formats.gguf_quants import BLOCK_FORMATS, QK, QK_K, _k_scales_mins, dequantize, q6_k_values
@@ -102,7 +103,10 @@ def adjacent(tensors: list[torch.Tensor]) -> bool:
 def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors concatenated by rows: a view where they are `adjacent`, else a copy."""
     if not adjacent(tensors):
-        return torch.cat(tensors)
+        if tensors[0].device.type != "cpu":
+            return torch.cat(tensors)
+        rows = sum(t.shape[0] for t in tensors)
+        return torch.cat(tensors, out=empty_for_weights((rows, *tensors[0].shape[1:]), tensors[0].dtype))
     first = tensors[0]
     rows = sum(t.shape[0] for t in tensors)
     # torch's stubs lack set_'s form without strides
@@ -411,11 +415,13 @@ def _field(blocks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Bytes start..stop of every block, copied out: [n, stop - start] uint8. Copied as the widest
     integers the layout allows, which is several times faster than byte by byte (this copy is most
     of the work of turning a streamed Q4_0 layer's bytes into the kernels' layout; docs/performance.md)."""
+    out = empty_for_weights((blocks.shape[0], stop - start), torch.uint8)
     for dtype in (torch.int64, torch.int32, torch.int16):
         size = dtype.itemsize
         if blocks.shape[1] % size == 0 and start % size == 0 and stop % size == 0 and blocks.data_ptr() % size == 0:
-            return blocks.view(dtype)[:, start // size : stop // size].contiguous().view(torch.uint8)
-    return blocks[:, start:stop].contiguous()
+            out.view(dtype).copy_(blocks.view(dtype)[:, start // size : stop // size])
+            return out
+    return out.copy_(blocks[:, start:stop])
 
 
 def _half_field(blocks: torch.Tensor, offset: int) -> torch.Tensor:
@@ -518,9 +524,10 @@ def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
     scales, mins = _k_scales_mins(blocks[:, 4:16])  # [n, 8] each
     chunks = blocks[:, 16:144].reshape(n, 4, 32)
     sub = torch.stack((chunks & 0x0F, chunks >> 4), dim=2).reshape(n, 8, 32)  # [n, sub-block, 32 values]
-    qs = sub[..., :16] | (sub[..., 16:] << 4)  # [n, 8, 16]
+    qs = empty_for_weights((N, K // 2), torch.uint8)
+    torch.bitwise_or(sub[..., :16], sub[..., 16:] << 4, out=qs.view(n, 8, 16))
     parts = {
-        "qs": qs.reshape(N, K // 2).contiguous(),
+        "qs": qs,
         "d": (d * scales).half().reshape(N, K // QK),
         "m": (-dmin * mins).half().reshape(N, K // QK),
     }
@@ -539,7 +546,7 @@ def _pack_q6_k(blocks: torch.Tensor, shape) -> PackedWeight:
     uint8 temporaries of a whole output matrix would be several times its size)."""
     N, K = shape
     n = blocks.shape[0]  # super-blocks
-    packed = torch.empty(n, Q6_BYTES, dtype=torch.uint8)
+    packed = empty_for_weights((n, Q6_BYTES), torch.uint8)
     step = 4096  # super-blocks (1M weights) at a time: ~8 MB of uint8 temporaries
     for start in range(0, n, step):
         part = blocks[start : start + step]
@@ -584,7 +591,7 @@ def _by_rows(
     """Quantize `weight` [N, K] a slice of rows at a time into preallocated outputs: `parts` names each
     output's shape per row and dtype; quantize_rows(rows float32) returns that slice of each."""
     N, K = weight.shape
-    out = {name: torch.empty((N, *shape), dtype=dtype) for name, (shape, dtype) in parts.items()}
+    out = {name: empty_for_weights((N, *shape), dtype) for name, (shape, dtype) in parts.items()}
     step = max(1, QUANTIZE_CHUNK // K)
     for start in range(0, N, step):
         for name, values in quantize_rows(weight[start : start + step].float().reshape(-1, K // QK, QK)).items():

@@ -14,7 +14,7 @@ import math
 import mmap
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -122,10 +122,8 @@ def empty_for_weights(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tenso
     # private: a shared anonymous mapping is shared memory, whose huge pages are a separate setting
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     start = -_address(mapping) % HUGE_PAGE
-    try:
+    with suppress(OSError):  # no huge pages here: small ones serve the same
         mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
-    except OSError:
-        pass  # no huge pages here: small ones serve the same
     return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start).view(dtype).view(shape)
 
 

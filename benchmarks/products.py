@@ -16,17 +16,25 @@ import time
 
 import torch
 
+from plainllama.cli.bench import read_buffer
 from plainllama.engine.cpu import kernels
+from plainllama.engine.memory import empty_for_weights, weights_on_huge_pages
 from plainllama.engine.cpu.packed import PackedWeight
 
 SHAPES = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]
 
 
+def placed(t: torch.Tensor) -> torch.Tensor:
+    """`t` copied where a loaded model's weights lie (huge pages where the system gives them)."""
+    with weights_on_huge_pages():
+        return empty_for_weights(tuple(t.shape), t.dtype).copy_(t)
+
+
 def weight(layout: str, n: int, k: int) -> PackedWeight:
-    d = (torch.rand(n, k // 32) * 0.01).half()
+    d = placed((torch.rand(n, k // 32) * 0.01).half())
     if layout == "q4":
-        return PackedWeight("q4", (n, k), {"qs": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), "d": d})
-    return PackedWeight("q8", (n, k), {"qs": torch.randint(-127, 128, (n, k), dtype=torch.int8), "d": d})
+        return PackedWeight("q4", (n, k), {"qs": placed(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)), "d": d})
+    return PackedWeight("q8", (n, k), {"qs": placed(torch.randint(-127, 128, (n, k), dtype=torch.int8)), "d": d})
 
 
 def main() -> None:
@@ -36,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     if not kernels.available():
         raise SystemExit("the C kernels do not run on this CPU")
-    buffer = torch.ones(1 << 30, dtype=torch.uint8)
+    buffer = read_buffer(1 << 30).view(torch.uint8)
     read = kernels.function("read_bytes")
     read.restype = ctypes.c_double
     bound = 0.0

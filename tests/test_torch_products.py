@@ -19,20 +19,21 @@ import plainllama
 from gguf_files import random_blocks, write_llama_gguf
 from plainllama.engine.cpu import kernels
 from plainllama.engine.cpu.packed import PackedLinear, PackedWeight, pack_gguf, quantize_int4, quantize_int8
-from plainllama.engine.cpu.torch_products import HalfProduct, Int4Product, Int8BlockProduct
+from plainllama.engine.cpu.torch_products import HalfProduct, Int4PairProduct, Int4Product, Int8BlockProduct
 
 # Relative error (L2 norm of a row's error / L2 norm of the row) each form may have against the
 # float64 product of the stored numbers, from the roundings each makes (u = a unit roundoff):
-#   q4 (int4pack), q5, q8 and q6 (int8 per block column): activations, scales, zero points and outputs (q8: each
-#       block column's partial product) rounded to bfloat16, u = 2^-8 relative; the errors of K
-#       terms are independent, so a row's relative error is ~ a few u: 1e-2.
+#   q4 (int4pack), q5 and q8 (two int4 matrices), q6 (int8 per block column): activations, scales,
+#       zero points and outputs (q5, q8: each half's product; q6: each block column's) rounded to
+#       bfloat16, u = 2^-8 relative; the errors of K terms are independent, so a row's relative
+#       error is ~ a few u: 1e-2.
 #   f16: activations and outputs rounded to float16, u = 2^-11: 2e-3.
 #   bf16: activations and outputs rounded to bfloat16: 1e-2.
 TOLERANCE = {"q4": 1e-2, "q5": 1e-2, "q8": 1e-2, "q6": 1e-2, "f16": 2e-3, "bf16": 1e-2}
 FORMS = {
     "q4": Int4Product,
-    "q5": Int8BlockProduct,
-    "q8": Int8BlockProduct,
+    "q5": Int4PairProduct,
+    "q8": Int4PairProduct,
     "q6": Int8BlockProduct,
     "f16": HalfProduct,
     "bf16": HalfProduct,

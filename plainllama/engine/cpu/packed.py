@@ -43,7 +43,7 @@ from torch import nn
 
 from . import kernels
 from ..memory import empty_for_weights
-from .torch_products import HalfProduct, Int4Product, Int8BlockProduct
+from .torch_products import HalfProduct, Int4PairProduct, Int4Product, Int8BlockProduct
 from ...formats.checkpoint import STORED_DTYPES
 from ...formats.gguf_quants import BLOCK_FORMATS, QK, QK_K, _k_scales_mins, dequantize, q6_k_values
 
@@ -150,7 +150,7 @@ class PackedWeight(nn.Module):
             self.register_buffer(name, tensor, persistent=False)
         self.part_names = tuple(parts)
         self.serves_rows = False  # set by a PackedEmbedding that looks rows up in it
-        self._torch: Int4Product | Int8BlockProduct | HalfProduct | None = None  # torch_product()
+        self._torch: Int4Product | Int4PairProduct | Int8BlockProduct | HalfProduct | None = None  # torch_product()
 
     @staticmethod
     def stack(parts: list[PackedWeight]) -> PackedWeight:
@@ -166,7 +166,7 @@ class PackedWeight(nn.Module):
         held = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.part_names)
         return held + (self._torch.nbytes if self._torch is not None else 0)
 
-    def torch_product(self) -> Int4Product | Int8BlockProduct | HalfProduct:
+    def torch_product(self) -> Int4Product | Int4PairProduct | Int8BlockProduct | HalfProduct:
         """The form PyTorch's weight-only operators multiply (torch_products.py), for CPUs where the C
         kernels do not run; built once. The stored parts are then let go unless an embedding looks
         rows up in them (tied embeddings keep both: the table is held twice)."""
@@ -174,11 +174,11 @@ class PackedWeight(nn.Module):
             if self.layout == "q4":
                 self._torch = Int4Product(self.qs, self.d, self.m if "m" in self.part_names else None)
             elif self.layout == "q8":
-                self._torch = Int8BlockProduct(self.qs, self.d.float(), QK)
-            elif self.layout == "q5":  # weight = d (q - 16) + (m + 16 d): int8 values, scale and zero per 32
+                self._torch = Int4PairProduct(self.qs, self.d.float())
+            elif self.layout == "q5":  # weight = d (q - 16) + (m + 16 d): 8-bit values, scale and zero per 32
                 d = self.d.float()
                 zeros = self.m.float() + 16 * d if "m" in self.part_names else torch.zeros_like(d)
-                self._torch = Int8BlockProduct(self._signed_values(), d, QK, zeros)
+                self._torch = Int4PairProduct(self._signed_values(), d, zeros)
             elif self.layout == "q6":  # weight = (d sc) (q - 32): int8 values, a scale per 16
                 scale = self.d.float().repeat_interleave(QK_K // 16, dim=-1) * self.sc.float()
                 self._torch = Int8BlockProduct(self._signed_values(), scale, 16)

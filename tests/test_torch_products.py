@@ -164,3 +164,25 @@ def test_a_q4_file_stays_near_its_size(no_kernels, tmp_path, vocab, tied):
     size = os.path.getsize(path)
     assert held <= 1.3 * size + second_copy, f"{held} bytes held for a {size}-byte file"
     assert llm.generate("Hi", max_new_tokens=3).finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("matrix_type", ["Q4_0", "Q5_0", "Q8_0", "Q6_K"])
+def test_the_memory_plan_counts_the_torch_forms(no_kernels, tmp_path, vocab, matrix_type):
+    """Without the kernels a matrix is held in PyTorch's form (two int4 matrices for 8-bit values:
+    more bytes than the file's Q8_0 or Q5_0; int8 for Q6_K): the planner, which sizes layers before
+    building them, must count what is built, or a --max-memory budget would be overrun."""
+    from plainllama.engine.loading import WeightBuilder
+    from plainllama.engine.planner import plan_memory
+    from plainllama.formats import open_checkpoint
+
+    path = write_llama_gguf(
+        tmp_path / "m.gguf", vocab, dim=256, n_layers=2, n_heads=4, hidden_dim=768, matrix_type=matrix_type
+    )
+    checkpoint = open_checkpoint(str(path))
+    plan = plan_memory(WeightBuilder(checkpoint, torch.float32, torch.device("cpu"), "packed"), None, None, 64)
+    layer = plainllama.load(str(path)).model.layers[0]
+    linears = [m for m in layer.modules() if isinstance(m, PackedLinear)]
+    assert linears and all(m.packed._torch is not None and m.packed.part_names == () for m in linears)
+    built = sum(m.packed.nbytes for m in linears)
+    built += sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])  # the norms
+    assert plan.layers[0].held == built

@@ -43,7 +43,7 @@ from torch import nn
 
 from . import kernels
 from ..memory import empty_for_weights
-from .torch_products import HalfProduct, Int4PairProduct, Int4Product, Int8BlockProduct
+from .torch_products import ROW_MULTIPLE, HalfProduct, Int4PairProduct, Int4Product, Int8BlockProduct
 from ...formats.checkpoint import STORED_DTYPES
 from ...formats.gguf_quants import BLOCK_FORMATS, QK, QK_K, _k_scales_mins, dequantize, q6_k_values
 
@@ -664,7 +664,29 @@ class Holding:
 def holding(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.dtype, raw: bool) -> Holding:
     """How the tensor (stored as `type_name`, of `shape`) is held with the weight mode `weights`
     (loading.WEIGHT_MODES) and the model's `dtype`; `raw`: the checkpoint gives its stored GGUF
-    bytes (CheckpointTensor.raw), which are packed as they are where a layout takes them."""
+    bytes (CheckpointTensor.raw), which are packed as they are where a layout takes them. Where the
+    C kernels do not run, a quantized matrix is held in PyTorch's form of it (torch_products.py),
+    which the planner must count instead."""
+    held = _kernel_holding(type_name, shape, weights, dtype, raw)
+    if held.layout in ("q4", "q5", "q6", "q8") and not kernels.available():
+        N, K = shape
+        return Holding(held.how, held.layout, torch_form_nbytes(held.layout, N, K), held.as_stored)
+    return held
+
+
+def torch_form_nbytes(layout: str, N: int, K: int) -> int:
+    """Bytes of PackedWeight.torch_product's form of a [N, K] matrix in `layout` (torch_products.py)."""
+    rows = N + -N % ROW_MULTIPLE  # torch's int4 layout pads rows to a multiple of 16
+    if layout == "q4":  # Int4Product: nibbles, a bfloat16 scale and zero point per 32
+        return rows * K // 2 + rows * K // QK * 4
+    if layout in ("q5", "q8"):  # Int4PairProduct: two int4 matrices
+        return rows * K + rows * K // QK * 8
+    if layout == "q6":  # Int8BlockProduct: int8 and a bfloat16 scale per 16
+        return N * K + N * K // 16 * 2
+    raise ValueError(f"no PyTorch form for layout {layout}")
+
+
+def _kernel_holding(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.dtype, raw: bool) -> Holding:
     numel = math.prod(shape)
     stored = STORED_DTYPES.get(type_name)
     # GGUF hands types other than F32 over as a converted copy; elsewhere a tensor already in the

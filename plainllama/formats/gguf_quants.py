@@ -71,24 +71,32 @@ def dequantize_q2_k(blocks):
     return (sub_scale * q - sub_min).reshape(n, QK_K)
 
 
-def dequantize_q3_k(blocks):
-    """hmask: 32 bytes of third bits, qs: 64 bytes of 2-bit weights, scales: 12 bytes packing sixteen
-    6-bit scales, d: f16. A weight is d * (scale - 32) * (low2 - (4 if its third bit is clear else 0))."""
+def q3_k_parts(blocks):
+    """Q3_K blocks [n, 110] -> (q [n, 256] int8 in -4..3, scale [n, 16] int8 in -32..31, d [n, 1]
+    float32), weight = d * scale * q. hmask: 32 bytes of third bits, qs: 64 bytes of 2-bit weights,
+    scales: 12 bytes packing sixteen 6-bit scales (offset by 32), d: f16."""
     n = blocks.shape[0]
     hmask, qs, packed = blocks[:, 0:32], blocks[:, 32:96], blocks[:, 96:108]
-    d = _half(blocks, 108)
     # Scale i: its low 4 bits are nibble (i // 8) of byte (i % 8); its high 2 bits sit in byte
     # 8 + (i % 4) at bit 2 * (i // 4).
     low4 = _nibbles(packed[:, 0:8])  # [n, 16]
     idx = torch.arange(16, device=blocks.device)
     high2 = (packed[:, 8 + idx % 4] >> (2 * (idx // 4)).to(torch.uint8)) & 3
-    scale = (low4 | (high2 << 4)).float() - 32  # [n, 16]
+    scale = (low4 | (high2 << 4)).to(torch.int8) - 32  # [n, 16]
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
     low2 = ((qs.view(n, 2, 1, 32) >> shifts) & 3).reshape(n, QK_K)
-    # The third bit of weight (half h, shift step j, byte l) is bit 4h + j of hmask[l].
+    # The third bit of weight (half h, shift step j, byte l) is bit 4h + j of hmask[l]; a weight is
+    # low2 - 4 where it is clear.
     third = _bits(hmask).view(n, 32, 8).transpose(1, 2).reshape(n, QK_K)
-    q = low2.float() - 4 * (1 - third.float())
-    return (d * scale)[:, :, None].mul(q.view(n, 16, 16)).reshape(n, QK_K)
+    q = low2.to(torch.int8) - 4 * (1 - third.to(torch.int8))
+    return q, scale, _half(blocks, 108)
+
+
+def dequantize_q3_k(blocks):
+    """A weight is d * (scale - 32) * (low2 - (4 if its third bit is clear else 0)) (q3_k_parts)."""
+    n = blocks.shape[0]
+    q, scale, d = q3_k_parts(blocks)
+    return (d * scale.float())[:, :, None].mul(q.float().view(n, 16, 16)).reshape(n, QK_K)
 
 
 def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

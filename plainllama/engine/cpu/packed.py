@@ -13,10 +13,11 @@ Layouts, one row per output feature, blocks of 32 weights along the input:
           (Q4_K's sub-block scale d * scale6 is rounded to float16: relative error <= 2^-11).
     q5    q4's parts plus each block's fifth bits qh int32 [N, K/32] (bit k: weight k): weight =
           d * q + m, or d * (q - 16). Holds Q5_0 and Q5_1 as they are, and Q5_K as q4 holds Q4_K.
-    q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0 as it is; Q2_K and
-          Q3_K are requantized to it from their exact values.
+    q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0 as it is; Q2_K is
+          requantized to it from its exact values (its minimums per 16 weights fit no layout here).
     q6    Q6_K's own numbers (6-bit q, int8 scale per 16 weights, float16 d per 256), the values
-          regrouped for kernels/q6_matmul.c: weight = d * sc * (q - 32).
+          regrouped for kernels/q6_matmul.c: weight = d * sc * (q - 32). Holds Q3_K exactly too
+          (q + 32, its 6-bit scales as int8).
     f16, bf16: the 16-bit floats as stored.
 
 How a product runs depends on how many rows of activations come at once:
@@ -45,7 +46,7 @@ from . import kernels
 from ..memory import empty_for_weights
 from .torch_products import ROW_MULTIPLE, HalfProduct, Int4PairProduct, Int4Product, Int8BlockProduct
 from ...formats.checkpoint import STORED_DTYPES
-from ...formats.gguf_quants import BLOCK_FORMATS, QK, QK_K, _k_scales_mins, dequantize, q6_k_values
+from ...formats.gguf_quants import BLOCK_FORMATS, QK, QK_K, _k_scales_mins, dequantize, q3_k_parts, q6_k_values
 
 LAYOUT_CODES = kernels.LAYOUT_CODES  # as the C kernels number them (kernels/plainllama.h)
 LAYOUTS = tuple(LAYOUT_CODES)  # q4, q8, f16, bf16, q6, q5
@@ -472,6 +473,8 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
         return _pack_q4_k(blocks, shape)
     if type_name == "Q5_K":
         return _pack_q5_k(blocks, shape)
+    if type_name == "Q3_K":
+        return _pack_q3_k(blocks, shape)
     if layout == "q6":
         return _pack_q6_k(blocks, shape)
     return quantize_int8(GGUFRows(raw, type_name, shape))
@@ -537,34 +540,58 @@ def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
 Q6_BYTES = 192  # bytes of 6-bit values per 256 weights in the q6 layout
 
 
+def _q6_planes(values: torch.Tensor) -> torch.Tensor:
+    """6-bit values [n, 256] uint8 (0..63, weight order) of n super-blocks -> the q6 layout's 192
+    bytes each: 16 sub-blocks' 4-weight steps (step s: weights 16j + 4s .. 16j + 4s + 3 at bytes
+    4j..4j+3), the low nibbles of steps (0, 2) and (1, 3) in two 64-byte vectors, the high 2 bits of
+    all four steps in a third."""
+    steps = values.view(-1, 16, 4, 4).transpose(1, 2).reshape(-1, 4, 64)  # [n, step, lane*4+t]
+    low, high = steps & 0x0F, steps >> 4
+    return torch.cat(
+        (
+            low[:, 0] | (low[:, 2] << 4),
+            low[:, 1] | (low[:, 3] << 4),
+            high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6),
+        ),
+        dim=-1,
+    )
+
+
+Q6_STEP = 4096  # super-blocks (1M weights) regrouped at a time: ~8 MB of uint8 temporaries (those of
+# a whole output matrix would be several times its size)
+
+
 def _pack_q6_k(blocks: torch.Tensor, shape) -> PackedWeight:
     """Q6_K (ql[128], qh[64], scales int8[16], d float16 per 256 weights; weight = d * scale * (q - 32))
-    -> the q6 layout of kernels/q6_matmul.c: the same numbers, the 6-bit values regrouped so that a
-    64-byte vector holds 4 consecutive weights of each of the 16 sub-blocks ("step" s: weights
-    16j + 4s .. 16j + 4s + 3 at bytes 4j..4j+3), low nibbles of steps (0, 2) and (1, 3) in two
-    vectors, the high 2 bits of all four steps in a third. Regrouped a slice of blocks at a time (the
-    uint8 temporaries of a whole output matrix would be several times its size)."""
+    -> the q6 layout of kernels/q6_matmul.c: the same numbers, the 6-bit values regrouped (_q6_planes)."""
     N, K = shape
     n = blocks.shape[0]  # super-blocks
     packed = empty_for_weights((n, Q6_BYTES), torch.uint8)
-    step = 4096  # super-blocks (1M weights) at a time: ~8 MB of uint8 temporaries
-    for start in range(0, n, step):
-        part = blocks[start : start + step]
-        steps = q6_k_values(part).view(-1, 16, 4, 4).transpose(1, 2).reshape(-1, 4, 64)  # [n, step, lane*4+t]
-        low, high = steps & 0x0F, steps >> 4
-        packed[start : start + step] = torch.cat(
-            (
-                low[:, 0] | (low[:, 2] << 4),
-                low[:, 1] | (low[:, 3] << 4),
-                high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6),
-            ),
-            dim=-1,
-        )
+    for start in range(0, n, Q6_STEP):
+        packed[start : start + Q6_STEP] = _q6_planes(q6_k_values(blocks[start : start + Q6_STEP]))
     parts = {
         "qs": packed.view(N, K // QK_K * Q6_BYTES),
         "sc": blocks[:, 192:208].contiguous().view(torch.int8).reshape(N, K // 16),
         "d": _half_field(blocks, 208).reshape(N, K // QK_K),
     }
+    return PackedWeight("q6", shape, parts)
+
+
+def _pack_q3_k(blocks: torch.Tensor, shape) -> PackedWeight:
+    """Q3_K (3-bit q in -4..3, a 6-bit scale per 16 weights, float16 d per 256: weight = d * scale * q)
+    is the q6 layout's arithmetic with q + 32 in place of Q6_K's 6-bit numbers and its scales as
+    int8: held exactly in 6.56 bits a weight (as Q8_0 it took 8.5 and was rounded a second time)."""
+    N, K = shape
+    n = blocks.shape[0]
+    packed = empty_for_weights((n, Q6_BYTES), torch.uint8)
+    sc = torch.empty(n, 16, dtype=torch.int8)
+    d = torch.empty(n, 1, dtype=torch.float16)
+    for start in range(0, n, Q6_STEP):
+        q, scale, d_part = q3_k_parts(blocks[start : start + Q6_STEP])
+        packed[start : start + Q6_STEP] = _q6_planes((q + 32).to(torch.uint8))
+        sc[start : start + Q6_STEP] = scale
+        d[start : start + Q6_STEP] = d_part.half()  # read from float16: exact
+    parts = {"qs": packed.view(N, K // QK_K * Q6_BYTES), "sc": sc.view(N, K // 16), "d": d.view(N, K // QK_K)}
     return PackedWeight("q6", shape, parts)
 
 
@@ -647,7 +674,7 @@ def quantizes_gguf(type_name: str, shape, weights: str) -> bool:
 
 # ---- how each tensor is held: decided here once, for the loader, the planner and the streamer ------
 
-Q4_LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # held as q4 as they are (Q5_x: q5, Q6_K: q6, others q8)
+Q4_LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # held as q4 as they are (Q5_x: q5, Q6_K and Q3_K: q6, others q8)
 
 
 @dataclass(frozen=True)
@@ -704,8 +731,8 @@ def _kernel_holding(type_name: str, shape: tuple[int, ...], weights: str, dtype:
         if type_name != "F32" and K % 64 == 0:  # the kernels read 64 weights at a time
             if type_name in Q4_LAYOUT_TYPES:
                 return Holding("gguf", "q4", q4 if type_name == "Q4_0" else q4_with_min, False)
-            if type_name == "Q6_K" and K % QK_K == 0:
-                return Holding("gguf", "q6", N * K // QK_K * 210, False)  # as stored
+            if type_name in ("Q6_K", "Q3_K") and K % QK_K == 0:  # Q6_K as stored, Q3_K in its arithmetic
+                return Holding("gguf", "q6", N * K // QK_K * 210, False)
             if type_name in ("Q5_0", "Q5_1", "Q5_K"):  # q4 and a word of fifth bits per block
                 return Holding("gguf", "q5", (q4 if type_name == "Q5_0" else q4_with_min) + N * K // QK * 4, False)
             return Holding("gguf", "q8", q8, False)  # Q8_0 as it is, other types requantized to it

@@ -435,3 +435,19 @@ def test_resident_weights_are_placed_on_huge_pages():
     del big
     gc.collect()
     assert _anon_huge_kib(address) is None  # unmapped with the tensor
+
+
+def test_weights_fall_back_to_torch_memory_when_no_mapping_can_be_made(monkeypatch):
+    """A mapping refused (the process's limit on mappings, vm.max_map_count) is not an error: the
+    tensor comes from torch's allocator, as outside loading."""
+    import mmap
+
+    from plainllama.engine.memory import empty_for_weights, weights_on_huge_pages
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with weights_on_huge_pages():
+        t = empty_for_weights((4096, 1024), torch.float32)
+    assert t.shape == (4096, 1024) and t.untyped_storage().resizable()  # torch's own

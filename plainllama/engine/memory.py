@@ -119,8 +119,10 @@ def empty_for_weights(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tenso
     nbytes = math.prod(shape) * dtype.itemsize
     if not getattr(_placing, "huge", False) or nbytes < HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
-    # private: a shared anonymous mapping is shared memory, whose huge pages are a separate setting
-    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:  # private: a shared anonymous mapping is shared memory, whose huge pages are a separate setting
+        mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # e.g. the process's limit on mappings (vm.max_map_count): torch's allocator, which
+        return torch.empty(shape, dtype=dtype)  # reports a real lack of memory in its own words
     start = -_address(mapping) % HUGE_PAGE
     with suppress(OSError):  # no huge pages here: small ones serve the same
         mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes)

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from ..errors import PlainLlamaError
 
@@ -287,6 +288,24 @@ def check_ranks(args, world: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if code != 0 and started_as_ranks()[1] > 1:
+        _exit_at_once(code)
+    return code
+
+
+def _exit_at_once(code: int) -> NoReturn:
+    """End a failed rank, skipping the interpreter's and C++'s clean-up. Its group may be broken (a
+    peer died): leaving it could wait on the dead peer, and a normal exit with gloo's threads still
+    running aborts the process (`terminate called without an active exception`, SIGABRT) after the
+    error was already printed (seen in CI)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed stream: nothing more can be said on it
+            stream.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

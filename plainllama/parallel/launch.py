@@ -58,6 +58,15 @@ def rank_environment(rank: int, world: int, port: int, **extra: str) -> dict[str
     )
 
 
+def the_cause(ranks: list[subprocess.Popen]) -> tuple[int, int]:
+    """(rank, exit code) of the rank whose failure ended the run. A rank killed by a signal is the
+    cause of the others' `lost contact` errors, and they can exit within the same poll, so wait a
+    moment for the dead to be reaped and name a rank killed by a signal before one that exited."""
+    time.sleep(0.25)
+    failed = [(rank, code) for rank, p in enumerate(ranks) if (code := p.poll()) not in (None, 0)]
+    return min(failed, key=lambda failure: (failure[1] > 0, failure[0]))
+
+
 def run_ranks(world: int, argv: list[str]) -> int:
     """Run `python -m plainllama *argv` as `world` ranks; the exit status is rank 0's, or the
     first failed rank's if rank 0 succeeded."""
@@ -82,11 +91,9 @@ def run_ranks(world: int, argv: list[str]) -> int:
     deadline = None
     try:
         while any(p.poll() is None for p in ranks):
-            for rank, p in enumerate(ranks):
-                code = p.poll()
-                if code not in (None, 0) and first_failure is None:
-                    first_failure = (rank, code)
-                    deadline = time.monotonic() + GRACE_SECONDS
+            if first_failure is None and any(p.poll() not in (None, 0) for p in ranks):
+                first_failure = the_cause(ranks)
+                deadline = time.monotonic() + GRACE_SECONDS
             if deadline is not None and time.monotonic() > deadline:
                 for p in ranks:
                     if p.poll() is None:

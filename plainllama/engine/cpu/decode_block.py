@@ -37,6 +37,7 @@ class MatrixPart(ctypes.Structure):
         ("d", ctypes.c_void_p),
         ("m", ctypes.c_void_p),
         ("sc", ctypes.c_void_p),
+        ("mn", ctypes.c_void_p),
         ("qh", ctypes.c_void_p),
     ]
 
@@ -90,8 +91,9 @@ def _linear(module) -> Linear | None:
         else:
             m = w.m if "m" in w.part_names else None
             qh = w.qh if w.layout == "q5" else None
+            sc, mn = (w.sc, w.mn) if w.k_scales else (None, None)
             described.parts[i] = MatrixPart(
-                LAYOUT_CODES[w.layout], w.shape[0], _ptr(w.qs), _ptr(w.d), _ptr(m), None, _ptr(qh)
+                LAYOUT_CODES[w.layout], w.shape[0], _ptr(w.qs), _ptr(w.d), _ptr(m), _ptr(sc), _ptr(mn), _ptr(qh)
             )
     return described
 

@@ -119,12 +119,14 @@ class PackedWeight(nn.Module):
     embeddings are one PackedWeight used by both)."""
 
     # the parts (buffers): w for 16-bit layouts; qs, d and, for q4 with minimums, m for the others;
-    # q5: those of q4 and qh; q6: qs, sc, d
+    # q5: those of q4 and qh; q6: qs, sc, d. q4/q5 with K-quant scales (Q4_K, Q5_K as stored): d and
+    # m per 256 weights and uint8 sc, mn per 32: a block's scale is d * sc, its minimum m * mn.
     w: torch.Tensor
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor
     sc: torch.Tensor
+    mn: torch.Tensor
     qh: torch.Tensor
 
     def __init__(self, layout: str, shape: tuple[int, int], parts: dict[str, torch.Tensor]):
@@ -141,6 +143,10 @@ class PackedWeight(nn.Module):
             expected = {"qs": (n, k if layout == "q8" else k // 2), "d": (n, k // QK), "m": (n, k // QK)}
             if layout == "q5":
                 expected["qh"] = (n, k // QK)
+            if "sc" in parts and layout in ("q4", "q5"):  # K-quant scales: all four parts
+                expected.update(d=(n, k // QK_K), m=(n, k // QK_K), sc=(n, k // QK), mn=(n, k // QK))
+                if {"d", "m", "sc", "mn"} - set(parts) or parts["sc"].dtype != torch.uint8:
+                    raise ValueError(f"{layout} weight with K-quant scales needs uint8 sc, mn and float16 d, m")
         for name, tensor in parts.items():
             if tuple(tensor.shape) != expected.get(name):
                 raise ValueError(
@@ -150,6 +156,7 @@ class PackedWeight(nn.Module):
         for name, tensor in parts.items():
             self.register_buffer(name, tensor, persistent=False)
         self.part_names = tuple(parts)
+        self.k_scales = layout in ("q4", "q5") and "sc" in parts
         self.serves_rows = False  # set by a PackedEmbedding that looks rows up in it
         self._torch: Int4Product | Int4PairProduct | Int8BlockProduct | HalfProduct | None = None  # torch_product()
 
@@ -173,12 +180,12 @@ class PackedWeight(nn.Module):
         rows up in them (tied embeddings keep both: the table is held twice)."""
         if self._torch is None:
             if self.layout == "q4":
-                self._torch = Int4Product(self.qs, self.d, self.m if "m" in self.part_names else None)
+                self._torch = Int4Product(self.qs, *_block_scales(self._parts()))
             elif self.layout == "q8":
                 self._torch = Int4PairProduct(self.qs, self.d.float())
             elif self.layout == "q5":  # weight = d (q - 16) + (m + 16 d): 8-bit values, scale and zero per 32
-                d = self.d.float()
-                zeros = self.m.float() + 16 * d if "m" in self.part_names else torch.zeros_like(d)
+                d, m = _block_scales(self._parts())
+                zeros = m + 16 * d if m is not None else torch.zeros_like(d)
                 self._torch = Int4PairProduct(self._signed_values(), d, zeros)
             elif self.layout == "q6":  # weight = (d sc) (q - 32): int8 values, a scale per 16
                 scale = self.d.float().repeat_interleave(QK_K // 16, dim=-1) * self.sc.float()
@@ -207,6 +214,9 @@ class PackedWeight(nn.Module):
             out[rows] = (q + 16 * fifth - 16).to(torch.int8).flatten(-2)
         return out
 
+    def _parts(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.part_names}
+
     def rows(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `index` [...] dequantized -> [..., K] (an embedding lookup)."""
         return self._dequantize({n: getattr(self, n)[index] for n in self.part_names}, dtype)
@@ -225,7 +235,8 @@ class PackedWeight(nn.Module):
             scale = parts["d"].float().repeat_interleave(QK_K // 16, dim=-1) * parts["sc"].float()  # [..., K/16]
             q = q6_values(parts["qs"]).float() - 32  # [..., K]
             return (scale[..., None] * q.unflatten(-1, (-1, 16))).flatten(-2).to(dtype)
-        d = parts["d"].float()[..., None]  # [..., K/32, 1]
+        block_d, block_m = _block_scales(parts)  # [..., K/32] each
+        d = block_d[..., None]  # [..., K/32, 1]
         if self.layout == "q8":
             q = parts["qs"].float().unflatten(-1, (-1, QK))  # [..., K/32, 32]
             return (d * q).flatten(-2).to(dtype)
@@ -234,7 +245,7 @@ class PackedWeight(nn.Module):
         if self.layout == "q5":  # + 16 where the fifth bit is set (bit k of the block's word: weight k)
             bits = torch.arange(QK, dtype=torch.int32, device=q.device)
             q = q + 16 * ((parts["qh"][..., None] >> bits) & 1).float()
-        m = parts["m"].float()[..., None] if "m" in parts else (-16 if self.layout == "q5" else -8) * d
+        m = block_m[..., None] if block_m is not None else (-16 if self.layout == "q5" else -8) * d
         return (d * q + m).flatten(-2).to(dtype)
 
     def unpack_rows_bf16(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
@@ -249,6 +260,7 @@ class PackedWeight(nn.Module):
                 self.m[start:end] if "m" in self.part_names else None,
                 out,
                 self.qh[start:end] if self.layout == "q5" else None,
+                *((self.sc[start:end], self.mn[start:end]) if self.k_scales else ()),
             )
         elif self.layout == "q8":
             kernels.q8_to_bf16(self.qs[start:end], self.d[start:end], out)
@@ -270,17 +282,16 @@ class PackedWeight(nn.Module):
     def direct_call(self):
         """(kernel, pointer arguments) for the few-rows path, computed once: the buffers never move."""
         if not hasattr(self, "_direct"):
-            if self.layout == "q4":
+            if self.layout in ("q4", "q5"):
                 m = self.m.data_ptr() if "m" in self.part_names else None
-                self._direct = (kernels.function("q4_matmul"), (self.qs.data_ptr(), self.d.data_ptr(), m))
+                sc, mn = (self.sc.data_ptr(), self.mn.data_ptr()) if self.k_scales else (None, None)
+                fifth_bits = (self.qh.data_ptr(),) if self.layout == "q5" else ()
+                self._direct = (
+                    kernels.function(f"{self.layout}_matmul"),
+                    (self.qs.data_ptr(), *fifth_bits, self.d.data_ptr(), m, sc, mn),
+                )
             elif self.layout == "q8":
                 self._direct = (kernels.function("q8_matmul"), (self.qs.data_ptr(), self.d.data_ptr()))
-            elif self.layout == "q5":
-                m = self.m.data_ptr() if "m" in self.part_names else None
-                self._direct = (
-                    kernels.function("q5_matmul"),
-                    (self.qs.data_ptr(), self.qh.data_ptr(), self.d.data_ptr(), m),
-                )
             elif self.layout == "q6":
                 self._direct = (
                     kernels.function("q6_matmul"),
@@ -316,7 +327,8 @@ class PackedWeight(nn.Module):
 
     def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
         M, (N, K) = x.shape[0], self.shape
-        if x.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and self.layout not in ("q5", "q6") and kernels.amx():
+        amx_reads = self.layout not in ("q5", "q6") and not self.k_scales  # amx_matmul.c's layouts
+        if x.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and amx_reads and kernels.amx():
             x = x.float().contiguous()
             out = torch.empty(M, N, dtype=torch.float32)
             rows_tiles = _scratch.get((M + 31) // 32 * 32 * K, torch.bfloat16)  # x as bfloat16 tiles
@@ -412,6 +424,17 @@ class PackedEmbedding(nn.Module):
 # ---- from stored GGUF blocks -----------------------------------------------------------------
 
 
+def _block_scales(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each 32-weight block's scale and minimum (None without minimums) as float32 [..., K/32]. With
+    K-quant scales these are d * sc and m * mn, as ggml computes them: an 11-bit float16 times a 6-bit
+    integer, exact in float32."""
+    if "sc" in parts and "mn" in parts:
+        per_block = QK_K // QK
+        d = parts["d"].float().repeat_interleave(per_block, dim=-1) * parts["sc"].float()
+        return d, parts["m"].float().repeat_interleave(per_block, dim=-1) * parts["mn"].float()
+    return parts["d"].float(), parts["m"].float() if "m" in parts else None
+
+
 def _field(blocks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Bytes start..stop of every block, copied out: [n, stop - start] uint8. Copied as the widest
     integers the layout allows, which is several times faster than byte by byte (this copy is most
@@ -501,8 +524,7 @@ class GGUFRows:
 def _pack_q5_k(blocks: torch.Tensor, shape) -> PackedWeight:
     """Q5_K: Q4_K's layout (d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles) with
     32 bytes of fifth bits before the nibbles: bit s of byte l is the fifth bit of weight l of
-    sub-block s. Each sub-block becomes a q5 block: q4's d' = d*scale and m' = -dmin*min (rounded
-    to float16, as for Q4_K) and a 32-bit word of its fifth bits."""
+    sub-block s. Held as Q4_K is (_pack_q4_k), with a 32-bit word of fifth bits per sub-block."""
     N, K = shape
     n = blocks.shape[0]
     packed = _pack_q4_k(torch.cat((blocks[:, 0:16], blocks[:, 48:176]), dim=1), shape)  # without the fifth bits
@@ -513,17 +535,19 @@ def _pack_q5_k(blocks: torch.Tensor, shape) -> PackedWeight:
         bits = (blocks[start : start + 4096, 16:48][:, None, :] >> sub_blocks) & 1  # [n, sub-block, l]
         words = (bits.long() << positions).sum(-1)  # [n, 8]: bit l is weight l's fifth bit
         qh[start : start + 4096] = torch.where(words >= 1 << 31, words - (1 << 32), words).int()  # as int32
-    return PackedWeight("q5", shape, {"qs": packed.qs, "qh": qh.reshape(N, K // QK), "d": packed.d, "m": packed.m})
+    parts = {name: getattr(packed, name) for name in packed.part_names}
+    return PackedWeight("q5", shape, {**parts, "qh": qh.reshape(N, K // QK)})
 
 
 def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
     """Q4_K: 256-weight super-blocks of eight 32-weight sub-blocks, weight = d*scale*q - dmin*min.
-    Each sub-block is a q4 block with d' = d*scale and m' = -dmin*min. The nibbles are laid out
-    differently (a 32-byte chunk holds one sub-block in its low nibbles and the next in its high
-    ones), so they are regrouped into q4's order (byte j = weights j and j+16 of one block)."""
+    Held exactly: q4 with K-quant scales, d and m = -dmin per super-block, the 6-bit scale and min of
+    each sub-block as a byte (4.63 bits a weight against the file's 4.5; a float16 d*scale per
+    sub-block would round, and take 5). The nibbles are laid out differently (a 32-byte chunk holds
+    one sub-block in its low nibbles and the next in its high ones), so they are regrouped into q4's
+    order (byte j = weights j and j+16 of one block)."""
     N, K = shape
     n = blocks.shape[0]
-    d, dmin = _half_field(blocks, 0).float(), _half_field(blocks, 2).float()
     scales, mins = _k_scales_mins(blocks[:, 4:16])  # [n, 8] each
     chunks = blocks[:, 16:144].reshape(n, 4, 32)
     sub = torch.stack((chunks & 0x0F, chunks >> 4), dim=2).reshape(n, 8, 32)  # [n, sub-block, 32 values]
@@ -531,8 +555,10 @@ def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
     torch.bitwise_or(sub[..., :16], sub[..., 16:] << 4, out=qs.view(n, 8, 16))
     parts = {
         "qs": qs,
-        "d": (d * scales).half().reshape(N, K // QK),
-        "m": (-dmin * mins).half().reshape(N, K // QK),
+        "d": _half_field(blocks, 0).reshape(N, K // QK_K),
+        "m": (-_half_field(blocks, 2)).reshape(N, K // QK_K),  # -dmin: a sign flip, exact
+        "sc": scales.to(torch.uint8).reshape(N, K // QK),
+        "mn": mins.to(torch.uint8).reshape(N, K // QK),
     }
     return PackedWeight("q4", shape, parts)
 
@@ -724,17 +750,19 @@ def _kernel_holding(type_name: str, shape: tuple[int, ...], weights: str, dtype:
     N, K = shape
     q4 = N * K // 2 + N * K // QK * 2  # nibbles and float16 scales
     q4_with_min = q4 + N * K // QK * 2
+    q4_k = N * K // 2 + N * K // QK * 2 + N * K // QK_K * 4  # nibbles, uint8 sc, mn and float16 d, m per 256
     q8 = N * K + N * K // QK * 2  # int8 and float16 scales (torch_products.py: bfloat16 scales)
     if raw and not quantizes_gguf(type_name, shape, weights):
         if type_name in ("F16", "BF16"):
             return Holding("gguf", type_name.lower(), 2 * numel, True) if K % 32 == 0 else as_float
         if type_name != "F32" and K % 64 == 0:  # the kernels read 64 weights at a time
             if type_name in Q4_LAYOUT_TYPES:
-                return Holding("gguf", "q4", q4 if type_name == "Q4_0" else q4_with_min, False)
+                return Holding("gguf", "q4", {"Q4_0": q4, "Q4_K": q4_k}.get(type_name, q4_with_min), False)
             if type_name in ("Q6_K", "Q3_K") and K % QK_K == 0:  # Q6_K as stored, Q3_K in its arithmetic
                 return Holding("gguf", "q6", N * K // QK_K * 210, False)
             if type_name in ("Q5_0", "Q5_1", "Q5_K"):  # q4 and a word of fifth bits per block
-                return Holding("gguf", "q5", (q4 if type_name == "Q5_0" else q4_with_min) + N * K // QK * 4, False)
+                as_q4 = {"Q5_0": q4, "Q5_K": q4_k}.get(type_name, q4_with_min)
+                return Holding("gguf", "q5", as_q4 + N * K // QK * 4, False)
             return Holding("gguf", "q8", q8, False)  # Q8_0 as it is, other types requantized to it
         if type_name != "F32":
             return as_float

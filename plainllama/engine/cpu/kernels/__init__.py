@@ -245,10 +245,10 @@ def check(code: int, what: str) -> None:
     raise (MemoryError if name == "STATUS_OUT_OF_MEMORY" else RuntimeError)(f"{what}: {message}")
 
 
-def q4_to_bf16(qs, d, m, out: torch.Tensor, qh=None) -> torch.Tensor:
-    """q4 rows (q5 with their fifth bits `qh`) -> bfloat16 [N, K] written into `out`."""
+def q4_to_bf16(qs, d, m, out: torch.Tensor, qh=None, sc=None, mn=None) -> torch.Tensor:
+    """q4 rows (q5 with their fifth bits `qh`; K-quant scales `sc`, `mn`) -> bfloat16 [N, K] written into `out`."""
     N, K = qs.shape[0], qs.shape[1] * 2
-    _library().q4_to_bf16(_ptr(qs), _ptr(qh), _ptr(d), _ptr(m), N, K, _ptr(out))
+    _library().q4_to_bf16(_ptr(qs), _ptr(qh), _ptr(d), _ptr(m), _ptr(sc), _ptr(mn), N, K, _ptr(out))
     return out
 
 

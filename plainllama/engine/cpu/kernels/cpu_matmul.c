@@ -10,6 +10,9 @@
  *   q4:  nibbles [N, K/2] in GGUF's order (byte j of a 32-weight block holds weights j and j+16),
  *        scales d [N, K/32] float16, optional minimums m [N, K/32] float16:
  *        weight = d * q + m, or d * (q - 8) without m (Q4_0).
+ *        K-quant scales (Q4_K, Q5_K as stored): uint8 sc and mn [N, K/32], float16 d and m [N, K/256]:
+ *        a block's scale is d * sc and its minimum m * mn (m = -dmin), products of an 11-bit and a
+ *        6-bit number, so exact in float32.
  *   q8:  int8 [N, K], scales d [N, K/32] float16: weight = d * q (Q8_0).
  *   f16, bf16: [N, K] 16-bit floats.
  * The activations x are float32 [M, K]; the result is float32 [M, N].
@@ -127,6 +130,7 @@ typedef struct {
     int M, K, N, nb, groups;
     const void *qs;
     const uint16_t *d, *m; /* m: q4 minimums, or NULL */
+    const uint8_t *sc, *mn; /* K-quant scales: d and m are then per 256 weights; or NULL */
     const uint32_t *qh;    /* q5: each block's fifth bits (bit k: weight k), or NULL for q4 */
     ArrangedActivations xa;
     float *out;
@@ -154,6 +158,16 @@ static inline void add_fifth_bits(const uint32_t *qh_row, int g, int blocks, __m
 static inline __m512 group_halves(const uint16_t *row, int g, int blocks, __m512i lane_blocks) {
     __mmask16 mask = blocks >= GROUP_BLOCKS ? 0xFFFF : (__mmask16)((1u << blocks) - 1);
     return _mm512_permutexvar_ps(lane_blocks, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, row + GROUP_BLOCKS * g)));
+}
+
+/* K-quant scales: a row's sixteen blocks of group g (two super-blocks), each its uint8 `scales` entry
+ * times its super-block's float16 `factors` entry (exact in float32), in lane order */
+static inline __m512 group_k_scales(const uint8_t *scales, const uint16_t *factors, int g, int blocks, __m512i lane_blocks) {
+    __mmask16 mask = blocks >= GROUP_BLOCKS ? 0xFFFF : (__mmask16)((1u << blocks) - 1);
+    __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, scales + GROUP_BLOCKS * g)));
+    __m128 f = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks > 8 ? 3 : 1, factors + 2 * g)); /* lanes 0, 1 */
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(lane_blocks, _mm512_mul_ps(s, _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(f))));
 }
 
 /* 64 bytes at p, only the first `valid` of them (the rest zero) */
@@ -233,8 +247,13 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
                 for (size_t line = 0; line < group_bytes; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * group_bytes + line), PREFETCH_HINT);
                 size_t later = (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + GROUP_BLOCKS * g;
-                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
-                if (p->m) _mm_prefetch((const char *)(p->m + later), PREFETCH_HINT);
+                size_t scale_at = p->sc ? later / 8 : later;
+                _mm_prefetch((const char *)(p->d + scale_at), PREFETCH_HINT);
+                if (p->m) _mm_prefetch((const char *)(p->m + scale_at), PREFETCH_HINT);
+                if (p->sc) {
+                    _mm_prefetch((const char *)(p->sc + later), PREFETCH_HINT);
+                    _mm_prefetch((const char *)(p->mn + later), PREFETCH_HINT);
+                }
                 if (p->qh) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
             }
             __m512i w[GROUP_STEPS];
@@ -243,9 +262,16 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
             else
                 q4_group_steps(src, blocks, w);
             if (!q8 && p->qh) add_fifth_bits(p->qh + (size_t)(n + r) * nb, g, blocks, lane_blocks, w);
-            __m512 wd = group_halves(p->d + (size_t)(n + r) * nb, g, blocks, lane_blocks);
-            __m512 wm = q8 ? wd : p->m ? group_halves(p->m + (size_t)(n + r) * nb, g, blocks, lane_blocks)
-                                       : _mm512_mul_ps(wd, _mm512_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
+            __m512 wd, wm;
+            if (!q8 && p->sc) {
+                size_t row = (size_t)(n + r) * nb;
+                wd = group_k_scales(p->sc + row, p->d + row / 8, g, blocks, lane_blocks);
+                wm = group_k_scales(p->mn + row, p->m + row / 8, g, blocks, lane_blocks);
+            } else {
+                wd = group_halves(p->d + (size_t)(n + r) * nb, g, blocks, lane_blocks);
+                wm = q8 ? wd : p->m ? group_halves(p->m + (size_t)(n + r) * nb, g, blocks, lane_blocks)
+                                    : _mm512_mul_ps(wd, _mm512_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
+            }
             for (int i = 0; i < XT; i++) {
                 size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
                 __m512i dot = group_dot(w, p->xa.xq + at * 32);
@@ -294,28 +320,28 @@ static void q4_group(const void *product, int gi) { quantized_group(product, gi,
 static void q8_group(const void *product, int gi) { quantized_group(product, gi, 1); }
 
 static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint32_t *qh, const uint16_t *d,
-                            const uint16_t *m, int N, float *out, int q8) {
-    if (K % 64) return STATUS_BAD_WIDTH;
+                            const uint16_t *m, const uint8_t *sc, const uint8_t *mn, int N, float *out, int q8) {
+    if (K % 64 || (sc && K % 256)) return STATUS_BAD_WIDTH;
     int nb = K / 32;
-    QuantizedProduct p = {M, K, N, nb, (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS, qs, d, m, qh, {0}, out};
+    QuantizedProduct p = {M, K, N, nb, (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS, qs, d, m, sc, mn, qh, {0}, out};
     int status = arrange_activations(x, M, K, q8 ? Q8_LANES : Q4_LANES, &p.xa);
     if (status == STATUS_OK) for_each_group((N + W_ROWS - 1) / W_ROWS, q8 ? q8_group : q4_group, &p);
     free_activations(&p.xa);
     return status;
 }
 
-int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N,
-              float *out) {
-    return quantized_matmul(x, M, K, qs, NULL, d, m, N, out, 0);
+int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+              const uint8_t *mn, int N, float *out) {
+    return quantized_matmul(x, M, K, qs, NULL, d, m, sc, mn, N, out, 0);
 }
 
 int q5_matmul(const float *x, int M, int K, const uint8_t *qs, const uint32_t *qh, const uint16_t *d,
-              const uint16_t *m, int N, float *out) {
-    return quantized_matmul(x, M, K, qs, qh, d, m, N, out, 0);
+              const uint16_t *m, const uint8_t *sc, const uint8_t *mn, int N, float *out) {
+    return quantized_matmul(x, M, K, qs, qh, d, m, sc, mn, N, out, 0);
 }
 
 int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out) {
-    return quantized_matmul(x, M, K, qs, NULL, d, NULL, N, out, 1);
+    return quantized_matmul(x, M, K, qs, NULL, d, NULL, NULL, NULL, N, out, 1);
 }
 
 /* ---- 16-bit floats ------------------------------------------------------------------------- */
@@ -399,7 +425,8 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *o
 
 /* ---- unpacking to bfloat16, for products with many rows (prefill), done by oneDNN ----------- */
 
-int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out) {
+int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+               const uint8_t *mn, int N, int K, uint16_t *out) {
     int nb = K / 32;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -412,7 +439,8 @@ int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const u
                 lo = _mm512_mask_add_epi32(lo, (__mmask16)(qh[blk] & 0xFFFF), lo, _mm512_set1_epi32(16));
                 hi = _mm512_mask_add_epi32(hi, (__mmask16)(qh[blk] >> 16), hi, _mm512_set1_epi32(16));
             }
-            float scale = _cvtsh_ss(d[blk]), minimum = m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
+            float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
+            float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
             __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
             _mm256_storeu_si256((__m256i *)(out + 32 * blk), to_bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vs, vm)));
             _mm256_storeu_si256((__m256i *)(out + 32 * blk + 16), to_bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vm)));

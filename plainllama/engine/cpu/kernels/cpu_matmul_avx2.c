@@ -100,6 +100,7 @@ typedef struct {
     int M, K, N, nb;
     const void *qs;
     const uint16_t *d, *m; /* m: q4 minimums, or NULL */
+    const uint8_t *sc, *mn; /* K-quant scales (cpu_matmul.c): d and m are then per 256 weights; or NULL */
     const uint32_t *qh;    /* q5: each block's fifth bits (bit k: weight k), or NULL for q4 */
     QuantizedActivations xa;
     float *out;
@@ -165,6 +166,13 @@ static inline __m256i fifth_bits_pair(uint32_t low, uint32_t high, int upper) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(16));
 }
 
+/* K-quant scales of one super-block (eight blocks): uint8 `scales` times the float16 `factor`, exact
+ * in float32 (an 11-bit times a 6-bit number) */
+static inline __m256 load_k_scales(const uint8_t *scales, const uint16_t *factor) {
+    __m256 s = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)scales)));
+    return _mm256_mul_ps(s, _mm256_set1_ps(_cvtsh_ss(*factor)));
+}
+
 /* whether `last` (the last byte of a group's scales, `bytes` long) lies in another cache line than
  * the previous group's last byte: each line of scales is then prefetched once, by the group that
  * first reaches into it (d and m are [N, nb] float16 and qh [N, nb] int32, rows one after another) */
@@ -214,15 +222,30 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
                 for (size_t line = 0; line < GROUP_BLOCKS * 16; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 16 + line), PREFETCH_HINT);
                 size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q4_ROWS) * nb + g;
-                if (new_line(p->d + later + GROUP_BLOCKS - 1, 2 * GROUP_BLOCKS)) {
+                if (p->sc) {
+                    if (new_line(p->sc + later + GROUP_BLOCKS - 1, GROUP_BLOCKS)) {
+                        _mm_prefetch((const char *)(p->sc + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                        _mm_prefetch((const char *)(p->mn + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                    }
+                    if (new_line(p->d + later / 8, 2)) {
+                        _mm_prefetch((const char *)(p->d + later / 8), PREFETCH_HINT);
+                        _mm_prefetch((const char *)(p->m + later / 8), PREFETCH_HINT);
+                    }
+                } else if (new_line(p->d + later + GROUP_BLOCKS - 1, 2 * GROUP_BLOCKS)) {
                     _mm_prefetch((const char *)(p->d + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
                     if (has_m) _mm_prefetch((const char *)(p->m + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
                 }
                 if (has_qh && new_line(p->qh + later + GROUP_BLOCKS - 1, 4 * GROUP_BLOCKS))
                     _mm_prefetch((const char *)(p->qh + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
             }
-            wd[r] = load_halves(p->d + (size_t)(n + r) * nb + g, blocks);
-            if (has_m) wm[r] = load_halves(p->m + (size_t)(n + r) * nb + g, blocks);
+            size_t at = (size_t)(n + r) * nb + g;
+            if (p->sc) { /* K-quants: g is a super-block's first block (K is a multiple of 256) */
+                wd[r] = load_k_scales(p->sc + at, p->d + at / 8);
+                wm[r] = load_k_scales(p->mn + at, p->m + at / 8);
+            } else {
+                wd[r] = load_halves(p->d + at, blocks);
+                if (has_m) wm[r] = load_halves(p->m + at, blocks);
+            }
         }
         __m256 rows_d[GROUP_BLOCKS], rows_m[GROUP_BLOCKS]; /* [block], lanes: rows */
         transpose8(wd, rows_d);
@@ -365,27 +388,27 @@ static void q4_group(const void *product, int gi) {
 }
 
 static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint32_t *qh, const uint16_t *d,
-                            const uint16_t *m, int N, float *out, int q8) {
-    if (K % 64) return STATUS_BAD_WIDTH;
-    QuantizedProduct p = {M, K, N, K / 32, qs, d, m, qh, {0}, out};
+                            const uint16_t *m, const uint8_t *sc, const uint8_t *mn, int N, float *out, int q8) {
+    if (K % 64 || (sc && K % 256)) return STATUS_BAD_WIDTH;
+    QuantizedProduct p = {M, K, N, K / 32, qs, d, m, sc, mn, qh, {0}, out};
     int status = quantize_activations(x, M, K, &p.xa);
     if (status == STATUS_OK) for_each_group(q8 ? (N + W_ROWS - 1) / W_ROWS : (N + Q4_ROWS - 1) / Q4_ROWS, q8 ? q8_group : q4_group, &p);
     free_activations(&p.xa);
     return status;
 }
 
-int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N,
-              float *out) {
-    return quantized_matmul(x, M, K, qs, NULL, d, m, N, out, 0);
+int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+              const uint8_t *mn, int N, float *out) {
+    return quantized_matmul(x, M, K, qs, NULL, d, m, sc, mn, N, out, 0);
 }
 
 int q5_matmul(const float *x, int M, int K, const uint8_t *qs, const uint32_t *qh, const uint16_t *d,
-              const uint16_t *m, int N, float *out) {
-    return quantized_matmul(x, M, K, qs, qh, d, m, N, out, 0);
+              const uint16_t *m, const uint8_t *sc, const uint8_t *mn, int N, float *out) {
+    return quantized_matmul(x, M, K, qs, qh, d, m, sc, mn, N, out, 0);
 }
 
 int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out) {
-    return quantized_matmul(x, M, K, qs, NULL, d, NULL, N, out, 1);
+    return quantized_matmul(x, M, K, qs, NULL, d, NULL, NULL, NULL, N, out, 1);
 }
 
 /* ---- 16-bit floats ------------------------------------------------------------------------- */
@@ -458,13 +481,15 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *o
 
 /* ---- unpacking to bfloat16, for products with many rows (prefill) ---------------------------- */
 
-int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out) {
+int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+               const uint8_t *mn, int N, int K, uint16_t *out) {
     size_t nblocks = (size_t)N * (K / 32);
 #pragma omp parallel for schedule(static)
     for (size_t blk = 0; blk < nblocks; blk++) {
         __m256i q = q4_block(qs + 16 * blk);
         if (qh) q = _mm256_or_si256(q, fifth_bits(qh[blk]));
-        float scale = _cvtsh_ss(d[blk]), minimum = m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
+        float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
+        float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
         __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(minimum);
         for (int h = 0; h < 2; h++) {
             __m128i half = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);

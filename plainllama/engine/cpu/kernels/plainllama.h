@@ -22,7 +22,8 @@
 
 /* How a weight matrix is stored (engine/cpu/packed.py's PackedWeight). */
 enum Layout {
-    LAYOUT_Q4 = 0,   /* nibbles uint8 [N, K/2], scales d float16 [N, K/32], optional minimums m [N, K/32] */
+    LAYOUT_Q4 = 0,   /* nibbles uint8 [N, K/2], scales d float16 [N, K/32], optional minimums m [N, K/32]; or with
+                      * K-quant scales sc, mn uint8 [N, K/32], d, m float16 [N, K/256]: d * sc and m * mn per block */
     LAYOUT_Q8 = 1,   /* int8 [N, K], scales d float16 [N, K/32] */
     LAYOUT_F16 = 2,  /* float16 [N, K] */
     LAYOUT_BF16 = 3, /* bfloat16 [N, K] */
@@ -44,7 +45,8 @@ typedef struct {
     int layout, rows;
     const void *w;         /* nibbles, int8, 6-bit values or 16-bit floats */
     const uint16_t *d, *m; /* float16 scales and minimums (q4/q8/q6), or NULL */
-    const int8_t *sc;      /* q6: int8 scale per 16 weights, or NULL */
+    const int8_t *sc;      /* q6: int8 scale per 16 weights; q4/q5 with K-quant scales: uint8 per 32; or NULL */
+    const uint8_t *mn;     /* q4/q5 with K-quant scales: uint8 minimum per 32, or NULL */
     const uint32_t *qh;    /* q5: fifth bits, or NULL */
 } MatrixPart;
 
@@ -66,9 +68,10 @@ typedef struct {
 /* cpu_matmul.c or cpu_matmul_avx2.c: the level the products were built for (2: AVX2, 3: AVX-512) */
 int kernel_level(void);
 /* cpu_matmul.c: products for a few rows (decoding), out [M, N] = x [M, K] W^T */
-int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, float *out);
+int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+              const uint8_t *mn, int N, float *out);
 int q5_matmul(const float *x, int M, int K, const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m,
-              int N, float *out);
+              const uint8_t *sc, const uint8_t *mn, int N, float *out);
 int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out);
 int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
 int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
@@ -76,7 +79,8 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *o
 int q6_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, float *out);
 int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out);
 /* cpu_matmul.c: rows unpacked to bfloat16 [N, K] (prompts on CPUs without AMX multiply these with oneDNN) */
-int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out);
+int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+               const uint8_t *mn, int N, int K, uint16_t *out);
 int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out);
 int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out);
 /* cpu_matmul.c: read every byte of buf with all threads (the memory bandwidth bound) */

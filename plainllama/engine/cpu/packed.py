@@ -353,16 +353,21 @@ class PackedWeight(nn.Module):
         if self.layout in ("f16", "bf16") and self.w.dtype == compute:
             return F.linear(x.to(compute), self.w).float()
         rows = max(1, min(N, UNPACK_CHUNK // K))
-        out = torch.empty(M, N, dtype=torch.float32, device=x.device)
         x = x.to(compute)
+        if compute == torch.bfloat16:
+            # The product transposed, out^T [N, M] = W x^T, so that each slice of rows writes its
+            # rows of out^T whole; then one copy to float32 [M, N]. Same numbers as F.linear(x, W)
+            # into column slices of out, and 4% (512 rows) to 13% (64 rows) faster with oneDNN here.
+            out_t = torch.empty(N, M, dtype=compute, device=x.device)
+            for start in range(0, N, rows):
+                end = min(N, start + rows)
+                w = self.unpack_rows_bf16(start, end, _scratch.get((end - start) * K, compute).view(end - start, K))
+                torch.mm(w, x.t(), out=out_t[start:end])
+            return torch.empty(M, N, dtype=torch.float32, device=x.device).copy_(out_t.t())
+        out = torch.empty(M, N, dtype=torch.float32, device=x.device)
         for start in range(0, N, rows):
             end = min(N, start + rows)
-            if compute == torch.bfloat16:
-                w = self.unpack_rows_bf16(
-                    start, end, _scratch.get((end - start) * K, torch.bfloat16).view(end - start, K)
-                )
-            else:
-                w = self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, compute)
+            w = self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, compute)
             out[:, start:end] = F.linear(x, w)
         return out
 

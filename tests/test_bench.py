@@ -17,6 +17,9 @@ FIELDS = (
     "sustained_read_bandwidth_gb_s",
     "fraction_of_sustained_read_bandwidth",
     "peak_rss_mib",
+    "prefill_tflop_s",
+    "matrix_peak_tflop_s",
+    "fraction_of_matrix_peak",
 )
 
 
@@ -38,8 +41,34 @@ def test_bench_json_reports_every_figure(model_path):
 def test_bench_table_and_bad_settings():
     result = run_cli("bench", "--device", "cpu", "--prompt-tokens", "16", "--decode-tokens", "3", "--repeats", "1")
     assert result.returncode == 0, result.stderr
-    for label in ("prefill (16 tokens)", "decode (3 tokens)", "time to first token", "bandwidth achieved", "peak RSS"):
+    for label in (
+        "prefill (16 tokens)",
+        "prefill arithmetic",
+        "decode (3 tokens)",
+        "time to first token",
+        "bandwidth achieved",
+        "peak RSS",
+    ):
         assert label in result.stdout
     bad = run_cli("bench", "--prompt-tokens", "100000")
     assert bad.returncode == 1 and bad.stderr.startswith("plainllama: error:") and "context" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_prefill_flops_count_every_matrix_of_the_model(model_path):
+    """The operations counted for a prompt equal 2 x each token's multiply-adds with the model's own
+    matrices, read off the loaded modules' shapes (not the config), plus causal attention and the
+    last token's output projection."""
+    import plainllama
+    from plainllama.cli.bench import prefill_flops
+    from plainllama.engine.cpu.packed import PackedLinear
+
+    llm = plainllama.load(str(model_path))
+    matrices = [m for m in llm.model.layers.modules() if isinstance(m, PackedLinear)]
+    assert len(matrices) >= 4 * llm.model.args.n_layers  # q, k, v (stacked or not), o, gate/up, down
+    layer_macs = sum(m.in_features * m.out_features for m in matrices)
+    args = llm.model.args
+    T = 100
+    attention = args.n_layers * 2 * (T * (T + 1) // 2) * args.n_heads * args.head_dim
+    expected = 2 * (T * layer_macs + attention + args.dim * args.vocab_size)
+    assert prefill_flops(args, T) == expected

@@ -3,7 +3,10 @@
 Decoding one token reads every weight matrix once (and the KV cache so far), so the fastest a step
 can be is `bytes read per token / memory read bandwidth`. This measures the bandwidth with a plain
 read of a buffer larger than the caches, then reports what the decode loop achieved against it.
-Prefill is a forward pass over the whole prompt; time to first token is that plus sampling.
+Prefill is a forward pass over the whole prompt; time to first token is that plus sampling. A
+prompt is bound by arithmetic instead: its floating-point operations are reported against the
+matrix-multiply peak of the same machine, measured in the same run (a plain bfloat16 product on
+CPUs that multiply bfloat16 natively, float32 elsewhere).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from ..engine.memory import empty_for_weights, weights_on_huge_pages
 from ..api import LLM, load
 from ..errors import PlainLlamaError
 from ..model import KVCache
-from ..engine.cpu.packed import PackedEmbedding, PackedLinear
+from ..engine.cpu.packed import PackedEmbedding, PackedLinear, _bf16_products_fast
+from ..model import ModelArgs
 from ..parallel.tensor_parallel import collectives_of
 
 # Any real text: the prompt is this, repeated and cut to the requested length.
@@ -85,6 +89,35 @@ def _read_seconds(buffer: torch.Tensor) -> float:
     else:
         buffer.sum()
     return time.perf_counter() - start
+
+
+def prefill_flops(args: ModelArgs, tokens: int) -> int:
+    """Floating-point operations of a prefill of `tokens` (2 per multiply-add): each layer's matrices
+    for every token (queries, keys, values, output, gate, up, down), causal attention's two products
+    (scores and the weighted sum of values, each over the positions up to a token's own), and the
+    output projection for the last token only (last_only). Norms, rotary embeddings and softmax are
+    left out: a few operations per activation, not per weight."""
+    D, Hd, F = args.dim, args.head_dim, args.hidden_dim
+    per_token = D * args.n_heads * Hd + 2 * D * args.n_kv_heads * Hd + args.n_heads * Hd * D + 3 * D * F
+    pairs = tokens * (tokens + 1) // 2  # (query, key) positions a causal prompt attends over
+    attention = 2 * pairs * args.n_heads * Hd  # q . k, then p * v
+    return 2 * (args.n_layers * (tokens * per_token + attention) + D * args.vocab_size)
+
+
+def matrix_peak_flops(device: torch.device, repeats: int = 3) -> tuple[float, str]:
+    """(FLOP/s, dtype) of a plain [512 x 2048] x [2048 x 8192] product in the dtype prompts multiply
+    in here: the best of `repeats`."""
+    dtype = torch.bfloat16 if device.type != "cpu" or _bf16_products_fast() else torch.float32
+    a = torch.randn(512, 2048, device=device).to(dtype)
+    b = torch.randn(8192, 2048, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        begin = time.perf_counter()
+        torch.nn.functional.linear(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - begin)
+    return 2 * 512 * 2048 * 8192 / best, str(dtype).removeprefix("torch.")
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
@@ -155,6 +188,8 @@ def run(
 
     prefill()  # warm-up: first-use costs (thread pools, kernel library) are not the model's speed
     prefill_seconds = min(prefill() for _ in range(repeats))
+    peak, peak_dtype = matrix_peak_flops(llm.device)  # right after, as the machine is now
+    prefill_rate = prefill_flops(args, prompt_tokens) / prefill_seconds
     # The bound is sampled after each generation, not once at the end: on a shared machine the
     # memory's speed moves by 20-30% within a minute, and the best of each, measured side by side,
     # is the fair ratio. Two reads after each generation: 1 GiB reads of ~30 ms (the best of two)
@@ -192,6 +227,10 @@ def run(
         "load_seconds": load_seconds,
         "prompt_tokens": prompt_tokens,
         "prefill_tokens_per_second": prompt_tokens / prefill_seconds,
+        "prefill_tflop_s": prefill_rate / 1e12,
+        "matrix_peak_tflop_s": peak / 1e12,
+        "matrix_peak_dtype": peak_dtype,
+        "fraction_of_matrix_peak": prefill_rate / peak,
         "time_to_first_token_seconds": ttft,
         "decode_tokens": decode_tokens,
         "decode_tokens_per_second": 1 / step,
@@ -242,6 +281,11 @@ def format_table(r: dict) -> str:
         ("matrices held as", r["weights"]),
         ("load", f"{r['load_seconds']:.2f} s"),
         (f"prefill ({r['prompt_tokens']} tokens)", f"{r['prefill_tokens_per_second']:.1f} tok/s"),
+        (
+            "prefill arithmetic",
+            f"{r['prefill_tflop_s']:.3f} TFLOP/s of {r['matrix_peak_tflop_s']:.3f} TFLOP/s, a {r['matrix_peak_dtype']} "
+            f"matrix product measured here ({r['fraction_of_matrix_peak']:.0%})",
+        ),
         ("time to first token", f"{r['time_to_first_token_seconds'] * 1000:.0f} ms"),
         (f"decode ({r['decode_tokens']} tokens)", f"{r['decode_tokens_per_second']:.1f} tok/s"),
         ("read per decoded token", f"{r['bytes_per_decoded_token'] / 2**20:.1f} MiB"),

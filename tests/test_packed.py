@@ -8,6 +8,7 @@ same model loaded with float weights for the whole forward pass; llama.cpp for t
 """
 
 import gc
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -457,6 +458,71 @@ def test_resident_weights_are_placed_on_huge_pages():
     del big
     gc.collect()
     assert _anon_huge_kib(address) is None  # unmapped with the tensor
+
+
+REUSE_CHECK = """
+import resource, torch
+from plainllama.engine import memory
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+def second_of_two():  # page faults of a 64 MiB tensor made and written after another was freed
+    first = torch.ones(64 << 20, dtype=torch.uint8)
+    del first
+    before = faults()
+    second = torch.ones(64 << 20, dtype=torch.uint8)
+    count = faults() - before
+    del second
+    return count
+
+outside = second_of_two()
+with memory.reusing_freed_memory():
+    inside = second_of_two()
+    kept = resident()
+print(outside, inside, kept - resident())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (mallopt, malloc_trim)")
+def test_prompts_reuse_freed_memory_and_give_it_back_after():
+    """memory.reusing_freed_memory, in a fresh process: outside it, a 64 MiB tensor made again after
+    another was freed is page-faulted in anew (glibc maps blocks that large on their own and unmaps
+    them when freed); inside, the freed block is handed out again with no faults; when the block
+    ends, what was kept goes back to the system (the process's resident memory drops)."""
+    import subprocess
+
+    if THP.exists() and "[always]" in THP.read_text():
+        pytest.skip("huge pages for every mapping: too few faults outside to compare")
+    result = subprocess.run([sys.executable, "-c", REUSE_CHECK], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    outside, inside, given_back = map(int, result.stdout.split())
+    assert outside > 16000 * 0.9  # 64 MiB of 4 KiB pages
+    assert inside < 1000
+    assert given_back > 60 << 20
+
+
+def test_a_prompt_runs_reusing_freed_memory_and_one_token_steps_do_not():
+    """A resident CPU model's forward passes over a prompt run inside memory.reusing_freed_memory
+    (seen from inside the first layer); one-token steps do not, and nothing stays open after."""
+    from plainllama.engine import memory
+    from plainllama.model import KVCache
+
+    llm = plainllama.load(device="cpu")
+    seen = []
+    hook = llm.model.layers[0].register_forward_hook(lambda *args: seen.append(memory.reusing_now()))
+    try:
+        cache = KVCache(llm.model.args, 1, 16, llm.dtype, llm.device)
+        with torch.inference_mode():
+            llm.model(torch.tensor([[1, 2, 3, 4, 5]]), 0, cache, last_only=True)
+            llm.model(torch.tensor([[6]]), 5, cache, last_only=True)
+    finally:
+        hook.remove()
+    assert seen == [True, False]
+    assert not memory.reusing_now()
 
 
 def test_weights_fall_back_to_torch_memory_when_no_mapping_can_be_made(monkeypatch):

@@ -109,6 +109,9 @@ def test_streamed_logits_identical_to_resident(files, kind, weights):
     try:
         kinds = [type(layer) for layer in streamed.model.layers]
         assert kinds.count(StreamedBlock) == SHAPE["n_layers"] - resident, kinds
+        # streamed layers are built within a budget that counts on freed memory leaving at once:
+        # their prompts do not keep it for reuse (memory.reuse_freed_memory_in_prompts)
+        assert not streamed.model._forward_pre_hooks and build(files[kind], weights).model._forward_pre_hooks
         for _ in range(2):  # twice: the second pass reads into buffers the first one used
             assert torch.equal(streamed.logits(IDS), expected)
         # each pass read every streamed layer's stored bytes once: quantized blocks as stored, not floats

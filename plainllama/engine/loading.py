@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import PlainLlamaError
 from ..formats import Checkpoint
 from ..formats.checkpoint import CheckpointTensor, expected_shapes
-from .memory import give_freed_memory_back, release, weights_on_huge_pages
+from .memory import give_freed_memory_back, release, reuse_freed_memory_in_prompts, weights_on_huge_pages
 from .cpu.decode_block import kernel_block
 from ..model import FUSED, Transformer, TransformerBlock, fused_name
 from .cpu.packed import (
@@ -338,6 +338,8 @@ def build_model(
     empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise PlainLlamaError(f"{checkpoint.path}: no weights for {', '.join(empty[:4])}")
+    if device.type == "cpu" and not streamed:
+        reuse_freed_memory_in_prompts(model)  # memory.py says why
     return model.eval()
 
 

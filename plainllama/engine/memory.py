@@ -58,6 +58,72 @@ def give_freed_memory_back() -> None:
         _libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
+# ---- reusing freed memory within a prompt ---------------------------------------------------
+#
+# A prompt's forward pass makes and frees tensors of tens of megabytes in every layer (each
+# product's output: 46 MB per layer of a 1B model at 512 tokens). glibc serves blocks that large
+# with mappings of their own, returned to the system when freed, so every new one is page-faulted
+# in again, zero-filled: 800 MiB of faults per 512-token prompt of the 1B file, ~1.4 us each here.
+# Within a prompt, the allocator keeps what is freed and hands it out again (the next layer's
+# tensors have the same sizes); afterwards it all goes back, as before. Measured on AMD Zen 5
+# (1B Q4_K_M, 512 tokens, alternating in one process, best of 4): 3906 -> 3565 ms.
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+MMAP_MAX_DEFAULT, TRIM_THRESHOLD_DEFAULT = 65536, 128 << 10  # glibc's defaults
+_reuse_lock = threading.Lock()
+_reusing = 0  # blocks open, over all threads
+
+
+def reusing_now() -> bool:
+    return _reusing > 0
+
+
+@contextmanager
+def reusing_freed_memory():
+    """Within this block (on any thread), freed memory stays with the allocator for reuse instead of
+    going back to the system; when the last such block ends, all of it goes back (malloc_trim)."""
+    global _reusing
+    if _libc is None or not hasattr(_libc, "mallopt") or not hasattr(_libc, "malloc_trim"):
+        yield
+        return
+    with _reuse_lock:
+        if _reusing == 0:
+            _libc.mallopt(M_MMAP_MAX, 0)  # large blocks from the heap too, not their own mappings
+            _libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and none of it trimmed when freed
+        _reusing += 1
+    try:
+        yield
+    finally:
+        with _reuse_lock:
+            _reusing -= 1
+            if _reusing == 0:
+                _libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
+                _libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_DEFAULT)
+                _libc.malloc_trim(0)
+
+
+def reuse_freed_memory_in_prompts(model: torch.nn.Module) -> None:
+    """Run `model`'s forward passes over more than one token inside `reusing_freed_memory`. Only for
+    models whose layers all stay in memory: streamed layers are built on every pass, within a
+    memory budget that counts on freed memory leaving at once."""
+    windows: dict[int, object] = {}  # id of the call's thread -> its open block
+
+    def enter(module, args, kwargs):
+        tokens = args[0] if args else kwargs.get("tokens")
+        if tokens is not None and tokens.dim() == 2 and tokens.shape[1] > 1:
+            window = reusing_freed_memory()
+            window.__enter__()
+            windows[threading.get_ident()] = window
+
+    def leave(module, args, kwargs, output):
+        window = windows.pop(threading.get_ident(), None)
+        if window is not None:
+            window.__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter, with_kwargs=True)
+    model.register_forward_hook(leave, with_kwargs=True, always_call=True)
+
+
 def release(source: torch.Tensor, result: torch.Tensor) -> None:
     """Drop `source`'s pages from memory if `result` does not share them. Only whole pages inside
     the tensor are released, so neighbouring tensors in the same mapping are never touched."""
@@ -135,5 +201,8 @@ __all__ = [
     "give_freed_memory_back",
     "keep",
     "release",
+    "reuse_freed_memory_in_prompts",
+    "reusing_freed_memory",
+    "reusing_now",
     "weights_on_huge_pages",
 ]

@@ -171,16 +171,20 @@ def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k, is
 
 @needs_kernels
 @pytest.mark.parametrize("n, k", [(7, 256), (13, 768), (5, 1792), (10, 8192)])
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])
-def test_k_quant_scales_at_every_shape(type_name, n, k, isa):
-    """q4/q5 with K-quant scales (d, m per 256 weights, sc, mn per 32): 1, 3, 7 and 32 super-blocks
-    a row leave the AVX-512 kernel's 16-block groups whole or half full (the last group's second
-    super-block scale must not be read), with partial row groups and x tiles as above. Checked
-    against the float64 product of the numbers `gguf` dequantizes, and each row of x alone."""
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_kernels_at_every_shape(type_name, n, k, isa):
+    """The K-quants as held: q6_matmul takes 256 weights (one Q6_K super-block) at a time; q4/q5 with
+    K-quant scales (d, m per 256 weights, sc, mn per 32) take the AVX-512 kernel's 16-block groups,
+    which 1, 3, 7 and 32 super-blocks a row leave whole or half full (the last group's second
+    super-block scale must not be read). 4 weight rows per work item (avx2 q4/q5: 8) and 4 (avx2: 2)
+    rows of x per tile: 5, 7, 10 and 13 rows leave a partial row group, 9 rows of x a partial tile.
+    Checked as test_quantized_kernels_at_widths_that_leave_a_partial_group: against the float64
+    product of the numbers `gguf` dequantizes, and each row of x alone; and the rows unpacked to
+    bfloat16 for prompts, against the same numbers."""
     rng = np.random.default_rng(n * k)
     raw = np.ascontiguousarray(random_blocks(type_name, n * k // 256, rng)).view(np.uint8).reshape(-1)
     packed = pack_gguf(torch.from_numpy(raw.copy()), type_name, (n, k))
-    assert packed.k_scales
+    assert packed.k_scales == (type_name != "Q6_K")
     expected = quants.dequantize(raw, GGMLQuantizationType[type_name]).reshape(n, k)
     np.testing.assert_array_equal(packed.dequantized().numpy(), expected)
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(n))
@@ -191,25 +195,6 @@ def test_k_quant_scales_at_every_shape(type_name, n, k, isa):
     unpacked = torch.empty(n, k, dtype=torch.bfloat16)
     packed.unpack_rows_bf16(0, n, unpacked)
     torch.testing.assert_close(unpacked.float(), torch.from_numpy(expected), rtol=2**-7, atol=1e-6)
-
-
-@needs_kernels
-@pytest.mark.parametrize("n, k", [(7, 256), (13, 768), (5, 1792), (10, 8192)])
-def test_q6_kernel_at_every_shape(n, k, isa):
-    """q6_matmul takes 256 weights (one Q6_K super-block, 16 sub-blocks) at a time, 4 weight rows per
-    work item and 4 (avx2: 2) rows of x per tile: 5, 7, 10 and 13 rows leave a partial row group,
-    9 rows of x a partial tile. Checked as test_quantized_kernels_at_widths_that_leave_a_partial_group:
-    against the float64 product of the stored numbers (gguf's dequantizer), and each row of x alone."""
-    rng = np.random.default_rng(n * k)
-    raw = np.ascontiguousarray(random_blocks("Q6_K", n * k // 256, rng)).view(np.uint8).reshape(-1)
-    packed = pack_gguf(torch.from_numpy(raw.copy()), "Q6_K", (n, k))
-    expected = quants.dequantize(raw, GGMLQuantizationType.Q6_K).reshape(n, k)
-    np.testing.assert_array_equal(packed.dequantized().numpy(), expected)
-    x = torch.randn(9, k, generator=torch.Generator().manual_seed(n))
-    out = packed.matmul_each_row(x)
-    assert_product_of_stored_numbers(packed, x, out)
-    for i in range(9):
-        assert torch.equal(packed.matmul_each_row(x[i : i + 1])[0], out[i])
 
 
 def assert_product_of_stored_numbers(packed, x, out):

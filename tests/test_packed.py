@@ -455,12 +455,12 @@ def faults():
 def resident():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 
-def second_of_two():  # page faults of a 64 MiB tensor made and written after another was freed
+def second_of_two():  # page faults of a 48 MiB tensor made and written after a 64 MiB one was freed
     first = torch.ones(64 << 20, dtype=torch.uint8)
     del first
     before = faults()
-    second = torch.ones(64 << 20, dtype=torch.uint8)
-    count = faults() - before
+    second = torch.ones(48 << 20, dtype=torch.uint8)  # smaller: it fits the freed block whatever
+    count = faults() - before  # small blocks were placed around it, and its alignment
     del second
     return count
 
@@ -474,9 +474,9 @@ print(outside, inside, kept - resident())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator (mallopt, malloc_trim)")
 def test_prompts_reuse_freed_memory_and_give_it_back_after():
-    """memory.reusing_freed_memory, in a fresh process: outside it, a 64 MiB tensor made again after
-    another was freed is page-faulted in anew (glibc maps blocks that large on their own and unmaps
-    them when freed); inside, the freed block is handed out again with no faults; when the block
+    """memory.reusing_freed_memory, in a fresh process: outside it, a 48 MiB tensor made after a
+    64 MiB one was freed is page-faulted in anew (glibc maps blocks over 32 MiB on their own and
+    unmaps them when freed); inside, the freed block serves it with no faults; when the block
     ends, what was kept goes back to the system (the process's resident memory drops)."""
     import subprocess
 
@@ -485,9 +485,9 @@ def test_prompts_reuse_freed_memory_and_give_it_back_after():
     result = subprocess.run([sys.executable, "-c", REUSE_CHECK], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     outside, inside, given_back = map(int, result.stdout.split())
-    assert outside > 16000 * 0.9  # 64 MiB of 4 KiB pages
+    assert outside > 12288 * 0.9  # 48 MiB of 4 KiB pages
     assert inside < 1000
-    assert given_back > 60 << 20
+    assert given_back > 40 << 20
 
 
 def test_a_prompt_runs_reusing_freed_memory_and_one_token_steps_do_not():

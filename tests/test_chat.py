@@ -117,8 +117,13 @@ def test_llama2_format(tmp_path_factory):
 
 
 def test_generate_chat_flag():
+    # A question the model answers with a clear lead at every token (measured: the greedy token's
+    # logit leads the next by >= 1.0 all through "The capital of France is Paris."), so each of the
+    # product paths (their logits differ by ~0.05) gives the same answer. "What is the capital of
+    # France?" is a near-tie at the first token (0.08): on an Ice Lake Xeon the kernels and llama.cpp
+    # both start "L'Étoile, ..." there.
     result = subprocess.run(
-        [sys.executable, "-m", "plainllama", "generate", "--chat", "What is the capital of France?", "-n", "24"],
+        [sys.executable, "-m", "plainllama", "generate", "--chat", "Name the capital of France.", "-n", "24"],
         capture_output=True,
         text=True,
         timeout=300,

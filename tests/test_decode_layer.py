@@ -124,9 +124,10 @@ def test_layer_step_matches_model_py(model, rows, padded, start):
 # the machine would pick by itself:
 #   "amx"      amx_matmul.c: inputs rounded to bfloat16, float32 sums, float32 outputs
 #   "bf16"     weights unpacked to bfloat16, oneDNN's bfloat16 product: float32 sums, and the
-#              outputs rounded to bfloat16 (the path of AVX-512 BF16 CPUs without AMX, e.g. AMD Zen 4/5)
-#   "float32"  weights dequantized to float32, float32 product (CPUs without bfloat16 arithmetic)
-PRODUCT_PATHS = {"amx": kernels.amx, "bf16": packed._bf16_products_fast, "float32": lambda: True}
+#              outputs rounded to bfloat16 (the path of AVX-512 BF16 CPUs without AMX, e.g. AMD Zen 4/5;
+#              oneDNN also runs it, widening to float32 itself, on AVX-512 CPUs without BF16)
+#   "float32"  weights unpacked to float32, float32 product (CPUs without bfloat16 arithmetic)
+PRODUCT_PATHS = {"amx": kernels.amx, "bf16": packed._bf16_products_possible, "float32": lambda: True}
 
 
 def bf16_step(value: float) -> float:
@@ -139,18 +140,23 @@ def bf16_step(value: float) -> float:
 @pytest.mark.parametrize("rows, padded, start", [(1, False, 0), (3, True, 0), (2, False, 37)])
 @pytest.mark.parametrize(
     "products, attention_dtype",
-    [("amx", "native"), ("amx", "float32"), ("bf16", "native"), ("bf16", "float32"), ("float32", "float32")],
+    [
+        ("amx", "bfloat16"),
+        ("amx", "float32"),
+        ("bf16", "bfloat16"),
+        ("bf16", "float32"),
+        ("float32", "bfloat16"),
+        ("float32", "float32"),
+    ],
 )
 def test_prompt_step_matches_model_py(model, rows, padded, start, products, attention_dtype, monkeypatch):
     if not PRODUCT_PATHS[products]():
         pytest.skip(f"this CPU cannot run the {products} product path")
     if products != "amx":
         monkeypatch.setattr(kernels, "amx", lambda: False)
-    if products == "float32":
-        monkeypatch.setattr(packed, "_bf16_products_fast", lambda: False)
-    if attention_dtype == "float32":
-        monkeypatch.setattr(decode_block, "_bf16_products_fast", lambda: False)
-    else:
+    monkeypatch.setattr(packed, "_bf16_products_fast", lambda: products == "bf16")
+    monkeypatch.setattr(decode_block, "_bf16_products_fast", lambda: attention_dtype == "bfloat16")
+    if attention_dtype == "bfloat16":
         # The prompt path's attention reads q, k, v as bfloat16 (as the products' inputs are): model.py's
         # attention given the same rounded inputs is the oracle. (Against float32 attention, the error
         # is 2^-9 of the scores, which on random weights reach thousands and reorder the softmax.)
@@ -200,11 +206,11 @@ def test_prompt_step_matches_model_py(model, rows, padded, start, products, atte
         #   unrounded difference as small as the above can round to the neighbouring bfloat16 number:
         #   one bfloat16 step of that product's largest output. A cached k mixes two rounded outputs
         #   (the rotation), a cached v is one; the layer's output adds wo's and w2's.
-        # - bfloat16 attention (native): PyTorch rounds the softmax weights to bfloat16 before they
+        # - bfloat16 attention: PyTorch rounds the softmax weights to bfloat16 before they
         #   multiply v, 2^-9 relative, carried through wo and w2: 2e-3.
         # A wrong rotation, mask or SwiGLU is off by O(1) of the scale.
         relative = {"float32": 1e-4, "amx": 1e-3, "bf16": 1e-3}[products] + (
-            2e-3 if attention_dtype == "native" else 0.0
+            2e-3 if attention_dtype == "bfloat16" else 0.0
         )
         # amx_matmul has no q5/q6 unpacking: on an AMX CPU those matrices take the bfloat16 path,
         # whose outputs are rounded to bfloat16 (a file with them then has both paths' errors)

@@ -193,8 +193,10 @@ def test_k_quant_kernels_at_every_shape(type_name, n, k, isa):
     for i in range(9):
         assert torch.equal(packed.matmul_each_row(x[i : i + 1])[0], out[i])
     unpacked = torch.empty(n, k, dtype=torch.bfloat16)
-    packed.unpack_rows_bf16(0, n, unpacked)
+    packed.unpack_rows(0, n, unpacked)
     torch.testing.assert_close(unpacked.float(), torch.from_numpy(expected), rtol=2**-7, atol=1e-6)
+    exact = torch.empty(n, k, dtype=torch.float32)
+    np.testing.assert_array_equal(packed.unpack_rows(0, n, exact).numpy(), expected)
 
 
 def assert_product_of_stored_numbers(packed, x, out):
@@ -260,11 +262,18 @@ def test_many_rows_unpack_to_bfloat16_and_match_the_float_product(name, isa):
     ],
 )
 def test_unpacking_kernel_equals_dequantizing(name, isa):
+    """The rows unpacked for prompts against PyTorch's dequantization of the same parts: to bfloat16,
+    one rounding of the same value (the kernel fuses d*q+m into one FMA); to float32, exactly (each
+    value is a small integer times a float16 scale plus a minimum: one rounding either way, at most,
+    and the same one)."""
     packed = packed_weights()[name]
     out = torch.empty(N, K, dtype=torch.bfloat16)
-    packed.unpack_rows_bf16(0, N, out)
-    # one bfloat16 rounding of the same value (the kernel fuses d*q+m into one FMA)
+    packed.unpack_rows(0, N, out)
     torch.testing.assert_close(out.float(), packed.dequantized(), rtol=2**-7, atol=1e-6)
+    exact = torch.empty(N, K, dtype=torch.float32)
+    assert torch.equal(packed.unpack_rows(0, N, exact), packed.dequantized())
+    part = torch.empty(7, K, dtype=torch.float32)  # rows from the middle
+    assert torch.equal(packed.unpack_rows(5, 12, part), packed.dequantized()[5:12])
 
 
 def test_parts_that_do_not_match_the_shape_are_refused():

@@ -53,13 +53,27 @@ LAYOUTS = tuple(LAYOUT_CODES)  # q4, q8, f16, bf16, q6, q5
 # Up to this many rows the direct kernels win; from 9 the AMX or oneDNN path (measured: q4/q8
 # [M x 2048] x [2048 x 8192] at M = 8, 1.9-2.1 ms either way; M = 16, 3.7-3.9 vs 2.0-2.1 ms on AMX).
 DIRECT_ROWS = 8
-UNPACK_CHUNK = 1 << 22  # weights unpacked per slice in the many-rows path (8 MB of bfloat16)
+UNPACK_BYTES = 8 << 20  # weights unpacked per slice in the many-rows path (4M bfloat16, 2M float32)
+
+
+@cache
+def _bf16_products_possible() -> bool:
+    """Whether oneDNN multiplies bfloat16 here at all: natively, or (x86 with AVX-512 but without its
+    BF16 instructions, e.g. Intel Ice Lake) by widening to float32 inside the product."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @cache
 def _bf16_products_fast() -> bool:
-    """Whether oneDNN runs bfloat16 products natively here (AVX-512 BF16 or AMX)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether prompts multiply in bfloat16 here: only where the CPU does so natively (AVX-512 BF16 or
+    AMX on x86; oneDNN's own check elsewhere, e.g. ARM's BF16). Where oneDNN widens bfloat16 itself,
+    float32 products are faster: 3.5x on an Ice Lake Xeon (benchmarks/products.py --prompt)."""
+    if not _bf16_products_possible():
+        return False
+    capabilities = torch.cpu.get_capabilities()
+    if capabilities.get("architecture") != "x86_64":
+        return True
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 class _Scratch(threading.local):
@@ -248,13 +262,14 @@ class PackedWeight(nn.Module):
         m = block_m[..., None] if block_m is not None else (-16 if self.layout == "q5" else -8) * d
         return (d * q + m).flatten(-2).to(dtype)
 
-    def unpack_rows_bf16(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows start..end-1 as bfloat16 written into `out` [end - start, K]."""
+    def unpack_rows(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start..end-1 written into `out` [end - start, K]: bfloat16 (each weight rounded once)
+        or float32 (exactly the stored numbers)."""
         if not kernels.available():
-            out.copy_(self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, torch.bfloat16))
+            out.copy_(self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, out.dtype))
             return out
         if self.layout in ("q4", "q5"):
-            kernels.q4_to_bf16(
+            kernels.q4_to_float(
                 self.qs[start:end],
                 self.d[start:end],
                 self.m[start:end] if "m" in self.part_names else None,
@@ -263,10 +278,10 @@ class PackedWeight(nn.Module):
                 *((self.sc[start:end], self.mn[start:end]) if self.k_scales else ()),
             )
         elif self.layout == "q8":
-            kernels.q8_to_bf16(self.qs[start:end], self.d[start:end], out)
+            kernels.q8_to_float(self.qs[start:end], self.d[start:end], out)
         elif self.layout == "q6":
-            kernels.q6_to_bf16(self.qs[start:end], self.sc[start:end], self.d[start:end], out)
-        elif self.layout == "f16" and out.numel() % 16 == 0:
+            kernels.q6_to_float(self.qs[start:end], self.sc[start:end], self.d[start:end], out)
+        elif self.layout == "f16" and out.dtype == torch.bfloat16 and out.numel() % 16 == 0:
             kernels.f16_to_bf16(self.w[start:end], out)  # 0.7 ms per 4M weights; torch's copy_ took 3.8 ms
         else:
             out.copy_(self.w[start:end])
@@ -352,24 +367,18 @@ class PackedWeight(nn.Module):
         compute = torch.bfloat16 if _bf16_products_fast() else torch.float32
         if self.layout in ("f16", "bf16") and self.w.dtype == compute:
             return F.linear(x.to(compute), self.w).float()
-        rows = max(1, min(N, UNPACK_CHUNK // K))
+        rows = max(1, min(N, UNPACK_BYTES // (K * compute.itemsize)))
         x = x.to(compute)
-        if compute == torch.bfloat16:
-            # The product transposed, out^T [N, M] = W x^T, so that each slice of rows writes its
-            # rows of out^T whole; then one copy to float32 [M, N]. Same numbers as F.linear(x, W)
-            # into column slices of out, and 4% (512 rows) to 13% (64 rows) faster with oneDNN here.
-            out_t = torch.empty(N, M, dtype=compute, device=x.device)
-            for start in range(0, N, rows):
-                end = min(N, start + rows)
-                w = self.unpack_rows_bf16(start, end, _scratch.get((end - start) * K, compute).view(end - start, K))
-                torch.mm(w, x.t(), out=out_t[start:end])
-            return torch.empty(M, N, dtype=torch.float32, device=x.device).copy_(out_t.t())
-        out = torch.empty(M, N, dtype=torch.float32, device=x.device)
+        # The product transposed, out^T [N, M] = W x^T, so that each slice of rows writes its rows of
+        # out^T whole; then one copy to float32 [M, N]. Same numbers as F.linear(x, W) into column
+        # slices of out, and faster: 4% (512 rows) to 13% (64 rows) in bfloat16 on a Zen 5, 1.4x in
+        # float32 on an Ice Lake Xeon (benchmarks/products.py --prompt).
+        out_t = torch.empty(N, M, dtype=compute, device=x.device)
         for start in range(0, N, rows):
             end = min(N, start + rows)
-            w = self._dequantize({n: getattr(self, n)[start:end] for n in self.part_names}, compute)
-            out[:, start:end] = F.linear(x, w)
-        return out
+            w = self.unpack_rows(start, end, _scratch.get((end - start) * K, compute).view(end - start, K))
+            torch.mm(w, x.t(), out=out_t[start:end])
+        return torch.empty(M, N, dtype=torch.float32, device=x.device).copy_(out_t.t())
 
 
 class PackedLinear(nn.Module):

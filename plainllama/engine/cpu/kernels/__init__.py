@@ -245,23 +245,30 @@ def check(code: int, what: str) -> None:
     raise (MemoryError if name == "STATUS_OUT_OF_MEMORY" else RuntimeError)(f"{what}: {message}")
 
 
-def q4_to_bf16(qs, d, m, out: torch.Tensor, qh=None, sc=None, mn=None) -> torch.Tensor:
-    """q4 rows (q5 with their fifth bits `qh`; K-quant scales `sc`, `mn`) -> bfloat16 [N, K] written into `out`."""
+def _unpacking(name: str, out: torch.Tensor):
+    """The C function that unpacks `name` rows into `out`'s dtype: {name}_to_bf16 or {name}_to_f32."""
+    suffix = {torch.bfloat16: "bf16", torch.float32: "f32"}[out.dtype]
+    return getattr(_library(), f"{name}_to_{suffix}")
+
+
+def q4_to_float(qs, d, m, out: torch.Tensor, qh=None, sc=None, mn=None) -> torch.Tensor:
+    """q4 rows (q5 with their fifth bits `qh`; K-quant scales `sc`, `mn`) -> [N, K] written into
+    `out` (bfloat16, rounded to nearest even, or float32, exact)."""
     N, K = qs.shape[0], qs.shape[1] * 2
-    _library().q4_to_bf16(_ptr(qs), _ptr(qh), _ptr(d), _ptr(m), _ptr(sc), _ptr(mn), N, K, _ptr(out))
+    _unpacking("q4", out)(_ptr(qs), _ptr(qh), _ptr(d), _ptr(m), _ptr(sc), _ptr(mn), N, K, _ptr(out))
     return out
 
 
-def q8_to_bf16(qs, d, out: torch.Tensor) -> torch.Tensor:
-    """q8 rows -> bfloat16 [N, K] written into `out`."""
-    _library().q8_to_bf16(_ptr(qs), _ptr(d), qs.shape[0], qs.shape[1], _ptr(out))
+def q8_to_float(qs, d, out: torch.Tensor) -> torch.Tensor:
+    """q8 rows -> [N, K] written into `out` (bfloat16 or float32)."""
+    _unpacking("q8", out)(_ptr(qs), _ptr(d), qs.shape[0], qs.shape[1], _ptr(out))
     return out
 
 
-def q6_to_bf16(qs, sc, d, out: torch.Tensor) -> torch.Tensor:
-    """q6 rows -> bfloat16 [N, K] written into `out`."""
+def q6_to_float(qs, sc, d, out: torch.Tensor) -> torch.Tensor:
+    """q6 rows -> [N, K] written into `out` (bfloat16 or float32)."""
     N, K = out.shape
-    check(_library().q6_to_bf16(_ptr(qs), _ptr(sc), _ptr(d), N, K, _ptr(out)), "q6_to_bf16")
+    check(_unpacking("q6", out)(_ptr(qs), _ptr(sc), _ptr(d), N, K, _ptr(out)), f"q6 unpacking to {out.dtype}")
     return out
 
 

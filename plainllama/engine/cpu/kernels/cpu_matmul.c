@@ -423,10 +423,12 @@ static int half_matmul(const float *x, int M, int K, const uint16_t *w, int N, f
 int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out) { return half_matmul(x, M, K, w, N, out, f16_group); }
 int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out) { return half_matmul(x, M, K, w, N, out, bf16_group); }
 
-/* ---- unpacking to bfloat16, for products with many rows (prefill), done by oneDNN ----------- */
+/* ---- unpacking, for products with many rows (prefill), done by oneDNN ------------------------ */
+/* Rows written as bfloat16 (f32 = 0) where the CPU multiplies bfloat16 natively, as float32 (f32 = 1)
+ * elsewhere: out is uint16_t or float [N, K]. */
 
-int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
-               const uint8_t *mn, int N, int K, uint16_t *out) {
+static int q4_unpack(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+                     const uint8_t *mn, int N, int K, void *out, int f32) {
     int nb = K / 32;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -442,25 +444,38 @@ int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const u
             float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
             float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
             __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
-            _mm256_storeu_si256((__m256i *)(out + 32 * blk), to_bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vs, vm)));
-            _mm256_storeu_si256((__m256i *)(out + 32 * blk + 16), to_bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vm)));
+            store16(out, 32 * blk, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vs, vm), f32);
+            store16(out, 32 * blk + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vm), f32);
         }
     }
     return 0;
 }
 
-int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out) {
+int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+               const uint8_t *mn, int N, int K, uint16_t *out) {
+    return q4_unpack(qs, qh, d, m, sc, mn, N, K, out, 0);
+}
+
+int q4_to_f32(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+              const uint8_t *mn, int N, int K, float *out) {
+    return q4_unpack(qs, qh, d, m, sc, mn, N, K, out, 1);
+}
+
+static int q8_unpack(const int8_t *qs, const uint16_t *d, int N, int K, void *out, int f32) {
     size_t nblocks = (size_t)N * (K / 32);
 #pragma omp parallel for schedule(static)
     for (size_t blk = 0; blk < nblocks; blk++) {
         __m512 vs = _mm512_set1_ps(_cvtsh_ss(d[blk]));
         for (int h = 0; h < 2; h++) {
             __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 32 * blk + 16 * h)));
-            _mm256_storeu_si256((__m256i *)(out + 32 * blk + 16 * h), to_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(q), vs)));
+            store16(out, 32 * blk + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(q), vs), f32);
         }
     }
     return 0;
 }
+
+int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out) { return q8_unpack(qs, d, N, K, out, 0); }
+int q8_to_f32(const int8_t *qs, const uint16_t *d, int N, int K, float *out) { return q8_unpack(qs, d, N, K, out, 1); }
 
 int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out) {
     /* n a multiple of 16 */

@@ -479,10 +479,10 @@ static int half_matmul(const float *x, int M, int K, const uint16_t *w, int N, f
 int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out) { return half_matmul(x, M, K, w, N, out, f16_group); }
 int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out) { return half_matmul(x, M, K, w, N, out, bf16_group); }
 
-/* ---- unpacking to bfloat16, for products with many rows (prefill) ---------------------------- */
+/* ---- unpacking, for products with many rows (prefill): bfloat16 (f32 = 0) or float32 (f32 = 1) -- */
 
-int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
-               const uint8_t *mn, int N, int K, uint16_t *out) {
+static int q4_unpack(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+                     const uint8_t *mn, int N, int K, void *out, int f32) {
     size_t nblocks = (size_t)N * (K / 32);
 #pragma omp parallel for schedule(static)
     for (size_t blk = 0; blk < nblocks; blk++) {
@@ -495,32 +495,47 @@ int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const u
             __m128i half = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
             __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half)), vs, vm);
             __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(half, 8))), vs, vm);
-            _mm256_storeu_si256((__m256i *)(out + 32 * blk + 16 * h), to_bf16(lo, hi));
+            store8(out, 32 * blk + 16 * h, lo, f32);
+            store8(out, 32 * blk + 16 * h + 8, hi, f32);
         }
     }
     return 0;
 }
 
-int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out) {
+int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+               const uint8_t *mn, int N, int K, uint16_t *out) {
+    return q4_unpack(qs, qh, d, m, sc, mn, N, K, out, 0);
+}
+
+int q4_to_f32(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+              const uint8_t *mn, int N, int K, float *out) {
+    return q4_unpack(qs, qh, d, m, sc, mn, N, K, out, 1);
+}
+
+static int q8_unpack(const int8_t *qs, const uint16_t *d, int N, int K, void *out, int f32) {
     size_t nblocks = (size_t)N * (K / 32);
 #pragma omp parallel for schedule(static)
     for (size_t blk = 0; blk < nblocks; blk++) {
         __m256 vs = _mm256_set1_ps(_cvtsh_ss(d[blk]));
         for (int h = 0; h < 2; h++) {
             __m128i q = _mm_loadu_si128((const __m128i *)(qs + 32 * blk + 16 * h));
-            __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vs);
-            __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), vs);
-            _mm256_storeu_si256((__m256i *)(out + 32 * blk + 16 * h), to_bf16(lo, hi));
+            store8(out, 32 * blk + 16 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vs), f32);
+            store8(out, 32 * blk + 16 * h + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), vs), f32);
         }
     }
     return 0;
 }
 
+int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out) { return q8_unpack(qs, d, N, K, out, 0); }
+int q8_to_f32(const int8_t *qs, const uint16_t *d, int N, int K, float *out) { return q8_unpack(qs, d, N, K, out, 1); }
+
 int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out) {
     /* n a multiple of 16 */
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n / 16; i++)
-        _mm256_storeu_si256((__m256i *)(out + 16 * i), to_bf16(load_f16(w + 16 * i), load_f16(w + 16 * i + 8)));
+    for (size_t i = 0; i < n / 16; i++) {
+        store8(out, 16 * i, load_f16(w + 16 * i), 0);
+        store8(out, 16 * i + 8, load_f16(w + 16 * i + 8), 0);
+    }
     return 0;
 }
 

@@ -75,13 +75,18 @@ int q5_matmul(const float *x, int M, int K, const uint8_t *qs, const uint32_t *q
 int q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *d, int N, float *out);
 int f16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
 int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *out);
-/* q6_matmul.c: the same for Q6_K kept as stored, and its rows unpacked to bfloat16 */
+/* q6_matmul.c: the same for Q6_K kept as stored, and its rows unpacked to bfloat16 or float32 */
 int q6_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, float *out);
 int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out);
-/* cpu_matmul.c: rows unpacked to bfloat16 [N, K] (prompts on CPUs without AMX multiply these with oneDNN) */
+int q6_to_f32(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, float *out);
+/* cpu_matmul.c: rows unpacked to bfloat16 or float32 [N, K] (prompts on CPUs without AMX multiply
+ * these with oneDNN: bfloat16 where the CPU multiplies it natively, float32 elsewhere) */
 int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
                const uint8_t *mn, int N, int K, uint16_t *out);
+int q4_to_f32(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+              const uint8_t *mn, int N, int K, float *out);
 int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out);
+int q8_to_f32(const int8_t *qs, const uint16_t *d, int N, int K, float *out);
 int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out);
 /* cpu_matmul.c: read every byte of buf with all threads (the memory bandwidth bound) */
 double read_bytes(const uint8_t *buf, size_t n);

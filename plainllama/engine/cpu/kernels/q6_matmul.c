@@ -240,15 +240,15 @@ int q6_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc,
     return status;
 }
 
-/* ---- unpacking to bfloat16, for prompts (oneDNN multiplies them) --------------------------------- */
+/* ---- unpacking to bfloat16 or float32 (f32), for prompts (oneDNN multiplies them) --------------- */
 
 /* A super-block's steps back in weight order: within each 128-bit lane, a 4x4 transpose of the
  * 4-byte pieces of the four step vectors gives, in t[p]'s lane L, the 16 values of sub-block
- * 4L + p (steps 0..3, 4 weights each). Each is then d * sc * (q - 32) rounded to bfloat16
- * (vectors.h). */
+ * 4L + p (steps 0..3, 4 weights each). Each is then d * sc * (q - 32), stored as float32 or rounded
+ * to bfloat16 (vectors.h). */
 #if KERNELS_AVX512
 
-int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out) {
+static int q6_unpack(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, void *out, int f32) {
     if (K % SUPER) return STATUS_BAD_WIDTH;
     size_t supers = (size_t)N * (K / SUPER);
 #pragma omp parallel for schedule(static)
@@ -267,7 +267,7 @@ int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, in
                 int j = 4 * L + p;
                 __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(t[p], L)), _mm512_set1_epi32(32)));
                 __m512 v = _mm512_mul_ps(_mm512_set1_ps(dd * (float)sc[sb * SUBS + j]), q);
-                _mm256_storeu_si256((__m256i *)(out + sb * SUPER + 16 * j), to_bf16(v));
+                store16(out, sb * SUPER + 16 * j, v, f32);
             }
     }
     return 0;
@@ -275,7 +275,7 @@ int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, in
 
 #else
 
-int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out) {
+static int q6_unpack(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, void *out, int f32) {
     if (K % SUPER) return STATUS_BAD_WIDTH;
     size_t supers = (size_t)N * (K / SUPER);
 #pragma omp parallel for schedule(static)
@@ -297,8 +297,8 @@ int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, in
                     __m256 scale = _mm256_set1_ps(dd * (float)sc[sb * SUBS + j]), offset = _mm256_set1_ps(32.0f);
                     __m256 lo = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), offset));
                     __m256 hi = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))), offset));
-                    _mm_storeu_si128((__m128i *)(out + sb * SUPER + 16 * j), to_bf16_8(lo));
-                    _mm_storeu_si128((__m128i *)(out + sb * SUPER + 16 * j + 8), to_bf16_8(hi));
+                    store8(out, sb * SUPER + 16 * j, lo, f32);
+                    store8(out, sb * SUPER + 16 * j + 8, hi, f32);
                 }
         }
     }
@@ -306,3 +306,6 @@ int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, in
 }
 
 #endif
+
+int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out) { return q6_unpack(qs, sc, d, N, K, out, 0); }
+int q6_to_f32(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, float *out) { return q6_unpack(qs, sc, d, N, K, out, 1); }

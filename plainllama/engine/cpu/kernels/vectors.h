@@ -23,6 +23,15 @@ static inline __m256i to_bf16(__m512 v) {
 #endif
 }
 
+/* 16 floats stored at out + i as float32 (f32) or rounded to bfloat16: the unpacking functions
+ * write either, for prompts multiplied in float32 or in bfloat16 */
+static inline void store16(void *out, size_t i, __m512 v, int f32) {
+    if (f32)
+        _mm512_storeu_ps((float *)out + i, v);
+    else
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), to_bf16(v));
+}
+
 #else /* AVX2 */
 
 static inline float hsum8(__m256 v) {
@@ -49,8 +58,13 @@ static inline __m128i to_bf16_8(__m256 v) {
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-/* 16 floats (two vectors) -> bfloat16 */
-static inline __m256i to_bf16(__m256 lo, __m256 hi) { return _mm256_set_m128i(to_bf16_8(hi), to_bf16_8(lo)); }
+/* 8 floats stored at out + i as float32 (f32) or rounded to bfloat16 */
+static inline void store8(void *out, size_t i, __m256 v, int f32) {
+    if (f32)
+        _mm256_storeu_ps((float *)out + i, v);
+    else
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), to_bf16_8(v));
+}
 
 #endif
 

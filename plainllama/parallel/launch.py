@@ -106,6 +106,9 @@ def run_ranks(world: int, argv: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
         return 130
+    if first_failure is None and any(p.returncode != 0 for p in ranks):
+        # every rank ended within one poll (a killed rank's peers notice at once): name the cause too
+        first_failure = the_cause(ranks)
     if first_failure is not None:
         rank, code = first_failure
         if code != 130:  # Ctrl+C needs no explanation

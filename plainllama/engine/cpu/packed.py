@@ -54,6 +54,10 @@ LAYOUTS = tuple(LAYOUT_CODES)  # q4, q8, f16, bf16, q6, q5
 # [M x 2048] x [2048 x 8192] at M = 8, 1.9-2.1 ms either way; M = 16, 3.7-3.9 vs 2.0-2.1 ms on AMX).
 DIRECT_ROWS = 8
 UNPACK_BYTES = 8 << 20  # weights unpacked per slice in the many-rows path (4M bfloat16, 2M float32)
+# The float32 path (CPUs without bfloat16 instructions) multiplies the rows TOKEN_TILE at a time, so
+# that a row's result does not depend on its company. On an Ice Lake Xeon (products.py --prompt, 512
+# rows): tiles of 64 gave 131-145 GFLOP/s, of 32 104-113, of 48 107-117; slices of 8-16 MB beat 1-4 MB.
+TOKEN_TILE = 64
 
 
 @cache
@@ -86,7 +90,8 @@ class _Scratch(threading.local):
     def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         if self.buffer is None or self.buffer.numel() < numel or self.buffer.dtype != dtype:
             self.buffer = None  # release the old one before allocating its successor
-            self.buffer = torch.empty(numel, dtype=dtype)
+            with torch.inference_mode(False):  # a normal tensor: written in place in any mode
+                self.buffer = torch.empty(numel, dtype=dtype)
         return self.buffer[:numel]
 
 
@@ -367,18 +372,40 @@ class PackedWeight(nn.Module):
         compute = torch.bfloat16 if _bf16_products_fast() else torch.float32
         if self.layout in ("f16", "bf16") and self.w.dtype == compute:
             return F.linear(x.to(compute), self.w).float()
-        rows = max(1, min(N, UNPACK_BYTES // (K * compute.itemsize)))
         x = x.to(compute)
+        if compute == torch.float32:
+            return self._float32_matmul(x)
+        rows = max(1, min(N, UNPACK_BYTES // (K * compute.itemsize)))
         # The product transposed, out^T [N, M] = W x^T, so that each slice of rows writes its rows of
         # out^T whole; then one copy to float32 [M, N]. Same numbers as F.linear(x, W) into column
-        # slices of out, and faster: 4% (512 rows) to 13% (64 rows) in bfloat16 on a Zen 5, 1.4x in
-        # float32 on an Ice Lake Xeon (benchmarks/products.py --prompt).
+        # slices of out, and 4% (512 rows) to 13% (64 rows) faster with oneDNN on a Zen 5. (oneDNN's
+        # bfloat16 product gives each row the same result in any company, emulated or not.)
         out_t = torch.empty(N, M, dtype=compute, device=x.device)
         for start in range(0, N, rows):
             end = min(N, start + rows)
             w = self.unpack_rows(start, end, _scratch.get((end - start) * K, compute).view(end - start, K))
             torch.mm(w, x.t(), out=out_t[start:end])
         return torch.empty(M, N, dtype=torch.float32, device=x.device).copy_(out_t.t())
+
+    def _float32_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 -> x @ W.T [M, N] float32, for CPUs without bfloat16 instructions, with
+        every row's result independent of the other rows and of M (the server's prefix cache and
+        batched prompt chunks rely on that, as on the bfloat16 and AMX paths). PyTorch's float32
+        product is not: its blocking changes with M (a row's sums differ in the last bits between
+        M = 9 and M = 64). Products of exactly TOKEN_TILE rows are: the rows go in tiles of that
+        many, the last padded with zeros, each W slice multiplied by each tile."""
+        M, (N, K) = x.shape[0], self.shape
+        tiles = (M + TOKEN_TILE - 1) // TOKEN_TILE
+        padded = x.new_zeros(tiles * TOKEN_TILE, K)
+        padded[:M] = x
+        out_t = torch.empty(tiles, N, TOKEN_TILE, dtype=torch.float32, device=x.device)  # per tile: W x_tile^T
+        rows = max(1, min(N, UNPACK_BYTES // (K * 4)))
+        for start in range(0, N, rows):
+            end = min(N, start + rows)
+            w = self.unpack_rows(start, end, _scratch.get((end - start) * K, torch.float32).view(end - start, K))
+            for t in range(tiles):
+                torch.mm(w, padded[t * TOKEN_TILE : (t + 1) * TOKEN_TILE].t(), out=out_t[t, start:end])
+        return out_t.transpose(1, 2).reshape(tiles * TOKEN_TILE, N)[:M].contiguous()
 
 
 class PackedLinear(nn.Module):

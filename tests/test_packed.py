@@ -293,6 +293,25 @@ def test_prompts_multiply_in_bfloat16_only_where_the_cpu_has_bfloat16_instructio
     assert packed_module._bf16_products_fast() == native
 
 
+@needs_kernels
+@pytest.mark.parametrize("name", ["q4 (Q4_K)", "q8", "q6 (Q6_K)", "f16"])
+def test_float32_prompt_rows_do_not_depend_on_their_company(name, isa, monkeypatch):
+    """The float32 many-rows path (CPUs without bfloat16 instructions; forced here on any CPU) gives
+    a row the same bits alone, among more rows, and at another position (the prefix cache relies on
+    it), and the product of the stored numbers within float32 rounding (float64 oracle)."""
+    from plainllama.engine.cpu import packed as packed_module
+
+    monkeypatch.setattr(kernels, "amx", lambda: False)
+    monkeypatch.setattr(packed_module, "_bf16_products_fast", lambda: False)
+    packed = packed_weights()[name]
+    x = torch.randn(150, K, generator=torch.Generator().manual_seed(3))
+    alone = packed.matmul(x[:9])
+    assert torch.equal(packed.matmul(x)[:9], alone)
+    assert torch.equal(packed.matmul(torch.cat([x[100:137], x[:9]]))[37:], alone)
+    w64 = packed.dequantized().double()
+    torch.testing.assert_close(alone.double(), x[:9].double() @ w64.T, rtol=1e-5, atol=1e-5 * w64.abs().max().item())
+
+
 def test_parts_that_do_not_match_the_shape_are_refused():
     """The C kernels read a PackedWeight's buffers by its shape alone, so a part of another shape
     (which would make them read past its end) is refused when the weight is built."""

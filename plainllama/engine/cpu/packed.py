@@ -71,7 +71,7 @@ def _bf16_products_possible() -> bool:
 def _bf16_products_fast() -> bool:
     """Whether prompts multiply in bfloat16 here: only where the CPU does so natively (AVX-512 BF16 or
     AMX on x86; oneDNN's own check elsewhere, e.g. ARM's BF16). Where oneDNN widens bfloat16 itself,
-    float32 products are faster: 3.5x on an Ice Lake Xeon (benchmarks/products.py --prompt)."""
+    float32 products are faster: 2.2-2.4x on an Ice Lake Xeon (benchmarks/products.py --prompt)."""
     if not _bf16_products_possible():
         return False
     capabilities = torch.cpu.get_capabilities()

@@ -400,41 +400,58 @@ needs_amx = pytest.mark.skipif(
 )
 
 
+AMX_SHAPES = [  # rows, n, k
+    (512, 256, 512),  # whole blocks of 32 rows and 8 panels of 16 outputs
+    (77, 144, 2304),  # a partial block of rows, 9 panels (8, then one alone), 72 k-steps (chunks of 64, then 8)
+    (9, 48, 256),  # 3 panels: the last pair has only one
+    (1, 16, 768),  # one row
+    (77, 144, 2112),  # 66 k-steps: a last chunk of 2, a last staging group of 2 (layouts with blocks of 32)
+    (9, 48, 64),  # 2 k-steps (layouts with blocks of 32)
+]
+# The layouts amx_matmul.c unpacks itself (block_bf16), then those it unpacks through the oneDNN
+# path's row unpacking (unpack.h): K-quant scales, fifth bits and Q6_K's regrouped values (Q3_K is
+# held as q6 too).
+AMX_DIRECT = ["q4", "q4 no minimums", "q8", "f16", "bf16"]
+AMX_STAGED = ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q5_0", "Q5_1"]
+
+
 @needs_amx
-@pytest.mark.parametrize("layout", ["q4", "q4 no minimums", "q8", "f16", "bf16"])
 @pytest.mark.parametrize(
-    "rows, n, k",
+    "layout, rows, n, k",
     [
-        (512, 256, 512),  # whole blocks of 32 rows and 8 panels of 16 outputs
-        (
-            77,
-            144,
-            2112,
-        ),  # a partial block of rows, 9 panels (a block of 8, then one alone), 66 k-steps (chunks of 64, then 2)
-        (9, 48, 64),  # 3 panels: the last pair has only one
-        (1, 16, 576),  # one row
+        (layout, *shape)
+        for layout in AMX_DIRECT + AMX_STAGED
+        for shape in AMX_SHAPES
+        if shape[2] % BLOCK_FORMATS.get(layout, (32,))[0] == 0
     ],
 )
 def test_amx_products_are_float32_sums_of_bfloat16_products(layout, rows, n, k):
     """amx_matmul.c (many rows on an AMX CPU): inputs and weights rounded to bfloat16, products summed in
     float32. Oracle: the float64 product of the same bfloat16-rounded numbers (weights as gguf's exact
-    values where the layout holds a GGUF type, via PackedWeight.dequantized, checked above)."""
+    values where the layout holds a GGUF type, via PackedWeight.dequantized, checked against gguf's
+    dequantizer above)."""
     generator = torch.Generator().manual_seed(rows + n + k)
     w = torch.randn(n, k, generator=generator) * 0.05
-    packed = {
-        "q4": lambda: quantize_int4(w),
-        "q8": lambda: quantize_int8(w),
-        "q4 no minimums": lambda: PackedWeight(
-            "q4",
-            (n, k),
-            {
-                "qs": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator),
-                "d": (torch.rand(n, k // 32, generator=generator) * 0.01).half(),
-            },
-        ),
-        "f16": lambda: PackedWeight("f16", (n, k), {"w": w.half()}),
-        "bf16": lambda: PackedWeight("bf16", (n, k), {"w": w.bfloat16()}),
-    }[layout]()
+    if layout in AMX_STAGED:
+        per_block = BLOCK_FORMATS[layout][0]
+        raw = np.ascontiguousarray(random_blocks(layout, n * k // per_block, np.random.default_rng(n + k)))
+        packed = pack_gguf(torch.from_numpy(raw.view(np.uint8).reshape(-1).copy()), layout, (n, k))
+        assert packed.layout in ("q4", "q5", "q6")
+    else:
+        packed = {
+            "q4": lambda: quantize_int4(w),
+            "q8": lambda: quantize_int8(w),
+            "q4 no minimums": lambda: PackedWeight(
+                "q4",
+                (n, k),
+                {
+                    "qs": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator),
+                    "d": (torch.rand(n, k // 32, generator=generator) * 0.01).half(),
+                },
+            ),
+            "f16": lambda: PackedWeight("f16", (n, k), {"w": w.half()}),
+            "bf16": lambda: PackedWeight("bf16", (n, k), {"w": w.bfloat16()}),
+        }[layout]()
     x = torch.randn(rows, k, generator=generator)
     out = packed._unpacked_matmul(x)
     reference = x.bfloat16().double() @ packed.dequantized().bfloat16().double().T
@@ -443,6 +460,9 @@ def test_amx_products_are_float32_sums_of_bfloat16_products(layout, rows, n, k):
     relative = ((out.double() - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
     assert relative < 1e-5
     assert torch.isfinite(out).all()
+    # and each row alone gives the same bits as in company (the prefix cache relies on it)
+    alone = packed._unpacked_matmul(x[-1:].contiguous())
+    assert torch.equal(alone[0], out[-1])
 
 
 def _anon_huge_kib(address: int) -> int | None:

@@ -26,20 +26,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from ...model import TransformerBlock
-from .packed import DIRECT_ROWS, LAYOUT_CODES, PackedLinear, StackedLinear, _bf16_products_fast
-
-
-class MatrixPart(ctypes.Structure):
-    _fields_ = [
-        ("layout", ctypes.c_int),
-        ("rows", ctypes.c_int),
-        ("w", ctypes.c_void_p),
-        ("d", ctypes.c_void_p),
-        ("m", ctypes.c_void_p),
-        ("sc", ctypes.c_void_p),
-        ("mn", ctypes.c_void_p),
-        ("qh", ctypes.c_void_p),
-    ]
+from .packed import DIRECT_ROWS, MatrixPart, PackedLinear, StackedLinear, _bf16_products_fast
 
 
 class Linear(ctypes.Structure):
@@ -84,17 +71,7 @@ def _linear(module) -> Linear | None:
         width = {"f16": 32, "bf16": 32, "q6": 256}.get(w.layout, 64)
         if part.in_features != described.in_features or part.in_features % width:
             return None
-        if w.layout in ("f16", "bf16"):
-            described.parts[i] = MatrixPart(LAYOUT_CODES[w.layout], w.shape[0], _ptr(w.w), None, None)
-        elif w.layout == "q6":
-            described.parts[i] = MatrixPart(LAYOUT_CODES["q6"], w.shape[0], _ptr(w.qs), _ptr(w.d), None, _ptr(w.sc))
-        else:
-            m = w.m if "m" in w.part_names else None
-            qh = w.qh if w.layout == "q5" else None
-            sc, mn = (w.sc, w.mn) if w.k_scales else (None, None)
-            described.parts[i] = MatrixPart(
-                LAYOUT_CODES[w.layout], w.shape[0], _ptr(w.qs), _ptr(w.d), _ptr(m), _ptr(sc), _ptr(mn), _ptr(qh)
-            )
+        described.parts[i] = w.c_part()
     return described
 
 

@@ -23,8 +23,8 @@ Layouts, one row per output feature, blocks of 32 weights along the input:
 How a product runs depends on how many rows of activations come at once:
     a few (decoding, beams, a small batch): the kernels read the compressed weights directly,
         with the activations quantized to int8 per block of 32, as llama.cpp does;
-    many (a prompt): on a CPU with AMX, kernels/amx_matmul.c unpacks the weights block by block
-        straight into its matrix units' tile layout, with bfloat16 inputs and float32 sums;
+    many (a prompt): on a CPU with AMX, kernels/amx_matmul.c unpacks the weights (any layout) block
+        by block straight into its matrix units' tile layout, with bfloat16 inputs and float32 sums;
         elsewhere the weights are unpacked to bfloat16 a slice at a time into a reused buffer and
         multiplied by oneDNN (AVX-512 BF16), or dequantized to float32 where there is no bfloat16.
 Where the C kernels do not run at all, every product goes through PyTorch's weight-only operators
@@ -33,6 +33,7 @@ Where the C kernels do not run at all, every product goes through PyTorch's weig
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 from dataclasses import dataclass
@@ -96,6 +97,21 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+
+
+class MatrixPart(ctypes.Structure):
+    """kernels/plainllama.h's MatrixPart: a stored matrix as the C kernels read it."""
+
+    _fields_ = [
+        ("layout", ctypes.c_int),
+        ("rows", ctypes.c_int),
+        ("w", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("m", ctypes.c_void_p),
+        ("sc", ctypes.c_void_p),
+        ("mn", ctypes.c_void_p),
+        ("qh", ctypes.c_void_p),
+    ]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -324,6 +340,12 @@ class PackedWeight(nn.Module):
                 )
         return self._direct
 
+    def c_part(self) -> MatrixPart:
+        """The C description of this matrix (its buffers' addresses: they never move, see _apply)."""
+        w = self.w if self.layout in ("f16", "bf16") else self.qs
+        held = {name: getattr(self, name) if name in self.part_names else None for name in ("d", "m", "sc", "mn", "qh")}
+        return MatrixPart(LAYOUT_CODES[self.layout], self.shape[0], *(_ptr(t) for t in (w, *held.values())))
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x @ W.T [M, N] float32."""
         if x.device.type == "cpu" and not kernels.available():
@@ -347,25 +369,15 @@ class PackedWeight(nn.Module):
 
     def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
         M, (N, K) = x.shape[0], self.shape
-        amx_reads = self.layout not in ("q5", "q6") and not self.k_scales  # amx_matmul.c's layouts
-        if x.device.type == "cpu" and N % 16 == 0 and K % 32 == 0 and amx_reads and kernels.amx():
+        amx_reads = K % (256 if self.layout == "q6" else 32) == 0  # amx_matmul.c reads every layout
+        if x.device.type == "cpu" and N % 16 == 0 and amx_reads and kernels.amx():
             x = x.float().contiguous()
             out = torch.empty(M, N, dtype=torch.float32)
             rows_tiles = _scratch.get((M + 31) // 32 * 32 * K, torch.bfloat16)  # x as bfloat16 tiles
-            w, d, m = (
-                (self.w, None, None) if self.layout in ("f16", "bf16") else (self.qs, self.d, getattr(self, "m", None))
-            )
+            if not hasattr(self, "_c_part"):
+                self._c_part = self.c_part()
             code = kernels.function("amx_matmul")(
-                x.data_ptr(),
-                M,
-                K,
-                LAYOUT_CODES[self.layout],
-                w.data_ptr(),
-                _ptr(d),
-                _ptr(m),
-                N,
-                out.data_ptr(),
-                rows_tiles.data_ptr(),
+                x.data_ptr(), M, K, ctypes.byref(self._c_part), N, out.data_ptr(), rows_tiles.data_ptr()
             )
             kernels.check(code, "amx_matmul")
             return out

@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "plainllama.h"
+#include "unpack.h"
 
 #if KERNELS_AVX512 /* else cpu_matmul_avx2.c holds these functions */
 
@@ -427,27 +428,32 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *o
 /* Rows written as bfloat16 (f32 = 0) where the CPU multiplies bfloat16 natively, as float32 (f32 = 1)
  * elsewhere: out is uint16_t or float [N, K]. */
 
+/* Blocks b0 .. b0 + nb - 1 of weight row n (32 weights each) into out [32 * nb]: also how AMX's
+ * products (amx_matmul.c) unpack the layouts it has no shortcut for. */
+void q4_unpack_blocks(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
+                      const uint8_t *mn, int K, size_t n, int b0, int nb, void *out, int f32) {
+    for (int b = 0; b < nb; b++) {
+        size_t blk = n * (K / 32) + b0 + b;
+        __m128i packed = _mm_loadu_si128((const __m128i *)(qs + 16 * blk));
+        __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(0x0F)));
+        __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)));
+        if (qh) { /* q5: + 16 where the fifth bit is set (bit k: weight k) */
+            lo = _mm512_mask_add_epi32(lo, (__mmask16)(qh[blk] & 0xFFFF), lo, _mm512_set1_epi32(16));
+            hi = _mm512_mask_add_epi32(hi, (__mmask16)(qh[blk] >> 16), hi, _mm512_set1_epi32(16));
+        }
+        float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
+        float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
+        __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
+        store16(out, 32 * b, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vs, vm), f32);
+        store16(out, 32 * b + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vm), f32);
+    }
+}
+
 static int q4_unpack(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
                      const uint8_t *mn, int N, int K, void *out, int f32) {
-    int nb = K / 32;
+    size_t row_bytes = (size_t)K * (f32 ? 4 : 2);
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        for (int b = 0; b < nb; b++) {
-            size_t blk = (size_t)n * nb + b;
-            __m128i packed = _mm_loadu_si128((const __m128i *)(qs + 16 * blk));
-            __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(0x0F)));
-            __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)));
-            if (qh) { /* q5: + 16 where the fifth bit is set (bit k: weight k) */
-                lo = _mm512_mask_add_epi32(lo, (__mmask16)(qh[blk] & 0xFFFF), lo, _mm512_set1_epi32(16));
-                hi = _mm512_mask_add_epi32(hi, (__mmask16)(qh[blk] >> 16), hi, _mm512_set1_epi32(16));
-            }
-            float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
-            float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
-            __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
-            store16(out, 32 * blk, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vs, vm), f32);
-            store16(out, 32 * blk + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vm), f32);
-        }
-    }
+    for (int n = 0; n < N; n++) q4_unpack_blocks(qs, qh, d, m, sc, mn, K, n, 0, K / 32, (char *)out + n * row_bytes, f32);
     return 0;
 }
 

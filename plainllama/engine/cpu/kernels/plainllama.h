@@ -91,11 +91,10 @@ int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out);
 /* cpu_matmul.c: read every byte of buf with all threads (the memory bandwidth bound) */
 double read_bytes(const uint8_t *buf, size_t n);
 
-/* amx_matmul.c: products for many rows (prompts) on Intel AMX; xp: workspace of (M rounded up to
- * 32) * K bfloat16, 64-byte aligned */
+/* amx_matmul.c: products for many rows (prompts) on Intel AMX, W [N, K] in any layout (W->rows is
+ * not read); xp: workspace of (M rounded up to 32) * K bfloat16, 64-byte aligned */
 int amx_available(void);
-int amx_matmul(const float *x, int M, int K, int layout, const void *w, const uint16_t *d, const uint16_t *m, int N,
-               float *out, uint16_t *xp);
+int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *out, uint16_t *xp);
 
 /* decode_layer.c: one decode step of a layer (one new token per row), and a prompt's in-between steps */
 int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows, float *cache_k,

@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include "plainllama.h"
+#include "unpack.h"
 #include "row_groups.h"
 #include "vectors.h"
 
@@ -248,11 +249,11 @@ int q6_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc,
  * to bfloat16 (vectors.h). */
 #if KERNELS_AVX512
 
-static int q6_unpack(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, void *out, int f32) {
-    if (K % SUPER) return STATUS_BAD_WIDTH;
-    size_t supers = (size_t)N * (K / SUPER);
-#pragma omp parallel for schedule(static)
-    for (size_t sb = 0; sb < supers; sb++) {
+/* Super-blocks sb0 .. sb0 + count - 1 (counted over the whole matrix, row by row) into out
+ * [256 * count]: also how AMX's products (amx_matmul.c) unpack Q6_K. */
+void q6_unpack_supers(const uint8_t *qs, const int8_t *sc, const uint16_t *d, size_t sb0, size_t count, void *out, int f32) {
+    for (size_t i = 0; i < count; i++) {
+        size_t sb = sb0 + i;
         __m512i w[4], t[4];
         q6_steps(qs + sb * SUPER_BYTES, w);
         __m512i a = _mm512_unpacklo_epi32(w[0], w[1]), b = _mm512_unpackhi_epi32(w[0], w[1]);
@@ -267,9 +268,16 @@ static int q6_unpack(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int
                 int j = 4 * L + p;
                 __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(t[p], L)), _mm512_set1_epi32(32)));
                 __m512 v = _mm512_mul_ps(_mm512_set1_ps(dd * (float)sc[sb * SUBS + j]), q);
-                store16(out, sb * SUPER + 16 * j, v, f32);
+                store16(out, i * SUPER + 16 * j, v, f32);
             }
     }
+}
+
+static int q6_unpack(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, void *out, int f32) {
+    if (K % SUPER) return STATUS_BAD_WIDTH;
+    size_t row = K / SUPER, row_bytes = (size_t)K * (f32 ? 4 : 2);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) q6_unpack_supers(qs, sc, d, n * row, row, (char *)out + n * row_bytes, f32);
     return 0;
 }
 

@@ -2,7 +2,8 @@
 
 Quantized tensors: the `gguf` package quantizes F16/BF16/Q4_0..Q8_0 itself; for the K formats
 (which it can only dequantize) we write random blocks whose float16 scale fields hold small finite
-values, which is all the dequantizers and the model need.
+values, which is all the dequantizers and the model need; Q2_K is fitted to the weights
+(q2_k_blocks: its random blocks are numerically unlike any real file's).
 """
 
 from __future__ import annotations
@@ -38,6 +39,28 @@ def random_blocks(type_name: str, n_blocks: int, rng: np.random.Generator, scale
     return raw
 
 
+def q2_k_blocks(weights: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] -> Q2_K blocks [rows * cols / 256, 84] that approximate them: per 16 weights
+    a scale and a minimum (4 bits each, times the super-block's float16 d and dmin), 2-bit values.
+    A plain fit (llama.cpp's quantizer searches harder), but blocks shaped as real files' are: random
+    Q2_K bytes describe weights with a large offset per 16, whose products cancel far more than any
+    trained matrix's."""
+    sub = weights.astype(np.float32).reshape(-1, 16, 16)  # [n, sub-block, 16]
+    low = np.minimum(sub.min(-1), 0)  # weight = scale * q - minimum, minimum = -low >= 0
+    scale = (sub.max(-1) - low) / 3
+    d = (scale.max(-1) / 15).astype(np.float16)  # [n]
+    dmin = (-low.min(-1) / 15).astype(np.float16)
+    d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.rint(np.divide(scale, d32, out=np.zeros_like(scale), where=d32 > 0)), 0, 15).astype(np.uint8)
+    mn = np.clip(np.rint(np.divide(-low, dmin32, out=np.zeros_like(low), where=dmin32 > 0)), 0, 15).astype(np.uint8)
+    step, offset = (d32 * sc)[..., None], (dmin32 * mn)[..., None]
+    q = np.clip(np.rint(np.divide(sub + offset, step, out=np.zeros_like(sub), where=step > 0)), 0, 3).astype(np.uint8)
+    q = q.reshape(-1, 2, 4, 32)  # weight 128 h + 32 s + l: bits 2s..2s+1 of byte 32 h + l
+    qs = (q[:, :, 0] | q[:, :, 1] << 2 | q[:, :, 2] << 4 | q[:, :, 3] << 6).reshape(-1, 64)
+    halves = np.stack([d, dmin], axis=-1).view(np.uint8).reshape(-1, 4)
+    return np.concatenate([sc | mn << 4, qs, halves], axis=-1)
+
+
 def encode_tensor(weights: np.ndarray, type_name: str, rng: np.random.Generator):
     """float32 weights -> (array to write, raw_dtype) in the given GGUF type."""
     if type_name == "F32":
@@ -45,6 +68,8 @@ def encode_tensor(weights: np.ndarray, type_name: str, rng: np.random.Generator)
     qtype = GGMLQuantizationType[type_name]
     if type_name in QUANTIZABLE:
         return quants.quantize(weights.astype(np.float32), qtype), qtype
+    if type_name == "Q2_K":
+        return q2_k_blocks(weights).reshape(weights.shape[0], -1), qtype
     per_block, _ = quants.GGML_QUANT_SIZES[qtype]
     rows, cols = weights.shape
     # K formats: random blocks scaled like the float weights would be.

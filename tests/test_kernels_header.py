@@ -56,7 +56,7 @@ def test_ctypes_structs_match_the_c_header(tmp_path):
 
 def test_layouts_and_statuses_come_from_the_header():
     text = kernels.HEADER.read_text()
-    assert LAYOUT_CODES == {"q4": 0, "q8": 1, "f16": 2, "bf16": 3, "q6": 4, "q5": 5}
+    assert LAYOUT_CODES == {"q4": 0, "q8": 1, "f16": 2, "bf16": 3, "q6": 4, "q5": 5, "q2": 6}
     for layout, code in LAYOUT_CODES.items():
         assert f"LAYOUT_{layout.upper()} = {code}," in text
     names = {name for name, _ in kernels.STATUS.values()}
@@ -67,12 +67,14 @@ def test_layouts_and_statuses_come_from_the_header():
         "q4_matmul",
         "q8_matmul",
         "q6_matmul",
+        "q2_matmul",
         "f16_matmul",
         "bf16_matmul",
         "decode_layer",
         "amx_matmul",
         "read_bytes",
     } <= set(kernels.PROTOTYPES)
+    assert len(kernels.PROTOTYPES["amx_matmul"][1]) == 7 and len(kernels.PROTOTYPES["q2_matmul"][1]) == 9
     assert len(kernels.PROTOTYPES["decode_layer"][1]) == 12 and kernels.PROTOTYPES["read_bytes"][0] is ctypes.c_double
 
 

@@ -56,16 +56,22 @@ def dequantize_q5_1(blocks):  # d, m: f16, qh: 32 fifth bits, qs: 32 nibbles; we
     return _half(blocks, 0) * q.float() + _half(blocks, 2)
 
 
+def q2_k_values(blocks):
+    """Q2_K blocks [n, 84] -> q [n, 256] uint8 (0..3) in weight order. qs: 64 bytes of 2-bit
+    weights; each half of the block takes 32 bytes and reads them four times, two bits further
+    each time (weight 128 h + 32 s + l is bits 2s..2s+1 of byte 32 h + l)."""
+    n = blocks.shape[0]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
+    return ((blocks[:, 16:80].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, QK_K)  # [n, half, shift, 32]
+
+
 def dequantize_q2_k(blocks):
     """scales: 16 bytes (low nibble scale, high nibble min, one per 16 weights), qs: 64 bytes of 2-bit
-    weights, then d and dmin (f16). Each half of the block takes 32 bytes and reads them four times,
-    two bits further each time."""
+    weights (q2_k_values), then d and dmin (f16). weight = d * scale * q - dmin * min."""
     n = blocks.shape[0]
-    scales, qs = blocks[:, 0:16], blocks[:, 16:80]
+    scales = blocks[:, 0:16]
     d, dmin = _half(blocks, 80), _half(blocks, 82)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).view(1, 1, 4, 1)
-    q = (qs.view(n, 2, 1, 32) >> shifts) & 3  # [n, half, shift, 32]
-    q = q.reshape(n, 16, 16).float()  # one row per 16-weight sub-block
+    q = q2_k_values(blocks).reshape(n, 16, 16).float()  # one row per 16-weight sub-block
     sub_scale = (d * (scales & 0x0F).float())[:, :, None]
     sub_min = (dmin * (scales >> 4).float())[:, :, None]
     return (sub_scale * q - sub_min).reshape(n, QK_K)

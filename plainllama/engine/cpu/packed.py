@@ -13,11 +13,14 @@ Layouts, one row per output feature, blocks of 32 weights along the input:
           (Q4_K's sub-block scale d * scale6 is rounded to float16: relative error <= 2^-11).
     q5    q4's parts plus each block's fifth bits qh int32 [N, K/32] (bit k: weight k): weight =
           d * q + m, or d * (q - 16). Holds Q5_0 and Q5_1 as they are, and Q5_K as q4 holds Q4_K.
-    q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0 as it is; Q2_K is
-          requantized to it from its exact values (its minimums per 16 weights fit no layout here).
+    q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0 as it is; types
+          without a layout of their own are requantized to it from their exact values.
     q6    Q6_K's own numbers (6-bit q, int8 scale per 16 weights, float16 d per 256), the values
           regrouped for kernels/q6_matmul.c: weight = d * sc * (q - 32). Holds Q3_K exactly too
           (q + 32, its 6-bit scales as int8).
+    q2    Q2_K's own numbers (2-bit q, a 4-bit scale and a 4-bit minimum per 16 weights in one byte
+          sc, float16 d and m per 256): weight = d * (sc & 15) * q - m * (sc >> 4); the values
+          regrouped like q6's (kernels/q6_matmul.c reads both). 2.625 bits a weight, as stored.
     f16, bf16: the 16-bit floats as stored.
 
 How a product runs depends on how many rows of activations come at once:
@@ -47,7 +50,16 @@ from . import kernels
 from ..memory import empty_for_weights
 from .torch_products import ROW_MULTIPLE, HalfProduct, Int4PairProduct, Int4Product, Int8BlockProduct
 from ...formats.checkpoint import STORED_DTYPES
-from ...formats.gguf_quants import BLOCK_FORMATS, QK, QK_K, _k_scales_mins, dequantize, q3_k_parts, q6_k_values
+from ...formats.gguf_quants import (
+    BLOCK_FORMATS,
+    QK,
+    QK_K,
+    _k_scales_mins,
+    dequantize,
+    q2_k_values,
+    q3_k_parts,
+    q6_k_values,
+)
 
 LAYOUT_CODES = kernels.LAYOUT_CODES  # as the C kernels number them (kernels/plainllama.h)
 LAYOUTS = tuple(LAYOUT_CODES)  # q4, q8, f16, bf16, q6, q5
@@ -174,6 +186,8 @@ class PackedWeight(nn.Module):
             expected = {"w": (n, k)}
         elif layout == "q6":
             expected = {"qs": (n, k // QK_K * Q6_BYTES), "sc": (n, k // 16), "d": (n, k // QK_K)}
+        elif layout == "q2":
+            expected = {"qs": (n, k // QK_K * Q2_BYTES), "sc": (n, k // 16), "d": (n, k // QK_K), "m": (n, k // QK_K)}
         else:
             expected = {"qs": (n, k if layout == "q8" else k // 2), "d": (n, k // QK), "m": (n, k // QK)}
             if layout == "q5":
@@ -225,6 +239,8 @@ class PackedWeight(nn.Module):
             elif self.layout == "q6":  # weight = (d sc) (q - 32): int8 values, a scale per 16
                 scale = self.d.float().repeat_interleave(QK_K // 16, dim=-1) * self.sc.float()
                 self._torch = Int8BlockProduct(self._signed_values(), scale, 16)
+            elif self.layout == "q2":  # no torch form takes a minimum per 16: requantized to int8 per 16
+                self._torch = Int8BlockProduct(*self._requantized_per_16())
             else:
                 self._torch = HalfProduct(self.w)
             if not self.serves_rows:
@@ -249,6 +265,21 @@ class PackedWeight(nn.Module):
             out[rows] = (q + 16 * fifth - 16).to(torch.int8).flatten(-2)
         return out
 
+    def _requantized_per_16(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The exact values rounded to int8 per 16 weights (scale max|w| / 127), a slice of rows at
+        a time: int8 [N, K], float32 scales [N, K/16], 16."""
+        N, K = self.shape
+        values, scales = torch.empty(N, K, dtype=torch.int8), torch.empty(N, K // 16)
+        for start in range(0, N, 1024):
+            rows = slice(start, start + 1024)
+            w = self._dequantize({n: getattr(self, n)[rows] for n in self.part_names}, torch.float32).unflatten(
+                -1, (-1, 16)
+            )
+            scale = w.abs().amax(dim=-1) / 127
+            values[rows] = torch.round(w / scale.clamp(min=1e-30)[..., None]).to(torch.int8).flatten(-2)
+            scales[rows] = scale
+        return values, scales, 16
+
     def _parts(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self.part_names}
 
@@ -270,6 +301,12 @@ class PackedWeight(nn.Module):
             scale = parts["d"].float().repeat_interleave(QK_K // 16, dim=-1) * parts["sc"].float()  # [..., K/16]
             q = q6_values(parts["qs"]).float() - 32  # [..., K]
             return (scale[..., None] * q.unflatten(-1, (-1, 16))).flatten(-2).to(dtype)
+        if self.layout == "q2":  # d * (sc & 15) * q - m * (sc >> 4), in gguf's order of operations
+            sc = parts["sc"]  # [..., K/16]
+            scale = parts["d"].float().repeat_interleave(QK_K // 16, dim=-1) * (sc & 0x0F).float()
+            minimum = parts["m"].float().repeat_interleave(QK_K // 16, dim=-1) * (sc >> 4).float()
+            q = q2_values(parts["qs"]).float().unflatten(-1, (-1, 16))  # [..., K/16, 16]
+            return (scale[..., None] * q - minimum[..., None]).flatten(-2).to(dtype)
         block_d, block_m = _block_scales(parts)  # [..., K/32] each
         d = block_d[..., None]  # [..., K/32, 1]
         if self.layout == "q8":
@@ -302,6 +339,8 @@ class PackedWeight(nn.Module):
             kernels.q8_to_float(self.qs[start:end], self.d[start:end], out)
         elif self.layout == "q6":
             kernels.q6_to_float(self.qs[start:end], self.sc[start:end], self.d[start:end], out)
+        elif self.layout == "q2":
+            kernels.q2_to_float(self.qs[start:end], self.sc[start:end], self.d[start:end], self.m[start:end], out)
         elif self.layout == "f16" and out.dtype == torch.bfloat16 and out.numel() % 16 == 0:
             kernels.f16_to_bf16(self.w[start:end], out)  # 0.7 ms per 4M weights; torch's copy_ took 3.8 ms
         else:
@@ -332,6 +371,11 @@ class PackedWeight(nn.Module):
                 self._direct = (
                     kernels.function("q6_matmul"),
                     (self.qs.data_ptr(), self.sc.data_ptr(), self.d.data_ptr()),
+                )
+            elif self.layout == "q2":
+                self._direct = (
+                    kernels.function("q2_matmul"),
+                    (self.qs.data_ptr(), self.sc.data_ptr(), self.d.data_ptr(), self.m.data_ptr()),
                 )
             else:
                 self._direct = (
@@ -369,7 +413,7 @@ class PackedWeight(nn.Module):
 
     def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
         M, (N, K) = x.shape[0], self.shape
-        amx_reads = K % (256 if self.layout == "q6" else 32) == 0  # amx_matmul.c reads every layout
+        amx_reads = K % (256 if self.layout in ("q2", "q6") else 32) == 0  # amx_matmul.c reads every layout
         if x.device.type == "cpu" and N % 16 == 0 and amx_reads and kernels.amx():
             x = x.float().contiguous()
             out = torch.empty(M, N, dtype=torch.float32)
@@ -553,6 +597,8 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
         return _pack_q3_k(blocks, shape)
     if layout == "q6":
         return _pack_q6_k(blocks, shape)
+    if layout == "q2":
+        return _pack_q2_k(blocks, shape)
     return quantize_int8(GGUFRows(raw, type_name, shape))
 
 
@@ -674,6 +720,42 @@ def _pack_q3_k(blocks: torch.Tensor, shape) -> PackedWeight:
     return PackedWeight("q6", shape, parts)
 
 
+Q2_BYTES = 64  # bytes of 2-bit values per 256 weights in the q2 layout
+
+
+def _q2_plane(values: torch.Tensor) -> torch.Tensor:
+    """2-bit values [n, 256] uint8 (0..3, weight order) of n super-blocks -> the q2 layout's 64 bytes
+    each: q6's steps (step s: weights 16j + 4s .. 16j + 4s + 3 at bytes 4j..4j+3), step s in bits
+    2s..2s+1 of every byte."""
+    steps = values.view(-1, 16, 4, 4).transpose(1, 2).reshape(-1, 4, 64)  # [n, step, lane*4+t]
+    return steps[:, 0] | (steps[:, 1] << 2) | (steps[:, 2] << 4) | (steps[:, 3] << 6)
+
+
+def _pack_q2_k(blocks: torch.Tensor, shape) -> PackedWeight:
+    """Q2_K (scales[16]: a 4-bit scale and min per 16 weights, qs[64], d, dmin float16 per 256) -> the
+    q2 layout: the same numbers, the 2-bit values regrouped (_q2_plane), 84 bytes per 256 as in the file."""
+    N, K = shape
+    n = blocks.shape[0]
+    packed = empty_for_weights((n, Q2_BYTES), torch.uint8)
+    for start in range(0, n, Q6_STEP):
+        packed[start : start + Q6_STEP] = _q2_plane(q2_k_values(blocks[start : start + Q6_STEP]))
+    parts = {
+        "qs": packed.view(N, K // QK_K * Q2_BYTES),
+        "sc": blocks[:, 0:16].contiguous().view(N, K // 16),
+        "d": _half_field(blocks, 80).reshape(N, K // QK_K),
+        "m": _half_field(blocks, 82).reshape(N, K // QK_K),
+    }
+    return PackedWeight("q2", shape, parts)
+
+
+def q2_values(qs: torch.Tensor) -> torch.Tensor:
+    """The q2 layout's values [..., K/256 * 64] -> q [..., K] uint8 0..3 in weight order."""
+    planes = qs.unflatten(-1, (-1, 1, 64))  # [..., S, 1, 64]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qs.device).view(4, 1)
+    steps = (planes >> shifts) & 3  # [..., S, step, lane * 4 + t]
+    return steps.unflatten(-1, (16, 4)).transpose(-3, -2).flatten(-4)  # [..., S, lane, step, t] -> [..., K]
+
+
 def q6_values(qs: torch.Tensor) -> torch.Tensor:
     """The q6 layout's 6-bit values [..., K/256 * 192] -> q [..., K] uint8 0..63 in weight order."""
     planes = qs.unflatten(-1, (-1, 3, 64))  # [..., S, (lo0, lo1, hi), 64]
@@ -753,7 +835,7 @@ def quantizes_gguf(type_name: str, shape, weights: str) -> bool:
 
 # ---- how each tensor is held: decided here once, for the loader, the planner and the streamer ------
 
-Q4_LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # held as q4 as they are (Q5_x: q5, Q6_K and Q3_K: q6, others q8)
+Q4_LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # held as q4 as they are (Q5_x: q5, Q6_K and Q3_K: q6, Q2_K: q2, others q8)
 
 
 @dataclass(frozen=True)
@@ -774,7 +856,7 @@ def holding(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.d
     C kernels do not run, a quantized matrix is held in PyTorch's form of it (torch_products.py),
     which the planner must count instead."""
     held = _kernel_holding(type_name, shape, weights, dtype, raw)
-    if held.layout in ("q4", "q5", "q6", "q8") and not kernels.available():
+    if held.layout in ("q2", "q4", "q5", "q6", "q8") and not kernels.available():
         N, K = shape
         return Holding(held.how, held.layout, torch_form_nbytes(held.layout, N, K), held.as_stored)
     return held
@@ -787,7 +869,7 @@ def torch_form_nbytes(layout: str, N: int, K: int) -> int:
         return rows * K // 2 + rows * K // QK * 4
     if layout in ("q5", "q8"):  # Int4PairProduct: two int4 matrices
         return rows * K + rows * K // QK * 8
-    if layout == "q6":  # Int8BlockProduct: int8 and a bfloat16 scale per 16
+    if layout in ("q2", "q6"):  # Int8BlockProduct: int8 and a bfloat16 scale per 16
         return N * K + N * K // 16 * 2
     raise ValueError(f"no PyTorch form for layout {layout}")
 
@@ -813,6 +895,8 @@ def _kernel_holding(type_name: str, shape: tuple[int, ...], weights: str, dtype:
                 return Holding("gguf", "q4", {"Q4_0": q4, "Q4_K": q4_k}.get(type_name, q4_with_min), False)
             if type_name in ("Q6_K", "Q3_K") and K % QK_K == 0:  # Q6_K as stored, Q3_K in its arithmetic
                 return Holding("gguf", "q6", N * K // QK_K * 210, False)
+            if type_name == "Q2_K" and K % QK_K == 0 and kernels.available():  # as stored (no torch form)
+                return Holding("gguf", "q2", N * K // QK_K * 84, False)
             if type_name in ("Q5_0", "Q5_1", "Q5_K"):  # q4 and a word of fifth bits per block
                 as_q4 = {"Q5_0": q4, "Q5_K": q4_k}.get(type_name, q4_with_min)
                 return Holding("gguf", "q5", as_q4 + N * K // QK * 4, False)

@@ -1,4 +1,5 @@
-/* Products with Q6_K weights kept as stored (6.56 bits per weight), for decoding: a few rows of
+/* Products with Q6_K weights kept as stored (6.56 bits per weight), and Q2_K's (2.625: at the end of
+ * the file; they share the activations' arrangement and the step order), for decoding: a few rows of
  * activations x [M, K] times W [N, K]. Q6_K is in nearly every file people download (the output
  * projection, value and down projections of Q4_K_M and Q5_K_M, all of Q6_K); requantized to Q8_0
  * it read 1.3x the bytes per token and rounded a second time.
@@ -317,3 +318,237 @@ static int q6_unpack(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int
 
 int q6_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out) { return q6_unpack(qs, sc, d, N, K, out, 0); }
 int q6_to_f32(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, float *out) { return q6_unpack(qs, sc, d, N, K, out, 1); }
+
+/* ==== Q2_K kept as stored (layout "q2", packed.py's _pack_q2_k) ================================
+ * Per super-block of 256: the 2-bit values in one 64-byte vector, in the steps above (step s in bits
+ * 2s..2s+1 of every byte: byte 4j + t holds weights 16j + 4s + t); sc [N, K/16] uint8, a 4-bit
+ * scale (low nibble) and a 4-bit minimum (high nibble) per sub-block; d and m [N, K/256] float16.
+ * weight = d * (sc & 15) * q - m * (sc >> 4), Q2_K's own numbers (2.625 bits a weight, as in the file;
+ * requantized to Q8_0 it took 8.5). Over a sub-block j, with x's int8 values and scale dx:
+ *   sum w x = dx * (d * scale_j * sum q x  -  m * min_j * sum x),
+ * both sums integer: one vpdpbusd per step gives the first, Q6Activations' sum32 / 32 the second. */
+
+#define Q2_BYTES 64
+
+typedef struct {
+    int M, K, N, supers;
+    const uint8_t *qs, *sc;
+    const uint16_t *d, *m;
+    Q6Activations xa;
+    float *out;
+} Q2Product;
+
+#if KERNELS_AVX512
+
+static inline void q2_steps(const uint8_t *src, __m512i w[4]) {
+    const __m512i low2 = _mm512_set1_epi8(0x03);
+    __m512i v = _mm512_loadu_si512(src);
+    w[0] = _mm512_and_si512(v, low2);
+    w[1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), low2);
+    w[2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low2);
+    w[3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), low2);
+}
+
+static inline __attribute__((always_inline)) void q2_tile(const Q2Product *p, int n, int R, int i0, int XT,
+                                                          const uint8_t *ahead) {
+    int S = p->supers;
+    size_t row_bytes = (size_t)S * Q2_BYTES;
+    __m512 acc[Q6_ROWS][Q6_X_TILE];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < XT; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int sb = 0; sb < S; sb++) {
+        for (int r = 0; r < R; r++) {
+            size_t at_w = (size_t)(n + r) * S + sb;
+            if (ahead) { /* this super-block of the row PREFETCH_ITEMS * Q6_ROWS further on, and its scales */
+                _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q2_BYTES), PREFETCH_HINT);
+                size_t later = at_w + (size_t)PREFETCH_ITEMS * Q6_ROWS * S;
+                _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->m + later), PREFETCH_HINT);
+            }
+            __m512i w[4];
+            q2_steps(p->qs + at_w * Q2_BYTES, w);
+            __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + at_w * SUBS)));
+            __m512 scales = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(p->d[at_w])),
+                                          _mm512_cvtepi32_ps(_mm512_and_si512(sc, _mm512_set1_epi32(15))));
+            __m512 mins = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(p->m[at_w])), _mm512_cvtepi32_ps(_mm512_srli_epi32(sc, 4)));
+            for (int i = 0; i < XT; i++) {
+                size_t at = (size_t)(i0 + i) * S + sb;
+                const __m512i *xg = (const __m512i *)(p->xa.xq + at * SUPER);
+                __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(xg));
+                __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_load_si512(xg + 1));
+                a = _mm512_dpbusd_epi32(a, w[2], _mm512_load_si512(xg + 2));
+                b = _mm512_dpbusd_epi32(b, w[3], _mm512_load_si512(xg + 3));
+                __m512 sums = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), 5));
+                __m512 t = _mm512_fmsub_ps(scales, _mm512_cvtepi32_ps(_mm512_add_epi32(a, b)), _mm512_mul_ps(mins, sums));
+                acc[r][i] = _mm512_fmadd_ps(t, _mm512_load_ps(p->xa.dx + at * SUBS), acc[r][i]);
+            }
+        }
+    }
+    for (int i = 0; i < XT; i++)
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+#else /* AVX2 */
+
+static inline __attribute__((always_inline)) void q2_tile(const Q2Product *p, int n, int R, int i0, int XT,
+                                                          const uint8_t *ahead) {
+    int S = p->supers;
+    size_t row_bytes = (size_t)S * Q2_BYTES;
+    const __m256i low2 = _mm256_set1_epi8(0x03);
+    __m256 acc[Q6_ROWS][Q6_X_TILE];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < XT; i++) acc[r][i] = _mm256_setzero_ps();
+    for (int sb = 0; sb < S; sb++) {
+        for (int r = 0; r < R; r++) {
+            size_t at_w = (size_t)(n + r) * S + sb;
+            if (ahead) {
+                _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q2_BYTES), PREFETCH_HINT);
+                size_t later = at_w + (size_t)PREFETCH_ITEMS * Q6_ROWS * S;
+                _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->m + later), PREFETCH_HINT);
+            }
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(p->d[at_w])), m = _mm256_set1_ps(_cvtsh_ss(p->m[at_w]));
+            for (int h = 0; h < 2; h++) { /* lanes 8h .. 8h + 7: bytes 32h .. 32h + 31 */
+                __m256i v = _mm256_loadu_si256((const __m256i *)(p->qs + at_w * Q2_BYTES + 32 * h));
+                __m256i w[4] = {_mm256_and_si256(v, low2), _mm256_and_si256(_mm256_srli_epi16(v, 2), low2),
+                                _mm256_and_si256(_mm256_srli_epi16(v, 4), low2), _mm256_and_si256(_mm256_srli_epi16(v, 6), low2)};
+                __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p->sc + at_w * SUBS + 8 * h)));
+                __m256 scales = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(sc, _mm256_set1_epi32(15))));
+                __m256 mins = _mm256_mul_ps(m, _mm256_cvtepi32_ps(_mm256_srli_epi32(sc, 4)));
+                for (int i = 0; i < XT; i++) {
+                    size_t at = (size_t)(i0 + i) * S + sb;
+                    const int8_t *xg = p->xa.xq + at * SUPER + 32 * h;
+                    __m256i dot = dot_u8s8(w[0], _mm256_load_si256((const __m256i *)xg));
+                    dot = _mm256_add_epi32(dot, dot_u8s8(w[1], _mm256_load_si256((const __m256i *)(xg + 64))));
+                    dot = _mm256_add_epi32(dot, dot_u8s8(w[2], _mm256_load_si256((const __m256i *)(xg + 128))));
+                    dot = _mm256_add_epi32(dot, dot_u8s8(w[3], _mm256_load_si256((const __m256i *)(xg + 192))));
+                    __m256 sums = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_load_si256((const __m256i *)(p->xa.sum32 + at * SUBS + 8 * h)), 5));
+                    __m256 t = _mm256_fmsub_ps(scales, _mm256_cvtepi32_ps(dot), _mm256_mul_ps(mins, sums));
+                    acc[r][i] = _mm256_fmadd_ps(t, _mm256_load_ps(p->xa.dx + at * SUBS + 8 * h), acc[r][i]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < XT; i++)
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = hsum8(acc[r][i]);
+}
+
+#endif
+
+typedef void Q2TileFn(const Q2Product *p, int n, int i0, const uint8_t *ahead);
+#define Q2_TILE(R, XT) \
+    static void q2_tile_##R##_##XT(const Q2Product *p, int n, int i0, const uint8_t *ahead) { q2_tile(p, n, R, i0, XT, ahead); }
+#if KERNELS_AVX512
+#define Q2_TILES_FOR(R) Q2_TILE(R, 1) Q2_TILE(R, 2) Q2_TILE(R, 3) Q2_TILE(R, 4)
+#define Q2_TILE_ROW(R) {q2_tile_##R##_1, q2_tile_##R##_2, q2_tile_##R##_3, q2_tile_##R##_4}
+#else
+#define Q2_TILES_FOR(R) Q2_TILE(R, 1) Q2_TILE(R, 2)
+#define Q2_TILE_ROW(R) {q2_tile_##R##_1, q2_tile_##R##_2}
+#endif
+Q2_TILES_FOR(1) Q2_TILES_FOR(2) Q2_TILES_FOR(3) Q2_TILES_FOR(4)
+static Q2TileFn *const Q2_TILES[Q6_ROWS][Q6_X_TILE] = {Q2_TILE_ROW(1), Q2_TILE_ROW(2), Q2_TILE_ROW(3), Q2_TILE_ROW(4)};
+
+static void q2_group(const void *product, int gi) {
+    const Q2Product *p = product;
+    int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
+    size_t row_bytes = (size_t)p->supers * Q2_BYTES;
+    const uint8_t *ahead =
+        n + (PREFETCH_ITEMS + 1) * Q6_ROWS <= p->N ? p->qs + (size_t)(n + PREFETCH_ITEMS * Q6_ROWS) * row_bytes : NULL;
+    for (int i0 = 0; i0 < p->M; i0 += Q6_X_TILE) {
+        int XT = p->M - i0 < Q6_X_TILE ? p->M - i0 : Q6_X_TILE;
+        Q2_TILES[R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
+    }
+}
+
+int q2_matmul(const float *x, int M, int K, const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m,
+              int N, float *out) {
+    if (K % SUPER) return STATUS_BAD_WIDTH;
+    Q2Product p = {M, K, N, K / SUPER, qs, sc, d, m, {0}, out};
+    int status = arrange_q6_activations(x, M, K, &p.xa);
+    if (status == STATUS_OK) for_each_group((N + Q6_ROWS - 1) / Q6_ROWS, q2_group, &p);
+    free_q6_activations(&p.xa);
+    return status;
+}
+
+/* Unpacking for prompts: the steps back in weight order as q6's (the same 4x4 transposes), then
+ * d * (sc & 15) * q - m * (sc >> 4): each term exact in float32, one rounding, as gguf's. */
+#if KERNELS_AVX512
+
+void q2_unpack_supers(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m, size_t sb0, size_t count,
+                      void *out, int f32) {
+    for (size_t i = 0; i < count; i++) {
+        size_t sb = sb0 + i;
+        __m512i w[4], t[4];
+        q2_steps(qs + sb * Q2_BYTES, w);
+        __m512i a = _mm512_unpacklo_epi32(w[0], w[1]), b = _mm512_unpackhi_epi32(w[0], w[1]);
+        __m512i c = _mm512_unpacklo_epi32(w[2], w[3]), e = _mm512_unpackhi_epi32(w[2], w[3]);
+        t[0] = _mm512_unpacklo_epi64(a, c);
+        t[1] = _mm512_unpackhi_epi64(a, c);
+        t[2] = _mm512_unpacklo_epi64(b, e);
+        t[3] = _mm512_unpackhi_epi64(b, e);
+        float dd = _cvtsh_ss(d[sb]), dm = _cvtsh_ss(m[sb]);
+        for (int p = 0; p < 4; p++)
+            for (int L = 0; L < 4; L++) {
+                int j = 4 * L + p;
+                uint8_t s = sc[sb * SUBS + j];
+                __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(t[p], L)));
+                __m512 v = _mm512_fmsub_ps(_mm512_set1_ps(dd * (float)(s & 15)), q, _mm512_set1_ps(dm * (float)(s >> 4)));
+                store16(out, i * SUPER + 16 * j, v, f32);
+            }
+    }
+}
+
+static int q2_unpack(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m, int N, int K, void *out, int f32) {
+    if (K % SUPER) return STATUS_BAD_WIDTH;
+    size_t row = K / SUPER, row_bytes = (size_t)K * (f32 ? 4 : 2);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) q2_unpack_supers(qs, sc, d, m, n * row, row, (char *)out + n * row_bytes, f32);
+    return 0;
+}
+
+#else
+
+static int q2_unpack(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m, int N, int K, void *out, int f32) {
+    if (K % SUPER) return STATUS_BAD_WIDTH;
+    const __m256i low2 = _mm256_set1_epi8(0x03);
+    size_t supers = (size_t)N * (K / SUPER);
+#pragma omp parallel for schedule(static)
+    for (size_t sb = 0; sb < supers; sb++) {
+        float dd = _cvtsh_ss(d[sb]), dm = _cvtsh_ss(m[sb]);
+        for (int h = 0; h < 2; h++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + sb * Q2_BYTES + 32 * h));
+            __m256i w[4] = {_mm256_and_si256(v, low2), _mm256_and_si256(_mm256_srli_epi16(v, 2), low2),
+                            _mm256_and_si256(_mm256_srli_epi16(v, 4), low2), _mm256_and_si256(_mm256_srli_epi16(v, 6), low2)};
+            __m256i t[4];
+            __m256i a = _mm256_unpacklo_epi32(w[0], w[1]), b = _mm256_unpackhi_epi32(w[0], w[1]);
+            __m256i c = _mm256_unpacklo_epi32(w[2], w[3]), e = _mm256_unpackhi_epi32(w[2], w[3]);
+            t[0] = _mm256_unpacklo_epi64(a, c);
+            t[1] = _mm256_unpackhi_epi64(a, c);
+            t[2] = _mm256_unpacklo_epi64(b, e);
+            t[3] = _mm256_unpackhi_epi64(b, e);
+            for (int p = 0; p < 4; p++)
+                for (int L = 0; L < 2; L++) {
+                    int j = 8 * h + 4 * L + p;
+                    uint8_t s = sc[sb * SUBS + j];
+                    __m128i bytes = L ? _mm256_extracti128_si256(t[p], 1) : _mm256_castsi256_si128(t[p]);
+                    __m256 scale = _mm256_set1_ps(dd * (float)(s & 15)), minimum = _mm256_set1_ps(dm * (float)(s >> 4));
+                    __m256 lo = _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), minimum);
+                    __m256 hi = _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))), minimum);
+                    store8(out, sb * SUPER + 16 * j, lo, f32);
+                    store8(out, sb * SUPER + 16 * j + 8, hi, f32);
+                }
+        }
+    }
+    return 0;
+}
+
+#endif
+
+int q2_to_bf16(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out) {
+    return q2_unpack(qs, sc, d, m, N, K, out, 0);
+}
+int q2_to_f32(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m, int N, int K, float *out) {
+    return q2_unpack(qs, sc, d, m, N, K, out, 1);
+}

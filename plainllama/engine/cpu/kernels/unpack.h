@@ -15,4 +15,8 @@ void q4_unpack_blocks(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, 
  * row), 256 weights each, into out [256 * count] */
 void q6_unpack_supers(const uint8_t *qs, const int8_t *sc, const uint16_t *d, size_t sb0, size_t count, void *out, int f32);
 
+/* q2: the same for Q2_K's super-blocks */
+void q2_unpack_supers(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m, size_t sb0, size_t count,
+                      void *out, int f32);
+
 #endif

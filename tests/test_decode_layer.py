@@ -314,3 +314,39 @@ def test_quantized_model_distribution(use_kernel):
     tv = 0.5 * (fast.exp() - slow.exp()).abs().sum(-1)
     assert tv.max().item() < 0.15 and tv.mean().item() < 0.03, tv
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "length, cuts",
+    [
+        (137, [128]),  # the prefix cache's case: 9 queries after 128 cached positions
+        (700, [9, 512, 690]),  # chunks that cross a block of 512 keys
+        (1300, [1000, 1290]),
+    ],
+)
+def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(dtype, length, cuts):
+    """decode_block.query_tiles_attention, the prompt path's attention: a prompt's queries computed in
+    chunks (each against the keys so far, as the prefix cache and chunked prompts do) equal the same
+    queries computed together, bit for bit (PyTorch's fused attention alone did not: its blocking
+    follows the number of queries and keys). Oracle for the numbers: float64 softmax attention with
+    the same causal mask, within the rounding of `dtype` (bfloat16 inputs: 2^-8 relative, and the
+    softmax weights rounded to bfloat16 before they multiply v; float32: sums of float32 products)."""
+    H, K, Hd = 9, 3, 64  # the default model's heads
+    generator = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, n, length, Hd, generator=generator) for n in (H, K, K))
+    positions = torch.arange(length)
+    whole = decode_block.query_tiles_attention(q, k, v, positions[None, :] <= positions[:, None], 0, dtype)
+    pieces, start = [], 0
+    for end in [*cuts, length]:
+        mask = positions[None, :end] <= positions[start:end, None]  # [T, end]
+        pieces.append(
+            decode_block.query_tiles_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask, start, dtype)
+        )
+        start = end
+    assert torch.equal(torch.cat(pieces, dim=2), whole)
+    scores = (q.double() @ k.double().repeat_interleave(H // K, dim=1).transpose(-1, -2)) / math.sqrt(Hd)
+    scores = scores.masked_fill(positions[None, :] > positions[:, None], float("-inf"))
+    reference = scores.softmax(-1) @ v.double().repeat_interleave(H // K, dim=1)
+    error = (whole.double() - reference).abs().max().item()
+    assert error < (2e-2 if dtype == torch.bfloat16 else 1e-5) * reference.abs().max().item()

@@ -84,7 +84,8 @@ KEY_BLOCK = 512  # the blocks of keys that flash attention walks through, one at
 def query_tiles_attention(q, k, v, mask, start: int, dtype: torch.dtype) -> torch.Tensor:
     """softmax(q k^T / sqrt(Hd)) v with every query's numbers independent of the other queries in the
     call: q [B, H, T, Hd] at positions start .. start + T - 1; k, v [B, K, end, Hd] for positions
-    0 .. end - 1; mask [T, end] or [B, 1, T, end] boolean (None: every key) -> [B, H, T, Hd] float32.
+    0 .. end - 1; mask [T, end] or [B, 1, T, end] boolean, causal (no query sees a key past its own
+    position; model.causal_mask) -> [B, H, T, Hd] float32.
 
     Why not one call: PyTorch's fused CPU attention picks its blocking and kernels from the number of
     queries and keys (and the threads), and different choices add the same terms in another order.
@@ -110,11 +111,11 @@ def query_tiles_attention(q, k, v, mask, start: int, dtype: torch.dtype) -> torc
         S = -(-(p + QUERY_TILE) // KEY_BLOCK) * KEY_BLOCK
         tile = q.new_zeros(B, H, QUERY_TILE, Hd, dtype=dtype)
         tile[:, :, lo - p : hi - p] = q[:, :, lo - start : hi - start]
+        seen = min(end, S)  # keys past the tile's last position: masked for every query in it
         allowed = torch.zeros(B, 1, QUERY_TILE, S, dtype=torch.bool, device=q.device)
         allowed[..., 0] = True  # rows outside the prompt see key 0 (not nothing: that is NaN)
-        rows = mask[..., lo - start : hi - start, :end] if mask is not None else True
-        allowed[:, :, lo - p : hi - p, :end] = rows
-        allowed[:, :, lo - p : hi - p, end:] = False
+        allowed[:, :, lo - p : hi - p, :seen] = mask[..., lo - start : hi - start, :seen]
+        allowed[:, :, lo - p : hi - p, seen:] = False
         result = F.scaled_dot_product_attention(
             tile, keys[:, :, :S], values[:, :, :S], attn_mask=allowed, enable_gqa=H != K
         )  # [B, H, QUERY_TILE, Hd]
@@ -217,7 +218,7 @@ class KernelBlock(TransformerBlock):
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, H + 2 * K, Hd).transpose(1, 2).split((H, K, K), dim=1)  # heads first
         dtype = torch.bfloat16 if _bf16_products_fast() else torch.float32
-        if cache is None:
+        if cache is None or mask is None:  # no cache to continue from (or no mask: keys not by position)
             out = F.scaled_dot_product_attention(
                 q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, enable_gqa=H != K
             )  # [B, H, T, Hd]

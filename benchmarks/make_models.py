@@ -2,7 +2,8 @@
 32 query / 8 key-value heads, feed-forward 8192; SmolLM2's 49152-token vocabulary), written in F16
 with the `gguf` package and quantized by llama.cpp's own quantizer to Q8_0 and Q4_0, and with
 --k-quants also to Q6_K, Q5_K_M and Q4_K_M (the files people download most: K-quant matrices,
-with Q6_K values and down projections in the _M mixes).
+with Q6_K values and down projections in the _M mixes) and Q2_K (the smallest K mix, for big models
+on small machines: Q2_K matrices, Q3_K/Q4_K values and down projections, Q6_K output).
 
     .venv/bin/python benchmarks/make_models.py [FOLDER] [--k-quants]   # default ~/.cache/plainllama/bench-models
 
@@ -53,6 +54,7 @@ def main() -> None:
             ("Q6_K", llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K),
             ("Q5_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M),
             ("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M),
+            ("Q2_K", llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K),
         ]
     for name, ftype in types:
         path = folder / f"llama-1b-shape-{name}.gguf"

@@ -56,7 +56,7 @@ def test_ctypes_structs_match_the_c_header(tmp_path):
 
 def test_layouts_and_statuses_come_from_the_header():
     text = kernels.HEADER.read_text()
-    assert LAYOUT_CODES == {"q4": 0, "q8": 1, "f16": 2, "bf16": 3, "q6": 4, "q5": 5, "q2": 6}
+    assert LAYOUT_CODES == {"q4": 0, "q8": 1, "f16": 2, "bf16": 3, "q6": 4, "q5": 5, "q2": 6, "q3": 7}
     for layout, code in LAYOUT_CODES.items():
         assert f"LAYOUT_{layout.upper()} = {code}," in text
     names = {name for name, _ in kernels.STATUS.values()}
@@ -68,6 +68,7 @@ def test_layouts_and_statuses_come_from_the_header():
         "q8_matmul",
         "q6_matmul",
         "q2_matmul",
+        "q3_matmul",
         "f16_matmul",
         "bf16_matmul",
         "decode_layer",

@@ -58,12 +58,12 @@ def test_stored_formats_are_kept_exactly(type_name):
     raw, expected = gguf_tensor(type_name, np.random.default_rng(1))
     packed = pack_gguf(raw, type_name, (N, K))
     layouts = {"Q4_0": "q4", "Q4_1": "q4", "Q4_K": "q4", "Q5_0": "q5", "Q5_1": "q5", "Q5_K": "q5", "Q8_0": "q8"}
-    layouts.update(Q6_K="q6", Q3_K="q6", Q2_K="q2")
+    layouts.update(Q6_K="q6", Q3_K="q3", Q2_K="q2")
     assert packed.layout == layouts.get(type_name, type_name.lower())
     np.testing.assert_array_equal(packed.dequantized().numpy(), expected)
     if type_name in ("Q5_0", "Q5_1", "Q6_K", "Q2_K"):  # regrouped, not requantized: the same bytes
         assert packed.nbytes == raw.numel()
-    if type_name in ("Q4_K", "Q5_K"):  # K-quant scales: the 12 bytes of 6-bit scales and mins take 16
+    if type_name in ("Q4_K", "Q5_K", "Q3_K"):  # the 12 bytes of 6-bit scales (and mins) take 16
         assert packed.nbytes == raw.numel() + N * K // 256 * 4
 
 
@@ -133,6 +133,9 @@ def packed_weights(rng_seed=5, n=N):
         "q6 (Q6_K)": pack_gguf(
             gguf_tensor("Q6_K", np.random.default_rng(rng_seed))[0][: n * (K // 256) * 210], "Q6_K", (n, K)
         ),
+        "q3 (Q3_K)": pack_gguf(
+            gguf_tensor("Q3_K", np.random.default_rng(rng_seed))[0][: n * (K // 256) * 110], "Q3_K", (n, K)
+        ),
         "q2 (Q2_K)": pack_gguf(
             gguf_tensor("Q2_K", np.random.default_rng(rng_seed))[0][: n * (K // 256) * 84], "Q2_K", (n, K)
         ),
@@ -180,9 +183,9 @@ def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k, is
 
 @needs_kernels
 @pytest.mark.parametrize("n, k", [(7, 256), (13, 768), (5, 1792), (10, 8192)])
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K", "Q2_K"])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"])
 def test_k_quant_kernels_at_every_shape(type_name, n, k, isa):
-    """The K-quants as held: q6_matmul and q2_matmul take 256 weights (one super-block) at a time; q4/q5 with
+    """The K-quants as held: q6_matmul, q3_matmul and q2_matmul take 256 weights (one super-block) at a time; q4/q5 with
     K-quant scales (d, m per 256 weights, sc, mn per 32) take the AVX-512 kernel's 16-block groups,
     which 1, 3, 7 and 32 super-blocks a row leave whole or half full (the last group's second
     super-block scale must not be read). 4 weight rows per work item (avx2 q4/q5: 8) and 4 (avx2: 2)
@@ -210,7 +213,7 @@ def test_k_quant_kernels_at_every_shape(type_name, n, k, isa):
 
 def assert_product_of_stored_numbers(packed, x, out):
     w64 = packed.dequantized().double()
-    if packed.layout in ("q4", "q5", "q8", "q6", "q2"):
+    if packed.layout in ("q4", "q5", "q8", "q6", "q3", "q2"):
         # Exactly the integer scheme (int8 activations per block, as llama.cpp), up to float32 sums...
         torch.testing.assert_close(
             out.double(), int8_activations(x) @ w64.T, rtol=1e-4, atol=1e-4 * w64.abs().max().item()
@@ -267,6 +270,7 @@ def test_many_rows_unpack_to_bfloat16_and_match_the_float_product(name, isa):
         "q5 (Q5_K)",
         "q8",
         "q6 (Q6_K)",
+        "q3 (Q3_K)",
         "q2 (Q2_K)",
         "f16",
     ],
@@ -419,8 +423,8 @@ AMX_SHAPES = [  # rows, n, k
     (9, 48, 64),  # 2 k-steps (layouts with blocks of 32)
 ]
 # The layouts amx_matmul.c unpacks itself (block_bf16), then those it unpacks through the oneDNN
-# path's row unpacking (unpack.h): K-quant scales, fifth bits and Q6_K's regrouped values (Q3_K is
-# held as q6 too).
+# path's row unpacking (unpack.h): K-quant scales, fifth bits and the regrouped values of Q6_K, Q3_K
+# and Q2_K.
 AMX_DIRECT = ["q4", "q4 no minimums", "q8", "f16", "bf16"]
 AMX_STAGED = ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "Q5_0", "Q5_1"]
 
@@ -446,7 +450,7 @@ def test_amx_products_are_float32_sums_of_bfloat16_products(layout, rows, n, k):
         per_block = BLOCK_FORMATS[layout][0]
         raw = np.ascontiguousarray(random_blocks(layout, n * k // per_block, np.random.default_rng(n + k)))
         packed = pack_gguf(torch.from_numpy(raw.view(np.uint8).reshape(-1).copy()), layout, (n, k))
-        assert packed.layout in ("q4", "q5", "q6", "q2")
+        assert packed.layout in ("q4", "q5", "q6", "q3", "q2")
     else:
         packed = {
             "q4": lambda: quantize_int4(w),

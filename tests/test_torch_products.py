@@ -23,18 +23,19 @@ from plainllama.engine.cpu.torch_products import HalfProduct, Int4PairProduct, I
 
 # Relative error (L2 norm of a row's error / L2 norm of the row) each form may have against the
 # float64 product of the stored numbers, from the roundings each makes (u = a unit roundoff):
-#   q4 (int4pack), q5 and q8 (two int4 matrices), q6 (int8 per block column): activations, scales,
+#   q4 (int4pack), q5 and q8 (two int4 matrices), q6 and q3 (int8 per block column): activations, scales,
 #       zero points and outputs (q5, q8: each half's product; q6: each block column's) rounded to
 #       bfloat16, u = 2^-8 relative; the errors of K terms are independent, so a row's relative
 #       error is ~ a few u: 1e-2.
 #   f16: activations and outputs rounded to float16, u = 2^-11: 2e-3.
 #   bf16: activations and outputs rounded to bfloat16: 1e-2.
-TOLERANCE = {"q4": 1e-2, "q5": 1e-2, "q8": 1e-2, "q6": 1e-2, "f16": 2e-3, "bf16": 1e-2}
+TOLERANCE = {"q4": 1e-2, "q5": 1e-2, "q8": 1e-2, "q6": 1e-2, "q3": 1e-2, "f16": 2e-3, "bf16": 1e-2}
 FORMS = {
     "q4": Int4Product,
     "q5": Int4PairProduct,
     "q8": Int4PairProduct,
     "q6": Int8BlockProduct,
+    "q3": Int8BlockProduct,
     "f16": HalfProduct,
     "bf16": HalfProduct,
 }
@@ -55,8 +56,10 @@ def weights(n: int, k: int, seed: int) -> dict[str, PackedWeight | None]:
     q6_raw = np.ascontiguousarray(random_blocks("Q6_K", n * k // 256, rng)).view(np.uint8).reshape(-1)
     q5_raw = np.ascontiguousarray(random_blocks("Q5_K", n * k // 256, rng)).view(np.uint8).reshape(-1)
     q50_raw = np.ascontiguousarray(random_blocks("Q5_0", n * k // 32, rng)).view(np.uint8).reshape(-1)
+    q3_raw = np.ascontiguousarray(random_blocks("Q3_K", n * k // 256, rng)).view(np.uint8).reshape(-1)
     return {
         "q6 (Q6_K)": pack_gguf(torch.from_numpy(q6_raw.copy()), "Q6_K", (n, k)) if k % 256 == 0 else None,
+        "q3 (Q3_K)": pack_gguf(torch.from_numpy(q3_raw.copy()), "Q3_K", (n, k)) if k % 256 == 0 else None,
         "q5 (Q5_K)": pack_gguf(torch.from_numpy(q5_raw.copy()), "Q5_K", (n, k)) if k % 256 == 0 else None,
         "q5 (Q5_0)": pack_gguf(torch.from_numpy(q50_raw.copy()), "Q5_0", (n, k)),
         "q4 with minimums": q4,
@@ -89,8 +92,8 @@ def test_torch_forms_compute_the_product_of_the_stored_numbers(no_kernels, name,
     # Rounding to bfloat16 (8 significant bits) moves a number by up to u = 2^-8 of itself.
     # q4, q5: scale and zero point rounded, so a weight moves by up to u (8 d + |zero|), about u x 2 max|w|
     # of its block: a row's RMS error is below 3u (measured up to 1.4u).
-    # q8, q6: the scale (q6: d * sc) rounded: each weight moves by up to u. 16-bit layouts: the stored numbers.
-    bound = {"q4": 3 * 2.0**-8, "q5": 3 * 2.0**-8, "q8": 2.0**-8, "q6": 2.0**-8, "f16": 0.0, "bf16": 0.0}
+    # q8, q6, q3: the scale (q6, q3: d * sc) rounded: each weight moves by up to u. 16-bit layouts: the stored numbers.
+    bound = {"q4": 3 * 2.0**-8, "q5": 3 * 2.0**-8, "q8": 2.0**-8, "q6": 2.0**-8, "q3": 2.0**-8, "f16": 0.0, "bf16": 0.0}
     assert weight_error <= bound[packed.layout]
 
 
@@ -166,7 +169,7 @@ def test_a_q4_file_stays_near_its_size(no_kernels, tmp_path, vocab, tied):
     assert llm.generate("Hi", max_new_tokens=3).finish_reason in ("length", "stop")
 
 
-@pytest.mark.parametrize("matrix_type", ["Q4_0", "Q5_0", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("matrix_type", ["Q4_0", "Q5_0", "Q8_0", "Q6_K", "Q3_K", "Q2_K"])
 def test_the_memory_plan_counts_the_torch_forms(no_kernels, tmp_path, vocab, matrix_type):
     """Without the kernels a matrix is held in PyTorch's form (two int4 matrices for 8-bit values:
     more bytes than the file's Q8_0 or Q5_0; int8 for Q6_K): the planner, which sizes layers before

@@ -68,8 +68,8 @@ def _linear(module) -> Linear | None:
     described = Linear(len(parts), parts[0].in_features, sum(p.out_features for p in parts))
     for i, part in enumerate(parts):
         w = part.packed
-        # q4/q8 blocks are read 64 weights at a time, q6 and q2 256, 16-bit rows 32 at a time
-        width = {"f16": 32, "bf16": 32, "q6": 256, "q2": 256}.get(w.layout, 64)
+        # q4/q8 blocks are read 64 weights at a time, q6, q3 and q2 256, 16-bit rows 32 at a time
+        width = {"f16": 32, "bf16": 32, "q6": 256, "q3": 256, "q2": 256}.get(w.layout, 64)
         if part.in_features != described.in_features or part.in_features % width:
             return None
         described.parts[i] = w.c_part()

@@ -16,8 +16,9 @@ Layouts, one row per output feature, blocks of 32 weights along the input:
     q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0 as it is; types
           without a layout of their own are requantized to it from their exact values.
     q6    Q6_K's own numbers (6-bit q, int8 scale per 16 weights, float16 d per 256), the values
-          regrouped for kernels/q6_matmul.c: weight = d * sc * (q - 32). Holds Q3_K exactly too
-          (q + 32, its 6-bit scales as int8).
+          regrouped for kernels/q6_matmul.c: weight = d * sc * (q - 32).
+    q3    Q3_K's own numbers (3-bit q, its 6-bit scales as int8 per 16, float16 d per 256): weight =
+          d * sc * (q - 4), the values regrouped like q6's. 3.56 bits a weight (the file: 3.44).
     q2    Q2_K's own numbers (2-bit q, a 4-bit scale and a 4-bit minimum per 16 weights in one byte
           sc, float16 d and m per 256): weight = d * (sc & 15) * q - m * (sc >> 4); the values
           regrouped like q6's (kernels/q6_matmul.c reads both). 2.625 bits a weight, as stored.
@@ -188,6 +189,8 @@ class PackedWeight(nn.Module):
             expected = {"qs": (n, k // QK_K * Q6_BYTES), "sc": (n, k // 16), "d": (n, k // QK_K)}
         elif layout == "q2":
             expected = {"qs": (n, k // QK_K * Q2_BYTES), "sc": (n, k // 16), "d": (n, k // QK_K), "m": (n, k // QK_K)}
+        elif layout == "q3":
+            expected = {"qs": (n, k // QK_K * Q3_BYTES), "sc": (n, k // 16), "d": (n, k // QK_K)}
         else:
             expected = {"qs": (n, k if layout == "q8" else k // 2), "d": (n, k // QK), "m": (n, k // QK)}
             if layout == "q5":
@@ -236,7 +239,7 @@ class PackedWeight(nn.Module):
                 d, m = _block_scales(self._parts())
                 zeros = m + 16 * d if m is not None else torch.zeros_like(d)
                 self._torch = Int4PairProduct(self._signed_values(), d, zeros)
-            elif self.layout == "q6":  # weight = (d sc) (q - 32): int8 values, a scale per 16
+            elif self.layout in ("q6", "q3"):  # weight = (d sc) (q - 32 or 4): int8 values, a scale per 16
                 scale = self.d.float().repeat_interleave(QK_K // 16, dim=-1) * self.sc.float()
                 self._torch = Int8BlockProduct(self._signed_values(), scale, 16)
             elif self.layout == "q2":  # no torch form takes a minimum per 16: requantized to int8 per 16
@@ -250,14 +253,17 @@ class PackedWeight(nn.Module):
         return self._torch
 
     def _signed_values(self) -> torch.Tensor:
-        """q5's q - 16 or q6's q - 32 as int8 [N, K], unpacked a slice of rows at a time (the int16
-        temporaries of a whole output matrix would be several times its size)."""
+        """q5's q - 16, q6's q - 32 or q3's q - 4 as int8 [N, K], unpacked a slice of rows at a time
+        (the int16 temporaries of a whole output matrix would be several times its size)."""
         N, K = self.shape
         out = torch.empty(N, K, dtype=torch.int8)
         for start in range(0, N, 1024):
             rows = slice(start, start + 1024)
             if self.layout == "q6":
                 out[rows] = (q6_values(self.qs[rows]).short() - 32).to(torch.int8)
+                continue
+            if self.layout == "q3":
+                out[rows] = (q3_values(self.qs[rows]).short() - 4).to(torch.int8)
                 continue
             nibbles = self.qs[rows].unflatten(-1, (-1, 16))
             q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1).short()  # [n, K/32, 32]
@@ -297,9 +303,9 @@ class PackedWeight(nn.Module):
     def _dequantize(self, parts, dtype):
         if self.layout in ("f16", "bf16"):
             return parts["w"].to(dtype)
-        if self.layout == "q6":  # d * sc * (q - 32), with d * sc first as ggml computes it
+        if self.layout in ("q6", "q3"):  # d * sc * (q - 32 or 4), with d * sc first as ggml computes it
             scale = parts["d"].float().repeat_interleave(QK_K // 16, dim=-1) * parts["sc"].float()  # [..., K/16]
-            q = q6_values(parts["qs"]).float() - 32  # [..., K]
+            q = q6_values(parts["qs"]).float() - 32 if self.layout == "q6" else q3_values(parts["qs"]).float() - 4
             return (scale[..., None] * q.unflatten(-1, (-1, 16))).flatten(-2).to(dtype)
         if self.layout == "q2":  # d * (sc & 15) * q - m * (sc >> 4), in gguf's order of operations
             sc = parts["sc"]  # [..., K/16]
@@ -339,6 +345,8 @@ class PackedWeight(nn.Module):
             kernels.q8_to_float(self.qs[start:end], self.d[start:end], out)
         elif self.layout == "q6":
             kernels.q6_to_float(self.qs[start:end], self.sc[start:end], self.d[start:end], out)
+        elif self.layout == "q3":
+            kernels.q3_to_float(self.qs[start:end], self.sc[start:end], self.d[start:end], out)
         elif self.layout == "q2":
             kernels.q2_to_float(self.qs[start:end], self.sc[start:end], self.d[start:end], self.m[start:end], out)
         elif self.layout == "f16" and out.dtype == torch.bfloat16 and out.numel() % 16 == 0:
@@ -370,6 +378,11 @@ class PackedWeight(nn.Module):
             elif self.layout == "q6":
                 self._direct = (
                     kernels.function("q6_matmul"),
+                    (self.qs.data_ptr(), self.sc.data_ptr(), self.d.data_ptr()),
+                )
+            elif self.layout == "q3":
+                self._direct = (
+                    kernels.function("q3_matmul"),
                     (self.qs.data_ptr(), self.sc.data_ptr(), self.d.data_ptr()),
                 )
             elif self.layout == "q2":
@@ -413,7 +426,7 @@ class PackedWeight(nn.Module):
 
     def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
         M, (N, K) = x.shape[0], self.shape
-        amx_reads = K % (256 if self.layout in ("q2", "q6") else 32) == 0  # amx_matmul.c reads every layout
+        amx_reads = K % (256 if self.layout in ("q2", "q3", "q6") else 32) == 0  # amx_matmul.c reads every layout
         if x.device.type == "cpu" and N % 16 == 0 and amx_reads and kernels.amx():
             x = x.float().contiguous()
             out = torch.empty(M, N, dtype=torch.float32)
@@ -702,24 +715,6 @@ def _pack_q6_k(blocks: torch.Tensor, shape) -> PackedWeight:
     return PackedWeight("q6", shape, parts)
 
 
-def _pack_q3_k(blocks: torch.Tensor, shape) -> PackedWeight:
-    """Q3_K (3-bit q in -4..3, a 6-bit scale per 16 weights, float16 d per 256: weight = d * scale * q)
-    is the q6 layout's arithmetic with q + 32 in place of Q6_K's 6-bit numbers and its scales as
-    int8: held exactly in 6.56 bits a weight (as Q8_0 it took 8.5 and was rounded a second time)."""
-    N, K = shape
-    n = blocks.shape[0]
-    packed = empty_for_weights((n, Q6_BYTES), torch.uint8)
-    sc = torch.empty(n, 16, dtype=torch.int8)
-    d = torch.empty(n, 1, dtype=torch.float16)
-    for start in range(0, n, Q6_STEP):
-        q, scale, d_part = q3_k_parts(blocks[start : start + Q6_STEP])
-        packed[start : start + Q6_STEP] = _q6_planes((q + 32).to(torch.uint8))
-        sc[start : start + Q6_STEP] = scale
-        d[start : start + Q6_STEP] = d_part.half()  # read from float16: exact
-    parts = {"qs": packed.view(N, K // QK_K * Q6_BYTES), "sc": sc.view(N, K // 16), "d": d.view(N, K // QK_K)}
-    return PackedWeight("q6", shape, parts)
-
-
 Q2_BYTES = 64  # bytes of 2-bit values per 256 weights in the q2 layout
 
 
@@ -754,6 +749,46 @@ def q2_values(qs: torch.Tensor) -> torch.Tensor:
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qs.device).view(4, 1)
     steps = (planes >> shifts) & 3  # [..., S, step, lane * 4 + t]
     return steps.unflatten(-1, (16, 4)).transpose(-3, -2).flatten(-4)  # [..., S, lane, step, t] -> [..., K]
+
+
+Q3_BYTES = 96  # bytes of 3-bit values per 256 weights in the q3 layout
+
+
+def _q3_planes(values: torch.Tensor) -> torch.Tensor:
+    """3-bit values [n, 256] uint8 (0..7, weight order) of n super-blocks -> the q3 layout's 96 bytes
+    each: the low 2 bits as q2's 64 bytes (_q2_plane), then the third bits of each of the four steps
+    as a 64-bit little-endian word (bit 4j + t of word s: weight 16j + 4s + t)."""
+    steps = values.view(-1, 16, 4, 4).transpose(1, 2).reshape(-1, 4, 8, 8)  # [n, step, byte, bit]
+    third = ((steps >> 2) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)  # [n, step, 8]
+    return torch.cat((_q2_plane(values & 3), third.reshape(-1, 32)), dim=-1)
+
+
+def q3_values(qs: torch.Tensor) -> torch.Tensor:
+    """The q3 layout's values [..., K/256 * 96] -> q [..., K] uint8 0..7 in weight order."""
+    planes = qs.unflatten(-1, (-1, Q3_BYTES))  # [..., S, 96]
+    low = q2_values(planes[..., :Q2_BYTES].flatten(-2))  # [..., K]
+    bits = (planes[..., Q2_BYTES:, None] >> torch.arange(8, dtype=torch.uint8, device=qs.device)) & 1
+    third = bits.unflatten(-2, (4, 8)).flatten(-2)  # [..., S, step, 64 = lane * 4 + t]
+    third = third.unflatten(-1, (16, 4)).transpose(-3, -2).flatten(-4)  # [..., S, lane, step, t] -> [..., K]
+    return low | (third << 2)
+
+
+def _pack_q3_k(blocks: torch.Tensor, shape) -> PackedWeight:
+    """Q3_K (3-bit q in -4..3, a 6-bit scale per 16 weights, float16 d per 256: weight = d * scale * q)
+    -> the q3 layout: q + 4 regrouped (_q3_planes), the scales as int8: the same numbers in 3.56 bits a
+    weight (held in q6's layout it took 6.56, as Q8_0 8.5 and a second rounding)."""
+    N, K = shape
+    n = blocks.shape[0]
+    packed = empty_for_weights((n, Q3_BYTES), torch.uint8)
+    sc = torch.empty(n, 16, dtype=torch.int8)
+    d = torch.empty(n, 1, dtype=torch.float16)
+    for start in range(0, n, Q6_STEP):
+        q, scale, d_part = q3_k_parts(blocks[start : start + Q6_STEP])
+        packed[start : start + Q6_STEP] = _q3_planes((q + 4).to(torch.uint8))
+        sc[start : start + Q6_STEP] = scale
+        d[start : start + Q6_STEP] = d_part.half()  # read from float16: exact
+    parts = {"qs": packed.view(N, K // QK_K * Q3_BYTES), "sc": sc.view(N, K // 16), "d": d.view(N, K // QK_K)}
+    return PackedWeight("q3", shape, parts)
 
 
 def q6_values(qs: torch.Tensor) -> torch.Tensor:
@@ -835,7 +870,7 @@ def quantizes_gguf(type_name: str, shape, weights: str) -> bool:
 
 # ---- how each tensor is held: decided here once, for the loader, the planner and the streamer ------
 
-Q4_LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # held as q4 as they are (Q5_x: q5, Q6_K and Q3_K: q6, Q2_K: q2, others q8)
+Q4_LAYOUT_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # held as q4 as they are (Q5_x: q5, Q6_K: q6, Q3_K: q3, Q2_K: q2)
 
 
 @dataclass(frozen=True)
@@ -856,7 +891,7 @@ def holding(type_name: str, shape: tuple[int, ...], weights: str, dtype: torch.d
     C kernels do not run, a quantized matrix is held in PyTorch's form of it (torch_products.py),
     which the planner must count instead."""
     held = _kernel_holding(type_name, shape, weights, dtype, raw)
-    if held.layout in ("q2", "q4", "q5", "q6", "q8") and not kernels.available():
+    if held.layout in ("q2", "q3", "q4", "q5", "q6", "q8") and not kernels.available():
         N, K = shape
         return Holding(held.how, held.layout, torch_form_nbytes(held.layout, N, K), held.as_stored)
     return held
@@ -869,7 +904,7 @@ def torch_form_nbytes(layout: str, N: int, K: int) -> int:
         return rows * K // 2 + rows * K // QK * 4
     if layout in ("q5", "q8"):  # Int4PairProduct: two int4 matrices
         return rows * K + rows * K // QK * 8
-    if layout in ("q2", "q6"):  # Int8BlockProduct: int8 and a bfloat16 scale per 16
+    if layout in ("q2", "q3", "q6"):  # Int8BlockProduct: int8 and a bfloat16 scale per 16
         return N * K + N * K // 16 * 2
     raise ValueError(f"no PyTorch form for layout {layout}")
 
@@ -893,8 +928,10 @@ def _kernel_holding(type_name: str, shape: tuple[int, ...], weights: str, dtype:
         if type_name != "F32" and K % 64 == 0:  # the kernels read 64 weights at a time
             if type_name in Q4_LAYOUT_TYPES:
                 return Holding("gguf", "q4", {"Q4_0": q4, "Q4_K": q4_k}.get(type_name, q4_with_min), False)
-            if type_name in ("Q6_K", "Q3_K") and K % QK_K == 0:  # Q6_K as stored, Q3_K in its arithmetic
+            if type_name == "Q6_K" and K % QK_K == 0:
                 return Holding("gguf", "q6", N * K // QK_K * 210, False)
+            if type_name == "Q3_K" and K % QK_K == 0:  # its 12 bytes of 6-bit scales as 16 int8
+                return Holding("gguf", "q3", N * K // QK_K * (Q3_BYTES + 18), False)
             if type_name == "Q2_K" and K % QK_K == 0 and kernels.available():  # as stored (no torch form)
                 return Holding("gguf", "q2", N * K // QK_K * 84, False)
             if type_name in ("Q5_0", "Q5_1", "Q5_K"):  # q4 and a word of fifth bits per block

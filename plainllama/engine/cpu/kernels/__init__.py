@@ -1,5 +1,5 @@
 """The CPU kernels in cpu_matmul.c (matrix products for a few rows; cpu_matmul_avx2.c at the AVX2
-level), q6_matmul.c (the same for Q6_K and Q2_K weights kept as stored), amx_matmul.c (products for prompts,
+level), q6_matmul.c (the same for Q6_K, Q3_K and Q2_K weights kept as stored), amx_matmul.c (products for prompts,
 on CPUs with AMX) and decode_layer.c (a whole layer's decode step), compiled on first use into one
 library and called through ctypes.
 
@@ -269,6 +269,13 @@ def q6_to_float(qs, sc, d, out: torch.Tensor) -> torch.Tensor:
     """q6 rows -> [N, K] written into `out` (bfloat16 or float32)."""
     N, K = out.shape
     check(_unpacking("q6", out)(_ptr(qs), _ptr(sc), _ptr(d), N, K, _ptr(out)), f"q6 unpacking to {out.dtype}")
+    return out
+
+
+def q3_to_float(qs, sc, d, out: torch.Tensor) -> torch.Tensor:
+    """q3 rows -> [N, K] written into `out` (bfloat16 or float32)."""
+    N, K = out.shape
+    check(_unpacking("q3", out)(_ptr(qs), _ptr(sc), _ptr(d), N, K, _ptr(out)), f"q3 unpacking to {out.dtype}")
     return out
 
 

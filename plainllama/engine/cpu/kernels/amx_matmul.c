@@ -20,7 +20,7 @@
  * Each step loads two A tiles and two B tiles and does four products (a 32 x 32 block of out).
  *
  * Unpacking: q4 with a scale per block, q8 and the 16-bit layouts straight from their blocks
- * (block_bf16); the others (K-quant scales, q5's fifth bits, Q6_K's and Q2_K's regrouped values) through the
+ * (block_bf16); the others (K-quant scales, q5's fifth bits, Q6_K's, Q3_K's and Q2_K's regrouped values) through the
  * row unpacking the oneDNN path uses (unpack.h), 8 k-steps of 16 rows at a time, then transposed.
  * Before they came here (measured on a Xeon with AMX, 2 cores, 1B shapes, 512 rows): Q4_K, Q5_K and
  * Q6_K matrices went the oneDNN way at 0.67-0.68 TFLOP/s, against 1.4-1.5 for q4, q8 and f16 here.
@@ -134,7 +134,7 @@ static inline void transpose16(__m512i r[16]) {
  * super-block, 16 x 256 bfloat16 = 8 KB, so the staging stays in L1 between unpacking and transposing. */
 #define STAGE_STEPS 8
 
-static inline int staged(const MatrixPart *W) { return W->layout >= LAYOUT_Q6 || W->sc; } /* q6, q5, q2 */
+static inline int staged(const MatrixPart *W) { return W->layout >= LAYOUT_Q6 || W->sc; } /* q6, q5, q2, q3 */
 
 static void stage_rows(const MatrixPart *W, int K, int N, size_t n0, int s, int count, uint16_t *stage) {
     for (int c = 0; c < 16; c++) {
@@ -144,6 +144,8 @@ static void stage_rows(const MatrixPart *W, int K, int N, size_t n0, int s, int 
             memset(row, 0, (size_t)64 * count);
         else if (W->layout == LAYOUT_Q6) /* s and count are multiples of 8 (K a multiple of 256) */
             q6_unpack_supers(W->w, W->sc, W->d, n * (K / 256) + s / 8, count / 8, row, 0);
+        else if (W->layout == LAYOUT_Q3)
+            q3_unpack_supers(W->w, W->sc, W->d, n * (K / 256) + s / 8, count / 8, row, 0);
         else if (W->layout == LAYOUT_Q2)
             q2_unpack_supers(W->w, (const uint8_t *)W->sc, W->d, W->m, n * (K / 256) + s / 8, count / 8, row, 0);
         else
@@ -198,8 +200,9 @@ static void pack_rows(const float *x, int M, int K, uint16_t *xp) {
  * Returns STATUS_OK, STATUS_OUT_OF_MEMORY, STATUS_NO_AMX, or STATUS_BAD_WIDTH (K not a multiple of 32 or N of 16). */
 int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *out, uint16_t *xp) {
     if (!amx_available()) return STATUS_NO_AMX;
-    if (W->layout < LAYOUT_Q4 || W->layout > LAYOUT_Q2) return STATUS_BAD_LAYOUT;
-    if (K % 32 || N % 16 || ((W->layout == LAYOUT_Q6 || W->layout == LAYOUT_Q2) && K % 256)) return STATUS_BAD_WIDTH;
+    if (W->layout < LAYOUT_Q4 || W->layout > LAYOUT_Q3) return STATUS_BAD_LAYOUT;
+    int supers = W->layout == LAYOUT_Q6 || W->layout == LAYOUT_Q3 || W->layout == LAYOUT_Q2; /* 256 weights a block */
+    if (K % 32 || N % 16 || (supers && K % 256)) return STATUS_BAD_WIDTH;
     int steps = K / 32, panels = N / 16, row_blocks = (M + 31) / 32;
     int blocks = (panels + BLOCK_PANELS - 1) / BLOCK_PANELS;
     pack_rows(x, M, K, xp);

@@ -31,6 +31,7 @@ static int part_product(const MatrixPart *p, const float *x, int M, int K, float
     case LAYOUT_F16: return f16_matmul(x, M, K, p->w, p->rows, out);
     case LAYOUT_BF16: return bf16_matmul(x, M, K, p->w, p->rows, out);
     case LAYOUT_Q6: return q6_matmul(x, M, K, p->w, p->sc, p->d, p->rows, out);
+    case LAYOUT_Q3: return q3_matmul(x, M, K, p->w, p->sc, p->d, p->rows, out);
     case LAYOUT_Q2: return q2_matmul(x, M, K, p->w, (const uint8_t *)p->sc, p->d, p->m, p->rows, out);
     case LAYOUT_Q5: return q5_matmul(x, M, K, p->w, p->qh, p->d, p->m, (const uint8_t *)p->sc, p->mn, p->rows, out);
     }

@@ -30,6 +30,7 @@ enum Layout {
     LAYOUT_Q6 = 4,   /* Q6_K regrouped: 6-bit values uint8 [N, K/256 * 192], scales sc int8 [N, K/16], d float16 [N, K/256] (q6_matmul.c) */
     LAYOUT_Q5 = 5,   /* q4's nibbles, scales and optional minimums, plus fifth bits qh uint32 [N, K/32] (bit k: weight k): weight = d * q + m, or d * (q - 16) */
     LAYOUT_Q2 = 6,   /* Q2_K regrouped: 2-bit values uint8 [N, K/256 * 64], sc uint8 [N, K/16] (4-bit scale | 4-bit minimum << 4), d, m float16 [N, K/256]: weight = d * (sc & 15) * q - m * (sc >> 4) (q6_matmul.c) */
+    LAYOUT_Q3 = 7,   /* Q3_K regrouped: 3-bit values uint8 [N, K/256 * 96], scales sc int8 [N, K/16], d float16 [N, K/256]: weight = d * sc * (q - 4) (q6_matmul.c) */
 };
 
 /* What every int-returning kernel returns. The comment after each is its message in Python. */
@@ -37,7 +38,7 @@ enum Status {
     STATUS_OK = 0,
     STATUS_OUT_OF_MEMORY = -1, /* out of memory for its working buffers */
     STATUS_NO_AMX = -2,        /* this CPU, or the operating system, does not allow AMX */
-    STATUS_BAD_WIDTH = -3,     /* a width is not a multiple of the kernel's block (64 inputs for q4/q8, 256 for q6/q2, 32 for 16-bit; 16 outputs for AMX) */
+    STATUS_BAD_WIDTH = -3,     /* a width is not a multiple of the kernel's block (64 inputs for q4/q8, 256 for q6/q3/q2, 32 for 16-bit; 16 outputs for AMX) */
     STATUS_BAD_LAYOUT = -4,    /* unknown weight layout */
 };
 
@@ -46,7 +47,7 @@ typedef struct {
     int layout, rows;
     const void *w;         /* nibbles, int8, 6-bit values or 16-bit floats */
     const uint16_t *d, *m; /* float16 scales and minimums (q4/q8/q6), or NULL */
-    const int8_t *sc;      /* q6: int8 scale per 16 weights; q2: uint8 scale and minimum per 16; q4/q5 with K-quant scales: uint8 per 32; or NULL */
+    const int8_t *sc;      /* q6, q3: int8 scale per 16 weights; q2: uint8 scale and minimum per 16; q4/q5 with K-quant scales: uint8 per 32; or NULL */
     const uint8_t *mn;     /* q4/q5 with K-quant scales: uint8 minimum per 32, or NULL */
     const uint32_t *qh;    /* q5: fifth bits, or NULL */
 } MatrixPart;
@@ -85,6 +86,10 @@ int q2_matmul(const float *x, int M, int K, const uint8_t *qs, const uint8_t *sc
               int N, float *out);
 int q2_to_bf16(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m, int N, int K, uint16_t *out);
 int q2_to_f32(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m, int N, int K, float *out);
+/* q6_matmul.c too: the same for Q3_K kept as stored */
+int q3_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, float *out);
+int q3_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out);
+int q3_to_f32(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, float *out);
 /* cpu_matmul.c: rows unpacked to bfloat16 or float32 [N, K] (prompts on CPUs without AMX multiply
  * these with oneDNN: bfloat16 where the CPU multiplies it natively, float32 elsewhere) */
 int q4_to_bf16(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,

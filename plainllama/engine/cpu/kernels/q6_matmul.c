@@ -552,3 +552,230 @@ int q2_to_bf16(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const ui
 int q2_to_f32(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m, int N, int K, float *out) {
     return q2_unpack(qs, sc, d, m, N, K, out, 1);
 }
+
+/* ==== Q3_K kept as stored (layout "q3", packed.py's _pack_q3_k) ================================
+ * Per super-block of 256, 96 bytes: q2's 64 bytes of low 2 bits (step s in bits 2s..2s+1), then the
+ * third bits as four 64-bit words, word s bit 4j + t for weight 16j + 4s + t; sc [N, K/16] int8
+ * (Q3_K's 6-bit scales less 32), d [N, K/256] float16. weight = d * sc * (q - 4), q = 0..7: q6's
+ * arithmetic with an offset of 4 instead of 32 (sum32 / 8), in 3.56 bits a weight (the file: 3.44;
+ * held in q6's layout it took 6.56). */
+
+#define Q3_BYTES 96
+
+typedef Q6Product Q3Product; /* the same parts: values, int8 scales, d */
+
+#if KERNELS_AVX512
+
+static inline void q3_steps(const uint8_t *src, __m512i w[4]) {
+    q2_steps(src, w);
+    const __m512i four = _mm512_set1_epi8(4);
+    for (int s = 0; s < 4; s++) {
+        uint64_t third;
+        memcpy(&third, src + Q2_BYTES + 8 * s, 8);
+        w[s] = _mm512_mask_add_epi8(w[s], (__mmask64)third, w[s], four);
+    }
+}
+
+static inline __attribute__((always_inline)) void q3_tile(const Q3Product *p, int n, int R, int i0, int XT,
+                                                          const uint8_t *ahead) {
+    int S = p->supers;
+    size_t row_bytes = (size_t)S * Q3_BYTES;
+    __m512 acc[Q6_ROWS][Q6_X_TILE];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < XT; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int sb = 0; sb < S; sb++) {
+        for (int r = 0; r < R; r++) {
+            size_t at_w = (size_t)(n + r) * S + sb;
+            if (ahead) { /* this super-block of the row PREFETCH_ITEMS * Q6_ROWS further on, and its scales */
+                for (int line = 0; line < Q3_BYTES; line += 64)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q3_BYTES + line), PREFETCH_HINT);
+                size_t later = at_w + (size_t)PREFETCH_ITEMS * Q6_ROWS * S;
+                _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+            }
+            __m512i w[4];
+            q3_steps(p->qs + at_w * Q3_BYTES, w);
+            __m512 scales = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + at_w * SUBS)))),
+                                          _mm512_set1_ps(_cvtsh_ss(p->d[at_w]))); /* d * sc, as ggml computes it */
+            for (int i = 0; i < XT; i++) {
+                size_t at = (size_t)(i0 + i) * S + sb;
+                const __m512i *xg = (const __m512i *)(p->xa.xq + at * SUPER);
+                __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(xg));
+                __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_load_si512(xg + 1));
+                a = _mm512_dpbusd_epi32(a, w[2], _mm512_load_si512(xg + 2));
+                b = _mm512_dpbusd_epi32(b, w[3], _mm512_load_si512(xg + 3));
+                __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a, b), _mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), 3)); /* sum (q - 4) x */
+                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, _mm512_load_ps(p->xa.dx + at * SUBS)), acc[r][i]);
+            }
+        }
+    }
+    for (int i = 0; i < XT; i++)
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+#else /* AVX2 */
+
+/* 32 bits -> 32 bytes, 4 where the bit is set: each byte picks its bit's byte of the word, then tests its bit */
+static inline __m256i third_bits(uint32_t bits) {
+    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), pick);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(4));
+}
+
+/* Half h (lanes 8h .. 8h + 7: bytes 32h .. 32h + 31 of each step) of a super-block's steps, q = 0..7 */
+static inline void q3_half_steps(const uint8_t *src, int h, __m256i w[4]) {
+    const __m256i low2 = _mm256_set1_epi8(0x03);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(src + 32 * h));
+    for (int s = 0; s < 4; s++) {
+        uint32_t bits;
+        memcpy(&bits, src + Q2_BYTES + 8 * s + 4 * h, 4);
+        w[s] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * s), low2), third_bits(bits));
+    }
+}
+
+static inline __attribute__((always_inline)) void q3_tile(const Q3Product *p, int n, int R, int i0, int XT,
+                                                          const uint8_t *ahead) {
+    int S = p->supers;
+    size_t row_bytes = (size_t)S * Q3_BYTES;
+    __m256 acc[Q6_ROWS][Q6_X_TILE];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < XT; i++) acc[r][i] = _mm256_setzero_ps();
+    for (int sb = 0; sb < S; sb++) {
+        for (int r = 0; r < R; r++) {
+            size_t at_w = (size_t)(n + r) * S + sb;
+            if (ahead) {
+                for (int line = 0; line < Q3_BYTES; line += 64)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q3_BYTES + line), PREFETCH_HINT);
+                size_t later = at_w + (size_t)PREFETCH_ITEMS * Q6_ROWS * S;
+                _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+            }
+            const int8_t *sc = p->sc + at_w * SUBS;
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(p->d[at_w]));
+            for (int h = 0; h < 2; h++) {
+                __m256i w[4];
+                q3_half_steps(p->qs + at_w * Q3_BYTES, h, w);
+                __m256 scales = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + 8 * h)))), d);
+                for (int i = 0; i < XT; i++) {
+                    size_t at = (size_t)(i0 + i) * S + sb;
+                    const int8_t *xg = p->xa.xq + at * SUPER + 32 * h;
+                    __m256i dot = dot_u8s8(w[0], _mm256_load_si256((const __m256i *)xg));
+                    dot = _mm256_add_epi32(dot, dot_u8s8(w[1], _mm256_load_si256((const __m256i *)(xg + 64))));
+                    dot = _mm256_add_epi32(dot, dot_u8s8(w[2], _mm256_load_si256((const __m256i *)(xg + 128))));
+                    dot = _mm256_add_epi32(dot, dot_u8s8(w[3], _mm256_load_si256((const __m256i *)(xg + 192))));
+                    dot = _mm256_sub_epi32(dot, _mm256_srai_epi32(_mm256_load_si256((const __m256i *)(p->xa.sum32 + at * SUBS + 8 * h)), 3));
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scales, _mm256_load_ps(p->xa.dx + at * SUBS + 8 * h)), acc[r][i]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < XT; i++)
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = hsum8(acc[r][i]);
+}
+
+#endif
+
+typedef void Q3TileFn(const Q3Product *p, int n, int i0, const uint8_t *ahead);
+#define Q3_TILE(R, XT) \
+    static void q3_tile_##R##_##XT(const Q3Product *p, int n, int i0, const uint8_t *ahead) { q3_tile(p, n, R, i0, XT, ahead); }
+#if KERNELS_AVX512
+#define Q3_TILES_FOR(R) Q3_TILE(R, 1) Q3_TILE(R, 2) Q3_TILE(R, 3) Q3_TILE(R, 4)
+#define Q3_TILE_ROW(R) {q3_tile_##R##_1, q3_tile_##R##_2, q3_tile_##R##_3, q3_tile_##R##_4}
+#else
+#define Q3_TILES_FOR(R) Q3_TILE(R, 1) Q3_TILE(R, 2)
+#define Q3_TILE_ROW(R) {q3_tile_##R##_1, q3_tile_##R##_2}
+#endif
+Q3_TILES_FOR(1) Q3_TILES_FOR(2) Q3_TILES_FOR(3) Q3_TILES_FOR(4)
+static Q3TileFn *const Q3_TILES[Q6_ROWS][Q6_X_TILE] = {Q3_TILE_ROW(1), Q3_TILE_ROW(2), Q3_TILE_ROW(3), Q3_TILE_ROW(4)};
+
+static void q3_group(const void *product, int gi) {
+    const Q3Product *p = product;
+    int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
+    size_t row_bytes = (size_t)p->supers * Q3_BYTES;
+    const uint8_t *ahead =
+        n + (PREFETCH_ITEMS + 1) * Q6_ROWS <= p->N ? p->qs + (size_t)(n + PREFETCH_ITEMS * Q6_ROWS) * row_bytes : NULL;
+    for (int i0 = 0; i0 < p->M; i0 += Q6_X_TILE) {
+        int XT = p->M - i0 < Q6_X_TILE ? p->M - i0 : Q6_X_TILE;
+        Q3_TILES[R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
+    }
+}
+
+int q3_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, float *out) {
+    if (K % SUPER) return STATUS_BAD_WIDTH;
+    Q3Product p = {M, K, N, K / SUPER, qs, sc, d, {0}, out};
+    int status = arrange_q6_activations(x, M, K, &p.xa);
+    if (status == STATUS_OK) for_each_group((N + Q6_ROWS - 1) / Q6_ROWS, q3_group, &p);
+    free_q6_activations(&p.xa);
+    return status;
+}
+
+/* Unpacking for prompts: q6's transposes, then d * sc * (q - 4) */
+#if KERNELS_AVX512
+
+void q3_unpack_supers(const uint8_t *qs, const int8_t *sc, const uint16_t *d, size_t sb0, size_t count, void *out, int f32) {
+    for (size_t i = 0; i < count; i++) {
+        size_t sb = sb0 + i;
+        __m512i w[4], t[4];
+        q3_steps(qs + sb * Q3_BYTES, w);
+        __m512i a = _mm512_unpacklo_epi32(w[0], w[1]), b = _mm512_unpackhi_epi32(w[0], w[1]);
+        __m512i c = _mm512_unpacklo_epi32(w[2], w[3]), e = _mm512_unpackhi_epi32(w[2], w[3]);
+        t[0] = _mm512_unpacklo_epi64(a, c);
+        t[1] = _mm512_unpackhi_epi64(a, c);
+        t[2] = _mm512_unpacklo_epi64(b, e);
+        t[3] = _mm512_unpackhi_epi64(b, e);
+        float dd = _cvtsh_ss(d[sb]);
+        for (int p = 0; p < 4; p++)
+            for (int L = 0; L < 4; L++) {
+                int j = 4 * L + p;
+                __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(t[p], L)), _mm512_set1_epi32(4)));
+                store16(out, i * SUPER + 16 * j, _mm512_mul_ps(_mm512_set1_ps(dd * (float)sc[sb * SUBS + j]), q), f32);
+            }
+    }
+}
+
+static int q3_unpack(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, void *out, int f32) {
+    if (K % SUPER) return STATUS_BAD_WIDTH;
+    size_t row = K / SUPER, row_bytes = (size_t)K * (f32 ? 4 : 2);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) q3_unpack_supers(qs, sc, d, n * row, row, (char *)out + n * row_bytes, f32);
+    return 0;
+}
+
+#else
+
+static int q3_unpack(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, void *out, int f32) {
+    if (K % SUPER) return STATUS_BAD_WIDTH;
+    size_t supers = (size_t)N * (K / SUPER);
+#pragma omp parallel for schedule(static)
+    for (size_t sb = 0; sb < supers; sb++) {
+        float dd = _cvtsh_ss(d[sb]);
+        for (int h = 0; h < 2; h++) {
+            __m256i w[4], t[4];
+            q3_half_steps(qs + sb * Q3_BYTES, h, w);
+            __m256i a = _mm256_unpacklo_epi32(w[0], w[1]), b = _mm256_unpackhi_epi32(w[0], w[1]);
+            __m256i c = _mm256_unpacklo_epi32(w[2], w[3]), e = _mm256_unpackhi_epi32(w[2], w[3]);
+            t[0] = _mm256_unpacklo_epi64(a, c);
+            t[1] = _mm256_unpackhi_epi64(a, c);
+            t[2] = _mm256_unpacklo_epi64(b, e);
+            t[3] = _mm256_unpackhi_epi64(b, e);
+            for (int p = 0; p < 4; p++)
+                for (int L = 0; L < 2; L++) {
+                    int j = 8 * h + 4 * L + p;
+                    __m128i bytes = L ? _mm256_extracti128_si256(t[p], 1) : _mm256_castsi256_si128(t[p]);
+                    __m256 scale = _mm256_set1_ps(dd * (float)sc[sb * SUBS + j]), offset = _mm256_set1_ps(4.0f);
+                    __m256 lo = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), offset));
+                    __m256 hi = _mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))), offset));
+                    store8(out, sb * SUPER + 16 * j, lo, f32);
+                    store8(out, sb * SUPER + 16 * j + 8, hi, f32);
+                }
+        }
+    }
+    return 0;
+}
+
+#endif
+
+int q3_to_bf16(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, uint16_t *out) { return q3_unpack(qs, sc, d, N, K, out, 0); }
+int q3_to_f32(const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, int K, float *out) { return q3_unpack(qs, sc, d, N, K, out, 1); }

@@ -18,5 +18,7 @@ void q6_unpack_supers(const uint8_t *qs, const int8_t *sc, const uint16_t *d, si
 /* q2: the same for Q2_K's super-blocks */
 void q2_unpack_supers(const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m, size_t sb0, size_t count,
                       void *out, int f32);
+/* q3: the same for Q3_K's */
+void q3_unpack_supers(const uint8_t *qs, const int8_t *sc, const uint16_t *d, size_t sb0, size_t count, void *out, int f32);
 
 #endif

@@ -3,12 +3,15 @@
 
     .venv/bin/python benchmarks/products.py [--layers 1] [--rows 1,2,4,8,16]
     .venv/bin/python benchmarks/products.py --prompt [--rows 512]
+    .venv/bin/python benchmarks/products.py --amx [--rows 512]
 
 --layers 1 keeps one layer (19 MB of q4) in the CPU's caches: what the arithmetic allows (GMAC/s);
 --layers 8 (150 MB) reads from memory: GB/s of weights against the read bound printed first.
 --prompt: the many-rows path of prompts (weights unpacked a slice at a time, then oneDNN) with
 bfloat16 products against float32 ones, alternating, on the CPU at hand: which of the two prompts
 should use here (packed._bf16_products_fast decides).
+--amx: on a CPU with AMX, amx_matmul.c against the oneDNN bfloat16 path, per GGUF type (random blocks
+of each), alternating.
 Best of 5 passes. (Figures and what they decided: docs/performance.md.)
 """
 
@@ -16,15 +19,19 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from plainllama.cli.bench import read_buffer
 from plainllama.engine.cpu import kernels
 from plainllama.engine.memory import empty_for_weights, weights_on_huge_pages
 from plainllama.engine.cpu import packed
-from plainllama.engine.cpu.packed import PackedWeight
+from plainllama.engine.cpu.packed import PackedWeight, pack_gguf
+from plainllama.formats.gguf_quants import BLOCK_FORMATS
 
 SHAPES = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]
 
@@ -73,12 +80,53 @@ def prompt_products(rows: int) -> None:
         packed._bf16_products_fast = chosen
 
 
+def gguf_weight(type_name: str, n: int, k: int) -> PackedWeight:
+    """A [n, k] matrix of random `type_name` blocks (tests/gguf_files.random_blocks), packed as loaded."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from gguf_files import random_blocks
+
+    per_block = BLOCK_FORMATS[type_name][0] if type_name in BLOCK_FORMATS else 1
+    if type_name == "F16":
+        return PackedWeight("f16", (n, k), {"w": placed(torch.randn(n, k).half())})
+    raw = np.ascontiguousarray(random_blocks(type_name, n * k // per_block, np.random.default_rng(n + k)))
+    return pack_gguf(placed(torch.from_numpy(raw.view(np.uint8).reshape(-1).copy())), type_name, (n, k))
+
+
+def amx_products(rows: int) -> None:
+    """amx_matmul.c against the oneDNN bfloat16 path, per GGUF type, alternating, best of 5 rounds."""
+    if not kernels.amx():
+        raise SystemExit("amx_matmul needs a CPU with AMX (and PLAINLLAMA_ISA not below amx)")
+    print(f"{torch.get_num_threads()} threads, {rows} rows, the four 1B layer shapes")
+    flops = 2 * rows * sum(n * k for n, k in SHAPES)
+    for type_name in ("Q4_0", "Q4_1", "Q8_0", "F16", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "Q5_0"):
+        weights = [gguf_weight(type_name, n, k) for n, k in SHAPES]
+        xs = [torch.randn(rows, k) for _, k in SHAPES]
+        best = {"amx": float("inf"), "oneDNN": float("inf")}
+        for _ in range(5):
+            for path in best:
+                kernels.amx = lambda path=path: path == "amx"  # type: ignore[assignment]
+                start = time.perf_counter()
+                for w, x in zip(weights, xs, strict=True):
+                    w._unpacked_matmul(x)
+                best[path] = min(best[path], time.perf_counter() - start)
+        kernels.amx = lambda: True  # type: ignore[assignment]
+        rates = {path: flops / seconds / 1e12 for path, seconds in best.items()}
+        print(
+            f"{type_name:5s} ({weights[0].layout}): amx {rates['amx']:.2f} TFLOP/s, oneDNN bfloat16 "
+            f"{rates['oneDNN']:.2f} TFLOP/s, amx/oneDNN {rates['amx'] / rates['oneDNN']:.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--rows", default=None, help="rows per product (default 1,2,4,8,16; 512 with --prompt)")
     parser.add_argument("--prompt", action="store_true", help="bfloat16 against float32 products for prompts")
+    parser.add_argument("--amx", action="store_true", help="AMX against oneDNN products for prompts, per GGUF type")
     args = parser.parse_args()
+    if args.amx:
+        amx_products(int(args.rows or 512))
+        return
     if args.prompt:
         prompt_products(int(args.rows or 512))
         return

@@ -2,8 +2,8 @@
 
 Quantized tensors: the `gguf` package quantizes F16/BF16/Q4_0..Q8_0 itself; for the K formats
 (which it can only dequantize) we write random blocks whose float16 scale fields hold small finite
-values, which is all the dequantizers and the model need; Q2_K is fitted to the weights
-(q2_k_blocks: its random blocks are numerically unlike any real file's).
+values, which is all the dequantizers and the model need; Q2_K and Q3_K are fitted to the
+weights (q2_k_blocks, q3_k_blocks: their random blocks are numerically unlike any real file's).
 """
 
 from __future__ import annotations
@@ -61,6 +61,32 @@ def q2_k_blocks(weights: np.ndarray) -> np.ndarray:
     return np.concatenate([sc | mn << 4, qs, halves], axis=-1)
 
 
+def q3_k_blocks(weights: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] -> Q3_K blocks [rows * cols / 256, 110] that approximate them (as
+    q2_k_blocks): per 16 weights a 6-bit signed scale (times the super-block's float16 d), 3-bit
+    values q in -4..3; weight = d * scale * q."""
+    sub = weights.astype(np.float32).reshape(-1, 16, 16)  # [n, sub-block, 16]
+    step = np.abs(sub).max(-1) / 4  # q = -4 reaches the largest magnitude
+    d = (step.max(-1) / 31).astype(np.float16)  # [n]
+    d32 = d.astype(np.float32)[:, None]
+    scale = np.clip(np.rint(np.divide(step, d32, out=np.zeros_like(step), where=d32 > 0)), 0, 31).astype(np.int16)
+    size = (d32 * scale)[..., None]
+    q = np.clip(np.rint(np.divide(sub, size, out=np.zeros_like(sub), where=size > 0)), -4, 3).astype(np.int16)
+    stored = (q + 4).astype(np.uint8).reshape(-1, 2, 4, 32)  # weight 128 h + 32 j + l
+    low2, third = stored & 3, stored >> 2
+    qs = (low2[:, :, 0] | low2[:, :, 1] << 2 | low2[:, :, 2] << 4 | low2[:, :, 3] << 6).reshape(-1, 64)
+    hmask = np.zeros((len(stored), 32), dtype=np.uint8)  # bit 4 h + j of byte l
+    for h in range(2):
+        for j in range(4):
+            hmask |= third[:, h, j] << (4 * h + j)
+    biased = (scale + 32).astype(np.uint8)  # [n, 16], 6 bits
+    packed = np.zeros((len(stored), 12), dtype=np.uint8)
+    for i in range(16):  # low 4 bits: nibble i // 8 of byte i % 8; high 2: byte 8 + i % 4, bits 2 (i // 4)
+        packed[:, i % 8] |= (biased[:, i] & 15) << (4 * (i // 8))
+        packed[:, 8 + i % 4] |= (biased[:, i] >> 4) << (2 * (i // 4))
+    return np.concatenate([hmask, qs, packed, d.view(np.uint8).reshape(-1, 2)], axis=-1)
+
+
 def encode_tensor(weights: np.ndarray, type_name: str, rng: np.random.Generator):
     """float32 weights -> (array to write, raw_dtype) in the given GGUF type."""
     if type_name == "F32":
@@ -70,6 +96,8 @@ def encode_tensor(weights: np.ndarray, type_name: str, rng: np.random.Generator)
         return quants.quantize(weights.astype(np.float32), qtype), qtype
     if type_name == "Q2_K":
         return q2_k_blocks(weights).reshape(weights.shape[0], -1), qtype
+    if type_name == "Q3_K":
+        return q3_k_blocks(weights).reshape(weights.shape[0], -1), qtype
     per_block, _ = quants.GGML_QUANT_SIZES[qtype]
     rows, cols = weights.shape
     # K formats: random blocks scaled like the float weights would be.

@@ -42,7 +42,7 @@ FILES = {
     "BF16": ("BF16", None, {}),
     "mixed": ("Q4_K", {"attn_v.weight": "Q6_K", "ffn_down.weight": "Q8_0"}, {}),
     "Q5_K_M-like": ("Q5_K", {"attn_v.weight": "Q6_K", "ffn_down.weight": "Q5_0"}, {}),
-    "Q2_K-like": ("Q2_K", None, {}),
+    "Q2_K-like": ("Q2_K", {"attn_output.weight": "Q3_K", "ffn_down.weight": "Q3_K"}, {}),  # llama.cpp's Q2_K mix
     "Q8_0-head48": ("Q8_0", None, dict(dim=192, n_heads=4, n_kv_heads=2, hidden_dim=384)),
 }
 

@@ -18,7 +18,14 @@ import torch
 import plainllama
 from gguf_files import random_blocks, write_llama_gguf
 from plainllama.engine.cpu import kernels
-from plainllama.engine.cpu.packed import PackedLinear, PackedWeight, pack_gguf, quantize_int4, quantize_int8
+from plainllama.engine.cpu.packed import (
+    PackedLinear,
+    PackedWeight,
+    _pack_q2_k,
+    pack_gguf,
+    quantize_int4,
+    quantize_int8,
+)
 from plainllama.engine.cpu.torch_products import HalfProduct, Int4PairProduct, Int4Product, Int8BlockProduct
 
 # Relative error (L2 norm of a row's error / L2 norm of the row) each form may have against the
@@ -29,13 +36,14 @@ from plainllama.engine.cpu.torch_products import HalfProduct, Int4PairProduct, I
 #       error is ~ a few u: 1e-2.
 #   f16: activations and outputs rounded to float16, u = 2^-11: 2e-3.
 #   bf16: activations and outputs rounded to bfloat16: 1e-2.
-TOLERANCE = {"q4": 1e-2, "q5": 1e-2, "q8": 1e-2, "q6": 1e-2, "q3": 1e-2, "f16": 2e-3, "bf16": 1e-2}
+TOLERANCE = {"q4": 1e-2, "q5": 1e-2, "q8": 1e-2, "q6": 1e-2, "q3": 1e-2, "q2": 1e-2, "f16": 2e-3, "bf16": 1e-2}
 FORMS = {
     "q4": Int4Product,
     "q5": Int4PairProduct,
     "q8": Int4PairProduct,
     "q6": Int8BlockProduct,
     "q3": Int8BlockProduct,
+    "q2": Int8BlockProduct,
     "f16": HalfProduct,
     "bf16": HalfProduct,
 }
@@ -57,9 +65,13 @@ def weights(n: int, k: int, seed: int) -> dict[str, PackedWeight | None]:
     q5_raw = np.ascontiguousarray(random_blocks("Q5_K", n * k // 256, rng)).view(np.uint8).reshape(-1)
     q50_raw = np.ascontiguousarray(random_blocks("Q5_0", n * k // 32, rng)).view(np.uint8).reshape(-1)
     q3_raw = np.ascontiguousarray(random_blocks("Q3_K", n * k // 256, rng)).view(np.uint8).reshape(-1)
+    q2_blocks = torch.from_numpy(np.ascontiguousarray(random_blocks("Q2_K", n * k // 256, rng)))
     return {
         "q6 (Q6_K)": pack_gguf(torch.from_numpy(q6_raw.copy()), "Q6_K", (n, k)) if k % 256 == 0 else None,
         "q3 (Q3_K)": pack_gguf(torch.from_numpy(q3_raw.copy()), "Q3_K", (n, k)) if k % 256 == 0 else None,
+        # q2 is held only where the kernels run (pack_gguf gives Q8_0 here); built directly, as a
+        # model loaded with the kernels and then run without them would hold it
+        "q2 (Q2_K)": _pack_q2_k(q2_blocks, (n, k)) if k % 256 == 0 else None,
         "q5 (Q5_K)": pack_gguf(torch.from_numpy(q5_raw.copy()), "Q5_K", (n, k)) if k % 256 == 0 else None,
         "q5 (Q5_0)": pack_gguf(torch.from_numpy(q50_raw.copy()), "Q5_0", (n, k)),
         "q4 with minimums": q4,
@@ -94,6 +106,14 @@ def test_torch_forms_compute_the_product_of_the_stored_numbers(no_kernels, name,
     # of its block: a row's RMS error is below 3u (measured up to 1.4u).
     # q8, q6, q3: the scale (q6, q3: d * sc) rounded: each weight moves by up to u. 16-bit layouts: the stored numbers.
     bound = {"q4": 3 * 2.0**-8, "q5": 3 * 2.0**-8, "q8": 2.0**-8, "q6": 2.0**-8, "q3": 2.0**-8, "f16": 0.0, "bf16": 0.0}
+    if packed.layout == "q2":
+        # q2 (no torch form takes its minimums) is requantized to int8 per 16: each weight moves by at
+        # most half a step (max|w| of its 16 / 254) plus the scale's bfloat16 rounding (u |w|)
+        blocks = exact.unflatten(-1, (-1, 16)).abs().amax(-1, keepdim=True).expand(-1, -1, 16).flatten(-2)
+        allowed = ((blocks / 254).norm(dim=-1) + 2.0**-8 * exact.norm(dim=-1)) / exact.norm(dim=-1)
+        per_row = (held - exact).norm(dim=-1) / exact.norm(dim=-1)
+        assert (per_row <= allowed * (1 + 1e-6)).all()
+        return
     assert weight_error <= bound[packed.layout]
 
 

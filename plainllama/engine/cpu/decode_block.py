@@ -218,12 +218,13 @@ class KernelBlock(TransformerBlock):
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, H + 2 * K, Hd).transpose(1, 2).split((H, K, K), dim=1)  # heads first
         dtype = torch.bfloat16 if _bf16_products_fast() else torch.float32
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)  # [B, K, S, Hd]
         if cache is None or mask is None:  # no cache to continue from (or no mask: keys not by position)
             out = F.scaled_dot_product_attention(
                 q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, enable_gqa=H != K
             )  # [B, H, T, Hd]
             return out.transpose(1, 2).reshape(B, T, H * Hd).float()
-        k, v = cache.update(start_pos, k, v)  # [B, K, S, Hd]
         return query_tiles_attention(q, k, v, mask, start_pos, dtype).transpose(1, 2).reshape(B, T, H * Hd)
 
     def _feed_forward(self, h):

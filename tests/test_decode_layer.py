@@ -316,37 +316,99 @@ def test_quantized_model_distribution(use_kernel):
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean().item() >= 0.9
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def pytorch_tiles(dtype):
+    def attend(q, k, v, mask, start):  # -> [B, T, H Hd], as KernelBlock._attention returns it
+        B, H, T, Hd = q.shape
+        return decode_block.query_tiles_attention(q, k, v, mask, start, dtype).transpose(1, 2).reshape(B, T, H * Hd)
+
+    return attend
+
+
+def amx_kernel(q, k, v, mask, start):
+    return decode_block.amx_attention(q, k, v, mask)
+
+
+needs_amx = pytest.mark.skipif(
+    not kernels.amx(), reason="amx_attention needs a CPU with AMX (and Linux granting the tile registers)"
+)
+ATTENTIONS = {  # the prompt path's attention, each way it is computed: name -> (function, its bfloat16 or not)
+    "pytorch-bfloat16": (pytorch_tiles(torch.bfloat16), True),
+    "pytorch-float32": (pytorch_tiles(torch.float32), False),
+    "amx": (amx_kernel, True),
+}
+
+
+def float64_attention(q, k, v, mask) -> torch.Tensor:
+    """The oracle: softmax(q k^T / sqrt(Hd)) v in float64 with a boolean mask -> [B, T, H Hd]."""
+    B, H, T, Hd = q.shape
+    repeat = H // k.shape[1]
+    scores = (q.double() @ k.double().repeat_interleave(repeat, dim=1).transpose(-1, -2)) / math.sqrt(Hd)
+    out = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.double().repeat_interleave(repeat, dim=1)
+    return out.transpose(1, 2).reshape(B, T, H * Hd)
+
+
+@pytest.mark.parametrize(
+    "attention", [pytest.param(name, marks=[needs_amx] if name == "amx" else []) for name in ATTENTIONS]
+)
 @pytest.mark.parametrize(
     "length, cuts",
     [
         (137, [128]),  # the prefix cache's case: 9 queries after 128 cached positions
         (700, [9, 512, 690]),  # chunks that cross a block of 512 keys
         (1300, [1000, 1290]),
+        (2100, [2047, 2050]),  # across amx_attention's slabs of 2048 keys
     ],
 )
-def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(dtype, length, cuts):
-    """decode_block.query_tiles_attention, the prompt path's attention: a prompt's queries computed in
-    chunks (each against the keys so far, as the prefix cache and chunked prompts do) equal the same
-    queries computed together, bit for bit (PyTorch's fused attention alone did not: its blocking
-    follows the number of queries and keys). Oracle for the numbers: float64 softmax attention with
-    the same causal mask, within the rounding of `dtype` (bfloat16 inputs: 2^-8 relative, and the
-    softmax weights rounded to bfloat16 before they multiply v; float32: sums of float32 products)."""
+def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(attention, length, cuts, monkeypatch):
+    """The prompt path's attention (decode_block.query_tiles_attention through PyTorch, or
+    kernels/amx_attention.c on AMX): a prompt's queries computed in chunks (each against the keys so
+    far, as the prefix cache and chunked prompts do) equal the same queries computed together, bit
+    for bit (PyTorch's fused attention alone did not: its blocking follows the number of queries and
+    keys). Oracle for the numbers: float64 softmax attention with the same causal mask, within the
+    rounding of the inputs (bfloat16 q, k, v: 2^-8 relative, and the softmax weights rounded to
+    bfloat16 before they multiply v; float32: sums of float32 products)."""
+    attend, bfloat16 = ATTENTIONS[attention]
+    if attention == "amx":
+        monkeypatch.setenv("PLAINLLAMA_ISA", "amx")  # whatever level a module fixture left set
     H, K, Hd = 9, 3, 64  # the default model's heads
     generator = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(1, n, length, Hd, generator=generator) for n in (H, K, K))
     positions = torch.arange(length)
-    whole = decode_block.query_tiles_attention(q, k, v, positions[None, :] <= positions[:, None], 0, dtype)
+    whole = attend(q, k, v, positions[None, :] <= positions[:, None], 0)
     pieces, start = [], 0
     for end in [*cuts, length]:
         mask = positions[None, :end] <= positions[start:end, None]  # [T, end]
-        pieces.append(
-            decode_block.query_tiles_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask, start, dtype)
-        )
+        pieces.append(attend(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask, start))
         start = end
-    assert torch.equal(torch.cat(pieces, dim=2), whole)
-    scores = (q.double() @ k.double().repeat_interleave(H // K, dim=1).transpose(-1, -2)) / math.sqrt(Hd)
-    scores = scores.masked_fill(positions[None, :] > positions[:, None], float("-inf"))
-    reference = scores.softmax(-1) @ v.double().repeat_interleave(H // K, dim=1)
+    assert torch.equal(torch.cat(pieces, dim=1), whole)
+    reference = float64_attention(q, k, v, positions[None, :] <= positions[:, None])
     error = (whole.double() - reference).abs().max().item()
-    assert error < (2e-2 if dtype == torch.bfloat16 else 1e-5) * reference.abs().max().item()
+    assert error < (2e-2 if bfloat16 else 1e-5) * reference.abs().max().item()
+
+
+@needs_amx
+@pytest.mark.parametrize("Hd", [64, 128])
+def test_amx_attention_reads_caches_and_padded_batches(Hd, monkeypatch):
+    """kernels/amx_attention.c against float64 attention (the oracle above) where the model hands it
+    its inputs: queries inside the layer's qkv product (heads side by side in rows of q, k and v),
+    keys and values in a KV cache longer than the keys so far (read in place, through the cache's
+    strides), a left-padded batch's mask (model.causal_mask with padding: each sequence its own
+    mask row) and a prompt continued after cached positions. Tolerance: bfloat16 inputs and
+    weights (2^-8 relative each), as in the test above."""
+    monkeypatch.setenv("PLAINLLAMA_ISA", "amx")  # whatever level a module fixture left set
+    B, T, start, H, K, capacity = 3, 45, 30, 8, 2, 96
+    generator = torch.Generator().manual_seed(Hd)
+    qkv = torch.randn(B, T, (H + 2 * K) * Hd, generator=generator)
+    q, k_new, v_new = qkv.view(B, T, H + 2 * K, Hd).transpose(1, 2).split((H, K, K), dim=1)
+    cache_k, cache_v = torch.zeros(2, B, K, capacity, Hd)
+    cache_k[:, :, :start], cache_v[:, :, :start] = torch.randn(2, B, K, start, Hd, generator=generator)
+    cache_k[:, :, start : start + T], cache_v[:, :, start : start + T] = k_new, v_new
+    end = start + T
+    k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+    mask = causal_mask(start, T, "cpu", pad=torch.tensor([0, 7, 33]))  # [B, 1, T, end]
+    out = decode_block.amx_attention(q, k, v, mask)
+    reference = float64_attention(q, k, v, mask)
+    assert out.shape == (B, T, H * Hd)
+    assert (out.double() - reference).abs().max().item() < 2e-2 * reference.abs().max().item()
+    # the same numbers from contiguous copies: the strides are read, not assumed
+    assert torch.equal(decode_block.amx_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask), out)

@@ -40,10 +40,19 @@ from ....errors import PlainLlamaError
 # holds both widths itself.
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("cpu_matmul.c", "cpu_matmul_avx2.c", "q6_matmul.c", "amx_matmul.c", "decode_layer.c")
+    for name in (
+        "cpu_matmul.c",
+        "cpu_matmul_avx2.c",
+        "q6_matmul.c",
+        "amx_matmul.c",
+        "amx_attention.c",
+        "decode_layer.c",
+    )
 ]
 HEADER = Path(__file__).with_name("plainllama.h")  # the contract: layouts, status codes, structs, prototypes
-INTERNAL_HEADERS = [Path(__file__).with_name(name) for name in ("row_groups.h", "vectors.h", "unpack.h")]
+INTERNAL_HEADERS = [
+    Path(__file__).with_name(name) for name in ("row_groups.h", "vectors.h", "unpack.h", "amx.h", "exp16.h")
+]
 
 
 def _enum(name: str) -> dict[str, tuple[int, str]]:

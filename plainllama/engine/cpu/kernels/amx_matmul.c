@@ -44,6 +44,8 @@
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 
+#include "amx.h"
+
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -59,22 +61,9 @@ int amx_available(void) {
     return state == 1;
 }
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} TileConfig;
-
-/* Static, not built on the stack: gcc does not see that ldtilecfg reads its operand and dropped the
- * stores that filled a local one, and the tiles were configured from garbage. Every tile: 16 rows of 64 bytes. */
-static const TileConfig TILES __attribute__((aligned(64))) = {
-    .palette = 1, .bytes_per_row = {64, 64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
-
 /* ---- one 32-weight block of one weight row, as 32 bfloat16 (16 dwords) ---------------------- */
 /* Direct for q4 with per-block scales, q8 and the 16-bit layouts; the others are unpacked a stretch
  * of rows at a time into a staging buffer first (pack_panels). */
-
-static inline __m512i pair_bf16(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
 
 static inline __m512i block_bf16(const MatrixPart *W, size_t n, int K, int b) {
     size_t blk = n * (K / 32) + b;
@@ -100,33 +89,6 @@ static inline __m512i block_bf16(const MatrixPart *W, size_t n, int K, int b) {
     if (layout == LAYOUT_F16)
         return pair_bf16(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 16))));
     return _mm512_loadu_si512(h); /* BF16 as stored */
-}
-
-/* r[c] = row c of a 16 x 16 matrix of dwords -> r[i] = column i */
-static inline void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 8; i++) { /* interleave dwords of row pairs */
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) { /* then qwords of row quads: 4 x 4 blocks within each 128-bit lane */
-        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    for (int j = 0; j < 4; j++) { /* then move the 128-bit lanes: two rounds of a 4 x 4 lane transpose */
-        t[j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);
-        t[4 + j] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
-        t[8 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
-        t[12 + j] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
-    }
-    for (int j = 0; j < 4; j++) {
-        r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
-        r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
-        r[4 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0x88);
-        r[12 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0xdd);
-    }
 }
 
 /* The layouts unpacked through unpack.h's functions (K-quant scales, fifth bits, Q6_K's regrouped

@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "plainllama.h"
+#include "exp16.h"
 
 static int part_product(const MatrixPart *p, const float *x, int M, int K, float *out) {
     switch (p->layout) {
@@ -78,24 +79,6 @@ static void rotate(float *x, const float *cos, const float *sin, int Hd) {
 }
 
 #if defined(__AVX512F__)
-
-/* e^x for 16 floats: e^x = 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor
- * polynomial to degree 7 (relative error < 2e-7 over that range, about one float32 step), and 2^n
- * applied by vscalefps, which also gives 0 and inf where the result leaves float32's range. */
-static inline __m512 exp16(__m512 x) {
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln 2 in two parts: exact n * hi */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* FeedForward's silu(gate) * up for one row: gate_up [2F] (gate, then up) -> out [F] */
 static void swiglu_row(const float *gate_up, int F, float *out) {

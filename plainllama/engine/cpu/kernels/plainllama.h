@@ -106,6 +106,11 @@ double read_bytes(const uint8_t *buf, size_t n);
  * not read); xp: workspace of (M rounded up to 32) * K bfloat16, 64-byte aligned */
 int amx_available(void);
 int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *out, uint16_t *xp);
+/* amx_attention.c: a prompt's attention on AMX, softmax(q k^T / sqrt(Hd)) v with a boolean mask;
+ * q row t of sequence b at q + b q_b + t q_t (heads side by side), key j of head g at
+ * k + b kv_b + g kv_h + j kv_t (v alike), allowed [mask_rows, T, end] bytes or NULL, out [B, T, H * Hd] */
+int amx_attention(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h, long kv_t,
+                  int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows, float *out);
 
 /* decode_layer.c: one decode step of a layer (one new token per row), and a prompt's in-between steps */
 int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows, float *cache_k,

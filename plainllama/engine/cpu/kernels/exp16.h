@@ -1,0 +1,30 @@
+/* e^x for 16 floats at once, for the softmax of attention (decode_layer.c, amx_attention.c) and
+ * SiLU. AVX-512 builds only. Not part of plainllama.h: Python never calls it. */
+#ifndef PLAINLLAMA_EXP16_H
+#define PLAINLLAMA_EXP16_H
+
+#include <immintrin.h>
+
+#if defined(__AVX512F__)
+
+/* e^x for 16 floats: e^x = 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor
+ * polynomial to degree 7 (relative error < 2e-7 over that range, about one float32 step), and 2^n
+ * applied by vscalefps, which also gives 0 and inf where the result leaves float32's range. */
+static inline __m512 exp16(__m512 x) {
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln 2 in two parts: exact n * hi */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+#endif
+
+#endif

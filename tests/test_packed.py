@@ -429,6 +429,31 @@ AMX_DIRECT = ["q4", "q4 no minimums", "q8", "f16", "bf16"]
 AMX_STAGED = ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "Q5_0", "Q5_1"]
 
 
+def weight_in_layout(layout: str, n: int, k: int, generator: torch.Generator) -> PackedWeight:
+    """A random [n, k] matrix held in `layout` (a name of AMX_DIRECT, or a GGUF type of AMX_STAGED)."""
+    w = torch.randn(n, k, generator=generator) * 0.05
+    if layout in AMX_STAGED:
+        per_block = BLOCK_FORMATS[layout][0]
+        raw = np.ascontiguousarray(random_blocks(layout, n * k // per_block, np.random.default_rng(n + k)))
+        packed = pack_gguf(torch.from_numpy(raw.view(np.uint8).reshape(-1).copy()), layout, (n, k))
+        assert packed.layout in ("q4", "q5", "q6", "q3", "q2")
+        return packed
+    return {
+        "q4": lambda: quantize_int4(w),
+        "q8": lambda: quantize_int8(w),
+        "q4 no minimums": lambda: PackedWeight(
+            "q4",
+            (n, k),
+            {
+                "qs": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator),
+                "d": (torch.rand(n, k // 32, generator=generator) * 0.01).half(),
+            },
+        ),
+        "f16": lambda: PackedWeight("f16", (n, k), {"w": w.half()}),
+        "bf16": lambda: PackedWeight("bf16", (n, k), {"w": w.bfloat16()}),
+    }[layout]()
+
+
 @needs_amx
 @pytest.mark.parametrize(
     "layout, rows, n, k",
@@ -445,27 +470,7 @@ def test_amx_products_are_float32_sums_of_bfloat16_products(layout, rows, n, k):
     values where the layout holds a GGUF type, via PackedWeight.dequantized, checked against gguf's
     dequantizer above)."""
     generator = torch.Generator().manual_seed(rows + n + k)
-    w = torch.randn(n, k, generator=generator) * 0.05
-    if layout in AMX_STAGED:
-        per_block = BLOCK_FORMATS[layout][0]
-        raw = np.ascontiguousarray(random_blocks(layout, n * k // per_block, np.random.default_rng(n + k)))
-        packed = pack_gguf(torch.from_numpy(raw.view(np.uint8).reshape(-1).copy()), layout, (n, k))
-        assert packed.layout in ("q4", "q5", "q6", "q3", "q2")
-    else:
-        packed = {
-            "q4": lambda: quantize_int4(w),
-            "q8": lambda: quantize_int8(w),
-            "q4 no minimums": lambda: PackedWeight(
-                "q4",
-                (n, k),
-                {
-                    "qs": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator),
-                    "d": (torch.rand(n, k // 32, generator=generator) * 0.01).half(),
-                },
-            ),
-            "f16": lambda: PackedWeight("f16", (n, k), {"w": w.half()}),
-            "bf16": lambda: PackedWeight("bf16", (n, k), {"w": w.bfloat16()}),
-        }[layout]()
+    packed = weight_in_layout(layout, n, k, generator)
     x = torch.randn(rows, k, generator=generator)
     out = packed._unpacked_matmul(x)
     reference = x.bfloat16().double() @ packed.dequantized().bfloat16().double().T
@@ -477,6 +482,36 @@ def test_amx_products_are_float32_sums_of_bfloat16_products(layout, rows, n, k):
     # and each row alone gives the same bits as in company (the prefix cache relies on it)
     alone = packed._unpacked_matmul(x[-1:].contiguous())
     assert torch.equal(alone[0], out[-1])
+
+
+@needs_amx
+@pytest.mark.parametrize("layout", AMX_DIRECT + AMX_STAGED)
+@pytest.mark.parametrize(
+    "rows, f, k",
+    [
+        (512, 64, 512),  # whole blocks of rows; 4 panels of the gate and 4 of the up per thread block
+        (77, 144, 2304),  # a partial block of rows, 9 panels (4, 4, then 1), 72 k-steps (chunks of 64, then 8)
+        (9, 16, 768),  # one panel of each
+    ],
+)
+def test_amx_swiglu_is_the_product_then_swiglu(layout, rows, f, k):
+    """amx_swiglu (kernels/amx_matmul.c: the feed-forward's stacked gate and up products finished with
+    SwiGLU in one pass) gives the bits of amx_matmul followed by the layer step's SwiGLU (swiglu_rows),
+    and, as the oracle for the formula, PyTorch's float64 silu(gate) * up of that product to float32
+    rounding (a few float32 steps: the exponential's polynomial, a division, a product)."""
+    generator = torch.Generator().manual_seed(rows + f + k)
+    packed = weight_in_layout(layout, 2 * f, k, generator)
+    x = torch.randn(rows, k, generator=generator)
+    fused = packed.amx_swiglu(x)
+    assert fused is not None and fused.shape == (rows, f)
+    gate_up = packed._unpacked_matmul(x)  # [rows, 2f]
+    separate = torch.empty(rows, f)
+    kernels.check(kernels.function("swiglu_rows")(gate_up.data_ptr(), rows, f, separate.data_ptr()), "swiglu_rows")
+    assert torch.equal(fused, separate)
+    gate, up = gate_up.double().split(f, dim=-1)
+    reference = torch.nn.functional.silu(gate) * up
+    assert ((fused.double() - reference).abs() <= 1e-6 * reference.abs() + 1e-30).all()
+    assert packed.amx_swiglu(x[:8]) is None  # a few rows take the direct kernels, not this path
 
 
 def _anon_huge_kib(address: int) -> int | None:

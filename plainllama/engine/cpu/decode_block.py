@@ -275,7 +275,12 @@ class KernelBlock(TransformerBlock):
         """h [B, T, D] -> h + SwiGLU feed-forward of its norm."""
         ffn = self.feed_forward
         B, T, _ = h.shape
-        gate_up = ffn.w13(self._norm(self.ffn_norm, h))  # [B, T, 2F]: gate, then up
+        normed = self._norm(self.ffn_norm, h)
+        if isinstance(ffn.w13, PackedLinear) and not (ffn.w13._forward_hooks or ffn.w13._forward_pre_hooks):
+            hidden = ffn.w13.packed.amx_swiglu(normed.view(B * T, -1))  # [B T, F], or None: not here
+            if hidden is not None:
+                return ffn.w2(hidden.view(B, T, -1)).add_(h)
+        gate_up = ffn.w13(normed)  # [B, T, 2F]: gate, then up
         hidden = gate_up.new_empty(B, T, gate_up.shape[-1] // 2)
         kernels.check(
             kernels.function("swiglu_rows")(gate_up.data_ptr(), B * T, hidden.shape[-1], hidden.data_ptr()),

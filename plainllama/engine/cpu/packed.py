@@ -456,6 +456,26 @@ class PackedWeight(nn.Module):
             torch.mm(w, x.t(), out=out_t[start:end])
         return torch.empty(M, N, dtype=torch.float32, device=x.device).copy_(out_t.t())
 
+    def amx_swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For the feed-forward's stacked gate and up matrix (this [2F, K]): silu(x Wg^T) * (x Wu^T)
+        [M, F] in one call on AMX (kernels/amx_matmul.c's amx_swiglu: the same bits as matmul followed
+        by SwiGLU, without the [M, 2F] product in memory), for a prompt's many rows x [M, K]. None
+        where that path does not run here (then: matmul, then SwiGLU)."""
+        M, (N, K) = x.shape[0], self.shape
+        amx_reads = K % (256 if self.layout in ("q2", "q3", "q6") else 32) == 0
+        if not (x.device.type == "cpu" and M > DIRECT_ROWS and N % 32 == 0 and amx_reads and kernels.amx()):
+            return None
+        x = x.float().contiguous()
+        hidden = torch.empty(M, N // 2, dtype=torch.float32)
+        rows_tiles = _scratch.get((M + 31) // 32 * 32 * K, torch.bfloat16)
+        if not hasattr(self, "_c_part"):
+            self._c_part = self.c_part()
+        code = kernels.function("amx_swiglu")(
+            x.data_ptr(), M, K, ctypes.byref(self._c_part), N // 2, hidden.data_ptr(), rows_tiles.data_ptr()
+        )
+        kernels.check(code, "amx_swiglu")
+        return hidden
+
     def _float32_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 -> x @ W.T [M, N] float32, for CPUs without bfloat16 instructions, with
         every row's result independent of the other rows and of M (the server's prefix cache and

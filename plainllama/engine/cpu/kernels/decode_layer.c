@@ -85,9 +85,7 @@ static void swiglu_row(const float *gate_up, int F, float *out) {
     const float *gate = gate_up, *up = gate_up + F;
     int i = 0;
     for (; i + 16 <= F; i += 16) {
-        __m512 g = _mm512_loadu_ps(gate + i);
-        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        _mm512_storeu_ps(out + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
+        _mm512_storeu_ps(out + i, swiglu16(_mm512_loadu_ps(gate + i), _mm512_loadu_ps(up + i)));
     }
     for (; i < F; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }

@@ -1,5 +1,5 @@
 /* e^x for 16 floats at once, for the softmax of attention (decode_layer.c, amx_attention.c) and
- * SiLU. AVX-512 builds only. Not part of plainllama.h: Python never calls it. */
+ * SiLU (decode_layer.c, amx_matmul.c). AVX-512 builds only. Not part of plainllama.h: Python never calls it. */
 #ifndef PLAINLLAMA_EXP16_H
 #define PLAINLLAMA_EXP16_H
 
@@ -23,6 +23,13 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* SwiGLU's silu(gate) * up for 16 values: the one formula of the layer step (decode_layer.c) and the
+ * AMX products that finish with it (amx_matmul.c), so both give the same bits */
+static inline __m512 swiglu16(__m512 gate, __m512 up) {
+    __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+    return _mm512_mul_ps(silu, up);
 }
 
 #endif

@@ -106,6 +106,8 @@ double read_bytes(const uint8_t *buf, size_t n);
  * not read); xp: workspace of (M rounded up to 32) * K bfloat16, 64-byte aligned */
 int amx_available(void);
 int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *out, uint16_t *xp);
+/* amx_matmul.c too: hidden [M, F] = silu(x Wg^T) * (x Wu^T) for W [2F, K] = the gate's rows, then the up's */
+int amx_swiglu(const float *x, int M, int K, const MatrixPart *W, int F, float *hidden, uint16_t *xp);
 /* amx_attention.c: a prompt's attention on AMX, softmax(q k^T / sqrt(Hd)) v with a boolean mask;
  * q row t of sequence b at q + b q_b + t q_t (heads side by side), key j of head g at
  * k + b kv_b + g kv_h + j kv_t (v alike), allowed [mask_rows, T, end] bytes or NULL, out [B, T, H * Hd] */

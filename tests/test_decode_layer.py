@@ -324,17 +324,25 @@ def pytorch_tiles(dtype):
     return attend
 
 
-def amx_kernel(q, k, v, mask, start):
-    return decode_block.amx_attention(q, k, v, mask)
+def c_kernel(q, k, v, mask, start):
+    return decode_block.c_attention(q, k, v, mask)
 
 
-needs_amx = pytest.mark.skipif(
-    not kernels.amx(), reason="amx_attention needs a CPU with AMX (and Linux granting the tile registers)"
-)
+def c_attention_level(level: str) -> bool:
+    """Whether prompt_attention.c runs on its `level` engine (2 AMX, 1 AVX-512 BF16) on this CPU."""
+    engine = {"amx": 2, "avx512": 1}[level]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PLAINLLAMA_ISA", level)
+        return (
+            kernels.available() and kernels.isa() == level and kernels.function("prompt_attention_engine")() == engine
+        )
+
+
+C_LEVELS = [level for level in ("amx", "avx512") if c_attention_level(level)]
 ATTENTIONS = {  # the prompt path's attention, each way it is computed: name -> (function, its bfloat16 or not)
     "pytorch-bfloat16": (pytorch_tiles(torch.bfloat16), True),
     "pytorch-float32": (pytorch_tiles(torch.float32), False),
-    "amx": (amx_kernel, True),
+    **{f"c-{level}": (c_kernel, True) for level in C_LEVELS},  # prompt_attention.c's engines this CPU has
 }
 
 
@@ -347,29 +355,27 @@ def float64_attention(q, k, v, mask) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, T, H * Hd)
 
 
-@pytest.mark.parametrize(
-    "attention", [pytest.param(name, marks=[needs_amx] if name == "amx" else []) for name in ATTENTIONS]
-)
+@pytest.mark.parametrize("attention", list(ATTENTIONS))
 @pytest.mark.parametrize(
     "length, cuts",
     [
         (137, [128]),  # the prefix cache's case: 9 queries after 128 cached positions
         (700, [9, 512, 690]),  # chunks that cross a block of 512 keys
         (1300, [1000, 1290]),
-        (2100, [2047, 2050]),  # across amx_attention's slabs of 2048 keys
+        (2100, [2047, 2050]),  # across prompt_attention.c's slabs of 2048 keys
     ],
 )
 def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(attention, length, cuts, monkeypatch):
     """The prompt path's attention (decode_block.query_tiles_attention through PyTorch, or
-    kernels/amx_attention.c on AMX): a prompt's queries computed in chunks (each against the keys so
-    far, as the prefix cache and chunked prompts do) equal the same queries computed together, bit
-    for bit (PyTorch's fused attention alone did not: its blocking follows the number of queries and
-    keys). Oracle for the numbers: float64 softmax attention with the same causal mask, within the
-    rounding of the inputs (bfloat16 q, k, v: 2^-8 relative, and the softmax weights rounded to
-    bfloat16 before they multiply v; float32: sums of float32 products)."""
+    kernels/prompt_attention.c on AMX and with AVX-512 BF16): a prompt's queries computed in chunks
+    (each against the keys so far, as the prefix cache and chunked prompts do) equal the same queries
+    computed together, bit for bit (PyTorch's fused attention alone did not: its blocking follows the
+    number of queries and keys). Oracle for the numbers: float64 softmax attention with the same causal
+    mask, within the rounding of the inputs (bfloat16 q, k, v: 2^-8 relative, and the softmax weights
+    rounded to bfloat16 before they multiply v; float32: sums of float32 products)."""
     attend, bfloat16 = ATTENTIONS[attention]
-    if attention == "amx":
-        monkeypatch.setenv("PLAINLLAMA_ISA", "amx")  # whatever level a module fixture left set
+    if attention.startswith("c-"):
+        monkeypatch.setenv("PLAINLLAMA_ISA", attention.removeprefix("c-"))  # whatever a module fixture left set
     H, K, Hd = 9, 3, 64  # the default model's heads
     generator = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(1, n, length, Hd, generator=generator) for n in (H, K, K))
@@ -386,16 +392,17 @@ def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(attention, 
     assert error < (2e-2 if bfloat16 else 1e-5) * reference.abs().max().item()
 
 
-@needs_amx
+@pytest.mark.skipif(not C_LEVELS, reason="the kernels have no bfloat16 arithmetic here (AMX or AVX-512 BF16)")
+@pytest.mark.parametrize("level", C_LEVELS)
 @pytest.mark.parametrize("Hd", [64, 128])
-def test_amx_attention_reads_caches_and_padded_batches(Hd, monkeypatch):
-    """kernels/amx_attention.c against float64 attention (the oracle above) where the model hands it
-    its inputs: queries inside the layer's qkv product (heads side by side in rows of q, k and v),
-    keys and values in a KV cache longer than the keys so far (read in place, through the cache's
-    strides), a left-padded batch's mask (model.causal_mask with padding: each sequence its own
-    mask row) and a prompt continued after cached positions. Tolerance: bfloat16 inputs and
-    weights (2^-8 relative each), as in the test above."""
-    monkeypatch.setenv("PLAINLLAMA_ISA", "amx")  # whatever level a module fixture left set
+def test_c_attention_reads_caches_and_padded_batches(Hd, level, monkeypatch):
+    """kernels/prompt_attention.c (each engine this CPU runs) against float64 attention (the oracle
+    above) where the model hands it its inputs: queries inside the layer's qkv product (heads side by
+    side in rows of q, k and v), keys and values in a KV cache longer than the keys so far (read in
+    place, through the cache's strides), a left-padded batch's mask (model.causal_mask with padding:
+    each sequence its own mask row) and a prompt continued after cached positions. Tolerance: bfloat16
+    inputs and weights (2^-8 relative each), as in the test above."""
+    monkeypatch.setenv("PLAINLLAMA_ISA", level)  # whatever level a module fixture left set
     B, T, start, H, K, capacity = 3, 45, 30, 8, 2, 96
     generator = torch.Generator().manual_seed(Hd)
     qkv = torch.randn(B, T, (H + 2 * K) * Hd, generator=generator)
@@ -406,9 +413,9 @@ def test_amx_attention_reads_caches_and_padded_batches(Hd, monkeypatch):
     end = start + T
     k, v = cache_k[:, :, :end], cache_v[:, :, :end]
     mask = causal_mask(start, T, "cpu", pad=torch.tensor([0, 7, 33]))  # [B, 1, T, end]
-    out = decode_block.amx_attention(q, k, v, mask)
+    out = decode_block.c_attention(q, k, v, mask)
     reference = float64_attention(q, k, v, mask)
     assert out.shape == (B, T, H * Hd)
     assert (out.double() - reference).abs().max().item() < 2e-2 * reference.abs().max().item()
     # the same numbers from contiguous copies: the strides are read, not assumed
-    assert torch.equal(decode_block.amx_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask), out)
+    assert torch.equal(decode_block.c_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask), out)

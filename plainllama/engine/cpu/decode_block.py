@@ -14,8 +14,9 @@ attention in float32 took 0.2 s, SiLU and the multiplications on strided halves 
 product 0.2 s, rotary embeddings 0.05 s. `_prompt_step` runs the norms, rotation and SwiGLU in C
 (decode_layer.c's same loops, one thread per row) and the attention in bfloat16 where the CPU
 multiplies bfloat16 natively, the precision the prompt's products already use, in tiles of queries
-whose numbers do not depend on their company (query_tiles_attention), or on CPUs with AMX in one
-C call with the same property (kernels/amx_attention.c: 2.8 against 8.0 ms a layer at 512 tokens).
+whose numbers do not depend on their company (query_tiles_attention), or in one C call with the same
+property where the kernels have bfloat16 arithmetic (kernels/prompt_attention.c: on a Xeon with AMX,
+2.8 against 8.0 ms a layer at 512 tokens).
 Everything else (float weights, tracing hooks, gradients) takes TransformerBlock.forward.
 """
 
@@ -124,25 +125,24 @@ def query_tiles_attention(q, k, v, mask, start: int, dtype: torch.dtype) -> torc
     return out
 
 
-def amx_attention_runs(q, k, v) -> bool:
-    """Whether amx_attention can take these: a CPU with AMX, float32 on the CPU, a head dimension
-    that is a multiple of 32 (the tiles' width in bfloat16)."""
-    tensors = (q, k, v)
+def c_attention_runs(q, k, v) -> bool:
+    """Whether prompt_attention (kernels/prompt_attention.c) can take these: kernels built with bfloat16
+    arithmetic (AMX, or AVX-512 BF16), float32 on the CPU, a head dimension that is a multiple of 32."""
     return (
         kernels.available()
-        and kernels.amx()
+        and kernels.function("prompt_attention_engine")() > 0
         and q.shape[-1] % 32 == 0
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, v))
     )
 
 
-def amx_attention(q, k, v, mask) -> torch.Tensor:
-    """query_tiles_attention's numbers computed in one C call on AMX (kernels/amx_attention.c): the
-    queries q [B, H, T, Hd] against keys and values k, v [B, K, end, Hd] with a boolean mask [T, end]
-    or [B, 1, T, end] (True: the key may be seen) -> [B, T, H Hd] float32. In bfloat16 with float32
-    sums, and every query's result independent of the other queries in the call. q, k and v are read
-    where they lie when their head dimension is contiguous (q: heads side by side in a row, as
-    the layer's qkv product gives them; k, v: a KV cache's views)."""
+def c_attention(q, k, v, mask) -> torch.Tensor:
+    """query_tiles_attention's numbers computed in one C call (kernels/prompt_attention.c, on AMX or
+    with AVX-512 BF16): the queries q [B, H, T, Hd] against keys and values k, v [B, K, end, Hd] with a
+    boolean mask [T, end] or [B, 1, T, end] (True: the key may be seen) -> [B, T, H Hd] float32. In
+    bfloat16 with float32 sums, and every query's result independent of the other queries in the call.
+    q, k and v are read where they lie when their head dimension is contiguous (q: heads side by side
+    in a row, as the layer's qkv product gives them; k, v: a KV cache's views)."""
     B, H, T, Hd = q.shape
     K, end = k.shape[1], k.shape[2]
     if q.stride(3) != 1 or q.stride(1) != Hd:
@@ -155,12 +155,12 @@ def amx_attention(q, k, v, mask) -> torch.Tensor:
     mask_rows = 1 if mask.dim() == 2 else mask.shape[0]
     out = torch.empty(B, T, H * Hd)
     kernels.check(
-        kernels.function("amx_attention")(
+        kernels.function("prompt_attention")(
             q.data_ptr(), q.stride(0), q.stride(2),
             k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
             B, T, H, K, Hd, end, mask.data_ptr(), mask_rows, out.data_ptr(),
         ),
-        "amx_attention",
+        "prompt_attention",
     )  # fmt: skip
     return out
 
@@ -262,8 +262,8 @@ class KernelBlock(TransformerBlock):
         dtype = torch.bfloat16 if _bf16_products_fast() else torch.float32
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # [B, K, S, Hd]
-        if mask is not None and dtype == torch.bfloat16 and amx_attention_runs(q, k, v):
-            return amx_attention(q, k, v, mask)
+        if mask is not None and dtype == torch.bfloat16 and c_attention_runs(q, k, v):
+            return c_attention(q, k, v, mask)
         if cache is None or mask is None:  # no cache to continue from (or no mask: keys not by position)
             out = F.scaled_dot_product_attention(
                 q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, enable_gqa=H != K

@@ -45,7 +45,7 @@ SOURCES = [
         "cpu_matmul_avx2.c",
         "q6_matmul.c",
         "amx_matmul.c",
-        "amx_attention.c",
+        "prompt_attention.c",
         "decode_layer.c",
     )
 ]

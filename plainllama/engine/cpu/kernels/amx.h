@@ -1,7 +1,7 @@
-/* What the AMX files (amx_matmul.c, amx_attention.c) share: the tile configuration, float32 to
- * bfloat16 pairs, and the 16 x 16 transpose of 32-bit words that turns 16 rows of bfloat16 pairs into
- * a B tile. Not part of plainllama.h: Python never calls these. Include only where the compiler
- * targets AMX (the files' #if). */
+/* What the files that lay numbers out as AMX tiles (amx_matmul.c, prompt_attention.c) share: the tile
+ * configuration, float32 to bfloat16 pairs, and the 16 x 16 transpose of 32-bit words that turns 16
+ * rows of bfloat16 pairs into a B tile. Not part of plainllama.h: Python never calls these. Include
+ * only where the compiler targets AVX-512 BF16 (the files' #if). */
 #ifndef PLAINLLAMA_AMX_H
 #define PLAINLLAMA_AMX_H
 

@@ -1,4 +1,4 @@
-/* e^x for 16 floats at once, for the softmax of attention (decode_layer.c, amx_attention.c) and
+/* e^x for 16 floats at once, for the softmax of attention (decode_layer.c, prompt_attention.c) and
  * SiLU (decode_layer.c, amx_matmul.c). AVX-512 builds only. Not part of plainllama.h: Python never calls it. */
 #ifndef PLAINLLAMA_EXP16_H
 #define PLAINLLAMA_EXP16_H

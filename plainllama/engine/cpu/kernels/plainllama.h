@@ -40,6 +40,7 @@ enum Status {
     STATUS_NO_AMX = -2,        /* this CPU, or the operating system, does not allow AMX */
     STATUS_BAD_WIDTH = -3,     /* a width is not a multiple of the kernel's block (64 inputs for q4/q8, 256 for q6/q3/q2, 32 for 16-bit; 16 outputs for AMX) */
     STATUS_BAD_LAYOUT = -4,    /* unknown weight layout */
+    STATUS_NO_BF16 = -5,       /* this build has no bfloat16 arithmetic (AVX-512 BF16 or AMX) */
 };
 
 /* A stored matrix [rows, in_features] in one layout. */
@@ -108,11 +109,14 @@ int amx_available(void);
 int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *out, uint16_t *xp);
 /* amx_matmul.c too: hidden [M, F] = silu(x Wg^T) * (x Wu^T) for W [2F, K] = the gate's rows, then the up's */
 int amx_swiglu(const float *x, int M, int K, const MatrixPart *W, int F, float *hidden, uint16_t *xp);
-/* amx_attention.c: a prompt's attention on AMX, softmax(q k^T / sqrt(Hd)) v with a boolean mask;
- * q row t of sequence b at q + b q_b + t q_t (heads side by side), key j of head g at
- * k + b kv_b + g kv_h + j kv_t (v alike), allowed [mask_rows, T, end] bytes or NULL, out [B, T, H * Hd] */
-int amx_attention(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h, long kv_t,
-                  int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows, float *out);
+/* prompt_attention.c: a prompt's attention in bfloat16, softmax(q k^T / sqrt(Hd)) v with a boolean
+ * mask; q row t of sequence b at q + b q_b + t q_t (heads side by side), key j of head g at
+ * k + b kv_b + g kv_h + j kv_t (v alike), allowed [mask_rows, T, end] bytes or NULL, out [B, T, H * Hd].
+ * The engine: 2 AMX, 1 AVX-512 BF16, 0 none in this build (prompt_attention returns STATUS_NO_BF16). */
+int prompt_attention_engine(void);
+int prompt_attention(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h,
+                     long kv_t, int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows,
+                     float *out);
 
 /* decode_layer.c: one decode step of a layer (one new token per row), and a prompt's in-between steps */
 int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows, float *cache_k,

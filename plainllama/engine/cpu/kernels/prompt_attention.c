@@ -1,13 +1,14 @@
-/* Attention for prompts on CPUs with AMX: out = softmax(q k^T / sqrt(Hd)) v, T queries per sequence
- * against its keys 0 .. end-1, with a boolean mask of which keys each query may see.
+/* Attention for prompts in bfloat16: out = softmax(q k^T / sqrt(Hd)) v, T queries per sequence
+ * against its keys 0 .. end-1, with a boolean mask of which keys each query may see; on AMX's tiles,
+ * or with AVX-512 BF16 on CPUs without AMX.
  *
- * Why this file exists: with the products on AMX (amx_matmul.c), PyTorch's fused attention became
- * the largest cost after them, and it has to be called in tiles of 32 queries so that a query's
- * numbers do not depend on the other queries in the call (decode_block.query_tiles_attention): on a
- * 1B-shaped model at 512 tokens that was 8 ms a layer, 0.13 TFLOP/s, an eighth of a prompt's time.
+ * Why this file exists: PyTorch's fused attention has to be called in tiles of 32 queries so that a
+ * query's numbers do not depend on the other queries in the call (decode_block.query_tiles_attention),
+ * and that took 8 ms a layer at 512 tokens on a 1B-shaped model (0.13 TFLOP/s), the largest cost after
+ * the products once those ran on AMX (amx_matmul.c): an eighth of a prompt's time.
  *
  * How: flash attention (one pass over the keys with a running maximum and sum per query, so the
- * scores of a query against all keys are never held at once) on the tile registers:
+ * scores of a query against all keys are never held at once), 32 queries by 32 keys at a time:
  *   scores S [32 queries x 32 keys] = Q K^T: Q in A tiles (16 queries x 32 head dims, bfloat16), K^T
  *            in B tiles (pairs of head dims x 16 keys: 16 key rows transposed as 32-bit words, as
  *            amx_matmul.c does with weight rows);
@@ -15,10 +16,12 @@
  *            the weights P rounded to bfloat16 into A tiles (16 queries x 32 keys);
  *   P V      into C tiles (16 queries x 16 head dims) with V in B tiles (pairs of keys x 16 dims);
  *            then o = o * e^(old max - new max) + P V in AVX-512 (tiles cannot be scaled by row).
+ * Without AMX the two products run on the same tiles in memory with vdpbf16ps: a row of a B tile is
+ * one pair (of dims, or of keys) for 16 columns, multiplied by that pair of a query's, broadcast.
  * Precision: q, k, v and P in bfloat16 with float32 sums, as PyTorch's bfloat16 attention.
  *
- * A query's result is the same in any company, bit for bit: AMX computes each row of a product from
- * that row alone; the keys go in blocks of 32 counted from key 0 (not from the first query); and a
+ * A query's result is the same in any company, bit for bit: both ways compute each query's row of a
+ * product from that query alone; the keys go in blocks of 32 counted from key 0 (not from the first query); and a
  * block in which a query may see no key changes nothing for it (its maximum stays, its weights are 0,
  * o * 1 + 0 = o). So the prompt's queries split into chunks (the server's prefix cache, chunked
  * prompts) give the same numbers as the whole prompt (tests/test_continuous.py).
@@ -36,7 +39,13 @@
 
 #include "plainllama.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__linux__)
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HAVE_AMX 1
+#else
+#define HAVE_AMX 0
+#endif
 
 #include "amx.h"
 #include "exp16.h"
@@ -75,6 +84,7 @@ typedef struct {
     const uint8_t *allowed;
     int mask_rows;
     float *out;
+    int amx; /* the products on the tiles (else with vdpbf16ps) */
 } Call;
 
 /* Per thread: Q of the task in A tiles, the scores, P in A tiles, P V, o, each query's e^(old - new max) */
@@ -86,6 +96,107 @@ typedef struct {
 /* Where query t of sequence b, head h, puts its Hd numbers (o, and in the end the result) */
 static inline float *out_row(const Call *c, int b, int h, int t) {
     return c->out + ((long)b * c->T + t) * c->H * c->Hd + (long)h * c->Hd;
+}
+
+/* ---- the two products of a block of 32 keys, on the tiles or on the vector units --------------- */
+/* qa: Q of 32 queries as A tiles (tile (g, s) at qa + (g * steps + s) * 512, row i of it query
+ * 16g + i, 32 bfloat16 = the pairs of head dims 32s .. 32s+31); keys: the block's K^T tiles (tile (n, s),
+ * n = 0, 1 its two groups of 16 keys, at keys + (n * steps + s) * 256 dwords; row r = dims pair r);
+ * S [32 queries][32 keys] float32 */
+#if HAVE_AMX
+static void amx_scores(const uint16_t *qa, const uint32_t *keys, int steps, float *S) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int s = 0; s < steps; s++) {
+        _tile_loadd(4, qa + s * 512, 64);
+        _tile_loadd(5, qa + (steps + s) * 512, 64);
+        _tile_loadd(6, keys + (size_t)s * 256, 64);
+        _tile_loadd(7, keys + (size_t)(steps + s) * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, S, 128);
+    _tile_stored(1, S + 16, 128);
+    _tile_stored(2, S + 16 * 32, 128);
+    _tile_stored(3, S + 16 * 32 + 16, 128);
+}
+#endif
+
+/* The same with AVX-512 BF16 (CPUs without AMX: AMD Zen 4 and 5, Intel Cooper Lake): a row of a K^T
+ * tile is one dims pair of 16 keys, so vdpbf16ps against that pair of a query's dims, broadcast, adds
+ * 16 keys' terms at once, with no sums across lanes; each row loaded serves 4 queries. Queries past
+ * `rows` (up to the next multiple of 4) are computed from zeros and never read. */
+static void vector_scores(const uint16_t *qa, const uint32_t *keys, int steps, int rows, float *S) {
+    for (int i0 = 0; i0 < rows; i0 += 4) {
+        __m512 lo[4], hi[4];
+        for (int i = 0; i < 4; i++) lo[i] = hi[i] = _mm512_setzero_ps();
+        for (int s = 0; s < steps; s++) {
+            const uint32_t *k_lo = keys + (size_t)s * 256, *k_hi = keys + (size_t)(steps + s) * 256;
+            const uint32_t *q = (const uint32_t *)(qa + ((i0 / 16) * steps + s) * 512 + 32 * (i0 % 16)); /* 4 rows of 16 pairs */
+            for (int r = 0; r < 16; r++) {
+                __m512bh kl = (__m512bh)_mm512_load_si512(k_lo + 16 * r), kh = (__m512bh)_mm512_load_si512(k_hi + 16 * r);
+                for (int i = 0; i < 4; i++) {
+                    __m512bh pair = (__m512bh)_mm512_set1_epi32((int)q[16 * i + r]);
+                    lo[i] = _mm512_dpbf16_ps(lo[i], kl, pair);
+                    hi[i] = _mm512_dpbf16_ps(hi[i], kh, pair);
+                }
+            }
+        }
+        for (int i = 0; i < 4; i++) {
+            _mm512_storeu_ps(S + 32 * (i0 + i), lo[i]);
+            _mm512_storeu_ps(S + 32 * (i0 + i) + 16, hi[i]);
+        }
+    }
+}
+
+/* pa: the weights P of 32 queries as two A tiles (row i: query i's 32 bfloat16 weights, in pairs of
+ * keys); values: the block's V tiles (tile d at values + d * 256 dwords: head dims 16d .. 16d+15, row r =
+ * keys 2r and 2r+1); pv [32 queries][Hd] float32 */
+#if HAVE_AMX
+static void amx_weighted_values(const uint16_t *pa, const uint32_t *values, int Hd, float *pv) {
+    _tile_loadd(4, pa, 64);
+    _tile_loadd(5, pa + 512, 64);
+    for (int dg = 0; dg < Hd / 16; dg += 2) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        _tile_loadd(6, values + (size_t)dg * 256, 64);
+        _tile_loadd(7, values + (size_t)(dg + 1) * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_stored(0, pv + 16 * dg, Hd * 4);
+        _tile_stored(1, pv + 16 * (dg + 1), Hd * 4);
+        _tile_stored(2, pv + 16 * Hd + 16 * dg, Hd * 4);
+        _tile_stored(3, pv + 16 * Hd + 16 * (dg + 1), Hd * 4);
+    }
+}
+#endif
+
+/* The same with AVX-512 BF16: a row of a V tile is one pair of keys for 16 dims, against that pair of
+ * a query's weights, broadcast; each row loaded serves 4 queries. Queries past `rows` (up to the next
+ * multiple of 4) are computed from zeros and never read. */
+static void vector_weighted_values(const uint16_t *pa, const uint32_t *values, int Hd, int rows, float *pv) {
+    for (int i0 = 0; i0 < rows; i0 += 4) {
+        const uint32_t *p = (const uint32_t *)(pa + (i0 / 16) * 512 + 32 * (i0 % 16)); /* 4 rows of 16 pairs */
+        for (int dg = 0; dg < Hd / 16; dg += 2) {
+            const uint32_t *v0 = values + (size_t)dg * 256, *v1 = v0 + 256;
+            __m512 a[4], b[4];
+            for (int i = 0; i < 4; i++) a[i] = b[i] = _mm512_setzero_ps();
+            for (int r = 0; r < 16; r++) {
+                __m512bh x0 = (__m512bh)_mm512_load_si512(v0 + 16 * r), x1 = (__m512bh)_mm512_load_si512(v1 + 16 * r);
+                for (int i = 0; i < 4; i++) {
+                    __m512bh pair = (__m512bh)_mm512_set1_epi32((int)p[16 * i + r]);
+                    a[i] = _mm512_dpbf16_ps(a[i], x0, pair);
+                    b[i] = _mm512_dpbf16_ps(b[i], x1, pair);
+                }
+            }
+            for (int i = 0; i < 4; i++) {
+                _mm512_storeu_ps(pv + (i0 + i) * Hd + 16 * dg, a[i]);
+                _mm512_storeu_ps(pv + (i0 + i) * Hd + 16 * (dg + 1), b[i]);
+            }
+        }
+    }
 }
 
 /* Queries r0 .. r0+31 of head h of sequence b against the keys k0 .. stop-1 (the slab's tiles kt, vt:
@@ -113,22 +224,14 @@ static void attend(const Call *c, int b, int h, int r0, int k0, int stop, int fi
     const uint8_t *mask = c->allowed ? c->allowed + ((long)(c->mask_rows > 1 ? b : 0) * c->T + r0) * c->end : NULL;
     for (int kb = k0; kb < stop; kb += KEYS) {
         int j = (kb - k0) / KEYS; /* the block within the slab */
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int s = 0; s < steps; s++) {
-            _tile_loadd(4, w->qa + s * 512, 64);
-            _tile_loadd(5, w->qa + (steps + s) * 512, 64);
-            _tile_loadd(6, kt + ((size_t)(2 * j) * steps + s) * 256, 64);
-            _tile_loadd(7, kt + ((size_t)(2 * j + 1) * steps + s) * 256, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-        }
         float *S = w->scores; /* [32 queries][32 keys] */
-        _tile_stored(0, S, 128);
-        _tile_stored(1, S + 16, 128);
-        _tile_stored(2, S + 16 * 32, 128);
-        _tile_stored(3, S + 16 * 32 + 16, 128);
+        const uint32_t *keys = kt + (size_t)2 * j * steps * 256;
+#if HAVE_AMX
+        if (c->amx)
+            amx_scores(w->qa, keys, steps, S);
+        else
+#endif
+            vector_scores(w->qa, keys, steps, rows, S);
 
         int valid = c->end - kb < KEYS ? c->end - kb : KEYS; /* keys past `end` are zeros, never seen */
         __mmask32 real = valid == 32 ? 0xFFFFFFFFu : ((1u << valid) - 1), seen[QUERIES];
@@ -163,22 +266,14 @@ static void attend(const Call *c, int b, int h, int r0, int k0, int stop, int fi
         }
         for (int i = 0; i < rows; i++) l[i] = l[i] * w->alpha[i] + sums[i];
 
-        _tile_loadd(4, w->pa, 64);
-        _tile_loadd(5, w->pa + 512, 64);
         float *pv = w->pv; /* [32 queries][Hd] */
-        for (int dg = 0; dg < Hd / 16; dg += 2) {
-            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-            _tile_loadd(6, vt + ((size_t)j * (Hd / 16) + dg) * 256, 64);
-            _tile_loadd(7, vt + ((size_t)j * (Hd / 16) + dg + 1) * 256, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-            _tile_stored(0, pv + 16 * dg, Hd * 4);
-            _tile_stored(1, pv + 16 * (dg + 1), Hd * 4);
-            _tile_stored(2, pv + 16 * Hd + 16 * dg, Hd * 4);
-            _tile_stored(3, pv + 16 * Hd + 16 * (dg + 1), Hd * 4);
-        }
+        const uint32_t *values = vt + (size_t)j * (Hd / 16) * 256;
+#if HAVE_AMX
+        if (c->amx)
+            amx_weighted_values(w->pa, values, Hd, pv);
+        else
+#endif
+            vector_weighted_values(w->pa, values, Hd, rows, pv);
         for (int i = 0; i < rows; i++) {
             float *o = w->o + i * Hd;
             __m512 alpha = _mm512_set1_ps(w->alpha[i]);
@@ -196,16 +291,18 @@ static void attend(const Call *c, int b, int h, int r0, int k0, int stop, int fi
     }
 }
 
+int prompt_attention_engine(void) { return HAVE_AMX && amx_available() ? 2 : 1; }
+
 /* q: query t of sequence b, head h at q + b q_b + t q_t + h Hd; k, v: key j of sequence b, key/value
  * head g at k + b kv_b + g kv_h + j kv_t (head dims contiguous), j < end; allowed: [mask_rows, T, end]
  * bytes, mask_rows 1 (shared) or B, or NULL (every key); out [B, T, H * Hd].
- * Returns STATUS_OK, STATUS_OUT_OF_MEMORY, STATUS_NO_AMX or STATUS_BAD_WIDTH (Hd not a multiple of 32,
- * or H not of K). */
-int amx_attention(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h, long kv_t,
-                  int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows, float *out) {
-    if (!amx_available()) return STATUS_NO_AMX;
+ * Returns STATUS_OK, STATUS_OUT_OF_MEMORY or STATUS_BAD_WIDTH (Hd not a multiple of 32, or H not of K). */
+int prompt_attention(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h,
+                     long kv_t, int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows,
+                     float *out) {
     if (Hd % 32 || Hd <= 0 || K <= 0 || H % K) return STATUS_BAD_WIDTH;
-    Call c = {q, k, v, q_b, q_t, kv_b, kv_h, kv_t, B, T, H, K, Hd, end, allowed, mask_rows, out};
+    Call c = {q, k, v, q_b, q_t, kv_b, kv_h, kv_t, B, T, H, K, Hd, end, allowed, mask_rows, out,
+              prompt_attention_engine() == 2};
     int blocks = (T + QUERIES - 1) / QUERIES, steps = Hd / 32;
     long slab = end < SLAB ? (end + KEYS - 1) / KEYS * KEYS : SLAB;
     size_t pairs = (size_t)B * K, rows = (size_t)B * H * blocks * QUERIES; /* m, l: per head, T rounded up */
@@ -241,7 +338,9 @@ int amx_attention(const float *q, long q_b, long q_t, const float *k, const floa
         }
 #pragma omp barrier
         if (status == STATUS_OK) { /* every thread sees the same status here and takes the same loops */
-            _tile_loadconfig(&TILES);
+#if HAVE_AMX
+            if (c.amx) _tile_loadconfig(&TILES);
+#endif
 #pragma omp for collapse(2) schedule(static)
             for (int b = 0; b < B; b++) /* queries that see no key at all */
                 for (int qb = 0; qb < blocks; qb++)
@@ -277,7 +376,9 @@ int amx_attention(const float *q, long q_b, long q_t, const float *k, const floa
                                    vt + p * (slab / KEYS) * (Hd / 16) * 256, m + at, l + at, &w);
                         }
             }
-            _tile_release();
+#if HAVE_AMX
+            if (c.amx) _tile_release();
+#endif
         }
         free(w.qa);
         free(w.pa);
@@ -295,11 +396,14 @@ int amx_attention(const float *q, long q_b, long q_t, const float *k, const floa
 
 #else
 
-int amx_attention(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h, long kv_t,
-                  int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows, float *out) {
+int prompt_attention_engine(void) { return 0; }
+
+int prompt_attention(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h,
+                     long kv_t, int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows,
+                     float *out) {
     (void)q; (void)q_b; (void)q_t; (void)k; (void)v; (void)kv_b; (void)kv_h; (void)kv_t; (void)B; (void)T; (void)H;
     (void)K; (void)Hd; (void)end; (void)allowed; (void)mask_rows; (void)out;
-    return STATUS_NO_AMX;
+    return STATUS_NO_BF16;
 }
 
 #endif

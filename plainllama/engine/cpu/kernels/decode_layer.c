@@ -61,10 +61,16 @@ static int linear(const Linear *l, const float *x, int M, float *out) {
 static void rms_norm(const float *x, const float *weight, int M, int D, float eps, float *out) {
     for (int r = 0; r < M; r++) {
         const float *xr = x + (size_t)r * D;
-        double squares = 0; /* the mean of thousands of squares, summed without losing the small ones */
-        for (int i = 0; i < D; i++) squares += (double)xr[i] * xr[i];
+        /* the mean of thousands of squares, summed in float64 without losing the small ones, in 8
+         * running sums (one sum was a chain of float64 adds, 0.7 ms for 512 rows of 2048) */
+        double sums[8] = {0}, squares = 0;
+        int i = 0;
+        for (; i + 8 <= D; i += 8)
+            for (int j = 0; j < 8; j++) sums[j] += (double)xr[i + j] * xr[i + j];
+        for (; i < D; i++) squares += (double)xr[i] * xr[i];
+        for (int j = 0; j < 8; j++) squares += sums[j];
         float scale = 1.0f / sqrtf((float)(squares / D) + eps);
-        for (int i = 0; i < D; i++) out[(size_t)r * D + i] = xr[i] * scale * weight[i];
+        for (i = 0; i < D; i++) out[(size_t)r * D + i] = xr[i] * scale * weight[i];
     }
 }
 

@@ -237,9 +237,10 @@ static void attend(const Call *c, int b, int h, int r0, int k0, int stop, int fi
         __mmask32 real = valid == 32 ? 0xFFFFFFFFu : ((1u << valid) - 1), seen[QUERIES];
         __m512 minus_inf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
         float best[QUERIES] __attribute__((aligned(64))), sums[QUERIES] __attribute__((aligned(64)));
-        for (int i = 0; i < QUERIES; i++) { /* each query's scores scaled, and their maximum where seen */
-            seen[i] = i < rows ? real : 0;
-            if (mask && i < rows)
+        for (int i = rows; i < QUERIES; i++) best[i] = -INFINITY, seen[i] = 0; /* past the prompt */
+        for (int i = 0; i < rows; i++) { /* each query's scores scaled, and their maximum where seen */
+            seen[i] = real;
+            if (mask)
                 seen[i] = _mm256_mask_cmpneq_epi8_mask(real, _mm256_maskz_loadu_epi8(real, mask + (long)i * c->end + kb),
                                                        _mm256_setzero_si256());
             __m512 s0 = _mm512_mul_ps(_mm512_loadu_ps(S + 32 * i), vscale), s1 = _mm512_mul_ps(_mm512_loadu_ps(S + 32 * i + 16), vscale);

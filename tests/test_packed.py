@@ -416,10 +416,10 @@ needs_amx = pytest.mark.skipif(
 
 AMX_SHAPES = [  # rows, n, k
     (512, 256, 512),  # whole blocks of 32 rows and 8 panels of 16 outputs
-    (77, 144, 2304),  # a partial block of rows, 9 panels (8, then one alone), 72 k-steps (chunks of 64, then 8)
+    (77, 144, 4352),  # a partial block of rows, 9 panels (8, then one alone), 136 k-steps (chunks of 128, then 8)
     (9, 48, 256),  # 3 panels: the last pair has only one
     (1, 16, 768),  # one row
-    (77, 144, 2112),  # 66 k-steps: a last chunk of 2, a last staging group of 2 (layouts with blocks of 32)
+    (77, 144, 4160),  # 130 k-steps: a last chunk of 2, a last staging group of 2 (layouts with blocks of 32)
     (9, 48, 64),  # 2 k-steps (layouts with blocks of 32)
 ]
 # The layouts amx_matmul.c unpacks itself (block_bf16), then those it unpacks through the oneDNN
@@ -490,7 +490,7 @@ def test_amx_products_are_float32_sums_of_bfloat16_products(layout, rows, n, k):
     "rows, f, k",
     [
         (512, 64, 512),  # whole blocks of rows; 4 panels of the gate and 4 of the up per thread block
-        (77, 144, 2304),  # a partial block of rows, 9 panels (4, 4, then 1), 72 k-steps (chunks of 64, then 8)
+        (77, 144, 4352),  # a partial block of rows, 9 panels (4, 4, then 1), 136 k-steps (chunks of 128, then 8)
         (9, 16, 768),  # one panel of each
     ],
 )

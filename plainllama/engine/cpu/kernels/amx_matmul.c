@@ -49,6 +49,7 @@
 #include "amx.h"
 #include "exp16.h"
 
+#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -57,6 +58,20 @@
 
 #define BLOCK_PANELS 8 /* panels of 16 output features a thread unpacks together */
 #define K_CHUNK 128    /* k-steps of 32 unpacked at a time: 8 panels x 128 steps x 1 KB = 1 MB */
+
+/* Panels per block, at most `most` and a multiple of `step`: the threads take whole blocks, so with
+ * few panels (a small model's [576, 576]: 36 panels, 5 blocks of 8 for 2 threads, one idle for the
+ * last) the size that leaves the fewest panel slots idle, the larger one on a tie (x is read once per
+ * block). */
+static int panels_per_block(int panels, int most, int step) {
+    int threads = omp_get_max_threads(), best = most, idle_best = -1;
+    for (int bp = most; bp >= step; bp -= step) {
+        int blocks = (panels + bp - 1) / bp, rounds = (blocks + threads - 1) / threads;
+        int idle = rounds * threads * bp - panels;
+        if (idle_best < 0 || idle < idle_best) best = bp, idle_best = idle;
+    }
+    return best;
+}
 
 int amx_available(void) {
     static int state = 0; /* 1 granted, -1 refused */
@@ -169,7 +184,7 @@ int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *
     int supers = W->layout == LAYOUT_Q6 || W->layout == LAYOUT_Q3 || W->layout == LAYOUT_Q2; /* 256 weights a block */
     if (K % 32 || N % 16 || (supers && K % 256)) return STATUS_BAD_WIDTH;
     int steps = K / 32, panels = N / 16, row_blocks = (M + 31) / 32;
-    int blocks = (panels + BLOCK_PANELS - 1) / BLOCK_PANELS;
+    int per_block = panels_per_block(panels, BLOCK_PANELS, 2), blocks = (panels + per_block - 1) / per_block;
     pack_rows(x, M, K, xp);
     int status = 0;
 #pragma omp parallel
@@ -190,8 +205,8 @@ int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *
 #pragma omp atomic read
             failed = status;
             if (failed) continue; /* a thread could not allocate its buffers: the call returns -1 */
-            int p0 = block * BLOCK_PANELS;
-            int np = panels - p0 < BLOCK_PANELS ? panels - p0 : BLOCK_PANELS, np_even = (np + 1) & ~1;
+            int p0 = block * per_block;
+            int np = panels - p0 < per_block ? panels - p0 : per_block, np_even = (np + 1) & ~1;
             for (int s0 = 0; s0 < steps; s0 += K_CHUNK) {
                 int ns = steps - s0 < K_CHUNK ? steps - s0 : K_CHUNK;
                 pack_panels(W, K, N, p0, np_even, s0, ns, tiles, stage);
@@ -268,7 +283,8 @@ int amx_swiglu(const float *x, int M, int K, const MatrixPart *W, int F, float *
     int supers = W->layout == LAYOUT_Q6 || W->layout == LAYOUT_Q3 || W->layout == LAYOUT_Q2;
     if (K % 32 || F % 16 || (supers && K % 256)) return STATUS_BAD_WIDTH;
     int steps = K / 32, panels = F / 16, row_blocks = (M + 31) / 32, N = 2 * F;
-    int blocks = (panels + SWIGLU_PANELS - 1) / SWIGLU_PANELS, chunks = (steps + K_CHUNK - 1) / K_CHUNK;
+    int per_block = panels_per_block(panels, SWIGLU_PANELS, 1), blocks = (panels + per_block - 1) / per_block;
+    int chunks = (steps + K_CHUNK - 1) / K_CHUNK;
     pack_rows(x, M, K, xp);
     int status = 0;
 #pragma omp parallel
@@ -288,7 +304,7 @@ int amx_swiglu(const float *x, int M, int K, const MatrixPart *W, int F, float *
 #pragma omp atomic read
             failed = status;
             if (failed) continue;
-            int p0 = block * SWIGLU_PANELS, np = panels - p0 < SWIGLU_PANELS ? panels - p0 : SWIGLU_PANELS;
+            int p0 = block * per_block, np = panels - p0 < per_block ? panels - p0 : per_block;
             for (int chunk = 0; chunk < chunks; chunk++) {
                 int s0 = chunk * K_CHUNK, ns = steps - s0 < K_CHUNK ? steps - s0 : K_CHUNK, last = chunk == chunks - 1;
                 uint32_t *up_tiles = tiles + (size_t)np * ns * 256;

@@ -176,13 +176,20 @@ static void pack_rows(const float *x, int M, int K, uint16_t *xp) {
     }
 }
 
-/* out [M, N] = x [M, K] W^T. `xp`: workspace of (M rounded up to 32) * K bfloat16, 64-byte aligned.
- * Returns STATUS_OK, STATUS_OUT_OF_MEMORY, STATUS_NO_AMX, or STATUS_BAD_WIDTH (K not a multiple of 32 or N of 16). */
-int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *out, uint16_t *xp) {
+/* Whether the tiles can take W [N, K] here: STATUS_OK, or why not */
+static int can_multiply(const MatrixPart *W, int K, int N) {
     if (!amx_available()) return STATUS_NO_AMX;
     if (W->layout < LAYOUT_Q4 || W->layout > LAYOUT_Q3) return STATUS_BAD_LAYOUT;
     int supers = W->layout == LAYOUT_Q6 || W->layout == LAYOUT_Q3 || W->layout == LAYOUT_Q2; /* 256 weights a block */
     if (K % 32 || N % 16 || (supers && K % 256)) return STATUS_BAD_WIDTH;
+    return STATUS_OK;
+}
+
+/* out [M, N] = x [M, K] W^T. `xp`: workspace of (M rounded up to 32) * K bfloat16, 64-byte aligned.
+ * Returns STATUS_OK, STATUS_OUT_OF_MEMORY, STATUS_NO_AMX, or STATUS_BAD_WIDTH (K not a multiple of 32 or N of 16). */
+int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *out, uint16_t *xp) {
+    int code = can_multiply(W, K, N);
+    if (code != STATUS_OK) return code;
     int steps = K / 32, panels = N / 16, row_blocks = (M + 31) / 32;
     int per_block = panels_per_block(panels, BLOCK_PANELS, 2), blocks = (panels + per_block - 1) / per_block;
     pack_rows(x, M, K, xp);
@@ -278,10 +285,8 @@ int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *
 #define SWIGLU_PANELS 4 /* panels of the gate (and as many of the up) a thread unpacks together */
 
 int amx_swiglu(const float *x, int M, int K, const MatrixPart *W, int F, float *hidden, uint16_t *xp) {
-    if (!amx_available()) return STATUS_NO_AMX;
-    if (W->layout < LAYOUT_Q4 || W->layout > LAYOUT_Q3) return STATUS_BAD_LAYOUT;
-    int supers = W->layout == LAYOUT_Q6 || W->layout == LAYOUT_Q3 || W->layout == LAYOUT_Q2;
-    if (K % 32 || F % 16 || (supers && K % 256)) return STATUS_BAD_WIDTH;
+    int code = can_multiply(W, K, F);
+    if (code != STATUS_OK) return code;
     int steps = K / 32, panels = F / 16, row_blocks = (M + 31) / 32, N = 2 * F;
     int per_block = panels_per_block(panels, SWIGLU_PANELS, 1), blocks = (panels + per_block - 1) / per_block;
     int chunks = (steps + K_CHUNK - 1) / K_CHUNK;

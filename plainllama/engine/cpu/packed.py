@@ -426,8 +426,7 @@ class PackedWeight(nn.Module):
 
     def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
         M, (N, K) = x.shape[0], self.shape
-        amx_reads = K % (256 if self.layout in ("q2", "q3", "q6") else 32) == 0  # amx_matmul.c reads every layout
-        if x.device.type == "cpu" and N % 16 == 0 and amx_reads and kernels.amx():
+        if self._amx_takes(x, N):
             x = x.float().contiguous()
             out = torch.empty(M, N, dtype=torch.float32)
             rows_tiles = _scratch.get((M + 31) // 32 * 32 * K, torch.bfloat16)  # x as bfloat16 tiles
@@ -456,14 +455,20 @@ class PackedWeight(nn.Module):
             torch.mm(w, x.t(), out=out_t[start:end])
         return torch.empty(M, N, dtype=torch.float32, device=x.device).copy_(out_t.t())
 
+    def _amx_takes(self, x: torch.Tensor, outputs: int) -> bool:
+        """Whether amx_matmul.c (any layout) multiplies x by this matrix here, giving `outputs`
+        columns (a multiple of 16: its panels) from rows of K inputs (whole blocks of the layout)."""
+        K = self.shape[1]
+        whole_blocks = K % (256 if self.layout in ("q2", "q3", "q6") else 32) == 0
+        return x.device.type == "cpu" and outputs % 16 == 0 and whole_blocks and kernels.amx()
+
     def amx_swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
         """For the feed-forward's stacked gate and up matrix (this [2F, K]): silu(x Wg^T) * (x Wu^T)
         [M, F] in one call on AMX (kernels/amx_matmul.c's amx_swiglu: the same bits as matmul followed
         by SwiGLU, without the [M, 2F] product in memory), for a prompt's many rows x [M, K]. None
         where that path does not run here (then: matmul, then SwiGLU)."""
         M, (N, K) = x.shape[0], self.shape
-        amx_reads = K % (256 if self.layout in ("q2", "q3", "q6") else 32) == 0
-        if not (x.device.type == "cpu" and M > DIRECT_ROWS and N % 32 == 0 and amx_reads and kernels.amx()):
+        if not (M > DIRECT_ROWS and self._amx_takes(x, N // 2)):
             return None
         x = x.float().contiguous()
         hidden = torch.empty(M, N // 2, dtype=torch.float32)

@@ -7,9 +7,9 @@
 
 --layers 1 keeps one layer (19 MB of q4) in the CPU's caches: what the arithmetic allows (GMAC/s);
 --layers 8 (150 MB) reads from memory: GB/s of weights against the read bound printed first.
---prompt: the many-rows path of prompts (weights unpacked a slice at a time, then oneDNN) with
-bfloat16 products against float32 ones, alternating, on the CPU at hand: which of the two prompts
-should use here (packed._bf16_products_fast decides).
+--prompt: the many-rows paths of prompts without AMX (weights unpacked a slice at a time for oneDNN's
+bfloat16 or PyTorch's float32 product, or the direct int8 kernels), alternating, on the CPU at hand:
+which of them prompts should use here (packed._bf16_products_fast and packed._int8_prompts decide).
 --amx: on a CPU with AMX, amx_matmul.c against the oneDNN bfloat16 path, per GGUF type (random blocks
 of each), alternating.
 Best of 5 passes. (Figures and what they decided: docs/performance.md.)
@@ -50,34 +50,40 @@ def weight(layout: str, n: int, k: int) -> PackedWeight:
 
 
 def prompt_products(rows: int) -> None:
-    """bfloat16 against float32 products in the many-rows path, alternating, best of 5 rounds each."""
+    """The paths a prompt's products can take where there is no AMX, alternating, best of 5 rounds:
+    bfloat16 (oneDNN, where it multiplies bfloat16 at all), float32 (weights unpacked, PyTorch's
+    product) and int8 (the direct kernels, activations in int8). To see another CPU's choice on this
+    one, cap PyTorch too: PLAINLLAMA_ISA=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2."""
     print(
-        f"{torch.get_num_threads()} threads; bfloat16 chosen here: {packed._bf16_products_fast()}; "
-        f"oneDNN multiplies bfloat16 here: {packed._bf16_products_possible()}"
+        f"{torch.get_num_threads()} threads, {rows} rows, kernels {kernels.isa()}; chosen here: "
+        f"bfloat16 {packed._bf16_products_fast()}, int8 {packed._int8_prompts()} "
+        f"(oneDNN multiplies bfloat16 here: {packed._bf16_products_possible()})"
     )
-    if not packed._bf16_products_possible():
-        return
     flops = 2 * rows * sum(n * k for n, k in SHAPES)
-    chosen = packed._bf16_products_fast
+    paths = ["float32", "int8"] + (["bfloat16"] if packed._bf16_products_possible() else [])
+    chosen = packed._bf16_products_fast, packed._int8_prompts, kernels.amx
+    kernels.amx = lambda: False  # type: ignore[assignment]
     try:
-        for layout in ("q4", "q8"):
-            weights = [weight(layout, n, k) for n, k in SHAPES]
+        for type_name in ("Q4_0", "Q8_0", "Q4_K", "Q6_K"):
+            weights = [gguf_weight(type_name, n, k) for n, k in SHAPES]
             xs = [torch.randn(rows, k) for _, k in SHAPES]
-            best = {"bfloat16": float("inf"), "float32": float("inf")}
+            best = dict.fromkeys(paths, float("inf"))
             for _ in range(5):
-                for dtype in best:
-                    packed._bf16_products_fast = lambda dtype=dtype: dtype == "bfloat16"  # type: ignore[assignment]
+                for path in paths:
+                    packed._bf16_products_fast = lambda path=path: path == "bfloat16"  # type: ignore[assignment]
+                    packed._int8_prompts = lambda path=path: path == "int8"  # type: ignore[assignment]
                     start = time.perf_counter()
                     for w, x in zip(weights, xs, strict=True):
                         w._unpacked_matmul(x)
-                    best[dtype] = min(best[dtype], time.perf_counter() - start)
-            rates = {dtype: flops / seconds / 1e9 for dtype, seconds in best.items()}
+                    best[path] = min(best[path], time.perf_counter() - start)
+            rates = {path: flops / seconds / 1e9 for path, seconds in best.items()}
             print(
-                f"{layout} M={rows}: bfloat16 {rates['bfloat16']:6.1f} GFLOP/s, float32 {rates['float32']:6.1f} "
-                f"GFLOP/s, float32/bfloat16 {rates['float32'] / rates['bfloat16']:.2f}x"
+                f"{type_name:5s} ({weights[0].layout}): "
+                + ", ".join(f"{path} {rate:6.1f}" for path, rate in rates.items())
+                + f" GFLOP/s; int8/float32 {rates['int8'] / rates['float32']:.2f}x"
             )
     finally:
-        packed._bf16_products_fast = chosen
+        packed._bf16_products_fast, packed._int8_prompts, kernels.amx = chosen  # type: ignore[assignment]
 
 
 def gguf_weight(type_name: str, n: int, k: int) -> PackedWeight:
@@ -121,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--rows", default=None, help="rows per product (default 1,2,4,8,16; 512 with --prompt)")
-    parser.add_argument("--prompt", action="store_true", help="bfloat16 against float32 products for prompts")
+    parser.add_argument("--prompt", action="store_true", help="the bfloat16, float32 and int8 paths for prompts")
     parser.add_argument("--amx", action="store_true", help="AMX against oneDNN products for prompts, per GGUF type")
     args = parser.parse_args()
     if args.amx:

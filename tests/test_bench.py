@@ -36,6 +36,12 @@ def test_bench_json_reports_every_figure(model_path):
     # and far less than their float32 size: the weights stayed compressed.
     assert 80e6 < figures["bytes_per_decoded_token"] < 150e6
     assert figures["model"] == str(model_path)
+    # the path a prompt's products took, as the packed weights choose it on this CPU
+    from plainllama.engine.cpu import kernels, packed
+
+    paths = {"amx bfloat16", "oneDNN bfloat16", "int8 kernels (16-bit weights: float32)", "float32"}
+    assert figures["prompt_products"] == packed.prompt_products() and figures["prompt_products"] in paths
+    assert (figures["prompt_products"] == "amx bfloat16") == kernels.amx()
 
 
 def test_bench_table_and_bad_settings():

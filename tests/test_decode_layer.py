@@ -127,8 +127,15 @@ def test_layer_step_matches_model_py(model, rows, padded, start):
 #   "bf16"     weights unpacked to bfloat16, oneDNN's bfloat16 product: float32 sums, and the
 #              outputs rounded to bfloat16 (the path of AVX-512 BF16 CPUs without AMX, e.g. AMD Zen 4/5;
 #              oneDNN also runs it, widening to float32 itself, on AVX-512 CPUs without BF16)
-#   "float32"  weights unpacked to float32, float32 product (CPUs without bfloat16 arithmetic)
-PRODUCT_PATHS = {"amx": kernels.amx, "bf16": packed._bf16_products_possible, "float32": lambda: True}
+#   "int8"     quantized weights: the direct kernels, activations quantized to int8 per block as in
+#              decoding (CPUs without bfloat16 arithmetic but with VNNI); 16-bit weights: as "float32"
+#   "float32"  weights unpacked to float32, float32 product (CPUs with neither)
+PRODUCT_PATHS = {
+    "amx": kernels.amx,
+    "bf16": packed._bf16_products_possible,
+    "int8": lambda: True,
+    "float32": lambda: True,
+}
 
 
 def bf16_step(value: float) -> float:
@@ -146,6 +153,7 @@ def bf16_step(value: float) -> float:
         ("amx", "float32"),
         ("bf16", "bfloat16"),
         ("bf16", "float32"),
+        ("int8", "float32"),
         ("float32", "bfloat16"),
         ("float32", "float32"),
     ],
@@ -156,6 +164,7 @@ def test_prompt_step_matches_model_py(model, rows, padded, start, products, atte
     if products != "amx":
         monkeypatch.setattr(kernels, "amx", lambda: False)
     monkeypatch.setattr(packed, "_bf16_products_fast", lambda: products == "bf16")
+    monkeypatch.setattr(packed, "_int8_prompts", lambda: products == "int8")
     monkeypatch.setattr(decode_block, "_bf16_products_fast", lambda: attention_dtype == "bfloat16")
     if attention_dtype == "bfloat16":
         # The prompt path's attention reads q, k, v as bfloat16 (as the products' inputs are): model.py's
@@ -207,10 +216,15 @@ def test_prompt_step_matches_model_py(model, rows, padded, start, products, atte
         #   unrounded difference as small as the above can round to the neighbouring bfloat16 number:
         #   one bfloat16 step of that product's largest output. A cached k mixes two rounded outputs
         #   (the rotation), a cached v is one; the layer's output adds wo's and w2's.
+        # - int8 activations (int8, quantized weights): the products quantize their inputs per block
+        #   of 32, and an input whose last bit differs between the two paths' norms can round to the
+        #   neighbouring int8 step (~0.4% of its block's largest value): 2e-3, as for a decode step
+        #   (test_layer_step_matches_model_py). 16-bit weights take the float32 path: 1e-4.
         # - bfloat16 attention: PyTorch rounds the softmax weights to bfloat16 before they
         #   multiply v, 2^-9 relative, carried through wo and w2: 2e-3.
         # A wrong rotation, mask or SwiGLU is off by O(1) of the scale.
-        relative = {"float32": 1e-4, "amx": 1e-3, "bf16": 1e-3}[products] + (
+        int8 = products == "int8" and not model.float_layouts
+        relative = {"float32": 1e-4, "amx": 1e-3, "bf16": 1e-3, "int8": 2e-3 if int8 else 1e-4}[products] + (
             2e-3 if attention_dtype == "bfloat16" else 0.0
         )
         # amx_matmul reads every layout (q5 and q6 too), with float32 outputs: no rounding steps

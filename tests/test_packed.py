@@ -290,17 +290,28 @@ def test_unpacking_kernel_equals_dequantizing(name, isa):
     assert torch.equal(packed.unpack_rows(5, 12, part), packed.dequantized()[5:12])
 
 
-@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or sys.platform != "linux", reason="reads /proc/cpuinfo")
+def cpu_flags() -> set[str]:
+    """The CPU's flags as the operating system's kernel lists them in /proc/cpuinfo."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return flags
+
+
+needs_cpuinfo = pytest.mark.skipif(
+    not Path("/proc/cpuinfo").exists() or sys.platform != "linux", reason="reads /proc/cpuinfo"
+)
+
+
+@needs_cpuinfo
 def test_prompts_multiply_in_bfloat16_only_where_the_cpu_has_bfloat16_instructions():
     """The many-rows path multiplies in bfloat16 only where the CPU has bfloat16 arithmetic, as the
     kernel's own flags in /proc/cpuinfo say (oneDNN accepts bfloat16 on any AVX-512 CPU and widens it
     to float32 itself where there is none: 3.2x slower than float32 products on an Ice Lake Xeon)."""
     from plainllama.engine.cpu import packed as packed_module
 
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
+    flags = cpu_flags()
     if torch.cpu.get_capabilities().get("architecture") != "x86_64":
         pytest.skip("the x86 flags decide on x86 only")
     native = bool(flags & {"avx512_bf16", "amx_bf16"}) and packed_module._bf16_products_possible()
@@ -310,13 +321,15 @@ def test_prompts_multiply_in_bfloat16_only_where_the_cpu_has_bfloat16_instructio
 @needs_kernels
 @pytest.mark.parametrize("name", ["q4 (Q4_K)", "q8", "q6 (Q6_K)", "f16"])
 def test_float32_prompt_rows_do_not_depend_on_their_company(name, isa, monkeypatch):
-    """The float32 many-rows path (CPUs without bfloat16 instructions; forced here on any CPU) gives
-    a row the same bits alone, among more rows, and at another position (the prefix cache relies on
-    it), and the product of the stored numbers within float32 rounding (float64 oracle)."""
+    """The float32 many-rows path (CPUs with neither bfloat16 instructions nor one-instruction int8
+    dot products, and 16-bit weights where there is no bfloat16; forced here on any CPU) gives a row
+    the same bits alone, among more rows, and at another position (the prefix cache relies on it),
+    and the product of the stored numbers within float32 rounding (float64 oracle)."""
     from plainllama.engine.cpu import packed as packed_module
 
     monkeypatch.setattr(kernels, "amx", lambda: False)
     monkeypatch.setattr(packed_module, "_bf16_products_fast", lambda: False)
+    monkeypatch.setattr(packed_module, "_int8_prompts", lambda: False)
     packed = packed_weights()[name]
     x = torch.randn(150, K, generator=torch.Generator().manual_seed(3))
     alone = packed.matmul(x[:9])
@@ -324,6 +337,43 @@ def test_float32_prompt_rows_do_not_depend_on_their_company(name, isa, monkeypat
     assert torch.equal(packed.matmul(torch.cat([x[100:137], x[:9]]))[37:], alone)
     w64 = packed.dequantized().double()
     torch.testing.assert_close(alone.double(), x[:9].double() @ w64.T, rtol=1e-5, atol=1e-5 * w64.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", [name for name in packed_weights() if not name.startswith(("f16", "bf16"))])
+def test_int8_prompt_rows_are_the_rows_a_decode_step_gives(name, isa, monkeypatch):
+    """Where prompts multiply quantized weights with the direct kernels (CPUs without bfloat16
+    arithmetic but with int8 dot products; forced here on any CPU), 150 rows go in calls of
+    DIRECT_CALL_ROWS, and each row's result is bit for bit what that row gets alone (a decode step,
+    the prefix cache), and the integer scheme's product of the stored numbers (float64 oracle)."""
+    from plainllama.engine.cpu import packed as packed_module
+
+    monkeypatch.setattr(kernels, "amx", lambda: False)
+    monkeypatch.setattr(packed_module, "_bf16_products_fast", lambda: False)
+    monkeypatch.setattr(packed_module, "_int8_prompts", lambda: True)
+    packed = packed_weights()[name]
+    x = torch.randn(150, K, generator=torch.Generator().manual_seed(4))
+    assert x.shape[0] > 2 * packed_module.DIRECT_CALL_ROWS  # a call's rows, the next call's, a part call
+    out = packed.matmul(x)
+    for i in (0, 63, 64, 100, 149):  # the first and last rows of calls
+        assert torch.equal(out[i], packed.matmul(x[i : i + 1])[0]), f"row {i}"
+    assert_product_of_stored_numbers(packed, x, out)
+
+
+@needs_kernels
+@needs_cpuinfo
+def test_int8_prompts_only_where_bfloat16_is_not_native_and_int8_is_one_instruction(isa, monkeypatch):
+    """The int8 path is chosen by what the CPU has: not where bfloat16 products are native, and only
+    with VNNI's one-instruction dot product, which the library reports as its build has it: always
+    at the AVX-512 level (that build needs AVX-512 VNNI), at the AVX2 level where the CPU lists
+    AVX-VNNI."""
+    from plainllama.engine.cpu import packed as packed_module
+
+    assert kernels.int8_dot_instruction() == (kernels.isa() in ("avx512", "amx") or "avx_vnni" in cpu_flags())
+    for bf16, vnni in [(True, True), (True, False), (False, True), (False, False)]:
+        monkeypatch.setattr(packed_module, "_bf16_products_fast", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(kernels, "int8_dot_instruction", lambda vnni=vnni: vnni)
+        assert packed_module._int8_prompts() == (not bf16 and vnni)
 
 
 def test_parts_that_do_not_match_the_shape_are_refused():

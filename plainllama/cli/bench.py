@@ -22,7 +22,7 @@ from ..engine.memory import empty_for_weights, weights_on_huge_pages
 from ..api import LLM, load
 from ..errors import PlainLlamaError
 from ..model import KVCache
-from ..engine.cpu.packed import PackedEmbedding, PackedLinear, _bf16_products_fast
+from ..engine.cpu.packed import PackedEmbedding, PackedLinear, _bf16_products_fast, prompt_products
 from ..model import ModelArgs
 from ..parallel.tensor_parallel import collectives_of
 
@@ -224,6 +224,7 @@ def run(
         "weights": weight_description(llm.model),
         "threads": torch.get_num_threads(),
         "compute": llm.compute,
+        "prompt_products": prompt_products() if llm.compute.startswith("kernels") else None,
         "load_seconds": load_seconds,
         "prompt_tokens": prompt_tokens,
         "prefill_tokens_per_second": prompt_tokens / prefill_seconds,
@@ -280,7 +281,11 @@ def format_table(r: dict) -> str:
         ("device, threads", f"{r['device']}, {r['threads']}, {r['compute']}"),
         ("matrices held as", r["weights"]),
         ("load", f"{r['load_seconds']:.2f} s"),
-        (f"prefill ({r['prompt_tokens']} tokens)", f"{r['prefill_tokens_per_second']:.1f} tok/s"),
+        (
+            f"prefill ({r['prompt_tokens']} tokens)",
+            f"{r['prefill_tokens_per_second']:.1f} tok/s"
+            + (f", products: {r['prompt_products']}" if r.get("prompt_products") else ""),
+        ),
         (
             "prefill arithmetic",
             f"{r['prefill_tflop_s']:.3f} TFLOP/s of {r['matrix_peak_tflop_s']:.3f} TFLOP/s, a {r['matrix_peak_dtype']} "

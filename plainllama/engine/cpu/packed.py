@@ -30,7 +30,9 @@ How a product runs depends on how many rows of activations come at once:
     many (a prompt): on a CPU with AMX, kernels/amx_matmul.c unpacks the weights (any layout) block
         by block straight into its matrix units' tile layout, with bfloat16 inputs and float32 sums;
         elsewhere the weights are unpacked to bfloat16 a slice at a time into a reused buffer and
-        multiplied by oneDNN (AVX-512 BF16), or dequantized to float32 where there is no bfloat16.
+        multiplied by oneDNN (AVX-512 BF16); where there is no bfloat16 arithmetic, quantized
+        weights go through the direct kernels as in decoding (int8 dot products: AVX-512 VNNI or
+        AVX-VNNI), and the others are dequantized to float32.
 Where the C kernels do not run at all, every product goes through PyTorch's weight-only operators
 (torch_products.py), so the weights stay compressed there too.
 """
@@ -72,6 +74,11 @@ UNPACK_BYTES = 8 << 20  # weights unpacked per slice in the many-rows path (4M b
 # that a row's result does not depend on its company. On an Ice Lake Xeon (products.py --prompt, 512
 # rows): tiles of 64 gave 131-145 GFLOP/s, of 32 104-113, of 48 107-117; slices of 8-16 MB beat 1-4 MB.
 TOKEN_TILE = 64
+# Where prompts' products of quantized weights run on the direct kernels (_int8_prompts), the rows go
+# to them this many per call, so that one call's int8 rows stay in L2 while every weight row meets
+# them (64 rows of 8192 inputs: 512 KB). 2 threads, the four 1B layer shapes, 512 rows, q4 and q8 at
+# the AVX-512 level: 64 rows a call 385-413 GOP/s, 128 381-404, all 512 at once 346-355.
+DIRECT_CALL_ROWS = 64
 
 
 @cache
@@ -92,6 +99,32 @@ def _bf16_products_fast() -> bool:
     if capabilities.get("architecture") != "x86_64":
         return True
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def _int8_prompts() -> bool:
+    """Whether prompts multiply quantized weights with the direct kernels (the activations quantized
+    to int8 per block of 32, as decoding does) instead of unpacking the weights to float32: where the
+    CPU has no bfloat16 arithmetic but multiplies int8 in one instruction (AVX-512 VNNI: Intel Ice
+    Lake, Tiger Lake, Cascade Lake; AVX-VNNI: Intel since Alder Lake). Measured on a Xeon with AMX
+    with both paths capped to the level (MKL_ENABLE_INSTRUCTIONS=AVX2 for PyTorch's float32 product),
+    the four 1B layer shapes, 512 rows, 2 threads (benchmarks/products.py --prompt): at the AVX-512
+    level 1.8-1.9x float32's speed on q4 and q8, 1.3x on q6; at AVX2 with AVX-VNNI 1.05-1.3x. At AVX2
+    without VNNI the int8 products take two instructions and the gain was mixed (q8 0.94x, q4 1.36x),
+    so float32 stays there. A row's result is then also the same as a decode step gives it."""
+    return not _bf16_products_fast() and kernels.available() and kernels.int8_dot_instruction()
+
+
+def prompt_products() -> str:
+    """How a prompt's products of packed weights run here, as `plainllama bench` reports it."""
+    if not kernels.available():
+        return "torch weight-only"
+    if kernels.amx():
+        return "amx bfloat16"
+    if _bf16_products_fast():
+        return "oneDNN bfloat16"
+    if _int8_prompts():
+        return "int8 kernels (16-bit weights: float32)"
+    return "float32"
 
 
 class _Scratch(threading.local):
@@ -421,7 +454,10 @@ class PackedWeight(nn.Module):
         x = x.float().contiguous()
         out = torch.empty(M, N, dtype=torch.float32)
         kernel, pointers = self.direct_call()
-        kernels.check(kernel(x.data_ptr(), M, x.shape[1], *pointers, N, out.data_ptr()), kernel.__name__)
+        for start in range(0, M, DIRECT_CALL_ROWS):  # [rows, K] -> out[rows, N], rows contiguous in both
+            rows = min(DIRECT_CALL_ROWS, M - start)
+            code = kernel(x[start].data_ptr(), rows, x.shape[1], *pointers, N, out[start].data_ptr())
+            kernels.check(code, kernel.__name__)
         return out
 
     def _unpacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -437,6 +473,8 @@ class PackedWeight(nn.Module):
             )
             kernels.check(code, "amx_matmul")
             return out
+        if self.layout not in ("f16", "bf16") and _int8_prompts():
+            return self.matmul_each_row(x)
         compute = torch.bfloat16 if _bf16_products_fast() else torch.float32
         if self.layout in ("f16", "bf16") and self.w.dtype == compute:
             return F.linear(x.to(compute), self.w).float()

@@ -159,11 +159,12 @@ def test_kernels_compute_the_product_of_the_stored_numbers(name, rows, isa):
 def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k, isa):
     """The q4/q5/q8 kernels take 16 blocks (512 weights; 8 blocks at the avx2 level) at a time and x
     rows 4 (avx2: 2) at a time: widths of 2, 18 and 50 blocks leave a partial last group (576 is
-    SmolLM2's width), 9 rows of x leave a partial tile, and 5, 7, 10 and 13 weight rows a partial
-    row group (4 weight rows per work item; 8 for q4/q5 at the avx2 level, so 13 and 10 are a
-    whole group and a partial one). Checked against the float64
-    product of the stored numbers, and each row of x against the same row multiplied alone
-    (bit-identical: the arithmetic of a row must not depend on the rows beside it)."""
+    SmolLM2's width), 19 rows of x leave a partial tile (and take the many-rows path of prompts,
+    from 16 rows at the AVX-512 level), and 5, 7, 10 and 13 weight rows a partial row group (4
+    weight rows per work item; 8 for q4/q5 at the avx2 level, so 13 and 10 are a whole group and a
+    partial one). Checked against the float64 product of the stored numbers, and each row of x
+    against the same row multiplied alone (bit-identical: the arithmetic of a row must not depend
+    on the rows beside it)."""
     g = torch.Generator().manual_seed(n * k)
     w = torch.randn(n, k, generator=g) * 0.05
     packed = quantize_int8(w) if layout == "q8" else quantize_int4(w)
@@ -173,10 +174,10 @@ def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k, is
         type_name = "Q5_1" if layout == "q5" else "Q5_0"
         raw = np.ascontiguousarray(random_blocks(type_name, n * k // 32, np.random.default_rng(n * k)))
         packed = pack_gguf(torch.from_numpy(raw.view(np.uint8).reshape(-1).copy()), type_name, (n, k))
-    x = torch.randn(9, k, generator=g)
+    x = torch.randn(19, k, generator=g)
     out = packed.matmul_each_row(x)
     assert_product_of_stored_numbers(packed, x, out)
-    for i in range(9):
+    for i in range(19):
         assert torch.equal(packed.matmul_each_row(x[i : i + 1])[0], out[i])
     assert torch.equal(packed.matmul_each_row(x[3:8]), out[3:8])
 

@@ -231,6 +231,27 @@ static inline __m512i group_dot(const __m512i w[GROUP_STEPS], const int8_t *xg) 
     return _mm512_add_epi32(a, b);
 }
 
+/* Group g of weight row `row` (its bytes at src): its eight steps w, and per lane the block's scale
+ * wd and the term for the weights' offset wm (q4: the minimum, or d * -8 / -16; q8: unused). */
+static inline __attribute__((always_inline)) void row_group(const QuantizedProduct *p, int q8, const uint8_t *src, int row,
+                                                            int g, int blocks, __m512i lane_blocks, __m512i w[GROUP_STEPS],
+                                                            __m512 *wd, __m512 *wm) {
+    size_t at = (size_t)row * p->nb;
+    if (q8)
+        q8_group_steps((const int8_t *)src, blocks, w);
+    else
+        q4_group_steps(src, blocks, w);
+    if (!q8 && p->qh) add_fifth_bits(p->qh + at, g, blocks, lane_blocks, w);
+    if (!q8 && p->sc) {
+        *wd = group_k_scales(p->sc + at, p->d + at / 8, g, blocks, lane_blocks);
+        *wm = group_k_scales(p->mn + at, p->m + at / 8, g, blocks, lane_blocks);
+    } else {
+        *wd = group_halves(p->d + at, g, blocks, lane_blocks);
+        *wm = q8 ? *wd : p->m ? group_halves(p->m + at, g, blocks, lane_blocks)
+                              : _mm512_mul_ps(*wd, _mm512_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
+    }
+}
+
 /* Weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out. R and XT are constants at each call
  * (always_inline), so the accumulators stay in registers. `ahead`: weight rows to prefetch, or NULL. */
 static inline __attribute__((always_inline)) void quantized_tile(const QuantizedProduct *p, int q8, int n, int R,
@@ -259,21 +280,8 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
                 if (p->qh) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
             }
             __m512i w[GROUP_STEPS];
-            if (q8)
-                q8_group_steps((const int8_t *)src, blocks, w);
-            else
-                q4_group_steps(src, blocks, w);
-            if (!q8 && p->qh) add_fifth_bits(p->qh + (size_t)(n + r) * nb, g, blocks, lane_blocks, w);
             __m512 wd, wm;
-            if (!q8 && p->sc) {
-                size_t row = (size_t)(n + r) * nb;
-                wd = group_k_scales(p->sc + row, p->d + row / 8, g, blocks, lane_blocks);
-                wm = group_k_scales(p->mn + row, p->m + row / 8, g, blocks, lane_blocks);
-            } else {
-                wd = group_halves(p->d + (size_t)(n + r) * nb, g, blocks, lane_blocks);
-                wm = q8 ? wd : p->m ? group_halves(p->m + (size_t)(n + r) * nb, g, blocks, lane_blocks)
-                                    : _mm512_mul_ps(wd, _mm512_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
-            }
+            row_group(p, q8, src, n + r, g, blocks, lane_blocks, w, &wd, &wm);
             for (int i = 0; i < XT; i++) {
                 size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
                 __m512i dot = group_dot(w, p->xa.xq + at * 32);
@@ -307,9 +315,101 @@ static TileFn *const TILES[2][W_ROWS][X_TILE] = {
     {TILE_ROW(1, 1), TILE_ROW(1, 2), TILE_ROW(1, 3), TILE_ROW(1, 4)},
 };
 
+/* ---- many rows of x: a prompt's products where there is no bfloat16 arithmetic ---------------- */
+
+/* quantized_tile arranges a weight row's group (the transposes, the scales) for every X_TILE rows of
+ * x: a quarter of the work per x row, and in registers that leave the sixteen accumulators no room
+ * (the compiler kept them in memory). With many rows of x, a work item's W_ROWS rows are arranged
+ * once into a per-thread buffer, and then a register tile of W_ROWS weight rows by X_TILE x rows
+ * walks the steps: per step W_ROWS + X_TILE loads feed W_ROWS * X_TILE vpdpbusd. Each (weight row,
+ * x row) pair still gets quantized_tile's arithmetic (exact integer sums per block, then the same
+ * float steps per group, in the same order), so the bits are the same: a prompt's row is the row a
+ * decode step gives. From MANY_ROWS rows of x on. */
+#define MANY_ROWS 16
+
+typedef struct {
+    __m512i w[GROUP_STEPS];
+    __m512 wd, wm;
+} ArrangedGroup;
+
+/* The calling thread's buffer of at least `count` groups, or NULL where it cannot be had (the caller
+ * then takes quantized_tile's path). Kept for the thread's next products. */
+static ArrangedGroup *arranged_buffer(size_t count) {
+    static _Thread_local ArrangedGroup *buffer;
+    static _Thread_local size_t capacity;
+    if (capacity < count) {
+        free(buffer);
+        buffer = aligned_alloc(64, count * sizeof(ArrangedGroup));
+        capacity = buffer ? count : 0;
+    }
+    return buffer;
+}
+
+/* Weight rows n .. n + W_ROWS - 1, arranged: rows[r * groups + g] */
+static void arrange_rows(const QuantizedProduct *p, int q8, int n, ArrangedGroup *rows) {
+    size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2, group_bytes = q8 ? 512 : 256;
+    const __m512i lane_blocks = _mm512_loadu_si512(q8 ? Q8_LANES : Q4_LANES);
+    for (int r = 0; r < W_ROWS; r++)
+        for (int g = 0; g < p->groups; g++) {
+            int blocks = p->nb - g * GROUP_BLOCKS < GROUP_BLOCKS ? p->nb - g * GROUP_BLOCKS : GROUP_BLOCKS;
+            const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + g * group_bytes;
+            ArrangedGroup *a = rows + (size_t)r * p->groups + g;
+            row_group(p, q8, src, n + r, g, blocks, lane_blocks, a->w, &a->wd, &a->wm);
+        }
+}
+
+/* Arranged weight rows n .. n + W_ROWS - 1 times x rows i0 .. i0 + X_TILE - 1 -> out */
+static inline __attribute__((always_inline)) void arranged_tile(const QuantizedProduct *p, int q8, const ArrangedGroup *rows,
+                                                                int n, int i0) {
+    int groups = p->groups;
+    __m512 acc[W_ROWS][X_TILE];
+    for (int r = 0; r < W_ROWS; r++)
+        for (int i = 0; i < X_TILE; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        const int8_t *xg[X_TILE];
+        for (int i = 0; i < X_TILE; i++) xg[i] = p->xa.xq + ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS * 32;
+        __m512i dot[W_ROWS][X_TILE];
+#pragma GCC unroll 8
+        for (int s = 0; s < GROUP_STEPS; s++) {
+            __m512i w[W_ROWS], x[X_TILE];
+            for (int r = 0; r < W_ROWS; r++) w[r] = _mm512_load_si512(&rows[(size_t)r * groups + g].w[s]);
+            for (int i = 0; i < X_TILE; i++) x[i] = _mm512_load_si512(xg[i] + 64 * s);
+            for (int r = 0; r < W_ROWS; r++)
+                for (int i = 0; i < X_TILE; i++)
+                    dot[r][i] = _mm512_dpbusd_epi32(s ? dot[r][i] : _mm512_setzero_si512(), w[r], x[i]);
+        }
+        for (int r = 0; r < W_ROWS; r++) {
+            const ArrangedGroup *a = &rows[(size_t)r * groups + g];
+            for (int i = 0; i < X_TILE; i++) { /* quantized_tile's float steps */
+                size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
+                __m512 dx = _mm512_load_ps(p->xa.dx + at);
+                if (q8) {
+                    __m512i d = _mm512_sub_epi32(dot[r][i], _mm512_load_si512(p->xa.sum128 + at));
+                    acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(a->wd, dx), acc[r][i]);
+                } else {
+                    acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][i]), _mm512_mul_ps(a->wd, dx), acc[r][i]);
+                    acc[r][i] = _mm512_fmadd_ps(a->wm, _mm512_load_ps(p->xa.sx + at), acc[r][i]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < X_TILE; i++)
+        for (int r = 0; r < W_ROWS; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+static void arranged_tile_q4(const QuantizedProduct *p, const ArrangedGroup *rows, int n, int i0) { arranged_tile(p, 0, rows, n, i0); }
+static void arranged_tile_q8(const QuantizedProduct *p, const ArrangedGroup *rows, int n, int i0) { arranged_tile(p, 1, rows, n, i0); }
+
 /* Weight rows gi * W_ROWS ... times every row of x, X_TILE rows of x at a time. */
 static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
     int n = gi * W_ROWS, R = p->N - n < W_ROWS ? p->N - n : W_ROWS;
+    ArrangedGroup *rows;
+    if (p->M >= MANY_ROWS && R == W_ROWS && (rows = arranged_buffer((size_t)W_ROWS * p->groups))) {
+        arrange_rows(p, q8, n, rows);
+        int i0 = 0;
+        for (; i0 + X_TILE <= p->M; i0 += X_TILE) (q8 ? arranged_tile_q8 : arranged_tile_q4)(p, rows, n, i0);
+        if (i0 < p->M) TILES[q8][R - 1][p->M - i0 - 1](p, n, i0, NULL);
+        return;
+    }
     size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2;
     const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
         n + (PREFETCH_ITEMS + 1) * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * W_ROWS) * row_bytes : NULL;

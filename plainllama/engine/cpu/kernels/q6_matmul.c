@@ -221,9 +221,87 @@ typedef void Q6TileFn(const Q6Product *p, int n, int i0, const uint8_t *ahead);
 Q6_TILES_FOR(1) Q6_TILES_FOR(2) Q6_TILES_FOR(3) Q6_TILES_FOR(4)
 static Q6TileFn *const Q6_TILES[Q6_ROWS][Q6_X_TILE] = {Q6_TILE_ROW(1), Q6_TILE_ROW(2), Q6_TILE_ROW(3), Q6_TILE_ROW(4)};
 
+#if KERNELS_AVX512
+/* Many rows of x (a prompt's products where there is no bfloat16 arithmetic), as cpu_matmul.c's
+ * arranged_tile: a work item's Q6_ROWS weight rows are unpacked once into a per-thread buffer (their
+ * steps and d * sc per super-block), then a register tile of Q6_ROWS weight rows by Q6_X_TILE x rows
+ * walks the steps. Each pair's arithmetic is q6_tile's (exact integer sums per sub-block, then the
+ * same float steps in the same order), so the bits are the same. From Q6_MANY_ROWS rows of x on. */
+#define Q6_MANY_ROWS 16
+
+typedef struct {
+    __m512i w[4];
+    __m512 scales;
+} UnpackedSuper;
+
+/* The calling thread's buffer of at least `count` super-blocks, or NULL (then q6_tile's path) */
+static UnpackedSuper *unpacked_buffer(size_t count) {
+    static _Thread_local UnpackedSuper *buffer;
+    static _Thread_local size_t capacity;
+    if (capacity < count) {
+        free(buffer);
+        buffer = aligned_alloc(64, count * sizeof(UnpackedSuper));
+        capacity = buffer ? count : 0;
+    }
+    return buffer;
+}
+
+static void q6_unpack_rows(const Q6Product *p, int n, UnpackedSuper *rows) {
+    int S = p->supers;
+    for (int r = 0; r < Q6_ROWS; r++)
+        for (int sb = 0; sb < S; sb++) {
+            UnpackedSuper *u = rows + (size_t)r * S + sb;
+            q6_steps(p->qs + ((size_t)(n + r) * S + sb) * SUPER_BYTES, u->w);
+            u->scales = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + ((size_t)(n + r) * S + sb) * SUBS)))),
+                _mm512_set1_ps(_cvtsh_ss(p->d[(size_t)(n + r) * S + sb]))); /* as q6_tile computes it */
+        }
+}
+
+static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int n, int i0) {
+    int S = p->supers;
+    __m512 acc[Q6_ROWS][Q6_X_TILE];
+    for (int r = 0; r < Q6_ROWS; r++)
+        for (int i = 0; i < Q6_X_TILE; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int sb = 0; sb < S; sb++) {
+        const __m512i *xg[Q6_X_TILE];
+        for (int i = 0; i < Q6_X_TILE; i++) xg[i] = (const __m512i *)(p->xa.xq + ((size_t)(i0 + i) * S + sb) * SUPER);
+        __m512i dot[Q6_ROWS][Q6_X_TILE];
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            __m512i w[Q6_ROWS], x[Q6_X_TILE];
+            for (int r = 0; r < Q6_ROWS; r++) w[r] = _mm512_load_si512(&rows[(size_t)r * S + sb].w[s]);
+            for (int i = 0; i < Q6_X_TILE; i++) x[i] = _mm512_load_si512(xg[i] + s);
+            for (int r = 0; r < Q6_ROWS; r++)
+                for (int i = 0; i < Q6_X_TILE; i++)
+                    dot[r][i] = _mm512_dpbusd_epi32(s ? dot[r][i] : _mm512_setzero_si512(), w[r], x[i]);
+        }
+        for (int r = 0; r < Q6_ROWS; r++)
+            for (int i = 0; i < Q6_X_TILE; i++) { /* q6_tile's float steps */
+                size_t at = (size_t)(i0 + i) * S + sb;
+                __m512i d = _mm512_sub_epi32(dot[r][i], _mm512_load_si512(p->xa.sum32 + at * SUBS));
+                __m512 scale = _mm512_mul_ps(rows[(size_t)r * S + sb].scales, _mm512_load_ps(p->xa.dx + at * SUBS));
+                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r][i]);
+            }
+    }
+    for (int i = 0; i < Q6_X_TILE; i++)
+        for (int r = 0; r < Q6_ROWS; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+#endif
+
 static void q6_group(const void *product, int gi) {
     const Q6Product *p = product;
     int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
+#if KERNELS_AVX512
+    UnpackedSuper *rows;
+    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = unpacked_buffer((size_t)Q6_ROWS * p->supers))) {
+        q6_unpack_rows(p, n, rows);
+        int i0 = 0;
+        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q6_unpacked_tile(p, rows, n, i0);
+        if (i0 < p->M) Q6_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
+        return;
+    }
+#endif
     size_t row_bytes = (size_t)p->supers * SUPER_BYTES;
     const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
         n + (PREFETCH_ITEMS + 1) * Q6_ROWS <= p->N ? p->qs + (size_t)(n + PREFETCH_ITEMS * Q6_ROWS) * row_bytes : NULL;

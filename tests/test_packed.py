@@ -191,9 +191,10 @@ def test_k_quant_kernels_at_every_shape(type_name, n, k, isa):
     which 1, 3, 7 and 32 super-blocks a row leave whole or half full (the last group's second
     super-block scale must not be read). 4 weight rows per work item (avx2 q4/q5: 8) and 4 (avx2: 2)
     rows of x per tile: 5, 7, 10 and 13 rows leave a partial row group, 19 rows of x a partial tile
-    (and take the many-rows path of prompts, from 16 rows at the AVX-512 level). Checked as test_quantized_kernels_at_widths_that_leave_a_partial_group: against the float64
-    product of the numbers `gguf` dequantizes, and each row of x alone; and the rows unpacked to
-    bfloat16 for prompts, against the same numbers."""
+    (and take the many-rows path of prompts, from 16 rows at the AVX-512 level). Checked as
+    test_quantized_kernels_at_widths_that_leave_a_partial_group: against the float64 product of the
+    numbers `gguf` dequantizes, and each row of x alone; and the rows unpacked to bfloat16 for
+    prompts, against the same numbers."""
     rng = np.random.default_rng(n * k)
     raw = np.ascontiguousarray(random_blocks(type_name, n * k // 256, rng)).view(np.uint8).reshape(-1)
     packed = pack_gguf(torch.from_numpy(raw.copy()), type_name, (n, k))

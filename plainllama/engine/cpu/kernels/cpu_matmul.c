@@ -97,6 +97,8 @@ static int arrange_activations(const float *x, int M, int K, const int *lanes, A
     a->sx = aligned_alloc(64, lanes_total * sizeof(float));
     a->sum128 = aligned_alloc(64, lanes_total * sizeof(int32_t));
     if (!a->xq || !a->dx || !a->sx || !a->sum128) return STATUS_OUT_OF_MEMORY;
+    /* a prompt's rows on every thread (64 rows of 8192: 0.22 ms on one, 8% of the product) */
+#pragma omp parallel for schedule(static) if (M >= 16)
     for (int r = 0; r < M; r++)
         for (int g = 0; g < groups; g++)
             for (int lane = 0; lane < GROUP_BLOCKS; lane++) {

@@ -72,6 +72,7 @@ static int quantize_activations(const float *x, int M, int K, QuantizedActivatio
     if (!a->xq || !a->dx || !a->sx || !a->sum8) return STATUS_OUT_OF_MEMORY;
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+#pragma omp parallel for schedule(static) if (M >= 16) /* a prompt's rows on every thread */
     for (size_t blk = 0; blk < blocks; blk++) {
         const float *xb = x + 32 * blk; /* rows are whole blocks: block blk of the [M, K] matrix */
         __m256 v[4], amax = _mm256_setzero_ps();

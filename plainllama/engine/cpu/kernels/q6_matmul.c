@@ -65,6 +65,7 @@ static int arrange_q6_activations(const float *x, int M, int K, Q6Activations *a
     a->dx = aligned_alloc(64, supers * SUBS * sizeof(float));
     a->sum32 = aligned_alloc(64, supers * SUBS * sizeof(int32_t));
     if (!a->xq || !a->dx || !a->sum32) return STATUS_OUT_OF_MEMORY;
+#pragma omp parallel for schedule(static) if (M >= 16) /* a prompt's rows on every thread */
     for (size_t sb = 0; sb < supers; sb++) {
         const float *xs = x + sb * SUPER; /* rows are whole super-blocks */
         int8_t *dst = a->xq + sb * SUPER;

@@ -64,7 +64,7 @@ def prompt_products(rows: int) -> None:
     chosen = packed._bf16_products_fast, packed._int8_prompts, kernels.amx
     kernels.amx = lambda: False  # type: ignore[assignment]
     try:
-        for type_name in ("Q4_0", "Q8_0", "Q4_K", "Q6_K"):
+        for type_name in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"):
             weights = [gguf_weight(type_name, n, k) for n, k in SHAPES]
             xs = [torch.randn(rows, k) for _, k in SHAPES]
             best = dict.fromkeys(paths, float("inf"))

@@ -232,7 +232,7 @@ static Q6TileFn *const Q6_TILES[Q6_ROWS][Q6_X_TILE] = {Q6_TILE_ROW(1), Q6_TILE_R
 
 typedef struct {
     __m512i w[4];
-    __m512 scales;
+    __m512 scales, mins; /* mins: q2 only */
 } UnpackedSuper;
 
 /* The calling thread's buffer of at least `count` super-blocks, or NULL (then q6_tile's path) */
@@ -259,7 +259,9 @@ static void q6_unpack_rows(const Q6Product *p, int n, UnpackedSuper *rows) {
         }
 }
 
-static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int n, int i0) {
+/* shift: the weights' offset is sum32 >> shift (q6: q - 32, shift 0; q3: q - 4, shift 3) */
+static inline __attribute__((always_inline)) void unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int n, int i0,
+                                                                int shift) {
     int S = p->supers;
     __m512 acc[Q6_ROWS][Q6_X_TILE];
     for (int r = 0; r < Q6_ROWS; r++)
@@ -280,7 +282,7 @@ static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int 
         for (int r = 0; r < Q6_ROWS; r++)
             for (int i = 0; i < Q6_X_TILE; i++) { /* q6_tile's float steps */
                 size_t at = (size_t)(i0 + i) * S + sb;
-                __m512i d = _mm512_sub_epi32(dot[r][i], _mm512_load_si512(p->xa.sum32 + at * SUBS));
+                __m512i d = _mm512_sub_epi32(dot[r][i], _mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), shift));
                 __m512 scale = _mm512_mul_ps(rows[(size_t)r * S + sb].scales, _mm512_load_ps(p->xa.dx + at * SUBS));
                 acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r][i]);
             }
@@ -288,6 +290,7 @@ static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int 
     for (int i = 0; i < Q6_X_TILE; i++)
         for (int r = 0; r < Q6_ROWS; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
+static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int n, int i0) { unpacked_tile(p, rows, n, i0, 0); }
 #endif
 
 static void q6_group(const void *product, int gi) {
@@ -468,6 +471,51 @@ static inline __attribute__((always_inline)) void q2_tile(const Q2Product *p, in
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
+/* Many rows of x: q6's path with q2's steps, scales and minimums (q2_tile's float steps) */
+static void q2_unpack_rows(const Q2Product *p, int n, UnpackedSuper *rows) {
+    int S = p->supers;
+    for (int r = 0; r < Q6_ROWS; r++)
+        for (int sb = 0; sb < S; sb++) {
+            size_t at_w = (size_t)(n + r) * S + sb;
+            UnpackedSuper *u = rows + (size_t)r * S + sb;
+            q2_steps(p->qs + at_w * Q2_BYTES, u->w);
+            __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + at_w * SUBS)));
+            u->scales = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(p->d[at_w])), _mm512_cvtepi32_ps(_mm512_and_si512(sc, _mm512_set1_epi32(15))));
+            u->mins = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(p->m[at_w])), _mm512_cvtepi32_ps(_mm512_srli_epi32(sc, 4)));
+        }
+}
+
+static void q2_unpacked_tile(const Q2Product *p, const UnpackedSuper *rows, int n, int i0) {
+    int S = p->supers;
+    __m512 acc[Q6_ROWS][Q6_X_TILE];
+    for (int r = 0; r < Q6_ROWS; r++)
+        for (int i = 0; i < Q6_X_TILE; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int sb = 0; sb < S; sb++) {
+        const __m512i *xg[Q6_X_TILE];
+        for (int i = 0; i < Q6_X_TILE; i++) xg[i] = (const __m512i *)(p->xa.xq + ((size_t)(i0 + i) * S + sb) * SUPER);
+        __m512i dot[Q6_ROWS][Q6_X_TILE];
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            __m512i w[Q6_ROWS], x[Q6_X_TILE];
+            for (int r = 0; r < Q6_ROWS; r++) w[r] = _mm512_load_si512(&rows[(size_t)r * S + sb].w[s]);
+            for (int i = 0; i < Q6_X_TILE; i++) x[i] = _mm512_load_si512(xg[i] + s);
+            for (int r = 0; r < Q6_ROWS; r++)
+                for (int i = 0; i < Q6_X_TILE; i++)
+                    dot[r][i] = _mm512_dpbusd_epi32(s ? dot[r][i] : _mm512_setzero_si512(), w[r], x[i]);
+        }
+        for (int r = 0; r < Q6_ROWS; r++)
+            for (int i = 0; i < Q6_X_TILE; i++) { /* q2_tile's float steps */
+                const UnpackedSuper *u = &rows[(size_t)r * S + sb];
+                size_t at = (size_t)(i0 + i) * S + sb;
+                __m512 sums = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), 5));
+                __m512 t = _mm512_fmsub_ps(u->scales, _mm512_cvtepi32_ps(dot[r][i]), _mm512_mul_ps(u->mins, sums));
+                acc[r][i] = _mm512_fmadd_ps(t, _mm512_load_ps(p->xa.dx + at * SUBS), acc[r][i]);
+            }
+    }
+    for (int i = 0; i < Q6_X_TILE; i++)
+        for (int r = 0; r < Q6_ROWS; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
 #else /* AVX2 */
 
 static inline __attribute__((always_inline)) void q2_tile(const Q2Product *p, int n, int R, int i0, int XT,
@@ -532,6 +580,16 @@ static Q2TileFn *const Q2_TILES[Q6_ROWS][Q6_X_TILE] = {Q2_TILE_ROW(1), Q2_TILE_R
 static void q2_group(const void *product, int gi) {
     const Q2Product *p = product;
     int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
+#if KERNELS_AVX512
+    UnpackedSuper *rows;
+    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = unpacked_buffer((size_t)Q6_ROWS * p->supers))) {
+        q2_unpack_rows(p, n, rows);
+        int i0 = 0;
+        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q2_unpacked_tile(p, rows, n, i0);
+        if (i0 < p->M) Q2_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
+        return;
+    }
+#endif
     size_t row_bytes = (size_t)p->supers * Q2_BYTES;
     const uint8_t *ahead =
         n + (PREFETCH_ITEMS + 1) * Q6_ROWS <= p->N ? p->qs + (size_t)(n + PREFETCH_ITEMS * Q6_ROWS) * row_bytes : NULL;
@@ -692,6 +750,20 @@ static inline __attribute__((always_inline)) void q3_tile(const Q3Product *p, in
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
+/* Many rows of x: q6's path (unpacked_tile) with q3's steps and offset */
+static void q3_unpack_rows(const Q3Product *p, int n, UnpackedSuper *rows) {
+    int S = p->supers;
+    for (int r = 0; r < Q6_ROWS; r++)
+        for (int sb = 0; sb < S; sb++) {
+            size_t at_w = (size_t)(n + r) * S + sb;
+            UnpackedSuper *u = rows + (size_t)r * S + sb;
+            q3_steps(p->qs + at_w * Q3_BYTES, u->w);
+            u->scales = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + at_w * SUBS)))),
+                                      _mm512_set1_ps(_cvtsh_ss(p->d[at_w]))); /* as q3_tile computes it */
+        }
+}
+static void q3_unpacked_tile(const Q3Product *p, const UnpackedSuper *rows, int n, int i0) { unpacked_tile(p, rows, n, i0, 3); }
+
 #else /* AVX2 */
 
 /* 32 bits -> 32 bytes, 4 where the bit is set: each byte picks its bit's byte of the word, then tests its bit */
@@ -772,6 +844,16 @@ static Q3TileFn *const Q3_TILES[Q6_ROWS][Q6_X_TILE] = {Q3_TILE_ROW(1), Q3_TILE_R
 static void q3_group(const void *product, int gi) {
     const Q3Product *p = product;
     int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
+#if KERNELS_AVX512
+    UnpackedSuper *rows;
+    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = unpacked_buffer((size_t)Q6_ROWS * p->supers))) {
+        q3_unpack_rows(p, n, rows);
+        int i0 = 0;
+        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q3_unpacked_tile(p, rows, n, i0);
+        if (i0 < p->M) Q3_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
+        return;
+    }
+#endif
     size_t row_bytes = (size_t)p->supers * Q3_BYTES;
     const uint8_t *ahead =
         n + (PREFETCH_ITEMS + 1) * Q6_ROWS <= p->N ? p->qs + (size_t)(n + PREFETCH_ITEMS * Q6_ROWS) * row_bytes : NULL;

@@ -380,17 +380,19 @@ static inline __attribute__((always_inline)) void arranged_tile(const QuantizedP
                 for (int i = 0; i < X_TILE; i++)
                     dot[r][i] = _mm512_dpbusd_epi32(s ? dot[r][i] : _mm512_setzero_si512(), w[r], x[i]);
         }
-        for (int r = 0; r < W_ROWS; r++) {
-            const ArrangedGroup *a = &rows[(size_t)r * groups + g];
-            for (int i = 0; i < X_TILE; i++) { /* quantized_tile's float steps */
-                size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
-                __m512 dx = _mm512_load_ps(p->xa.dx + at);
+        for (int i = 0; i < X_TILE; i++) { /* quantized_tile's float steps; x's numbers loaded once per row */
+            size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
+            __m512 dx = _mm512_load_ps(p->xa.dx + at);
+            __m512i sum128 = q8 ? _mm512_load_si512(p->xa.sum128 + at) : _mm512_setzero_si512();
+            __m512 sx = q8 ? _mm512_setzero_ps() : _mm512_load_ps(p->xa.sx + at);
+            for (int r = 0; r < W_ROWS; r++) {
+                const ArrangedGroup *a = &rows[(size_t)r * groups + g];
                 if (q8) {
-                    __m512i d = _mm512_sub_epi32(dot[r][i], _mm512_load_si512(p->xa.sum128 + at));
+                    __m512i d = _mm512_sub_epi32(dot[r][i], sum128);
                     acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(a->wd, dx), acc[r][i]);
                 } else {
                     acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][i]), _mm512_mul_ps(a->wd, dx), acc[r][i]);
-                    acc[r][i] = _mm512_fmadd_ps(a->wm, _mm512_load_ps(p->xa.sx + at), acc[r][i]);
+                    acc[r][i] = _mm512_fmadd_ps(a->wm, sx, acc[r][i]);
                 }
             }
         }

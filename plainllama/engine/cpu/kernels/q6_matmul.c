@@ -279,13 +279,15 @@ static inline __attribute__((always_inline)) void unpacked_tile(const Q6Product 
                 for (int i = 0; i < Q6_X_TILE; i++)
                     dot[r][i] = _mm512_dpbusd_epi32(s ? dot[r][i] : _mm512_setzero_si512(), w[r], x[i]);
         }
-        for (int r = 0; r < Q6_ROWS; r++)
-            for (int i = 0; i < Q6_X_TILE; i++) { /* q6_tile's float steps */
-                size_t at = (size_t)(i0 + i) * S + sb;
-                __m512i d = _mm512_sub_epi32(dot[r][i], _mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), shift));
-                __m512 scale = _mm512_mul_ps(rows[(size_t)r * S + sb].scales, _mm512_load_ps(p->xa.dx + at * SUBS));
-                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r][i]);
+        for (int i = 0; i < Q6_X_TILE; i++) { /* q6_tile's float steps; x's numbers loaded once per row */
+            size_t at = (size_t)(i0 + i) * S + sb;
+            __m512i offset = _mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), shift);
+            __m512 dx = _mm512_load_ps(p->xa.dx + at * SUBS);
+            for (int r = 0; r < Q6_ROWS; r++) {
+                __m512 scale = _mm512_mul_ps(rows[(size_t)r * S + sb].scales, dx);
+                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r][i], offset)), scale, acc[r][i]);
             }
+        }
     }
     for (int i = 0; i < Q6_X_TILE; i++)
         for (int r = 0; r < Q6_ROWS; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);

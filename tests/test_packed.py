@@ -25,6 +25,7 @@ from plainllama.engine.cpu.packed import (
     PackedLinear,
     PackedWeight,
     pack_gguf,
+    prompt_products,
     quantize_int4,
     quantize_int8,
 )
@@ -407,19 +408,37 @@ def logits_tv(a, b):
 
 
 @needs_kernels
-def test_default_model_packed_agrees_with_float_weights_and_llama_cpp(llm, model_path):
+@pytest.mark.parametrize("prompt_path", ["chosen here", "int8"])
+def test_default_model_packed_agrees_with_float_weights_and_llama_cpp(llm, model_path, prompt_path, monkeypatch):
     """The default model as it runs by default (Q4_1 and Q8_0 blocks kept, int8 activations)
-    against the same file dequantized to float32 (the `llm` fixture) and against llama.cpp."""
+    against the same file dequantized to float32 (the `llm` fixture) and against llama.cpp. Its
+    prompt runs on the path this CPU takes, and on the int8 path of CPUs without bfloat16
+    arithmetic (forced here; llama.cpp multiplies prompts with int8 activations too)."""
+    if prompt_path == "int8":
+        if not kernels.available():
+            pytest.skip("the int8 path is the C kernels'")
+        from plainllama.engine.cpu import decode_block, packed as packed_module
+
+        monkeypatch.setattr(kernels, "amx", lambda: False)
+        monkeypatch.setattr(packed_module, "_bf16_products_fast", lambda: False)
+        monkeypatch.setattr(decode_block, "_bf16_products_fast", lambda: False)
+        monkeypatch.setattr(packed_module, "_int8_prompts", lambda: True)
     packed = plainllama.load(device="cpu")
     assert type(packed.model.layers[0].attention.wqkv) is PackedLinear
     text = "Llamas are members of the camelid family. They are social animals that live in herds, and"
     ids = llm.tokenizer.encode(text)
     ours, float_logits = packed.logits(ids), llm.logits(ids)
-    assert logits_tv(ours, float_logits) < 0.08  # measured 0.03 on this text
-    agree = (ours.argmax(-1) == float_logits.argmax(-1)).float().mean().item()
-    assert agree >= 0.85
     theirs = llama_cpp_logits(model_path, ids)
-    assert logits_tv(ours, theirs) < 0.08
+    assert logits_tv(ours, theirs) < 0.08  # measured 0.07 on either path
+    agree = (ours.argmax(-1) == float_logits.argmax(-1)).float().mean().item()
+    assert agree >= 0.85  # measured 1.0 (bfloat16 prompts), 0.95 (int8)
+    if prompt_products().startswith("int8"):
+        # int8 activations per block of 32 cost this small model more than bfloat16 inputs do:
+        # llama.cpp's own int8 scheme is 0.068 from the float logits on this text, ours 0.089 (the
+        # same scheme, other float order). Allowed: 1.75x the reference's own distance.
+        assert logits_tv(ours, float_logits) < 1.75 * logits_tv(theirs, float_logits)
+    else:
+        assert logits_tv(ours, float_logits) < 0.08  # measured 0.02-0.03 on this text
 
 
 @needs_kernels

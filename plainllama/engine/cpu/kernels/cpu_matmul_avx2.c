@@ -205,11 +205,20 @@ static inline void transpose8(const __m256 in[8], __m256 out[8]) {
     }
 }
 
+/* A block of eight q4/q5 weight rows as q4_tile multiplies it, with its scales (lanes: rows) */
+typedef struct {
+    __m256i lo[4], hi[4]; /* rows j (low half) and j + 4 (high half): weights 0..15 / 16..31 */
+    __m256 d, m;
+} UnpackedBlock;
+
 /* q4/q5 weight rows n .. n+R-1 (R <= 8) times x rows i0 .. i0+XT-1 -> out. Rows past R multiply
  * zeros. Per (weight row, x row) the float steps are the same whatever M and the tile (batch
- * invariance): per block, one multiply-add of the integer sum by d dx and one of m by dx sum(x). */
+ * invariance): per block, one multiply-add of the integer sum by d dx and one of m by dx sum(x).
+ * `unpacked`: the eight rows' blocks already unpacked (q4_many_rows), or NULL to unpack them here;
+ * `store`: where to keep what is unpacked (q4_many_rows's first pass), or NULL. */
 static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct *p, int n, int R, int i0, int XT,
-                                                          const uint8_t *ahead, int has_m, int has_qh) {
+                                                          const uint8_t *ahead, int has_m, int has_qh,
+                                                          const UnpackedBlock *unpacked, UnpackedBlock *store) {
     int nb = p->nb;
     size_t row_bytes = (size_t)p->K / 2;
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -217,6 +226,8 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
     for (int i = 0; i < XT; i++) acc[i] = acc_m[i] = _mm256_setzero_ps();
     for (int g = 0; g < nb; g += GROUP_BLOCKS) {
         int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
+        __m256 rows_d[GROUP_BLOCKS], rows_m[GROUP_BLOCKS]; /* [block], lanes: rows */
+        if (unpacked) goto multiply;
         __m256 wd[Q4_ROWS], wm[Q4_ROWS]; /* lanes: blocks */
         for (int r = 0; r < Q4_ROWS; r++) {
             if (r >= R) {
@@ -253,12 +264,17 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
                 if (has_m) wm[r] = load_halves(p->m + at, blocks);
             }
         }
-        __m256 rows_d[GROUP_BLOCKS], rows_m[GROUP_BLOCKS]; /* [block], lanes: rows */
         transpose8(wd, rows_d);
         if (has_m) transpose8(wm, rows_m);
+    multiply:
         for (int b = 0; b < blocks; b++) {
             __m256i lo[4], hi[4]; /* rows j (low half) and j + 4 (high half): weights 0..15 / 16..31 */
-            for (int j = 0; j < 4; j++) {
+            if (unpacked) {
+                const UnpackedBlock *u = unpacked + g + b;
+                for (int j = 0; j < 4; j++) lo[j] = u->lo[j], hi[j] = u->hi[j];
+                rows_d[b] = u->d;
+                if (has_m) rows_m[b] = u->m;
+            } else for (int j = 0; j < 4; j++) {
                 const uint8_t *first = (const uint8_t *)p->qs + (size_t)(n + j) * row_bytes + (size_t)(g + b) * 16;
                 __m128i a = j < R ? _mm_loadu_si128((const __m128i *)first) : _mm_setzero_si128();
                 __m128i c = j + 4 < R ? _mm_loadu_si128((const __m128i *)(first + 4 * row_bytes)) : _mm_setzero_si128();
@@ -271,6 +287,12 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
                     lo[j] = _mm256_or_si256(lo[j], fifth_bits_pair(wa, wc, 0));
                     hi[j] = _mm256_or_si256(hi[j], fifth_bits_pair(wa, wc, 1));
                 }
+            }
+            if (store) {
+                UnpackedBlock *u = store + g + b;
+                for (int j = 0; j < 4; j++) u->lo[j] = lo[j], u->hi[j] = hi[j];
+                u->d = rows_d[b];
+                u->m = has_m ? rows_m[b] : _mm256_setzero_ps();
             }
             for (int i = 0; i < XT; i++) {
                 size_t at = (size_t)(i0 + i) * nb + g + b;
@@ -369,19 +391,54 @@ static void q8_group(const void *product, int gi) {
  * is not a multiple of 8 */
 #define Q4_TILE(XT, M, QH)                                                                            \
     static void q4_tile_##XT##_##M##QH(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
-        q4_tile(p, n, Q4_ROWS, i0, XT, ahead, M, QH);                                                 \
+        q4_tile(p, n, Q4_ROWS, i0, XT, ahead, M, QH, NULL, NULL);                                     \
     }
 #define Q4_TILES_FOR(M, QH) Q4_TILE(1, M, QH) Q4_TILE(2, M, QH)
 Q4_TILES_FOR(0, 0) Q4_TILES_FOR(0, 1) Q4_TILES_FOR(1, 0) Q4_TILES_FOR(1, 1)
 #define Q4_TILE_KINDS(XT) {{q4_tile_##XT##_00, q4_tile_##XT##_01}, {q4_tile_##XT##_10, q4_tile_##XT##_11}}
 static TileFn *const Q4_TILES[X_TILE][2][2] = {Q4_TILE_KINDS(1), Q4_TILE_KINDS(2)}; /* [XT - 1][m][qh] */
 static void q4_tile_rest(const QuantizedProduct *p, int n, int R, int i0, int XT) {
-    q4_tile(p, n, R, i0, XT, NULL, p->m != NULL, p->qh != NULL);
+    q4_tile(p, n, R, i0, XT, NULL, p->m != NULL, p->qh != NULL, NULL, NULL);
+}
+
+/* Many rows of x (a prompt's products where there is no bfloat16 arithmetic): a work item's eight
+ * rows are unpacked once, by the first tile of x rows, into a per-thread buffer, and every later tile
+ * reads them from there instead of unpacking them again (2 tiles of x rows per unpacking before).
+ * The arithmetic per (weight row, x row) pair is q4_tile's either way: the same bits. */
+#define MANY_ROWS 16
+typedef void ManyFn(const QuantizedProduct *p, int n, int i0, const UnpackedBlock *unpacked, UnpackedBlock *store);
+#define Q4_MANY(M, QH)                                                                                \
+    static void q4_many_##M##QH(const QuantizedProduct *p, int n, int i0, const UnpackedBlock *unpacked, \
+                                UnpackedBlock *store) {                                               \
+        q4_tile(p, n, Q4_ROWS, i0, X_TILE, NULL, M, QH, unpacked, store);                             \
+    }
+Q4_MANY(0, 0) Q4_MANY(0, 1) Q4_MANY(1, 0) Q4_MANY(1, 1)
+static ManyFn *const Q4_MANY[2][2] = {{q4_many_00, q4_many_01}, {q4_many_10, q4_many_11}}; /* [m][qh] */
+
+/* The calling thread's buffer of at least `count` blocks, or NULL (then q4_tile unpacks as usual) */
+static UnpackedBlock *unpacked_buffer(size_t count) {
+    static _Thread_local UnpackedBlock *buffer;
+    static _Thread_local size_t capacity;
+    if (capacity < count) {
+        free(buffer);
+        buffer = aligned_alloc(32, count * sizeof(UnpackedBlock));
+        capacity = buffer ? count : 0;
+    }
+    return buffer;
 }
 
 static void q4_group(const void *product, int gi) {
     const QuantizedProduct *p = product;
     int n = gi * Q4_ROWS, R = p->N - n < Q4_ROWS ? p->N - n : Q4_ROWS;
+    UnpackedBlock *unpacked;
+    if (p->M >= MANY_ROWS && R == Q4_ROWS && (unpacked = unpacked_buffer((size_t)p->nb))) {
+        ManyFn *many = Q4_MANY[p->m != NULL][p->qh != NULL];
+        many(p, n, 0, NULL, unpacked); /* the first X_TILE rows unpack and keep the blocks */
+        int i0 = X_TILE;
+        for (; i0 + X_TILE <= p->M; i0 += X_TILE) many(p, n, i0, unpacked, NULL);
+        if (i0 < p->M) Q4_TILES[p->M - i0 - 1][p->m != NULL][p->qh != NULL](p, n, i0, NULL);
+        return;
+    }
     const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
         n + (PREFETCH_ITEMS + 1) * Q4_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * Q4_ROWS) * (p->K / 2) : NULL;
     for (int i0 = 0; i0 < p->M; i0 += X_TILE) {

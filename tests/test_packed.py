@@ -296,28 +296,17 @@ def test_unpacking_kernel_equals_dequantizing(name, isa):
     assert torch.equal(packed.unpack_rows(5, 12, part), packed.dequantized()[5:12])
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's flags as the operating system's kernel lists them in /proc/cpuinfo."""
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return flags
-
-
-needs_cpuinfo = pytest.mark.skipif(
-    not Path("/proc/cpuinfo").exists() or sys.platform != "linux", reason="reads /proc/cpuinfo"
-)
-
-
-@needs_cpuinfo
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or sys.platform != "linux", reason="reads /proc/cpuinfo")
 def test_prompts_multiply_in_bfloat16_only_where_the_cpu_has_bfloat16_instructions():
     """The many-rows path multiplies in bfloat16 only where the CPU has bfloat16 arithmetic, as the
     kernel's own flags in /proc/cpuinfo say (oneDNN accepts bfloat16 on any AVX-512 CPU and widens it
     to float32 itself where there is none: 3.2x slower than float32 products on an Ice Lake Xeon)."""
     from plainllama.engine.cpu import packed as packed_module
 
-    flags = cpu_flags()
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
     if torch.cpu.get_capabilities().get("architecture") != "x86_64":
         pytest.skip("the x86 flags decide on x86 only")
     native = bool(flags & {"avx512_bf16", "amx_bf16"}) and packed_module._bf16_products_possible()
@@ -366,20 +355,22 @@ def test_int8_prompt_rows_are_the_rows_a_decode_step_gives(name, isa, monkeypatc
     assert_product_of_stored_numbers(packed, x, out)
 
 
-@needs_kernels
-@needs_cpuinfo
-def test_int8_prompts_only_where_bfloat16_is_not_native_and_int8_is_one_instruction(isa, monkeypatch):
-    """The int8 path is chosen by what the CPU has: not where bfloat16 products are native, and only
-    with VNNI's one-instruction dot product, which the library reports as its build has it: always
-    at the AVX-512 level (that build needs AVX-512 VNNI), at the AVX2 level where the CPU lists
-    AVX-VNNI."""
+def test_prompts_take_int8_exactly_where_the_kernels_run_without_bfloat16_arithmetic(monkeypatch):
+    """Which path a prompt's products take, and the name `plainllama bench` gives it, for each
+    combination of what the CPU has (AMX first; then native bfloat16; then the int8 kernels)."""
     from plainllama.engine.cpu import packed as packed_module
 
-    assert kernels.int8_dot_instruction() == (kernels.isa() in ("avx512", "amx") or "avx_vnni" in cpu_flags())
-    for bf16, vnni in [(True, True), (True, False), (False, True), (False, False)]:
+    for amx, bf16, available, path in [
+        (True, True, True, "amx bfloat16"),
+        (False, True, True, "oneDNN bfloat16"),
+        (False, False, True, "int8 kernels (16-bit weights: float32)"),
+        (False, False, False, "torch weight-only"),
+    ]:
+        monkeypatch.setattr(kernels, "amx", lambda amx=amx: amx)
+        monkeypatch.setattr(kernels, "available", lambda available=available: available)
         monkeypatch.setattr(packed_module, "_bf16_products_fast", lambda bf16=bf16: bf16)
-        monkeypatch.setattr(kernels, "int8_dot_instruction", lambda vnni=vnni: vnni)
-        assert packed_module._int8_prompts() == (not bf16 and vnni)
+        assert packed_module.prompt_products() == path
+        assert packed_module._int8_prompts() == (path.startswith("int8"))
 
 
 def test_parts_that_do_not_match_the_shape_are_refused():

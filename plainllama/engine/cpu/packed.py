@@ -31,8 +31,8 @@ How a product runs depends on how many rows of activations come at once:
         by block straight into its matrix units' tile layout, with bfloat16 inputs and float32 sums;
         elsewhere the weights are unpacked to bfloat16 a slice at a time into a reused buffer and
         multiplied by oneDNN (AVX-512 BF16); where there is no bfloat16 arithmetic, quantized
-        weights go through the direct kernels as in decoding (int8 dot products: AVX-512 VNNI or
-        AVX-VNNI), and the others are dequantized to float32.
+        weights go through the direct kernels as in decoding (int8 activations), and 16-bit ones
+        are unpacked to float32.
 Where the C kernels do not run at all, every product goes through PyTorch's weight-only operators
 (torch_products.py), so the weights stay compressed there too.
 """
@@ -104,15 +104,15 @@ def _bf16_products_fast() -> bool:
 
 def _int8_prompts() -> bool:
     """Whether prompts multiply quantized weights with the direct kernels (the activations quantized
-    to int8 per block of 32, as decoding does) instead of unpacking the weights to float32: where the
-    CPU has no bfloat16 arithmetic but multiplies int8 in one instruction (AVX-512 VNNI: Intel Ice
-    Lake, Tiger Lake, Cascade Lake; AVX-VNNI: Intel since Alder Lake). Measured on a Xeon with AMX
-    with both paths capped to the level (MKL_ENABLE_INSTRUCTIONS=AVX2 for PyTorch's float32 product),
-    the four 1B layer shapes, 512 rows, 2 threads (benchmarks/products.py --prompt): at the AVX-512
-    level 1.8-1.9x float32's speed on q4 and q8, 1.3x on q6; at AVX2 with AVX-VNNI 1.05-1.3x. At AVX2
-    without VNNI the int8 products take two instructions and the gain was mixed (q8 0.94x, q4 1.36x),
-    so float32 stays there. A row's result is then also the same as a decode step gives it."""
-    return not _bf16_products_fast() and kernels.available() and kernels.int8_dot_instruction()
+    to int8 per block of 32, as decoding does, and as llama.cpp does for prompts) instead of unpacking
+    the weights to float32: wherever the kernels run and the CPU has no bfloat16 arithmetic (Intel
+    before Sapphire Rapids, AMD before Zen 4). A row's result is then also the one a decode step gives
+    it. Measured on a Xeon with AMX, each level emulated by capping the kernels and PyTorch
+    (PLAINLLAMA_ISA, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA; benchmarks/products.py --prompt, the
+    four 1B layer shapes, 512 rows, 2 threads), int8 against float32: AVX-512 VNNI 2.4-3.2x on every
+    quantized layout; AVX2 with AVX-VNNI 1.16-1.78x; AVX2 alone (the kernels built without AVX-VNNI)
+    1.24-1.76x on q4, q5, q6, q3, 0.97x on q8 and 1.06x on q2 (docs/performance.md)."""
+    return not _bf16_products_fast() and kernels.available()
 
 
 def prompt_products() -> str:

@@ -223,13 +223,6 @@ def isa() -> str:
     return "amx" if amx() else {3: "avx512", 2: "avx2"}[lib.kernel_level()]
 
 
-def int8_dot_instruction() -> bool:
-    """Whether the kernels' int8 dot products are one instruction here (AVX-512 VNNI or AVX-VNNI),
-    as the library itself says; False where the kernels do not run."""
-    lib = _library()
-    return lib is not None and bool(lib.int8_dot_instruction())
-
-
 def levels() -> list[str]:
     """Every level whose kernels this machine builds and runs, best last, each named once by what it
     built (a cap above the CPU's own level builds the same library as the CPU's level)."""

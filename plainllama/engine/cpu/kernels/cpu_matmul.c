@@ -42,7 +42,6 @@
 #include "vectors.h"
 
 int kernel_level(void) { return 3; }
-int int8_dot_instruction(void) { return 1; }
 
 /* ---- q4 and q8: sixteen blocks side by side ------------------------------------------------- */
 

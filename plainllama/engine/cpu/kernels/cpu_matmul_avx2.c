@@ -34,11 +34,6 @@
 #include "vectors.h"
 
 int kernel_level(void) { return 2; }
-#if defined(__AVXVNNI__)
-int int8_dot_instruction(void) { return 1; }
-#else
-int int8_dot_instruction(void) { return 0; }
-#endif
 
 /* ---- q4, q5 and q8: x in int8 blocks, eight blocks' scales in one vector --------------------- */
 

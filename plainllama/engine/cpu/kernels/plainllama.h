@@ -70,9 +70,6 @@ typedef struct {
 
 /* cpu_matmul.c or cpu_matmul_avx2.c: the level the products were built for (2: AVX2, 3: AVX-512) */
 int kernel_level(void);
-/* cpu_matmul.c or cpu_matmul_avx2.c: 1 where the int8 dot products are one instruction (vpdpbusd:
- * AVX-512 VNNI, which the AVX-512 build requires, or AVX-VNNI), 0 where they take two (AVX2 alone) */
-int int8_dot_instruction(void);
 /* cpu_matmul.c: products for a few rows (decoding), out [M, N] = x [M, K] W^T */
 int q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
               const uint8_t *mn, int N, float *out);

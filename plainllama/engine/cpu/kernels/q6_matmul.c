@@ -38,6 +38,7 @@
 #define SUPER_BYTES 192   /* bytes of 6-bit values per super-block */
 #define SUBS 16           /* sub-blocks of 16 weights per super-block */
 #define Q6_ROWS 4         /* weight rows per work item */
+#define Q6_MANY_ROWS 16   /* rows of x from which a work item's rows are unpacked once (q6_group) */
 #if KERNELS_AVX512
 #define Q6_X_TILE 4       /* rows of x per unpacking of a weight row's super-block */
 #else
@@ -166,8 +167,17 @@ static inline void q6_half_steps(const uint8_t *src, int h, __m256i w[4]) {
                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 6), low2), 4));
 }
 
+/* Half h of a super-block of one row as the AVX2 tiles multiply it: its steps and d * sc */
+typedef struct {
+    __m256i w[4];
+    __m256 scales;
+} UnpackedHalf;
+
+/* `unpacked`: the work item's halves already unpacked (many rows of x: q6_group), or NULL to unpack
+ * them here; `store`: where to keep what is unpacked (the first tile of many rows), or NULL */
 static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, int n, int R, int i0, int XT,
-                                                          const uint8_t *ahead) {
+                                                          const uint8_t *ahead, const UnpackedHalf *unpacked,
+                                                          UnpackedHalf *store) {
     int S = p->supers;
     size_t row_bytes = (size_t)S * SUPER_BYTES;
     __m256 acc[Q6_ROWS][Q6_X_TILE];
@@ -184,11 +194,22 @@ static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, in
                 _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
             }
             const int8_t *sc = p->sc + ((size_t)(n + r) * S + sb) * SUBS;
-            __m256 d = _mm256_set1_ps(_cvtsh_ss(p->d[(size_t)(n + r) * S + sb]));
             for (int h = 0; h < 2; h++) {
                 __m256i w[4];
-                q6_half_steps(src, h, w);
-                __m256 scales = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + 8 * h)))), d);
+                __m256 scales;
+                size_t half = ((size_t)r * S + sb) * 2 + h;
+                if (unpacked) {
+                    for (int s = 0; s < 4; s++) w[s] = unpacked[half].w[s];
+                    scales = unpacked[half].scales;
+                } else {
+                    q6_half_steps(src, h, w);
+                    __m256 d = _mm256_set1_ps(_cvtsh_ss(p->d[(size_t)(n + r) * S + sb]));
+                    scales = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + 8 * h)))), d);
+                    if (store) {
+                        for (int s = 0; s < 4; s++) store[half].w[s] = w[s];
+                        store[half].scales = scales;
+                    }
+                }
                 for (int i = 0; i < XT; i++) {
                     size_t at = (size_t)(i0 + i) * S + sb;
                     const int8_t *xg = p->xa.xq + at * SUPER + 32 * h;
@@ -209,9 +230,14 @@ static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, in
 #endif
 
 /* Every (R, XT) with its constants */
+#if KERNELS_AVX512
+#define NOT_UNPACKED
+#else
+#define NOT_UNPACKED , NULL, NULL /* the AVX2 tiles' `unpacked` and `store` */
+#endif
 typedef void Q6TileFn(const Q6Product *p, int n, int i0, const uint8_t *ahead);
 #define Q6_TILE(R, XT) \
-    static void q6_tile_##R##_##XT(const Q6Product *p, int n, int i0, const uint8_t *ahead) { q6_tile(p, n, R, i0, XT, ahead); }
+    static void q6_tile_##R##_##XT(const Q6Product *p, int n, int i0, const uint8_t *ahead) { q6_tile(p, n, R, i0, XT, ahead NOT_UNPACKED); }
 #if KERNELS_AVX512
 #define Q6_TILES_FOR(R) Q6_TILE(R, 1) Q6_TILE(R, 2) Q6_TILE(R, 3) Q6_TILE(R, 4)
 #define Q6_TILE_ROW(R) {q6_tile_##R##_1, q6_tile_##R##_2, q6_tile_##R##_3, q6_tile_##R##_4}
@@ -222,13 +248,30 @@ typedef void Q6TileFn(const Q6Product *p, int n, int i0, const uint8_t *ahead);
 Q6_TILES_FOR(1) Q6_TILES_FOR(2) Q6_TILES_FOR(3) Q6_TILES_FOR(4)
 static Q6TileFn *const Q6_TILES[Q6_ROWS][Q6_X_TILE] = {Q6_TILE_ROW(1), Q6_TILE_ROW(2), Q6_TILE_ROW(3), Q6_TILE_ROW(4)};
 
+#if !KERNELS_AVX512
+/* Many rows of x at the AVX2 level: the first tile of x rows unpacks a work item's halves into a
+ * per-thread buffer, the later tiles read them from there (the same arithmetic: the same bits) */
+static UnpackedHalf *unpacked_halves(size_t count) {
+    static _Thread_local UnpackedHalf *buffer;
+    static _Thread_local size_t capacity;
+    if (capacity < count) {
+        free(buffer);
+        buffer = aligned_alloc(32, count * sizeof(UnpackedHalf));
+        capacity = buffer ? count : 0;
+    }
+    return buffer;
+}
+static void q6_many(const Q6Product *p, int n, int i0, const UnpackedHalf *unpacked, UnpackedHalf *store) {
+    q6_tile(p, n, Q6_ROWS, i0, Q6_X_TILE, NULL, unpacked, store);
+}
+#endif
+
 #if KERNELS_AVX512
 /* Many rows of x (a prompt's products where there is no bfloat16 arithmetic), as cpu_matmul.c's
  * arranged_tile: a work item's Q6_ROWS weight rows are unpacked once into a per-thread buffer (their
  * steps and d * sc per super-block), then a register tile of Q6_ROWS weight rows by Q6_X_TILE x rows
  * walks the steps. Each pair's arithmetic is q6_tile's (exact integer sums per sub-block, then the
  * same float steps in the same order), so the bits are the same. From Q6_MANY_ROWS rows of x on. */
-#define Q6_MANY_ROWS 16
 
 typedef struct {
     __m512i w[4];
@@ -304,6 +347,15 @@ static void q6_group(const void *product, int gi) {
         q6_unpack_rows(p, n, rows);
         int i0 = 0;
         for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q6_unpacked_tile(p, rows, n, i0);
+        if (i0 < p->M) Q6_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
+        return;
+    }
+#else
+    UnpackedHalf *halves;
+    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (halves = unpacked_halves((size_t)2 * Q6_ROWS * p->supers))) {
+        q6_many(p, n, 0, NULL, halves);
+        int i0 = Q6_X_TILE;
+        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q6_many(p, n, i0, halves, NULL);
         if (i0 < p->M) Q6_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
         return;
     }
@@ -789,7 +841,8 @@ static inline void q3_half_steps(const uint8_t *src, int h, __m256i w[4]) {
 }
 
 static inline __attribute__((always_inline)) void q3_tile(const Q3Product *p, int n, int R, int i0, int XT,
-                                                          const uint8_t *ahead) {
+                                                          const uint8_t *ahead, const UnpackedHalf *unpacked,
+                                                          UnpackedHalf *store) {
     int S = p->supers;
     size_t row_bytes = (size_t)S * Q3_BYTES;
     __m256 acc[Q6_ROWS][Q6_X_TILE];
@@ -806,11 +859,22 @@ static inline __attribute__((always_inline)) void q3_tile(const Q3Product *p, in
                 _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
             }
             const int8_t *sc = p->sc + at_w * SUBS;
-            __m256 d = _mm256_set1_ps(_cvtsh_ss(p->d[at_w]));
             for (int h = 0; h < 2; h++) {
                 __m256i w[4];
-                q3_half_steps(p->qs + at_w * Q3_BYTES, h, w);
-                __m256 scales = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + 8 * h)))), d);
+                __m256 scales;
+                size_t half = ((size_t)r * S + sb) * 2 + h;
+                if (unpacked) {
+                    for (int s = 0; s < 4; s++) w[s] = unpacked[half].w[s];
+                    scales = unpacked[half].scales;
+                } else {
+                    q3_half_steps(p->qs + at_w * Q3_BYTES, h, w);
+                    __m256 d = _mm256_set1_ps(_cvtsh_ss(p->d[at_w]));
+                    scales = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + 8 * h)))), d);
+                    if (store) {
+                        for (int s = 0; s < 4; s++) store[half].w[s] = w[s];
+                        store[half].scales = scales;
+                    }
+                }
                 for (int i = 0; i < XT; i++) {
                     size_t at = (size_t)(i0 + i) * S + sb;
                     const int8_t *xg = p->xa.xq + at * SUPER + 32 * h;
@@ -832,7 +896,7 @@ static inline __attribute__((always_inline)) void q3_tile(const Q3Product *p, in
 
 typedef void Q3TileFn(const Q3Product *p, int n, int i0, const uint8_t *ahead);
 #define Q3_TILE(R, XT) \
-    static void q3_tile_##R##_##XT(const Q3Product *p, int n, int i0, const uint8_t *ahead) { q3_tile(p, n, R, i0, XT, ahead); }
+    static void q3_tile_##R##_##XT(const Q3Product *p, int n, int i0, const uint8_t *ahead) { q3_tile(p, n, R, i0, XT, ahead NOT_UNPACKED); }
 #if KERNELS_AVX512
 #define Q3_TILES_FOR(R) Q3_TILE(R, 1) Q3_TILE(R, 2) Q3_TILE(R, 3) Q3_TILE(R, 4)
 #define Q3_TILE_ROW(R) {q3_tile_##R##_1, q3_tile_##R##_2, q3_tile_##R##_3, q3_tile_##R##_4}
@@ -842,6 +906,11 @@ typedef void Q3TileFn(const Q3Product *p, int n, int i0, const uint8_t *ahead);
 #endif
 Q3_TILES_FOR(1) Q3_TILES_FOR(2) Q3_TILES_FOR(3) Q3_TILES_FOR(4)
 static Q3TileFn *const Q3_TILES[Q6_ROWS][Q6_X_TILE] = {Q3_TILE_ROW(1), Q3_TILE_ROW(2), Q3_TILE_ROW(3), Q3_TILE_ROW(4)};
+#if !KERNELS_AVX512
+static void q3_many(const Q3Product *p, int n, int i0, const UnpackedHalf *unpacked, UnpackedHalf *store) {
+    q3_tile(p, n, Q6_ROWS, i0, Q6_X_TILE, NULL, unpacked, store);
+}
+#endif
 
 static void q3_group(const void *product, int gi) {
     const Q3Product *p = product;
@@ -852,6 +921,15 @@ static void q3_group(const void *product, int gi) {
         q3_unpack_rows(p, n, rows);
         int i0 = 0;
         for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q3_unpacked_tile(p, rows, n, i0);
+        if (i0 < p->M) Q3_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
+        return;
+    }
+#else
+    UnpackedHalf *halves;
+    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (halves = unpacked_halves((size_t)2 * Q6_ROWS * p->supers))) {
+        q3_many(p, n, 0, NULL, halves);
+        int i0 = Q6_X_TILE;
+        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q3_many(p, n, i0, halves, NULL);
         if (i0 < p->M) Q3_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
         return;
     }

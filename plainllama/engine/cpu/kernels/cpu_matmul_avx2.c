@@ -209,8 +209,8 @@ typedef struct {
 /* q4/q5 weight rows n .. n+R-1 (R <= 8) times x rows i0 .. i0+XT-1 -> out. Rows past R multiply
  * zeros. Per (weight row, x row) the float steps are the same whatever M and the tile (batch
  * invariance): per block, one multiply-add of the integer sum by d dx and one of m by dx sum(x).
- * `unpacked`: the eight rows' blocks already unpacked (q4_many_rows), or NULL to unpack them here;
- * `store`: where to keep what is unpacked (q4_many_rows's first pass), or NULL. */
+ * `unpacked`: the eight rows' blocks already unpacked (many rows of x: q4_group), or NULL to unpack
+ * them here; `store`: where to keep what is unpacked (the first tile of many rows), or NULL. */
 static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct *p, int n, int R, int i0, int XT,
                                                           const uint8_t *ahead, int has_m, int has_qh,
                                                           const UnpackedBlock *unpacked, UnpackedBlock *store) {
@@ -222,46 +222,46 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
     for (int g = 0; g < nb; g += GROUP_BLOCKS) {
         int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
         __m256 rows_d[GROUP_BLOCKS], rows_m[GROUP_BLOCKS]; /* [block], lanes: rows */
-        if (unpacked) goto multiply;
-        __m256 wd[Q4_ROWS], wm[Q4_ROWS]; /* lanes: blocks */
-        for (int r = 0; r < Q4_ROWS; r++) {
-            if (r >= R) {
-                wd[r] = wm[r] = _mm256_setzero_ps();
-                continue;
-            }
-            if (ahead) { /* these blocks of the row PREFETCH_ITEMS work items further on, and their scales
-                          * when a new line of them starts (a prefetch costs as much as a load) */
-                for (size_t line = 0; line < GROUP_BLOCKS * 16; line += 64)
-                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 16 + line), PREFETCH_HINT);
-                size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q4_ROWS) * nb + g;
-                if (p->sc) {
-                    if (new_line(p->sc + later + GROUP_BLOCKS - 1, GROUP_BLOCKS)) {
-                        _mm_prefetch((const char *)(p->sc + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
-                        _mm_prefetch((const char *)(p->mn + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
-                    }
-                    if (new_line(p->d + later / 8, 2)) {
-                        _mm_prefetch((const char *)(p->d + later / 8), PREFETCH_HINT);
-                        _mm_prefetch((const char *)(p->m + later / 8), PREFETCH_HINT);
-                    }
-                } else if (new_line(p->d + later + GROUP_BLOCKS - 1, 2 * GROUP_BLOCKS)) {
-                    _mm_prefetch((const char *)(p->d + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
-                    if (has_m) _mm_prefetch((const char *)(p->m + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+        if (!unpacked) { /* the eight rows' scales of this group, turned to lanes = rows */
+            __m256 wd[Q4_ROWS], wm[Q4_ROWS]; /* lanes: blocks */
+            for (int r = 0; r < Q4_ROWS; r++) {
+                if (r >= R) {
+                    wd[r] = wm[r] = _mm256_setzero_ps();
+                    continue;
                 }
-                if (has_qh && new_line(p->qh + later + GROUP_BLOCKS - 1, 4 * GROUP_BLOCKS))
-                    _mm_prefetch((const char *)(p->qh + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                if (ahead) { /* these blocks of the row PREFETCH_ITEMS work items further on, and their scales
+                              * when a new line of them starts (a prefetch costs as much as a load) */
+                    for (size_t line = 0; line < GROUP_BLOCKS * 16; line += 64)
+                        _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 16 + line), PREFETCH_HINT);
+                    size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q4_ROWS) * nb + g;
+                    if (p->sc) {
+                        if (new_line(p->sc + later + GROUP_BLOCKS - 1, GROUP_BLOCKS)) {
+                            _mm_prefetch((const char *)(p->sc + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                            _mm_prefetch((const char *)(p->mn + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                        }
+                        if (new_line(p->d + later / 8, 2)) {
+                            _mm_prefetch((const char *)(p->d + later / 8), PREFETCH_HINT);
+                            _mm_prefetch((const char *)(p->m + later / 8), PREFETCH_HINT);
+                        }
+                    } else if (new_line(p->d + later + GROUP_BLOCKS - 1, 2 * GROUP_BLOCKS)) {
+                        _mm_prefetch((const char *)(p->d + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                        if (has_m) _mm_prefetch((const char *)(p->m + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                    }
+                    if (has_qh && new_line(p->qh + later + GROUP_BLOCKS - 1, 4 * GROUP_BLOCKS))
+                        _mm_prefetch((const char *)(p->qh + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
+                }
+                size_t at = (size_t)(n + r) * nb + g;
+                if (p->sc) { /* K-quants: g is a super-block's first block (K is a multiple of 256) */
+                    wd[r] = load_k_scales(p->sc + at, p->d + at / 8);
+                    wm[r] = load_k_scales(p->mn + at, p->m + at / 8);
+                } else {
+                    wd[r] = load_halves(p->d + at, blocks);
+                    if (has_m) wm[r] = load_halves(p->m + at, blocks);
+                }
             }
-            size_t at = (size_t)(n + r) * nb + g;
-            if (p->sc) { /* K-quants: g is a super-block's first block (K is a multiple of 256) */
-                wd[r] = load_k_scales(p->sc + at, p->d + at / 8);
-                wm[r] = load_k_scales(p->mn + at, p->m + at / 8);
-            } else {
-                wd[r] = load_halves(p->d + at, blocks);
-                if (has_m) wm[r] = load_halves(p->m + at, blocks);
-            }
+            transpose8(wd, rows_d);
+            if (has_m) transpose8(wm, rows_m);
         }
-        transpose8(wd, rows_d);
-        if (has_m) transpose8(wm, rows_m);
-    multiply:
         for (int b = 0; b < blocks; b++) {
             __m256i lo[4], hi[4]; /* rows j (low half) and j + 4 (high half): weights 0..15 / 16..31 */
             if (unpacked) {
@@ -269,18 +269,20 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
                 for (int j = 0; j < 4; j++) lo[j] = u->lo[j], hi[j] = u->hi[j];
                 rows_d[b] = u->d;
                 if (has_m) rows_m[b] = u->m;
-            } else for (int j = 0; j < 4; j++) {
-                const uint8_t *first = (const uint8_t *)p->qs + (size_t)(n + j) * row_bytes + (size_t)(g + b) * 16;
-                __m128i a = j < R ? _mm_loadu_si128((const __m128i *)first) : _mm_setzero_si128();
-                __m128i c = j + 4 < R ? _mm_loadu_si128((const __m128i *)(first + 4 * row_bytes)) : _mm_setzero_si128();
-                __m256i both = _mm256_set_m128i(c, a);
-                lo[j] = _mm256_and_si256(both, low4);
-                hi[j] = _mm256_and_si256(_mm256_srli_epi16(both, 4), low4);
-                if (has_qh) {
-                    const uint32_t *qh = p->qh + (size_t)(n + j) * nb + g + b;
-                    uint32_t wa = j < R ? qh[0] : 0, wc = j + 4 < R ? qh[4 * (size_t)nb] : 0;
-                    lo[j] = _mm256_or_si256(lo[j], fifth_bits_pair(wa, wc, 0));
-                    hi[j] = _mm256_or_si256(hi[j], fifth_bits_pair(wa, wc, 1));
+            } else {
+                for (int j = 0; j < 4; j++) {
+                    const uint8_t *first = (const uint8_t *)p->qs + (size_t)(n + j) * row_bytes + (size_t)(g + b) * 16;
+                    __m128i a = j < R ? _mm_loadu_si128((const __m128i *)first) : _mm_setzero_si128();
+                    __m128i c = j + 4 < R ? _mm_loadu_si128((const __m128i *)(first + 4 * row_bytes)) : _mm_setzero_si128();
+                    __m256i both = _mm256_set_m128i(c, a);
+                    lo[j] = _mm256_and_si256(both, low4);
+                    hi[j] = _mm256_and_si256(_mm256_srli_epi16(both, 4), low4);
+                    if (has_qh) {
+                        const uint32_t *qh = p->qh + (size_t)(n + j) * nb + g + b;
+                        uint32_t wa = j < R ? qh[0] : 0, wc = j + 4 < R ? qh[4 * (size_t)nb] : 0;
+                        lo[j] = _mm256_or_si256(lo[j], fifth_bits_pair(wa, wc, 0));
+                        hi[j] = _mm256_or_si256(hi[j], fifth_bits_pair(wa, wc, 1));
+                    }
                 }
             }
             if (store) {

@@ -333,19 +333,6 @@ typedef struct {
     __m512 wd, wm;
 } ArrangedGroup;
 
-/* The calling thread's buffer of at least `count` groups, or NULL where it cannot be had (the caller
- * then takes quantized_tile's path). Kept for the thread's next products. */
-static ArrangedGroup *arranged_buffer(size_t count) {
-    static _Thread_local ArrangedGroup *buffer;
-    static _Thread_local size_t capacity;
-    if (capacity < count) {
-        free(buffer);
-        buffer = aligned_alloc(64, count * sizeof(ArrangedGroup));
-        capacity = buffer ? count : 0;
-    }
-    return buffer;
-}
-
 /* Weight rows n .. n + W_ROWS - 1, arranged: rows[r * groups + g] */
 static void arrange_rows(const QuantizedProduct *p, int q8, int n, ArrangedGroup *rows) {
     size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2, group_bytes = q8 ? 512 : 256;
@@ -406,7 +393,7 @@ static void arranged_tile_q8(const QuantizedProduct *p, const ArrangedGroup *row
 static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
     int n = gi * W_ROWS, R = p->N - n < W_ROWS ? p->N - n : W_ROWS;
     ArrangedGroup *rows;
-    if (p->M >= MANY_ROWS && R == W_ROWS && (rows = arranged_buffer((size_t)W_ROWS * p->groups))) {
+    if (p->M >= MANY_ROWS && R == W_ROWS && (rows = thread_buffer(sizeof(ArrangedGroup) * W_ROWS * p->groups))) {
         arrange_rows(p, q8, n, rows);
         int i0 = 0;
         for (; i0 + X_TILE <= p->M; i0 += X_TILE) (q8 ? arranged_tile_q8 : arranged_tile_q4)(p, rows, n, i0);

@@ -412,23 +412,11 @@ typedef void ManyFn(const QuantizedProduct *p, int n, int i0, const UnpackedBloc
 Q4_MANY(0, 0) Q4_MANY(0, 1) Q4_MANY(1, 0) Q4_MANY(1, 1)
 static ManyFn *const Q4_MANY[2][2] = {{q4_many_00, q4_many_01}, {q4_many_10, q4_many_11}}; /* [m][qh] */
 
-/* The calling thread's buffer of at least `count` blocks, or NULL (then q4_tile unpacks as usual) */
-static UnpackedBlock *unpacked_buffer(size_t count) {
-    static _Thread_local UnpackedBlock *buffer;
-    static _Thread_local size_t capacity;
-    if (capacity < count) {
-        free(buffer);
-        buffer = aligned_alloc(32, count * sizeof(UnpackedBlock));
-        capacity = buffer ? count : 0;
-    }
-    return buffer;
-}
-
 static void q4_group(const void *product, int gi) {
     const QuantizedProduct *p = product;
     int n = gi * Q4_ROWS, R = p->N - n < Q4_ROWS ? p->N - n : Q4_ROWS;
     UnpackedBlock *unpacked;
-    if (p->M >= MANY_ROWS && R == Q4_ROWS && (unpacked = unpacked_buffer((size_t)p->nb))) {
+    if (p->M >= MANY_ROWS && R == Q4_ROWS && (unpacked = thread_buffer(sizeof(UnpackedBlock) * p->nb))) {
         ManyFn *many = Q4_MANY[p->m != NULL][p->qh != NULL];
         many(p, n, 0, NULL, unpacked); /* the first X_TILE rows unpack and keep the blocks */
         int i0 = X_TILE;

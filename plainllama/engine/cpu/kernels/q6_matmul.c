@@ -251,16 +251,6 @@ static Q6TileFn *const Q6_TILES[Q6_ROWS][Q6_X_TILE] = {Q6_TILE_ROW(1), Q6_TILE_R
 #if !KERNELS_AVX512
 /* Many rows of x at the AVX2 level: the first tile of x rows unpacks a work item's halves into a
  * per-thread buffer, the later tiles read them from there (the same arithmetic: the same bits) */
-static UnpackedHalf *unpacked_halves(size_t count) {
-    static _Thread_local UnpackedHalf *buffer;
-    static _Thread_local size_t capacity;
-    if (capacity < count) {
-        free(buffer);
-        buffer = aligned_alloc(32, count * sizeof(UnpackedHalf));
-        capacity = buffer ? count : 0;
-    }
-    return buffer;
-}
 static void q6_many(const Q6Product *p, int n, int i0, const UnpackedHalf *unpacked, UnpackedHalf *store) {
     q6_tile(p, n, Q6_ROWS, i0, Q6_X_TILE, NULL, unpacked, store);
 }
@@ -278,18 +268,6 @@ typedef struct {
     __m512 scales, mins; /* mins: q2 only */
 } UnpackedSuper;
 
-/* The calling thread's buffer of at least `count` super-blocks, or NULL (then q6_tile's path) */
-static UnpackedSuper *unpacked_buffer(size_t count) {
-    static _Thread_local UnpackedSuper *buffer;
-    static _Thread_local size_t capacity;
-    if (capacity < count) {
-        free(buffer);
-        buffer = aligned_alloc(64, count * sizeof(UnpackedSuper));
-        capacity = buffer ? count : 0;
-    }
-    return buffer;
-}
-
 static void q6_unpack_rows(const Q6Product *p, int n, UnpackedSuper *rows) {
     int S = p->supers;
     for (int r = 0; r < Q6_ROWS; r++)
@@ -302,16 +280,18 @@ static void q6_unpack_rows(const Q6Product *p, int n, UnpackedSuper *rows) {
         }
 }
 
-/* shift: the weights' offset is sum32 >> shift (q6: q - 32, shift 0; q3: q - 4, shift 3) */
-static inline __attribute__((always_inline)) void unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int n, int i0,
-                                                                int shift) {
-    int S = p->supers;
+/* Arranged weight rows n .. n + Q6_ROWS - 1 times x rows i0 .. i0 + Q6_X_TILE - 1 -> out [M, N],
+ * x as `xa` holds it, S super-blocks a row. q6 and q3 (q2 = 0): the weights' offset is sum32 >>
+ * shift (q6: q - 32, shift 0; q3: q - 4, shift 3), as q6_tile and q3_tile take it out; q2 (q2 = 1):
+ * q2_tile's scales and minimums. */
+static inline __attribute__((always_inline)) void unpacked_tile(const Q6Activations *xa, int S, int N, float *out,
+                                                                const UnpackedSuper *rows, int n, int i0, int shift, int q2) {
     __m512 acc[Q6_ROWS][Q6_X_TILE];
     for (int r = 0; r < Q6_ROWS; r++)
         for (int i = 0; i < Q6_X_TILE; i++) acc[r][i] = _mm512_setzero_ps();
     for (int sb = 0; sb < S; sb++) {
         const __m512i *xg[Q6_X_TILE];
-        for (int i = 0; i < Q6_X_TILE; i++) xg[i] = (const __m512i *)(p->xa.xq + ((size_t)(i0 + i) * S + sb) * SUPER);
+        for (int i = 0; i < Q6_X_TILE; i++) xg[i] = (const __m512i *)(xa->xq + ((size_t)(i0 + i) * S + sb) * SUPER);
         __m512i dot[Q6_ROWS][Q6_X_TILE];
 #pragma GCC unroll 4
         for (int s = 0; s < 4; s++) {
@@ -322,20 +302,31 @@ static inline __attribute__((always_inline)) void unpacked_tile(const Q6Product 
                 for (int i = 0; i < Q6_X_TILE; i++)
                     dot[r][i] = _mm512_dpbusd_epi32(s ? dot[r][i] : _mm512_setzero_si512(), w[r], x[i]);
         }
-        for (int i = 0; i < Q6_X_TILE; i++) { /* q6_tile's float steps; x's numbers loaded once per row */
+        for (int i = 0; i < Q6_X_TILE; i++) { /* the decode tiles' float steps; x's numbers loaded once per row */
             size_t at = (size_t)(i0 + i) * S + sb;
-            __m512i offset = _mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), shift);
-            __m512 dx = _mm512_load_ps(p->xa.dx + at * SUBS);
-            for (int r = 0; r < Q6_ROWS; r++) {
-                __m512 scale = _mm512_mul_ps(rows[(size_t)r * S + sb].scales, dx);
-                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r][i], offset)), scale, acc[r][i]);
+            __m512 dx = _mm512_load_ps(xa->dx + at * SUBS);
+            if (q2) {
+                __m512 sums = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_load_si512(xa->sum32 + at * SUBS), 5));
+                for (int r = 0; r < Q6_ROWS; r++) {
+                    const UnpackedSuper *u = &rows[(size_t)r * S + sb];
+                    __m512 t = _mm512_fmsub_ps(u->scales, _mm512_cvtepi32_ps(dot[r][i]), _mm512_mul_ps(u->mins, sums));
+                    acc[r][i] = _mm512_fmadd_ps(t, dx, acc[r][i]);
+                }
+            } else {
+                __m512i offset = _mm512_srai_epi32(_mm512_load_si512(xa->sum32 + at * SUBS), shift);
+                for (int r = 0; r < Q6_ROWS; r++) {
+                    __m512 scale = _mm512_mul_ps(rows[(size_t)r * S + sb].scales, dx);
+                    acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r][i], offset)), scale, acc[r][i]);
+                }
             }
         }
     }
     for (int i = 0; i < Q6_X_TILE; i++)
-        for (int r = 0; r < Q6_ROWS; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+        for (int r = 0; r < Q6_ROWS; r++) out[(size_t)(i0 + i) * N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
-static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int n, int i0) { unpacked_tile(p, rows, n, i0, 0); }
+static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int n, int i0) {
+    unpacked_tile(&p->xa, p->supers, p->N, p->out, rows, n, i0, 0, 0);
+}
 #endif
 
 static void q6_group(const void *product, int gi) {
@@ -343,7 +334,7 @@ static void q6_group(const void *product, int gi) {
     int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
 #if KERNELS_AVX512
     UnpackedSuper *rows;
-    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = unpacked_buffer((size_t)Q6_ROWS * p->supers))) {
+    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = thread_buffer(sizeof(UnpackedSuper) * Q6_ROWS * p->supers))) {
         q6_unpack_rows(p, n, rows);
         int i0 = 0;
         for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q6_unpacked_tile(p, rows, n, i0);
@@ -352,7 +343,7 @@ static void q6_group(const void *product, int gi) {
     }
 #else
     UnpackedHalf *halves;
-    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (halves = unpacked_halves((size_t)2 * Q6_ROWS * p->supers))) {
+    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (halves = thread_buffer(sizeof(UnpackedHalf) * 2 * Q6_ROWS * p->supers))) {
         q6_many(p, n, 0, NULL, halves);
         int i0 = Q6_X_TILE;
         for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q6_many(p, n, i0, halves, NULL);
@@ -525,7 +516,7 @@ static inline __attribute__((always_inline)) void q2_tile(const Q2Product *p, in
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
-/* Many rows of x: q6's path with q2's steps, scales and minimums (q2_tile's float steps) */
+/* Many rows of x: q6's path with q2's steps, scales and minimums */
 static void q2_unpack_rows(const Q2Product *p, int n, UnpackedSuper *rows) {
     int S = p->supers;
     for (int r = 0; r < Q6_ROWS; r++)
@@ -540,34 +531,7 @@ static void q2_unpack_rows(const Q2Product *p, int n, UnpackedSuper *rows) {
 }
 
 static void q2_unpacked_tile(const Q2Product *p, const UnpackedSuper *rows, int n, int i0) {
-    int S = p->supers;
-    __m512 acc[Q6_ROWS][Q6_X_TILE];
-    for (int r = 0; r < Q6_ROWS; r++)
-        for (int i = 0; i < Q6_X_TILE; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int sb = 0; sb < S; sb++) {
-        const __m512i *xg[Q6_X_TILE];
-        for (int i = 0; i < Q6_X_TILE; i++) xg[i] = (const __m512i *)(p->xa.xq + ((size_t)(i0 + i) * S + sb) * SUPER);
-        __m512i dot[Q6_ROWS][Q6_X_TILE];
-#pragma GCC unroll 4
-        for (int s = 0; s < 4; s++) {
-            __m512i w[Q6_ROWS], x[Q6_X_TILE];
-            for (int r = 0; r < Q6_ROWS; r++) w[r] = _mm512_load_si512(&rows[(size_t)r * S + sb].w[s]);
-            for (int i = 0; i < Q6_X_TILE; i++) x[i] = _mm512_load_si512(xg[i] + s);
-            for (int r = 0; r < Q6_ROWS; r++)
-                for (int i = 0; i < Q6_X_TILE; i++)
-                    dot[r][i] = _mm512_dpbusd_epi32(s ? dot[r][i] : _mm512_setzero_si512(), w[r], x[i]);
-        }
-        for (int r = 0; r < Q6_ROWS; r++)
-            for (int i = 0; i < Q6_X_TILE; i++) { /* q2_tile's float steps */
-                const UnpackedSuper *u = &rows[(size_t)r * S + sb];
-                size_t at = (size_t)(i0 + i) * S + sb;
-                __m512 sums = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), 5));
-                __m512 t = _mm512_fmsub_ps(u->scales, _mm512_cvtepi32_ps(dot[r][i]), _mm512_mul_ps(u->mins, sums));
-                acc[r][i] = _mm512_fmadd_ps(t, _mm512_load_ps(p->xa.dx + at * SUBS), acc[r][i]);
-            }
-    }
-    for (int i = 0; i < Q6_X_TILE; i++)
-        for (int r = 0; r < Q6_ROWS; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+    unpacked_tile(&p->xa, p->supers, p->N, p->out, rows, n, i0, 0, 1);
 }
 
 #else /* AVX2 */
@@ -636,7 +600,7 @@ static void q2_group(const void *product, int gi) {
     int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
 #if KERNELS_AVX512
     UnpackedSuper *rows;
-    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = unpacked_buffer((size_t)Q6_ROWS * p->supers))) {
+    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = thread_buffer(sizeof(UnpackedSuper) * Q6_ROWS * p->supers))) {
         q2_unpack_rows(p, n, rows);
         int i0 = 0;
         for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q2_unpacked_tile(p, rows, n, i0);
@@ -816,7 +780,9 @@ static void q3_unpack_rows(const Q3Product *p, int n, UnpackedSuper *rows) {
                                       _mm512_set1_ps(_cvtsh_ss(p->d[at_w]))); /* as q3_tile computes it */
         }
 }
-static void q3_unpacked_tile(const Q3Product *p, const UnpackedSuper *rows, int n, int i0) { unpacked_tile(p, rows, n, i0, 3); }
+static void q3_unpacked_tile(const Q3Product *p, const UnpackedSuper *rows, int n, int i0) {
+    unpacked_tile(&p->xa, p->supers, p->N, p->out, rows, n, i0, 3, 0);
+}
 
 #else /* AVX2 */
 
@@ -917,7 +883,7 @@ static void q3_group(const void *product, int gi) {
     int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
 #if KERNELS_AVX512
     UnpackedSuper *rows;
-    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = unpacked_buffer((size_t)Q6_ROWS * p->supers))) {
+    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = thread_buffer(sizeof(UnpackedSuper) * Q6_ROWS * p->supers))) {
         q3_unpack_rows(p, n, rows);
         int i0 = 0;
         for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q3_unpacked_tile(p, rows, n, i0);
@@ -926,7 +892,7 @@ static void q3_group(const void *product, int gi) {
     }
 #else
     UnpackedHalf *halves;
-    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (halves = unpacked_halves((size_t)2 * Q6_ROWS * p->supers))) {
+    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (halves = thread_buffer(sizeof(UnpackedHalf) * 2 * Q6_ROWS * p->supers))) {
         q3_many(p, n, 0, NULL, halves);
         int i0 = Q6_X_TILE;
         for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q3_many(p, n, i0, halves, NULL);

@@ -6,6 +6,7 @@
 #define ROW_GROUPS_H
 
 #include <omp.h>
+#include <stdlib.h>
 
 /* Software prefetches bring weights into L2, not L1 (_MM_HINT_T0), and the q4/q5/q6/q8 products
  * fetch the rows PREFETCH_ITEMS work items ahead, their scales (and minimums, fifth bits) with them:
@@ -60,6 +61,20 @@ static int take_groups(GroupSplit *s, int *first, int *end) {
         s->visited++;
     }
     return 0;
+}
+
+/* A buffer of at least `bytes` for the calling thread, 64-byte aligned and kept for its next
+ * products, or NULL where it cannot be had (the caller then takes its usual path). The many-rows
+ * paths of prompts keep a work item's unpacked weight rows in it; one product at a time uses it. */
+static inline void *thread_buffer(size_t bytes) {
+    static _Thread_local void *buffer;
+    static _Thread_local size_t capacity;
+    if (capacity < bytes) {
+        free(buffer);
+        buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        capacity = buffer ? bytes : 0;
+    }
+    return buffer;
 }
 
 typedef void GroupFn(const void *product, int gi);

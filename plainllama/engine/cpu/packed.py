@@ -123,9 +123,7 @@ def prompt_products() -> str:
         return "amx bfloat16"
     if _bf16_products_fast():
         return "oneDNN bfloat16"
-    if _int8_prompts():
-        return "int8 kernels (16-bit weights: float32)"
-    return "float32"
+    return "int8 kernels (16-bit weights: float32)"  # _int8_prompts
 
 
 class _Scratch(threading.local):
@@ -448,9 +446,9 @@ class PackedWeight(nn.Module):
     def matmul_each_row(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x @ W.T [M, N] float32 with the direct kernels whatever M: each row's result is
         computed as if it were alone (its own quantized activations, its own dot products), so it is
-        the same in any company; the weights are still read once for all rows. (The many-rows path
-        rounds rows to bfloat16 together and is faster for prompts, but a row's result there depends
-        on how many rows there are.)"""
+        the same in any company. The rows go DIRECT_CALL_ROWS per call, so the weights are read once
+        per 64 rows (once for a decode step's few); from 16 rows a call the kernels take their
+        many-rows loops, which give the same bits."""
         M, N = x.shape[0], self.shape[0]
         x = x.float().contiguous()
         out = torch.empty(M, N, dtype=torch.float32)

@@ -329,27 +329,43 @@ static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int 
 }
 #endif
 
+/* Many rows of x for q6 and q3 (one product struct): a work item's rows are unpacked once, then the
+ * x rows go tile after tile (AVX-512: unpack, then unpacked_tile; AVX2: the first tile unpacks and
+ * keeps, the later ones read), and the last rows, fewer than a tile, take `tiles`. Returns 0 where
+ * the work item does not take this path (few rows of x, a partial row group, no buffer). */
+#if KERNELS_AVX512
+typedef void UnpackRowsFn(const Q6Product *p, int n, UnpackedSuper *rows);
+typedef void UnpackedTileFn(const Q6Product *p, const UnpackedSuper *rows, int n, int i0);
+static int many_rows(const Q6Product *p, int n, int R, UnpackRowsFn *unpack, UnpackedTileFn *tile,
+                     Q6TileFn *const tiles[Q6_ROWS][Q6_X_TILE]) {
+    UnpackedSuper *rows;
+    if (p->M < Q6_MANY_ROWS || R < Q6_ROWS || !(rows = thread_buffer(sizeof(UnpackedSuper) * Q6_ROWS * p->supers))) return 0;
+    unpack(p, n, rows);
+    int i0 = 0;
+    for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) tile(p, rows, n, i0);
+    if (i0 < p->M) tiles[R - 1][p->M - i0 - 1](p, n, i0, NULL);
+    return 1;
+}
+#else
+typedef void ManyFn(const Q6Product *p, int n, int i0, const UnpackedHalf *unpacked, UnpackedHalf *store);
+static int many_rows(const Q6Product *p, int n, int R, ManyFn *many, Q6TileFn *const tiles[Q6_ROWS][Q6_X_TILE]) {
+    UnpackedHalf *halves;
+    if (p->M < Q6_MANY_ROWS || R < Q6_ROWS || !(halves = thread_buffer(sizeof(UnpackedHalf) * 2 * Q6_ROWS * p->supers))) return 0;
+    many(p, n, 0, NULL, halves);
+    int i0 = Q6_X_TILE;
+    for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) many(p, n, i0, halves, NULL);
+    if (i0 < p->M) tiles[R - 1][p->M - i0 - 1](p, n, i0, NULL);
+    return 1;
+}
+#endif
+
 static void q6_group(const void *product, int gi) {
     const Q6Product *p = product;
     int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
 #if KERNELS_AVX512
-    UnpackedSuper *rows;
-    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = thread_buffer(sizeof(UnpackedSuper) * Q6_ROWS * p->supers))) {
-        q6_unpack_rows(p, n, rows);
-        int i0 = 0;
-        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q6_unpacked_tile(p, rows, n, i0);
-        if (i0 < p->M) Q6_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
-        return;
-    }
+    if (many_rows(p, n, R, q6_unpack_rows, q6_unpacked_tile, Q6_TILES)) return;
 #else
-    UnpackedHalf *halves;
-    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (halves = thread_buffer(sizeof(UnpackedHalf) * 2 * Q6_ROWS * p->supers))) {
-        q6_many(p, n, 0, NULL, halves);
-        int i0 = Q6_X_TILE;
-        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q6_many(p, n, i0, halves, NULL);
-        if (i0 < p->M) Q6_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
-        return;
-    }
+    if (many_rows(p, n, R, q6_many, Q6_TILES)) return;
 #endif
     size_t row_bytes = (size_t)p->supers * SUPER_BYTES;
     const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
@@ -882,23 +898,9 @@ static void q3_group(const void *product, int gi) {
     const Q3Product *p = product;
     int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
 #if KERNELS_AVX512
-    UnpackedSuper *rows;
-    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = thread_buffer(sizeof(UnpackedSuper) * Q6_ROWS * p->supers))) {
-        q3_unpack_rows(p, n, rows);
-        int i0 = 0;
-        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q3_unpacked_tile(p, rows, n, i0);
-        if (i0 < p->M) Q3_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
-        return;
-    }
+    if (many_rows(p, n, R, q3_unpack_rows, q3_unpacked_tile, Q3_TILES)) return;
 #else
-    UnpackedHalf *halves;
-    if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (halves = thread_buffer(sizeof(UnpackedHalf) * 2 * Q6_ROWS * p->supers))) {
-        q3_many(p, n, 0, NULL, halves);
-        int i0 = Q6_X_TILE;
-        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q3_many(p, n, i0, halves, NULL);
-        if (i0 < p->M) Q3_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
-        return;
-    }
+    if (many_rows(p, n, R, q3_many, Q3_TILES)) return;
 #endif
     size_t row_bytes = (size_t)p->supers * Q3_BYTES;
     const uint8_t *ahead =

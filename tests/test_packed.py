@@ -257,12 +257,17 @@ def test_products_do_not_depend_on_the_thread_count(name, threads, isa):
 
 @pytest.mark.parametrize("name", list(packed_weights()))
 def test_many_rows_unpack_to_bfloat16_and_match_the_float_product(name, isa):
+    from plainllama.engine.cpu import packed as packed_module
+
     packed = packed_weights()[name]
     x = torch.randn(40, K, generator=torch.Generator().manual_seed(0))
     reference = x.double() @ packed.dequantized().double().T
-    out = packed.matmul(x)  # 40 rows: unpacked weights times bfloat16 activations (or float32 products)
+    out = packed.matmul(x)  # 40 rows: the path this CPU takes for prompts
+    if packed.layout not in ("f16", "bf16") and packed_module._int8_prompts():
+        assert_product_of_stored_numbers(packed, x, out)  # int8 activations (CPUs without bfloat16)
+        return
     relative = ((out.double() - reference).norm(dim=-1) / reference.norm(dim=-1)).max()
-    assert relative < 0.01  # bfloat16's 8-bit mantissa
+    assert relative < 0.01  # bfloat16's 8-bit mantissa (or float32 products)
 
 
 @needs_kernels
@@ -453,9 +458,13 @@ def test_quantize_flag_on_a_float_model(tmp_path, vocab, mode, file_type):
     ids = list(np.random.default_rng(0).integers(100, 40000, size=40))
     ours, reference = quantized.logits(ids), exact.logits(ids)
     # Against the float weights: random weights have no structure for quantization to lose
-    # gracefully, so these bounds are the measured error (int8 0.01, int4 0.33 relative) with room.
+    # gracefully, so these bounds are the measured error (int8 0.025-0.027, int4 0.33 relative on the
+    # AMX path's bfloat16 prompts) with room. Where prompts multiply with int8 activations too (CPUs
+    # without bfloat16), the activations' rounding adds what the check below bounds (0.03; measured
+    # 0.020 there, against 0.010): int8 weights 0.03 + 0.03 (measured 0.031-0.033).
     relative = ((ours - reference).norm() / reference.norm()).item()
-    assert relative < {"int8": 0.03, "int4": 0.5}[mode]
+    int8_prompts = prompt_products().startswith("int8")
+    assert relative < {"int8": 0.06 if int8_prompts else 0.03, "int4": 0.5}[mode]
     # Against a float model holding the very numbers that were stored: what is left is the
     # int8 rounding of activations, for either weight width.
     for name, module in quantized.model.named_modules():

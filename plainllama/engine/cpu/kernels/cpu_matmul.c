@@ -298,7 +298,7 @@ static inline __attribute__((always_inline)) void quantized_tile(const Quantized
         }
     }
     for (int i = 0; i < XT; i++)
-        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = sum16(acc[r][i]);
 }
 
 /* Every (R, XT) up to (W_ROWS, X_TILE), each with its constants, for q4 (q8 = 0) and q8 (q8 = 1). */
@@ -383,8 +383,7 @@ static inline __attribute__((always_inline)) void arranged_tile(const QuantizedP
             }
         }
     }
-    for (int i = 0; i < X_TILE; i++)
-        for (int r = 0; r < W_ROWS; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+    sums16_4x4(acc, p->out + (size_t)i0 * p->N + n, p->N);
 }
 static void arranged_tile_q4(const QuantizedProduct *p, const ArrangedGroup *rows, int n, int i0) { arranged_tile(p, 0, rows, n, i0); }
 static void arranged_tile_q8(const QuantizedProduct *p, const ArrangedGroup *rows, int n, int i0) { arranged_tile(p, 1, rows, n, i0); }

@@ -72,18 +72,33 @@ static int arrange_q6_activations(const float *x, int M, int K, Q6Activations *a
         int8_t *dst = a->xq + sb * SUPER;
         for (int b = 0; b < SUPER / 32; b++) { /* the 32-blocks: sub-blocks 2b and 2b + 1 */
             const float *xb = xs + 32 * b;
-            float amax = 0;
-            for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(xb[k]));
+            __m256 v[4];
+            __m256 amax8 = _mm256_setzero_ps();
+            for (int k = 0; k < 4; k++) {
+                v[k] = _mm256_loadu_ps(xb + 8 * k);
+                amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[k])); /* |x| */
+            }
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
             float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-            for (int half = 0; half < 2; half++) {
-                int j = 2 * b + half, sum = 0;
-                for (int k = 0; k < 16; k++) {
-                    int q = (int)nearbyintf(xb[16 * half + k] * inv); /* round to nearest even, as cvtps2dq */
-                    sum += q;
-                    dst[64 * (k / 4) + 4 * j + k % 4] = (int8_t)q; /* step k / 4, lane j */
-                }
+            for (int half = 0; half < 2; half++) { /* sub-block j: 16 values, 4 steps of 4 bytes */
+                int j = 2 * b + half;
+                __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * half], _mm256_set1_ps(inv))); /* round to nearest even */
+                __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * half + 1], _mm256_set1_ps(inv)));
+                __m256i sum8 = _mm256_add_epi32(lo, hi);
+                __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+                sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0x4E));
+                sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0xB1));
+                /* 16 int32 (|q| <= 127) -> 16 bytes in order: packs work within 128-bit halves */
+                __m256i words = _mm256_packs_epi32(lo, hi);  /* lo0-3 hi0-3 | lo4-7 hi4-7 */
+                __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+                bytes = _mm_shuffle_epi32(bytes, 0xD8); /* lo0-3 lo4-7 hi0-3 hi4-7: values 0..15 */
+                int32_t steps[4];
+                _mm_storeu_si128((__m128i *)steps, bytes);
+                for (int step = 0; step < 4; step++) memcpy(dst + 64 * step + 4 * j, &steps[step], 4); /* values 4s..4s+3 in lane j */
                 a->dx[sb * SUBS + j] = d;
-                a->sum32[sb * SUBS + j] = 32 * sum;
+                a->sum32[sb * SUBS + j] = 32 * _mm_cvtsi128_si32(sum4);
             }
         }
     }
@@ -148,7 +163,7 @@ static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, in
         }
     }
     for (int i = 0; i < XT; i++)
-        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = sum16(acc[r][i]);
 }
 
 #else /* AVX2 */
@@ -321,8 +336,7 @@ static inline __attribute__((always_inline)) void unpacked_tile(const Q6Activati
             }
         }
     }
-    for (int i = 0; i < Q6_X_TILE; i++)
-        for (int r = 0; r < Q6_ROWS; r++) out[(size_t)(i0 + i) * N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+    sums16_4x4(acc, out + (size_t)i0 * N + n, N);
 }
 static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int n, int i0) {
     unpacked_tile(&p->xa, p->supers, p->N, p->out, rows, n, i0, 0, 0);
@@ -529,7 +543,7 @@ static inline __attribute__((always_inline)) void q2_tile(const Q2Product *p, in
         }
     }
     for (int i = 0; i < XT; i++)
-        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = sum16(acc[r][i]);
 }
 
 /* Many rows of x: q6's path with q2's steps, scales and minimums */
@@ -781,7 +795,7 @@ static inline __attribute__((always_inline)) void q3_tile(const Q3Product *p, in
         }
     }
     for (int i = 0; i < XT; i++)
-        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = _mm512_reduce_add_ps(acc[r][i]);
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = sum16(acc[r][i]);
 }
 
 /* Many rows of x: q6's path (unpacked_tile) with q3's steps and offset */

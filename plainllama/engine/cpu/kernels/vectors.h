@@ -32,6 +32,40 @@ static inline void store16(void *out, size_t i, __m512 v, int f32) {
         _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), to_bf16(v));
 }
 
+/* The sum of v's 16 lanes, added as a tree: lanes i and i + 8, then i and i + 4, i and i + 2, and
+ * the last two (the tree GCC's _mm512_reduce_add_ps uses, written out so that sums16_4x4 below gives
+ * the same bits whatever the compiler). A product's decode tiles and many-rows tiles sum their
+ * accumulators with one or the other, so a row's result is the same in any company. */
+static inline float sum16(__m512 v) {
+    __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+    __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+    return _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)));
+}
+
+/* sum16 of the 16 accumulators acc[r][i] of a 4 x 4 tile at once (a fifth of the instructions of 16
+ * calls), the same tree on all 16 side by side; out[i * stride + r] = sum16(acc[r][i]). */
+static inline void sums16_4x4(__m512 acc[4][4], float *out, size_t stride) {
+    __m512 halves[8], fourths[4], eighths[2];
+    for (int k = 0; k < 8; k++) { /* v = acc[r][i], v(4r + i): lanes i + i + 8, two v a vector */
+        __m512 a = acc[(2 * k) / 4][(2 * k) % 4], b = acc[(2 * k + 1) / 4][(2 * k + 1) % 4];
+        halves[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    } /* halves[k]: 128-bit chunks [v(2k) 0-3, v(2k) 4-7, v(2k+1) 0-3, v(2k+1) 4-7] */
+    for (int k = 0; k < 4; k++) /* lanes i + i + 4: chunks [v(4k), v(4k+1), v(4k+2), v(4k+3)] */
+        fourths[k] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * k], halves[2 * k + 1], 0x88),
+                                   _mm512_shuffle_f32x4(halves[2 * k], halves[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; k++) { /* lanes i + i + 2: chunk c = [v(8k+c) 2 lanes, v(8k+4+c) 2 lanes] */
+        __m512d a = _mm512_castps_pd(fourths[2 * k]), b = _mm512_castps_pd(fourths[2 * k + 1]);
+        eighths[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    /* the last two lanes: chunk c = [v(c), v(4+c), v(8+c), v(12+c)] = [acc[0][c], acc[1][c], acc[2][c], acc[3][c]] */
+    __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88), _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
+    _mm_storeu_ps(out, _mm512_castps512_ps128(sums));
+    _mm_storeu_ps(out + stride, _mm512_extractf32x4_ps(sums, 1));
+    _mm_storeu_ps(out + 2 * stride, _mm512_extractf32x4_ps(sums, 2));
+    _mm_storeu_ps(out + 3 * stride, _mm512_extractf32x4_ps(sums, 3));
+}
+
 #else /* AVX2 */
 
 static inline float hsum8(__m256 v) {

@@ -340,6 +340,38 @@ def test_float32_prompt_rows_do_not_depend_on_their_company(name, isa, monkeypat
 
 
 @needs_kernels
+@pytest.mark.parametrize("type_name", ["F16", "BF16"])
+def test_16_bit_prompt_rows_in_float32_are_one_fma_chain_each(type_name, isa, monkeypatch):
+    """Where bfloat16 arithmetic is missing, a prompt's products of 16-bit weights run in float32
+    (kernels/float32_rows.c): each output one chain of FMAs over k in order. So a row gets the same
+    bits alone, among other rows, at any position, and in calls whose row count ends a pass over the
+    panel anywhere (29 rows: 12 + 12 + 5 at AVX-512, 6 x 4 + 5 at AVX2; 70 outputs end a panel
+    part-way at both widths). Against the float64 product of the numbers the `gguf` package
+    dequantizes, the error of a sequential sum of K products with one rounding each is at most
+    K * 2^-24 * sum_k |x_k w_k| (the standard bound, gamma_K, for K * 2^-24 << 1)."""
+    from plainllama.engine.cpu import packed as packed_module
+
+    monkeypatch.setattr(kernels, "amx", lambda: False)
+    monkeypatch.setattr(packed_module, "_bf16_products_fast", lambda: False)
+    n, k = 70, 96
+    qtype = GGMLQuantizationType[type_name]
+    raw = quants.quantize(np.random.default_rng(7).standard_normal((n, k)).astype(np.float32), qtype)
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    stored = torch.from_numpy(quants.dequantize(raw, qtype).reshape(n, k).astype(np.float64))
+    packed = pack_gguf(torch.from_numpy(raw.copy()), type_name, (n, k))
+    x = torch.randn(29, k, generator=torch.Generator().manual_seed(8))
+    out = packed._unpacked_matmul(x)
+    for i in (0, 11, 12, 24, 28):  # rows that open and close passes
+        assert torch.equal(out[i], packed._unpacked_matmul(x[i : i + 1])[0]), f"row {i}"
+    shuffled = packed._unpacked_matmul(torch.cat([x[20:], x[:20]]))  # every row at another position
+    assert torch.equal(torch.cat([shuffled[9:], shuffled[:9]]), out)
+    exact = x.double() @ stored.T
+    bound = k * 2.0**-24 * (x.double().abs() @ stored.abs().T)
+    assert ((out.double() - exact).abs() <= bound).all()
+    assert (out.double() - exact).abs().max() > 0  # float32 sums, not float64 ones
+
+
+@needs_kernels
 @pytest.mark.parametrize("name", [name for name in packed_weights() if not name.startswith(("f16", "bf16"))])
 def test_int8_prompt_rows_are_the_rows_a_decode_step_gives(name, isa, monkeypatch):
     """Where prompts multiply quantized weights with the direct kernels (CPUs without bfloat16

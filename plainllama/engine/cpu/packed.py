@@ -521,11 +521,21 @@ class PackedWeight(nn.Module):
     def _float32_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 -> x @ W.T [M, N] float32, for CPUs without bfloat16 instructions, with
         every row's result independent of the other rows and of M (the server's prefix cache and
-        batched prompt chunks rely on that, as on the bfloat16 and AMX paths). PyTorch's float32
-        product is not: its blocking changes with M (a row's sums differ in the last bits between
-        M = 9 and M = 64). Products of exactly TOKEN_TILE rows are: the rows go in tiles of that
-        many, the last padded with zeros, each W slice multiplied by each tile."""
+        batched prompt chunks rely on that, as on the bfloat16 and AMX paths). 16-bit weights go to
+        kernels/float32_rows.c, whose sums are that by construction. PyTorch's float32 product is
+        not: its blocking changes with M (a row's sums differ in the last bits between M = 9 and
+        M = 64). Products of exactly TOKEN_TILE rows are: for other layouts (reached only where the
+        int8 path is turned off, as products.py --prompt does to compare) the rows go in tiles of
+        that many, the last padded with zeros, each W slice multiplied by each tile."""
         M, (N, K) = x.shape[0], self.shape
+        if self.layout in ("f16", "bf16") and K % 32 == 0:
+            out = torch.empty(M, N, dtype=torch.float32)
+            x = x.contiguous()
+            code = kernels.function("half_rows_matmul")(
+                x.data_ptr(), M, K, self.w.data_ptr(), int(self.layout == "bf16"), N, out.data_ptr()
+            )
+            kernels.check(code, "half_rows_matmul")
+            return out
         tiles = (M + TOKEN_TILE - 1) // TOKEN_TILE
         padded = x.new_zeros(tiles * TOKEN_TILE, K)
         padded[:M] = x

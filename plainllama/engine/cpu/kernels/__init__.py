@@ -44,6 +44,7 @@ SOURCES = [
         "cpu_matmul.c",
         "cpu_matmul_avx2.c",
         "q6_matmul.c",
+        "float32_rows.c",
         "amx_matmul.c",
         "prompt_attention.c",
         "decode_layer.c",

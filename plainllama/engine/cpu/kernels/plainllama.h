@@ -100,6 +100,10 @@ int q4_to_f32(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const ui
 int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out);
 int q8_to_f32(const int8_t *qs, const uint16_t *d, int N, int K, float *out);
 int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out);
+/* float32_rows.c: a prompt's rows times 16-bit weights (bf16: 0 float16, 1 bfloat16) in float32, for
+ * CPUs without bfloat16 arithmetic; each output one chain of FMAs over k in order, so a row's result
+ * is the same whatever M and the other rows */
+int half_rows_matmul(const float *x, int M, int K, const uint16_t *w, int bf16, int N, float *out);
 /* cpu_matmul.c: read every byte of buf with all threads (the memory bandwidth bound) */
 double read_bytes(const uint8_t *buf, size_t n);
 

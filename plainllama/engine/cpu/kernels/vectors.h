@@ -110,6 +110,16 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+/* acc + dot_u8s8(u, s): with AVX-VNNI one instruction (the sums chained in the accumulator, where
+ * dot_u8s8 from zero then an add took a register copy and an add per step) */
+static inline __m256i dot_u8s8_add(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
 /* 8 floats -> bfloat16, rounded to nearest even on the bits, as vcvtneps2bf16 and PyTorch do
  * (finite values) */
 static inline __m128i to_bf16_8(__m256 v) {

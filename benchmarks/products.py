@@ -9,7 +9,8 @@
 --layers 8 (150 MB) reads from memory: GB/s of weights against the read bound printed first.
 --prompt: the many-rows paths of prompts without AMX (weights unpacked a slice at a time for oneDNN's
 bfloat16 or PyTorch's float32 product, or the direct int8 kernels), alternating, on the CPU at hand:
-which of them prompts should use here (packed._bf16_products_fast and packed._int8_prompts decide).
+which of them prompts should use here (packed._bf16_products_fast and packed._int8_prompts decide);
+then F16 and BF16 weights: kernels/float32_rows.c against PyTorch's float32 product in tiles of 64.
 --amx: on a CPU with AMX, amx_matmul.c against the oneDNN bfloat16 path, per GGUF type (random blocks
 of each), alternating.
 Best of 5 passes. (Figures and what they decided: docs/performance.md.)
@@ -82,8 +83,53 @@ def prompt_products(rows: int) -> None:
                 + ", ".join(f"{path} {rate:6.1f}" for path, rate in rates.items())
                 + f" GFLOP/s; int8/float32 {rates['int8'] / rates['float32']:.2f}x"
             )
+        for type_name in ("F16", "BF16"):
+            half_products(type_name, rows, flops)
     finally:
         packed._bf16_products_fast, packed._int8_prompts, kernels.amx = chosen  # type: ignore[assignment]
+
+
+def torch_tiles(w: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+    """The float32 path 16-bit weights took before kernels/float32_rows.c (and quantized ones still
+    take where the int8 path is off): slices unpacked to float32, PyTorch's product on tiles of
+    exactly TOKEN_TILE rows (so that a row's bits do not depend on M)."""
+    M, (N, K) = x.shape[0], w.shape
+    tile = packed.TOKEN_TILE
+    tiles = (M + tile - 1) // tile
+    padded = x.new_zeros(tiles * tile, K)
+    padded[:M] = x
+    out_t = torch.empty(tiles, N, tile)
+    rows = max(1, min(N, packed.UNPACK_BYTES // (K * 4)))
+    for start in range(0, N, rows):
+        end = min(N, start + rows)
+        unpacked = w.unpack_rows(start, end, torch.empty(end - start, K))
+        for t in range(tiles):
+            torch.mm(unpacked, padded[t * tile : (t + 1) * tile].t(), out=out_t[t, start:end])
+    return out_t.transpose(1, 2).reshape(tiles * tile, N)[:M]
+
+
+def half_products(type_name: str, rows: int, flops: float) -> None:
+    """16-bit weights where bfloat16 is not native: float32_rows.c against PyTorch's float32 product
+    in tiles of 64 (and oneDNN's bfloat16 where it multiplies bfloat16 at all), alternating."""
+    weights = [gguf_weight(type_name, n, k) for n, k in SHAPES]
+    xs = [torch.randn(rows, k) for _, k in SHAPES]
+    paths = {"float32_rows.c": lambda w, x: w._float32_matmul(x), "PyTorch tiles of 64": torch_tiles}
+    if packed._bf16_products_possible():  # the weights in bfloat16 beforehand: the product alone
+        as_bf16 = {id(w): w.dequantized(torch.bfloat16) for w in weights}
+        paths["oneDNN bfloat16"] = lambda w, x: torch.nn.functional.linear(x.bfloat16(), as_bf16[id(w)])
+    best = dict.fromkeys(paths, float("inf"))
+    for _ in range(5):
+        for path, product in paths.items():
+            start = time.perf_counter()
+            for w, x in zip(weights, xs, strict=True):
+                product(w, x)
+            best[path] = min(best[path], time.perf_counter() - start)
+    rates = {path: flops / seconds / 1e9 for path, seconds in best.items()}
+    print(
+        f"{type_name:5s} ({weights[0].layout}): "
+        + ", ".join(f"{path} {rate:6.1f}" for path, rate in rates.items())
+        + f" GFLOP/s; float32_rows.c / tiles {rates['float32_rows.c'] / rates['PyTorch tiles of 64']:.2f}x"
+    )
 
 
 def gguf_weight(type_name: str, n: int, k: int) -> PackedWeight:
@@ -94,6 +140,8 @@ def gguf_weight(type_name: str, n: int, k: int) -> PackedWeight:
     per_block = BLOCK_FORMATS[type_name][0] if type_name in BLOCK_FORMATS else 1
     if type_name == "F16":
         return PackedWeight("f16", (n, k), {"w": placed(torch.randn(n, k).half())})
+    if type_name == "BF16":
+        return PackedWeight("bf16", (n, k), {"w": placed(torch.randn(n, k).bfloat16())})
     raw = np.ascontiguousarray(random_blocks(type_name, n * k // per_block, np.random.default_rng(n + k)))
     return pack_gguf(placed(torch.from_numpy(raw.view(np.uint8).reshape(-1).copy())), type_name, (n, k))
 

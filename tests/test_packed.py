@@ -365,6 +365,12 @@ def test_16_bit_prompt_rows_in_float32_are_one_fma_chain_each(type_name, isa, mo
         assert torch.equal(out[i], packed._unpacked_matmul(x[i : i + 1])[0]), f"row {i}"
     shuffled = packed._unpacked_matmul(torch.cat([x[20:], x[:20]]))  # every row at another position
     assert torch.equal(torch.cat([shuffled[9:], shuffled[:9]]), out)
+    default = torch.get_num_threads()
+    try:  # panels taken by other threads, in another order (for_each_group): the same chains
+        torch.set_num_threads(3)
+        assert torch.equal(packed._unpacked_matmul(x), out)
+    finally:
+        torch.set_num_threads(default)
     exact = x.double() @ stored.T
     bound = k * 2.0**-24 * (x.double().abs() @ stored.abs().T)
     assert ((out.double() - exact).abs() <= bound).all()

@@ -342,6 +342,10 @@ def c_kernel(q, k, v, mask, start):
     return decode_block.c_attention(q, k, v, mask)
 
 
+def c_kernel_float32(q, k, v, mask, start):
+    return decode_block.c_attention(q, k, v, mask, torch.float32)
+
+
 def c_attention_level(level: str) -> bool:
     """Whether prompt_attention.c runs on its `level` engine (2 AMX, 1 AVX-512 BF16) on this CPU."""
     engine = {"amx": 2, "avx512": 1}[level]
@@ -352,12 +356,22 @@ def c_attention_level(level: str) -> bool:
         )
 
 
+def c_float32_attention_runs() -> bool:
+    """Whether prompt_attention_f32.c runs here: an AVX-512 build (its level, whatever the CPU has above)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PLAINLLAMA_ISA", "avx512")
+        return kernels.available() and kernels.function("kernel_level")() == 3
+
+
 C_LEVELS = [level for level in ("amx", "avx512") if c_attention_level(level)]
+C_FLOAT32 = ["c-float32"] if c_float32_attention_runs() else []
 ATTENTIONS = {  # the prompt path's attention, each way it is computed: name -> (function, its bfloat16 or not)
     "pytorch-bfloat16": (pytorch_tiles(torch.bfloat16), True),
     "pytorch-float32": (pytorch_tiles(torch.float32), False),
     **{f"c-{level}": (c_kernel, True) for level in C_LEVELS},  # prompt_attention.c's engines this CPU has
+    **{name: (c_kernel_float32, False) for name in C_FLOAT32},  # prompt_attention_f32.c, at the avx512 level
 }
+C_ENGINE_LEVELS = {"c-amx": "amx", "c-avx512": "avx512", "c-float32": "avx512"}
 
 
 def float64_attention(q, k, v, mask) -> torch.Tensor:
@@ -380,8 +394,9 @@ def float64_attention(q, k, v, mask) -> torch.Tensor:
     ],
 )
 def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(attention, length, cuts, monkeypatch):
-    """The prompt path's attention (decode_block.query_tiles_attention through PyTorch, or
-    kernels/prompt_attention.c on AMX and with AVX-512 BF16): a prompt's queries computed in chunks
+    """The prompt path's attention (decode_block.query_tiles_attention through PyTorch,
+    kernels/prompt_attention.c on AMX and with AVX-512 BF16, or prompt_attention_f32.c in float32 on
+    AVX-512 CPUs without BF16): a prompt's queries computed in chunks
     (each against the keys so far, as the prefix cache and chunked prompts do) equal the same queries
     computed together, bit for bit (PyTorch's fused attention alone did not: its blocking follows the
     number of queries and keys). Oracle for the numbers: float64 softmax attention with the same causal
@@ -389,7 +404,7 @@ def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(attention, 
     rounded to bfloat16 before they multiply v; float32: sums of float32 products)."""
     attend, bfloat16 = ATTENTIONS[attention]
     if attention.startswith("c-"):
-        monkeypatch.setenv("PLAINLLAMA_ISA", attention.removeprefix("c-"))  # whatever a module fixture left set
+        monkeypatch.setenv("PLAINLLAMA_ISA", C_ENGINE_LEVELS[attention])  # whatever a module fixture left set
     H, K, Hd = 9, 3, 64  # the default model's heads
     generator = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(1, n, length, Hd, generator=generator) for n in (H, K, K))
@@ -406,17 +421,19 @@ def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(attention, 
     assert error < (2e-2 if bfloat16 else 1e-5) * reference.abs().max().item()
 
 
-@pytest.mark.skipif(not C_LEVELS, reason="the kernels have no bfloat16 arithmetic here (AMX or AVX-512 BF16)")
-@pytest.mark.parametrize("level", C_LEVELS)
-@pytest.mark.parametrize("Hd", [64, 128])
-def test_c_attention_reads_caches_and_padded_batches(Hd, level, monkeypatch):
-    """kernels/prompt_attention.c (each engine this CPU runs) against float64 attention (the oracle
-    above) where the model hands it its inputs: queries inside the layer's qkv product (heads side by
-    side in rows of q, k and v), keys and values in a KV cache longer than the keys so far (read in
-    place, through the cache's strides), a left-padded batch's mask (model.causal_mask with padding:
-    each sequence its own mask row) and a prompt continued after cached positions. Tolerance: bfloat16
-    inputs and weights (2^-8 relative each), as in the test above."""
-    monkeypatch.setenv("PLAINLLAMA_ISA", level)  # whatever level a module fixture left set
+@pytest.mark.skipif(not C_LEVELS + C_FLOAT32, reason="no AVX-512 kernels here")
+@pytest.mark.parametrize("engine", [f"c-{level}" for level in C_LEVELS] + C_FLOAT32)
+@pytest.mark.parametrize("Hd", [64, 128, 96])
+def test_c_attention_reads_caches_and_padded_batches(Hd, engine, monkeypatch):
+    """kernels/prompt_attention.c (each engine this CPU runs) and prompt_attention_f32.c against
+    float64 attention (the oracle above) where the model hands it its inputs: queries inside the
+    layer's qkv product (heads side by side in rows of q, k and v), keys and values in a KV cache
+    longer than the keys so far (read in place, through the cache's strides), a left-padded batch's
+    mask (model.causal_mask with padding: each sequence its own mask row, and the padded rows see
+    nothing but their own position) and a prompt continued after cached positions. Tolerance: bfloat16
+    inputs and weights (2^-8 relative each), as in the test above; float32: sums of float32 products."""
+    monkeypatch.setenv("PLAINLLAMA_ISA", C_ENGINE_LEVELS[engine])  # whatever level a module fixture left set
+    dtype = torch.float32 if engine == "c-float32" else torch.bfloat16
     B, T, start, H, K, capacity = 3, 45, 30, 8, 2, 96
     generator = torch.Generator().manual_seed(Hd)
     qkv = torch.randn(B, T, (H + 2 * K) * Hd, generator=generator)
@@ -427,9 +444,10 @@ def test_c_attention_reads_caches_and_padded_batches(Hd, level, monkeypatch):
     end = start + T
     k, v = cache_k[:, :, :end], cache_v[:, :, :end]
     mask = causal_mask(start, T, "cpu", pad=torch.tensor([0, 7, 33]))  # [B, 1, T, end]
-    out = decode_block.c_attention(q, k, v, mask)
+    out = decode_block.c_attention(q, k, v, mask, dtype)
     reference = float64_attention(q, k, v, mask)
     assert out.shape == (B, T, H * Hd)
-    assert (out.double() - reference).abs().max().item() < 2e-2 * reference.abs().max().item()
+    bound = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert (out.double() - reference).abs().max().item() < bound * reference.abs().max().item()
     # the same numbers from contiguous copies: the strides are read, not assumed
-    assert torch.equal(decode_block.c_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask), out)
+    assert torch.equal(decode_block.c_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask, dtype), out)

@@ -125,22 +125,28 @@ def query_tiles_attention(q, k, v, mask, start: int, dtype: torch.dtype) -> torc
     return out
 
 
-def c_attention_runs(q, k, v) -> bool:
-    """Whether prompt_attention (kernels/prompt_attention.c) can take these: kernels built with bfloat16
-    arithmetic (AMX, or AVX-512 BF16), float32 on the CPU, a head dimension that is a multiple of 32."""
+def c_attention_runs(q, k, v, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether attention in `dtype` can run in C for these: in bfloat16, prompt_attention
+    (kernels/prompt_attention.c: kernels built with AMX or AVX-512 BF16); in float32,
+    prompt_attention_f32 (kernels/prompt_attention_f32.c: any AVX-512 build). Both take float32 q, k,
+    v on the CPU with a head dimension that is a multiple of 32."""
+    if not kernels.available():
+        return False
+    if dtype == torch.bfloat16:
+        runs = kernels.function("prompt_attention_engine")() > 0
+    else:
+        runs = dtype == torch.float32 and kernels.function("kernel_level")() == 3
     return (
-        kernels.available()
-        and kernels.function("prompt_attention_engine")() > 0
-        and q.shape[-1] % 32 == 0
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, v))
+        runs and q.shape[-1] % 32 == 0 and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, v))
     )
 
 
-def c_attention(q, k, v, mask) -> torch.Tensor:
-    """query_tiles_attention's numbers computed in one C call (kernels/prompt_attention.c, on AMX or
-    with AVX-512 BF16): the queries q [B, H, T, Hd] against keys and values k, v [B, K, end, Hd] with a
-    boolean mask [T, end] or [B, 1, T, end] (True: the key may be seen) -> [B, T, H Hd] float32. In
-    bfloat16 with float32 sums, and every query's result independent of the other queries in the call.
+def c_attention(q, k, v, mask, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """query_tiles_attention's numbers computed in one C call (in bfloat16 with float32 sums:
+    kernels/prompt_attention.c, on AMX or with AVX-512 BF16; in float32: prompt_attention_f32.c): the
+    queries q [B, H, T, Hd] against keys and values k, v [B, K, end, Hd] with a boolean mask [T, end]
+    or [B, 1, T, end] (True: the key may be seen) -> [B, T, H Hd] float32, every query's result
+    independent of the other queries in the call.
     q, k and v are read where they lie when their head dimension is contiguous (q: heads side by side
     in a row, as the layer's qkv product gives them; k, v: a KV cache's views)."""
     B, H, T, Hd = q.shape
@@ -154,13 +160,14 @@ def c_attention(q, k, v, mask) -> torch.Tensor:
         raise ValueError(f"attention mask of shape {tuple(mask.shape)} for {T} queries and {end} keys")
     mask_rows = 1 if mask.dim() == 2 else mask.shape[0]
     out = torch.empty(B, T, H * Hd)
+    name = "prompt_attention" if dtype == torch.bfloat16 else "prompt_attention_f32"
     kernels.check(
-        kernels.function("prompt_attention")(
+        kernels.function(name)(
             q.data_ptr(), q.stride(0), q.stride(2),
             k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
             B, T, H, K, Hd, end, mask.data_ptr(), mask_rows, out.data_ptr(),
         ),
-        "prompt_attention",
+        name,
     )  # fmt: skip
     return out
 
@@ -262,8 +269,8 @@ class KernelBlock(TransformerBlock):
         dtype = torch.bfloat16 if _bf16_products_fast() else torch.float32
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # [B, K, S, Hd]
-        if mask is not None and dtype == torch.bfloat16 and c_attention_runs(q, k, v):
-            return c_attention(q, k, v, mask)
+        if mask is not None and c_attention_runs(q, k, v, dtype):
+            return c_attention(q, k, v, mask, dtype)
         if cache is None or mask is None:  # no cache to continue from (or no mask: keys not by position)
             out = F.scaled_dot_product_attention(
                 q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, enable_gqa=H != K

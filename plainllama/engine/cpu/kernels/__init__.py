@@ -47,6 +47,7 @@ SOURCES = [
         "float32_rows.c",
         "amx_matmul.c",
         "prompt_attention.c",
+        "prompt_attention_f32.c",
         "decode_layer.c",
     )
 ]

@@ -121,6 +121,11 @@ int prompt_attention_engine(void);
 int prompt_attention(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h,
                      long kv_t, int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows,
                      float *out);
+/* prompt_attention_f32.c: the same in float32, for AVX-512 builds (kernel_level() 3) whose CPU has no
+ * bfloat16 arithmetic; elsewhere it returns STATUS_BAD_LAYOUT */
+int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h,
+                         long kv_t, int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows,
+                         float *out);
 
 /* decode_layer.c: one decode step of a layer (one new token per row), and a prompt's in-between steps */
 int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows, float *cache_k,

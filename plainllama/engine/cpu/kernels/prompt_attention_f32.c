@@ -1,0 +1,226 @@
+/* Attention for prompts in float32 on CPUs with AVX-512 but without bfloat16 arithmetic (Intel
+ * Skylake-X to Ice Lake and Tiger Lake), where prompt_attention.c cannot run: out = softmax(q k^T /
+ * sqrt(Hd)) v with a boolean mask, the same arguments and the same flash-attention order as
+ * prompt_attention.c, in float32 throughout (as PyTorch's float32 attention).
+ *
+ * Why: there the prompt's attention ran PyTorch's attention on tiles of 32 queries
+ * (decode_block.query_tiles_attention, so that a query's numbers do not depend on the other queries),
+ * 7.5% of a 1B-shaped Q6_K prompt's time on an Ice Lake emulated, with the copies and masks around it.
+ *
+ * How, per task (32 queries of one head of one sequence), for each block of 32 keys counted from key 0:
+ *   scores S [32 x 32] = Q K^T: the block's keys transposed to K^T [Hd][32] (16 x 16 transposes), then
+ *            12 queries at a time walk it with 24 accumulators, one broadcast of q[d] per query;
+ *   softmax  per query: scale, mask, the new maximum, e^(s - max) (exp16.h), the sum, P in S;
+ *   P V      32 head dims at a time: each key's row of V read where it lies, 12 queries' weights
+ *            broadcast, 24 accumulators; then o = o * e^(old max - new max) + P V.
+ * A query's numbers are computed from that query alone, its key blocks start at key 0, and a block in
+ * which it sees no key changes nothing (its maximum stays, e^0 = 1 exactly, its weights are 0), so
+ * the result is the same in any company (the server's prefix cache and chunked prompts rely on it;
+ * tests/test_continuous.py). A query whose mask row allows nothing gets zeros. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "plainllama.h"
+#include "vectors.h"
+
+#if KERNELS_AVX512
+
+#include "exp16.h"
+
+#define QUERIES 32 /* queries per task */
+#define KEYS 32    /* keys per step of the running softmax, in blocks from key 0 */
+#define ROWS 12    /* queries per pass of the two products: 24 accumulators */
+
+typedef struct {
+    const float *q, *k, *v;
+    long q_b, q_t, kv_b, kv_h, kv_t;
+    int B, T, H, K, Hd, end;
+    const uint8_t *allowed;
+    int mask_rows;
+    float *out;
+} Call;
+
+/* Per thread: the block's K^T [Hd][KEYS], the scores then weights [QUERIES][KEYS], o and P V [QUERIES][Hd] */
+typedef struct {
+    float *kt, *S, *o, *pv;
+} Scratch;
+
+/* Keys kb .. kb + KEYS - 1 (zeros from `count` on) of key/value head g of sequence b -> kt [Hd][KEYS] */
+static void transposed_keys(const Call *c, int b, int g, int kb, int count, float *kt) {
+    const float *k = c->k + b * c->kv_b + g * c->kv_h + (long)kb * c->kv_t;
+    for (int d0 = 0; d0 < c->Hd; d0 += 16)
+        for (int half = 0; half < 2; half++) {
+            __m512i r[16];
+            for (int j = 0; j < 16; j++) {
+                int key = 16 * half + j;
+                r[j] = key < count ? _mm512_castps_si512(_mm512_loadu_ps(k + key * c->kv_t + d0)) : _mm512_setzero_si512();
+            }
+            transpose16(r); /* r[dd]: dim d0 + dd of the 16 keys */
+            for (int dd = 0; dd < 16; dd++) _mm512_store_si512(kt + (d0 + dd) * KEYS + 16 * half, r[dd]);
+        }
+}
+
+/* S [n x KEYS] for queries q0 .. q0 + n - 1 (rows `q_t` floats apart): sum over d of q[d] K^T[d] */
+static inline __attribute__((always_inline)) void scores(const float *q, long q_t, const float *kt, int Hd, int n, float *S) {
+    __m512 acc[ROWS][2];
+    for (int i = 0; i < n; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    int d = 0;
+    do { /* a do-while (Hd >= 32): see float32_rows.c */
+        __m512 k0 = _mm512_load_ps(kt + d * KEYS), k1 = _mm512_load_ps(kt + d * KEYS + 16);
+        for (int i = 0; i < n; i++) {
+            __m512 qd = _mm512_set1_ps(q[i * q_t + d]);
+            acc[i][0] = _mm512_fmadd_ps(qd, k0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(qd, k1, acc[i][1]);
+        }
+    } while (++d < Hd);
+    for (int i = 0; i < n; i++) {
+        _mm512_store_ps(S + i * KEYS, acc[i][0]);
+        _mm512_store_ps(S + i * KEYS + 16, acc[i][1]);
+    }
+}
+
+/* P V [n x 32 dims] for queries i0 .. (weights P rows of KEYS) and dims d0 .. d0 + 31: sum over the
+ * block's `count` keys of P[key] V[key] (keys past count have weight 0 and are not read) */
+static inline __attribute__((always_inline)) void weighted_values(const float *P, const float *v, long kv_t, int count, int n,
+                                                                  float *pv, int Hd) {
+    __m512 acc[ROWS][2];
+    for (int i = 0; i < n; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    int key = 0;
+    do { /* count >= 1 */
+        __m512 v0 = _mm512_loadu_ps(v + key * kv_t), v1 = _mm512_loadu_ps(v + key * kv_t + 16);
+        for (int i = 0; i < n; i++) {
+            __m512 p = _mm512_set1_ps(P[i * KEYS + key]);
+            acc[i][0] = _mm512_fmadd_ps(p, v0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(p, v1, acc[i][1]);
+        }
+    } while (++key < count);
+    for (int i = 0; i < n; i++) {
+        _mm512_store_ps(pv + i * Hd, acc[i][0]);
+        _mm512_store_ps(pv + i * Hd + 16, acc[i][1]);
+    }
+}
+
+/* Every n of 1 .. ROWS with its constant */
+typedef void ScoresFn(const float *q, long q_t, const float *kt, int Hd, float *S);
+typedef void ValuesFn(const float *P, const float *v, long kv_t, int count, float *pv, int Hd);
+#define PASSES(N)                                                                                                         \
+    static void scores_##N(const float *q, long q_t, const float *kt, int Hd, float *S) { scores(q, q_t, kt, Hd, N, S); } \
+    static void values_##N(const float *P, const float *v, long kv_t, int count, float *pv, int Hd) {                   \
+        weighted_values(P, v, kv_t, count, N, pv, Hd);                                                                    \
+    }
+PASSES(1) PASSES(2) PASSES(3) PASSES(4) PASSES(5) PASSES(6) PASSES(7) PASSES(8) PASSES(9) PASSES(10) PASSES(11) PASSES(12)
+static ScoresFn *const SCORES[ROWS] = {scores_1, scores_2, scores_3, scores_4,  scores_5,  scores_6,
+                                       scores_7, scores_8, scores_9, scores_10, scores_11, scores_12};
+static ValuesFn *const VALUES[ROWS] = {values_1, values_2, values_3, values_4,  values_5,  values_6,
+                                       values_7, values_8, values_9, values_10, values_11, values_12};
+
+/* Queries r0 .. r0 + rows - 1 of head h of sequence b against the keys 0 .. stop - 1 -> out */
+static void attend(const Call *c, int b, int h, int r0, int stop, Scratch *w) {
+    int Hd = c->Hd, g = h / (c->H / c->K), rows = c->T - r0 < QUERIES ? c->T - r0 : QUERIES;
+    const float *q = c->q + b * c->q_b + r0 * c->q_t + (long)h * Hd;
+    const float *v = c->v + b * c->kv_b + g * c->kv_h;
+    const uint8_t *mask = c->allowed ? c->allowed + ((long)(c->mask_rows > 1 ? b : 0) * c->T + r0) * c->end : NULL;
+    __m512 vscale = _mm512_set1_ps(1.0f / sqrtf((float)Hd)), minus_inf = _mm512_set1_ps(-INFINITY);
+    float m[QUERIES], l[QUERIES], alpha[QUERIES];
+    for (int i = 0; i < rows; i++) m[i] = -INFINITY, l[i] = 0.0f;
+    memset(w->o, 0, sizeof(float) * rows * Hd);
+    for (int kb = 0; kb < stop; kb += KEYS) {
+        int count = c->end - kb < KEYS ? c->end - kb : KEYS; /* keys past `end` are zeros, never seen */
+        __mmask32 real = count == KEYS ? 0xFFFFFFFFu : ((1u << count) - 1);
+        transposed_keys(c, b, g, kb, count, w->kt);
+        for (int i0 = 0; i0 < rows; i0 += ROWS) {
+            int n = rows - i0 < ROWS ? rows - i0 : ROWS;
+            SCORES[n - 1](q + i0 * c->q_t, c->q_t, w->kt, Hd, w->S + i0 * KEYS);
+        }
+        for (int i = 0; i < rows; i++) { /* P = e^(s / sqrt(Hd) - max) where seen, 0 elsewhere, into S */
+            float *s = w->S + i * KEYS;
+            __mmask32 seen = real;
+            if (mask)
+                seen = _mm256_mask_cmpneq_epi8_mask(real, _mm256_maskz_loadu_epi8(real, mask + (long)i * c->end + kb), _mm256_setzero_si256());
+            __m512 s0 = _mm512_mul_ps(_mm512_load_ps(s), vscale), s1 = _mm512_mul_ps(_mm512_load_ps(s + 16), vscale);
+            float best = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(minus_inf, (__mmask16)seen, s0),
+                                                            _mm512_mask_mov_ps(minus_inf, (__mmask16)(seen >> 16), s1)));
+            float now = best > m[i] ? best : m[i];
+            /* nothing seen yet (now = -inf): 1; a first finite maximum after -inf: e^-inf = 0 */
+            alpha[i] = now == -INFINITY ? 1.0f : m[i] == -INFINITY ? 0.0f : _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[i] - now)));
+            m[i] = now;
+            __m512 p0 = _mm512_maskz_mov_ps((__mmask16)seen, exp16(_mm512_sub_ps(s0, _mm512_set1_ps(now))));
+            __m512 p1 = _mm512_maskz_mov_ps((__mmask16)(seen >> 16), exp16(_mm512_sub_ps(s1, _mm512_set1_ps(now))));
+            l[i] = l[i] * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+            _mm512_store_ps(s, p0);
+            _mm512_store_ps(s + 16, p1);
+        }
+        for (int d0 = 0; d0 < Hd; d0 += 32)
+            for (int i0 = 0; i0 < rows; i0 += ROWS) {
+                int n = rows - i0 < ROWS ? rows - i0 : ROWS;
+                VALUES[n - 1](w->S + i0 * KEYS, v + (long)kb * c->kv_t + d0, c->kv_t, count, w->pv + i0 * Hd + d0, Hd);
+            }
+        for (int i = 0; i < rows; i++) { /* o = o e^(old max - new max) + P V */
+            __m512 a = _mm512_set1_ps(alpha[i]);
+            for (int d = 0; d < Hd; d += 16)
+                _mm512_store_ps(w->o + i * Hd + d, _mm512_fmadd_ps(_mm512_load_ps(w->o + i * Hd + d), a, _mm512_load_ps(w->pv + i * Hd + d)));
+        }
+    }
+    for (int i = 0; i < rows; i++) { /* o / l (no key seen: 0) */
+        float *dst = c->out + ((long)b * c->T + r0 + i) * c->H * Hd + (long)h * Hd;
+        __m512 total = _mm512_set1_ps(l[i]);
+        for (int d = 0; d < Hd; d += 16)
+            _mm512_storeu_ps(dst + d, l[i] > 0 ? _mm512_div_ps(_mm512_load_ps(w->o + i * Hd + d), total) : _mm512_setzero_ps());
+    }
+}
+
+int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h,
+                         long kv_t, int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows,
+                         float *out) {
+    if (Hd % 32 || Hd <= 0 || K <= 0 || H % K || end <= 0) return STATUS_BAD_WIDTH;
+    Call c = {q, k, v, q_b, q_t, kv_b, kv_h, kv_t, B, T, H, K, Hd, end, allowed, mask_rows, out};
+    int blocks = (T + QUERIES - 1) / QUERIES;
+    int status = STATUS_OK;
+#pragma omp parallel
+    {
+        Scratch w = {aligned_alloc(64, sizeof(float) * Hd * KEYS), aligned_alloc(64, sizeof(float) * QUERIES * KEYS),
+                     aligned_alloc(64, sizeof(float) * QUERIES * Hd), aligned_alloc(64, sizeof(float) * QUERIES * Hd)};
+        if (!w.kt || !w.S || !w.o || !w.pv) {
+#pragma omp atomic write
+            status = STATUS_OUT_OF_MEMORY;
+        }
+#pragma omp barrier
+        if (status == STATUS_OK) { /* every thread sees the same status here and takes the same loop */
+#pragma omp for collapse(3) schedule(dynamic)
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < H; h++)
+                    for (int qb = 0; qb < blocks; qb++) {
+                        int r0 = qb * QUERIES, stop = 0; /* one past the last key a query of the task sees */
+                        for (int t = r0; t < T && t < r0 + QUERIES; t++) {
+                            const uint8_t *row = allowed ? allowed + ((long)(mask_rows > 1 ? b : 0) * T + t) * end : NULL;
+                            int j = end;
+                            if (row)
+                                while (j > stop && !row[j - 1]) j--;
+                            if (j > stop) stop = j;
+                        }
+                        attend(&c, b, h, r0, stop, &w);
+                    }
+        }
+        free(w.kt);
+        free(w.S);
+        free(w.o);
+        free(w.pv);
+    }
+    return status;
+}
+
+#else
+
+int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h,
+                         long kv_t, int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows,
+                         float *out) {
+    (void)q; (void)q_b; (void)q_t; (void)k; (void)v; (void)kv_b; (void)kv_h; (void)kv_t; (void)B; (void)T; (void)H;
+    (void)K; (void)Hd; (void)end; (void)allowed; (void)mask_rows; (void)out;
+    return STATUS_BAD_LAYOUT;
+}
+
+#endif

@@ -89,31 +89,15 @@ def prompt_products(rows: int) -> None:
         packed._bf16_products_fast, packed._int8_prompts, kernels.amx = chosen  # type: ignore[assignment]
 
 
-def torch_tiles(w: PackedWeight, x: torch.Tensor) -> torch.Tensor:
-    """The float32 path 16-bit weights took before kernels/float32_rows.c (and quantized ones still
-    take where the int8 path is off): slices unpacked to float32, PyTorch's product on tiles of
-    exactly TOKEN_TILE rows (so that a row's bits do not depend on M)."""
-    M, (N, K) = x.shape[0], w.shape
-    tile = packed.TOKEN_TILE
-    tiles = (M + tile - 1) // tile
-    padded = x.new_zeros(tiles * tile, K)
-    padded[:M] = x
-    out_t = torch.empty(tiles, N, tile)
-    rows = max(1, min(N, packed.UNPACK_BYTES // (K * 4)))
-    for start in range(0, N, rows):
-        end = min(N, start + rows)
-        unpacked = w.unpack_rows(start, end, torch.empty(end - start, K))
-        for t in range(tiles):
-            torch.mm(unpacked, padded[t * tile : (t + 1) * tile].t(), out=out_t[t, start:end])
-    return out_t.transpose(1, 2).reshape(tiles * tile, N)[:M]
-
-
 def half_products(type_name: str, rows: int, flops: float) -> None:
     """16-bit weights where bfloat16 is not native: float32_rows.c against PyTorch's float32 product
     in tiles of 64 (and oneDNN's bfloat16 where it multiplies bfloat16 at all), alternating."""
     weights = [gguf_weight(type_name, n, k) for n, k in SHAPES]
     xs = [torch.randn(rows, k) for _, k in SHAPES]
-    paths = {"float32_rows.c": lambda w, x: w._float32_matmul(x), "PyTorch tiles of 64": torch_tiles}
+    paths = {  # PyTorch's tiles: the path 16-bit weights took before float32_rows.c
+        "float32_rows.c": lambda w, x: w._float32_matmul(x),
+        "PyTorch tiles of 64": lambda w, x: w._float32_tiles(x),
+    }
     if packed._bf16_products_possible():  # the weights in bfloat16 beforehand: the product alone
         as_bf16 = {id(w): w.dequantized(torch.bfloat16) for w in weights}
         paths["oneDNN bfloat16"] = lambda w, x: torch.nn.functional.linear(x.bfloat16(), as_bf16[id(w)])

@@ -421,6 +421,17 @@ def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(attention, 
     assert error < (2e-2 if bfloat16 else 1e-5) * reference.abs().max().item()
 
 
+@pytest.mark.skipif("avx2" not in kernels.levels(), reason="no AVX2 kernels here")
+def test_float32_c_attention_is_not_taken_below_avx512_and_says_why(monkeypatch):
+    """At the AVX2 level prompt_attention_f32.c is not built: the prompt path does not pick it, and a
+    call anyway gets the kernels' own message rather than garbage."""
+    monkeypatch.setenv("PLAINLLAMA_ISA", "avx2")
+    q, k, v = torch.randn(1, 2, 5, 32), torch.randn(1, 1, 5, 32), torch.randn(1, 1, 5, 32)
+    assert not decode_block.c_attention_runs(q, k, v, torch.float32)
+    with pytest.raises(RuntimeError, match="no AVX-512"):
+        decode_block.c_attention(q, k, v, causal_mask(0, 5, "cpu"), torch.float32)
+
+
 @pytest.mark.skipif(not C_LEVELS + C_FLOAT32, reason="no AVX-512 kernels here")
 @pytest.mark.parametrize("engine", [f"c-{level}" for level in C_LEVELS] + C_FLOAT32)
 @pytest.mark.parametrize("Hd", [64, 128, 96])

@@ -528,7 +528,7 @@ class PackedWeight(nn.Module):
         int8 path is turned off, as products.py --prompt does to compare) the rows go in tiles of
         that many, the last padded with zeros, each W slice multiplied by each tile."""
         M, (N, K) = x.shape[0], self.shape
-        if self.layout in ("f16", "bf16") and K % 32 == 0:
+        if self.layout in ("f16", "bf16") and K % 32 == 0 and kernels.available():
             out = torch.empty(M, N, dtype=torch.float32)
             x = x.contiguous()
             code = kernels.function("half_rows_matmul")(
@@ -536,6 +536,11 @@ class PackedWeight(nn.Module):
             )
             kernels.check(code, "half_rows_matmul")
             return out
+        return self._float32_tiles(x)
+
+    def _float32_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """_float32_matmul through PyTorch's float32 product on tiles of exactly TOKEN_TILE rows."""
+        M, (N, K) = x.shape[0], self.shape
         tiles = (M + TOKEN_TILE - 1) // TOKEN_TILE
         padded = x.new_zeros(tiles * TOKEN_TILE, K)
         padded[:M] = x

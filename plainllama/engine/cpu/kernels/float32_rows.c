@@ -61,19 +61,7 @@ static void fill_panel(const HalfRowsProduct *p, int n0, float *panel) {
 /* Rows i0 .. i0 + XR - 1 of x times the panel -> their columns n0 .. of out (XR a constant at each call) */
 static inline __attribute__((always_inline)) void panel_rows(const HalfRowsProduct *p, const float *panel, int n0, int i0, int XR) {
     __m512 acc[X_ROWS][2];
-    for (int i = 0; i < XR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    const float *x = p->x + (size_t)i0 * p->K;
-    const int K = p->K; /* K >= 32: a do-while, as a for loop that may run no step made gcc -O3 store
-                         * the sums to memory at every step (AVX2: 144 -> 207 GFLOP/s) */
-    int k = 0;
-    do {
-        __m512 w0 = _mm512_load_ps(panel + (size_t)k * PANEL), w1 = _mm512_load_ps(panel + (size_t)k * PANEL + 16);
-        for (int i = 0; i < XR; i++) {
-            __m512 xk = _mm512_set1_ps(x[(size_t)i * K + k]);
-            acc[i][0] = _mm512_fmadd_ps(xk, w0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(xk, w1, acc[i][1]);
-        }
-    } while (++k < K);
+    rows_times_32(p->x + (size_t)i0 * p->K, p->K, panel, PANEL, p->K, XR, acc);
     int columns = p->N - n0 < PANEL ? p->N - n0 : PANEL;
     __mmask16 lo = columns >= 16 ? 0xFFFF : (__mmask16)((1u << columns) - 1);
     __mmask16 hi = columns >= 32 ? 0xFFFF : columns > 16 ? (__mmask16)((1u << (columns - 16)) - 1) : 0;

@@ -64,40 +64,22 @@ static void transposed_keys(const Call *c, int b, int g, int kb, int count, floa
         }
 }
 
-/* S [n x KEYS] for queries q0 .. q0 + n - 1 (rows `q_t` floats apart): sum over d of q[d] K^T[d] */
+/* S [n x KEYS] for queries q0 .. q0 + n - 1 (rows `q_t` floats apart): the sum over d of q[d] K^T[d] */
 static inline __attribute__((always_inline)) void scores(const float *q, long q_t, const float *kt, int Hd, int n, float *S) {
     __m512 acc[ROWS][2];
-    for (int i = 0; i < n; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    int d = 0;
-    do { /* a do-while (Hd >= 32): see float32_rows.c */
-        __m512 k0 = _mm512_load_ps(kt + d * KEYS), k1 = _mm512_load_ps(kt + d * KEYS + 16);
-        for (int i = 0; i < n; i++) {
-            __m512 qd = _mm512_set1_ps(q[i * q_t + d]);
-            acc[i][0] = _mm512_fmadd_ps(qd, k0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(qd, k1, acc[i][1]);
-        }
-    } while (++d < Hd);
+    rows_times_32(q, q_t, kt, KEYS, Hd, n, acc);
     for (int i = 0; i < n; i++) {
         _mm512_store_ps(S + i * KEYS, acc[i][0]);
         _mm512_store_ps(S + i * KEYS + 16, acc[i][1]);
     }
 }
 
-/* P V [n x 32 dims] for queries i0 .. (weights P rows of KEYS) and dims d0 .. d0 + 31: sum over the
- * block's `count` keys of P[key] V[key] (keys past count have weight 0 and are not read) */
+/* P V [n x 32 dims] for queries i0 .. (weights P rows of KEYS) and dims d0 .. d0 + 31: the sum over
+ * the block's `count` keys of P[key] V[key] (keys past count have weight 0 and are not read) */
 static inline __attribute__((always_inline)) void weighted_values(const float *P, const float *v, long kv_t, int count, int n,
                                                                   float *pv, int Hd) {
     __m512 acc[ROWS][2];
-    for (int i = 0; i < n; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    int key = 0;
-    do { /* count >= 1 */
-        __m512 v0 = _mm512_loadu_ps(v + key * kv_t), v1 = _mm512_loadu_ps(v + key * kv_t + 16);
-        for (int i = 0; i < n; i++) {
-            __m512 p = _mm512_set1_ps(P[i * KEYS + key]);
-            acc[i][0] = _mm512_fmadd_ps(p, v0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(p, v1, acc[i][1]);
-        }
-    } while (++key < count);
+    rows_times_32(P, KEYS, v, kv_t, count, n, acc);
     for (int i = 0; i < n; i++) {
         _mm512_store_ps(pv + i * Hd, acc[i][0]);
         _mm512_store_ps(pv + i * Hd + 16, acc[i][1]);
@@ -220,7 +202,7 @@ int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, con
                          float *out) {
     (void)q; (void)q_b; (void)q_t; (void)k; (void)v; (void)kv_b; (void)kv_h; (void)kv_t; (void)B; (void)T; (void)H;
     (void)K; (void)Hd; (void)end; (void)allowed; (void)mask_rows; (void)out;
-    return STATUS_BAD_LAYOUT;
+    return STATUS_NO_AVX512;
 }
 
 #endif

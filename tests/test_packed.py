@@ -527,11 +527,13 @@ needs_amx = pytest.mark.skipif(
 
 
 AMX_SHAPES = [  # rows, n, k
-    (512, 256, 512),  # whole blocks of 32 rows and 8 panels of 16 outputs
-    (77, 144, 4352),  # a partial block of rows, 9 panels (8, then one alone), 136 k-steps (chunks of 128, then 8)
+    (512, 256, 512),  # whole blocks of 32 rows and 16 panels of 16 outputs
+    (77, 144, 4352),  # a partial block of rows, 9 panels (an odd one alone), 136 k-steps (chunks of 64, then 8)
+    (40, 560, 2304),  # 35 panels (blocks of 16, then an odd 3), 72 k-steps: a chunk of 64, then 8
     (9, 48, 256),  # 3 panels: the last pair has only one
     (1, 16, 768),  # one row
     (77, 144, 4160),  # 130 k-steps: a last chunk of 2, a last staging group of 2 (layouts with blocks of 32)
+    (33, 64, 2240),  # 70 k-steps: a last chunk of 6, short of one A_STEPS run of 8 (layouts with blocks of 32)
     (9, 48, 64),  # 2 k-steps (layouts with blocks of 32)
 ]
 # The layouts amx_matmul.c unpacks itself (block_bf16), then those it unpacks through the oneDNN
@@ -596,14 +598,22 @@ def test_amx_products_are_float32_sums_of_bfloat16_products(layout, rows, n, k):
     assert torch.equal(alone[0], out[-1])
 
 
+SWIGLU_SHAPES = [  # rows, f, k
+    (512, 256, 512),  # whole blocks of rows; 8 panels of the gate and 8 of the up per thread block
+    (77, 144, 4352),  # a partial block of rows, 9 panels, 136 k-steps (chunks of 64, then 8)
+    (9, 16, 768),  # one panel of each
+    (33, 64, 2240),  # 70 k-steps: a last chunk of 6, short of one A_STEPS run of 8 (layouts with blocks of 32)
+]
+
+
 @needs_amx
-@pytest.mark.parametrize("layout", AMX_DIRECT + AMX_STAGED)
 @pytest.mark.parametrize(
-    "rows, f, k",
+    "layout, rows, f, k",
     [
-        (512, 64, 512),  # whole blocks of rows; 4 panels of the gate and 4 of the up per thread block
-        (77, 144, 4352),  # a partial block of rows, 9 panels (4, 4, then 1), 136 k-steps (chunks of 128, then 8)
-        (9, 16, 768),  # one panel of each
+        (layout, *shape)
+        for layout in AMX_DIRECT + AMX_STAGED
+        for shape in SWIGLU_SHAPES
+        if shape[2] % BLOCK_FORMATS.get(layout, (32,))[0] == 0
     ],
 )
 def test_amx_swiglu_is_the_product_then_swiglu(layout, rows, f, k):

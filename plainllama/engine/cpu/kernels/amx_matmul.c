@@ -25,12 +25,22 @@
  * Before they came here (measured on a Xeon with AMX, 2 cores, 1B shapes, 512 rows): Q4_K, Q5_K and
  * Q6_K matrices went the oneDNN way at 0.67-0.68 TFLOP/s, against 1.4-1.5 for q4, q8 and f16 here.
  *
- * Blocking: a thread takes BLOCK_PANELS panels of 16 output features, unpacks them K_CHUNK k-steps
- * at a time (1 MB: stays in the core's 2 MB L2), and runs every block of 32 rows of x over them,
- * reloading the partial sums from `out` between chunks. Measured on the 1B shapes (2 cores): 1.7-2.0
- * TFLOP/s including the unpacking, against 1.0-1.7 for oneDNN on already-unpacked bfloat16. Chunks of
- * 128 k-steps rather than 64: the [2048, 8192] product with weights from memory 1.66 against 1.58
- * TFLOP/s (medians, alternating); 256 steps (2 MB) fell to 1.21, and 4 panels of 256 steps to 1.46.
+ * Blocking: a thread takes BLOCK_PANELS panels of 16 output features and unpacks them K_CHUNK k-steps
+ * at a time (1 MB: stays in the core's 2 MB L2). Then, for every block of 32 rows of x, A_STEPS
+ * k-steps of its A tiles (16 KB) serve each pair of panels in turn while they stay in L1, with the
+ * four C tiles of the pair kept between runs in a small buffer of the thread's (`sums`, in L1; per
+ * block of rows when K takes several chunks). Why: a tile product takes 16 cycles, and its 2 KB of
+ * loads came from L2 for both A and B, at ~25 bytes a cycle from L2 to L1 (measured: a loop of
+ * tile loads and products over 1 MB of tiles ran at 1.1-1.3 TFLOP/s on a core, with one operand in
+ * L1 at 2.7, with both in L1 at 3.0). Keeping A in L1 halves what comes from L2, and 16 panels a
+ * block rather than 8 halve how often x itself comes back from L3 (each pass over the rows re-reads
+ * all of x); storing and reloading C costs little in L1 but much on `out`'s rows N floats apart
+ * (the same cache sets). Measured on the 1B shapes (2 cores, alternating, same bits): 16 panels x 64
+ * steps x runs of 8 steps 1.09-1.17x the earlier 8 panels x 128 steps with whole-chunk runs (1.9-2.0
+ * -> 2.0-2.4 TFLOP/s with the unpacking, above oneDNN's 1.9-2.1 on already-unpacked bfloat16); 16 x
+ * 128 steps (2 MB) 0.96-0.99x, runs of 4 or 16 steps 1.03-1.05x and 0.98x, 24 or 32 panels x 32
+ * steps 0.97-1.09x. Unpacking the next chunk a tile at a time between tile products, to overlap it
+ * with AMX's work, gave nothing: the tile loop already keeps the loads busy.
  *
  * Built only where the compiler targets AMX (-march=native on such a CPU); elsewhere amx_matmul
  * returns STATUS_NO_AMX and packed.py keeps its oneDNN path.
@@ -56,13 +66,14 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux hands tile state to a process only on request */
 #define XFEATURE_XTILEDATA 18
 
-#define BLOCK_PANELS 8 /* panels of 16 output features a thread unpacks together */
-#define K_CHUNK 128    /* k-steps of 32 unpacked at a time: 8 panels x 128 steps x 1 KB = 1 MB */
+#define BLOCK_PANELS 16 /* panels of 16 output features a thread unpacks together */
+#define K_CHUNK 64      /* k-steps of 32 unpacked at a time: 16 panels x 64 steps x 1 KB = 1 MB */
+#define A_STEPS 8       /* k-steps of a block of rows' A tiles (2 x 8 KB) that serve every panel pair in turn */
 
 /* Panels per block, at most `most` and a multiple of `step`: the threads take whole blocks, so with
- * few panels (a small model's [576, 576]: 36 panels, 5 blocks of 8 for 2 threads, one idle for the
- * last) the size that leaves the fewest panel slots idle, the larger one on a tie (x is read once per
- * block). */
+ * few panels (a small model's [576, 576]: 36 panels; 3 blocks of 16 on 2 threads would leave a thread
+ * idle half the time, 6 blocks of 6 leave none) the size that leaves the fewest panel slots idle,
+ * the larger one on a tie (x is read once per block). */
 static int panels_per_block(int panels, int most, int step) {
     int threads = omp_get_max_threads(), best = most, idle_best = -1;
     for (int bp = most; bp >= step; bp -= step) {
@@ -176,6 +187,39 @@ static void pack_rows(const float *x, int M, int K, uint16_t *xp) {
     }
 }
 
+/* One run of tile products: C tiles 0-3 (rows 0-15 of A by B panel b0, rows 0-15 by b1, rows 16-31
+ * by b0, rows 16-31 by b1) start from `c` (four 1 KB tiles in that order), or from zeros if `fresh`,
+ * and add k-steps s1 .. end-1 of A tiles a0 (rows 0-15) and a1 (rows 16-31) times B tiles b0 and b1
+ * (a tile a k-step: 512 bfloat16 of A, 256 pairs of B). The sums stay in the tile registers. */
+static inline void tile_run(const float *c, int fresh, const uint16_t *a0, const uint16_t *a1, const uint32_t *b0,
+                            const uint32_t *b1, int s1, int end) {
+    if (fresh) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    } else {
+        _tile_loadd(0, c, 64);
+        _tile_loadd(1, c + 256, 64);
+        _tile_loadd(2, c + 512, 64);
+        _tile_loadd(3, c + 768, 64);
+    }
+    for (int s = s1; s < end; s++) {
+        _tile_loadd(4, a0 + 512 * s, 64);
+        _tile_loadd(5, a1 + 512 * s, 64);
+        _tile_loadd(6, b0 + 256 * s, 64);
+        _tile_loadd(7, b1 + 256 * s, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
+static inline void store_sums(float *c) {
+    _tile_stored(0, c, 64);
+    _tile_stored(1, c + 256, 64);
+    _tile_stored(2, c + 512, 64);
+    _tile_stored(3, c + 768, 64);
+}
+
 /* Whether the tiles can take W [N, K] here: STATUS_OK, or why not */
 static int can_multiply(const MatrixPart *W, int K, int N) {
     if (!amx_available()) return STATUS_NO_AMX;
@@ -202,7 +246,9 @@ int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *
         int ld_tail = 16 * BLOCK_PANELS; /* the last, partial block of rows goes to `tail` first */
         float *tail = aligned_alloc(64, (size_t)32 * ld_tail * sizeof(float));
         float spill[256] __attribute__((aligned(64))); /* products with the zero panel past N */
-        if (!tiles || !tail || !stage) {
+        int chunked = steps > K_CHUNK; /* partial sums kept per block of rows between chunks of K */
+        float *sums = aligned_alloc(64, (size_t)(chunked ? row_blocks : 1) * (BLOCK_PANELS / 2) * 4096);
+        if (!tiles || !tail || !stage || !sums) {
 #pragma omp atomic write
             status = STATUS_OUT_OF_MEMORY;
         }
@@ -215,47 +261,34 @@ int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *
             int p0 = block * per_block;
             int np = panels - p0 < per_block ? panels - p0 : per_block, np_even = (np + 1) & ~1;
             for (int s0 = 0; s0 < steps; s0 += K_CHUNK) {
-                int ns = steps - s0 < K_CHUNK ? steps - s0 : K_CHUNK;
+                int ns = steps - s0 < K_CHUNK ? steps - s0 : K_CHUNK, last_chunk = s0 + ns == steps;
                 pack_panels(W, K, N, p0, np_even, s0, ns, tiles, stage);
                 for (int rb = 0; rb < row_blocks; rb++) {
                     int whole = 32 * rb + 32 <= M;
                     float *o_block = whole ? out + (size_t)32 * rb * N + 16 * p0 : tail;
                     int ld = whole ? N : ld_tail;
                     const uint16_t *a0 = xp + ((size_t)2 * rb * steps + s0) * 512, *a1 = a0 + (size_t)steps * 512;
-                    for (int p = 0; p < np_even; p += 2) {
-                        const uint32_t *b0 = tiles + (size_t)p * ns * 256, *b1 = b0 + (size_t)ns * 256;
-                        float *o = o_block + 16 * p;
-                        int second = p + 1 < np;
-                        if (s0 == 0) {
-                            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                        } else { /* partial sums of the earlier chunks */
-                            _tile_loadd(0, o, ld * 4);
-                            _tile_loadd(2, o + (size_t)16 * ld, ld * 4);
-                            if (second) {
-                                _tile_loadd(1, o + 16, ld * 4);
-                                _tile_loadd(3, o + (size_t)16 * ld + 16, ld * 4);
-                            } else {
-                                _tile_zero(1); _tile_zero(3);
+                    float *sums_rb = sums + (size_t)(chunked ? rb : 0) * (BLOCK_PANELS / 2) * 1024;
+                    for (int s1 = 0; s1 < ns; s1 += A_STEPS) {
+                        int end = s1 + A_STEPS < ns ? s1 + A_STEPS : ns, final = last_chunk && end == ns;
+                        for (int p = 0; p < np_even; p += 2) {
+                            const uint32_t *b0 = tiles + (size_t)p * ns * 256, *b1 = b0 + (size_t)ns * 256;
+                            float *c = sums_rb + (size_t)(p / 2) * 1024; /* C tiles 0-3, 1 KB each */
+                            tile_run(c, s0 + s1 == 0, a0, a1, b0, b1, s1, end);
+                            if (!final) {
+                                store_sums(c);
+                                continue;
                             }
-                        }
-                        for (int s = 0; s < ns; s++) {
-                            _tile_loadd(4, a0 + 512 * s, 64);
-                            _tile_loadd(5, a1 + 512 * s, 64);
-                            _tile_loadd(6, b0 + 256 * s, 64);
-                            _tile_loadd(7, b1 + 256 * s, 64);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(1, 4, 7);
-                            _tile_dpbf16ps(2, 5, 6);
-                            _tile_dpbf16ps(3, 5, 7);
-                        }
-                        _tile_stored(0, o, ld * 4);
-                        _tile_stored(2, o + (size_t)16 * ld, ld * 4);
-                        if (second) {
-                            _tile_stored(1, o + 16, ld * 4);
-                            _tile_stored(3, o + (size_t)16 * ld + 16, ld * 4);
-                        } else {
-                            _tile_stored(1, spill, 64);
-                            _tile_stored(3, spill, 64);
+                            float *o = o_block + 16 * p;
+                            _tile_stored(0, o, ld * 4);
+                            _tile_stored(2, o + (size_t)16 * ld, ld * 4);
+                            if (p + 1 < np) {
+                                _tile_stored(1, o + 16, ld * 4);
+                                _tile_stored(3, o + (size_t)16 * ld + 16, ld * 4);
+                            } else { /* products with the zero panel past N */
+                                _tile_stored(1, spill, 64);
+                                _tile_stored(3, spill, 64);
+                            }
                         }
                     }
                 }
@@ -269,6 +302,7 @@ int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *
         free(tiles);
         free(stage);
         free(tail);
+        free(sums);
         _tile_release();
     }
     return status;
@@ -280,9 +314,11 @@ int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *
  * the same 16 columns of both, and SwiGLU (exp16.h's swiglu16, the layer step's formula) runs on
  * them in L1. The products are amx_matmul's (same tiles, same order of sums), so the result has the
  * bits of amx_matmul followed by swiglu_rows, and skips a write and a read of the [M, 2F] product:
- * 48 MB of a 1B-shaped layer's 512-token prompt. Partial sums between chunks of K go to a buffer of
- * the thread's. Same statuses as amx_matmul; F a multiple of 16. */
-#define SWIGLU_PANELS 4 /* panels of the gate (and as many of the up) a thread unpacks together */
+ * 48 MB of a 1B-shaped layer's 512-token prompt. The blocking is amx_matmul's (runs of A_STEPS
+ * k-steps of A in L1 over every panel pair, C between runs in a buffer of the thread's). Same
+ * statuses as amx_matmul; F a multiple of 16. */
+#define SWIGLU_PANELS 8 /* panels of the gate (and as many of the up) a thread unpacks together: 8 rather
+                           than 4 with the runs of A_STEPS, 1.04-1.14x on the 1B [16384, 2048] (6: 1.05-1.12x) */
 
 int amx_swiglu(const float *x, int M, int K, const MatrixPart *W, int F, float *hidden, uint16_t *xp) {
     int code = can_multiply(W, K, F);
@@ -317,36 +353,19 @@ int amx_swiglu(const float *x, int M, int K, const MatrixPart *W, int F, float *
                 pack_panels(W, K, N, panels + p0, np, s0, ns, up_tiles, stage);
                 for (int rb = 0; rb < row_blocks; rb++) {
                     const uint16_t *a0 = xp + ((size_t)2 * rb * steps + s0) * 512, *a1 = a0 + (size_t)steps * 512;
-                    for (int p = 0; p < np; p++) {
-                        const uint32_t *bg = tiles + (size_t)p * ns * 256, *bu = up_tiles + (size_t)p * ns * 256;
-                        float *c = sums + ((size_t)(chunks > 1 ? rb : 0) * SWIGLU_PANELS + p) * 1024;
-                        if (chunk == 0) {
-                            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                        } else {
-                            _tile_loadd(0, c, 64);
-                            _tile_loadd(1, c + 256, 64);
-                            _tile_loadd(2, c + 512, 64);
-                            _tile_loadd(3, c + 768, 64);
-                        }
-                        for (int s = 0; s < ns; s++) {
-                            _tile_loadd(4, a0 + 512 * s, 64);
-                            _tile_loadd(5, a1 + 512 * s, 64);
-                            _tile_loadd(6, bg + 256 * s, 64);
-                            _tile_loadd(7, bu + 256 * s, 64);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(1, 4, 7);
-                            _tile_dpbf16ps(2, 5, 6);
-                            _tile_dpbf16ps(3, 5, 7);
-                        }
-                        _tile_stored(0, c, 64);
-                        _tile_stored(1, c + 256, 64);
-                        _tile_stored(2, c + 512, 64);
-                        _tile_stored(3, c + 768, 64);
-                        if (!last) continue;
-                        for (int r = 0; r < 32 && 32 * rb + r < M; r++) { /* 16 columns of 32 rows */
-                            const float *gate = c + (r < 16 ? 0 : 512) + 16 * (r % 16), *up = gate + 256;
-                            _mm512_storeu_ps(hidden + (size_t)(32 * rb + r) * F + 16 * (p0 + p),
-                                             swiglu16(_mm512_load_ps(gate), _mm512_load_ps(up)));
+                    for (int s1 = 0; s1 < ns; s1 += A_STEPS) {
+                        int end = s1 + A_STEPS < ns ? s1 + A_STEPS : ns, final = last && end == ns;
+                        for (int p = 0; p < np; p++) {
+                            const uint32_t *bg = tiles + (size_t)p * ns * 256, *bu = up_tiles + (size_t)p * ns * 256;
+                            float *c = sums + ((size_t)(chunks > 1 ? rb : 0) * SWIGLU_PANELS + p) * 1024;
+                            tile_run(c, s0 + s1 == 0, a0, a1, bg, bu, s1, end);
+                            store_sums(c);
+                            if (!final) continue;
+                            for (int r = 0; r < 32 && 32 * rb + r < M; r++) { /* 16 columns of 32 rows */
+                                const float *gate = c + (r < 16 ? 0 : 512) + 16 * (r % 16), *up = gate + 256;
+                                _mm512_storeu_ps(hidden + (size_t)(32 * rb + r) * F + 16 * (p0 + p),
+                                                 swiglu16(_mm512_load_ps(gate), _mm512_load_ps(up)));
+                            }
                         }
                     }
                 }

@@ -34,10 +34,12 @@
  * tile loads and products over 1 MB of tiles ran at 1.1-1.3 TFLOP/s on a core, with one operand in
  * L1 at 2.7, with both in L1 at 3.0). Keeping A in L1 halves what comes from L2, and 16 panels a
  * block rather than 8 halve how often x itself comes back from L3 (each pass over the rows re-reads
- * all of x); storing and reloading C costs little in L1 but much on `out`'s rows N floats apart
- * (the same cache sets). Measured on the 1B shapes (2 cores, alternating, same bits): 16 panels x 64
- * steps x runs of 8 steps 1.09-1.17x the earlier 8 panels x 128 steps with whole-chunk runs (1.9-2.0
- * -> 2.0-2.4 TFLOP/s with the unpacking, above oneDNN's 1.9-2.1 on already-unpacked bfloat16); 16 x
+ * all of x). Tile stores cost little into L1 but much into `out`, whose rows lie N floats apart (a
+ * multiple of 4 KB falls in the same cache sets): the finished sums also go through `sums`, then to
+ * `out` a row at a time with vector stores (1.04-1.14x over tile stores straight into `out`).
+ * Measured on the 1B shapes (2 cores, alternating, same bits): 16 panels x 64 steps x runs of 8
+ * steps, with both, 1.06-1.18x the earlier 8 panels x 128 steps with whole-chunk runs (1.9-2.2 ->
+ * 2.2-2.4 TFLOP/s with the unpacking, above oneDNN's 1.9-2.1 on already-unpacked bfloat16); 16 x
  * 128 steps (2 MB) 0.96-0.99x, runs of 4 or 16 steps 1.03-1.05x and 0.98x, 24 or 32 panels x 32
  * steps 0.97-1.09x. Unpacking the next chunk a tile at a time between tile products, to overlap it
  * with AMX's work, gave nothing: the tile loop already keeps the loads busy.
@@ -245,7 +247,6 @@ int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *
         uint16_t *stage = aligned_alloc(64, (size_t)16 * 32 * STAGE_STEPS * sizeof(uint16_t));
         int ld_tail = 16 * BLOCK_PANELS; /* the last, partial block of rows goes to `tail` first */
         float *tail = aligned_alloc(64, (size_t)32 * ld_tail * sizeof(float));
-        float spill[256] __attribute__((aligned(64))); /* products with the zero panel past N */
         int chunked = steps > K_CHUNK; /* partial sums kept per block of rows between chunks of K */
         float *sums = aligned_alloc(64, (size_t)(chunked ? row_blocks : 1) * (BLOCK_PANELS / 2) * 4096);
         if (!tiles || !tail || !stage || !sums) {
@@ -275,19 +276,14 @@ int amx_matmul(const float *x, int M, int K, const MatrixPart *W, int N, float *
                             const uint32_t *b0 = tiles + (size_t)p * ns * 256, *b1 = b0 + (size_t)ns * 256;
                             float *c = sums_rb + (size_t)(p / 2) * 1024; /* C tiles 0-3, 1 KB each */
                             tile_run(c, s0 + s1 == 0, a0, a1, b0, b1, s1, end);
-                            if (!final) {
-                                store_sums(c);
-                                continue;
-                            }
+                            store_sums(c);
+                            if (!final) continue;
                             float *o = o_block + 16 * p;
-                            _tile_stored(0, o, ld * 4);
-                            _tile_stored(2, o + (size_t)16 * ld, ld * 4);
-                            if (p + 1 < np) {
-                                _tile_stored(1, o + 16, ld * 4);
-                                _tile_stored(3, o + (size_t)16 * ld + 16, ld * 4);
-                            } else { /* products with the zero panel past N */
-                                _tile_stored(1, spill, 64);
-                                _tile_stored(3, spill, 64);
+                            int width = p + 1 < np ? 32 : 16; /* not the zero panel past N */
+                            for (int r = 0; r < 32; r++) {
+                                const float *row = c + (r < 16 ? 0 : 512) + 16 * (r % 16);
+                                _mm512_storeu_ps(o + (size_t)r * ld, _mm512_load_ps(row));
+                                if (width == 32) _mm512_storeu_ps(o + (size_t)r * ld + 16, _mm512_load_ps(row + 256));
                             }
                         }
                     }

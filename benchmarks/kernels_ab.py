@@ -4,17 +4,22 @@ built at the level PLAINLLAMA_ISA asks for, and the same products (the four 1B l
 blocks of each GGUF type, as benchmarks/products.py) run on each in turn.
 
     .venv/bin/python benchmarks/kernels_ab.py [--against REV] [--rows 512] [--rounds 7] [Q6_K,Q4_0,...]
+    .venv/bin/python benchmarks/kernels_ab.py --amx [--against REV] [F16,Q8_0,...]
+    .venv/bin/python benchmarks/kernels_ab.py --prefill FILE.gguf [--rows 512] [--against REV]
 
 Prints GOP/s for both, the ratio (working tree / REV), and whether every output agrees bit for bit
 (a change that only reorders the work must keep the bits; one that changes the arithmetic says so).
 Rows go DIRECT_CALL_ROWS a call, as a prompt's do where prompts take the int8 kernels; --rows 1 times
-decoding's products. Only in-process alternation is meaningful on a shared machine: two runs of
-one build differ by up to 10%.
+decoding's products. --amx times amx_matmul.c instead (the four shapes in one call each, and
+amx_swiglu on the stacked gate and up [16384, 2048]); --prefill a whole prompt of --rows tokens of
+a model file, each build's kernels in turn (tok/s; the logits compared). Only in-process alternation
+is meaningful on a shared machine: two runs of one build differ by up to 10%.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import subprocess
 import sys
 import tempfile
@@ -57,6 +62,8 @@ def main() -> None:
     parser.add_argument("--against", default="HEAD", help="the git revision whose kernels are the baseline")
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--amx", action="store_true", help="time amx_matmul and amx_swiglu (a CPU with AMX)")
+    parser.add_argument("--prefill", metavar="FILE", help="time a whole prompt of --rows tokens of this model file")
     args = parser.parse_args()
 
     level = kernels.requested_level()
@@ -68,6 +75,10 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads, {args.rows} rows, level {level}; working tree against {args.against}")
     flops = 2 * args.rows * sum(n * k for n, k in SHAPES)
     libraries = {args.against: baseline, "working tree": working}
+    if args.prefill:
+        return prefill_ab(args.prefill, args.rows, args.rounds, libraries, args.against)
+    if args.amx:
+        return amx_ab(args.types, args.rows, args.rounds, libraries, args.against)
     for type_name in args.types.split(","):
         weights = [gguf_weight(type_name, n, k) for n, k in SHAPES]
         xs = [torch.randn(args.rows, k) for _, k in SHAPES]
@@ -89,6 +100,89 @@ def main() -> None:
             + f" GOP/s; ratio {rates['working tree'] / rates[args.against]:.3f}; "
             + ("the same bits" if same else "OTHER BITS")
         )
+
+
+def report(what: str, rates: dict[str, float], unit: str, same: bool, against: str) -> None:
+    print(
+        f"{what}: "
+        + ", ".join(
+            f"{label} {rate:.2f}" if unit == "TFLOP/s" else f"{label} {rate:.1f}" for label, rate in rates.items()
+        )
+        + f" {unit}; ratio {rates['working tree'] / rates[against]:.3f}; "
+        + ("the same bits" if same else "OTHER BITS")
+    )
+
+
+def amx_ab(types: str, rows: int, rounds: int, libraries: dict, against: str) -> None:
+    """amx_matmul on the four shapes (one call each) and amx_swiglu on [16384, 2048], per build."""
+    F, K = 8192, 2048
+    for type_name in types.split(","):
+        weights = [gguf_weight(type_name, n, k) for n, k in SHAPES]
+        stacked = gguf_weight(type_name, 2 * F, K)
+        parts = [w.c_part() for w in [*weights, stacked]]
+        xs = [torch.randn(rows, k) for _, k in SHAPES]
+        scratch = torch.empty(rows * max(k for _, k in SHAPES) + 64, dtype=torch.bfloat16)
+        outputs: dict[str, list[torch.Tensor]] = {}
+        best = {(label, kind): float("inf") for label in libraries for kind in ("matmul", "swiglu")}
+        for _ in range(rounds):
+            for label, library in libraries.items():
+                outs = [torch.empty(rows, n) for n, _ in SHAPES] + [torch.empty(rows, F)]
+                start = time.perf_counter()
+                for x, part, out, (n, k) in zip(xs, parts, outs, SHAPES, strict=False):
+                    kernels.check(
+                        library.amx_matmul(
+                            x.data_ptr(), rows, k, ctypes.byref(part), n, out.data_ptr(), scratch.data_ptr()
+                        ),
+                        "amx_matmul",
+                    )
+                middle = time.perf_counter()
+                kernels.check(
+                    library.amx_swiglu(
+                        xs[0].data_ptr(), rows, K, ctypes.byref(parts[-1]), F, outs[-1].data_ptr(), scratch.data_ptr()
+                    ),
+                    "amx_swiglu",
+                )
+                end = time.perf_counter()
+                best[label, "matmul"] = min(best[label, "matmul"], middle - start)
+                best[label, "swiglu"] = min(best[label, "swiglu"], end - middle)
+                outputs[label] = outs
+        same = [torch.equal(a, b) for a, b in zip(*outputs.values(), strict=True)]
+        flops = {"matmul": 2 * rows * sum(n * k for n, k in SHAPES), "swiglu": 2 * rows * 2 * F * K}
+        for kind in ("matmul", "swiglu"):
+            rates = {label: flops[kind] / best[label, kind] / 1e12 for label in libraries}
+            report(
+                f"{type_name:5s} amx_{kind}",
+                rates,
+                "TFLOP/s",
+                all(same[:-1]) if kind == "matmul" else same[-1],
+                against,
+            )
+
+
+def prefill_ab(path: str, tokens: int, rounds: int, libraries: dict, against: str) -> None:
+    """A whole prompt of `tokens` tokens (bench's text), each build's kernels in turn, best of `rounds`."""
+    import plainllama
+    from plainllama.cli.bench import prompt_ids
+    from plainllama.model import KVCache
+
+    llm = plainllama.load(path, device="cpu")
+    ids = torch.tensor([prompt_ids(llm, tokens)])
+    best = dict.fromkeys(libraries, float("inf"))
+    logits: dict[str, torch.Tensor] = {}
+    kept = kernels._library
+    try:
+        for _ in range(rounds):
+            for label, library in libraries.items():
+                kernels._library = lambda library=library: library  # type: ignore[assignment]
+                cache = KVCache(llm.model.args, 1, tokens, llm.dtype, llm.device)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    logits[label] = llm.model(ids, 0, cache, last_only=True)
+                best[label] = min(best[label], time.perf_counter() - start)
+    finally:
+        kernels._library = kept  # type: ignore[assignment]
+    rates = {label: tokens / seconds for label, seconds in best.items()}
+    report(f"{Path(path).name} prefill of {tokens}", rates, "tok/s", torch.equal(*logits.values()), against)
 
 
 if __name__ == "__main__":

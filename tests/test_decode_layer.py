@@ -356,22 +356,24 @@ def c_attention_level(level: str) -> bool:
         )
 
 
-def c_float32_attention_runs() -> bool:
-    """Whether prompt_attention_f32.c runs here: an AVX-512 build (its level, whatever the CPU has above)."""
+def c_float32_attention_runs(level: str) -> bool:
+    """Whether prompt_attention_f32.c runs here at `level` (its AVX-512 or its AVX2 half)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PLAINLLAMA_ISA", "avx512")
-        return kernels.available() and kernels.function("kernel_level")() == 3
+        patch.setenv("PLAINLLAMA_ISA", level)
+        return kernels.available() and kernels.function("kernel_level")() == {"avx512": 3, "avx2": 2}[level]
 
 
 C_LEVELS = [level for level in ("amx", "avx512") if c_attention_level(level)]
-C_FLOAT32 = ["c-float32"] if c_float32_attention_runs() else []
+C_FLOAT32 = [
+    name for name, level in (("c-float32", "avx512"), ("c-float32-avx2", "avx2")) if c_float32_attention_runs(level)
+]
 ATTENTIONS = {  # the prompt path's attention, each way it is computed: name -> (function, its bfloat16 or not)
     "pytorch-bfloat16": (pytorch_tiles(torch.bfloat16), True),
     "pytorch-float32": (pytorch_tiles(torch.float32), False),
     **{f"c-{level}": (c_kernel, True) for level in C_LEVELS},  # prompt_attention.c's engines this CPU has
-    **{name: (c_kernel_float32, False) for name in C_FLOAT32},  # prompt_attention_f32.c, at the avx512 level
+    **{name: (c_kernel_float32, False) for name in C_FLOAT32},  # prompt_attention_f32.c, AVX-512 and AVX2
 }
-C_ENGINE_LEVELS = {"c-amx": "amx", "c-avx512": "avx512", "c-float32": "avx512"}
+C_ENGINE_LEVELS = {"c-amx": "amx", "c-avx512": "avx512", "c-float32": "avx512", "c-float32-avx2": "avx2"}
 
 
 def float64_attention(q, k, v, mask) -> torch.Tensor:
@@ -422,17 +424,16 @@ def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(attention, 
 
 
 @pytest.mark.skipif("avx2" not in kernels.levels(), reason="no AVX2 kernels here")
-def test_float32_c_attention_is_not_taken_below_avx512_and_says_why(monkeypatch):
-    """At the AVX2 level prompt_attention_f32.c is not built: the prompt path does not pick it, and a
-    call anyway gets the kernels' own message rather than garbage."""
-    monkeypatch.setenv("PLAINLLAMA_ISA", "avx2")
+def test_float32_c_attention_is_taken_at_every_kernel_level_and_not_without_kernels(monkeypatch):
+    """prompt_attention_f32.c has an AVX-512 and an AVX2 half: the prompt path picks it at both levels
+    (its numbers: the tests around this one), and not where no kernels run."""
     q, k, v = torch.randn(1, 2, 5, 32), torch.randn(1, 1, 5, 32), torch.randn(1, 1, 5, 32)
-    assert not decode_block.c_attention_runs(q, k, v, torch.float32)
-    with pytest.raises(RuntimeError, match="no AVX-512"):
-        decode_block.c_attention(q, k, v, causal_mask(0, 5, "cpu"), torch.float32)
+    for level in [*kernels.levels(), "none"]:
+        monkeypatch.setenv("PLAINLLAMA_ISA", level)
+        assert decode_block.c_attention_runs(q, k, v, torch.float32) == (level != "none")
 
 
-@pytest.mark.skipif(not C_LEVELS + C_FLOAT32, reason="no AVX-512 kernels here")
+@pytest.mark.skipif(not C_LEVELS + C_FLOAT32, reason="no C attention kernels here")
 @pytest.mark.parametrize("engine", [f"c-{level}" for level in C_LEVELS] + C_FLOAT32)
 @pytest.mark.parametrize("Hd", [64, 128, 96])
 def test_c_attention_reads_caches_and_padded_batches(Hd, engine, monkeypatch):
@@ -444,7 +445,7 @@ def test_c_attention_reads_caches_and_padded_batches(Hd, engine, monkeypatch):
     nothing but their own position) and a prompt continued after cached positions. Tolerance: bfloat16
     inputs and weights (2^-8 relative each), as in the test above; float32: sums of float32 products."""
     monkeypatch.setenv("PLAINLLAMA_ISA", C_ENGINE_LEVELS[engine])  # whatever level a module fixture left set
-    dtype = torch.float32 if engine == "c-float32" else torch.bfloat16
+    dtype = torch.float32 if engine.startswith("c-float32") else torch.bfloat16
     B, T, start, H, K, capacity = 3, 45, 30, 8, 2, 96
     generator = torch.Generator().manual_seed(Hd)
     qkv = torch.randn(B, T, (H + 2 * K) * Hd, generator=generator)

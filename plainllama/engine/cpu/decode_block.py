@@ -128,14 +128,12 @@ def query_tiles_attention(q, k, v, mask, start: int, dtype: torch.dtype) -> torc
 def c_attention_runs(q, k, v, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether attention in `dtype` can run in C for these: in bfloat16, prompt_attention
     (kernels/prompt_attention.c: kernels built with AMX or AVX-512 BF16); in float32,
-    prompt_attention_f32 (kernels/prompt_attention_f32.c: any AVX-512 build). Both take float32 q, k,
-    v on the CPU with a head dimension that is a multiple of 32."""
+    prompt_attention_f32 (kernels/prompt_attention_f32.c: any build, AVX-512 or AVX2). Both take
+    float32 q, k, v on the CPU with a head dimension that is a multiple of 32."""
     if not kernels.available():
         return False
-    if dtype == torch.bfloat16:
-        runs = kernels.function("prompt_attention_engine")() > 0
-    else:
-        runs = dtype == torch.float32 and kernels.function("kernel_level")() == 3
+    # float32: prompt_attention_f32 is in every build; bfloat16: an engine (AMX or AVX-512 BF16)
+    runs = kernels.function("prompt_attention_engine")() > 0 if dtype == torch.bfloat16 else dtype == torch.float32
     return (
         runs and q.shape[-1] % 32 == 0 and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (q, k, v))
     )

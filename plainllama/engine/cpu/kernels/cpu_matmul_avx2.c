@@ -181,25 +181,6 @@ static inline int new_line(const void *last, size_t bytes) {
     return (uintptr_t)last / 64 != ((uintptr_t)last - bytes) / 64;
 }
 
-/* eight vectors of eight floats transposed: out[j] lane i = in[i] lane j */
-static inline void transpose8(const __m256 in[8], __m256 out[8]) {
-    __m256 t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(in[i], in[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(in[i], in[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int j = 0; j < 4; j++) {
-        out[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
-        out[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
-    }
-}
-
 /* A block of eight q4/q5 weight rows as q4_tile multiplies it, with its scales (lanes: rows) */
 typedef struct {
     __m256i lo[4], hi[4]; /* rows j (low half) and j + 4 (high half): weights 0..15 / 16..31 */

@@ -82,25 +82,6 @@ static inline __m256 widened8(const uint16_t *w, int bf16) {
     return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
 
-/* r[c] = row c of an 8 x 8 matrix of floats -> r[i] = column i */
-static inline void transpose8(__m256 r[8]) {
-    __m256 t[8], u[8];
-    for (int i = 0; i < 4; i++) {
-        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 2; i++) {
-        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-    }
-    for (int j = 0; j < 4; j++) {
-        r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
-        r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
-    }
-}
-
 static void fill_panel(const HalfRowsProduct *p, int n0, float *panel) {
     for (int k0 = 0; k0 < p->K; k0 += 8)
         for (int half = 0; half < 2; half++) {
@@ -109,26 +90,14 @@ static void fill_panel(const HalfRowsProduct *p, int n0, float *panel) {
                 int n = n0 + 8 * half + j;
                 r[j] = n < p->N ? widened8(p->w + (size_t)n * p->K + k0, p->bf16) : _mm256_setzero_ps();
             }
-            transpose8(r); /* r[kk]: weight k0 + kk of the 8 rows */
+            transpose8(r, r); /* r[kk]: weight k0 + kk of the 8 rows */
             for (int kk = 0; kk < 8; kk++) _mm256_store_ps(panel + (size_t)(k0 + kk) * PANEL + 8 * half, r[kk]);
         }
 }
 
 static inline __attribute__((always_inline)) void panel_rows(const HalfRowsProduct *p, const float *panel, int n0, int i0, int XR) {
     __m256 acc[X_ROWS][2];
-    for (int i = 0; i < XR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    const float *x = p->x + (size_t)i0 * p->K;
-    const int K = p->K; /* K >= 32: a do-while, as a for loop that may run no step made gcc -O3 store
-                         * the sums to memory at every step (AVX2: 144 -> 207 GFLOP/s) */
-    int k = 0;
-    do {
-        __m256 w0 = _mm256_load_ps(panel + (size_t)k * PANEL), w1 = _mm256_load_ps(panel + (size_t)k * PANEL + 8);
-        for (int i = 0; i < XR; i++) {
-            __m256 xk = _mm256_broadcast_ss(x + (size_t)i * K + k);
-            acc[i][0] = _mm256_fmadd_ps(xk, w0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(xk, w1, acc[i][1]);
-        }
-    } while (++k < K);
+    rows_times_16(p->x + (size_t)i0 * p->K, p->K, panel, PANEL, p->K, XR, acc); /* K >= 32 */
     int columns = p->N - n0 < PANEL ? p->N - n0 : PANEL;
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256i lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(columns), lane), hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(columns - 8), lane);

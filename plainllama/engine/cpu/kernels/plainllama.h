@@ -41,7 +41,7 @@ enum Status {
     STATUS_BAD_WIDTH = -3,     /* a width is not a multiple of the kernel's block (64 inputs for q4/q8, 256 for q6/q3/q2, 32 for 16-bit; 16 outputs for AMX) */
     STATUS_BAD_LAYOUT = -4,    /* unknown weight layout */
     STATUS_NO_BF16 = -5,       /* this build has no bfloat16 arithmetic (AVX-512 BF16 or AMX) */
-    STATUS_NO_AVX512 = -6,     /* this build has no AVX-512 (the CPU, or PLAINLLAMA_ISA below avx512) */
+    STATUS_NO_AVX2 = -6,       /* this build has no AVX2 with FMA */
 };
 
 /* A stored matrix [rows, in_features] in one layout. */
@@ -122,8 +122,8 @@ int prompt_attention_engine(void);
 int prompt_attention(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h,
                      long kv_t, int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows,
                      float *out);
-/* prompt_attention_f32.c: the same in float32, for AVX-512 builds (kernel_level() 3) whose CPU has no
- * bfloat16 arithmetic; elsewhere it returns STATUS_NO_AVX512 */
+/* prompt_attention_f32.c: the same in float32, for CPUs without bfloat16 arithmetic, in AVX-512 and
+ * AVX2 builds (a build without AVX2 and FMA returns STATUS_NO_AVX2) */
 int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h,
                          long kv_t, int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows,
                          float *out);

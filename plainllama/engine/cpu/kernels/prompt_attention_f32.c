@@ -1,5 +1,6 @@
-/* Attention for prompts in float32 on CPUs with AVX-512 but without bfloat16 arithmetic (Intel
- * Skylake-X to Ice Lake and Tiger Lake), where prompt_attention.c cannot run: out = softmax(q k^T /
+/* Attention for prompts in float32 on CPUs without bfloat16 arithmetic (with AVX-512: Intel Skylake-X
+ * to Ice Lake and Tiger Lake; at the AVX2 level: Intel's laptops and desktops, AMD before Zen 4),
+ * where prompt_attention.c cannot run: out = softmax(q k^T /
  * sqrt(Hd)) v with a boolean mask, the same arguments and the same flash-attention order as
  * prompt_attention.c, in float32 throughout (as PyTorch's float32 attention).
  *
@@ -27,13 +28,8 @@
 #include "plainllama.h"
 #include "vectors.h"
 
-#if KERNELS_AVX512
-
-#include "exp16.h"
-
 #define QUERIES 32 /* queries per task */
 #define KEYS 32    /* keys per step of the running softmax, in blocks from key 0 */
-#define ROWS 12    /* queries per pass of the two products: 24 accumulators */
 
 typedef struct {
     const float *q, *k, *v;
@@ -48,6 +44,12 @@ typedef struct {
 typedef struct {
     float *kt, *S, *o, *pv;
 } Scratch;
+
+#include "exp16.h"
+
+#if KERNELS_AVX512
+
+#define ROWS 12 /* queries per pass of the two products: 24 accumulators */
 
 /* Keys kb .. kb + KEYS - 1 (zeros from `count` on) of key/value head g of sequence b -> kt [Hd][KEYS] */
 static void transposed_keys(const Call *c, int b, int g, int kb, int count, float *kt) {
@@ -155,6 +157,133 @@ static void attend(const Call *c, int b, int h, int r0, int stop, Scratch *w) {
     }
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+
+/* The same at AVX2's width (nearly every x86 CPU in use: Intel's laptops and desktops, AMD before Zen
+ * 4), where PyTorch's tiles of 32 queries had run it: the same tasks and blocks of keys, the products
+ * 6 queries by 16 columns at a time (rows_times_16: 12 accumulators), e^x by exp8, and the masks as
+ * vectors (AVX2 has no mask registers). */
+
+#define ROWS 6 /* queries per pass of the two products: 12 accumulators */
+
+/* Keys kb .. kb + KEYS - 1 (zeros from `count` on) of key/value head g of sequence b -> kt [Hd][KEYS] */
+static void transposed_keys(const Call *c, int b, int g, int kb, int count, float *kt) {
+    const float *k = c->k + b * c->kv_b + g * c->kv_h + (long)kb * c->kv_t;
+    for (int d0 = 0; d0 < c->Hd; d0 += 8)
+        for (int group = 0; group < KEYS / 8; group++) {
+            __m256 r[8];
+            for (int j = 0; j < 8; j++) {
+                int key = 8 * group + j;
+                r[j] = key < count ? _mm256_loadu_ps(k + key * c->kv_t + d0) : _mm256_setzero_ps();
+            }
+            transpose8(r, r); /* r[dd]: dim d0 + dd of the 8 keys */
+            for (int dd = 0; dd < 8; dd++) _mm256_store_ps(kt + (d0 + dd) * KEYS + 8 * group, r[dd]);
+        }
+}
+
+/* 16 columns (keys c0 .. c0 + 15, or dims d0 .. d0 + 15) of n rows of a product: S or P V */
+static inline __attribute__((always_inline)) void sixteen(const float *a, long a_stride, const float *b, long b_stride, int J,
+                                                          int n, float *dst, long dst_stride) {
+    __m256 acc[ROWS][2];
+    rows_times_16(a, a_stride, b, b_stride, J, n, acc);
+    for (int i = 0; i < n; i++) {
+        _mm256_storeu_ps(dst + i * dst_stride, acc[i][0]);
+        _mm256_storeu_ps(dst + i * dst_stride + 8, acc[i][1]);
+    }
+}
+
+typedef void SixteenFn(const float *a, long a_stride, const float *b, long b_stride, int J, float *dst, long dst_stride);
+#define SIXTEEN(N)                                                                                         \
+    static void sixteen_##N(const float *a, long a_stride, const float *b, long b_stride, int J, float *dst, \
+                            long dst_stride) {                                                             \
+        sixteen(a, a_stride, b, b_stride, J, N, dst, dst_stride);                                          \
+    }
+SIXTEEN(1) SIXTEEN(2) SIXTEEN(3) SIXTEEN(4) SIXTEEN(5) SIXTEEN(6)
+static SixteenFn *const SIXTEEN_FOR[ROWS] = {sixteen_1, sixteen_2, sixteen_3, sixteen_4, sixteen_5, sixteen_6};
+
+/* The largest of v's 8 lanes */
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+/* Which of keys kb + 8j .. + 7 query row `allow` (NULL: all) may see, among the first `count` of the
+ * block, as lanes of all ones: the mask bytes are read only below `count` (the row ends at `end`) */
+static inline __m256 seen8(const uint8_t *allow, int j, int count) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i real = _mm256_cmpgt_epi32(_mm256_set1_epi32(count - 8 * j), lane);
+    if (!allow) return _mm256_castsi256_ps(real);
+    uint64_t bytes = 0;
+    if (count >= 8 * j + 8)
+        memcpy(&bytes, allow + 8 * j, 8);
+    else
+        for (int i = 0; i < count - 8 * j; i++) bytes |= (uint64_t)allow[8 * j + i] << (8 * i);
+    __m256i byte = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes));
+    return _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(byte, _mm256_setzero_si256()), real));
+}
+
+/* Queries r0 .. r0 + rows - 1 of head h of sequence b against the keys 0 .. stop - 1 -> out */
+static void attend(const Call *c, int b, int h, int r0, int stop, Scratch *w) {
+    int Hd = c->Hd, g = h / (c->H / c->K), rows = c->T - r0 < QUERIES ? c->T - r0 : QUERIES;
+    const float *q = c->q + b * c->q_b + r0 * c->q_t + (long)h * Hd;
+    const float *v = c->v + b * c->kv_b + g * c->kv_h;
+    const uint8_t *mask = c->allowed ? c->allowed + ((long)(c->mask_rows > 1 ? b : 0) * c->T + r0) * c->end : NULL;
+    __m256 vscale = _mm256_set1_ps(1.0f / sqrtf((float)Hd)), minus_inf = _mm256_set1_ps(-INFINITY);
+    float m[QUERIES], l[QUERIES], alpha[QUERIES];
+    for (int i = 0; i < rows; i++) m[i] = -INFINITY, l[i] = 0.0f;
+    memset(w->o, 0, sizeof(float) * rows * Hd);
+    for (int kb = 0; kb < stop; kb += KEYS) {
+        int count = c->end - kb < KEYS ? c->end - kb : KEYS; /* keys past `end` are zeros, never seen */
+        transposed_keys(c, b, g, kb, count, w->kt);
+        for (int i0 = 0; i0 < rows; i0 += ROWS) {
+            int n = rows - i0 < ROWS ? rows - i0 : ROWS;
+            for (int c0 = 0; c0 < KEYS; c0 += 16)
+                SIXTEEN_FOR[n - 1](q + i0 * c->q_t, c->q_t, w->kt + c0, KEYS, Hd, w->S + i0 * KEYS + c0, KEYS);
+        }
+        for (int i = 0; i < rows; i++) { /* P = e^(s / sqrt(Hd) - max) where seen, 0 elsewhere, into S */
+            float *s = w->S + i * KEYS;
+            __m256 sv[KEYS / 8], seen[KEYS / 8], top = minus_inf;
+            for (int j = 0; j < KEYS / 8; j++) {
+                sv[j] = _mm256_mul_ps(_mm256_loadu_ps(s + 8 * j), vscale);
+                seen[j] = seen8(mask ? mask + (long)i * c->end + kb : NULL, j, count);
+                top = _mm256_max_ps(top, _mm256_blendv_ps(minus_inf, sv[j], seen[j]));
+            }
+            float best = hmax8(top), now = best > m[i] ? best : m[i];
+            /* nothing seen yet (now = -inf): 1; a first finite maximum after -inf: e^-inf = 0 */
+            alpha[i] = now == -INFINITY ? 1.0f : m[i] == -INFINITY ? 0.0f : _mm256_cvtss_f32(exp8(_mm256_set1_ps(m[i] - now)));
+            m[i] = now;
+            __m256 total = _mm256_setzero_ps();
+            for (int j = 0; j < KEYS / 8; j++) {
+                __m256 p = _mm256_and_ps(seen[j], exp8(_mm256_sub_ps(sv[j], _mm256_set1_ps(now))));
+                total = _mm256_add_ps(total, p);
+                _mm256_storeu_ps(s + 8 * j, p);
+            }
+            l[i] = l[i] * alpha[i] + hsum8(total);
+        }
+        for (int d0 = 0; d0 < Hd; d0 += 16)
+            for (int i0 = 0; i0 < rows; i0 += ROWS) {
+                int n = rows - i0 < ROWS ? rows - i0 : ROWS; /* keys past count have weight 0 and are not read */
+                SIXTEEN_FOR[n - 1](w->S + i0 * KEYS, KEYS, v + (long)kb * c->kv_t + d0, c->kv_t, count, w->pv + i0 * Hd + d0, Hd);
+            }
+        for (int i = 0; i < rows; i++) { /* o = o e^(old max - new max) + P V */
+            __m256 a = _mm256_set1_ps(alpha[i]);
+            for (int d = 0; d < Hd; d += 8)
+                _mm256_store_ps(w->o + i * Hd + d, _mm256_fmadd_ps(_mm256_load_ps(w->o + i * Hd + d), a, _mm256_load_ps(w->pv + i * Hd + d)));
+        }
+    }
+    for (int i = 0; i < rows; i++) { /* o / l (no key seen: 0) */
+        float *dst = c->out + ((long)b * c->T + r0 + i) * c->H * Hd + (long)h * Hd;
+        __m256 total = _mm256_set1_ps(l[i]);
+        for (int d = 0; d < Hd; d += 8)
+            _mm256_storeu_ps(dst + d, l[i] > 0 ? _mm256_div_ps(_mm256_load_ps(w->o + i * Hd + d), total) : _mm256_setzero_ps());
+    }
+}
+
+#endif
+
+#if KERNELS_AVX512 || (defined(__AVX2__) && defined(__FMA__))
+
 int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, const float *v, long kv_b, long kv_h,
                          long kv_t, int B, int T, int H, int K, int Hd, int end, const uint8_t *allowed, int mask_rows,
                          float *out) {
@@ -202,7 +331,7 @@ int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, con
                          float *out) {
     (void)q; (void)q_b; (void)q_t; (void)k; (void)v; (void)kv_b; (void)kv_h; (void)kv_t; (void)B; (void)T; (void)H;
     (void)K; (void)Hd; (void)end; (void)allowed; (void)mask_rows; (void)out;
-    return STATUS_NO_AVX512;
+    return STATUS_NO_AVX2;
 }
 
 #endif

@@ -115,6 +115,44 @@ static inline void sums16_4x4(__m512 acc[4][4], float *out, size_t stride) {
 
 #else /* AVX2 */
 
+/* eight vectors of eight floats transposed: out[j] lane i = in[i] lane j (out may be in: every input
+ * is read before any output is written) */
+static inline void transpose8(const __m256 in[8], __m256 out[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(in[i], in[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(in[i], in[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        out[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+        out[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+    }
+}
+
+/* rows_times_32 at AVX2's width: acc[i] (i < n rows, 16 columns as two vectors) = the sum over j < J
+ * of a[i * a_stride + j] times b[j * b_stride .. + 15], one FMA chain per output in order of j. n a
+ * constant at each call (<= 6: 12 accumulators of the 16 registers); J >= 1, a do-while (the same
+ * reason as above). float32_rows.c (a: x, b: a panel), prompt_attention_f32.c (q K^T and P V). */
+static inline __attribute__((always_inline)) void rows_times_16(const float *a, long a_stride, const float *b, long b_stride,
+                                                                int J, int n, __m256 acc[][2]) {
+    for (int i = 0; i < n; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    int j = 0;
+    do {
+        __m256 b0 = _mm256_loadu_ps(b + j * b_stride), b1 = _mm256_loadu_ps(b + j * b_stride + 8);
+        for (int i = 0; i < n; i++) {
+            __m256 aij = _mm256_broadcast_ss(a + i * a_stride + j);
+            acc[i][0] = _mm256_fmadd_ps(aij, b0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(aij, b1, acc[i][1]);
+        }
+    } while (++j < J);
+}
+
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -40,9 +40,11 @@ typedef struct {
     float *out;
 } Call;
 
-/* Per thread: the block's K^T [Hd][KEYS], the scores then weights [QUERIES][KEYS], o and P V [QUERIES][Hd] */
+/* Per thread, for a task's G = H/K query heads of QUERIES rows each: the block's K^T [Hd][KEYS], the
+ * scores then weights [G QUERIES][KEYS], o and P V [G QUERIES][Hd], each row's running maximum m, sum
+ * l and e^(old max - new max) alpha [G QUERIES] */
 typedef struct {
-    float *kt, *S, *o, *pv;
+    float *kt, *S, *o, *pv, *m, *l, *alpha;
 } Scratch;
 
 #include "exp16.h"
@@ -102,59 +104,69 @@ static ScoresFn *const SCORES[ROWS] = {scores_1, scores_2, scores_3, scores_4,  
 static ValuesFn *const VALUES[ROWS] = {values_1, values_2, values_3, values_4,  values_5,  values_6,
                                        values_7, values_8, values_9, values_10, values_11, values_12};
 
-/* Queries r0 .. r0 + rows - 1 of head h of sequence b against the keys 0 .. stop - 1 -> out */
-static void attend(const Call *c, int b, int h, int r0, int stop, Scratch *w) {
-    int Hd = c->Hd, g = h / (c->H / c->K), rows = c->T - r0 < QUERIES ? c->T - r0 : QUERIES;
-    const float *q = c->q + b * c->q_b + r0 * c->q_t + (long)h * Hd;
+/* Queries r0 .. r0 + rows - 1 of the G query heads of key/value head g of sequence b against the keys
+ * 0 .. stop - 1 -> out. Row r of the task (S, o, P V, m, l) is query r0 + r % QUERIES of head
+ * g G + r / QUERIES; each row's arithmetic is the same as alone: only K^T is shared. */
+static void attend(const Call *c, int b, int g, int r0, int stop, Scratch *w) {
+    int Hd = c->Hd, G = c->H / c->K, rows = c->T - r0 < QUERIES ? c->T - r0 : QUERIES;
     const float *v = c->v + b * c->kv_b + g * c->kv_h;
     const uint8_t *mask = c->allowed ? c->allowed + ((long)(c->mask_rows > 1 ? b : 0) * c->T + r0) * c->end : NULL;
     __m512 vscale = _mm512_set1_ps(1.0f / sqrtf((float)Hd)), minus_inf = _mm512_set1_ps(-INFINITY);
-    float m[QUERIES], l[QUERIES], alpha[QUERIES];
-    for (int i = 0; i < rows; i++) m[i] = -INFINITY, l[i] = 0.0f;
-    memset(w->o, 0, sizeof(float) * rows * Hd);
+    float *m = w->m, *l = w->l, *alpha = w->alpha;
+    for (int r = 0; r < G * QUERIES; r++) m[r] = -INFINITY, l[r] = 0.0f;
+    memset(w->o, 0, sizeof(float) * G * QUERIES * Hd);
     for (int kb = 0; kb < stop; kb += KEYS) {
         int count = c->end - kb < KEYS ? c->end - kb : KEYS; /* keys past `end` are zeros, never seen */
-        __mmask32 real = count == KEYS ? 0xFFFFFFFFu : ((1u << count) - 1);
+        __mmask32 real = count == KEYS ? 0xFFFFFFFFu : ((1u << count) - 1), seen[QUERIES];
         transposed_keys(c, b, g, kb, count, w->kt);
-        for (int i0 = 0; i0 < rows; i0 += ROWS) {
-            int n = rows - i0 < ROWS ? rows - i0 : ROWS;
-            SCORES[n - 1](q + i0 * c->q_t, c->q_t, w->kt, Hd, w->S + i0 * KEYS);
-        }
-        for (int i = 0; i < rows; i++) { /* P = e^(s / sqrt(Hd) - max) where seen, 0 elsewhere, into S */
-            float *s = w->S + i * KEYS;
-            __mmask32 seen = real;
-            if (mask)
-                seen = _mm256_mask_cmpneq_epi8_mask(real, _mm256_maskz_loadu_epi8(real, mask + (long)i * c->end + kb), _mm256_setzero_si256());
-            __m512 s0 = _mm512_mul_ps(_mm512_load_ps(s), vscale), s1 = _mm512_mul_ps(_mm512_load_ps(s + 16), vscale);
-            float best = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(minus_inf, (__mmask16)seen, s0),
-                                                            _mm512_mask_mov_ps(minus_inf, (__mmask16)(seen >> 16), s1)));
-            float now = best > m[i] ? best : m[i];
-            /* nothing seen yet (now = -inf): 1; a first finite maximum after -inf: e^-inf = 0 */
-            alpha[i] = now == -INFINITY ? 1.0f : m[i] == -INFINITY ? 0.0f : _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[i] - now)));
-            m[i] = now;
-            __m512 p0 = _mm512_maskz_mov_ps((__mmask16)seen, exp16(_mm512_sub_ps(s0, _mm512_set1_ps(now))));
-            __m512 p1 = _mm512_maskz_mov_ps((__mmask16)(seen >> 16), exp16(_mm512_sub_ps(s1, _mm512_set1_ps(now))));
-            l[i] = l[i] * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-            _mm512_store_ps(s, p0);
-            _mm512_store_ps(s + 16, p1);
-        }
-        for (int d0 = 0; d0 < Hd; d0 += 32)
+        for (int i = 0; i < rows; i++)
+            seen[i] = mask ? _mm256_mask_cmpneq_epi8_mask(real, _mm256_maskz_loadu_epi8(real, mask + (long)i * c->end + kb),
+                                                          _mm256_setzero_si256())
+                           : real;
+        for (int hh = 0; hh < G; hh++) {
+            const float *q = c->q + b * c->q_b + r0 * c->q_t + (long)(g * G + hh) * Hd;
             for (int i0 = 0; i0 < rows; i0 += ROWS) {
                 int n = rows - i0 < ROWS ? rows - i0 : ROWS;
-                VALUES[n - 1](w->S + i0 * KEYS, v + (long)kb * c->kv_t + d0, c->kv_t, count, w->pv + i0 * Hd + d0, Hd);
+                SCORES[n - 1](q + i0 * c->q_t, c->q_t, w->kt, Hd, w->S + (hh * QUERIES + i0) * KEYS);
             }
-        for (int i = 0; i < rows; i++) { /* o = o e^(old max - new max) + P V */
-            __m512 a = _mm512_set1_ps(alpha[i]);
-            for (int d = 0; d < Hd; d += 16)
-                _mm512_store_ps(w->o + i * Hd + d, _mm512_fmadd_ps(_mm512_load_ps(w->o + i * Hd + d), a, _mm512_load_ps(w->pv + i * Hd + d)));
+            for (int i = 0; i < rows; i++) { /* P = e^(s / sqrt(Hd) - max) where seen, 0 elsewhere, into S */
+                int r = hh * QUERIES + i;
+                float *s = w->S + r * KEYS;
+                __m512 s0 = _mm512_mul_ps(_mm512_load_ps(s), vscale), s1 = _mm512_mul_ps(_mm512_load_ps(s + 16), vscale);
+                float best = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(minus_inf, (__mmask16)seen[i], s0),
+                                                                _mm512_mask_mov_ps(minus_inf, (__mmask16)(seen[i] >> 16), s1)));
+                float now = best > m[r] ? best : m[r];
+                /* nothing seen yet (now = -inf): 1; a first finite maximum after -inf: e^-inf = 0 */
+                alpha[r] = now == -INFINITY ? 1.0f : m[r] == -INFINITY ? 0.0f : _mm512_cvtss_f32(exp16(_mm512_set1_ps(m[r] - now)));
+                m[r] = now;
+                __m512 p0 = _mm512_maskz_mov_ps((__mmask16)seen[i], exp16(_mm512_sub_ps(s0, _mm512_set1_ps(now))));
+                __m512 p1 = _mm512_maskz_mov_ps((__mmask16)(seen[i] >> 16), exp16(_mm512_sub_ps(s1, _mm512_set1_ps(now))));
+                l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+                _mm512_store_ps(s, p0);
+                _mm512_store_ps(s + 16, p1);
+            }
+            for (int d0 = 0; d0 < Hd; d0 += 32)
+                for (int i0 = 0; i0 < rows; i0 += ROWS) {
+                    int n = rows - i0 < ROWS ? rows - i0 : ROWS;
+                    VALUES[n - 1](w->S + (hh * QUERIES + i0) * KEYS, v + (long)kb * c->kv_t + d0, c->kv_t, count,
+                                  w->pv + (hh * QUERIES + i0) * Hd + d0, Hd);
+                }
+            for (int i = 0; i < rows; i++) { /* o = o e^(old max - new max) + P V */
+                int r = hh * QUERIES + i;
+                __m512 a = _mm512_set1_ps(alpha[r]);
+                for (int d = 0; d < Hd; d += 16)
+                    _mm512_store_ps(w->o + r * Hd + d, _mm512_fmadd_ps(_mm512_load_ps(w->o + r * Hd + d), a, _mm512_load_ps(w->pv + r * Hd + d)));
+            }
         }
     }
-    for (int i = 0; i < rows; i++) { /* o / l (no key seen: 0) */
-        float *dst = c->out + ((long)b * c->T + r0 + i) * c->H * Hd + (long)h * Hd;
-        __m512 total = _mm512_set1_ps(l[i]);
-        for (int d = 0; d < Hd; d += 16)
-            _mm512_storeu_ps(dst + d, l[i] > 0 ? _mm512_div_ps(_mm512_load_ps(w->o + i * Hd + d), total) : _mm512_setzero_ps());
-    }
+    for (int hh = 0; hh < G; hh++)
+        for (int i = 0; i < rows; i++) { /* o / l (no key seen: 0) */
+            int r = hh * QUERIES + i;
+            float *dst = c->out + ((long)b * c->T + r0 + i) * c->H * Hd + (long)(g * G + hh) * Hd;
+            __m512 total = _mm512_set1_ps(l[r]);
+            for (int d = 0; d < Hd; d += 16)
+                _mm512_storeu_ps(dst + d, l[r] > 0 ? _mm512_div_ps(_mm512_load_ps(w->o + r * Hd + d), total) : _mm512_setzero_ps());
+        }
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -223,61 +235,68 @@ static inline __m256 seen8(const uint8_t *allow, int j, int count) {
     return _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(byte, _mm256_setzero_si256()), real));
 }
 
-/* Queries r0 .. r0 + rows - 1 of head h of sequence b against the keys 0 .. stop - 1 -> out */
-static void attend(const Call *c, int b, int h, int r0, int stop, Scratch *w) {
-    int Hd = c->Hd, g = h / (c->H / c->K), rows = c->T - r0 < QUERIES ? c->T - r0 : QUERIES;
-    const float *q = c->q + b * c->q_b + r0 * c->q_t + (long)h * Hd;
+/* The AVX-512 attend's tasks and rows, at this width */
+static void attend(const Call *c, int b, int g, int r0, int stop, Scratch *w) {
+    int Hd = c->Hd, G = c->H / c->K, rows = c->T - r0 < QUERIES ? c->T - r0 : QUERIES;
     const float *v = c->v + b * c->kv_b + g * c->kv_h;
     const uint8_t *mask = c->allowed ? c->allowed + ((long)(c->mask_rows > 1 ? b : 0) * c->T + r0) * c->end : NULL;
     __m256 vscale = _mm256_set1_ps(1.0f / sqrtf((float)Hd)), minus_inf = _mm256_set1_ps(-INFINITY);
-    float m[QUERIES], l[QUERIES], alpha[QUERIES];
-    for (int i = 0; i < rows; i++) m[i] = -INFINITY, l[i] = 0.0f;
-    memset(w->o, 0, sizeof(float) * rows * Hd);
+    float *m = w->m, *l = w->l, *alpha = w->alpha;
+    for (int r = 0; r < G * QUERIES; r++) m[r] = -INFINITY, l[r] = 0.0f;
+    memset(w->o, 0, sizeof(float) * G * QUERIES * Hd);
     for (int kb = 0; kb < stop; kb += KEYS) {
         int count = c->end - kb < KEYS ? c->end - kb : KEYS; /* keys past `end` are zeros, never seen */
         transposed_keys(c, b, g, kb, count, w->kt);
-        for (int i0 = 0; i0 < rows; i0 += ROWS) {
-            int n = rows - i0 < ROWS ? rows - i0 : ROWS;
-            for (int c0 = 0; c0 < KEYS; c0 += 16)
-                SIXTEEN_FOR[n - 1](q + i0 * c->q_t, c->q_t, w->kt + c0, KEYS, Hd, w->S + i0 * KEYS + c0, KEYS);
-        }
-        for (int i = 0; i < rows; i++) { /* P = e^(s / sqrt(Hd) - max) where seen, 0 elsewhere, into S */
-            float *s = w->S + i * KEYS;
-            __m256 sv[KEYS / 8], seen[KEYS / 8], top = minus_inf;
-            for (int j = 0; j < KEYS / 8; j++) {
-                sv[j] = _mm256_mul_ps(_mm256_loadu_ps(s + 8 * j), vscale);
-                seen[j] = seen8(mask ? mask + (long)i * c->end + kb : NULL, j, count);
-                top = _mm256_max_ps(top, _mm256_blendv_ps(minus_inf, sv[j], seen[j]));
-            }
-            float best = hmax8(top), now = best > m[i] ? best : m[i];
-            /* nothing seen yet (now = -inf): 1; a first finite maximum after -inf: e^-inf = 0 */
-            alpha[i] = now == -INFINITY ? 1.0f : m[i] == -INFINITY ? 0.0f : _mm256_cvtss_f32(exp8(_mm256_set1_ps(m[i] - now)));
-            m[i] = now;
-            __m256 total = _mm256_setzero_ps();
-            for (int j = 0; j < KEYS / 8; j++) {
-                __m256 p = _mm256_and_ps(seen[j], exp8(_mm256_sub_ps(sv[j], _mm256_set1_ps(now))));
-                total = _mm256_add_ps(total, p);
-                _mm256_storeu_ps(s + 8 * j, p);
-            }
-            l[i] = l[i] * alpha[i] + hsum8(total);
-        }
-        for (int d0 = 0; d0 < Hd; d0 += 16)
+        for (int hh = 0; hh < G; hh++) {
+            const float *q = c->q + b * c->q_b + r0 * c->q_t + (long)(g * G + hh) * Hd;
             for (int i0 = 0; i0 < rows; i0 += ROWS) {
-                int n = rows - i0 < ROWS ? rows - i0 : ROWS; /* keys past count have weight 0 and are not read */
-                SIXTEEN_FOR[n - 1](w->S + i0 * KEYS, KEYS, v + (long)kb * c->kv_t + d0, c->kv_t, count, w->pv + i0 * Hd + d0, Hd);
+                int n = rows - i0 < ROWS ? rows - i0 : ROWS;
+                for (int c0 = 0; c0 < KEYS; c0 += 16)
+                    SIXTEEN_FOR[n - 1](q + i0 * c->q_t, c->q_t, w->kt + c0, KEYS, Hd, w->S + (hh * QUERIES + i0) * KEYS + c0, KEYS);
             }
-        for (int i = 0; i < rows; i++) { /* o = o e^(old max - new max) + P V */
-            __m256 a = _mm256_set1_ps(alpha[i]);
-            for (int d = 0; d < Hd; d += 8)
-                _mm256_store_ps(w->o + i * Hd + d, _mm256_fmadd_ps(_mm256_load_ps(w->o + i * Hd + d), a, _mm256_load_ps(w->pv + i * Hd + d)));
+            for (int i = 0; i < rows; i++) { /* P = e^(s / sqrt(Hd) - max) where seen, 0 elsewhere, into S */
+                int r = hh * QUERIES + i;
+                float *s = w->S + r * KEYS;
+                __m256 sv[KEYS / 8], seen[KEYS / 8], top = minus_inf;
+                for (int j = 0; j < KEYS / 8; j++) {
+                    sv[j] = _mm256_mul_ps(_mm256_loadu_ps(s + 8 * j), vscale);
+                    seen[j] = seen8(mask ? mask + (long)i * c->end + kb : NULL, j, count);
+                    top = _mm256_max_ps(top, _mm256_blendv_ps(minus_inf, sv[j], seen[j]));
+                }
+                float best = hmax8(top), now = best > m[r] ? best : m[r];
+                /* nothing seen yet (now = -inf): 1; a first finite maximum after -inf: e^-inf = 0 */
+                alpha[r] = now == -INFINITY ? 1.0f : m[r] == -INFINITY ? 0.0f : _mm256_cvtss_f32(exp8(_mm256_set1_ps(m[r] - now)));
+                m[r] = now;
+                __m256 total = _mm256_setzero_ps();
+                for (int j = 0; j < KEYS / 8; j++) {
+                    __m256 p = _mm256_and_ps(seen[j], exp8(_mm256_sub_ps(sv[j], _mm256_set1_ps(now))));
+                    total = _mm256_add_ps(total, p);
+                    _mm256_storeu_ps(s + 8 * j, p);
+                }
+                l[r] = l[r] * alpha[r] + hsum8(total);
+            }
+            for (int d0 = 0; d0 < Hd; d0 += 16)
+                for (int i0 = 0; i0 < rows; i0 += ROWS) {
+                    int n = rows - i0 < ROWS ? rows - i0 : ROWS; /* keys past count have weight 0 and are not read */
+                    SIXTEEN_FOR[n - 1](w->S + (hh * QUERIES + i0) * KEYS, KEYS, v + (long)kb * c->kv_t + d0, c->kv_t, count,
+                                       w->pv + (hh * QUERIES + i0) * Hd + d0, Hd);
+                }
+            for (int i = 0; i < rows; i++) { /* o = o e^(old max - new max) + P V */
+                int r = hh * QUERIES + i;
+                __m256 a = _mm256_set1_ps(alpha[r]);
+                for (int d = 0; d < Hd; d += 8)
+                    _mm256_store_ps(w->o + r * Hd + d, _mm256_fmadd_ps(_mm256_load_ps(w->o + r * Hd + d), a, _mm256_load_ps(w->pv + r * Hd + d)));
+            }
         }
     }
-    for (int i = 0; i < rows; i++) { /* o / l (no key seen: 0) */
-        float *dst = c->out + ((long)b * c->T + r0 + i) * c->H * Hd + (long)h * Hd;
-        __m256 total = _mm256_set1_ps(l[i]);
-        for (int d = 0; d < Hd; d += 8)
-            _mm256_storeu_ps(dst + d, l[i] > 0 ? _mm256_div_ps(_mm256_load_ps(w->o + i * Hd + d), total) : _mm256_setzero_ps());
-    }
+    for (int hh = 0; hh < G; hh++)
+        for (int i = 0; i < rows; i++) { /* o / l (no key seen: 0) */
+            int r = hh * QUERIES + i;
+            float *dst = c->out + ((long)b * c->T + r0 + i) * c->H * Hd + (long)(g * G + hh) * Hd;
+            __m256 total = _mm256_set1_ps(l[r]);
+            for (int d = 0; d < Hd; d += 8)
+                _mm256_storeu_ps(dst + d, l[r] > 0 ? _mm256_div_ps(_mm256_load_ps(w->o + r * Hd + d), total) : _mm256_setzero_ps());
+        }
 }
 
 #endif
@@ -290,12 +309,15 @@ int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, con
     if (Hd % 32 || Hd <= 0 || K <= 0 || H % K || end <= 0) return STATUS_BAD_WIDTH;
     Call c = {q, k, v, q_b, q_t, kv_b, kv_h, kv_t, B, T, H, K, Hd, end, allowed, mask_rows, out};
     int blocks = (T + QUERIES - 1) / QUERIES;
+    size_t rows = (size_t)(H / K) * QUERIES; /* a task's rows: every query head of one key/value head */
     int status = STATUS_OK;
 #pragma omp parallel
     {
-        Scratch w = {aligned_alloc(64, sizeof(float) * Hd * KEYS), aligned_alloc(64, sizeof(float) * QUERIES * KEYS),
-                     aligned_alloc(64, sizeof(float) * QUERIES * Hd), aligned_alloc(64, sizeof(float) * QUERIES * Hd)};
-        if (!w.kt || !w.S || !w.o || !w.pv) {
+        Scratch w = {aligned_alloc(64, sizeof(float) * Hd * KEYS), aligned_alloc(64, sizeof(float) * rows * KEYS),
+                     aligned_alloc(64, sizeof(float) * rows * Hd),  aligned_alloc(64, sizeof(float) * rows * Hd),
+                     malloc(sizeof(float) * rows),                  malloc(sizeof(float) * rows),
+                     malloc(sizeof(float) * rows)};
+        if (!w.kt || !w.S || !w.o || !w.pv || !w.m || !w.l || !w.alpha) {
 #pragma omp atomic write
             status = STATUS_OUT_OF_MEMORY;
         }
@@ -303,7 +325,7 @@ int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, con
         if (status == STATUS_OK) { /* every thread sees the same status here and takes the same loop */
 #pragma omp for collapse(3) schedule(dynamic)
             for (int b = 0; b < B; b++)
-                for (int h = 0; h < H; h++)
+                for (int g = 0; g < K; g++) /* a key/value head's query heads together: K^T transposed once for them */
                     for (int qb = 0; qb < blocks; qb++) {
                         int r0 = qb * QUERIES, stop = 0; /* one past the last key a query of the task sees */
                         for (int t = r0; t < T && t < r0 + QUERIES; t++) {
@@ -313,13 +335,16 @@ int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, con
                                 while (j > stop && !row[j - 1]) j--;
                             if (j > stop) stop = j;
                         }
-                        attend(&c, b, h, r0, stop, &w);
+                        attend(&c, b, g, r0, stop, &w);
                     }
         }
         free(w.kt);
         free(w.S);
         free(w.o);
         free(w.pv);
+        free(w.m);
+        free(w.l);
+        free(w.alpha);
     }
     return status;
 }

@@ -167,7 +167,8 @@ static int fetched_step_bytes(int layout) {
     }
 }
 
-/* Into L2: bytes [lo, hi) of every row-proportional stretch of a row's `per_row` bytes at `base` */
+/* Into L2: the part of row n (`per_row` bytes of the array at `base`, running along the row in step
+ * order) that holds k-steps s0 .. s0 + ns - 1 of its `steps` */
 static inline void prefetch_span(const void *base, size_t n, size_t per_row, int s0, int ns, int steps) {
     if (!base) return;
     const char *row = (const char *)base + n * per_row;

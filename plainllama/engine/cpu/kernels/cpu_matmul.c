@@ -534,8 +534,7 @@ void q4_unpack_blocks(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, 
         float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
         float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
         __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
-        store16(out, 32 * b, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vs, vm), f32);
-        store16(out, 32 * b + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vm), f32);
+        store32(out, 32 * b, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vs, vm), _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vm), f32);
     }
 }
 
@@ -562,10 +561,9 @@ static int q8_unpack(const int8_t *qs, const uint16_t *d, int N, int K, void *ou
 #pragma omp parallel for schedule(static)
     for (size_t blk = 0; blk < nblocks; blk++) {
         __m512 vs = _mm512_set1_ps(_cvtsh_ss(d[blk]));
-        for (int h = 0; h < 2; h++) {
-            __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 32 * blk + 16 * h)));
-            store16(out, 32 * blk + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(q), vs), f32);
-        }
+        __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 32 * blk)));
+        __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 32 * blk + 16)));
+        store32(out, 32 * blk, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), vs), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), vs), f32);
     }
     return 0;
 }

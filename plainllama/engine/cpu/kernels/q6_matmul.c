@@ -435,12 +435,17 @@ void q6_unpack_supers(const uint8_t *qs, const int8_t *sc, const uint16_t *d, si
         t[2] = _mm512_unpacklo_epi64(b, e);
         t[3] = _mm512_unpackhi_epi64(b, e);
         float dd = _cvtsh_ss(d[sb]);
-        for (int p = 0; p < 4; p++)
-            for (int L = 0; L < 4; L++) {
-                int j = 4 * L + p;
-                __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(t[p], L)), _mm512_set1_epi32(32)));
-                __m512 v = _mm512_mul_ps(_mm512_set1_ps(dd * (float)sc[sb * SUBS + j]), q);
-                store16(out, i * SUPER + 16 * j, v, f32);
+        for (int p = 0; p < 4; p += 2)
+#pragma GCC unroll 4
+            for (int L = 0; L < 4; L++) { /* sub-blocks j = 4L + p and j + 1, side by side in out (L: an immediate) */
+                __m512 v[2];
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    int j = 4 * L + p + h;
+                    __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(t[p + h], L)), _mm512_set1_epi32(32)));
+                    v[h] = _mm512_mul_ps(_mm512_set1_ps(dd * (float)sc[sb * SUBS + j]), q);
+                }
+                store32(out, i * SUPER + 16 * (4 * L + p), v[0], v[1], f32);
             }
     }
 }

@@ -79,6 +79,19 @@ static inline void store16(void *out, size_t i, __m512 v, int f32) {
         _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), to_bf16(v));
 }
 
+/* 32 floats (lo: the first 16, hi: the next 16) stored at out + i as store16 stores them: with AVX-512
+ * BF16 one rounding instruction and one store for both (the same round-to-nearest-even bits) */
+static inline void store32(void *out, size_t i, __m512 lo, __m512 hi, int f32) {
+#if defined(__AVX512BF16__)
+    if (!f32) {
+        _mm512_storeu_si512((uint16_t *)out + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        return;
+    }
+#endif
+    store16(out, i, lo, f32);
+    store16(out, i + 16, hi, f32);
+}
+
 /* The sum of v's 16 lanes, added as a tree: lanes i and i + 8, then i and i + 4, i and i + 2, and
  * the last two (the tree GCC's _mm512_reduce_add_ps uses, written out so that sums16_4x4 below gives
  * the same bits whatever the compiler). A product's decode tiles and many-rows tiles sum their

@@ -160,7 +160,9 @@ def amx_ab(types: str, rows: int, rounds: int, libraries: dict, against: str) ->
 
 
 def prefill_ab(path: str, tokens: int, rounds: int, libraries: dict, against: str) -> None:
-    """A whole prompt of `tokens` tokens (bench's text), each build's kernels in turn, best of `rounds`."""
+    """A whole prompt of `tokens` tokens (bench's text), each build's kernels in turn, best of `rounds`.
+    Kernels are looked up per call (kernels.function) except the direct ones a matrix keeps
+    (PackedWeight.direct_call), which are dropped at each switch so that every level compares."""
     import plainllama
     from plainllama.cli.bench import prompt_ids
     from plainllama.model import KVCache
@@ -174,6 +176,10 @@ def prefill_ab(path: str, tokens: int, rounds: int, libraries: dict, against: st
         for _ in range(rounds):
             for label, library in libraries.items():
                 kernels._library = lambda library=library: library  # type: ignore[assignment]
+                for module in llm.model.modules():  # the direct kernels each matrix keeps, looked up again
+                    packed = getattr(module, "packed", None)
+                    if packed is not None and hasattr(packed, "_direct"):
+                        del packed._direct
                 cache = KVCache(llm.model.args, 1, tokens, llm.dtype, llm.device)
                 start = time.perf_counter()
                 with torch.inference_mode():

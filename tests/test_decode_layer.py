@@ -423,7 +423,6 @@ def test_prompt_attention_gives_a_query_the_same_bits_in_any_company(attention, 
     assert error < (2e-2 if bfloat16 else 1e-5) * reference.abs().max().item()
 
 
-@pytest.mark.skipif("avx2" not in kernels.levels(), reason="no AVX2 kernels here")
 def test_float32_c_attention_is_taken_at_every_kernel_level_and_not_without_kernels(monkeypatch):
     """prompt_attention_f32.c has an AVX-512 and an AVX2 half: the prompt path picks it at both levels
     (its numbers: the tests around this one), and not where no kernels run."""

@@ -21,6 +21,7 @@ from gguf_files import random_blocks, write_llama_gguf
 from helpers import llama_cpp_logits
 from plainllama.engine.cpu import kernels
 from plainllama.engine.cpu.packed import (
+    Q8_LANES,
     PackedEmbedding,
     PackedLinear,
     PackedWeight,
@@ -28,6 +29,8 @@ from plainllama.engine.cpu.packed import (
     prompt_products,
     quantize_int4,
     quantize_int8,
+    q8_lanes,
+    q8_natural,
 )
 from plainllama.formats.gguf_quants import BLOCK_FORMATS
 
@@ -90,13 +93,38 @@ def test_q2_k_without_kernels_is_requantized_to_q8_0_exactly_as_ggml_would(type_
     np.testing.assert_array_equal(packed.dequantized().numpy(), reference)
 
 
+@pytest.mark.parametrize("K", [512, 576, 2048, 1088])
+@pytest.mark.parametrize("with_kernels", [True, False])
+def test_q8_rows_are_held_in_the_decode_loops_lane_order(K, with_kernels, monkeypatch):
+    """q8 rows as kernels/q8_lanes.h describes them, written out here from its definition: in each
+    whole group of 512 weights, step s (weights 4s..4s+3 of every block) at byte 64 s, its lane l
+    from block Q8_LANES[l]; a last, shorter group (576 = 512 + 64, 1088 = 1024 + 64) in GGUF's order.
+    Both the C function and PyTorch's fallback (no kernels) give it, and q8_natural undoes it."""
+    if with_kernels and not kernels.available():
+        pytest.skip("the C kernels do not run here")
+    if not with_kernels:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    natural = torch.randint(-128, 128, (5, K), dtype=torch.int8, generator=torch.Generator().manual_seed(K))
+    expected = natural.clone()
+    for g in range(K // 512):
+        for s in range(8):
+            for lane in range(16):
+                block = 16 * g + Q8_LANES[lane]
+                at = 512 * g + 64 * s + 4 * lane
+                expected[:, at : at + 4] = natural[:, 32 * block + 4 * s : 32 * block + 4 * s + 4]
+    held = q8_lanes(natural.clone())
+    assert torch.equal(held, expected)
+    assert torch.equal(q8_natural(held), natural)
+    assert torch.equal(q8_natural(held[1:3]), natural[1:3])  # a few rows, as an embedding looks them up
+
+
 def test_quantize_int8_and_int4_are_ggml_q8_0_and_q4_1_byte_for_byte():
     w = np.random.default_rng(4).standard_normal((N, K)).astype(np.float32)
     w[0, :32] = 0  # an all-zero block
     q8 = quantize_int8(torch.from_numpy(w))
     ref = quants.quantize(w, GGMLQuantizationType.Q8_0).reshape(N, K // 32, 34)
     np.testing.assert_array_equal(q8.d.view(torch.uint8).numpy().reshape(N, K // 32, 2), ref[..., :2])
-    np.testing.assert_array_equal(q8.qs.view(torch.uint8).numpy().reshape(N, K // 32, 32), ref[..., 2:])
+    np.testing.assert_array_equal(q8_natural(q8.qs).view(torch.uint8).numpy().reshape(N, K // 32, 32), ref[..., 2:])
     q4 = quantize_int4(torch.from_numpy(w))
     ref = quants.quantize(w, GGMLQuantizationType.Q4_1).reshape(N, K // 32, 20)
     np.testing.assert_array_equal(q4.d.view(torch.uint8).numpy().reshape(N, K // 32, 2), ref[..., :2])

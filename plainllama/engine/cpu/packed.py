@@ -13,8 +13,9 @@ Layouts, one row per output feature, blocks of 32 weights along the input:
           (Q4_K's sub-block scale d * scale6 is rounded to float16: relative error <= 2^-11).
     q5    q4's parts plus each block's fifth bits qh int32 [N, K/32] (bit k: weight k): weight =
           d * q + m, or d * (q - 16). Holds Q5_0 and Q5_1 as they are, and Q5_K as q4 holds Q4_K.
-    q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0 as it is; types
-          without a layout of their own are requantized to it from their exact values.
+    q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0's numbers, each row's
+          whole groups of 512 weights in the order the decode kernel reads them (q8_lanes below);
+          types without a layout of their own are requantized to it from their exact values.
     q6    Q6_K's own numbers (6-bit q, int8 scale per 16 weights, float16 d per 256), the values
           regrouped for kernels/q6_matmul.c: weight = d * sc * (q - 32).
     q3    Q3_K's own numbers (3-bit q, its 6-bit scales as int8 per 16, float16 d per 256): weight =
@@ -194,6 +195,53 @@ def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
     return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))  # type: ignore[call-overload]
 
 
+# q8 rows are held with each whole group of 16 blocks (512 weights) in the order the AVX-512 decode
+# loop reads (kernels/q8_lanes.h): step s (weights 4s..4s+3 of every block) at 64 s, its 4-byte lane l
+# from block Q8_LANES[l]. A last, shorter group stays in GGUF's order.
+Q8_LANES = (0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15)
+
+
+def q8_lanes(qs: torch.Tensor) -> torch.Tensor:
+    """Q8_0 numbers int8 [N, K] in GGUF's order, contiguous -> the order q8 rows are held in, in place."""
+    N, K = qs.shape
+    assert qs.is_contiguous() and qs.dtype == torch.int8
+    if kernels.available():
+        kernels.check(kernels.function("q8_to_lanes")(qs.data_ptr(), N, K), "q8_to_lanes")
+        return qs
+    G = K // 512
+    if G == 0:
+        return qs
+    step = max(1, (1 << 20) // K)
+    for start in range(0, N, step):  # a slice of rows at a time: the temporary stays small
+        whole = qs[start : start + step, : 512 * G]
+        natural = whole.reshape(-1, G, 16, 8, 4).clone()  # [n, group, block, step, 4 bytes]
+        held = whole.view(-1, G, 8, 16, 4)  # [n, group, step, lane, 4 bytes]
+        for lane, block in enumerate(Q8_LANES):
+            held[:, :, :, lane] = natural[:, :, block]
+    return qs
+
+
+def q8_natural(qs: torch.Tensor) -> torch.Tensor:
+    """q8 rows [..., K] as held -> their numbers in GGUF's order (a new tensor)."""
+    K = qs.shape[-1]
+    G = K // 512
+    held = qs[..., : 512 * G].unflatten(-1, (G, 8, 16, 4))  # [..., group, step, lane, 4 bytes]
+    natural = qs.new_empty((*qs.shape[:-1], G, 16, 8, 4))  # [..., group, block, step, 4 bytes]
+    for lane, block in enumerate(Q8_LANES):
+        natural[..., block, :, :] = held[..., :, lane, :]
+    return torch.cat((natural.flatten(-4), qs[..., 512 * G :]), dim=-1)
+
+
+class _NaturalQ8Rows:
+    """q8 rows read back in GGUF's order a slice at a time (values[start:end]), for torch's forms."""
+
+    def __init__(self, qs: torch.Tensor):
+        self.qs, self.shape = qs, qs.shape
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return q8_natural(self.qs[rows])
+
+
 class PackedWeight(nn.Module):
     """A [N, K] weight matrix in one of LAYOUTS. Shared by PackedLinear and PackedEmbedding (tied
     embeddings are one PackedWeight used by both)."""
@@ -266,7 +314,7 @@ class PackedWeight(nn.Module):
             if self.layout == "q4":
                 self._torch = Int4Product(self.qs, *_block_scales(self._parts()))
             elif self.layout == "q8":
-                self._torch = Int4PairProduct(self.qs, self.d.float())
+                self._torch = Int4PairProduct(_NaturalQ8Rows(self.qs), self.d.float())
             elif self.layout == "q5":  # weight = d (q - 16) + (m + 16 d): 8-bit values, scale and zero per 32
                 d, m = _block_scales(self._parts())
                 zeros = m + 16 * d if m is not None else torch.zeros_like(d)
@@ -348,7 +396,7 @@ class PackedWeight(nn.Module):
         block_d, block_m = _block_scales(parts)  # [..., K/32] each
         d = block_d[..., None]  # [..., K/32, 1]
         if self.layout == "q8":
-            q = parts["qs"].float().unflatten(-1, (-1, QK))  # [..., K/32, 32]
+            q = q8_natural(parts["qs"]).float().unflatten(-1, (-1, QK))  # [..., K/32, 32]
             return (d * q).flatten(-2).to(dtype)
         nibbles = parts["qs"].unflatten(-1, (-1, QK // 2))  # [..., K/32, 16]
         q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1).float()  # [..., K/32, 32]
@@ -667,7 +715,10 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
         return PackedWeight(
             "q8",
             shape,
-            {"qs": _field(blocks, 2, 34).view(torch.int8).reshape(N, K), "d": _half_field(blocks, 0).reshape(N, nb)},
+            {
+                "qs": q8_lanes(_field(blocks, 2, 34).view(torch.int8).reshape(N, K)),
+                "d": _half_field(blocks, 0).reshape(N, nb),
+            },
         )
     if type_name in ("Q5_0", "Q5_1"):  # d, [m], qh (32 bits, bit k: weight k), qs[16] as Q4_0's
         start = 2 if type_name == "Q5_0" else 4
@@ -909,7 +960,7 @@ def quantize_int8(weight: torch.Tensor | GGUFRows) -> PackedWeight:
         inv = torch.where(d > 0, 1 / d, torch.zeros(()))
         scaled = blocks * inv[..., None]
         q = (scaled.sign() * torch.floor(scaled.abs() + 0.5)).to(torch.int8)
-        return {"qs": q.reshape(-1, K), "d": d.half()}
+        return {"qs": q8_lanes(q.reshape(-1, K)), "d": d.half()}
 
     return PackedWeight(
         "q8", (N, K), _by_rows(weight, {"qs": ((K,), torch.int8), "d": ((K // QK,), torch.float16)}, rows)

@@ -59,6 +59,7 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 
 #include "amx.h"
+#include "q8_lanes.h"
 #include "exp16.h"
 
 #include <omp.h>
@@ -96,6 +97,14 @@ int amx_available(void) {
 /* Direct for q4 with per-block scales, q8 and the 16-bit layouts; the others are unpacked a stretch
  * of rows at a time into a staging buffer first (pack_panels). */
 
+/* A q8 block's 32 numbers in GGUF's order at q, times its scale */
+static inline __m512i q8_block_bf16(const int8_t *q, uint16_t d) {
+    __m512 vs = _mm512_set1_ps(_cvtsh_ss(d));
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+    return pair_bf16(_mm512_mul_ps(lo, vs), _mm512_mul_ps(hi, vs));
+}
+
 static inline __m512i block_bf16(const MatrixPart *W, size_t n, int K, int b) {
     size_t blk = n * (K / 32) + b;
     int layout = W->layout;
@@ -109,13 +118,8 @@ static inline __m512i block_bf16(const MatrixPart *W, size_t n, int K, int b) {
         __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
         return pair_bf16(_mm512_fmadd_ps(lo, vs, vm), _mm512_fmadd_ps(hi, vs, vm));
     }
-    if (layout == LAYOUT_Q8) {
-        const int8_t *q = (const int8_t *)w + 32 * blk;
-        __m512 vs = _mm512_set1_ps(_cvtsh_ss(d[blk]));
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
-        return pair_bf16(_mm512_mul_ps(lo, vs), _mm512_mul_ps(hi, vs));
-    }
+    if (layout == LAYOUT_Q8) /* a block of a last, shorter group, in GGUF's order (whole groups: pack_panels) */
+        return q8_block_bf16((const int8_t *)w + n * K + 32 * b, d[blk]);
     const uint16_t *h = (const uint16_t *)w + 32 * blk;
     if (layout == LAYOUT_F16)
         return pair_bf16(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 16))));
@@ -194,14 +198,23 @@ static void pack_panels(const MatrixPart *W, int K, int N, int p0, int np, int s
                         uint16_t *stage) {
     int ahead = fetched_step_bytes(W->layout);
     size_t row_bytes = (size_t)(K / 32) * ahead;
+    /* q8: whole groups of 16 blocks (k-steps) are held in the decode loop's order (q8_lanes.h); each is
+     * put back in GGUF's order for the panel's 16 rows in `stage` (512 bytes a row), steps in_stage .. + 15 */
+    int q8 = W->layout == LAYOUT_Q8, whole = K / 512 * 16;
     for (int p = 0; p < np; p++) {
         size_t n0 = (size_t)16 * (p0 + p), next = n0 + 16;
         int fetch = ahead && next + 16 <= (size_t)N;
         if (fetch)
             for (int c = 0; c < 16; c++) prefetch_side(W, K, next + c, s0, ns);
+        int in_stage = -16;
         for (int g = 0; g < ns; g += STAGE_STEPS) {
             int count = ns - g < STAGE_STEPS ? ns - g : STAGE_STEPS;
             if (staged(W)) stage_rows(W, K, N, n0, s0 + g, count, stage);
+            if (q8 && (s0 + g) % 16 == 0 && s0 + g + 16 <= whole) {
+                in_stage = s0 + g;
+                for (int c = 0; c < 16 && n0 + c < (size_t)N; c++)
+                    q8_natural_group((const int8_t *)W->w + (n0 + c) * K + 32 * (size_t)in_stage, (int8_t *)stage + 512 * c);
+            }
             for (int s = g; s < g + count; s++) {
                 uint32_t *tile = tiles + ((size_t)p * ns + s) * 256;
                 if (fetch) /* step s of the next panel's 16 rows */
@@ -213,6 +226,8 @@ static void pack_panels(const MatrixPart *W, int K, int N, int p0, int np, int s
                 for (int c = 0; c < 16; c++) {
                     if (staged(W))
                         r[c] = _mm512_loadu_si512(stage + (size_t)c * 32 * STAGE_STEPS + 32 * (s - g));
+                    else if (s0 + s < in_stage + 16 && n0 + c < (size_t)N)
+                        r[c] = q8_block_bf16((const int8_t *)stage + 512 * c + 32 * (s0 + s - in_stage), W->d[(n0 + c) * (K / 32) + s0 + s]);
                     else
                         r[c] = n0 + c < (size_t)N ? block_bf16(W, n0 + c, K, s0 + s) : _mm512_setzero_si512();
                 }

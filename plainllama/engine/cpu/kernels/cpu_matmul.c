@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "plainllama.h"
+#include "q8_lanes.h"
 #include "unpack.h"
 
 #if KERNELS_AVX512 /* else cpu_matmul_avx2.c holds these functions */
@@ -69,7 +70,7 @@ int kernel_level(void) { return 3; }
 
 /* lane -> block within a group, as the transposes below leave them */
 static const int Q4_LANES[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-static const int Q8_LANES[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
+/* Q8_LANES: q8_lanes.h, where q8 rows' whole groups are held in this order */
 
 /* x quantized to int8 blocks of 32 (scale = max|x| / 127) and arranged by group, step and lane:
  * xq [M, groups, 8 steps, 16 lanes, 4 bytes]; per lane, dx (the block's scale) and a sum for the
@@ -206,9 +207,14 @@ static inline void q4_group_steps(const uint8_t *src, int blocks, __m512i w[GROU
 }
 
 /* One group of a q8 row (16 blocks x 32 bytes) -> w[s] = weights 4s..4s+3 of each block, + 128 as
- * uint8 (vpdpbusd multiplies unsigned by signed bytes; the x side subtracts 128 * sum(x)). */
+ * uint8 (vpdpbusd multiplies unsigned by signed bytes; the x side subtracts 128 * sum(x)). A whole
+ * group is held in that order (q8_lanes.h); a last, shorter one is transposed here. */
 static inline void q8_group_steps(const int8_t *src, int blocks, __m512i w[GROUP_STEPS]) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
+    if (blocks == GROUP_BLOCKS) {
+        for (int s = 0; s < GROUP_STEPS; s++) w[s] = _mm512_xor_si512(_mm512_loadu_si512(src + 64 * s), flip);
+        return;
+    }
     int valid = 32 * blocks;
     __m512i r[8], lo[4], hi[4];
     for (int i = 0; i < 8; i++) r[i] = load_part(src + 64 * i, valid - 64 * i);
@@ -556,14 +562,25 @@ int q4_to_f32(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const ui
     return q4_unpack(qs, qh, d, m, sc, mn, N, K, out, 1);
 }
 
+static inline void q8_unpack_block(const int8_t *q, uint16_t d, void *out, size_t at, int f32) {
+    __m512 vs = _mm512_set1_ps(_cvtsh_ss(d));
+    __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
+    __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)));
+    store32(out, at, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), vs), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), vs), f32);
+}
+
 static int q8_unpack(const int8_t *qs, const uint16_t *d, int N, int K, void *out, int f32) {
-    size_t nblocks = (size_t)N * (K / 32);
+    int nb = K / 32, groups = K / 512;
 #pragma omp parallel for schedule(static)
-    for (size_t blk = 0; blk < nblocks; blk++) {
-        __m512 vs = _mm512_set1_ps(_cvtsh_ss(d[blk]));
-        __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 32 * blk)));
-        __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 32 * blk + 16)));
-        store32(out, 32 * blk, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), vs), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), vs), f32);
+    for (int n = 0; n < N; n++) {
+        const int8_t *row = qs + (size_t)n * K;
+        size_t first = (size_t)n * nb; /* the row's first block in d and out */
+        for (int g = 0; g < groups; g++) {
+            int8_t natural[512] __attribute__((aligned(64)));
+            q8_natural_group(row + 512 * g, natural);
+            for (int b = 0; b < 16; b++) q8_unpack_block(natural + 32 * b, d[first + 16 * g + b], out, 32 * (first + 16 * g + b), f32);
+        }
+        for (int b = 16 * groups; b < nb; b++) q8_unpack_block(row + 32 * b, d[first + b], out, 32 * (first + b), f32);
     }
     return 0;
 }

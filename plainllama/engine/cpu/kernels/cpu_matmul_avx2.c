@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "plainllama.h"
+#include "q8_lanes.h"
 
 #if !KERNELS_AVX512 /* else cpu_matmul.c holds these functions */
 
@@ -299,6 +300,16 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
 
 /* ---- q8: four weight rows at a time ------------------------------------------------------- */
 
+/* Half of a whole q8 group as held (q8_lanes.h: `half` at the group's start plus 32 bytes for the second
+ * half): its 8 blocks, 32 bytes each in GGUF's order, into out [8 * 32]. The 8 steps of 4 bytes of
+ * 8 lanes are a transpose of the 8 blocks' 8 pieces; lane l holds block Q8_LANES[l] (mod 8). */
+static inline void q8_natural_blocks(const int8_t *half, int8_t *out) {
+    __m256 steps[8], blocks[8];
+    for (int s = 0; s < 8; s++) steps[s] = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(half + 64 * s)));
+    transpose8(steps, blocks);
+    for (int l = 0; l < 8; l++) _mm256_store_ps((float *)(out + 32 * (Q8_LANES[l] % 8)), blocks[l]);
+}
+
 /* q8 weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out; R and XT constants at each call.
  * Each (weight row, x row) sum takes one multiply-add per block in block order; the rows are
  * interleaved within a block so that R x XT independent chains hide the multiply-add's latency
@@ -310,10 +321,13 @@ static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct
     __m256 acc[W_ROWS][X_TILE];
     for (int r = 0; r < R; r++)
         for (int i = 0; i < XT; i++) acc[r][i] = _mm256_setzero_ps();
+    int8_t natural[W_ROWS][GROUP_BLOCKS * 32] __attribute__((aligned(32)));
     for (int g = 0; g < nb; g += GROUP_BLOCKS) {
         int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
+        int lanes = g < p->K / 512 * 16; /* held in q8_lanes.h's order: half g / 8 % 2 of a group's steps */
         float scale[W_ROWS][X_TILE][GROUP_BLOCKS] __attribute__((aligned(32)));
         for (int r = 0; r < R; r++) {
+            if (lanes) q8_natural_blocks((const int8_t *)p->qs + (size_t)(n + r) * row_bytes + (size_t)512 * (g / 16) + 32 * (g / 8 % 2), natural[r]);
             if (ahead) { /* these blocks of the row PREFETCH_ITEMS * W_ROWS further on, and their scales */
                 for (size_t line = 0; line < GROUP_BLOCKS * 32; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 32 + line), PREFETCH_HINT);
@@ -331,7 +345,8 @@ static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct
             __m256i xq[X_TILE];
             for (int i = 0; i < XT; i++) xq[i] = _mm256_load_si256((const __m256i *)(p->xa.xq + ((size_t)(i0 + i) * nb + g + b) * 32));
             for (int r = 0; r < R; r++) {
-                const __m256i *src = (const __m256i *)((const int8_t *)p->qs + (size_t)(n + r) * row_bytes + (size_t)(g + b) * 32);
+                const __m256i *src = lanes ? (const __m256i *)(natural[r] + 32 * b)
+                                           : (const __m256i *)((const int8_t *)p->qs + (size_t)(n + r) * row_bytes + (size_t)(g + b) * 32);
                 __m256i w = _mm256_loadu_si256(src);
                 for (int i = 0; i < XT; i++) /* |w| times x with w's sign */
                     acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(w), _mm256_sign_epi8(xq[i], w))),
@@ -542,14 +557,21 @@ int q4_to_f32(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const ui
 }
 
 static int q8_unpack(const int8_t *qs, const uint16_t *d, int N, int K, void *out, int f32) {
-    size_t nblocks = (size_t)N * (K / 32);
+    int nb = K / 32, lanes = K / 512 * 16; /* blocks below `lanes` are held in q8_lanes.h's order */
 #pragma omp parallel for schedule(static)
-    for (size_t blk = 0; blk < nblocks; blk++) {
-        __m256 vs = _mm256_set1_ps(_cvtsh_ss(d[blk]));
-        for (int h = 0; h < 2; h++) {
-            __m128i q = _mm_loadu_si128((const __m128i *)(qs + 32 * blk + 16 * h));
-            store8(out, 32 * blk + 16 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vs), f32);
-            store8(out, 32 * blk + 16 * h + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), vs), f32);
+    for (int n = 0; n < N; n++) {
+        const int8_t *row = qs + (size_t)n * K;
+        int8_t natural[8 * 32] __attribute__((aligned(32)));
+        for (int b = 0; b < nb; b++) {
+            if (b < lanes && b % 8 == 0) q8_natural_blocks(row + (size_t)512 * (b / 16) + 32 * (b / 8 % 2), natural);
+            const int8_t *block = b < lanes ? natural + 32 * (b % 8) : row + 32 * b;
+            size_t blk = (size_t)n * nb + b;
+            __m256 vs = _mm256_set1_ps(_cvtsh_ss(d[blk]));
+            for (int h = 0; h < 2; h++) {
+                __m128i q = _mm_loadu_si128((const __m128i *)(block + 16 * h));
+                store8(out, 32 * blk + 16 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vs), f32);
+                store8(out, 32 * blk + 16 * h + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), vs), f32);
+            }
         }
     }
     return 0;

@@ -27,6 +27,8 @@ rounded to 8 significant bits, relative error <= 2^-8 each), float16 products ro
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
@@ -83,6 +85,14 @@ class Int4Product:
         return self.packed.numel() + self.scales_zeros.numel() * 2
 
 
+class RowSlices(Protocol):
+    """A [N, K] matrix whose slices of rows are tensors (packed.py's q8 rows, read back in GGUF's order)."""
+
+    shape: torch.Size
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
+
 class Int4PairProduct:
     """A matrix [N, K] of integers v in -128..127 with a scale and a zero point per block of 32
     (weight = scale v + zero; q8: v = q, zero 0; q5: v = q - 16), as two matrices in torch's int4
@@ -92,7 +102,7 @@ class Int4PairProduct:
     two. A byte per weight as int8 is, and 1.7x faster than int8 a block column at a time (one
     [49152 x 2048] matrix, one row: 6.8 against 11.7 ms; float16 F.linear 6.7)."""
 
-    def __init__(self, values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None):
+    def __init__(self, values: torch.Tensor | RowSlices, scale: torch.Tensor, zero: torch.Tensor | None = None):
         N, K = values.shape
         padded = -N % ROW_MULTIPLE
         self.rows, self.K = N, K

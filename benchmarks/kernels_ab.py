@@ -4,6 +4,7 @@ built at the level PLAINLLAMA_ISA asks for, and the same products (the four 1B l
 blocks of each GGUF type, as benchmarks/products.py) run on each in turn.
 
     .venv/bin/python benchmarks/kernels_ab.py [--against REV] [--rows 512] [--rounds 7] [Q6_K,Q4_0,...]
+    .venv/bin/python benchmarks/kernels_ab.py --rows 1 --layers 16 [--against REV] [Q8_0,...]
     .venv/bin/python benchmarks/kernels_ab.py --amx [--against REV] [F16,Q8_0,...]
     .venv/bin/python benchmarks/kernels_ab.py --prefill FILE.gguf [--rows 512] [--against REV]
 
@@ -12,7 +13,10 @@ Prints GOP/s for both, the ratio (working tree / REV), and whether every output 
 Rows go DIRECT_CALL_ROWS a call, as a prompt's do where prompts take the int8 kernels; --rows 1 times
 decoding's products. --amx times amx_matmul.c instead (the four shapes in one call each, and
 amx_swiglu on the stacked gate and up [16384, 2048]); --prefill a whole prompt of --rows tokens of
-a model file, each build's kernels in turn (tok/s; the logits compared). Only in-process alternation
+a model file, each build's kernels in turn (tok/s; the logits compared). --layers N holds N copies of
+the four matrices, as a model's layers are, and times a pass over all of them: with --rows 1, decoding
+as it reads its weights from memory (one set of the four, ~60 MB in Q8_0, stays in a large L3 cache
+and measures the arithmetic instead); GB/s read is printed beside. Only in-process alternation
 is meaningful on a shared machine: two runs of one build differ by up to 10%.
 """
 
@@ -29,30 +33,37 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from products import SHAPES, gguf_weight  # noqa: E402
+from products import SHAPES, gguf_weight, placed  # noqa: E402
 
 from plainllama.engine.cpu import kernels  # noqa: E402
+from plainllama.engine.cpu.packed import PackedWeight  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def library_from(revision: str, level: str, folder: Path):
-    """The kernels as they were at `revision`, built at `level` (cached like the working tree's)."""
+    """The kernels as they were at `revision`, built at `level` (cached like the working tree's). A
+    file the working tree has and `revision` had not (a newer kernel) is left out of its build."""
+    present = set()
     for path in [*kernels.SOURCES, kernels.HEADER, *kernels.INTERNAL_HEADERS]:
         relative = path.relative_to(ROOT).as_posix()
         shown = subprocess.run(["git", "show", f"{revision}:{relative}"], cwd=ROOT, capture_output=True)
         if shown.returncode != 0:
+            if path != kernels.HEADER and b"exists on disk, but not in" in shown.stderr:
+                continue
             raise SystemExit(f"{relative} at {revision}: {shown.stderr.decode().strip()}")
         (folder / path.name).write_bytes(shown.stdout)
+        present.add(path)
     kernels._library_at.cache_clear()
-    kept = kernels.SOURCES, kernels.HEADER, kernels.INTERNAL_HEADERS
+    kept = kernels.SOURCES, kernels.HEADER, kernels.INTERNAL_HEADERS, kernels.PROTOTYPES
     try:
-        kernels.SOURCES = [folder / p.name for p in kept[0]]
+        kernels.SOURCES = [folder / p.name for p in kept[0] if p in present]
         kernels.HEADER = folder / kept[1].name
-        kernels.INTERNAL_HEADERS = [folder / p.name for p in kept[2]]
+        kernels.INTERNAL_HEADERS = [folder / p.name for p in kept[2] if p in present]
+        kernels.PROTOTYPES = kernels._prototypes()  # the functions `revision`'s header declares
         return kernels._library_at(level)
     finally:
-        kernels.SOURCES, kernels.HEADER, kernels.INTERNAL_HEADERS = kept
+        kernels.SOURCES, kernels.HEADER, kernels.INTERNAL_HEADERS, kernels.PROTOTYPES = kept
         kernels._library_at.cache_clear()
 
 
@@ -62,6 +73,7 @@ def main() -> None:
     parser.add_argument("--against", default="HEAD", help="the git revision whose kernels are the baseline")
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--layers", type=int, default=1, help="copies of the four matrices, as a model's layers")
     parser.add_argument("--amx", action="store_true", help="time amx_matmul and amx_swiglu (a CPU with AMX)")
     parser.add_argument("--prefill", metavar="FILE", help="time a whole prompt of --rows tokens of this model file")
     args = parser.parse_args()
@@ -80,8 +92,13 @@ def main() -> None:
     if args.amx:
         return amx_ab(args.types, args.rows, args.rounds, libraries, args.against)
     for type_name in args.types.split(","):
-        weights = [gguf_weight(type_name, n, k) for n, k in SHAPES]
-        xs = [torch.randn(args.rows, k) for _, k in SHAPES]
+        layer = [gguf_weight(type_name, n, k) for n, k in SHAPES]
+        weights = layer + [
+            PackedWeight(w.layout, w.shape, {n: placed(getattr(w, n)) for n in w.part_names})
+            for _ in range(args.layers - 1)
+            for w in layer
+        ]
+        xs = [torch.randn(args.rows, k) for _, k in SHAPES] * args.layers
         name = weights[0].direct_call()[0].__name__
         best = dict.fromkeys(libraries, float("inf"))
         outputs: dict[str, list[torch.Tensor]] = {}
@@ -93,11 +110,14 @@ def main() -> None:
                 outputs[label] = [w.matmul_each_row(x) for w, x in zip(weights, xs, strict=True)]
                 best[label] = min(best[label], time.perf_counter() - start)
         same = all(torch.equal(a, b) for a, b in zip(*outputs.values(), strict=True))
-        rates = {label: flops / seconds / 1e9 for label, seconds in best.items()}
+        rates = {label: args.layers * flops / seconds / 1e9 for label, seconds in best.items()}
+        read = sum(w.nbytes for w in weights) / 1e9
         print(
             f"{type_name:5s} ({name}): "
             + ", ".join(f"{label} {rate:6.1f}" for label, rate in rates.items())
-            + f" GOP/s; ratio {rates['working tree'] / rates[args.against]:.3f}; "
+            + " GOP/s ("
+            + ", ".join(f"{read / best[label]:.1f}" for label in rates)
+            + f" GB/s read); ratio {rates['working tree'] / rates[args.against]:.3f}; "
             + ("the same bits" if same else "OTHER BITS")
         )
 

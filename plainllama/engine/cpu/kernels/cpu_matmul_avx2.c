@@ -315,7 +315,7 @@ static inline void q8_natural_blocks(const int8_t *half, int8_t *out) {
  * interleaved within a block so that R x XT independent chains hide the multiply-add's latency
  * (rows one after another, a single chain ran at one block per ~6 cycles). */
 static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct *p, int n, int R, int i0, int XT,
-                                                          const uint8_t *ahead) {
+                                                          const uint8_t *ahead, const int8_t *w_rows, int held) {
     int nb = p->nb;
     size_t row_bytes = (size_t)p->K;
     __m256 acc[W_ROWS][X_TILE];
@@ -324,10 +324,10 @@ static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct
     int8_t natural[W_ROWS][GROUP_BLOCKS * 32] __attribute__((aligned(32)));
     for (int g = 0; g < nb; g += GROUP_BLOCKS) {
         int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
-        int lanes = g < p->K / 512 * 16; /* held in q8_lanes.h's order: half g / 8 % 2 of a group's steps */
+        int lanes = held && g < p->K / 512 * 16; /* held in q8_lanes.h's order: half g / 8 % 2 of a group's steps */
         float scale[W_ROWS][X_TILE][GROUP_BLOCKS] __attribute__((aligned(32)));
         for (int r = 0; r < R; r++) {
-            if (lanes) q8_natural_blocks((const int8_t *)p->qs + (size_t)(n + r) * row_bytes + (size_t)512 * (g / 16) + 32 * (g / 8 % 2), natural[r]);
+            if (lanes) q8_natural_blocks(w_rows + (size_t)r * row_bytes + (size_t)512 * (g / 16) + 32 * (g / 8 % 2), natural[r]);
             if (ahead) { /* these blocks of the row PREFETCH_ITEMS * W_ROWS further on, and their scales */
                 for (size_t line = 0; line < GROUP_BLOCKS * 32; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 32 + line), PREFETCH_HINT);
@@ -346,7 +346,7 @@ static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct
             for (int i = 0; i < XT; i++) xq[i] = _mm256_load_si256((const __m256i *)(p->xa.xq + ((size_t)(i0 + i) * nb + g + b) * 32));
             for (int r = 0; r < R; r++) {
                 const __m256i *src = lanes ? (const __m256i *)(natural[r] + 32 * b)
-                                           : (const __m256i *)((const int8_t *)p->qs + (size_t)(n + r) * row_bytes + (size_t)(g + b) * 32);
+                                           : (const __m256i *)(w_rows + (size_t)r * row_bytes + (size_t)(g + b) * 32);
                 __m256i w = _mm256_loadu_si256(src);
                 for (int i = 0; i < XT; i++) /* |w| times x with w's sign */
                     acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(w), _mm256_sign_epi8(xq[i], w))),
@@ -358,24 +358,44 @@ static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = hsum8(acc[r][i]);
 }
 
-typedef void TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead);
-#define Q8_TILE(R, XT)                                                                               \
-    static void q8_tile_##R##_##XT(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
-        q8_tile(p, n, R, i0, XT, ahead);                                                             \
+/* w_rows: weight row n's bytes, the next rows K apart; held: whole groups in q8_lanes.h's order (the
+ * matrix itself), or 0 (rows put back in GGUF's order, q8_natural_rows). Both a constant per tile. */
+typedef void Q8TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead, const int8_t *w_rows);
+#define Q8_TILE(R, XT, HELD)                                                                                 \
+    static void q8_tile_##R##_##XT##_##HELD(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead,  \
+                                            const int8_t *w_rows) {                                          \
+        q8_tile(p, n, R, i0, XT, ahead, w_rows, HELD);                                                       \
     }
-#define Q8_TILES_FOR(R) Q8_TILE(R, 1) Q8_TILE(R, 2)
+#define Q8_TILES_FOR(R) Q8_TILE(R, 1, 0) Q8_TILE(R, 2, 0) Q8_TILE(R, 1, 1) Q8_TILE(R, 2, 1)
 Q8_TILES_FOR(1) Q8_TILES_FOR(2) Q8_TILES_FOR(3) Q8_TILES_FOR(4)
-#define Q8_TILE_ROW(R) {q8_tile_##R##_1, q8_tile_##R##_2}
-static TileFn *const Q8_TILES[W_ROWS][X_TILE] = {Q8_TILE_ROW(1), Q8_TILE_ROW(2), Q8_TILE_ROW(3), Q8_TILE_ROW(4)};
+#define Q8_TILE_ROW(R) {{q8_tile_##R##_1_0, q8_tile_##R##_1_1}, {q8_tile_##R##_2_0, q8_tile_##R##_2_1}}
+static Q8TileFn *const Q8_TILES[W_ROWS][X_TILE][2] = {Q8_TILE_ROW(1), Q8_TILE_ROW(2), Q8_TILE_ROW(3), Q8_TILE_ROW(4)};
+
+/* R q8 rows (K apart) as held -> in GGUF's order at out (R * K bytes) */
+static void q8_natural_rows(const int8_t *rows, int R, int K, int8_t *out) {
+    int whole = K / 512 * 16, nb = K / 32;
+    for (int r = 0; r < R; r++) {
+        const int8_t *row = rows + (size_t)r * K;
+        for (int b = 0; b < whole; b += 8) q8_natural_blocks(row + (size_t)512 * (b / 16) + 32 * (b / 8 % 2), out + (size_t)r * K + 32 * b);
+        memcpy(out + (size_t)r * K + 32 * whole, row + 32 * whole, (size_t)32 * (nb - whole));
+    }
+}
 
 static void q8_group(const void *product, int gi) {
     const QuantizedProduct *p = product;
     int n = gi * W_ROWS, R = p->N - n < W_ROWS ? p->N - n : W_ROWS;
     const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
         n + (PREFETCH_ITEMS + 1) * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * W_ROWS) * p->K : NULL;
+    const int8_t *w_rows = (const int8_t *)p->qs + (size_t)n * p->K;
+    int held = 1;
+    int8_t *natural; /* many rows of x (a prompt): the rows put back in order once, not once per tile of x */
+    if (p->M > X_TILE && p->K >= 512 && (natural = thread_buffer((size_t)R * p->K))) {
+        q8_natural_rows(w_rows, R, p->K, natural);
+        w_rows = natural, held = 0;
+    }
     for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
         int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
-        Q8_TILES[R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
+        Q8_TILES[R - 1][XT - 1][held](p, n, i0, i0 == 0 ? ahead : NULL, w_rows);
     }
 }
 
@@ -389,6 +409,7 @@ static void q8_group(const void *product, int gi) {
 #define Q4_TILES_FOR(M, QH) Q4_TILE(1, M, QH) Q4_TILE(2, M, QH)
 Q4_TILES_FOR(0, 0) Q4_TILES_FOR(0, 1) Q4_TILES_FOR(1, 0) Q4_TILES_FOR(1, 1)
 #define Q4_TILE_KINDS(XT) {{q4_tile_##XT##_00, q4_tile_##XT##_01}, {q4_tile_##XT##_10, q4_tile_##XT##_11}}
+typedef void TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead);
 static TileFn *const Q4_TILES[X_TILE][2][2] = {Q4_TILE_KINDS(1), Q4_TILE_KINDS(2)}; /* [XT - 1][m][qh] */
 static void q4_tile_rest(const QuantizedProduct *p, int n, int R, int i0, int XT) {
     q4_tile(p, n, R, i0, XT, NULL, p->m != NULL, p->qh != NULL, NULL, NULL);

@@ -49,6 +49,8 @@ typedef struct {
     int8_t *xq;
     float *dx, *sx;
     int32_t *sum8;
+    int8_t *xl; /* q8 only: xq with each whole group's halves in q8_lanes.h's order (arrange_lanes); or NULL */
+    float *dxl; /* dx in the same order */
 } QuantizedActivations;
 
 static void free_activations(QuantizedActivations *a) {
@@ -56,6 +58,8 @@ static void free_activations(QuantizedActivations *a) {
     free(a->dx);
     free(a->sx);
     free(a->sum8);
+    free(a->xl);
+    free(a->dxl);
 }
 
 static int quantize_activations(const float *x, int M, int K, QuantizedActivations *a) {
@@ -310,26 +314,73 @@ static inline void q8_natural_blocks(const int8_t *half, int8_t *out) {
     for (int l = 0; l < 8; l++) _mm256_store_ps((float *)(out + 32 * (Q8_LANES[l] % 8)), blocks[l]);
 }
 
+/* x for q8 (M rows of K): each whole group's halves of 8 blocks in the order q8 rows hold them
+ * (q8_lanes.h: step s of the 8 blocks at 32 s, lane l from block Q8_LANES[l] mod 8), dx alike, so
+ * that a step of x meets the same step of the weights lane by lane. The last, shorter group is not
+ * read from here (the tiles take it from xq). */
+static int arrange_lanes(QuantizedActivations *a, int M, int K) {
+    int nb = K / 32, whole = K / 512 * 16;
+    a->xl = aligned_alloc(32, (size_t)M * nb * 32);
+    a->dxl = aligned_alloc(32, ((size_t)M * nb * sizeof(float) + 31) / 32 * 32);
+    if (!a->xl || !a->dxl) return STATUS_OUT_OF_MEMORY;
+#pragma omp parallel for schedule(static) if (M >= 16)
+    for (int r = 0; r < M; r++)
+        for (int g = 0; g < whole; g += 8) {
+            size_t at = (size_t)r * nb + g;
+            for (int l = 0; l < 8; l++) {
+                int b = Q8_LANES[l] % 8;
+                a->dxl[at + l] = a->dx[at + b];
+                for (int s = 0; s < 8; s++) memcpy(a->xl + 32 * at + 32 * s + 4 * l, a->xq + 32 * (at + b) + 4 * s, 4);
+            }
+        }
+    return STATUS_OK;
+}
+
 /* q8 weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out; R and XT constants at each call.
- * Each (weight row, x row) sum takes one multiply-add per block in block order; the rows are
- * interleaved within a block so that R x XT independent chains hide the multiply-add's latency
- * (rows one after another, a single chain ran at one block per ~6 cycles). */
+ * Whole groups as held (q8_lanes.h), lane by lane: a half of 8 blocks is 8 steps of 32 bytes, lane
+ * l of each one block's 4 weights, so 8 integer dot products leave each block's sum in its lane, and
+ * one convert and one multiply-add per 8 blocks and row of x scale them (x and its scales arranged
+ * alike, arrange_lanes). The last, shorter group in GGUF's order: one multiply-add per block, the
+ * rows interleaved within a block so that R x XT independent chains hide its latency (rows one after
+ * another, a single chain ran at one block per ~6 cycles). */
 static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct *p, int n, int R, int i0, int XT,
-                                                          const uint8_t *ahead, const int8_t *w_rows, int held) {
-    int nb = p->nb;
+                                                          const uint8_t *ahead) {
+    int nb = p->nb, whole = p->K / 512 * 16;
     size_t row_bytes = (size_t)p->K;
+    const __m256i lane_blocks = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7); /* Q8_LANES mod 8 */
     __m256 acc[W_ROWS][X_TILE];
     for (int r = 0; r < R; r++)
         for (int i = 0; i < XT; i++) acc[r][i] = _mm256_setzero_ps();
-    int8_t natural[W_ROWS][GROUP_BLOCKS * 32] __attribute__((aligned(32)));
-    for (int g = 0; g < nb; g += GROUP_BLOCKS) {
+    for (int g = 0; g < whole; g += GROUP_BLOCKS) {
+        size_t half = (size_t)512 * (g / 16) + 32 * (g / 8 % 2);
+        for (int r = 0; r < R; r++) {
+            if (ahead) { /* the same bytes of the row PREFETCH_ITEMS * W_ROWS further on (two halves: the group), and scales */
+                for (size_t line = 0; line < GROUP_BLOCKS * 32; line += 64)
+                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 32 + line), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->d + (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + g), PREFETCH_HINT);
+            }
+            const int8_t *w = (const int8_t *)p->qs + (size_t)(n + r) * row_bytes + half;
+            __m256 wd = _mm256_permutevar8x32_ps(load_halves(p->d + (size_t)(n + r) * nb + g, GROUP_BLOCKS), lane_blocks);
+            __m256i dot[X_TILE];
+            for (int i = 0; i < XT; i++) dot[i] = _mm256_setzero_si256();
+            for (int s = 0; s < 8; s++) {
+                __m256i ws = _mm256_loadu_si256((const __m256i *)(w + 64 * s)), magnitude = _mm256_abs_epi8(ws);
+                for (int i = 0; i < XT; i++) { /* |w| times x with w's sign */
+                    __m256i xs = _mm256_load_si256((const __m256i *)(p->xa.xl + ((size_t)(i0 + i) * nb + g) * 32 + 32 * s));
+                    dot[i] = dot_u8s8_add(dot[i], magnitude, _mm256_sign_epi8(xs, ws));
+                }
+            }
+            for (int i = 0; i < XT; i++)
+                acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i]), _mm256_mul_ps(wd, _mm256_loadu_ps(p->xa.dxl + (size_t)(i0 + i) * nb + g)),
+                                            acc[r][i]);
+        }
+    }
+    for (int g = whole; g < nb; g += GROUP_BLOCKS) {
         int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
-        int lanes = held && g < p->K / 512 * 16; /* held in q8_lanes.h's order: half g / 8 % 2 of a group's steps */
         float scale[W_ROWS][X_TILE][GROUP_BLOCKS] __attribute__((aligned(32)));
         for (int r = 0; r < R; r++) {
-            if (lanes) q8_natural_blocks(w_rows + (size_t)r * row_bytes + (size_t)512 * (g / 16) + 32 * (g / 8 % 2), natural[r]);
-            if (ahead) { /* these blocks of the row PREFETCH_ITEMS * W_ROWS further on, and their scales */
-                for (size_t line = 0; line < GROUP_BLOCKS * 32; line += 64)
+            if (ahead) {
+                for (size_t line = 0; line < (size_t)blocks * 32; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 32 + line), PREFETCH_HINT);
                 _mm_prefetch((const char *)(p->d + (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + g), PREFETCH_HINT);
             }
@@ -345,9 +396,7 @@ static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct
             __m256i xq[X_TILE];
             for (int i = 0; i < XT; i++) xq[i] = _mm256_load_si256((const __m256i *)(p->xa.xq + ((size_t)(i0 + i) * nb + g + b) * 32));
             for (int r = 0; r < R; r++) {
-                const __m256i *src = lanes ? (const __m256i *)(natural[r] + 32 * b)
-                                           : (const __m256i *)(w_rows + (size_t)r * row_bytes + (size_t)(g + b) * 32);
-                __m256i w = _mm256_loadu_si256(src);
+                __m256i w = _mm256_loadu_si256((const __m256i *)((const int8_t *)p->qs + (size_t)(n + r) * row_bytes + (size_t)(g + b) * 32));
                 for (int i = 0; i < XT; i++) /* |w| times x with w's sign */
                     acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(w), _mm256_sign_epi8(xq[i], w))),
                                                 _mm256_set1_ps(scale[r][i][b]), acc[r][i]);
@@ -358,44 +407,24 @@ static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = hsum8(acc[r][i]);
 }
 
-/* w_rows: weight row n's bytes, the next rows K apart; held: whole groups in q8_lanes.h's order (the
- * matrix itself), or 0 (rows put back in GGUF's order, q8_natural_rows). Both a constant per tile. */
-typedef void Q8TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead, const int8_t *w_rows);
-#define Q8_TILE(R, XT, HELD)                                                                                 \
-    static void q8_tile_##R##_##XT##_##HELD(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead,  \
-                                            const int8_t *w_rows) {                                          \
-        q8_tile(p, n, R, i0, XT, ahead, w_rows, HELD);                                                       \
+typedef void TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead);
+#define Q8_TILE(R, XT)                                                                               \
+    static void q8_tile_##R##_##XT(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
+        q8_tile(p, n, R, i0, XT, ahead);                                                             \
     }
-#define Q8_TILES_FOR(R) Q8_TILE(R, 1, 0) Q8_TILE(R, 2, 0) Q8_TILE(R, 1, 1) Q8_TILE(R, 2, 1)
+#define Q8_TILES_FOR(R) Q8_TILE(R, 1) Q8_TILE(R, 2)
 Q8_TILES_FOR(1) Q8_TILES_FOR(2) Q8_TILES_FOR(3) Q8_TILES_FOR(4)
-#define Q8_TILE_ROW(R) {{q8_tile_##R##_1_0, q8_tile_##R##_1_1}, {q8_tile_##R##_2_0, q8_tile_##R##_2_1}}
-static Q8TileFn *const Q8_TILES[W_ROWS][X_TILE][2] = {Q8_TILE_ROW(1), Q8_TILE_ROW(2), Q8_TILE_ROW(3), Q8_TILE_ROW(4)};
-
-/* R q8 rows (K apart) as held -> in GGUF's order at out (R * K bytes) */
-static void q8_natural_rows(const int8_t *rows, int R, int K, int8_t *out) {
-    int whole = K / 512 * 16, nb = K / 32;
-    for (int r = 0; r < R; r++) {
-        const int8_t *row = rows + (size_t)r * K;
-        for (int b = 0; b < whole; b += 8) q8_natural_blocks(row + (size_t)512 * (b / 16) + 32 * (b / 8 % 2), out + (size_t)r * K + 32 * b);
-        memcpy(out + (size_t)r * K + 32 * whole, row + 32 * whole, (size_t)32 * (nb - whole));
-    }
-}
+#define Q8_TILE_ROW(R) {q8_tile_##R##_1, q8_tile_##R##_2}
+static TileFn *const Q8_TILES[W_ROWS][X_TILE] = {Q8_TILE_ROW(1), Q8_TILE_ROW(2), Q8_TILE_ROW(3), Q8_TILE_ROW(4)};
 
 static void q8_group(const void *product, int gi) {
     const QuantizedProduct *p = product;
     int n = gi * W_ROWS, R = p->N - n < W_ROWS ? p->N - n : W_ROWS;
     const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
         n + (PREFETCH_ITEMS + 1) * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * W_ROWS) * p->K : NULL;
-    const int8_t *w_rows = (const int8_t *)p->qs + (size_t)n * p->K;
-    int held = 1;
-    int8_t *natural; /* many rows of x (a prompt): the rows put back in order once, not once per tile of x */
-    if (p->M > X_TILE && p->K >= 512 && (natural = thread_buffer((size_t)R * p->K))) {
-        q8_natural_rows(w_rows, R, p->K, natural);
-        w_rows = natural, held = 0;
-    }
     for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
         int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
-        Q8_TILES[R - 1][XT - 1][held](p, n, i0, i0 == 0 ? ahead : NULL, w_rows);
+        Q8_TILES[R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
     }
 }
 
@@ -409,7 +438,6 @@ static void q8_group(const void *product, int gi) {
 #define Q4_TILES_FOR(M, QH) Q4_TILE(1, M, QH) Q4_TILE(2, M, QH)
 Q4_TILES_FOR(0, 0) Q4_TILES_FOR(0, 1) Q4_TILES_FOR(1, 0) Q4_TILES_FOR(1, 1)
 #define Q4_TILE_KINDS(XT) {{q4_tile_##XT##_00, q4_tile_##XT##_01}, {q4_tile_##XT##_10, q4_tile_##XT##_11}}
-typedef void TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead);
 static TileFn *const Q4_TILES[X_TILE][2][2] = {Q4_TILE_KINDS(1), Q4_TILE_KINDS(2)}; /* [XT - 1][m][qh] */
 static void q4_tile_rest(const QuantizedProduct *p, int n, int R, int i0, int XT) {
     q4_tile(p, n, R, i0, XT, NULL, p->m != NULL, p->qh != NULL, NULL, NULL);
@@ -457,6 +485,7 @@ static int quantized_matmul(const float *x, int M, int K, const void *qs, const 
     if (K % 64 || (sc && K % 256)) return STATUS_BAD_WIDTH;
     QuantizedProduct p = {M, K, N, K / 32, qs, d, m, sc, mn, qh, {0}, out};
     int status = quantize_activations(x, M, K, &p.xa);
+    if (status == STATUS_OK && q8) status = arrange_lanes(&p.xa, M, K);
     if (status == STATUS_OK) for_each_group(q8 ? (N + W_ROWS - 1) / W_ROWS : (N + Q4_ROWS - 1) / Q4_ROWS, q8 ? q8_group : q4_group, &p);
     free_activations(&p.xa);
     return status;

@@ -3,10 +3,14 @@
  *
  * Why: that loop (cpu_matmul.c) puts one block in each of a vector's 16 int32 lanes, so that
  * vpdpbusd sums a block's 32 products in its lane over 8 steps of 4 weights. From GGUF's order (a
- * block's 32 bytes together) that takes 24 shuffles per row and group; those shuffles kept the loop
- * from overlapping its reads with its arithmetic: the 1B-shaped Q8_0 products read 28.6 GB/s of a
- * 33.2 GB/s read loop's 33.2 with them, 31.7 with the groups held in this order (one process,
- * alternating; docs/performance.md).
+ * block's 32 bytes together) that takes 24 shuffles per row and group, and with them the loop did
+ * not keep its reads going while it computed: 16 layers of the 1B shapes in Q8_0, one row, read
+ * 27.4-27.5 GB/s, and 30.0-30.1 with the groups held in this order (benchmarks/kernels_ab.py --rows 1
+ * --layers 16, alternating in one process; the read loop ~33; docs/performance.md).
+ *
+ * The AVX2 loop reads the same order a half group (8 blocks, the 32-byte halves of each step) at a
+ * time, with x arranged alike (cpu_matmul_avx2.c); the unpacking for prompts puts groups back in
+ * GGUF's order (q8_natural_group below, amx_matmul.c's pack_panels, cpu_matmul_avx2.c).
  *
  * The order: a row's group G (bytes 512 G ..) holds step s (weights 4s..4s+3 of every block) at
  * 64 s, lane l of it (4 bytes) from block 16 G + Q8_LANES[l]. A last group of fewer than 16 blocks

@@ -221,15 +221,27 @@ def q8_lanes(qs: torch.Tensor) -> torch.Tensor:
     return qs
 
 
-def q8_natural(qs: torch.Tensor) -> torch.Tensor:
-    """q8 rows [..., K] as held -> their numbers in GGUF's order (a new tensor)."""
-    K = qs.shape[-1]
+@cache
+def _q8_natural_order(K: int) -> torch.Tensor:
+    """Where each number of a q8 row in GGUF's order is held: int64 [K] (q8_lanes)."""
+    return _held_positions(K).argsort()
+
+
+def _held_positions(K: int) -> torch.Tensor:
+    """For each place of a held q8 row, the GGUF position of the number there: int64 [K]."""
     G = K // 512
-    held = qs[..., : 512 * G].unflatten(-1, (G, 8, 16, 4))  # [..., group, step, lane, 4 bytes]
-    natural = qs.new_empty((*qs.shape[:-1], G, 16, 8, 4))  # [..., group, block, step, 4 bytes]
+    at = torch.arange(K)
+    whole = at[: 512 * G].view(G, 16, 8, 4)  # [group, block, step, 4]: GGUF positions
+    held = torch.empty(G, 8, 16, 4, dtype=torch.int64)
     for lane, block in enumerate(Q8_LANES):
-        natural[..., block, :, :] = held[..., :, lane, :]
-    return torch.cat((natural.flatten(-4), qs[..., 512 * G :]), dim=-1)
+        held[:, :, lane] = whole[:, block]
+    return torch.cat((held.flatten(), at[512 * G :]))
+
+
+def q8_natural(qs: torch.Tensor) -> torch.Tensor:
+    """q8 rows [..., K] as held -> their numbers in GGUF's order (a new tensor), gathered from their
+    places in one step (an embedding looks up a row per token: 6 us; 16 copies of lane slices, 69)."""
+    return qs[..., _q8_natural_order(qs.shape[-1])]
 
 
 class _NaturalQ8Rows:

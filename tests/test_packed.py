@@ -188,7 +188,8 @@ def test_kernels_compute_the_product_of_the_stored_numbers(name, rows, isa):
 def test_quantized_kernels_at_widths_that_leave_a_partial_group(layout, n, k, isa):
     """The q4/q5/q8 kernels take 16 blocks (512 weights; 8 blocks at the avx2 level) at a time and x
     rows 4 (avx2: 2) at a time: widths of 2, 18 and 50 blocks leave a partial last group (576 is
-    SmolLM2's width), 19 rows of x leave a partial tile (and take the many-rows path of prompts,
+    SmolLM2's width; q8 rows hold whole groups in the decode loop's lane order and a partial one in
+    GGUF's, so both forms are met), 19 rows of x leave a partial tile (and take the many-rows path of prompts,
     from 16 rows at the AVX-512 level), and 5, 7, 10 and 13 weight rows a partial row group (4
     weight rows per work item; 8 for q4/q5 at the avx2 level, so 13 and 10 are a whole group and a
     partial one). Checked against the float64 product of the stored numbers, and each row of x

@@ -71,6 +71,7 @@
 
 #define BLOCK_PANELS 16 /* panels of 16 output features a thread unpacks together */
 #define K_CHUNK 64      /* k-steps of 32 unpacked at a time: 16 panels x 64 steps x 1 KB = 1 MB */
+_Static_assert(K_CHUNK % 16 == 0, "a chunk holds whole q8 groups (pack_panels)");
 #define A_STEPS 8       /* k-steps of a block of rows' A tiles (2 x 8 KB) that serve every panel pair in turn */
 
 /* Panels per block, at most `most` and a multiple of `step`: the threads take whole blocks, so with

@@ -147,44 +147,84 @@ typedef struct {
     const int *start;
 } RowCaches;
 
+/* A long cache comes from memory (a decode step's weights have pushed it out of the caches), read
+ * one key or value row at a time: each is fetched into L2 AHEAD_KEYS rows before it is read. */
+#define AHEAD_KEYS 32
+static inline void fetch_row(const float *row, int Hd) {
+    for (int at = 0; at < Hd; at += 16) _mm_prefetch((const char *)(row + at), _MM_HINT_T1);
+}
+
+/* p[j] = e^(p[j] - best) for j < S, p[j] > -inf or masked later (masked positions come in as -inf and
+ * leave as a tiny value that attend sets to 0): 16 (AVX2: 8) at a time, the last ones masked in. */
+static void exp_minus(float *p, int S, float best) {
+#if defined(__AVX512F__)
+    __m512 shift = _mm512_set1_ps(best), floor = _mm512_set1_ps(-100.0f); /* -inf - best would make NaN */
+    for (int j = 0; j < S; j += 16) {
+        __mmask16 in = S - j >= 16 ? 0xFFFF : (__mmask16)((1u << (S - j)) - 1);
+        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, p + j), shift), floor);
+        _mm512_mask_storeu_ps(p + j, in, exp16(x));
+    }
+#else
+    __m256 shift = _mm256_set1_ps(best);
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int j = 0; j < S; j += 8) {
+        __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(S - j), lanes);
+        __m256 x = _mm256_sub_ps(_mm256_maskload_ps(p + j, in), shift); /* exp8 clamps -inf */
+        _mm256_maskstore_ps(p + j, in, exp8(x));
+    }
+#endif
+}
+
 /* model.py's attention() for one query per head: softmax(q k^T / sqrt(Hd)) v over positions
  * 0..start[r] of row r's cache, query head h reading key/value head h / (H / K). `allowed` [M, S]
  * (NULL: every position) is causal_mask's padding mask for left-padded batches (S = start + 1, the
  * same for every row then). q [M, q_stride], out [M, H * Hd]. Each row's arithmetic is its own:
- * the result for a row does not depend on which other rows are in the call. */
+ * the result for a row does not depend on which other rows are in the call.
+ *
+ * A task is a row's key/value head with its G = H / K query heads: each key and value is read once
+ * for the G of them (a task per query head read them G times, and a long cache from memory at ~9
+ * GB/s: 1024 positions added 6.7 ms to a 1B step), and e^x runs 16 scores at a time. */
 static int attend(const float *q, int q_stride, const RowCaches *c, int M, int H, int K, int Hd, const uint8_t *allowed,
                   float *out) {
     float inv_sqrt = 1.0f / sqrtf((float)Hd);
-    int failed = 0;
+    int failed = 0, G = H / K;
     long work = 0;
     for (int r = 0; r < M; r++) work += (long)H * (c->start[r] + 1) * Hd;
     /* worth spreading over threads only when the caches are long */
 #pragma omp parallel for collapse(2) schedule(static) if (work > (1L << 17))
     for (int r = 0; r < M; r++) {
-        for (int h = 0; h < H; h++) {
-            int g = h / (H / K), S = c->start[r] + 1;
-            const float *qh = q + (size_t)r * q_stride + (size_t)h * Hd;
+        for (int g = 0; g < K; g++) {
+            int S = c->start[r] + 1;
+            const float *q0 = q + (size_t)r * q_stride + (size_t)g * G * Hd; /* query heads g G .. g G + G - 1 */
             const float *keys = c->k[r] + (size_t)g * c->length[r] * Hd, *values = c->v[r] + (size_t)g * c->length[r] * Hd;
             const uint8_t *ok = allowed ? allowed + (size_t)r * S : NULL;
-            float *scores = malloc(sizeof(float) * S), *o = out + (size_t)r * H * Hd + (size_t)h * Hd;
-            if (!scores) {
+            float *o0 = out + (size_t)r * H * Hd + (size_t)g * G * Hd, *p = malloc(sizeof(float) * (size_t)G * S), total[G];
+            if (!p) {
                 failed = 1;
                 continue;
             }
-            float best = -INFINITY;
-            for (int j = 0; j < S; j++) {
-                scores[j] = (ok && !ok[j]) ? -INFINITY : dot(qh, keys + (size_t)j * Hd, Hd) * inv_sqrt;
-                if (scores[j] > best) best = scores[j];
+            for (int j = 0; j < S; j++) /* scores p [G, S] */ {
+                if (j + AHEAD_KEYS < S) fetch_row(keys + (size_t)(j + AHEAD_KEYS) * Hd, Hd);
+                for (int hh = 0; hh < G; hh++)
+                    p[(size_t)hh * S + j] = (ok && !ok[j]) ? -INFINITY : dot(q0 + (size_t)hh * Hd, keys + (size_t)j * Hd, Hd) * inv_sqrt;
             }
-            float total = 0;
-            for (int j = 0; j < S; j++) total += scores[j] = expf(scores[j] - best);
-            memset(o, 0, sizeof(float) * Hd);
+            for (int hh = 0; hh < G; hh++) { /* softmax's numerators and their sum, position by position */
+                float *ph = p + (size_t)hh * S, best = -INFINITY;
+                for (int j = 0; j < S; j++) best = ph[j] > best ? ph[j] : best;
+                exp_minus(ph, S, best);
+                total[hh] = 0;
+                for (int j = 0; j < S; j++) total[hh] += ph[j] = (ok && !ok[j]) ? 0.0f : ph[j];
+                memset(o0 + (size_t)hh * Hd, 0, sizeof(float) * Hd);
+            }
             for (int j = 0; j < S; j++) {
-                float p = scores[j] / total;
                 const float *v = values + (size_t)j * Hd;
-                for (int i = 0; i < Hd; i++) o[i] += p * v[i];
+                if (j + AHEAD_KEYS < S) fetch_row(values + (size_t)(j + AHEAD_KEYS) * Hd, Hd);
+                for (int hh = 0; hh < G; hh++) {
+                    float weight = p[(size_t)hh * S + j] / total[hh], *o = o0 + (size_t)hh * Hd;
+                    for (int i = 0; i < Hd; i++) o[i] += weight * v[i];
+                }
             }
-            free(scores);
+            free(p);
         }
     }
     return failed ? -1 : 0;

@@ -1,6 +1,7 @@
 /* e^x for 16 floats at once, for the softmax of attention (decode_layer.c, prompt_attention.c,
  * prompt_attention_f32.c) and SiLU (decode_layer.c, amx_matmul.c); in AVX2 builds e^x for 8 floats
- * (decode_layer.c's SiLU, prompt_attention_f32.c). Not part of plainllama.h: Python never calls it. */
+ * (decode_layer.c's SiLU and softmax, prompt_attention_f32.c). Not part of plainllama.h: Python never
+ * calls it. */
 #ifndef PLAINLLAMA_EXP16_H
 #define PLAINLLAMA_EXP16_H
 

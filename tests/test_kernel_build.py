@@ -74,3 +74,25 @@ def test_a_failed_build_says_why_once(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["compute"] == "torch weight-only"
     assert result.stderr.count("the C kernels are off") == 1 and "weight-only operators" in result.stderr
+
+
+# CPU kinds the kernels must compile for, by gcc's -march names: AVX2 without and with AVX-VNNI,
+# AVX-512 without VNNI (Skylake-SP: plainllama.h then takes the AVX2 kernels beside AVX-512F code),
+# with VNNI (Ice Lake), with BF16 (Cooper Lake), with AMX (Sapphire Rapids), and AMD Zen 3 and 4.
+MARCH = ["haswell", "alderlake", "skylake-avx512", "icelake-server", "cooperlake", "sapphirerapids", "znver3", "znver4"]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the C kernels cannot be built on this machine")
+@pytest.mark.parametrize("march", MARCH)
+def test_the_kernels_compile_for_every_cpu_kind(march):
+    """The library is built with -march=native, so only the CPU it runs on is ever compiled for; this
+    compiles the same sources for each kind above (syntax and types only: a second), with a function
+    used where it is not declared made an error (a missing helper otherwise only fails at load time).
+    Found this way: Skylake-SP's build failed (exp8 was only declared without AVX-512), which would
+    have left such a CPU on PyTorch's path."""
+    compiler = os.environ.get("CC") or "cc"
+    command = [compiler, "-fsyntax-only", f"-march={march}", "-fopenmp", "-Werror=implicit-function-declaration"]
+    result = subprocess.run([*command, *map(str, kernels.SOURCES)], capture_output=True, text=True)
+    if "bad value" in result.stderr and march in result.stderr:
+        pytest.skip(f"this compiler does not know -march={march}")
+    assert result.returncode == 0, result.stderr

@@ -34,7 +34,11 @@ static inline __m512 swiglu16(__m512 gate, __m512 up) {
     return _mm512_mul_ps(silu, up);
 }
 
-#elif defined(__AVX2__) && defined(__FMA__)
+#endif
+
+/* Also in AVX-512 builds: a CPU with AVX-512 but without its VNNI (Intel Skylake-SP) builds the
+ * AVX2 kernels (plainllama.h's KERNELS_AVX512), whose softmax and SiLU take exp8. */
+#if defined(__AVX2__) && defined(__FMA__)
 
 /* e^x for 8 floats as exp16 computes it; 2^n is put into the exponent bits directly, so x is first
  * clamped to [-87.3, 88.7], where 2^n stays a normal float: below, e^x < 1.2e-38 gives a value

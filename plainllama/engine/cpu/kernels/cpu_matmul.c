@@ -68,6 +68,17 @@ int kernel_level(void) { return 3; }
 #define W_ROWS 4      /* weight rows per thread work item (and per prefetch distance) */
 #define X_TILE 4      /* rows of x that share one transpose of a weight row's group */
 
+/* What a product's rows carry besides their numbers: each kind's loops are compiled apart (the tiles
+ * below), so that the tests for minimums, fifth bits and K-quant scales are settled at compile time
+ * and the loop over a work item's rows is unrolled with its accumulators in registers. A loop that
+ * tested them at run time kept the accumulators in memory: 1.2x the time per block in L2. */
+enum {
+    KIND_Q8 = 1, /* q8 (else q4 or q5) */
+    KIND_M = 2,  /* minimums m (Q4_1, Q5_1; K-quants) */
+    KIND_QH = 4, /* fifth bits qh (q5) */
+    KIND_SC = 8, /* K-quant scales sc, mn (d and m per 256 weights) */
+};
+
 /* lane -> block within a group, as the transposes below leave them */
 static const int Q4_LANES[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
 /* Q8_LANES: q8_lanes.h, where q8 rows' whole groups are held in this order */
@@ -136,6 +147,7 @@ typedef struct {
     const uint16_t *d, *m; /* m: q4 minimums, or NULL */
     const uint8_t *sc, *mn; /* K-quant scales: d and m are then per 256 weights; or NULL */
     const uint32_t *qh;    /* q5: each block's fifth bits (bit k: weight k), or NULL for q4 */
+    int kind;              /* KIND_ bits (above): what the rows carry */
     ArrangedActivations xa;
     float *out;
 } QuantizedProduct;
@@ -240,51 +252,53 @@ static inline __m512i group_dot(const __m512i w[GROUP_STEPS], const int8_t *xg) 
 
 /* Group g of weight row `row` (its bytes at src): its eight steps w, and per lane the block's scale
  * wd and the term for the weights' offset wm (q4: the minimum, or d * -8 / -16; q8: unused). */
-static inline __attribute__((always_inline)) void row_group(const QuantizedProduct *p, int q8, const uint8_t *src, int row,
+static inline __attribute__((always_inline)) void row_group(const QuantizedProduct *p, int kind, const uint8_t *src, int row,
                                                             int g, int blocks, __m512i lane_blocks, __m512i w[GROUP_STEPS],
                                                             __m512 *wd, __m512 *wm) {
     size_t at = (size_t)row * p->nb;
-    if (q8)
+    if (kind & KIND_Q8)
         q8_group_steps((const int8_t *)src, blocks, w);
     else
         q4_group_steps(src, blocks, w);
-    if (!q8 && p->qh) add_fifth_bits(p->qh + at, g, blocks, lane_blocks, w);
-    if (!q8 && p->sc) {
+    if (kind & KIND_QH) add_fifth_bits(p->qh + at, g, blocks, lane_blocks, w);
+    if (kind & KIND_SC) {
         *wd = group_k_scales(p->sc + at, p->d + at / 8, g, blocks, lane_blocks);
         *wm = group_k_scales(p->mn + at, p->m + at / 8, g, blocks, lane_blocks);
     } else {
         *wd = group_halves(p->d + at, g, blocks, lane_blocks);
-        *wm = q8 ? *wd : p->m ? group_halves(p->m + at, g, blocks, lane_blocks)
-                              : _mm512_mul_ps(*wd, _mm512_set1_ps(p->qh ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
+        *wm = kind & KIND_Q8 ? *wd
+              : kind & KIND_M ? group_halves(p->m + at, g, blocks, lane_blocks)
+                              : _mm512_mul_ps(*wd, _mm512_set1_ps(kind & KIND_QH ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
     }
 }
 
 /* Group g (`blocks` of its 16 blocks) of weight rows n .. n+R-1 times x rows i0 .. i0+XT-1, added to
  * acc. `ahead`: weight rows to prefetch, or NULL. */
-static inline __attribute__((always_inline)) void tile_group(const QuantizedProduct *p, int q8, int n, int R, int i0, int XT,
+static inline __attribute__((always_inline)) void tile_group(const QuantizedProduct *p, int kind, int n, int R, int i0, int XT,
                                                              const uint8_t *ahead, int g, int blocks,
                                                              __m512 acc[W_ROWS][X_TILE]) {
-    int nb = p->nb, groups = p->groups, K = p->K;
+    int nb = p->nb, groups = p->groups, K = p->K, q8 = kind & KIND_Q8;
     size_t row_bytes = q8 ? (size_t)K : (size_t)K / 2, group_bytes = q8 ? 512 : 256;
     const __m512i lane_blocks = _mm512_loadu_si512(q8 ? Q8_LANES : Q4_LANES);
+#pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + g * group_bytes;
         if (ahead) { /* this group of the row PREFETCH_ITEMS * W_ROWS further on, and its scales */
             for (size_t line = 0; line < group_bytes; line += 64)
                 _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * group_bytes + line), PREFETCH_HINT);
             size_t later = (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + GROUP_BLOCKS * g;
-            size_t scale_at = p->sc ? later / 8 : later;
+            size_t scale_at = kind & KIND_SC ? later / 8 : later;
             _mm_prefetch((const char *)(p->d + scale_at), PREFETCH_HINT);
-            if (p->m) _mm_prefetch((const char *)(p->m + scale_at), PREFETCH_HINT);
-            if (p->sc) {
+            if (kind & KIND_M) _mm_prefetch((const char *)(p->m + scale_at), PREFETCH_HINT);
+            if (kind & KIND_SC) {
                 _mm_prefetch((const char *)(p->sc + later), PREFETCH_HINT);
                 _mm_prefetch((const char *)(p->mn + later), PREFETCH_HINT);
             }
-            if (p->qh) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
+            if (kind & KIND_QH) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
         }
         __m512i w[GROUP_STEPS];
         __m512 wd, wm;
-        row_group(p, q8, src, n + r, g, blocks, lane_blocks, w, &wd, &wm);
+        row_group(p, kind, src, n + r, g, blocks, lane_blocks, w, &wd, &wm);
         for (int i = 0; i < XT; i++) {
             size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
             __m512i dot = group_dot(w, p->xa.xq + at * 32);
@@ -303,32 +317,55 @@ static inline __attribute__((always_inline)) void tile_group(const QuantizedProd
 /* Weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out. R and XT are constants at each call
  * (always_inline), so the accumulators stay in registers; so is the number of blocks of every group
  * but a last, shorter one (no masks or tests for it per load; 7% of the q8 loop's time with K = 2048). */
-static inline __attribute__((always_inline)) void quantized_tile(const QuantizedProduct *p, int q8, int n, int R,
+static inline __attribute__((always_inline)) void quantized_tile(const QuantizedProduct *p, int kind, int n, int R,
                                                                  int i0, int XT, const uint8_t *ahead) {
     int whole = p->nb / GROUP_BLOCKS;
     __m512 acc[W_ROWS][X_TILE];
     for (int r = 0; r < R; r++)
         for (int i = 0; i < XT; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int g = 0; g < whole; g++) tile_group(p, q8, n, R, i0, XT, ahead, g, GROUP_BLOCKS, acc);
-    if (whole < p->groups) tile_group(p, q8, n, R, i0, XT, ahead, whole, p->nb - whole * GROUP_BLOCKS, acc);
+    for (int g = 0; g < whole; g++) tile_group(p, kind, n, R, i0, XT, ahead, g, GROUP_BLOCKS, acc);
+    if (whole < p->groups) tile_group(p, kind, n, R, i0, XT, ahead, whole, p->nb - whole * GROUP_BLOCKS, acc);
     for (int i = 0; i < XT; i++)
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = sum16(acc[r][i]);
 }
 
-/* Every (R, XT) up to (W_ROWS, X_TILE), each with its constants, for q4 (q8 = 0) and q8 (q8 = 1). */
+/* The kind of a product's rows (K-quant scales come with their minimums) */
+static inline int kind_of(const QuantizedProduct *p, int q8) {
+    if (q8) return KIND_Q8;
+    return (p->m ? KIND_M : 0) | (p->qh ? KIND_QH : 0) | (p->sc ? KIND_SC | KIND_M : 0);
+}
+
+/* Whole work items (W_ROWS weight rows) of every kind, times XT = 1 .. X_TILE rows of x, each with
+ * its constants: TILES[kind][XT - 1]. A matrix's last, shorter work item (R < W_ROWS rows) takes
+ * PARTIAL_TILES[R - 1][XT - 1], which tests the kind at run time (one per matrix: not worth the
+ * code of 7 kinds x 12 more functions, which doubled the library's build time). */
 typedef void TileFn(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead);
-#define TILE(Q8, R, XT)                                                                              \
-    static void tile_##Q8##_##R##_##XT(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
-        quantized_tile(p, Q8, n, R, i0, XT, ahead);                                                  \
+#define TILE(KIND, XT)                                                                               \
+    static void tile_##KIND##_##XT(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
+        quantized_tile(p, KIND, n, W_ROWS, i0, XT, ahead);                                           \
     }
-#define TILES_FOR(Q8, R) TILE(Q8, R, 1) TILE(Q8, R, 2) TILE(Q8, R, 3) TILE(Q8, R, 4)
-TILES_FOR(0, 1) TILES_FOR(0, 2) TILES_FOR(0, 3) TILES_FOR(0, 4)
-TILES_FOR(1, 1) TILES_FOR(1, 2) TILES_FOR(1, 3) TILES_FOR(1, 4)
-#define TILE_ROW(Q8, R) {tile_##Q8##_##R##_1, tile_##Q8##_##R##_2, tile_##Q8##_##R##_3, tile_##Q8##_##R##_4}
-static TileFn *const TILES[2][W_ROWS][X_TILE] = {
-    {TILE_ROW(0, 1), TILE_ROW(0, 2), TILE_ROW(0, 3), TILE_ROW(0, 4)},
-    {TILE_ROW(1, 1), TILE_ROW(1, 2), TILE_ROW(1, 3), TILE_ROW(1, 4)},
+#define TILES_OF(KIND) TILE(KIND, 1) TILE(KIND, 2) TILE(KIND, 3) TILE(KIND, 4)
+#define TILES_ENTRY(KIND) [KIND] = {tile_##KIND##_1, tile_##KIND##_2, tile_##KIND##_3, tile_##KIND##_4}
+/* q4: Q4_0, Q4_1, Q4_K; q5: Q5_0, Q5_1, Q5_K; q8 (the enum's values written out: names paste) */
+TILES_OF(0) TILES_OF(2) TILES_OF(10) TILES_OF(4) TILES_OF(6) TILES_OF(14) TILES_OF(1)
+_Static_assert(KIND_Q8 == 1 && KIND_M == 2 && KIND_QH == 4 && KIND_SC == 8 && W_ROWS == 4 && X_TILE == 4,
+               "the tiles written out above are these kinds and sizes");
+static TileFn *const TILES[16][X_TILE] = {
+    TILES_ENTRY(0), TILES_ENTRY(2), TILES_ENTRY(10), TILES_ENTRY(4), TILES_ENTRY(6), TILES_ENTRY(14), TILES_ENTRY(1),
 };
+#define PARTIAL(R, XT)                                                                                  \
+    static void partial_##R##_##XT(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) {  \
+        quantized_tile(p, p->kind, n, R, i0, XT, ahead);                                              \
+    }
+#define PARTIALS_FOR(R) PARTIAL(R, 1) PARTIAL(R, 2) PARTIAL(R, 3) PARTIAL(R, 4)
+PARTIALS_FOR(1) PARTIALS_FOR(2) PARTIALS_FOR(3)
+#define PARTIAL_ROW(R) {partial_##R##_1, partial_##R##_2, partial_##R##_3, partial_##R##_4}
+static TileFn *const PARTIAL_TILES[W_ROWS - 1][X_TILE] = {PARTIAL_ROW(1), PARTIAL_ROW(2), PARTIAL_ROW(3)};
+
+/* The tile for R weight rows and XT rows of x */
+static inline TileFn *tile_for(const QuantizedProduct *p, int R, int XT) {
+    return R == W_ROWS ? TILES[p->kind][XT - 1] : PARTIAL_TILES[R - 1][XT - 1];
+}
 
 /* ---- many rows of x: a prompt's products where there is no bfloat16 arithmetic ---------------- */
 
@@ -356,7 +393,7 @@ static void arrange_rows(const QuantizedProduct *p, int q8, int n, ArrangedGroup
             int blocks = p->nb - g * GROUP_BLOCKS < GROUP_BLOCKS ? p->nb - g * GROUP_BLOCKS : GROUP_BLOCKS;
             const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + g * group_bytes;
             ArrangedGroup *a = rows + (size_t)r * p->groups + g;
-            row_group(p, q8, src, n + r, g, blocks, lane_blocks, a->w, &a->wd, &a->wm);
+            row_group(p, p->kind, src, n + r, g, blocks, lane_blocks, a->w, &a->wd, &a->wm); /* kind tested at run time: once per row and group */
         }
 }
 
@@ -410,7 +447,7 @@ static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
         arrange_rows(p, q8, n, rows);
         int i0 = 0;
         for (; i0 + X_TILE <= p->M; i0 += X_TILE) (q8 ? arranged_tile_q8 : arranged_tile_q4)(p, rows, n, i0);
-        if (i0 < p->M) TILES[q8][R - 1][p->M - i0 - 1](p, n, i0, NULL);
+        if (i0 < p->M) tile_for(p, R, p->M - i0)(p, n, i0, NULL);
         return;
     }
     size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2;
@@ -418,7 +455,7 @@ static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
         n + (PREFETCH_ITEMS + 1) * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * W_ROWS) * row_bytes : NULL;
     for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
         int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
-        TILES[q8][R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
+        tile_for(p, R, XT)(p, n, i0, i0 == 0 ? ahead : NULL);
     }
 }
 static void q4_group(const void *product, int gi) { quantized_group(product, gi, 0); }
@@ -428,7 +465,8 @@ static int quantized_matmul(const float *x, int M, int K, const void *qs, const 
                             const uint16_t *m, const uint8_t *sc, const uint8_t *mn, int N, float *out, int q8) {
     if (K % 64 || (sc && K % 256)) return STATUS_BAD_WIDTH;
     int nb = K / 32;
-    QuantizedProduct p = {M, K, N, nb, (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS, qs, d, m, sc, mn, qh, {0}, out};
+    QuantizedProduct p = {M, K, N, nb, (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS, qs, d, m, sc, mn, qh, 0, {0}, out};
+    p.kind = kind_of(&p, q8);
     int status = arrange_activations(x, M, K, q8 ? Q8_LANES : Q4_LANES, &p.xa);
     if (status == STATUS_OK) for_each_group((N + W_ROWS - 1) / W_ROWS, q8 ? q8_group : q4_group, &p);
     free_activations(&p.xa);

@@ -464,6 +464,7 @@ static void q8_group(const void *product, int gi) { quantized_group(product, gi,
 static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint32_t *qh, const uint16_t *d,
                             const uint16_t *m, const uint8_t *sc, const uint8_t *mn, int N, float *out, int q8) {
     if (K % 64 || (sc && K % 256)) return STATUS_BAD_WIDTH;
+    if (sc && !(mn && m)) return STATUS_BAD_LAYOUT; /* K-quant scales come with their minimums */
     int nb = K / 32;
     QuantizedProduct p = {M, K, N, nb, (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS, qs, d, m, sc, mn, qh, 0, {0}, out};
     p.kind = kind_of(&p, q8);

@@ -198,7 +198,7 @@ typedef struct {
  * `unpacked`: the eight rows' blocks already unpacked (many rows of x: q4_group), or NULL to unpack
  * them here; `store`: where to keep what is unpacked (the first tile of many rows), or NULL. */
 static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct *p, int n, int R, int i0, int XT,
-                                                          const uint8_t *ahead, int has_m, int has_qh,
+                                                          const uint8_t *ahead, int has_m, int has_qh, int has_sc,
                                                           const UnpackedBlock *unpacked, UnpackedBlock *store) {
     int nb = p->nb;
     size_t row_bytes = (size_t)p->K / 2;
@@ -220,7 +220,7 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
                     for (size_t line = 0; line < GROUP_BLOCKS * 16; line += 64)
                         _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 16 + line), PREFETCH_HINT);
                     size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q4_ROWS) * nb + g;
-                    if (p->sc) {
+                    if (has_sc) {
                         if (new_line(p->sc + later + GROUP_BLOCKS - 1, GROUP_BLOCKS)) {
                             _mm_prefetch((const char *)(p->sc + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
                             _mm_prefetch((const char *)(p->mn + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
@@ -237,7 +237,7 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
                         _mm_prefetch((const char *)(p->qh + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
                 }
                 size_t at = (size_t)(n + r) * nb + g;
-                if (p->sc) { /* K-quants: g is a super-block's first block (K is a multiple of 256) */
+                if (has_sc) { /* K-quants: g is a super-block's first block (K is a multiple of 256) */
                     wd[r] = load_k_scales(p->sc + at, p->d + at / 8);
                     wm[r] = load_k_scales(p->mn + at, p->m + at / 8);
                 } else {
@@ -428,19 +428,21 @@ static void q8_group(const void *product, int gi) {
     }
 }
 
-/* q4: eight rows with the loops unrolled, for each kind of block (with or without minimums and fifth
- * bits: constants, so that the compiler keeps the sums in registers), or a matrix's last rows when N
- * is not a multiple of 8 */
-#define Q4_TILE(XT, M, QH)                                                                            \
-    static void q4_tile_##XT##_##M##QH(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
-        q4_tile(p, n, Q4_ROWS, i0, XT, ahead, M, QH, NULL, NULL);                                     \
+/* q4: eight rows with the loops unrolled, for each kind of block (with or without minimums, fifth
+ * bits and K-quant scales: constants, so that the compiler keeps the sums in registers), or a
+ * matrix's last rows when N is not a multiple of 8. K-quant scales come with minimums (kind_of). */
+#define Q4_TILE(XT, M, QH, SC)                                                                                \
+    static void q4_tile_##XT##_##M##QH##SC(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
+        q4_tile(p, n, Q4_ROWS, i0, XT, ahead, M, QH, SC, NULL, NULL);                                       \
     }
-#define Q4_TILES_FOR(M, QH) Q4_TILE(1, M, QH) Q4_TILE(2, M, QH)
-Q4_TILES_FOR(0, 0) Q4_TILES_FOR(0, 1) Q4_TILES_FOR(1, 0) Q4_TILES_FOR(1, 1)
-#define Q4_TILE_KINDS(XT) {{q4_tile_##XT##_00, q4_tile_##XT##_01}, {q4_tile_##XT##_10, q4_tile_##XT##_11}}
-static TileFn *const Q4_TILES[X_TILE][2][2] = {Q4_TILE_KINDS(1), Q4_TILE_KINDS(2)}; /* [XT - 1][m][qh] */
+#define Q4_TILES_FOR(M, QH, SC) Q4_TILE(1, M, QH, SC) Q4_TILE(2, M, QH, SC)
+Q4_TILES_FOR(0, 0, 0) Q4_TILES_FOR(0, 1, 0) Q4_TILES_FOR(1, 0, 0) Q4_TILES_FOR(1, 1, 0) Q4_TILES_FOR(1, 0, 1) Q4_TILES_FOR(1, 1, 1)
+#define Q4_TILE_KINDS(XT)                                                                                  \
+    {{{q4_tile_##XT##_000, NULL}, {q4_tile_##XT##_010, NULL}}, {{q4_tile_##XT##_100, q4_tile_##XT##_101}, \
+                                                               {q4_tile_##XT##_110, q4_tile_##XT##_111}}}
+static TileFn *const Q4_TILES[X_TILE][2][2][2] = {Q4_TILE_KINDS(1), Q4_TILE_KINDS(2)}; /* [XT - 1][m][qh][sc] */
 static void q4_tile_rest(const QuantizedProduct *p, int n, int R, int i0, int XT) {
-    q4_tile(p, n, R, i0, XT, NULL, p->m != NULL, p->qh != NULL, NULL, NULL);
+    q4_tile(p, n, R, i0, XT, NULL, p->m != NULL, p->qh != NULL, p->sc != NULL, NULL, NULL);
 }
 
 /* Many rows of x (a prompt's products where there is no bfloat16 arithmetic): a work item's eight
@@ -449,24 +451,26 @@ static void q4_tile_rest(const QuantizedProduct *p, int n, int R, int i0, int XT
  * The arithmetic per (weight row, x row) pair is q4_tile's either way: the same bits. */
 #define MANY_ROWS 16
 typedef void ManyFn(const QuantizedProduct *p, int n, int i0, const UnpackedBlock *unpacked, UnpackedBlock *store);
-#define Q4_MANY(M, QH)                                                                                \
-    static void q4_many_##M##QH(const QuantizedProduct *p, int n, int i0, const UnpackedBlock *unpacked, \
-                                UnpackedBlock *store) {                                               \
-        q4_tile(p, n, Q4_ROWS, i0, X_TILE, NULL, M, QH, unpacked, store);                             \
+#define Q4_MANY(M, QH, SC)                                                                                 \
+    static void q4_many_##M##QH##SC(const QuantizedProduct *p, int n, int i0, const UnpackedBlock *unpacked, \
+                                    UnpackedBlock *store) {                                                \
+        q4_tile(p, n, Q4_ROWS, i0, X_TILE, NULL, M, QH, SC, unpacked, store);                              \
     }
-Q4_MANY(0, 0) Q4_MANY(0, 1) Q4_MANY(1, 0) Q4_MANY(1, 1)
-static ManyFn *const Q4_MANY[2][2] = {{q4_many_00, q4_many_01}, {q4_many_10, q4_many_11}}; /* [m][qh] */
+Q4_MANY(0, 0, 0) Q4_MANY(0, 1, 0) Q4_MANY(1, 0, 0) Q4_MANY(1, 1, 0) Q4_MANY(1, 0, 1) Q4_MANY(1, 1, 1)
+static ManyFn *const Q4_MANY[2][2][2] = {{{q4_many_000, NULL}, {q4_many_010, NULL}},
+                                         {{q4_many_100, q4_many_101}, {q4_many_110, q4_many_111}}}; /* [m][qh][sc] */
 
 static void q4_group(const void *product, int gi) {
     const QuantizedProduct *p = product;
     int n = gi * Q4_ROWS, R = p->N - n < Q4_ROWS ? p->N - n : Q4_ROWS;
+    int m = p->m != NULL, qh = p->qh != NULL, sc = p->sc != NULL; /* sc: m too (K-quants' minimums) */
     UnpackedBlock *unpacked;
     if (p->M >= MANY_ROWS && R == Q4_ROWS && (unpacked = thread_buffer(sizeof(UnpackedBlock) * p->nb))) {
-        ManyFn *many = Q4_MANY[p->m != NULL][p->qh != NULL];
+        ManyFn *many = Q4_MANY[m][qh][sc];
         many(p, n, 0, NULL, unpacked); /* the first X_TILE rows unpack and keep the blocks */
         int i0 = X_TILE;
         for (; i0 + X_TILE <= p->M; i0 += X_TILE) many(p, n, i0, unpacked, NULL);
-        if (i0 < p->M) Q4_TILES[p->M - i0 - 1][p->m != NULL][p->qh != NULL](p, n, i0, NULL);
+        if (i0 < p->M) Q4_TILES[p->M - i0 - 1][m][qh][sc](p, n, i0, NULL);
         return;
     }
     const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
@@ -476,13 +480,14 @@ static void q4_group(const void *product, int gi) {
         if (R < Q4_ROWS)
             q4_tile_rest(p, n, R, i0, XT);
         else
-            Q4_TILES[XT - 1][p->m != NULL][p->qh != NULL](p, n, i0, i0 == 0 ? ahead : NULL);
+            Q4_TILES[XT - 1][m][qh][sc](p, n, i0, i0 == 0 ? ahead : NULL);
     }
 }
 
 static int quantized_matmul(const float *x, int M, int K, const void *qs, const uint32_t *qh, const uint16_t *d,
                             const uint16_t *m, const uint8_t *sc, const uint8_t *mn, int N, float *out, int q8) {
     if (K % 64 || (sc && K % 256)) return STATUS_BAD_WIDTH;
+    if (sc && !(mn && m)) return STATUS_BAD_LAYOUT; /* K-quant scales come with their minimums */
     QuantizedProduct p = {M, K, N, K / 32, qs, d, m, sc, mn, qh, {0}, out};
     int status = quantize_activations(x, M, K, &p.xa);
     if (status == STATUS_OK && q8) status = arrange_lanes(&p.xa, M, K);

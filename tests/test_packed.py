@@ -29,6 +29,8 @@ from plainllama.engine.cpu.packed import (
     prompt_products,
     quantize_int4,
     quantize_int8,
+    q4_lanes,
+    q4_natural,
     q8_lanes,
     q8_natural,
 )
@@ -118,6 +120,32 @@ def test_q8_rows_are_held_in_the_decode_loops_lane_order(K, with_kernels, monkey
     assert torch.equal(q8_natural(held[1:3]), natural[1:3])  # a few rows, as an embedding looks them up
 
 
+@pytest.mark.parametrize("K", [512, 576, 2048, 1088, 64])
+@pytest.mark.parametrize("with_kernels", [True, False])
+def test_q4_rows_are_held_in_the_decode_loops_lane_order(K, with_kernels, monkeypatch):
+    """q4 rows as kernels/q4_lanes.h describes them, written out here from its definition: in each
+    group of B blocks (16, or fewer in a last one: 576 = 512 + 64 weights, 1088 = 1024 + 64, 64 alone),
+    piece p (bytes 4p..4p+3 of every block) at byte 4 B p of the group, block b's at 4 b of it. Both
+    the C function and PyTorch's fallback (no kernels) give it, and q4_natural undoes it."""
+    if with_kernels and not kernels.available():
+        pytest.skip("the C kernels do not run here")
+    if not with_kernels:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    natural = torch.randint(0, 256, (5, K // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(K))
+    expected = natural.clone()
+    nb = K // 32
+    for g in range(0, nb, 16):
+        B = min(16, nb - g)
+        for p in range(4):
+            for b in range(B):
+                at = 16 * g + 4 * B * p + 4 * b  # the group starts at byte 256 g' = 16 * (its first block)
+                expected[:, at : at + 4] = natural[:, 16 * (g + b) + 4 * p : 16 * (g + b) + 4 * p + 4]
+    held = q4_lanes(natural.clone())
+    assert torch.equal(held, expected)
+    assert torch.equal(q4_natural(held), natural)
+    assert torch.equal(q4_natural(held[1:3]), natural[1:3])  # a few rows, as an embedding looks them up
+
+
 def test_quantize_int8_and_int4_are_ggml_q8_0_and_q4_1_byte_for_byte():
     w = np.random.default_rng(4).standard_normal((N, K)).astype(np.float32)
     w[0, :32] = 0  # an all-zero block
@@ -129,7 +157,7 @@ def test_quantize_int8_and_int4_are_ggml_q8_0_and_q4_1_byte_for_byte():
     ref = quants.quantize(w, GGMLQuantizationType.Q4_1).reshape(N, K // 32, 20)
     np.testing.assert_array_equal(q4.d.view(torch.uint8).numpy().reshape(N, K // 32, 2), ref[..., :2])
     np.testing.assert_array_equal(q4.m.view(torch.uint8).numpy().reshape(N, K // 32, 2), ref[..., 2:4])
-    np.testing.assert_array_equal(q4.qs.numpy().reshape(N, K // 32, 16), ref[..., 4:])
+    np.testing.assert_array_equal(q4_natural(q4.qs).numpy().reshape(N, K // 32, 16), ref[..., 4:])
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:

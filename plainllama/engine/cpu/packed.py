@@ -8,9 +8,10 @@ and are swapped into the model in place of nn.Linear / nn.Embedding (see loading
 never knows: it calls `self.wq(x)` either way.
 
 Layouts, one row per output feature, blocks of 32 weights along the input:
-    q4    nibbles uint8 [N, K/2] (GGUF's order), scale d float16 [N, K/32], optional minimum m:
+    q4    nibbles uint8 [N, K/2] (GGUF's bytes, each row's groups of 16 blocks in the order the decode
+          kernels read them: q4_lanes below), scale d float16 [N, K/32], optional minimum m:
           weight = d * q + m, or d * (q - 8) without m. Holds Q4_0, Q4_1 and Q4_K as they are
-          (Q4_K's sub-block scale d * scale6 is rounded to float16: relative error <= 2^-11).
+          (Q4_K with its own scales: uint8 sc, mn per 32 and float16 d, m per 256).
     q5    q4's parts plus each block's fifth bits qh int32 [N, K/32] (bit k: weight k): weight =
           d * q + m, or d * (q - 16). Holds Q5_0 and Q5_1 as they are, and Q5_K as q4 holds Q4_K.
     q8    int8 [N, K], scale d [N, K/32] float16: weight = d * q. Holds Q8_0's numbers, each row's
@@ -254,6 +255,59 @@ class _NaturalQ8Rows:
         return q8_natural(self.qs[rows])
 
 
+# q4 and q5 rows are held with each group of up to 16 blocks' pieces side by side, the order the
+# decode loops read (kernels/q4_lanes.h): in a group of B blocks, piece p (bytes 4p..4p+3 of each
+# block) at 4 B p, block b's at 4 b of it.
+
+
+def q4_lanes(qs: torch.Tensor) -> torch.Tensor:
+    """q4 nibbles uint8 [N, K/2] in GGUF's order, contiguous -> the order q4 rows are held in, in place."""
+    N, half = qs.shape
+    assert qs.is_contiguous() and qs.dtype == torch.uint8
+    if kernels.available():
+        kernels.check(kernels.function("q4_to_lanes")(qs.data_ptr(), N, 2 * half), "q4_to_lanes")
+        return qs
+    order = _q4_held_positions(2 * half)
+    step = max(1, (1 << 20) // half)
+    for start in range(0, N, step):  # a slice of rows at a time: the temporary stays small
+        rows = qs[start : start + step]
+        rows.copy_(rows[:, order])
+    return qs
+
+
+@cache
+def _q4_held_positions(K: int) -> torch.Tensor:
+    """For each byte of a held q4 row, the GGUF position of the byte there: int64 [K/2]."""
+    nb = K // QK
+    held = []
+    for g in range(0, nb, 16):
+        blocks = torch.arange(g, min(g + 16, nb))  # this group's blocks
+        pieces = 16 * blocks[None, :, None] + 4 * torch.arange(4)[:, None, None] + torch.arange(4)  # [piece, block, 4]
+        held.append(pieces.flatten())
+    return torch.cat(held)
+
+
+@cache
+def _q4_natural_order(K: int) -> torch.Tensor:
+    """Where each byte of a q4 row in GGUF's order is held: int64 [K/2] (q4_lanes)."""
+    return _q4_held_positions(K).argsort()
+
+
+def q4_natural(qs: torch.Tensor) -> torch.Tensor:
+    """q4 rows [..., K/2] as held -> their bytes in GGUF's order (a new tensor)."""
+    return qs[..., _q4_natural_order(2 * qs.shape[-1])]
+
+
+class _NaturalQ4Rows:
+    """q4 rows read back in GGUF's order a slice at a time (values[start:end]), for torch's forms."""
+
+    def __init__(self, qs: torch.Tensor):
+        self.qs, self.shape = qs, qs.shape
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return q4_natural(self.qs[rows])
+
+
 class PackedWeight(nn.Module):
     """A [N, K] weight matrix in one of LAYOUTS. Shared by PackedLinear and PackedEmbedding (tied
     embeddings are one PackedWeight used by both)."""
@@ -324,7 +378,7 @@ class PackedWeight(nn.Module):
         rows up in them (tied embeddings keep both: the table is held twice)."""
         if self._torch is None:
             if self.layout == "q4":
-                self._torch = Int4Product(self.qs, *_block_scales(self._parts()))
+                self._torch = Int4Product(_NaturalQ4Rows(self.qs), *_block_scales(self._parts()))
             elif self.layout == "q8":
                 self._torch = Int4PairProduct(_NaturalQ8Rows(self.qs), self.d.float())
             elif self.layout == "q5":  # weight = d (q - 16) + (m + 16 d): 8-bit values, scale and zero per 32
@@ -357,7 +411,7 @@ class PackedWeight(nn.Module):
             if self.layout == "q3":
                 out[rows] = (q3_values(self.qs[rows]).short() - 4).to(torch.int8)
                 continue
-            nibbles = self.qs[rows].unflatten(-1, (-1, 16))
+            nibbles = q4_natural(self.qs[rows]).unflatten(-1, (-1, 16))
             q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1).short()  # [n, K/32, 32]
             fifth = (self.qh[rows][..., None] >> torch.arange(QK, dtype=torch.int32)) & 1
             out[rows] = (q + 16 * fifth - 16).to(torch.int8).flatten(-2)
@@ -410,7 +464,7 @@ class PackedWeight(nn.Module):
         if self.layout == "q8":
             q = q8_natural(parts["qs"]).float().unflatten(-1, (-1, QK))  # [..., K/32, 32]
             return (d * q).flatten(-2).to(dtype)
-        nibbles = parts["qs"].unflatten(-1, (-1, QK // 2))  # [..., K/32, 16]
+        nibbles = q4_natural(parts["qs"]).unflatten(-1, (-1, QK // 2))  # [..., K/32, 16]
         q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1).float()  # [..., K/32, 32]
         if self.layout == "q5":  # + 16 where the fifth bit is set (bit k of the block's word: weight k)
             bits = torch.arange(QK, dtype=torch.int32, device=q.device)
@@ -714,11 +768,13 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
     nb = K // QK
     if type_name == "Q4_0":  # d, qs[16]
         return PackedWeight(
-            "q4", shape, {"qs": _field(blocks, 2, 18).view(N, K // 2), "d": _half_field(blocks, 0).reshape(N, nb)}
+            "q4",
+            shape,
+            {"qs": q4_lanes(_field(blocks, 2, 18).view(N, K // 2)), "d": _half_field(blocks, 0).reshape(N, nb)},
         )
     if type_name == "Q4_1":  # d, m, qs[16]
         parts = {
-            "qs": _field(blocks, 4, 20).view(N, K // 2),
+            "qs": q4_lanes(_field(blocks, 4, 20).view(N, K // 2)),
             "d": _half_field(blocks, 0).reshape(N, nb),
             "m": _half_field(blocks, 2).reshape(N, nb),
         }
@@ -735,7 +791,7 @@ def pack_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> Pack
     if type_name in ("Q5_0", "Q5_1"):  # d, [m], qh (32 bits, bit k: weight k), qs[16] as Q4_0's
         start = 2 if type_name == "Q5_0" else 4
         parts = {
-            "qs": _field(blocks, start + 4, start + 20).view(N, K // 2),
+            "qs": q4_lanes(_field(blocks, start + 4, start + 20).view(N, K // 2)),
             "qh": _field(blocks, start, start + 4).view(torch.int32).reshape(N, nb),
             "d": _half_field(blocks, 0).reshape(N, nb),
         }
@@ -806,7 +862,7 @@ def _pack_q4_k(blocks: torch.Tensor, shape) -> PackedWeight:
     qs = empty_for_weights((N, K // 2), torch.uint8)
     torch.bitwise_or(sub[..., :16], sub[..., 16:] << 4, out=qs.view(n, 8, 16))
     parts = {
-        "qs": qs,
+        "qs": q4_lanes(qs),
         "d": _half_field(blocks, 0).reshape(N, K // QK_K),
         "m": (-_half_field(blocks, 2)).reshape(N, K // QK_K),  # -dmin: a sign flip, exact
         "sc": scales.to(torch.uint8).reshape(N, K // QK),
@@ -990,7 +1046,7 @@ def quantize_int4(weight: torch.Tensor) -> PackedWeight:
         inv = torch.where(d > 0, 1 / d, torch.zeros(()))
         q = torch.trunc((blocks - lo[..., None]) * inv[..., None] + 0.5).clamp(0, 15).to(torch.uint8)  # [n, K/32, 32]
         qs = q[..., :16] | (q[..., 16:] << 4)
-        return {"qs": qs.reshape(-1, K // 2), "d": d.half(), "m": lo.half()}
+        return {"qs": q4_lanes(qs.reshape(-1, K // 2).contiguous()), "d": d.half(), "m": lo.half()}
 
     halves = (K // QK,), torch.float16
     return PackedWeight(

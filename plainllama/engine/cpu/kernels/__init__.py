@@ -50,12 +50,13 @@ SOURCES = [
         "prompt_attention_f32.c",
         "decode_layer.c",
         "q8_lanes.c",
+        "q4_lanes.c",
     )
 ]
 HEADER = Path(__file__).with_name("plainllama.h")  # the contract: layouts, status codes, structs, prototypes
 INTERNAL_HEADERS = [
     Path(__file__).with_name(name)
-    for name in ("row_groups.h", "vectors.h", "unpack.h", "amx.h", "exp16.h", "q8_lanes.h")
+    for name in ("row_groups.h", "vectors.h", "unpack.h", "amx.h", "exp16.h", "q8_lanes.h", "q4_lanes.h")
 ]
 
 

@@ -20,8 +20,10 @@
  * Each step loads two A tiles and two B tiles and does four products (a 32 x 32 block of out).
  *
  * Unpacking: q4 with a scale per block, q8 and the 16-bit layouts straight from their blocks
- * (block_bf16); the others (K-quant scales, q5's fifth bits, Q6_K's, Q3_K's and Q2_K's regrouped values) through the
- * row unpacking the oneDNN path uses (unpack.h), 8 k-steps of 16 rows at a time, then transposed.
+ * (block_bf16; q4's and q8's whole groups, held in the decode loops' order, put back in GGUF's order
+ * first); the others (K-quant scales, q5's fifth bits, Q6_K's, Q3_K's and Q2_K's regrouped values)
+ * through the row unpacking the oneDNN path uses (unpack.h), 8 k-steps of 16 rows at a time, then
+ * transposed. (q4 through that staging measured 0.99-1.01x at 512 rows, but 0.90x at 64.)
  * Before they came here (measured on a Xeon with AMX, 2 cores, 1B shapes, 512 rows): Q4_K, Q5_K and
  * Q6_K matrices went the oneDNN way at 0.67-0.68 TFLOP/s, against 1.4-1.5 for q4, q8 and f16 here.
  *
@@ -59,6 +61,7 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 
 #include "amx.h"
+#include "q4_lanes.h"
 #include "q8_lanes.h"
 #include "exp16.h"
 
@@ -106,18 +109,26 @@ static inline __m512i q8_block_bf16(const int8_t *q, uint16_t d) {
     return pair_bf16(_mm512_mul_ps(lo, vs), _mm512_mul_ps(hi, vs));
 }
 
+/* A q4 block's 16 bytes in GGUF's order at q (byte j holds weights j and j + 16), times its scale,
+ * plus its minimum (or -8 times its scale) */
+static inline __m512i q4_block_bf16(const uint8_t *q, const MatrixPart *W, size_t blk) {
+    __m128i packed = _mm_loadu_si128((const __m128i *)q);
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(0x0F))));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F))));
+    float scale = _cvtsh_ss(W->d[blk]), minimum = W->m ? _cvtsh_ss(W->m[blk]) : -8.0f * scale;
+    __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
+    return pair_bf16(_mm512_fmadd_ps(lo, vs, vm), _mm512_fmadd_ps(hi, vs, vm));
+}
+
 static inline __m512i block_bf16(const MatrixPart *W, size_t n, int K, int b) {
     size_t blk = n * (K / 32) + b;
     int layout = W->layout;
     const void *w = W->w;
-    const uint16_t *d = W->d, *m = W->m;
-    if (layout == LAYOUT_Q4) { /* byte j holds weights j (low nibble) and j + 16 */
-        __m128i packed = _mm_loadu_si128((const __m128i *)((const uint8_t *)w + 16 * blk));
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(0x0F))));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F))));
-        float scale = _cvtsh_ss(d[blk]), minimum = m ? _cvtsh_ss(m[blk]) : -8.0f * scale;
-        __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
-        return pair_bf16(_mm512_fmadd_ps(lo, vs, vm), _mm512_fmadd_ps(hi, vs, vm));
+    const uint16_t *d = W->d;
+    if (layout == LAYOUT_Q4) { /* a block of a last, shorter group (whole groups: pack_panels) */
+        uint8_t natural[16];
+        q4_natural_block((const uint8_t *)w + n * (K / 2), K, b, natural);
+        return q4_block_bf16(natural, W, blk);
     }
     if (layout == LAYOUT_Q8) /* a block of a last, shorter group, in GGUF's order (whole groups: pack_panels) */
         return q8_block_bf16((const int8_t *)w + n * K + 32 * b, d[blk]);
@@ -199,9 +210,10 @@ static void pack_panels(const MatrixPart *W, int K, int N, int p0, int np, int s
                         uint16_t *stage) {
     int ahead = fetched_step_bytes(W->layout);
     size_t row_bytes = (size_t)(K / 32) * ahead;
-    /* q8: whole groups of 16 blocks (k-steps) are held in the decode loop's order (q8_lanes.h); each is
-     * put back in GGUF's order for the panel's 16 rows in `stage` (512 bytes a row), steps in_stage .. + 15 */
-    int q8 = W->layout == LAYOUT_Q8, whole = K / 512 * 16;
+    /* q8 and q4 (with a scale per block): whole groups of 16 blocks (k-steps) are held in the decode
+     * loops' order (q8_lanes.h, q4_lanes.h); each is put back in GGUF's order for the panel's 16 rows in
+     * `stage` (512 or 256 bytes a row), steps in_stage .. + 15 */
+    int q8 = W->layout == LAYOUT_Q8, q4 = W->layout == LAYOUT_Q4 && !staged(W), whole = K / 512 * 16;
     for (int p = 0; p < np; p++) {
         size_t n0 = (size_t)16 * (p0 + p), next = n0 + 16;
         int fetch = ahead && next + 16 <= (size_t)N;
@@ -211,10 +223,19 @@ static void pack_panels(const MatrixPart *W, int K, int N, int p0, int np, int s
         for (int g = 0; g < ns; g += STAGE_STEPS) {
             int count = ns - g < STAGE_STEPS ? ns - g : STAGE_STEPS;
             if (staged(W)) stage_rows(W, K, N, n0, s0 + g, count, stage);
-            if (q8 && (s0 + g) % 16 == 0 && s0 + g + 16 <= whole) {
+            if ((q8 || q4) && (s0 + g) % 16 == 0 && s0 + g + 16 <= whole) {
                 in_stage = s0 + g;
-                for (int c = 0; c < 16 && n0 + c < (size_t)N; c++)
-                    q8_natural_group((const int8_t *)W->w + (n0 + c) * K + 32 * (size_t)in_stage, (int8_t *)stage + 512 * c);
+                for (int c = 0; c < 16 && n0 + c < (size_t)N; c++) {
+                    if (q8) {
+                        q8_natural_group((const int8_t *)W->w + (n0 + c) * K + 32 * (size_t)in_stage, (int8_t *)stage + 512 * c);
+                        continue;
+                    }
+                    __m128i blocks[8];
+                    for (int half = 0; half < 2; half++) {
+                        q4_blocks8((const uint8_t *)W->w + (n0 + c) * (K / 2), in_stage + 8 * half, blocks);
+                        for (int j = 0; j < 8; j++) _mm_storeu_si128((__m128i *)((uint8_t *)stage + 256 * c + 16 * (8 * half + j)), blocks[j]);
+                    }
+                }
             }
             for (int s = g; s < g + count; s++) {
                 uint32_t *tile = tiles + ((size_t)p * ns + s) * 256;
@@ -228,7 +249,8 @@ static void pack_panels(const MatrixPart *W, int K, int N, int p0, int np, int s
                     if (staged(W))
                         r[c] = _mm512_loadu_si512(stage + (size_t)c * 32 * STAGE_STEPS + 32 * (s - g));
                     else if (s0 + s < in_stage + 16 && n0 + c < (size_t)N)
-                        r[c] = q8_block_bf16((const int8_t *)stage + 512 * c + 32 * (s0 + s - in_stage), W->d[(n0 + c) * (K / 32) + s0 + s]);
+                        r[c] = q8 ? q8_block_bf16((const int8_t *)stage + 512 * c + 32 * (s0 + s - in_stage), W->d[(n0 + c) * (K / 32) + s0 + s])
+                                  : q4_block_bf16((const uint8_t *)stage + 256 * c + 16 * (s0 + s - in_stage), W, (n0 + c) * (K / 32) + s0 + s);
                     else
                         r[c] = n0 + c < (size_t)N ? block_bf16(W, n0 + c, K, s0 + s) : _mm512_setzero_si512();
                 }

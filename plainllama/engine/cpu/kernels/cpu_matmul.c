@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "plainllama.h"
+#include "q4_lanes.h"
 #include "q8_lanes.h"
 #include "unpack.h"
 
@@ -53,11 +54,11 @@ int kernel_level(void) { return 3; }
  * are scaled with one convert and one multiply-add. (Lanes that mix blocks, as a plain load gives,
  * need a convert, a lane-spreading permute and a multiply-add per 64 weights: 3.5x the work.)
  *
- * The weights stay in GGUF's layout; each row's group is put side by side in registers (a transpose of
- * its 4-byte pieces) once, and then serves every row of x: with X_TILE rows of x per weight row the
- * transpose costs a quarter of the integer products. The x side is arranged in that order when it is
- * quantized. The transposes leave the blocks in a fixed lane order (Q4_LANES, Q8_LANES below); the
- * per-block scales are permuted to match.
+ * The rows are held with each group's blocks side by side (q4_lanes.h, q8_lanes.h), so a step is a
+ * load (q8) or a load's low or high nibbles (q4), and a row's group serves X_TILE rows of x. The x
+ * side is arranged in the same order when it is quantized. q4 holds block b in lane b, and its scales
+ * load in place; q8 holds its whole groups in the order an earlier transpose left them (Q8_LANES),
+ * and its scales are permuted to match.
  *
  * Batch invariance: the arithmetic for a (weight row, x row) pair is the same whatever the number
  * of rows of x and whichever tile the row falls in (integer products are exact; the float steps run
@@ -66,7 +67,7 @@ int kernel_level(void) { return 3; }
 #define GROUP_BLOCKS 16
 #define GROUP_STEPS 8 /* 4-byte steps per 32-weight block */
 #define W_ROWS 4      /* weight rows per thread work item (and per prefetch distance) */
-#define X_TILE 4      /* rows of x that share one transpose of a weight row's group */
+#define X_TILE 4      /* rows of x that share one unpacking of a weight row's group */
 
 /* What a product's rows carry besides their numbers: each kind's loops are compiled apart (the tiles
  * below), so that the tests for minimums, fifth bits and K-quant scales are settled at compile time
@@ -79,9 +80,9 @@ enum {
     KIND_SC = 8, /* K-quant scales sc, mn (d and m per 256 weights) */
 };
 
-/* lane -> block within a group, as the transposes below leave them */
-static const int Q4_LANES[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-/* Q8_LANES: q8_lanes.h, where q8 rows' whole groups are held in this order */
+/* lane -> block within a group: q4 block b in lane b (q4_lanes.h); Q8_LANES: q8_lanes.h, the order
+ * q8 rows' groups are held in (a last, shorter q8 group is transposed into the same order) */
+static const int Q4_LANES[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 /* x quantized to int8 blocks of 32 (scale = max|x| / 127) and arranged by group, step and lane:
  * xq [M, groups, 8 steps, 16 lanes, 4 bytes]; per lane, dx (the block's scale) and a sum for the
@@ -152,13 +153,13 @@ typedef struct {
     float *out;
 } QuantizedProduct;
 
-/* q5: the fifth bits of a group's 16 blocks added to its steps. The blocks' 32-bit words are put in
- * lane order; for step s (weights 4s..4s+3 of each block), byte s / 2 of each word is copied into the
+/* q5: the fifth bits of a group's 16 blocks added to its steps (block b's 32-bit word in lane b, as
+ * its values). For step s (weights 4s..4s+3 of each block), byte s / 2 of each word is copied into the
  * word's 4 bytes and its nibble s % 2 tested bit by bit: a 64-bit mask, one bit per byte of w[s],
  * where 16 is added. */
-static inline void add_fifth_bits(const uint32_t *qh_row, int g, int blocks, __m512i lane_blocks, __m512i w[GROUP_STEPS]) {
+static inline void add_fifth_bits(const uint32_t *qh_row, int g, int blocks, __m512i w[GROUP_STEPS]) {
     __mmask16 mask = blocks >= GROUP_BLOCKS ? 0xFFFF : (__mmask16)((1u << blocks) - 1);
-    __m512i words = _mm512_permutexvar_epi32(lane_blocks, _mm512_maskz_loadu_epi32(mask, qh_row + GROUP_BLOCKS * g));
+    __m512i words = _mm512_maskz_loadu_epi32(mask, qh_row + GROUP_BLOCKS * g);
     const __m512i low_bits = _mm512_set1_epi32(0x08040201), high_bits = _mm512_set1_epi32((int)0x80402010);
     const __m512i sixteen = _mm512_set1_epi8(16);
     for (int s = 0; s < GROUP_STEPS; s++) {
@@ -170,20 +171,20 @@ static inline void add_fifth_bits(const uint32_t *qh_row, int g, int blocks, __m
     }
 }
 
-/* A row's sixteen float16 block values of group g in lane order (zeros past the last block). */
-static inline __m512 group_halves(const uint16_t *row, int g, int blocks, __m512i lane_blocks) {
+/* A row's sixteen float16 block values of group g, block b in lane b (zeros past the last block). */
+static inline __m512 group_halves(const uint16_t *row, int g, int blocks) {
     __mmask16 mask = blocks >= GROUP_BLOCKS ? 0xFFFF : (__mmask16)((1u << blocks) - 1);
-    return _mm512_permutexvar_ps(lane_blocks, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, row + GROUP_BLOCKS * g)));
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, row + GROUP_BLOCKS * g));
 }
 
 /* K-quant scales: a row's sixteen blocks of group g (two super-blocks), each its uint8 `scales` entry
- * times its super-block's float16 `factors` entry (exact in float32), in lane order */
-static inline __m512 group_k_scales(const uint8_t *scales, const uint16_t *factors, int g, int blocks, __m512i lane_blocks) {
+ * times its super-block's float16 `factors` entry (exact in float32), block b in lane b */
+static inline __m512 group_k_scales(const uint8_t *scales, const uint16_t *factors, int g, int blocks) {
     __mmask16 mask = blocks >= GROUP_BLOCKS ? 0xFFFF : (__mmask16)((1u << blocks) - 1);
     __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, scales + GROUP_BLOCKS * g)));
     __m128 f = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks > 8 ? 3 : 1, factors + 2 * g)); /* lanes 0, 1 */
     const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    return _mm512_permutexvar_ps(lane_blocks, _mm512_mul_ps(s, _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(f))));
+    return _mm512_mul_ps(s, _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(f)));
 }
 
 /* 64 bytes at p, only the first `valid` of them (the rest zero) */
@@ -203,18 +204,16 @@ static inline void transpose4(__m512i r0, __m512i r1, __m512i r2, __m512i r3, __
     t[3] = _mm512_unpackhi_epi64(b, e);
 }
 
-/* One group of a q4 row (16 blocks x 16 bytes) -> w[s] step s = weights 4s..4s+3 of each block as
- * uint8 0..15. GGUF's byte j of a block holds weight j (low nibble) and j + 16 (high nibble), so
- * 4-byte piece s of a block gives steps s (low) and s + 4 (high). */
+/* One group of a held q4 row (q4_lanes.h: piece p of every block side by side, 4 * blocks bytes at
+ * 4 * blocks * p) -> w[s] step s = weights 4s..4s+3 of each block as uint8 0..15, block b in lane b.
+ * GGUF's byte j of a block holds weight j (low nibble) and j + 16 (high nibble), so piece p gives
+ * steps p (low) and p + 4 (high). */
 static inline void q4_group_steps(const uint8_t *src, int blocks, __m512i w[GROUP_STEPS]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    int valid = 16 * blocks;
-    __m512i t[4];
-    transpose4(load_part(src, valid), load_part(src + 64, valid - 64), load_part(src + 128, valid - 128),
-               load_part(src + 192, valid - 192), t);
-    for (int s = 0; s < 4; s++) {
-        w[s] = _mm512_and_si512(t[s], low4);
-        w[s + 4] = _mm512_and_si512(_mm512_srli_epi16(t[s], 4), low4);
+    for (int p = 0; p < 4; p++) {
+        __m512i piece = blocks == GROUP_BLOCKS ? _mm512_loadu_si512(src + 64 * p) : load_part(src + 4 * blocks * p, 4 * blocks);
+        w[p] = _mm512_and_si512(piece, low4);
+        w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(piece, 4), low4);
     }
 }
 
@@ -253,21 +252,21 @@ static inline __m512i group_dot(const __m512i w[GROUP_STEPS], const int8_t *xg) 
 /* Group g of weight row `row` (its bytes at src): its eight steps w, and per lane the block's scale
  * wd and the term for the weights' offset wm (q4: the minimum, or d * -8 / -16; q8: unused). */
 static inline __attribute__((always_inline)) void row_group(const QuantizedProduct *p, int kind, const uint8_t *src, int row,
-                                                            int g, int blocks, __m512i lane_blocks, __m512i w[GROUP_STEPS],
-                                                            __m512 *wd, __m512 *wm) {
+                                                            int g, int blocks, __m512i w[GROUP_STEPS], __m512 *wd, __m512 *wm) {
     size_t at = (size_t)row * p->nb;
     if (kind & KIND_Q8)
         q8_group_steps((const int8_t *)src, blocks, w);
     else
         q4_group_steps(src, blocks, w);
-    if (kind & KIND_QH) add_fifth_bits(p->qh + at, g, blocks, lane_blocks, w);
+    if (kind & KIND_QH) add_fifth_bits(p->qh + at, g, blocks, w);
     if (kind & KIND_SC) {
-        *wd = group_k_scales(p->sc + at, p->d + at / 8, g, blocks, lane_blocks);
-        *wm = group_k_scales(p->mn + at, p->m + at / 8, g, blocks, lane_blocks);
+        *wd = group_k_scales(p->sc + at, p->d + at / 8, g, blocks);
+        *wm = group_k_scales(p->mn + at, p->m + at / 8, g, blocks);
+    } else if (kind & KIND_Q8) {
+        *wd = *wm = _mm512_permutexvar_ps(_mm512_loadu_si512(Q8_LANES), group_halves(p->d + at, g, blocks));
     } else {
-        *wd = group_halves(p->d + at, g, blocks, lane_blocks);
-        *wm = kind & KIND_Q8 ? *wd
-              : kind & KIND_M ? group_halves(p->m + at, g, blocks, lane_blocks)
+        *wd = group_halves(p->d + at, g, blocks);
+        *wm = kind & KIND_M ? group_halves(p->m + at, g, blocks)
                               : _mm512_mul_ps(*wd, _mm512_set1_ps(kind & KIND_QH ? -16.0f : -8.0f)); /* Q4_0: d (q - 8), Q5_0: d (q - 16) */
     }
 }
@@ -279,7 +278,6 @@ static inline __attribute__((always_inline)) void tile_group(const QuantizedProd
                                                              __m512 acc[W_ROWS][X_TILE]) {
     int nb = p->nb, groups = p->groups, K = p->K, q8 = kind & KIND_Q8;
     size_t row_bytes = q8 ? (size_t)K : (size_t)K / 2, group_bytes = q8 ? 512 : 256;
-    const __m512i lane_blocks = _mm512_loadu_si512(q8 ? Q8_LANES : Q4_LANES);
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + g * group_bytes;
@@ -298,7 +296,7 @@ static inline __attribute__((always_inline)) void tile_group(const QuantizedProd
         }
         __m512i w[GROUP_STEPS];
         __m512 wd, wm;
-        row_group(p, kind, src, n + r, g, blocks, lane_blocks, w, &wd, &wm);
+        row_group(p, kind, src, n + r, g, blocks, w, &wd, &wm);
         for (int i = 0; i < XT; i++) {
             size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
             __m512i dot = group_dot(w, p->xa.xq + at * 32);
@@ -387,13 +385,12 @@ typedef struct {
 /* Weight rows n .. n + W_ROWS - 1, arranged: rows[r * groups + g] */
 static void arrange_rows(const QuantizedProduct *p, int q8, int n, ArrangedGroup *rows) {
     size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2, group_bytes = q8 ? 512 : 256;
-    const __m512i lane_blocks = _mm512_loadu_si512(q8 ? Q8_LANES : Q4_LANES);
     for (int r = 0; r < W_ROWS; r++)
         for (int g = 0; g < p->groups; g++) {
             int blocks = p->nb - g * GROUP_BLOCKS < GROUP_BLOCKS ? p->nb - g * GROUP_BLOCKS : GROUP_BLOCKS;
             const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + g * group_bytes;
             ArrangedGroup *a = rows + (size_t)r * p->groups + g;
-            row_group(p, p->kind, src, n + r, g, blocks, lane_blocks, a->w, &a->wd, &a->wm); /* kind tested at run time: once per row and group */
+            row_group(p, p->kind, src, n + r, g, blocks, a->w, &a->wd, &a->wm); /* kind tested at run time: once per row and group */
         }
 }
 
@@ -571,23 +568,58 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *o
 /* Rows written as bfloat16 (f32 = 0) where the CPU multiplies bfloat16 natively, as float32 (f32 = 1)
  * elsewhere: out is uint16_t or float [N, K]. */
 
+/* One q4/q5 block (its 16 bytes in GGUF's order: `packed`; blk: its index in the matrix) as 32 weights
+ * d q + m (vs: d, vm: m, broadcast) at out + 32 * at (bfloat16 or float32) */
+static inline void q4_unpack_block(__m128i packed, const uint32_t *qh, size_t blk, __m512 vs, __m512 vm, void *out, int at,
+                                   int f32) {
+    __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(0x0F)));
+    __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)));
+    if (qh) { /* q5: + 16 where the fifth bit is set (bit k: weight k) */
+        lo = _mm512_mask_add_epi32(lo, (__mmask16)(qh[blk] & 0xFFFF), lo, _mm512_set1_epi32(16));
+        hi = _mm512_mask_add_epi32(hi, (__mmask16)(qh[blk] >> 16), hi, _mm512_set1_epi32(16));
+    }
+    store32(out, 32 * at, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vs, vm), _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vm), f32);
+}
+
 /* Blocks b0 .. b0 + nb - 1 of weight row n (32 weights each) into out [32 * nb]: also how AMX's
- * products (amx_matmul.c) unpack the layouts it has no shortcut for. */
+ * products (amx_matmul.c) unpack q4 and q5. The row's bytes are put back in GGUF's order eight
+ * blocks at a time where a whole group holds them (q4_lanes.h), with the eight blocks' scales and
+ * minimums computed side by side; else block by block. */
 void q4_unpack_blocks(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
                       const uint8_t *mn, int K, size_t n, int b0, int nb, void *out, int f32) {
-    for (int b = 0; b < nb; b++) {
-        size_t blk = n * (K / 32) + b0 + b;
-        __m128i packed = _mm_loadu_si128((const __m128i *)(qs + 16 * blk));
-        __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(packed, _mm_set1_epi8(0x0F)));
-        __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)));
-        if (qh) { /* q5: + 16 where the fifth bit is set (bit k: weight k) */
-            lo = _mm512_mask_add_epi32(lo, (__mmask16)(qh[blk] & 0xFFFF), lo, _mm512_set1_epi32(16));
-            hi = _mm512_mask_add_epi32(hi, (__mmask16)(qh[blk] >> 16), hi, _mm512_set1_epi32(16));
+    const uint8_t *row = qs + n * (size_t)(K / 2);
+    int whole = K / 512 * 16;
+    size_t first = n * (K / 32) + b0;
+    const __m256 offset = _mm256_set1_ps(qh ? -16.0f : -8.0f);
+    for (int b = 0; b < nb;) {
+        size_t blk = first + b;
+        if ((b0 + b) % 8 == 0 && b0 + b + 8 <= whole && b + 8 <= nb) {
+            __m128i eight[8];
+            q4_blocks8(row, b0 + b, eight);
+            __m256 scales, minimums; /* the eight blocks' d and m, as ggml computes them (K-quants: d * sc, exact) */
+            if (sc) {
+                __m256 factor = _mm256_set1_ps(_cvtsh_ss(d[blk / 8])), least = _mm256_set1_ps(_cvtsh_ss(m[blk / 8]));
+                scales = _mm256_mul_ps(factor, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + blk)))));
+                minimums = _mm256_mul_ps(least, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mn + blk)))));
+            } else {
+                scales = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + blk)));
+                minimums = m ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + blk))) : _mm256_mul_ps(offset, scales);
+            }
+            for (int j = 0; j < 8; j++) {
+                __m512i lane = _mm512_set1_epi32(j);
+                q4_unpack_block(eight[j], qh, blk + j, _mm512_permutexvar_ps(lane, _mm512_castps256_ps512(scales)),
+                                _mm512_permutexvar_ps(lane, _mm512_castps256_ps512(minimums)), out, b + j, f32);
+            }
+            b += 8;
+        } else {
+            uint8_t natural[16];
+            q4_natural_block(row, K, b0 + b, natural);
+            float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
+            float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
+            q4_unpack_block(_mm_loadu_si128((const __m128i *)natural), qh, blk, _mm512_set1_ps(scale), _mm512_set1_ps(minimum),
+                            out, b, f32);
+            b++;
         }
-        float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
-        float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
-        __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(minimum);
-        store32(out, 32 * b, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vs, vm), _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vs, vm), f32);
     }
 }
 

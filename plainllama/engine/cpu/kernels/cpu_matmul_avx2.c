@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "plainllama.h"
+#include "q4_lanes.h"
 #include "q8_lanes.h"
 
 #if !KERNELS_AVX512 /* else cpu_matmul.c holds these functions */
@@ -43,23 +44,25 @@ int kernel_level(void) { return 2; }
 #define X_TILE 2       /* rows of x that share one unpacking of a weight block */
 
 /* x quantized to int8 blocks of 32 as cpu_matmul.c does (scale = max|x| / 127, rounded to nearest
- * even), in its natural order: xq [M, nb, 32], dx [M, nb], sx [M, nb] = dx * sum(q), and
- * sum8 [M, nb] = 8 * sum(q) (Q4_0's offset, taken out in integers). */
+ * even), in its natural order: xq [M, nb, 32], dx [M, nb], sx [M, nb] = dx * sum(q). */
 typedef struct {
     int8_t *xq;
     float *dx, *sx;
-    int32_t *sum8;
     int8_t *xl; /* q8 only: xq with each whole group's halves in q8_lanes.h's order (arrange_lanes); or NULL */
     float *dxl; /* dx in the same order */
+    int8_t *xs; /* q4/q5 only: x arranged as q4 rows are held (arrange_steps); or NULL */
+    float *dxs, *sxs;
 } QuantizedActivations;
 
 static void free_activations(QuantizedActivations *a) {
     free(a->xq);
     free(a->dx);
     free(a->sx);
-    free(a->sum8);
     free(a->xl);
     free(a->dxl);
+    free(a->xs);
+    free(a->dxs);
+    free(a->sxs);
 }
 
 static int quantize_activations(const float *x, int M, int K, QuantizedActivations *a) {
@@ -68,8 +71,7 @@ static int quantize_activations(const float *x, int M, int K, QuantizedActivatio
     a->xq = aligned_alloc(64, blocks * 32);
     a->dx = aligned_alloc(64, (blocks * sizeof(float) + 63) / 64 * 64);
     a->sx = aligned_alloc(64, (blocks * sizeof(float) + 63) / 64 * 64);
-    a->sum8 = aligned_alloc(64, (blocks * sizeof(int32_t) + 63) / 64 * 64);
-    if (!a->xq || !a->dx || !a->sx || !a->sum8) return STATUS_OUT_OF_MEMORY;
+    if (!a->xq || !a->dx || !a->sx) return STATUS_OUT_OF_MEMORY;
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
 #pragma omp parallel for schedule(static) if (M >= 16) /* a prompt's rows on every thread */
@@ -97,7 +99,6 @@ static int quantize_activations(const float *x, int M, int K, QuantizedActivatio
         t = _mm_hadd_epi32(t, t);
         a->dx[blk] = d;
         a->sx[blk] = d * (float)_mm_cvtsi128_si32(t);
-        a->sum8[blk] = 8 * _mm_cvtsi128_si32(t);
     }
     return STATUS_OK;
 }
@@ -138,38 +139,47 @@ static inline __m256i fifth_bits(uint32_t word) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(16));
 }
 
-/* ---- q4 and q5: eight weight rows at a time ----------------------------------------------- */
+/* ---- q4 and q5: a block in each lane ------------------------------------------------------ */
 
-/* A block's 32 integer dot products for eight weight rows end in one vector, one int32 lane per row,
- * so that a block costs one convert and one multiply-add per row of x for all eight rows (one per
- * row otherwise, and a horizontal sum at the end). This is what llama.cpp gains by repacking Q4_0
- * into 8-row interleaved blocks at load time; here the rows are paired in registers instead, and
- * the layout stays GGUF's.
+/* The rows are held with each group's blocks side by side (q4_lanes.h): 32 bytes of piece p give
+ * weights 4p..4p+3 (low nibbles) and 16+4p.. (high) of 8 blocks, block b in int32 lane b, so eight
+ * integer dot products per half group (8 blocks) and row of x leave each block's exact sum in its
+ * lane, and one convert and two multiply-adds per 8 blocks scale them (by d dx, and the minimum or
+ * -8 d / -16 d by dx sum(x)). x is arranged in the same order (arrange_steps).
  *
- * Rows j and j + 4 share a vector (row j in the low 128-bit half, j + 4 in the high one); each half
- * holds its row's 16 bytes, so `and 0x0F` gives weights 0..15 and the shifted copy 16..31, both in
- * order, multiplied by x's first and second 16 bytes broadcast to both halves. vpmaddubsw sums pairs
- * into int16, the two halves' products are added (4 products per int16), vphaddw pairs the words of
- * rows j and j + 1 (8 products: at most 8 * 31 * 127 = 31496 for q5, so nothing saturates), vpmaddwd
- * widens to int32, and a last vphaddd leaves lanes 0-3 = rows 0-3 and lanes 4-7 = rows 4-7. Exact,
- * like every integer step here.
- *
- * Measured (AMD Zen 5 capped at AVX2, M = 1, old and new libraries in one harness): one core on a
- * [512 x 2048] matrix in L2, 1.29 -> 1.01 ns per block and weight row; two cores on 64 MB from
- * memory, 18.3 -> 21.5 GB/s (the AVX-512 kernel: 30.6). Whole-model decode against llama.cpp built
- * for AVX2: docs/performance.md. Rows 16 ahead (PREFETCH_ITEMS work items) measured best of 8, 16
- * and 32; into L1 instead of L2, 15.8 GB/s. */
-#define Q4_ROWS 8 /* weight rows per q4/q5 work item */
+ * Measured (this CPU: an Intel Xeon with AMX capped at AVX2, one thread, [512 x 2048] in L2): the
+ * earlier loop, which kept eight weight rows side by side (one row per lane, GGUF's order, vphaddw
+ * and vphaddd to sum a block's products), took 1.96 TSC ticks per block and row for Q4_0; a
+ * prototype of this one 0.95 (AVX-VNNI) and 1.18 (vpmaddubsw) (docs/performance.md). */
+#define Q4_ROWS 4         /* weight rows per q4/q5 work item */
+#define Q4_AHEAD_ROWS 16  /* rows fetched ahead (the earlier loop measured 16 best of 8, 16 and 32) */
 
-/* q5: the fifth bits of two rows' blocks (low half: `low`, high half: `high`; bit k: weight k) as
- * bytes of 0 or 16 for weights 0..15 (upper = 0) or 16..31 (upper = 1), each half in weight order */
-static inline __m256i fifth_bits_pair(uint32_t low, uint32_t high, int upper) {
-    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1,
-                                          1, 1, 1, 1, 1, 1);
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    __m256i words = _mm256_set_m128i(_mm_set1_epi32((int)(high >> (16 * upper))), _mm_set1_epi32((int)(low >> (16 * upper))));
-    __m256i bytes = _mm256_and_si256(_mm256_shuffle_epi8(words, pick), bit);
-    return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(16));
+/* x arranged like the held rows: xs [M, groups, 8 steps, 16 lanes, 4 bytes] (step s, lane l: weights
+ * 4s..4s+3 of block 16 g + l), dxs and sxs [M, groups * 16] (dx and dx sum(q) of that block); lanes
+ * past the last block zero */
+static int arrange_steps(QuantizedActivations *a, int M, int K) {
+    int nb = K / 32, groups = (nb + 15) / 16;
+    a->xs = aligned_alloc(32, (size_t)M * groups * 512);
+    a->dxs = aligned_alloc(32, (size_t)M * groups * 16 * sizeof(float));
+    a->sxs = aligned_alloc(32, (size_t)M * groups * 16 * sizeof(float));
+    if (!a->xs || !a->dxs || !a->sxs) return STATUS_OUT_OF_MEMORY;
+#pragma omp parallel for schedule(static) if (M >= 16)
+    for (int r = 0; r < M; r++)
+        for (int g = 0; g < groups; g++)
+            for (int l = 0; l < 16; l++) {
+                int b = 16 * g + l;
+                size_t at = ((size_t)r * groups + g) * 16 + l;
+                int8_t *dst = a->xs + ((size_t)r * groups + g) * 512 + 4 * l;
+                for (int s = 0; s < 8; s++) {
+                    if (b < nb)
+                        memcpy(dst + 64 * s, a->xq + ((size_t)r * nb + b) * 32 + 4 * s, 4);
+                    else
+                        memset(dst + 64 * s, 0, 4);
+                }
+                a->dxs[at] = b < nb ? a->dx[(size_t)r * nb + b] : 0.0f;
+                a->sxs[at] = b < nb ? a->sx[(size_t)r * nb + b] : 0.0f;
+            }
+    return STATUS_OK;
 }
 
 /* K-quant scales of one super-block (eight blocks): uint8 `scales` times the float16 `factor`, exact
@@ -179,127 +189,152 @@ static inline __m256 load_k_scales(const uint8_t *scales, const uint16_t *factor
     return _mm256_mul_ps(s, _mm256_set1_ps(_cvtsh_ss(*factor)));
 }
 
-/* whether `last` (the last byte of a group's scales, `bytes` long) lies in another cache line than
- * the previous group's last byte: each line of scales is then prefetched once, by the group that
- * first reaches into it (d and m are [N, nb] float16 and qh [N, nb] int32, rows one after another) */
-static inline int new_line(const void *last, size_t bytes) {
-    return (uintptr_t)last / 64 != ((uintptr_t)last - bytes) / 64;
+/* The first `count` lanes set (for vpmaskmov) */
+static inline __m256i first_lanes(int count) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+
+/* Half a group of one row, as the tiles multiply it: its 8 steps (uint8 values 0..15, or 0..31 with
+ * fifth bits), and per lane the block's scale and offset term */
+typedef struct {
+    __m256i w[8];
+    __m256 wd, wm;
+} UnpackedHalf;
+
+/* Piece k of half h of a group (B blocks) of a held row (`group`: its first byte), `valid` its
+ * blocks' lanes: steps k (low nibbles) and k + 4 (high) as uint8 0..15 */
+static inline void q4_half_piece(const uint8_t *group, int B, int h, int k, __m256i valid, __m256i *low, __m256i *high) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256i piece = B == 16 ? _mm256_loadu_si256((const __m256i *)(group + 64 * k + 32 * h))
+                            : _mm256_maskload_epi32((const int *)(group + 4 * B * k + 32 * h), valid);
+    *low = _mm256_and_si256(piece, low4);
+    *high = _mm256_and_si256(_mm256_srli_epi16(piece, 4), low4);
 }
 
-/* A block of eight q4/q5 weight rows as q4_tile multiplies it, with its scales (lanes: rows) */
-typedef struct {
-    __m256i lo[4], hi[4]; /* rows j (low half) and j + 4 (high half): weights 0..15 / 16..31 */
-    __m256 d, m;
-} UnpackedBlock;
+/* q5: 16 in each byte of step s whose weight's fifth bit is set (`words`: the 8 blocks' 32-bit words,
+ * block b's in lane b): byte s / 2 of each word copied into its 4 bytes, nibble s % 2 tested bit by bit */
+static inline __m256i fifth_bits_step(__m256i words, int s) {
+    int k = s / 2;
+    __m256i byte = _mm256_shuffle_epi8(words, _mm256_setr_epi32(0x01010101 * k, 0x01010101 * (4 + k), 0x01010101 * (8 + k),
+                                                                0x01010101 * (12 + k), 0x01010101 * k, 0x01010101 * (4 + k),
+                                                                0x01010101 * (8 + k), 0x01010101 * (12 + k)));
+    __m256i bits = _mm256_set1_epi32(s % 2 ? (int)0x80402010 : 0x08040201);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(byte, bits), bits), _mm256_set1_epi8(16));
+}
 
-/* q4/q5 weight rows n .. n+R-1 (R <= 8) times x rows i0 .. i0+XT-1 -> out. Rows past R multiply
- * zeros. Per (weight row, x row) the float steps are the same whatever M and the tile (batch
- * invariance): per block, one multiply-add of the integer sum by d dx and one of m by dx sum(x).
- * `unpacked`: the eight rows' blocks already unpacked (many rows of x: q4_group), or NULL to unpack
- * them here; `store`: where to keep what is unpacked (the first tile of many rows), or NULL. */
+/* A half's per-block scale wd and offset term wm (the minimum, or -8 d for Q4_0, -16 d for Q5_0);
+ * `at`: the half's first block in the matrix's blocks */
+static inline void q4_half_scales(const QuantizedProduct *p, size_t at, int hb, int has_m, int has_qh, int has_sc, __m256 *wd,
+                                  __m256 *wm) {
+    if (has_sc) { /* K-quants: the half is one super-block (K is a multiple of 256) */
+        *wd = load_k_scales(p->sc + at, p->d + at / 8);
+        *wm = load_k_scales(p->mn + at, p->m + at / 8);
+    } else {
+        *wd = load_halves(p->d + at, hb);
+        *wm = has_m ? load_halves(p->m + at, hb) : _mm256_mul_ps(*wd, _mm256_set1_ps(has_qh ? -16.0f : -8.0f));
+    }
+}
+
+/* Half h (blocks 8h .. 8h + hb - 1) of group g of weight row `row`, its group B blocks long */
+static inline __attribute__((always_inline)) void q4_unpack_half(const QuantizedProduct *p, size_t row, int g, int B, int h,
+                                                                 int hb, int has_m, int has_qh, int has_sc, UnpackedHalf *u) {
+    const uint8_t *group = (const uint8_t *)p->qs + row * (p->K / 2) + (size_t)256 * g;
+    size_t at = row * p->nb + 16 * g + 8 * h; /* the half's first block */
+    __m256i valid = first_lanes(hb);
+    for (int k = 0; k < 4; k++) q4_half_piece(group, B, h, k, valid, &u->w[k], &u->w[k + 4]);
+    if (has_qh) {
+        __m256i words = _mm256_maskload_epi32((const int *)(p->qh + at), valid);
+        for (int s = 0; s < 8; s++) u->w[s] = _mm256_or_si256(u->w[s], fifth_bits_step(words, s));
+    }
+    q4_half_scales(p, at, hb, has_m, has_qh, has_sc, &u->wd, &u->wm);
+}
+
+/* Half h (hb blocks) of group g (B blocks) of weight rows n .. n+R-1 times x rows i0 .. i0+XT-1,
+ * added to acc. `ahead`, `unpacked`, `store`: as q4_tile's. */
+static inline __attribute__((always_inline)) void q4_tile_half(const QuantizedProduct *p, int n, int R, int i0, int XT,
+                                                               const uint8_t *ahead, int has_m, int has_qh, int has_sc,
+                                                               const UnpackedHalf *unpacked, UnpackedHalf *store, int g,
+                                                               int B, int h, int hb, __m256 acc[Q4_ROWS][X_TILE]) {
+    int nb = p->nb, groups = (nb + 15) / 16;
+    size_t row_bytes = (size_t)p->K / 2;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        if (ahead && h == 0) { /* this group of the row Q4_AHEAD_ROWS further on, and its scales */
+            for (size_t line = 0; line < (size_t)16 * B; line += 64)
+                _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + 256 * (size_t)g + line), PREFETCH_HINT);
+            size_t later = (size_t)(n + r + Q4_AHEAD_ROWS) * nb + 16 * g;
+            _mm_prefetch((const char *)(p->d + (has_sc ? later / 8 : later)), PREFETCH_HINT);
+            if (has_m) _mm_prefetch((const char *)(p->m + (has_sc ? later / 8 : later)), PREFETCH_HINT);
+            if (has_sc) {
+                _mm_prefetch((const char *)(p->sc + later), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->mn + later), PREFETCH_HINT);
+            }
+            if (has_qh) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
+        }
+        if (XT == 1 && !unpacked && !store) { /* one row of x (decoding): each piece multiplied as it is unpacked */
+            size_t row = (size_t)(n + r), at = row * nb + 16 * g + 8 * h;
+            const uint8_t *group = (const uint8_t *)p->qs + row * row_bytes + (size_t)256 * g;
+            const int8_t *xg = p->xa.xs + ((size_t)i0 * groups + g) * 512 + 32 * h;
+            __m256i valid = first_lanes(hb), words = has_qh ? _mm256_maskload_epi32((const int *)(p->qh + at), valid) : valid;
+            __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                __m256i low, high;
+                q4_half_piece(group, B, h, k, valid, &low, &high);
+                if (has_qh) {
+                    low = _mm256_or_si256(low, fifth_bits_step(words, k));
+                    high = _mm256_or_si256(high, fifth_bits_step(words, k + 4));
+                }
+                a = dot_u8s8_add(a, low, _mm256_load_si256((const __m256i *)(xg + 64 * k)));
+                b = dot_u8s8_add(b, high, _mm256_load_si256((const __m256i *)(xg + 64 * (k + 4))));
+            }
+            __m256 wd, wm;
+            q4_half_scales(p, at, hb, has_m, has_qh, has_sc, &wd, &wm);
+            size_t xat = ((size_t)i0 * groups + g) * 16 + 8 * h;
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), _mm256_mul_ps(wd, _mm256_load_ps(p->xa.dxs + xat)), acc[r][0]);
+            acc[r][0] = _mm256_fmadd_ps(wm, _mm256_load_ps(p->xa.sxs + xat), acc[r][0]);
+            continue;
+        }
+        UnpackedHalf u;
+        size_t half = ((size_t)r * groups + g) * 2 + h;
+        if (unpacked)
+            u = unpacked[half];
+        else
+            q4_unpack_half(p, (size_t)(n + r), g, B, h, hb, has_m, has_qh, has_sc, &u);
+        if (store) store[half] = u;
+        for (int i = 0; i < XT; i++) {
+            size_t at = ((size_t)(i0 + i) * groups + g) * 16 + 8 * h;
+            const int8_t *xg = p->xa.xs + ((size_t)(i0 + i) * groups + g) * 512 + 32 * h; /* the half's step 0 */
+            __m256i a = dot_u8s8(u.w[0], _mm256_load_si256((const __m256i *)xg));
+            __m256i b = dot_u8s8(u.w[4], _mm256_load_si256((const __m256i *)(xg + 64 * 4)));
+            for (int s = 1; s < 4; s++) {
+                a = dot_u8s8_add(a, u.w[s], _mm256_load_si256((const __m256i *)(xg + 64 * s)));
+                b = dot_u8s8_add(b, u.w[s + 4], _mm256_load_si256((const __m256i *)(xg + 64 * (s + 4))));
+            }
+            __m256 dx = _mm256_load_ps(p->xa.dxs + at), sx = _mm256_load_ps(p->xa.sxs + at);
+            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), _mm256_mul_ps(u.wd, dx), acc[r][i]);
+            acc[r][i] = _mm256_fmadd_ps(u.wm, sx, acc[r][i]);
+        }
+    }
+}
+
+/* q4/q5 weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out. Per (weight row, x row) the
+ * arithmetic is the same whatever M and the tile (batch invariance): per half group, the exact
+ * integer sums, then d dx and the offset term in one fixed order. `unpacked`: the work item's halves
+ * already unpacked (many rows of x: q4_group), or NULL to unpack them here; `store`: where to keep
+ * what is unpacked (the first tile of many rows), or NULL. Whole groups with their sizes constant,
+ * then a last, shorter one. */
 static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct *p, int n, int R, int i0, int XT,
                                                           const uint8_t *ahead, int has_m, int has_qh, int has_sc,
-                                                          const UnpackedBlock *unpacked, UnpackedBlock *store) {
-    int nb = p->nb;
-    size_t row_bytes = (size_t)p->K / 2;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc[X_TILE], acc_m[X_TILE];
-    for (int i = 0; i < XT; i++) acc[i] = acc_m[i] = _mm256_setzero_ps();
-    for (int g = 0; g < nb; g += GROUP_BLOCKS) {
-        int blocks = nb - g < GROUP_BLOCKS ? nb - g : GROUP_BLOCKS;
-        __m256 rows_d[GROUP_BLOCKS], rows_m[GROUP_BLOCKS]; /* [block], lanes: rows */
-        if (!unpacked) { /* the eight rows' scales of this group, turned to lanes = rows */
-            __m256 wd[Q4_ROWS], wm[Q4_ROWS]; /* lanes: blocks */
-            for (int r = 0; r < Q4_ROWS; r++) {
-                if (r >= R) {
-                    wd[r] = wm[r] = _mm256_setzero_ps();
-                    continue;
-                }
-                if (ahead) { /* these blocks of the row PREFETCH_ITEMS work items further on, and their scales
-                              * when a new line of them starts (a prefetch costs as much as a load) */
-                    for (size_t line = 0; line < GROUP_BLOCKS * 16; line += 64)
-                        _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 16 + line), PREFETCH_HINT);
-                    size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q4_ROWS) * nb + g;
-                    if (has_sc) {
-                        if (new_line(p->sc + later + GROUP_BLOCKS - 1, GROUP_BLOCKS)) {
-                            _mm_prefetch((const char *)(p->sc + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
-                            _mm_prefetch((const char *)(p->mn + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
-                        }
-                        if (new_line(p->d + later / 8, 2)) {
-                            _mm_prefetch((const char *)(p->d + later / 8), PREFETCH_HINT);
-                            _mm_prefetch((const char *)(p->m + later / 8), PREFETCH_HINT);
-                        }
-                    } else if (new_line(p->d + later + GROUP_BLOCKS - 1, 2 * GROUP_BLOCKS)) {
-                        _mm_prefetch((const char *)(p->d + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
-                        if (has_m) _mm_prefetch((const char *)(p->m + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
-                    }
-                    if (has_qh && new_line(p->qh + later + GROUP_BLOCKS - 1, 4 * GROUP_BLOCKS))
-                        _mm_prefetch((const char *)(p->qh + later + GROUP_BLOCKS - 1), PREFETCH_HINT);
-                }
-                size_t at = (size_t)(n + r) * nb + g;
-                if (has_sc) { /* K-quants: g is a super-block's first block (K is a multiple of 256) */
-                    wd[r] = load_k_scales(p->sc + at, p->d + at / 8);
-                    wm[r] = load_k_scales(p->mn + at, p->m + at / 8);
-                } else {
-                    wd[r] = load_halves(p->d + at, blocks);
-                    if (has_m) wm[r] = load_halves(p->m + at, blocks);
-                }
-            }
-            transpose8(wd, rows_d);
-            if (has_m) transpose8(wm, rows_m);
-        }
-        for (int b = 0; b < blocks; b++) {
-            __m256i lo[4], hi[4]; /* rows j (low half) and j + 4 (high half): weights 0..15 / 16..31 */
-            if (unpacked) {
-                const UnpackedBlock *u = unpacked + g + b;
-                for (int j = 0; j < 4; j++) lo[j] = u->lo[j], hi[j] = u->hi[j];
-                rows_d[b] = u->d;
-                if (has_m) rows_m[b] = u->m;
-            } else {
-                for (int j = 0; j < 4; j++) {
-                    const uint8_t *first = (const uint8_t *)p->qs + (size_t)(n + j) * row_bytes + (size_t)(g + b) * 16;
-                    __m128i a = j < R ? _mm_loadu_si128((const __m128i *)first) : _mm_setzero_si128();
-                    __m128i c = j + 4 < R ? _mm_loadu_si128((const __m128i *)(first + 4 * row_bytes)) : _mm_setzero_si128();
-                    __m256i both = _mm256_set_m128i(c, a);
-                    lo[j] = _mm256_and_si256(both, low4);
-                    hi[j] = _mm256_and_si256(_mm256_srli_epi16(both, 4), low4);
-                    if (has_qh) {
-                        const uint32_t *qh = p->qh + (size_t)(n + j) * nb + g + b;
-                        uint32_t wa = j < R ? qh[0] : 0, wc = j + 4 < R ? qh[4 * (size_t)nb] : 0;
-                        lo[j] = _mm256_or_si256(lo[j], fifth_bits_pair(wa, wc, 0));
-                        hi[j] = _mm256_or_si256(hi[j], fifth_bits_pair(wa, wc, 1));
-                    }
-                }
-            }
-            if (store) {
-                UnpackedBlock *u = store + g + b;
-                for (int j = 0; j < 4; j++) u->lo[j] = lo[j], u->hi[j] = hi[j];
-                u->d = rows_d[b];
-                u->m = has_m ? rows_m[b] : _mm256_setzero_ps();
-            }
-            for (int i = 0; i < XT; i++) {
-                size_t at = (size_t)(i0 + i) * nb + g + b;
-                const __m128i *xb = (const __m128i *)(p->xa.xq + at * 32);
-                __m256i x_lo = _mm256_broadcastsi128_si256(_mm_load_si128(xb)), x_hi = _mm256_broadcastsi128_si256(_mm_load_si128(xb + 1));
-                __m256i v[4];
-                for (int j = 0; j < 4; j++)
-                    v[j] = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], x_lo), _mm256_maddubs_epi16(hi[j], x_hi));
-                __m256i dot = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_hadd_epi16(v[0], v[1]), ones),
-                                                _mm256_madd_epi16(_mm256_hadd_epi16(v[2], v[3]), ones));
-                if (!has_m) { /* Q4_0: sum (q - 8) x, Q5_0: sum (q - 16) x, in integers */
-                    __m256i offset = _mm256_set1_epi32(p->xa.sum8[at]);
-                    dot = _mm256_sub_epi32(dot, has_qh ? _mm256_add_epi32(offset, offset) : offset);
-                }
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(rows_d[b], _mm256_broadcast_ss(p->xa.dx + at)), acc[i]);
-                if (has_m) acc_m[i] = _mm256_fmadd_ps(rows_m[b], _mm256_broadcast_ss(p->xa.sx + at), acc_m[i]);
-            }
-        }
-    }
-    for (int i = 0; i < XT; i++) {
-        float lanes[8] __attribute__((aligned(32)));
-        _mm256_store_ps(lanes, _mm256_add_ps(acc[i], acc_m[i]));
-        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = lanes[r];
-    }
+                                                          const UnpackedHalf *unpacked, UnpackedHalf *store) {
+    int nb = p->nb, whole = nb / 16;
+    __m256 acc[Q4_ROWS][X_TILE];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < XT; i++) acc[r][i] = _mm256_setzero_ps();
+    for (int g = 0; g < whole; g++)
+        for (int h = 0; h < 2; h++) q4_tile_half(p, n, R, i0, XT, ahead, has_m, has_qh, has_sc, unpacked, store, g, 16, h, 8, acc);
+    int B = nb - 16 * whole;
+    for (int h = 0; 8 * h < B; h++)
+        q4_tile_half(p, n, R, i0, XT, ahead, has_m, has_qh, has_sc, unpacked, store, whole, B, h, B - 8 * h < 8 ? B - 8 * h : 8, acc);
+    for (int i = 0; i < XT; i++)
+        for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = hsum8(acc[r][i]);
 }
 
 /* ---- q8: four weight rows at a time ------------------------------------------------------- */
@@ -428,9 +463,9 @@ static void q8_group(const void *product, int gi) {
     }
 }
 
-/* q4: eight rows with the loops unrolled, for each kind of block (with or without minimums, fifth
+/* q4: Q4_ROWS rows with the loops unrolled, for each kind of block (with or without minimums, fifth
  * bits and K-quant scales: constants, so that the compiler keeps the sums in registers), or a
- * matrix's last rows when N is not a multiple of 8. K-quant scales come with minimums (kind_of). */
+ * matrix's last rows when N is not a multiple of Q4_ROWS. K-quant scales come with minimums. */
 #define Q4_TILE(XT, M, QH, SC)                                                                                \
     static void q4_tile_##XT##_##M##QH##SC(const QuantizedProduct *p, int n, int i0, const uint8_t *ahead) { \
         q4_tile(p, n, Q4_ROWS, i0, XT, ahead, M, QH, SC, NULL, NULL);                                       \
@@ -445,15 +480,15 @@ static void q4_tile_rest(const QuantizedProduct *p, int n, int R, int i0, int XT
     q4_tile(p, n, R, i0, XT, NULL, p->m != NULL, p->qh != NULL, p->sc != NULL, NULL, NULL);
 }
 
-/* Many rows of x (a prompt's products where there is no bfloat16 arithmetic): a work item's eight
- * rows are unpacked once, by the first tile of x rows, into a per-thread buffer, and every later tile
- * reads them from there instead of unpacking them again (2 tiles of x rows per unpacking before).
- * The arithmetic per (weight row, x row) pair is q4_tile's either way: the same bits. */
+/* Many rows of x (a prompt's products where there is no bfloat16 arithmetic): a work item's rows are
+ * unpacked once, by the first tile of x rows, into a per-thread buffer, and every later tile reads
+ * them from there instead of unpacking them again. The arithmetic per (weight row, x row) pair is
+ * q4_tile's either way: the same bits. */
 #define MANY_ROWS 16
-typedef void ManyFn(const QuantizedProduct *p, int n, int i0, const UnpackedBlock *unpacked, UnpackedBlock *store);
+typedef void ManyFn(const QuantizedProduct *p, int n, int i0, const UnpackedHalf *unpacked, UnpackedHalf *store);
 #define Q4_MANY(M, QH, SC)                                                                                 \
-    static void q4_many_##M##QH##SC(const QuantizedProduct *p, int n, int i0, const UnpackedBlock *unpacked, \
-                                    UnpackedBlock *store) {                                                \
+    static void q4_many_##M##QH##SC(const QuantizedProduct *p, int n, int i0, const UnpackedHalf *unpacked, \
+                                    UnpackedHalf *store) {                                                 \
         q4_tile(p, n, Q4_ROWS, i0, X_TILE, NULL, M, QH, SC, unpacked, store);                              \
     }
 Q4_MANY(0, 0, 0) Q4_MANY(0, 1, 0) Q4_MANY(1, 0, 0) Q4_MANY(1, 1, 0) Q4_MANY(1, 0, 1) Q4_MANY(1, 1, 1)
@@ -464,17 +499,18 @@ static void q4_group(const void *product, int gi) {
     const QuantizedProduct *p = product;
     int n = gi * Q4_ROWS, R = p->N - n < Q4_ROWS ? p->N - n : Q4_ROWS;
     int m = p->m != NULL, qh = p->qh != NULL, sc = p->sc != NULL; /* sc: m too (K-quants' minimums) */
-    UnpackedBlock *unpacked;
-    if (p->M >= MANY_ROWS && R == Q4_ROWS && (unpacked = thread_buffer(sizeof(UnpackedBlock) * p->nb))) {
+    size_t halves = (size_t)Q4_ROWS * (p->nb + 15) / 16 * 2;
+    UnpackedHalf *unpacked;
+    if (p->M >= MANY_ROWS && R == Q4_ROWS && (unpacked = thread_buffer(sizeof(UnpackedHalf) * halves))) {
         ManyFn *many = Q4_MANY[m][qh][sc];
-        many(p, n, 0, NULL, unpacked); /* the first X_TILE rows unpack and keep the blocks */
+        many(p, n, 0, NULL, unpacked); /* the first X_TILE rows unpack and keep the halves */
         int i0 = X_TILE;
         for (; i0 + X_TILE <= p->M; i0 += X_TILE) many(p, n, i0, unpacked, NULL);
         if (i0 < p->M) Q4_TILES[p->M - i0 - 1][m][qh][sc](p, n, i0, NULL);
         return;
     }
-    const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
-        n + (PREFETCH_ITEMS + 1) * Q4_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * Q4_ROWS) * (p->K / 2) : NULL;
+    const uint8_t *ahead = /* the rows Q4_AHEAD_ROWS on */
+        n + Q4_AHEAD_ROWS + Q4_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + Q4_AHEAD_ROWS) * (p->K / 2) : NULL;
     for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
         int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
         if (R < Q4_ROWS)
@@ -490,7 +526,7 @@ static int quantized_matmul(const float *x, int M, int K, const void *qs, const 
     if (sc && !(mn && m)) return STATUS_BAD_LAYOUT; /* K-quant scales come with their minimums */
     QuantizedProduct p = {M, K, N, K / 32, qs, d, m, sc, mn, qh, {0}, out};
     int status = quantize_activations(x, M, K, &p.xa);
-    if (status == STATUS_OK && q8) status = arrange_lanes(&p.xa, M, K);
+    if (status == STATUS_OK) status = q8 ? arrange_lanes(&p.xa, M, K) : arrange_steps(&p.xa, M, K);
     if (status == STATUS_OK) for_each_group(q8 ? (N + W_ROWS - 1) / W_ROWS : (N + Q4_ROWS - 1) / Q4_ROWS, q8 ? q8_group : q4_group, &p);
     free_activations(&p.xa);
     return status;
@@ -582,10 +618,12 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *o
 
 static int q4_unpack(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
                      const uint8_t *mn, int N, int K, void *out, int f32) {
-    size_t nblocks = (size_t)N * (K / 32);
+    int nb = K / 32;
 #pragma omp parallel for schedule(static)
-    for (size_t blk = 0; blk < nblocks; blk++) {
-        __m256i q = q4_block(qs + 16 * blk);
+    for (size_t blk = 0; blk < (size_t)N * nb; blk++) {
+        uint8_t natural[16]; /* the block in GGUF's order (q4_lanes.h) */
+        q4_natural_block(qs + blk / nb * (K / 2), K, (int)(blk % nb), natural);
+        __m256i q = q4_block(natural);
         if (qh) q = _mm256_or_si256(q, fifth_bits(qh[blk]));
         float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
         float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;

@@ -22,7 +22,7 @@
 
 /* How a weight matrix is stored (engine/cpu/packed.py's PackedWeight). */
 enum Layout {
-    LAYOUT_Q4 = 0,   /* nibbles uint8 [N, K/2], scales d float16 [N, K/32], optional minimums m [N, K/32]; or with
+    LAYOUT_Q4 = 0,   /* nibbles uint8 [N, K/2] (each row's groups of 16 blocks as q4_lanes.h holds them), scales d float16 [N, K/32], optional minimums m [N, K/32]; or with
                       * K-quant scales sc, mn uint8 [N, K/32], d, m float16 [N, K/256]: d * sc and m * mn per block */
     LAYOUT_Q8 = 1,   /* int8 [N, K], each row's whole groups of 512 in q8_lanes.h's order; scales d float16 [N, K/32] */
     LAYOUT_F16 = 2,  /* float16 [N, K] */
@@ -102,6 +102,8 @@ int q8_to_bf16(const int8_t *qs, const uint16_t *d, int N, int K, uint16_t *out)
 int q8_to_f32(const int8_t *qs, const uint16_t *d, int N, int K, float *out);
 /* q8_lanes.c: Q8_0 rows [N, K] in GGUF's order -> the order q8 rows are held in (q8_lanes.h), in place */
 int q8_to_lanes(int8_t *qs, long N, int K);
+/* q4_lanes.c: q4 nibbles [N, K/2] in GGUF's order -> the order q4 rows are held in (q4_lanes.h), in place */
+int q4_to_lanes(uint8_t *qs, long N, int K);
 int f16_to_bf16(const uint16_t *w, size_t n, uint16_t *out);
 /* float32_rows.c: a prompt's rows times 16-bit weights (bf16: 0 float16, 1 bfloat16) in float32, for
  * CPUs without bfloat16 arithmetic; each output one chain of FMAs over k in order, so a row's result

@@ -54,10 +54,19 @@ def _scales_zeros(scale: torch.Tensor, zero: torch.Tensor, padded: int) -> torch
     return torch.stack((torch.cat((scale, pad)).T, torch.cat((zero, pad)).T), dim=-1).bfloat16()
 
 
-class Int4Product:
-    """A q4 matrix [N, K] in torch's CPU int4 layout: weight = (q - 8) * scale + zero per block of 32."""
+class RowSlices(Protocol):
+    """A matrix whose slices of rows are tensors (packed.py's q4 and q8 rows, read back in GGUF's order)."""
 
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None):
+    shape: torch.Size
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
+
+class Int4Product:
+    """A q4 matrix [N, K] in torch's CPU int4 layout: weight = (q - 8) * scale + zero per block of 32.
+    `qs`: the nibbles [N, K/2] in GGUF's order, read a slice of rows at a time."""
+
+    def __init__(self, qs: RowSlices, d: torch.Tensor, m: torch.Tensor | None):
         N, K = qs.shape[0], qs.shape[1] * 2
         padded = -N % ROW_MULTIPLE
         self.rows, self.K = N, K
@@ -83,14 +92,6 @@ class Int4Product:
     @property
     def nbytes(self) -> int:
         return self.packed.numel() + self.scales_zeros.numel() * 2
-
-
-class RowSlices(Protocol):
-    """A [N, K] matrix whose slices of rows are tensors (packed.py's q8 rows, read back in GGUF's order)."""
-
-    shape: torch.Size
-
-    def __getitem__(self, rows: slice) -> torch.Tensor: ...
 
 
 class Int4PairProduct:

@@ -5,10 +5,10 @@
  * What differs from AVX-512 is the width (8 float or int32 lanes) and the integer dot product:
  * without VNNI, a block's 32 byte products are vpmaddubsw (pairs of unsigned x signed bytes summed
  * into int16) and vpmaddwd by ones (pairs of int16 into int32), as llama.cpp does. No sum can
- * saturate: q4 weights are 0..15 and x's int8 are within +-127 (2 * 15 * 127 < 32767); q8 weights
+ * saturate: q4/q5 weights are 0..31 and x's int8 are within +-127 (2 * 31 * 127 < 32767); q8 weights
  * are multiplied as |w| (0..128) by x with w's sign (2 * 128 * 127 < 32767). Where the CPU has
  * AVX-VNNI (Intel since Alder Lake), vpdpbusd does both steps. So the integer dot products are exact
- * and equal to cpu_matmul.c's; the float steps differ in order (8 lanes, one block at a time).
+ * and equal to cpu_matmul.c's; the float steps differ in order (8 lanes: half a group at a time).
  *
  * Each (weight row, x row) pair runs the same arithmetic in the same order whatever the number of
  * rows and the tile it falls in, so a row's result does not depend on its company (batch invariance),

@@ -233,6 +233,34 @@ static inline void q4_half_scales(const QuantizedProduct *p, size_t at, int hb, 
     }
 }
 
+/* The 8 blocks' integer dot products of a half's 8 steps w with x's (step s at xg + 64 s), exact.
+ * With AVX-VNNI, vpdpbusd in two chains. Without it, vpmaddubsw's int16 pair sums are added as int16
+ * before one vpmaddwd: q4's 8 steps (8 * 2 * 15 * 127 = 30480) or q5's 4 (4 * 2 * 31 * 127 = 31496)
+ * stay below 32767, where a vpmaddwd and an add per step took half as many instructions again. */
+static inline __m256i half_dot(const __m256i w[8], const int8_t *xg, int has_qh) {
+#define X_STEP(s) _mm256_load_si256((const __m256i *)(xg + 64 * (s)))
+#if defined(__AVXVNNI__)
+    __m256i a = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w[0], X_STEP(0));
+    __m256i b = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w[4], X_STEP(4));
+    for (int s = 1; s < 4; s++) {
+        a = _mm256_dpbusd_avx_epi32(a, w[s], X_STEP(s));
+        b = _mm256_dpbusd_avx_epi32(b, w[s + 4], X_STEP(s + 4));
+    }
+    (void)has_qh;
+    return _mm256_add_epi32(a, b);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a = _mm256_maddubs_epi16(w[0], X_STEP(0)), b = _mm256_maddubs_epi16(w[4], X_STEP(4));
+    for (int s = 1; s < 4; s++) {
+        a = _mm256_add_epi16(a, _mm256_maddubs_epi16(w[s], X_STEP(s)));
+        b = _mm256_add_epi16(b, _mm256_maddubs_epi16(w[s + 4], X_STEP(s + 4)));
+    }
+    if (has_qh) return _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(b, ones));
+    return _mm256_madd_epi16(_mm256_add_epi16(a, b), ones);
+#endif
+#undef X_STEP
+}
+
 /* Half h (blocks 8h .. 8h + hb - 1) of group g of weight row `row`, its group B blocks long */
 static inline __attribute__((always_inline)) void q4_unpack_half(const QuantizedProduct *p, size_t row, int g, int B, int h,
                                                                  int hb, int has_m, int has_qh, int has_sc, UnpackedHalf *u) {
@@ -274,21 +302,30 @@ static inline __attribute__((always_inline)) void q4_tile_half(const QuantizedPr
             const uint8_t *group = (const uint8_t *)p->qs + row * row_bytes + (size_t)256 * g;
             const int8_t *xg = p->xa.xs + ((size_t)i0 * groups + g) * 512 + 32 * h;
             __m256i valid = first_lanes(hb), words = has_qh ? _mm256_maskload_epi32((const int *)(p->qh + at), valid) : valid;
+            __m256i w[8];
+#if defined(__AVXVNNI__) /* each piece multiplied as it is unpacked (all eight steps first: 1.1x the time) */
             __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+#endif
             for (int k = 0; k < 4; k++) {
-                __m256i low, high;
-                q4_half_piece(group, B, h, k, valid, &low, &high);
+                q4_half_piece(group, B, h, k, valid, &w[k], &w[k + 4]);
                 if (has_qh) {
-                    low = _mm256_or_si256(low, fifth_bits_step(words, k));
-                    high = _mm256_or_si256(high, fifth_bits_step(words, k + 4));
+                    w[k] = _mm256_or_si256(w[k], fifth_bits_step(words, k));
+                    w[k + 4] = _mm256_or_si256(w[k + 4], fifth_bits_step(words, k + 4));
                 }
-                a = dot_u8s8_add(a, low, _mm256_load_si256((const __m256i *)(xg + 64 * k)));
-                b = dot_u8s8_add(b, high, _mm256_load_si256((const __m256i *)(xg + 64 * (k + 4))));
+#if defined(__AVXVNNI__)
+                a = _mm256_dpbusd_avx_epi32(a, w[k], _mm256_load_si256((const __m256i *)(xg + 64 * k)));
+                b = _mm256_dpbusd_avx_epi32(b, w[k + 4], _mm256_load_si256((const __m256i *)(xg + 64 * (k + 4))));
+#endif
             }
+#if defined(__AVXVNNI__)
+            __m256i dot = _mm256_add_epi32(a, b);
+#else
+            __m256i dot = half_dot(w, xg, has_qh);
+#endif
             __m256 wd, wm;
             q4_half_scales(p, at, hb, has_m, has_qh, has_sc, &wd, &wm);
             size_t xat = ((size_t)i0 * groups + g) * 16 + 8 * h;
-            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), _mm256_mul_ps(wd, _mm256_load_ps(p->xa.dxs + xat)), acc[r][0]);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wd, _mm256_load_ps(p->xa.dxs + xat)), acc[r][0]);
             acc[r][0] = _mm256_fmadd_ps(wm, _mm256_load_ps(p->xa.sxs + xat), acc[r][0]);
             continue;
         }
@@ -302,14 +339,9 @@ static inline __attribute__((always_inline)) void q4_tile_half(const QuantizedPr
         for (int i = 0; i < XT; i++) {
             size_t at = ((size_t)(i0 + i) * groups + g) * 16 + 8 * h;
             const int8_t *xg = p->xa.xs + ((size_t)(i0 + i) * groups + g) * 512 + 32 * h; /* the half's step 0 */
-            __m256i a = dot_u8s8(u.w[0], _mm256_load_si256((const __m256i *)xg));
-            __m256i b = dot_u8s8(u.w[4], _mm256_load_si256((const __m256i *)(xg + 64 * 4)));
-            for (int s = 1; s < 4; s++) {
-                a = dot_u8s8_add(a, u.w[s], _mm256_load_si256((const __m256i *)(xg + 64 * s)));
-                b = dot_u8s8_add(b, u.w[s + 4], _mm256_load_si256((const __m256i *)(xg + 64 * (s + 4))));
-            }
+            __m256i dot = half_dot(u.w, xg, has_qh);
             __m256 dx = _mm256_load_ps(p->xa.dxs + at), sx = _mm256_load_ps(p->xa.sxs + at);
-            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a, b)), _mm256_mul_ps(u.wd, dx), acc[r][i]);
+            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(u.wd, dx), acc[r][i]);
             acc[r][i] = _mm256_fmadd_ps(u.wm, sx, acc[r][i]);
         }
     }

@@ -121,14 +121,6 @@ static inline __m256 load_halves(const uint16_t *p, int count) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)part));
 }
 
-/* A q4 block (16 bytes: byte j holds weight j in its low nibble and j + 16 in its high one) as 32
- * unsigned bytes 0..15 in weight order (for the unpacking to bfloat16 below). */
-static inline __m256i q4_block(const uint8_t *src) {
-    __m128i packed = _mm_loadu_si128((const __m128i *)src);
-    __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-
 /* q5: a block's fifth bits (bit k: weight k) as 32 bytes of 0 or 16 in weight order: byte k / 8 of
  * the word copied into bytes 8 (k / 8) .. 8 (k / 8) + 7, each tested against its own bit. */
 static inline __m256i fifth_bits(uint32_t word) {
@@ -648,24 +640,54 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *o
 
 /* ---- unpacking, for products with many rows (prefill): bfloat16 (f32 = 0) or float32 (f32 = 1) -- */
 
+/* One q4/q5 block (its 16 bytes in GGUF's order: `packed`; blk: its index in the matrix) as 32 weights
+ * d q + m (vs: d, vm: m, broadcast) at out + 32 * blk */
+static inline void q4_unpack_block(__m128i packed, const uint32_t *qh, __m256 vs, __m256 vm, size_t blk, void *out, int f32) {
+    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+    if (qh) q = _mm256_or_si256(q, fifth_bits(qh[blk]));
+    for (int h = 0; h < 2; h++) {
+        __m128i half = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+        __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half)), vs, vm);
+        __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(half, 8))), vs, vm);
+        store8(out, 32 * blk + 16 * h, lo, f32);
+        store8(out, 32 * blk + 16 * h + 8, hi, f32);
+    }
+}
+
+/* Every row's blocks back in GGUF's order (q4_lanes.h), eight at a time where a whole group holds
+ * them, and unpacked */
 static int q4_unpack(const uint8_t *qs, const uint32_t *qh, const uint16_t *d, const uint16_t *m, const uint8_t *sc,
                      const uint8_t *mn, int N, int K, void *out, int f32) {
-    int nb = K / 32;
+    int nb = K / 32, whole = K / 512 * 16;
 #pragma omp parallel for schedule(static)
-    for (size_t blk = 0; blk < (size_t)N * nb; blk++) {
-        uint8_t natural[16]; /* the block in GGUF's order (q4_lanes.h) */
-        q4_natural_block(qs + blk / nb * (K / 2), K, (int)(blk % nb), natural);
-        __m256i q = q4_block(natural);
-        if (qh) q = _mm256_or_si256(q, fifth_bits(qh[blk]));
-        float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
-        float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
-        __m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(minimum);
-        for (int h = 0; h < 2; h++) {
-            __m128i half = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
-            __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(half)), vs, vm);
-            __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(half, 8))), vs, vm);
-            store8(out, 32 * blk + 16 * h, lo, f32);
-            store8(out, 32 * blk + 16 * h + 8, hi, f32);
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = qs + (size_t)n * (K / 2);
+        size_t first = (size_t)n * nb;
+        int b = 0;
+        for (; b < whole; b += 8) { /* the eight blocks' d and m side by side, as ggml computes them */
+            size_t blk = first + b;
+            __m128i eight[8];
+            q4_blocks8(row, b, eight);
+            __m256 scales, minimums;
+            if (sc) {
+                scales = load_k_scales(sc + blk, d + blk / 8);
+                minimums = load_k_scales(mn + blk, m + blk / 8);
+            } else {
+                scales = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + blk)));
+                minimums = m ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + blk))) : _mm256_mul_ps(scales, _mm256_set1_ps(qh ? -16.0f : -8.0f));
+            }
+            for (int j = 0; j < 8; j++) {
+                __m256i lane = _mm256_set1_epi32(j);
+                q4_unpack_block(eight[j], qh, _mm256_permutevar8x32_ps(scales, lane), _mm256_permutevar8x32_ps(minimums, lane), blk + j, out, f32);
+            }
+        }
+        for (; b < nb; b++) {
+            size_t blk = first + b;
+            uint8_t natural[16];
+            q4_natural_block(row, K, b, natural);
+            float scale = sc ? _cvtsh_ss(d[blk / 8]) * sc[blk] : _cvtsh_ss(d[blk]);
+            float minimum = sc ? _cvtsh_ss(m[blk / 8]) * mn[blk] : m ? _cvtsh_ss(m[blk]) : (qh ? -16.0f : -8.0f) * scale;
+            q4_unpack_block(_mm_loadu_si128((const __m128i *)natural), qh, _mm256_set1_ps(scale), _mm256_set1_ps(minimum), blk, out, f32);
         }
     }
     return 0;

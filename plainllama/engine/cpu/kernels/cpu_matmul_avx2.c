@@ -139,10 +139,11 @@ static inline __m256i fifth_bits(uint32_t word) {
  * lane, and one convert and two multiply-adds per 8 blocks scale them (by d dx, and the minimum or
  * -8 d / -16 d by dx sum(x)). x is arranged in the same order (arrange_steps).
  *
- * Measured (this CPU: an Intel Xeon with AMX capped at AVX2, one thread, [512 x 2048] in L2): the
- * earlier loop, which kept eight weight rows side by side (one row per lane, GGUF's order, vphaddw
- * and vphaddd to sum a block's products), took 1.96 TSC ticks per block and row for Q4_0; a
- * prototype of this one 0.95 (AVX-VNNI) and 1.18 (vpmaddubsw) (docs/performance.md). */
+ * Measured (an Intel Xeon with AMX capped at AVX2, one thread, [512 x 2048] in L2, TSC ticks per
+ * block and weight row): the earlier loop, which kept eight weight rows side by side (one row per
+ * lane, GGUF's order, vphaddw and vphaddd to sum a block's products), Q4_0 2.26, Q4_K 2.69, Q5_K
+ * 5.63 with AVX-VNNI; this one 1.54, 1.87, 2.97 (without AVX-VNNI 1.71, 2.09, 3.65). Two threads
+ * from L3: Q4_0 34 -> 48 GB/s, as the AVX-512 loop. docs/performance.md. */
 #define Q4_ROWS 4         /* weight rows per q4/q5 work item */
 #define Q4_AHEAD_ROWS 16  /* rows fetched ahead (the earlier loop measured 16 best of 8, 16 and 32) */
 

@@ -268,28 +268,28 @@ static inline __attribute__((always_inline)) void q4_unpack_half(const Quantized
     q4_half_scales(p, at, hb, has_m, has_qh, has_sc, &u->wd, &u->wm);
 }
 
-/* Half h (hb blocks) of group g (B blocks) of weight rows n .. n+R-1 times x rows i0 .. i0+XT-1,
- * added to acc. `ahead`, `unpacked`, `store`: as q4_tile's. */
-static inline __attribute__((always_inline)) void q4_tile_half(const QuantizedProduct *p, int n, int R, int i0, int XT,
+/* Group g (B blocks) of weight row n + r times x rows i0 .. i0+XT-1, half by half, added to acc[r].
+ * `ahead`, `unpacked`, `store`: as q4_tile's. */
+static inline __attribute__((always_inline)) void q4_row_group(const QuantizedProduct *p, int n, int r, int i0, int XT,
                                                                const uint8_t *ahead, int has_m, int has_qh, int has_sc,
                                                                const UnpackedHalf *unpacked, UnpackedHalf *store, int g,
-                                                               int B, int h, int hb, __m256 acc[Q4_ROWS][X_TILE]) {
+                                                               int B, __m256 acc[Q4_ROWS][X_TILE]) {
     int nb = p->nb, groups = (nb + 15) / 16;
     size_t row_bytes = (size_t)p->K / 2;
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++) {
-        if (ahead && h == 0) { /* this group of the row Q4_AHEAD_ROWS further on, and its scales */
-            for (size_t line = 0; line < (size_t)16 * B; line += 64)
-                _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + 256 * (size_t)g + line), PREFETCH_HINT);
-            size_t later = (size_t)(n + r + Q4_AHEAD_ROWS) * nb + 16 * g;
-            _mm_prefetch((const char *)(p->d + (has_sc ? later / 8 : later)), PREFETCH_HINT);
-            if (has_m) _mm_prefetch((const char *)(p->m + (has_sc ? later / 8 : later)), PREFETCH_HINT);
-            if (has_sc) {
-                _mm_prefetch((const char *)(p->sc + later), PREFETCH_HINT);
-                _mm_prefetch((const char *)(p->mn + later), PREFETCH_HINT);
-            }
-            if (has_qh) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
+    if (ahead) { /* this group of the row Q4_AHEAD_ROWS further on, and its scales */
+        for (size_t line = 0; line < (size_t)16 * B; line += 64)
+            _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + 256 * (size_t)g + line), PREFETCH_HINT);
+        size_t later = (size_t)(n + r + Q4_AHEAD_ROWS) * nb + 16 * g;
+        _mm_prefetch((const char *)(p->d + (has_sc ? later / 8 : later)), PREFETCH_HINT);
+        if (has_m) _mm_prefetch((const char *)(p->m + (has_sc ? later / 8 : later)), PREFETCH_HINT);
+        if (has_sc) {
+            _mm_prefetch((const char *)(p->sc + later), PREFETCH_HINT);
+            _mm_prefetch((const char *)(p->mn + later), PREFETCH_HINT);
         }
+        if (has_qh) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
+    }
+    for (int h = 0; 8 * h < B; h++) {
+        int hb = B - 8 * h < 8 ? B - 8 * h : 8;
         if (XT == 1 && !unpacked && !store) { /* one row of x (decoding): each piece multiplied as it is unpacked */
             size_t row = (size_t)(n + r), at = row * nb + 16 * g + 8 * h;
             const uint8_t *group = (const uint8_t *)p->qs + row * row_bytes + (size_t)256 * g;
@@ -354,10 +354,10 @@ static inline __attribute__((always_inline)) void q4_tile(const QuantizedProduct
     for (int r = 0; r < R; r++)
         for (int i = 0; i < XT; i++) acc[r][i] = _mm256_setzero_ps();
     for (int g = 0; g < whole; g++)
-        for (int h = 0; h < 2; h++) q4_tile_half(p, n, R, i0, XT, ahead, has_m, has_qh, has_sc, unpacked, store, g, 16, h, 8, acc);
-    int B = nb - 16 * whole;
-    for (int h = 0; 8 * h < B; h++)
-        q4_tile_half(p, n, R, i0, XT, ahead, has_m, has_qh, has_sc, unpacked, store, whole, B, h, B - 8 * h < 8 ? B - 8 * h : 8, acc);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) q4_row_group(p, n, r, i0, XT, ahead, has_m, has_qh, has_sc, unpacked, store, g, 16, acc);
+    if (whole * 16 < nb)
+        for (int r = 0; r < R; r++) q4_row_group(p, n, r, i0, XT, ahead, has_m, has_qh, has_sc, unpacked, store, whole, nb - 16 * whole, acc);
     for (int i = 0; i < XT; i++)
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = hsum8(acc[r][i]);
 }

@@ -53,23 +53,6 @@ static inline void q4_blocks8(const uint8_t *row, int b, __m128i blocks[8]) {
         blocks[4 + i] = _mm256_extracti128_si256(t[i], 1);
     }
 }
-
-/* Blocks b0 .. b0 + count - 1 of a held q4 row in GGUF's order, 16 bytes each at out: eight at a time
- * where a whole group allows, else block by block */
-static inline void q4_natural_blocks(const uint8_t *row, int K, int b0, int count, uint8_t *out) {
-    int whole = K / 512 * 16;
-    for (int b = b0; b < b0 + count;) {
-        if (b % 8 == 0 && b + 8 <= whole && b + 8 <= b0 + count) {
-            __m128i blocks[8];
-            q4_blocks8(row, b, blocks);
-            for (int j = 0; j < 8; j++) _mm_storeu_si128((__m128i *)(out + 16 * (b - b0 + j)), blocks[j]);
-            b += 8;
-        } else {
-            q4_natural_block(row, K, b, out + 16 * (b - b0));
-            b++;
-        }
-    }
-}
 #endif
 
 #endif

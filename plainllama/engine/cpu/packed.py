@@ -267,35 +267,34 @@ def q4_lanes(qs: torch.Tensor) -> torch.Tensor:
     if kernels.available():
         kernels.check(kernels.function("q4_to_lanes")(qs.data_ptr(), N, 2 * half), "q4_to_lanes")
         return qs
-    order = _q4_held_positions(2 * half)
     step = max(1, (1 << 20) // half)
     for start in range(0, N, step):  # a slice of rows at a time: the temporary stays small
         rows = qs[start : start + step]
-        rows.copy_(rows[:, order])
+        rows.copy_(_q4_reordered(rows, held=True))
     return qs
 
 
-@cache
-def _q4_held_positions(K: int) -> torch.Tensor:
-    """For each byte of a held q4 row, the GGUF position of the byte there: int64 [K/2]."""
-    nb = K // QK
-    held = []
-    for g in range(0, nb, 16):
-        blocks = torch.arange(g, min(g + 16, nb))  # this group's blocks
-        pieces = 16 * blocks[None, :, None] + 4 * torch.arange(4)[:, None, None] + torch.arange(4)  # [piece, block, 4]
-        held.append(pieces.flatten())
-    return torch.cat(held)
-
-
-@cache
-def _q4_natural_order(K: int) -> torch.Tensor:
-    """Where each byte of a q4 row in GGUF's order is held: int64 [K/2] (q4_lanes)."""
-    return _q4_held_positions(K).argsort()
+def _q4_reordered(qs: torch.Tensor, held: bool) -> torch.Tensor:
+    """q4 rows [..., K/2] in GGUF's order -> held (held=True), or held -> GGUF's order (a new tensor).
+    Within each group of B blocks that is [block, piece, 4 bytes] <-> [piece, block, 4 bytes]: a
+    transpose, copied strided (an index gather of the same bytes ran at a fifth of the speed)."""
+    lead, half = qs.shape[:-1], qs.shape[-1]
+    nb = half // 16
+    out = torch.empty_like(qs)
+    whole, rest = nb // 16, nb % 16
+    for start, groups, blocks in ((0, whole, 16), (256 * whole, 1, rest)):  # whole groups, then a shorter one
+        if not groups or not blocks:
+            continue
+        end = start + 16 * groups * blocks
+        natural, in_order = (*lead, groups, blocks, 4, 4), (*lead, groups, 4, blocks, 4)
+        src = qs[..., start:end].reshape(natural if held else in_order)
+        out[..., start:end].view(in_order if held else natural).copy_(src.transpose(-3, -2))
+    return out
 
 
 def q4_natural(qs: torch.Tensor) -> torch.Tensor:
     """q4 rows [..., K/2] as held -> their bytes in GGUF's order (a new tensor)."""
-    return qs[..., _q4_natural_order(2 * qs.shape[-1])]
+    return _q4_reordered(qs, held=False)
 
 
 class _NaturalQ4Rows:

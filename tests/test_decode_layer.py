@@ -119,6 +119,30 @@ def test_layer_step_matches_model_py(model, rows, padded, start):
             )
 
 
+@pytest.mark.parametrize("start", [37, 700])
+def test_layer_step_gives_a_row_the_same_bits_with_any_threads_and_company(model, start):
+    """decode_layer.c's attention cuts a cache into pieces of 128 positions that any thread takes, and
+    combines them in order: a row's output is the same bits with one thread or two, and alone or
+    beside left-padded rows (other rows, other masks: the server's and a batch's situation)."""
+    args, layer = model.args, model.layers[0]
+    x = torch.randn(3, 1, args.dim, generator=torch.Generator().manual_seed(5)) * 3
+    pad = torch.tensor([0, 5, start - 3])
+    cos1, sin1 = rotary_cos_sin(args, torch.full((1, 1), start))
+    cos3, sin3 = rotary_cos_sin(args, start - pad[:, None])
+    mask = causal_mask(start, 1, "cpu", pad)
+    outs, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                alone, company = random_cache(args, 3, start + 20, seed=1), random_cache(args, 3, start + 20, seed=1)
+                outs.append(layer(x[:1], cos1, sin1, None, alone.layers[0], start))
+                outs.append(layer(x, cos3, sin3, mask, company.layers[0], start)[:1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
 # Prompt steps (KernelBlock._prompt_step): norms, rotation and SwiGLU in C, attention in bfloat16
 # where the CPU multiplies bfloat16 natively. The products of many rows take one of three paths
 # (packed.PackedWeight._unpacked_matmul), and every path this CPU can run is tested here, whichever

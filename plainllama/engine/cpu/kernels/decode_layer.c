@@ -24,6 +24,7 @@
 
 #include "plainllama.h"
 #include "exp16.h"
+#include "vectors.h"
 
 static int part_product(const MatrixPart *p, const float *x, int M, int K, float *out) {
     switch (p->layout) {
@@ -84,7 +85,7 @@ static void rotate(float *x, const float *cos, const float *sin, int Hd) {
     }
 }
 
-#if defined(__AVX512F__)
+#if KERNELS_AVX512
 
 /* FeedForward's silu(gate) * up for one row: gate_up [2F] (gate, then up) -> out [F] */
 static void swiglu_row(const float *gate_up, int F, float *out) {
@@ -96,15 +97,56 @@ static void swiglu_row(const float *gate_up, int F, float *out) {
     for (; i < F; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-static inline float dot(const float *a, const float *b, int n) {
-    __m512 acc = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    if (i < n) {
-        __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + i), _mm512_maskz_loadu_ps(tail, b + i), acc);
+/* The attention's two inner loops (attend_piece below), at each level's width. */
+#define KEYS_AT_ONCE 16
+
+/* out[t] = q . keys[t] for t < n <= KEYS_AT_ONCE (keys Hd apart): each key's running sum in a register
+ * of its own, one load of q serving every key, and the sixteen sums added by one transposing tree
+ * (sums16_4x4): a dot product with its own horizontal sum each was a chain of dependent adds. Rows
+ * from n on are not read (the last one is read in their place: its sum is dropped). */
+static inline void key_scores(const float *q, const float *keys, int n, int Hd, float *out) {
+    const float *row[KEYS_AT_ONCE];
+    for (int t = 0; t < KEYS_AT_ONCE; t++) row[t] = keys + (size_t)(t < n ? t : n - 1) * Hd;
+    __m512 acc[4][4];
+    for (int t = 0; t < KEYS_AT_ONCE; t++) acc[t % 4][t / 4] = _mm512_setzero_ps();
+    for (int i = 0; i < Hd; i += 16) {
+        __mmask16 in = Hd - i >= 16 ? 0xFFFF : (__mmask16)((1u << (Hd - i)) - 1);
+        __m512 qi = _mm512_maskz_loadu_ps(in, q + i);
+        for (int t = 0; t < KEYS_AT_ONCE; t++)
+            acc[t % 4][t / 4] = _mm512_fmadd_ps(qi, _mm512_maskz_loadu_ps(in, row[t] + i), acc[t % 4][t / 4]);
     }
-    return _mm512_reduce_add_ps(acc);
+    float sums[KEYS_AT_ONCE];
+    sums16_4x4(acc, sums, 4); /* sums[4 i + r] = the sum of acc[r][i]: key 4 i + r */
+    memcpy(out, sums, sizeof(float) * n);
+}
+
+/* o[i] = the sum over t < n of p[t] rows[t][i] (rows Hd apart), i < Hd: 64 columns at a time in
+ * registers, two positions per turn in two sets of sums (one chain of multiply-adds per register
+ * waited on its own latency). */
+static void weighted_rows(const float *p, const float *rows, int n, int Hd, float *o) {
+    for (int i0 = 0; i0 < Hd; i0 += 64) {
+        __mmask16 in[4];
+        __m512 a[4], b[4];
+        for (int k = 0; k < 4; k++) {
+            int left = Hd - i0 - 16 * k;
+            in[k] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            a[k] = b[k] = _mm512_setzero_ps();
+        }
+        int t = 0;
+        for (; t + 2 <= n; t += 2) {
+            const float *r0 = rows + (size_t)t * Hd + i0, *r1 = r0 + Hd;
+            __m512 w0 = _mm512_set1_ps(p[t]), w1 = _mm512_set1_ps(p[t + 1]);
+            for (int k = 0; k < 4; k++) {
+                a[k] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(in[k], r0 + 16 * k), a[k]);
+                b[k] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(in[k], r1 + 16 * k), b[k]);
+            }
+        }
+        if (t < n) {
+            const float *r0 = rows + (size_t)t * Hd + i0;
+            for (int k = 0; k < 4; k++) a[k] = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_maskz_loadu_ps(in[k], r0 + 16 * k), a[k]);
+        }
+        for (int k = 0; k < 4; k++) _mm512_mask_storeu_ps(o + i0 + 16 * k, in[k], _mm512_add_ps(a[k], b[k]));
+    }
 }
 
 #else /* AVX2: the same steps, 8 floats at a time */
@@ -120,19 +162,71 @@ static void swiglu_row(const float *gate_up, int F, float *out) {
     for (; i < F; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-static inline float dot(const float *a, const float *b, int n) {
-    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+#define KEYS_AT_ONCE 8
+
+/* key_scores at AVX2's width: eight keys' sums side by side, added by a transpose */
+static inline void key_scores(const float *q, const float *keys, int n, int Hd, float *out) {
+    const float *row[KEYS_AT_ONCE];
+    for (int t = 0; t < KEYS_AT_ONCE; t++) row[t] = keys + (size_t)(t < n ? t : n - 1) * Hd;
+    __m256 acc[KEYS_AT_ONCE];
+    for (int t = 0; t < KEYS_AT_ONCE; t++) acc[t] = _mm256_setzero_ps();
     int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc2);
+    for (; i + 8 <= Hd; i += 8) {
+        __m256 qi = _mm256_loadu_ps(q + i);
+        for (int t = 0; t < KEYS_AT_ONCE; t++) acc[t] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(row[t] + i), acc[t]);
     }
-    acc = _mm256_add_ps(acc, acc2);
-    float tail = 0;
-    for (; i < n; i++) tail += a[i] * b[i];
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s))) + tail;
+    __m256 columns[KEYS_AT_ONCE];
+    transpose8(acc, columns); /* columns[j] lane t = acc[t] lane j */
+    __m256 sums = columns[0];
+    for (int j = 1; j < 8; j++) sums = _mm256_add_ps(sums, columns[j]);
+    float s8[KEYS_AT_ONCE];
+    _mm256_storeu_ps(s8, sums);
+    for (int t = 0; t < n; t++) {
+        float tail = 0; /* a head width that is not a multiple of 8 */
+        for (int j = i; j < Hd; j++) tail += q[j] * row[t][j];
+        out[t] = s8[t] + tail;
+    }
+}
+
+/* weighted_rows at AVX2's width: 32 columns at a time, two positions per turn */
+static void weighted_rows(const float *p, const float *rows, int n, int Hd, float *o) {
+    int i0 = 0;
+    for (; i0 + 32 <= Hd; i0 += 32) {
+        __m256 a[4], b[4];
+        for (int k = 0; k < 4; k++) a[k] = b[k] = _mm256_setzero_ps();
+        int t = 0;
+        for (; t + 2 <= n; t += 2) {
+            const float *r0 = rows + (size_t)t * Hd + i0, *r1 = r0 + Hd;
+            __m256 w0 = _mm256_set1_ps(p[t]), w1 = _mm256_set1_ps(p[t + 1]);
+            for (int k = 0; k < 4; k++) {
+                a[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(r0 + 8 * k), a[k]);
+                b[k] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(r1 + 8 * k), b[k]);
+            }
+        }
+        if (t < n)
+            for (int k = 0; k < 4; k++)
+                a[k] = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(rows + (size_t)t * Hd + i0 + 8 * k), a[k]);
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(o + i0 + 8 * k, _mm256_add_ps(a[k], b[k]));
+    }
+    for (; i0 + 8 <= Hd; i0 += 8) { /* the columns past the last 32: 8, then one at a time */
+        __m256 a = _mm256_setzero_ps();
+        for (int t = 0; t < n; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(rows + (size_t)t * Hd + i0), a);
+        _mm256_storeu_ps(o + i0, a);
+    }
+    for (; i0 < Hd; i0++) {
+        float sum = 0;
+        for (int t = 0; t < n; t++) sum += p[t] * rows[(size_t)t * Hd + i0];
+        o[i0] = sum;
+    }
+}
+
+/* Lanes j .. j + 7 that count: valid and (ok NULL or ok[j + i] != 0), as all-ones int32 lanes */
+static inline __m256i counts(const uint8_t *ok, int j, int n, __m256i valid) {
+    if (!ok) return valid;
+    int64_t bytes = 0;
+    memcpy(&bytes, ok + j, n - j >= 8 ? 8 : (size_t)(n - j));
+    __m256i zero = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes)), _mm256_setzero_si256());
+    return _mm256_andnot_si256(zero, valid);
 }
 
 #endif
@@ -147,32 +241,94 @@ typedef struct {
     const int *start;
 } RowCaches;
 
-/* A long cache comes from memory (a decode step's weights have pushed it out of the caches), read
- * one key or value row at a time: each is fetched into L2 AHEAD_KEYS rows before it is read. */
+/* A long cache comes from memory (a decode step's weights have pushed it out of the caches): its
+ * rows are fetched into L2 AHEAD_KEYS positions before they are read, keys and values together. */
 #define AHEAD_KEYS 32
 static inline void fetch_row(const float *row, int Hd) {
     for (int at = 0; at < Hd; at += 16) _mm_prefetch((const char *)(row + at), _MM_HINT_T1);
 }
 
-/* p[j] = e^(p[j] - best) for j < S, p[j] > -inf or masked later (masked positions come in as -inf and
- * leave as a tiny value that attend sets to 0): 16 (AVX2: 8) at a time, the last ones masked in. */
-static void exp_minus(float *p, int S, float best) {
-#if defined(__AVX512F__)
-    __m512 shift = _mm512_set1_ps(best), floor = _mm512_set1_ps(-100.0f); /* -inf - best would make NaN */
-    for (int j = 0; j < S; j += 16) {
-        __mmask16 in = S - j >= 16 ? 0xFFFF : (__mmask16)((1u << (S - j)) - 1);
-        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, p + j), shift), floor);
-        _mm512_mask_storeu_ps(p + j, in, exp16(x));
+/* Softmax's numerators for n scores: p[j] = e^(p[j] scale - best), 0 where ok[j] == 0 (ok NULL: every
+ * position counts); *best = the largest scaled score that counts (-inf if none does), *total = the
+ * sum of the numerators. 16 (AVX2: 8) at a time, the last ones masked in. */
+static void softmax_numerators(float *p, int n, const uint8_t *ok, float scale, float *best, float *total) {
+#if KERNELS_AVX512
+    __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+        __mmask16 valid = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1), in = valid;
+        if (ok) in &= _mm_test_epi8_mask(_mm_maskz_loadu_epi8(valid, ok + j), _mm_set1_epi8(-1));
+        __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, p + j), _mm512_set1_ps(scale));
+        _mm512_mask_storeu_ps(p + j, valid, x);
+        top = _mm512_mask_max_ps(top, in, top, x);
     }
+    *best = _mm512_reduce_max_ps(top);
+    /* where nothing counts, best is -inf and p - best NaN: those lanes are zeroed below */
+    __m512 shift = _mm512_set1_ps(*best), floor = _mm512_set1_ps(-100.0f);
+    for (int j = 0; j < n; j += 16) {
+        __mmask16 valid = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1), in = valid;
+        if (ok) in &= _mm_test_epi8_mask(_mm_maskz_loadu_epi8(valid, ok + j), _mm_set1_epi8(-1));
+        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, p + j), shift), floor);
+        __m512 e = _mm512_maskz_mov_ps(in, exp16(x));
+        _mm512_mask_storeu_ps(p + j, valid, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    *total = sum16(sum);
 #else
-    __m256 shift = _mm256_set1_ps(best);
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int j = 0; j < S; j += 8) {
-        __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(S - j), lanes);
-        __m256 x = _mm256_sub_ps(_mm256_maskload_ps(p + j, in), shift); /* exp8 clamps -inf */
-        _mm256_maskstore_ps(p + j, in, exp8(x));
+    __m256 top = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) {
+        __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lanes);
+        __m256 x = _mm256_mul_ps(_mm256_maskload_ps(p + j, valid), _mm256_set1_ps(scale));
+        _mm256_maskstore_ps(p + j, valid, x);
+        top = _mm256_max_ps(top, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, _mm256_castsi256_ps(counts(ok, j, n, valid))));
     }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    *best = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    __m256 shift = _mm256_set1_ps(*best);
+    for (int j = 0; j < n; j += 8) { /* exp8 clamps; NaN (nothing counts) is zeroed with the masked lanes */
+        __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lanes);
+        __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(p + j, valid), shift)),
+                                 _mm256_castsi256_ps(counts(ok, j, n, valid)));
+        _mm256_maskstore_ps(p + j, valid, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    *total = hsum8(sum);
 #endif
+}
+
+/* Positions per attention task. A row's cache is cut into pieces of ATTEND_PIECE positions, and each
+ * (row, key/value head, piece) is a task for any thread: with a task per key/value head, the default
+ * model's three heads left one of two threads idle a third of the time. Each piece's softmax is
+ * taken against its own maximum, and the pieces are combined in order afterwards (rescaled to the
+ * row's maximum, as flash-decoding does), so a row's numbers do not depend on the number of threads
+ * or on the other rows in the call. */
+#define ATTEND_PIECE 128
+
+/* One task: query heads q0 [G, Hd] against positions j0 .. j0 + n - 1 of one key/value head.
+ * o [G, Hd] = sum over the positions of e^(s - best) v, best [G] = the largest score s, total [G] =
+ * the sum of e^(s - best); masked positions (ok[j] == 0) count for nothing. p: room for G * n floats. */
+static void attend_piece(const float *q0, int G, int Hd, const float *keys, const float *values, int j0, int n,
+                         const uint8_t *ok, float inv_sqrt, float *p, float *o, float *best, float *total) {
+    keys += (size_t)j0 * Hd;
+    values += (size_t)j0 * Hd;
+    for (int a = 0; a < AHEAD_KEYS && a < n; a++) { /* the piece's first rows: a piece is a new stream */
+        fetch_row(keys + (size_t)a * Hd, Hd);
+        fetch_row(values + (size_t)a * Hd, Hd);
+    }
+    for (int t = 0; t < n; t += KEYS_AT_ONCE) { /* scores p [G, n] */
+        int m = n - t < KEYS_AT_ONCE ? n - t : KEYS_AT_ONCE;
+        for (int a = t + AHEAD_KEYS; a < t + AHEAD_KEYS + m && a < n; a++) {
+            fetch_row(keys + (size_t)a * Hd, Hd);
+            fetch_row(values + (size_t)a * Hd, Hd);
+        }
+        for (int hh = 0; hh < G; hh++) key_scores(q0 + (size_t)hh * Hd, keys + (size_t)t * Hd, m, Hd, p + (size_t)hh * n + t);
+    }
+    for (int hh = 0; hh < G; hh++) { /* softmax's numerators and their sum, then the weighted values */
+        float *ph = p + (size_t)hh * n;
+        softmax_numerators(ph, n, ok ? ok + j0 : NULL, inv_sqrt, best + hh, total + hh);
+        weighted_rows(ph, values, n, Hd, o + (size_t)hh * Hd);
+    }
 }
 
 /* model.py's attention() for one query per head: softmax(q k^T / sqrt(Hd)) v over positions
@@ -181,53 +337,69 @@ static void exp_minus(float *p, int S, float best) {
  * same for every row then). q [M, q_stride], out [M, H * Hd]. Each row's arithmetic is its own:
  * the result for a row does not depend on which other rows are in the call.
  *
- * A task is a row's key/value head with its G = H / K query heads: each key and value is read once
- * for the G of them (a task per query head read them G times, and a long cache from memory at ~9
- * GB/s: 1024 positions added 6.7 ms to a 1B step), and e^x runs 16 scores at a time. */
+ * A task reads its keys and values once for the G = H / K query heads that share them (a task per
+ * query head read them G times, and a long cache from memory at ~9 GB/s: 1024 positions added 6.7
+ * ms to a 1B step). */
 static int attend(const float *q, int q_stride, const RowCaches *c, int M, int H, int K, int Hd, const uint8_t *allowed,
                   float *out) {
     float inv_sqrt = 1.0f / sqrtf((float)Hd);
-    int failed = 0, G = H / K;
+    int failed = 0, G = H / K, tasks = 0, first[M + 1]; /* row r's tasks: first[r] .. first[r + 1] - 1 */
     long work = 0;
-    for (int r = 0; r < M; r++) work += (long)H * (c->start[r] + 1) * Hd;
-    /* worth spreading over threads only when the caches are long */
-#pragma omp parallel for collapse(2) schedule(static) if (work > (1L << 17))
     for (int r = 0; r < M; r++) {
-        for (int g = 0; g < K; g++) {
-            int S = c->start[r] + 1;
-            const float *q0 = q + (size_t)r * q_stride + (size_t)g * G * Hd; /* query heads g G .. g G + G - 1 */
-            const float *keys = c->k[r] + (size_t)g * c->length[r] * Hd, *values = c->v[r] + (size_t)g * c->length[r] * Hd;
-            const uint8_t *ok = allowed ? allowed + (size_t)r * S : NULL;
-            float *o0 = out + (size_t)r * H * Hd + (size_t)g * G * Hd, *p = malloc(sizeof(float) * (size_t)G * S), total[G];
-            if (!p) {
-                failed = 1;
-                continue;
-            }
-            for (int j = 0; j < S; j++) /* scores p [G, S] */ {
-                if (j + AHEAD_KEYS < S) fetch_row(keys + (size_t)(j + AHEAD_KEYS) * Hd, Hd);
-                for (int hh = 0; hh < G; hh++)
-                    p[(size_t)hh * S + j] = (ok && !ok[j]) ? -INFINITY : dot(q0 + (size_t)hh * Hd, keys + (size_t)j * Hd, Hd) * inv_sqrt;
-            }
-            for (int hh = 0; hh < G; hh++) { /* softmax's numerators and their sum, position by position */
-                float *ph = p + (size_t)hh * S, best = -INFINITY;
-                for (int j = 0; j < S; j++) best = ph[j] > best ? ph[j] : best;
-                exp_minus(ph, S, best);
-                total[hh] = 0;
-                for (int j = 0; j < S; j++) total[hh] += ph[j] = (ok && !ok[j]) ? 0.0f : ph[j];
-                memset(o0 + (size_t)hh * Hd, 0, sizeof(float) * Hd);
-            }
-            for (int j = 0; j < S; j++) {
-                const float *v = values + (size_t)j * Hd;
-                if (j + AHEAD_KEYS < S) fetch_row(values + (size_t)(j + AHEAD_KEYS) * Hd, Hd);
-                for (int hh = 0; hh < G; hh++) {
-                    float weight = p[(size_t)hh * S + j] / total[hh], *o = o0 + (size_t)hh * Hd;
-                    for (int i = 0; i < Hd; i++) o[i] += weight * v[i];
+        first[r] = tasks;
+        tasks += K * ((c->start[r] + ATTEND_PIECE) / ATTEND_PIECE); /* pieces of start + 1 positions */
+        work += (long)H * (c->start[r] + 1) * Hd;
+    }
+    first[M] = tasks;
+    /* per task and query head: o [Hd], then best and total */
+    size_t part = (size_t)Hd + 2;
+    float *parts = malloc(sizeof(float) * (size_t)tasks * G * part);
+    if (!parts) return STATUS_OUT_OF_MEMORY;
+    /* worth spreading over threads once there are ~10 us of work (1-2 us to start the threads) */
+#pragma omp parallel for schedule(dynamic, 1) if (work > (1L << 15))
+    for (int task = 0; task < tasks; task++) {
+        int r = 0;
+        while (first[r + 1] <= task) r++;
+        int pieces = (first[r + 1] - first[r]) / K, g = (task - first[r]) / pieces, piece = (task - first[r]) % pieces;
+        int S = c->start[r] + 1, j0 = piece * ATTEND_PIECE, n = S - j0 < ATTEND_PIECE ? S - j0 : ATTEND_PIECE;
+        float *p = malloc(sizeof(float) * (size_t)G * n), *mine = parts + (size_t)task * G * part;
+        if (!p) {
+            failed = 1;
+            continue;
+        }
+        attend_piece(q + (size_t)r * q_stride + (size_t)g * G * Hd, G, Hd, c->k[r] + (size_t)g * c->length[r] * Hd,
+                     c->v[r] + (size_t)g * c->length[r] * Hd, j0, n, allowed ? allowed + (size_t)r * S : NULL, inv_sqrt, p,
+                     mine, mine + (size_t)G * Hd, mine + (size_t)G * Hd + G);
+        free(p);
+    }
+    /* each query head's pieces, in order: out = sum e^(best_c - best) o_c / sum e^(best_c - best) total_c */
+    for (int r = 0; r < M && !failed; r++) {
+        int pieces = (first[r + 1] - first[r]) / K;
+        for (int g = 0; g < K; g++)
+            for (int hh = 0; hh < G; hh++) {
+                float *o = out + (size_t)r * H * Hd + (size_t)(g * G + hh) * Hd, top = -INFINITY, sum = 0, weight[pieces];
+                const float *piece_o[pieces];
+                for (int k = 0; k < pieces; k++) {
+                    const float *mine = parts + (size_t)(first[r] + g * pieces + k) * G * part;
+                    piece_o[k] = mine + (size_t)hh * Hd;
+                    weight[k] = mine[(size_t)G * Hd + hh]; /* the piece's best */
+                    top = weight[k] > top ? weight[k] : top;
+                }
+                for (int k = 0; k < pieces; k++) {
+                    const float *mine = parts + (size_t)(first[r] + g * pieces + k) * G * part;
+                    weight[k] = weight[k] == -INFINITY ? 0.0f : expf(weight[k] - top); /* a piece all masked: 0 */
+                    sum += weight[k] * mine[(size_t)G * Hd + G + hh];
+                }
+                for (int k = 0; k < pieces; k++) weight[k] /= sum;
+                for (int i = 0; i < Hd; i++) {
+                    float v = 0;
+                    for (int k = 0; k < pieces; k++) v += weight[k] * piece_o[k][i];
+                    o[i] = v;
                 }
             }
-            free(p);
-        }
     }
-    return failed ? -1 : 0;
+    free(parts);
+    return failed ? STATUS_OUT_OF_MEMORY : STATUS_OK;
 }
 
 /* x [M, D], one token per row -> out [M, D]; writes each row's key and value at its position in its

@@ -8,7 +8,8 @@ one run (the machines are shared and noisy: only ratios measured side by side me
 All engines are loaded, then measured in turns (a warm-up round, then --repeats rounds); each
 engine's best run counts:
   prefill: one forward pass over a prompt of --prompt-tokens tokens (tokens/s = prompt / time),
-  decode:  --decode-tokens greedy steps with a KV cache after a short prompt (tokens/s = steps / time).
+  decode:  --decode-tokens greedy steps with a KV cache after a prompt of --decode-after tokens (default
+           8; a long one makes every step attend over that many cached positions) (tokens/s = steps / time).
 llama.cpp runs with 2 threads (this machine has 2 cores); torch uses its default (2 here).
 
 Meta's format: `--engines ...,meta-reference,plainllama-meta` writes the model as a Meta checkpoint
@@ -47,11 +48,11 @@ def meta_folder(path):
     return meta_folder.folder
 
 
-def bench_plainllama_meta(path, prompt_ids, decode_tokens, repeats):
-    return bench_plainllama(meta_folder(path), prompt_ids, decode_tokens, repeats)
+def bench_plainllama_meta(path, prompt_ids, decode_prompt, decode_tokens, repeats):
+    return bench_plainllama(meta_folder(path), prompt_ids, decode_prompt, decode_tokens, repeats)
 
 
-def bench_meta_reference(path, prompt_ids, decode_tokens, repeats):
+def bench_meta_reference(path, prompt_ids, decode_prompt, decode_tokens, repeats):
     import tempfile
 
     import torch.distributed as dist
@@ -65,7 +66,7 @@ def bench_meta_reference(path, prompt_ids, decode_tokens, repeats):
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
         fs_init.initialize_model_parallel(1)
     params = json.load(open(os.path.join(folder, "params.json")))
-    params.update(max_seq_len=len(prompt_ids) + decode_tokens + 16, max_batch_size=1)
+    params.update(max_seq_len=max(len(prompt_ids), len(decode_prompt)) + decode_tokens + 16, max_batch_size=1)
     model = Transformer(ModelArgs(**params))
     state = torch.load(os.path.join(folder, "consolidated.00.pth"), weights_only=True, mmap=True)
     state.setdefault("output.weight", state["tok_embeddings.weight"])  # tied embeddings saved once
@@ -78,7 +79,7 @@ def bench_meta_reference(path, prompt_ids, decode_tokens, repeats):
         return time.perf_counter() - start
 
     def decode():
-        logits = model(torch.tensor([prompt_ids[:8]]), 0)
+        logits = model(torch.tensor([decode_prompt]), 0)
         token, pos = logits[0, -1].argmax(), 8
         start = time.perf_counter()
         for _ in range(decode_tokens):
@@ -89,7 +90,7 @@ def bench_meta_reference(path, prompt_ids, decode_tokens, repeats):
     return prefill, decode
 
 
-def bench_plainllama(path, prompt_ids, decode_tokens, repeats):
+def bench_plainllama(path, prompt_ids, decode_prompt, decode_tokens, repeats):
     llm = plainllama.load(path, device="cpu")
     model = llm.model
 
@@ -101,7 +102,7 @@ def bench_plainllama(path, prompt_ids, decode_tokens, repeats):
         return time.perf_counter() - start
 
     def decode():
-        out = llm.generate(prompt_ids[:8], max_new_tokens=decode_tokens + 1)
+        out = llm.generate(decode_prompt, max_new_tokens=decode_tokens + 1)
         # Force the full budget: the comparison needs the same number of steps from every engine.
         assert len(out.tokens) == decode_tokens + 1 or out.finish_reason == "stop"
         return out.timings.decode_seconds / max(out.timings.decode_steps, 1)
@@ -109,12 +110,12 @@ def bench_plainllama(path, prompt_ids, decode_tokens, repeats):
     return prefill, decode
 
 
-def bench_llama_cpp(path, prompt_ids, decode_tokens, repeats):
+def bench_llama_cpp(path, prompt_ids, decode_prompt, decode_tokens, repeats):
     import llama_cpp
 
     llm = llama_cpp.Llama(
         model_path=path,
-        n_ctx=len(prompt_ids) + decode_tokens + 16,
+        n_ctx=max(len(prompt_ids), len(decode_prompt)) + decode_tokens + 16,
         n_threads=2,
         n_threads_batch=2,
         n_batch=512,
@@ -127,20 +128,24 @@ def bench_llama_cpp(path, prompt_ids, decode_tokens, repeats):
         llm.eval(prompt_ids)
         return time.perf_counter() - start
 
+    def last_logits():
+        # Llama.eval keeps no logits unless logits_all (llama-cpp-python 0.3): read the context's own
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
     def decode():
         llm.reset()
-        llm.eval(prompt_ids[:8])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval(decode_prompt)
+        token = int(np.argmax(last_logits()))
         start = time.perf_counter()
         for _ in range(decode_tokens):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
         return (time.perf_counter() - start) / decode_tokens
 
     return prefill, decode
 
 
-def bench_transformers(path, prompt_ids, decode_tokens, repeats):
+def bench_transformers(path, prompt_ids, decode_prompt, decode_tokens, repeats):
     from transformers import AutoModelForCausalLM
 
     folder, name = os.path.split(path)
@@ -154,7 +159,7 @@ def bench_transformers(path, prompt_ids, decode_tokens, repeats):
 
     def decode():
         with torch.inference_mode():
-            out = model(torch.tensor([prompt_ids[:8]]), use_cache=True)
+            out = model(torch.tensor([decode_prompt]), use_cache=True)
             past, token = out.past_key_values, out.logits[0, -1].argmax()
             start = time.perf_counter()
             for _ in range(decode_tokens):
@@ -170,6 +175,7 @@ def main():
     parser.add_argument("-m", "--model", default=None)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--decode-after", type=int, default=8, help="prompt tokens before decoding")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", default="plainllama,llama.cpp,transformers")
     parser.add_argument("--json", action="store_true")
@@ -178,7 +184,8 @@ def main():
 
     tokenizer = plainllama.load(path, device="cpu").tokenizer
     text = open(__file__, encoding="utf-8").read() * 4  # any real text long enough
-    prompt_ids = tokenizer.encode(text)[: args.prompt_tokens]
+    ids = tokenizer.encode(text * (1 + max(args.prompt_tokens, args.decode_after) // 2000))
+    prompt_ids, decode_prompt = ids[: args.prompt_tokens], ids[: args.decode_after]
 
     engines = {
         "plainllama": bench_plainllama,
@@ -190,7 +197,7 @@ def main():
     # Every engine is loaded first, then the measurements take turns (engine A, B, C, A, B, C, ...):
     # the machine's speed drifts over minutes, and taking turns exposes every engine to the same drift.
     names = args.engines.split(",")
-    runners = {name: engines[name](path, prompt_ids, args.decode_tokens, args.repeats) for name in names}
+    runners = {name: engines[name](path, prompt_ids, decode_prompt, args.decode_tokens, args.repeats) for name in names}
     best = {name: [float("inf"), float("inf")] for name in names}
     for round_ in range(args.repeats + 1):  # round 0 is a warm-up
         for name in names:
@@ -210,13 +217,15 @@ def main():
                     "model": path,
                     "prompt_tokens": len(prompt_ids),
                     "decode_tokens": args.decode_tokens,
+                    "decode_after": len(decode_prompt),
                     "results": results,
                 }
             )
         )
         return
     print(
-        f"model: {os.path.basename(path)}   prompt: {len(prompt_ids)} tokens   decode: {args.decode_tokens} tokens   "
+        f"model: {os.path.basename(path)}   prompt: {len(prompt_ids)} tokens   decode: {args.decode_tokens} tokens "
+        f"after {len(decode_prompt)}   "
         f"torch threads: {torch.get_num_threads()}"
     )
     print(f"{'engine':<16}{'prefill tok/s':>15}{'vs ' + base_name:>18}{'decode tok/s':>15}{'vs ' + base_name:>18}")

@@ -391,11 +391,9 @@ static int attend(const float *q, int q_stride, const RowCaches *c, int M, int H
                     sum += weight[k] * mine[(size_t)G * Hd + G + hh];
                 }
                 for (int k = 0; k < pieces; k++) weight[k] /= sum;
-                for (int i = 0; i < Hd; i++) {
-                    float v = 0;
-                    for (int k = 0; k < pieces; k++) v += weight[k] * piece_o[k][i];
-                    o[i] = v;
-                }
+                for (int i = 0; i < Hd; i++) o[i] = weight[0] * piece_o[0][i];
+                for (int k = 1; k < pieces; k++) /* each column summed over the pieces in order */
+                    for (int i = 0; i < Hd; i++) o[i] += weight[k] * piece_o[k][i];
             }
     }
     free(parts);

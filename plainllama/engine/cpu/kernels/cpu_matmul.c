@@ -151,6 +151,7 @@ typedef struct {
     int kind;              /* KIND_ bits (above): what the rows carry */
     ArrangedActivations xa;
     float *out;
+    int ahead; /* rows fetched ahead (ahead_rows) */
 } QuantizedProduct;
 
 /* q5: the fifth bits of a group's 16 blocks added to its steps (block b's 32-bit word in lane b, as
@@ -281,10 +282,10 @@ static inline __attribute__((always_inline)) void tile_group(const QuantizedProd
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
         const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + g * group_bytes;
-        if (ahead) { /* this group of the row PREFETCH_ITEMS * W_ROWS further on, and its scales */
+        if (ahead) { /* this group of the row p->ahead rows further on, and its scales */
             for (size_t line = 0; line < group_bytes; line += 64)
                 _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * group_bytes + line), PREFETCH_HINT);
-            size_t later = (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + GROUP_BLOCKS * g;
+            size_t later = (size_t)(n + r + p->ahead) * nb + GROUP_BLOCKS * g;
             size_t scale_at = kind & KIND_SC ? later / 8 : later;
             _mm_prefetch((const char *)(p->d + scale_at), PREFETCH_HINT);
             if (kind & KIND_M) _mm_prefetch((const char *)(p->m + scale_at), PREFETCH_HINT);
@@ -448,8 +449,8 @@ static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
         return;
     }
     size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2;
-    const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
-        n + (PREFETCH_ITEMS + 1) * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * W_ROWS) * row_bytes : NULL;
+    const uint8_t *ahead = /* the rows p->ahead on */
+        n + p->ahead + W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + p->ahead) * row_bytes : NULL;
     for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
         int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
         tile_for(p, R, XT)(p, n, i0, i0 == 0 ? ahead : NULL);
@@ -465,6 +466,7 @@ static int quantized_matmul(const float *x, int M, int K, const void *qs, const 
     int nb = K / 32;
     QuantizedProduct p = {M, K, N, nb, (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS, qs, d, m, sc, mn, qh, 0, {0}, out};
     p.kind = kind_of(&p, q8);
+    p.ahead = ahead_rows(W_ROWS, q8 ? (size_t)K : (size_t)K / 2);
     int status = arrange_activations(x, M, K, q8 ? Q8_LANES : Q4_LANES, &p.xa);
     if (status == STATUS_OK) for_each_group((N + W_ROWS - 1) / W_ROWS, q8 ? q8_group : q4_group, &p);
     free_activations(&p.xa);

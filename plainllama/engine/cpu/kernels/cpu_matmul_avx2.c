@@ -111,6 +111,7 @@ typedef struct {
     const uint32_t *qh;    /* q5: each block's fifth bits (bit k: weight k), or NULL for q4 */
     QuantizedActivations xa;
     float *out;
+    int ahead; /* rows fetched ahead */
 } QuantizedProduct;
 
 /* eight float16 values from p (only the first `count`; the rest zero) as floats */
@@ -145,7 +146,6 @@ static inline __m256i fifth_bits(uint32_t word) {
  * 5.63 with AVX-VNNI; this one 1.54, 1.87, 2.97 (without AVX-VNNI 1.71, 2.09, 3.65). Two threads
  * from L3: Q4_0 34 -> 48 GB/s, as the AVX-512 loop. docs/performance.md. */
 #define Q4_ROWS 4         /* weight rows per q4/q5 work item */
-#define Q4_AHEAD_ROWS 16  /* rows fetched ahead (the earlier loop measured 16 best of 8, 16 and 32) */
 
 /* x arranged like the held rows: xs [M, groups, 8 steps, 16 lanes, 4 bytes] (step s, lane l: weights
  * 4s..4s+3 of block 16 g + l), dxs and sxs [M, groups * 16] (dx and dx sum(q) of that block); lanes
@@ -276,10 +276,10 @@ static inline __attribute__((always_inline)) void q4_row_group(const QuantizedPr
                                                                int B, __m256 acc[Q4_ROWS][X_TILE]) {
     int nb = p->nb, groups = (nb + 15) / 16;
     size_t row_bytes = (size_t)p->K / 2;
-    if (ahead) { /* this group of the row Q4_AHEAD_ROWS further on, and its scales */
+    if (ahead) { /* this group of the row p->ahead rows further on, and its scales */
         for (size_t line = 0; line < (size_t)16 * B; line += 64)
             _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + 256 * (size_t)g + line), PREFETCH_HINT);
-        size_t later = (size_t)(n + r + Q4_AHEAD_ROWS) * nb + 16 * g;
+        size_t later = (size_t)(n + r + p->ahead) * nb + 16 * g;
         _mm_prefetch((const char *)(p->d + (has_sc ? later / 8 : later)), PREFETCH_HINT);
         if (has_m) _mm_prefetch((const char *)(p->m + (has_sc ? later / 8 : later)), PREFETCH_HINT);
         if (has_sc) {
@@ -414,10 +414,10 @@ static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct
     for (int g = 0; g < whole; g += GROUP_BLOCKS) {
         size_t half = (size_t)512 * (g / 16) + 32 * (g / 8 % 2);
         for (int r = 0; r < R; r++) {
-            if (ahead) { /* the same bytes of the row PREFETCH_ITEMS * W_ROWS further on (two halves: the group), and scales */
+            if (ahead) { /* the same bytes of the row p->ahead rows further on (two halves: the group), and scales */
                 for (size_t line = 0; line < GROUP_BLOCKS * 32; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 32 + line), PREFETCH_HINT);
-                _mm_prefetch((const char *)(p->d + (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + g), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->d + (size_t)(n + r + p->ahead) * nb + g), PREFETCH_HINT);
             }
             const int8_t *w = (const int8_t *)p->qs + (size_t)(n + r) * row_bytes + half;
             __m256 wd = _mm256_permutevar8x32_ps(load_halves(p->d + (size_t)(n + r) * nb + g, GROUP_BLOCKS), lane_blocks);
@@ -442,7 +442,7 @@ static inline __attribute__((always_inline)) void q8_tile(const QuantizedProduct
             if (ahead) {
                 for (size_t line = 0; line < (size_t)blocks * 32; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * 32 + line), PREFETCH_HINT);
-                _mm_prefetch((const char *)(p->d + (size_t)(n + r + PREFETCH_ITEMS * W_ROWS) * nb + g), PREFETCH_HINT);
+                _mm_prefetch((const char *)(p->d + (size_t)(n + r + p->ahead) * nb + g), PREFETCH_HINT);
             }
             __m256 wd = load_halves(p->d + (size_t)(n + r) * nb + g, blocks);
             for (int i = 0; i < XT; i++) {
@@ -480,8 +480,8 @@ static TileFn *const Q8_TILES[W_ROWS][X_TILE] = {Q8_TILE_ROW(1), Q8_TILE_ROW(2),
 static void q8_group(const void *product, int gi) {
     const QuantizedProduct *p = product;
     int n = gi * W_ROWS, R = p->N - n < W_ROWS ? p->N - n : W_ROWS;
-    const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
-        n + (PREFETCH_ITEMS + 1) * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + PREFETCH_ITEMS * W_ROWS) * p->K : NULL;
+    const uint8_t *ahead = /* the rows p->ahead on */
+        n + p->ahead + W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + p->ahead) * p->K : NULL;
     for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
         int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
         Q8_TILES[R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
@@ -534,8 +534,8 @@ static void q4_group(const void *product, int gi) {
         if (i0 < p->M) Q4_TILES[p->M - i0 - 1][m][qh][sc](p, n, i0, NULL);
         return;
     }
-    const uint8_t *ahead = /* the rows Q4_AHEAD_ROWS on */
-        n + Q4_AHEAD_ROWS + Q4_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + Q4_AHEAD_ROWS) * (p->K / 2) : NULL;
+    const uint8_t *ahead = /* the rows p->ahead on */
+        n + p->ahead + Q4_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + p->ahead) * (p->K / 2) : NULL;
     for (int i0 = 0; i0 < p->M; i0 += X_TILE) {
         int XT = p->M - i0 < X_TILE ? p->M - i0 : X_TILE;
         if (R < Q4_ROWS)
@@ -550,6 +550,8 @@ static int quantized_matmul(const float *x, int M, int K, const void *qs, const 
     if (K % 64 || (sc && K % 256)) return STATUS_BAD_WIDTH;
     if (sc && !(mn && m)) return STATUS_BAD_LAYOUT; /* K-quant scales come with their minimums */
     QuantizedProduct p = {M, K, N, K / 32, qs, d, m, sc, mn, qh, {0}, out};
+    /* q4: twice as far as ahead_rows (the q4 loop measured 16 rows of 1 KB best of 8, 16 and 32) */
+    p.ahead = q8 ? ahead_rows(W_ROWS, (size_t)K) : 2 * ahead_rows(Q4_ROWS, (size_t)K / 2);
     int status = quantize_activations(x, M, K, &p.xa);
     if (status == STATUS_OK) status = q8 ? arrange_lanes(&p.xa, M, K) : arrange_steps(&p.xa, M, K);
     if (status == STATUS_OK) for_each_group(q8 ? (N + W_ROWS - 1) / W_ROWS : (N + Q4_ROWS - 1) / Q4_ROWS, q8 ? q8_group : q4_group, &p);

@@ -112,6 +112,7 @@ typedef struct {
     const uint16_t *d;
     Q6Activations xa;
     float *out;
+    int ahead; /* rows fetched ahead (ahead_rows) */
 } Q6Product;
 
 #if KERNELS_AVX512
@@ -144,10 +145,10 @@ static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, in
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const uint8_t *src = p->qs + (size_t)(n + r) * row_bytes + (size_t)sb * SUPER_BYTES;
-            if (ahead) { /* this super-block of the row PREFETCH_ITEMS * Q6_ROWS further on, and its scales */
+            if (ahead) { /* this super-block of the row p->ahead rows further on, and its scales */
                 for (int line = 0; line < SUPER_BYTES; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * SUPER_BYTES + line), PREFETCH_HINT);
-                size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q6_ROWS) * S + sb;
+                size_t later = (size_t)(n + r + p->ahead) * S + sb;
                 _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
                 _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
             }
@@ -225,10 +226,10 @@ static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, in
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const uint8_t *src = p->qs + (size_t)(n + r) * row_bytes + (size_t)sb * SUPER_BYTES;
-            if (ahead) { /* this super-block of the row PREFETCH_ITEMS * Q6_ROWS further on, and its scales */
+            if (ahead) { /* this super-block of the row p->ahead rows further on, and its scales */
                 for (int line = 0; line < SUPER_BYTES; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * SUPER_BYTES + line), PREFETCH_HINT);
-                size_t later = (size_t)(n + r + PREFETCH_ITEMS * Q6_ROWS) * S + sb;
+                size_t later = (size_t)(n + r + p->ahead) * S + sb;
                 _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
                 _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
             }
@@ -403,8 +404,8 @@ static void q6_group(const void *product, int gi) {
     if (many_rows(p, n, R, q6_many, Q6_TILES)) return;
 #endif
     size_t row_bytes = (size_t)p->supers * SUPER_BYTES;
-    const uint8_t *ahead = /* the rows PREFETCH_ITEMS work items on */
-        n + (PREFETCH_ITEMS + 1) * Q6_ROWS <= p->N ? p->qs + (size_t)(n + PREFETCH_ITEMS * Q6_ROWS) * row_bytes : NULL;
+    const uint8_t *ahead = /* the rows p->ahead on */
+        n + p->ahead + Q6_ROWS <= p->N ? p->qs + (size_t)(n + p->ahead) * row_bytes : NULL;
     for (int i0 = 0; i0 < p->M; i0 += Q6_X_TILE) {
         int XT = p->M - i0 < Q6_X_TILE ? p->M - i0 : Q6_X_TILE;
         Q6_TILES[R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
@@ -413,7 +414,7 @@ static void q6_group(const void *product, int gi) {
 
 int q6_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, float *out) {
     if (K % SUPER) return STATUS_BAD_WIDTH;
-    Q6Product p = {M, K, N, K / SUPER, qs, sc, d, {0}, out};
+    Q6Product p = {M, K, N, K / SUPER, qs, sc, d, {0}, out, ahead_rows(Q6_ROWS, (size_t)(K / SUPER) * SUPER_BYTES)};
     int status = arrange_q6_activations(x, M, K, &p.xa);
     if (status == STATUS_OK) for_each_group((N + Q6_ROWS - 1) / Q6_ROWS, q6_group, &p);
     free_q6_activations(&p.xa);
@@ -519,6 +520,7 @@ typedef struct {
     const uint16_t *d, *m;
     Q6Activations xa;
     float *out;
+    int ahead;
 } Q2Product;
 
 #if KERNELS_AVX512
@@ -543,9 +545,9 @@ static inline __attribute__((always_inline)) void q2_tile(const Q2Product *p, in
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             size_t at_w = (size_t)(n + r) * S + sb;
-            if (ahead) { /* this super-block of the row PREFETCH_ITEMS * Q6_ROWS further on, and its scales */
+            if (ahead) { /* this super-block of the row p->ahead rows further on, and its scales */
                 _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q2_BYTES), PREFETCH_HINT);
-                size_t later = at_w + (size_t)PREFETCH_ITEMS * Q6_ROWS * S;
+                size_t later = at_w + (size_t)p->ahead * S;
                 _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
                 _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
                 _mm_prefetch((const char *)(p->m + later), PREFETCH_HINT);
@@ -607,7 +609,7 @@ static inline __attribute__((always_inline)) void q2_tile(const Q2Product *p, in
             size_t at_w = (size_t)(n + r) * S + sb;
             if (ahead) {
                 _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q2_BYTES), PREFETCH_HINT);
-                size_t later = at_w + (size_t)PREFETCH_ITEMS * Q6_ROWS * S;
+                size_t later = at_w + (size_t)p->ahead * S;
                 _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
                 _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
                 _mm_prefetch((const char *)(p->m + later), PREFETCH_HINT);
@@ -664,8 +666,7 @@ static void q2_group(const void *product, int gi) {
     }
 #endif
     size_t row_bytes = (size_t)p->supers * Q2_BYTES;
-    const uint8_t *ahead =
-        n + (PREFETCH_ITEMS + 1) * Q6_ROWS <= p->N ? p->qs + (size_t)(n + PREFETCH_ITEMS * Q6_ROWS) * row_bytes : NULL;
+    const uint8_t *ahead = n + p->ahead + Q6_ROWS <= p->N ? p->qs + (size_t)(n + p->ahead) * row_bytes : NULL;
     for (int i0 = 0; i0 < p->M; i0 += Q6_X_TILE) {
         int XT = p->M - i0 < Q6_X_TILE ? p->M - i0 : Q6_X_TILE;
         Q2_TILES[R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
@@ -675,7 +676,7 @@ static void q2_group(const void *product, int gi) {
 int q2_matmul(const float *x, int M, int K, const uint8_t *qs, const uint8_t *sc, const uint16_t *d, const uint16_t *m,
               int N, float *out) {
     if (K % SUPER) return STATUS_BAD_WIDTH;
-    Q2Product p = {M, K, N, K / SUPER, qs, sc, d, m, {0}, out};
+    Q2Product p = {M, K, N, K / SUPER, qs, sc, d, m, {0}, out, ahead_rows(Q6_ROWS, (size_t)(K / SUPER) * Q2_BYTES)};
     int status = arrange_q6_activations(x, M, K, &p.xa);
     if (status == STATUS_OK) for_each_group((N + Q6_ROWS - 1) / Q6_ROWS, q2_group, &p);
     free_q6_activations(&p.xa);
@@ -797,10 +798,10 @@ static inline __attribute__((always_inline)) void q3_tile(const Q3Product *p, in
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             size_t at_w = (size_t)(n + r) * S + sb;
-            if (ahead) { /* this super-block of the row PREFETCH_ITEMS * Q6_ROWS further on, and its scales */
+            if (ahead) { /* this super-block of the row p->ahead rows further on, and its scales */
                 for (int line = 0; line < Q3_BYTES; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q3_BYTES + line), PREFETCH_HINT);
-                size_t later = at_w + (size_t)PREFETCH_ITEMS * Q6_ROWS * S;
+                size_t later = at_w + (size_t)p->ahead * S;
                 _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
                 _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
             }
@@ -877,7 +878,7 @@ static inline __attribute__((always_inline)) void q3_tile(const Q3Product *p, in
             if (ahead) {
                 for (int line = 0; line < Q3_BYTES; line += 64)
                     _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q3_BYTES + line), PREFETCH_HINT);
-                size_t later = at_w + (size_t)PREFETCH_ITEMS * Q6_ROWS * S;
+                size_t later = at_w + (size_t)p->ahead * S;
                 _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
                 _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
             }
@@ -942,8 +943,7 @@ static void q3_group(const void *product, int gi) {
     if (many_rows(p, n, R, q3_many, Q3_TILES)) return;
 #endif
     size_t row_bytes = (size_t)p->supers * Q3_BYTES;
-    const uint8_t *ahead =
-        n + (PREFETCH_ITEMS + 1) * Q6_ROWS <= p->N ? p->qs + (size_t)(n + PREFETCH_ITEMS * Q6_ROWS) * row_bytes : NULL;
+    const uint8_t *ahead = n + p->ahead + Q6_ROWS <= p->N ? p->qs + (size_t)(n + p->ahead) * row_bytes : NULL;
     for (int i0 = 0; i0 < p->M; i0 += Q6_X_TILE) {
         int XT = p->M - i0 < Q6_X_TILE ? p->M - i0 : Q6_X_TILE;
         Q3_TILES[R - 1][XT - 1](p, n, i0, i0 == 0 ? ahead : NULL);
@@ -952,7 +952,7 @@ static void q3_group(const void *product, int gi) {
 
 int q3_matmul(const float *x, int M, int K, const uint8_t *qs, const int8_t *sc, const uint16_t *d, int N, float *out) {
     if (K % SUPER) return STATUS_BAD_WIDTH;
-    Q3Product p = {M, K, N, K / SUPER, qs, sc, d, {0}, out};
+    Q3Product p = {M, K, N, K / SUPER, qs, sc, d, {0}, out, ahead_rows(Q6_ROWS, (size_t)(K / SUPER) * Q3_BYTES)};
     int status = arrange_q6_activations(x, M, K, &p.xa);
     if (status == STATUS_OK) for_each_group((N + Q6_ROWS - 1) / Q6_ROWS, q3_group, &p);
     free_q6_activations(&p.xa);

@@ -95,7 +95,10 @@ class LLM:
         if self.plan is not None:
             self.plan.check_request(rows, length)
         if self.device.type == "cpu":
-            needed = kv_bytes(self.args, rows * length, self.dtype) + 4 * rows * self.args.vocab_size * 4
+            needed = (
+                kv_bytes(self.args, rows * length, self.model.kv_dtype or self.dtype)
+                + 4 * rows * self.args.vocab_size * 4
+            )
             if needed > available_ram():
                 raise PlainLlamaError(
                     f"this request ({rows} row(s) of up to {length} tokens) needs {gb(needed)} for its KV cache and "

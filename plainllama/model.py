@@ -176,7 +176,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         scores = grouped @ k.float().transpose(-1, -2) / math.sqrt(Hd)  # [B, K, H/K, S]
         return (scores.softmax(-1) @ v.float()).view(B, H, 1, Hd).type_as(q)
     # enable_gqa lets the query heads share key/value heads without copying the cache H/K times.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+    # (type_as: a cache held in 16 bits, Transformer.kv_dtype, is widened to the queries' dtype.)
+    return F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), attn_mask=mask, enable_gqa=H != K)
 
 
 class Attention(nn.Module):
@@ -279,6 +280,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # The dtype its KV cache is held in, where the engine that loaded it chose one other than the
+        # model's own (float16 under the CPU kernels: half the memory; attention widens it as it reads).
+        self.kv_dtype: torch.dtype | None = None
 
     def forward(
         self,

@@ -25,7 +25,7 @@ def prefilled(model, ids, length, cache_type):
     if cache_type is SequenceCache:
         cache = SequenceCache(model, length)
     else:
-        cache = KVCache(model.args, 1, length, torch.float32, "cpu")
+        cache = KVCache(model.args, 1, length, model.kv_dtype or torch.float32, "cpu")  # as SequenceCache holds it
     with torch.inference_mode():
         logits = model(torch.tensor([ids]), 0, cache, last_only=True)[0, -1]
     return cache, int(logits.argmax())

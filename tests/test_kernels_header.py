@@ -76,7 +76,7 @@ def test_layouts_and_statuses_come_from_the_header():
         "read_bytes",
     } <= set(kernels.PROTOTYPES)
     assert len(kernels.PROTOTYPES["amx_matmul"][1]) == 7 and len(kernels.PROTOTYPES["q2_matmul"][1]) == 9
-    assert len(kernels.PROTOTYPES["decode_layer"][1]) == 12 and kernels.PROTOTYPES["read_bytes"][0] is ctypes.c_double
+    assert len(kernels.PROTOTYPES["decode_layer"][1]) == 13 and kernels.PROTOTYPES["read_bytes"][0] is ctypes.c_double
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the C kernels cannot be built on this machine")

@@ -22,6 +22,7 @@ from ..engine.memory import empty_for_weights, weights_on_huge_pages
 from ..api import LLM, load
 from ..errors import PlainLlamaError
 from ..model import KVCache
+from ..generation.generate import device_and_dtype
 from ..engine.cpu.packed import PackedEmbedding, PackedLinear, _bf16_products_fast, prompt_products
 from ..model import ModelArgs
 from ..parallel.tensor_parallel import collectives_of
@@ -156,9 +157,10 @@ def run(
             f"{args.context_length}"
         )
     ids = prompt_ids(llm, prompt_tokens)
+    cache_dtype = device_and_dtype(llm.model)[1]
 
     def prefill() -> float:
-        cache = KVCache(args, 1, prompt_tokens, llm.dtype, llm.device)
+        cache = KVCache(args, 1, prompt_tokens, cache_dtype, llm.device)
         begin = time.perf_counter()
         with torch.inference_mode():
             llm.model(torch.tensor([ids], device=llm.device), 0, cache, last_only=True)
@@ -212,7 +214,7 @@ def run(
     step = min(r[1] for r in runs)
 
     weights = weight_bytes_per_token(llm.model)
-    kv_per_position = 2 * args.n_layers * args.n_kv_heads * args.head_dim * torch.finfo(llm.dtype).bits // 8
+    kv_per_position = 2 * args.n_layers * args.n_kv_heads * args.head_dim * cache_dtype.itemsize
     positions = prompt_tokens + decode_tokens // 2  # the cache read by an average step
     bytes_per_token = weights + kv_per_position * positions
     bound = max(sustained + burst) if burst else None

@@ -55,10 +55,12 @@ def kernel_layer(layer, rows: int):
 
 
 class SequenceCache(KVCache):
-    """A sequence's own KV cache (batch 1, float32), with its layers' addresses ready for decode_rows."""
+    """A sequence's own KV cache (batch 1, in the model's cache dtype: float16 or float32), with its
+    layers' addresses ready for decode_rows."""
 
     def __init__(self, model: Transformer, length: int):
-        super().__init__(model.args, 1, length, torch.float32, torch.device("cpu"))
+        super().__init__(model.args, 1, length, model.kv_dtype or torch.float32, torch.device("cpu"))
+        self.f16 = self.layers[0].k.dtype == torch.float16
         self.k_addresses = torch.tensor([layer.k.data_ptr() for layer in self.layers], dtype=torch.int64)
         self.v_addresses = torch.tensor([layer.v.data_ptr() for layer in self.layers], dtype=torch.int64)
 
@@ -87,6 +89,7 @@ def step_rows(model: Transformer, tokens: list[int], positions: list[int], cache
                     sin.data_ptr(),
                     k_addresses[i].data_ptr(),
                     v_addresses[i].data_ptr(),
+                    caches[0].f16,
                     lengths.data_ptr(),
                     starts.data_ptr(),
                     out.data_ptr(),

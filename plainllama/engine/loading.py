@@ -18,7 +18,7 @@ from ..errors import PlainLlamaError
 from ..formats import Checkpoint
 from ..formats.checkpoint import CheckpointTensor, expected_shapes
 from .memory import give_freed_memory_back, release, reuse_freed_memory_in_prompts, weights_on_huge_pages
-from .cpu.decode_block import kernel_block
+from .cpu.decode_block import cache_dtype, kernel_block
 from ..model import FUSED, Transformer, TransformerBlock, fused_name
 from .cpu.packed import (
     Holding,
@@ -340,6 +340,7 @@ def build_model(
         raise PlainLlamaError(f"{checkpoint.path}: no weights for {', '.join(empty[:4])}")
     if device.type == "cpu" and not streamed:
         reuse_freed_memory_in_prompts(model)  # memory.py says why
+    model.kv_dtype = cache_dtype(device, dtype, weights)
     return model.eval()
 
 

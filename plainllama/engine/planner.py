@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PlainLlamaError
+from .cpu.decode_block import cache_dtype
 
 GiB = 1 << 30
 DEFAULT_CONTEXT = 2048  # tokens of KV cache reserved when the caller does not say (Ollama's long-standing default)
@@ -260,7 +261,7 @@ def plan_memory(
     free = available_ram()
     machine = runtime + free - min(GiB, free // 10)
     budget = machine if max_memory is None else min(max_memory, machine)
-    kv = kv_bytes(args, context, builder.dtype)
+    kv = kv_bytes(args, context, cache_dtype(device, builder.dtype, builder.weights))
     prefix = kv if prefix_cache == "context" else int(prefix_cache)
     if prefix < 0:
         raise PlainLlamaError(f"the prefix cache's size must be >= 0, got {prefix}")

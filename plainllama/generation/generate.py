@@ -19,10 +19,11 @@ from ..sampling import Sampler
 
 
 def device_and_dtype(model: Transformer) -> tuple[torch.device, torch.dtype]:
-    """Where the model computes and in which dtype (its KV cache's): its final norm's weight, a plain
-    tensor in every loading mode. (Not the embedding's: a compressed embedding's `.weight` is the
-    whole table dequantized, gigabytes for a large vocabulary.)"""
-    return model.norm.weight.device, model.norm.weight.dtype
+    """Where the model computes, and the dtype its KV cache is held in: the one the engine chose
+    (model.kv_dtype), else the model's own, its final norm's weight's, a plain tensor in every loading
+    mode. (Not the embedding's: a compressed embedding's `.weight` is the whole table dequantized,
+    gigabytes for a large vocabulary.)"""
+    return model.norm.weight.device, model.kv_dtype or model.norm.weight.dtype
 
 
 @dataclass

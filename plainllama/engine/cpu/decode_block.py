@@ -187,7 +187,7 @@ class KernelBlock(TransformerBlock):
             and B <= DIRECT_ROWS
             and cache is not None
             and self._plain(x)
-            and cache.k.dtype == torch.float32
+            and cache.k.dtype in (torch.float32, torch.float16)
             and cache.k.is_contiguous()
             and cache.v.is_contiguous()
             and cos.shape[0] in (1, B)
@@ -267,6 +267,8 @@ class KernelBlock(TransformerBlock):
         dtype = torch.bfloat16 if _bf16_products_fast() else torch.float32
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # [B, K, S, Hd]
+            if k.dtype != torch.float32:  # a 16-bit cache (cache_dtype), widened for the prompt's kernels
+                k, v = k.float(), v.float()
         if mask is not None and c_attention_runs(q, k, v, dtype):
             return c_attention(q, k, v, mask, dtype)
         if cache is None or mask is None:  # no cache to continue from (or no mask: keys not by position)
@@ -322,6 +324,7 @@ class KernelBlock(TransformerBlock):
             cos.shape[0],
             cache.k.data_ptr(),
             cache.v.data_ptr(),
+            cache.k.dtype == torch.float16,
             cache.k.shape[2],
             start_pos,
             _ptr(allowed),
@@ -329,6 +332,19 @@ class KernelBlock(TransformerBlock):
         )
         kernels.check(code, "decode_layer")
         return out
+
+
+def cache_dtype(device: torch.device, dtype: torch.dtype, weights: str) -> torch.dtype:
+    """The dtype a model's KV cache is held in (Transformer.kv_dtype): float16 where the decode steps
+    run in decode_layer.c (compressed weights on the CPU, float32 activations, the kernels built),
+    which widens each element to float32 as it reads it, as llama.cpp's default cache does: half the
+    memory, and half the bytes a step reads at a long context, where the cache outweighs the weights
+    (7000 positions of the default model: 322 MB in float32, the weights 98). The rounding, 2^-11 of
+    each key and value, is the size of float32 products' own differences (tests/test_decode_layer.py
+    states the bounds). Elsewhere the model's own dtype: model.py's attention would widen the whole
+    cache at every step."""
+    kernel_steps = device.type == "cpu" and dtype == torch.float32 and weights != "float" and kernels.available()
+    return torch.float16 if kernel_steps else dtype
 
 
 def kernel_block(block: TransformerBlock) -> TransformerBlock:

@@ -13,7 +13,9 @@
  *
  * Shapes: M rows (a batch or beams, one new token each), D width, H query heads, K key/value heads,
  * Hd head width, F feed-forward width, S = start + 1 positions attended to.
- * The cache is model.py's LayerCache: k and v float32 [rows >= M, K, length, Hd], contiguous.
+ * The cache is model.py's LayerCache: k and v [rows >= M, K, length, Hd], contiguous, float32 or
+ * float16 (`f16` below: generate.py's cache_dtype holds it in float16, half the bytes a long context
+ * reads per token; the arithmetic stays float32, each element widened as it is loaded).
  */
 
 #include <immintrin.h>
@@ -100,20 +102,27 @@ static void swiglu_row(const float *gate_up, int F, float *out) {
 /* The attention's two inner loops (attend_piece below), at each level's width. */
 #define KEYS_AT_ONCE 16
 
+/* 16 cache elements at element i of row (the lanes of `in`; the others 0), widened to float32 */
+static inline __attribute__((always_inline)) __m512 cache_load(const void *row, int i, __mmask16 in, int f16) {
+    if (f16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, (const uint16_t *)row + i));
+    return _mm512_maskz_loadu_ps(in, (const float *)row + i);
+}
+
 /* out[t] = q . keys[t] for t < n <= KEYS_AT_ONCE (keys Hd apart): each key's running sum in a register
  * of its own, one load of q serving every key, and the sixteen sums added by one transposing tree
  * (sums16_4x4): a dot product with its own horizontal sum each was a chain of dependent adds. Rows
  * from n on are not read (the last one is read in their place: its sum is dropped). */
-static inline void key_scores(const float *q, const float *keys, int n, int Hd, float *out) {
-    const float *row[KEYS_AT_ONCE];
-    for (int t = 0; t < KEYS_AT_ONCE; t++) row[t] = keys + (size_t)(t < n ? t : n - 1) * Hd;
+static inline __attribute__((always_inline)) void key_scores(const float *q, const char *keys, int n, int Hd, int f16,
+                                                            float *out) {
+    const char *row[KEYS_AT_ONCE];
+    for (int t = 0; t < KEYS_AT_ONCE; t++) row[t] = keys + (size_t)(t < n ? t : n - 1) * Hd * (f16 ? 2 : 4);
     __m512 acc[4][4];
     for (int t = 0; t < KEYS_AT_ONCE; t++) acc[t % 4][t / 4] = _mm512_setzero_ps();
     for (int i = 0; i < Hd; i += 16) {
         __mmask16 in = Hd - i >= 16 ? 0xFFFF : (__mmask16)((1u << (Hd - i)) - 1);
         __m512 qi = _mm512_maskz_loadu_ps(in, q + i);
         for (int t = 0; t < KEYS_AT_ONCE; t++)
-            acc[t % 4][t / 4] = _mm512_fmadd_ps(qi, _mm512_maskz_loadu_ps(in, row[t] + i), acc[t % 4][t / 4]);
+            acc[t % 4][t / 4] = _mm512_fmadd_ps(qi, cache_load(row[t], i, in, f16), acc[t % 4][t / 4]);
     }
     float sums[KEYS_AT_ONCE];
     sums16_4x4(acc, sums, 4); /* sums[4 i + r] = the sum of acc[r][i]: key 4 i + r */
@@ -123,7 +132,9 @@ static inline void key_scores(const float *q, const float *keys, int n, int Hd, 
 /* o[i] = the sum over t < n of p[t] rows[t][i] (rows Hd apart), i < Hd: 64 columns at a time in
  * registers, two positions per turn in two sets of sums (one chain of multiply-adds per register
  * waited on its own latency). */
-static void weighted_rows(const float *p, const float *rows, int n, int Hd, float *o) {
+static inline __attribute__((always_inline)) void weighted_rows(const float *p, const char *rows, int n, int Hd, int f16,
+                                                                float *o) {
+    size_t row_bytes = (size_t)Hd * (f16 ? 2 : 4);
     for (int i0 = 0; i0 < Hd; i0 += 64) {
         __mmask16 in[4];
         __m512 a[4], b[4];
@@ -134,16 +145,16 @@ static void weighted_rows(const float *p, const float *rows, int n, int Hd, floa
         }
         int t = 0;
         for (; t + 2 <= n; t += 2) {
-            const float *r0 = rows + (size_t)t * Hd + i0, *r1 = r0 + Hd;
+            const char *r0 = rows + (size_t)t * row_bytes, *r1 = r0 + row_bytes;
             __m512 w0 = _mm512_set1_ps(p[t]), w1 = _mm512_set1_ps(p[t + 1]);
             for (int k = 0; k < 4; k++) {
-                a[k] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(in[k], r0 + 16 * k), a[k]);
-                b[k] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(in[k], r1 + 16 * k), b[k]);
+                a[k] = _mm512_fmadd_ps(w0, cache_load(r0, i0 + 16 * k, in[k], f16), a[k]);
+                b[k] = _mm512_fmadd_ps(w1, cache_load(r1, i0 + 16 * k, in[k], f16), b[k]);
             }
         }
         if (t < n) {
-            const float *r0 = rows + (size_t)t * Hd + i0;
-            for (int k = 0; k < 4; k++) a[k] = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_maskz_loadu_ps(in[k], r0 + 16 * k), a[k]);
+            const char *r0 = rows + (size_t)t * row_bytes;
+            for (int k = 0; k < 4; k++) a[k] = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), cache_load(r0, i0 + 16 * k, in[k], f16), a[k]);
         }
         for (int k = 0; k < 4; k++) _mm512_mask_storeu_ps(o + i0 + 16 * k, in[k], _mm512_add_ps(a[k], b[k]));
     }
@@ -164,16 +175,26 @@ static void swiglu_row(const float *gate_up, int F, float *out) {
 
 #define KEYS_AT_ONCE 8
 
+/* 8 cache elements at element i of row, widened to float32; one element */
+static inline __attribute__((always_inline)) __m256 cache_load(const void *row, int i, int f16) {
+    if (f16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)));
+    return _mm256_loadu_ps((const float *)row + i);
+}
+static inline float cache_element(const void *row, int i, int f16) {
+    return f16 ? _cvtsh_ss(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
 /* key_scores at AVX2's width: eight keys' sums side by side, added by a transpose */
-static inline void key_scores(const float *q, const float *keys, int n, int Hd, float *out) {
-    const float *row[KEYS_AT_ONCE];
-    for (int t = 0; t < KEYS_AT_ONCE; t++) row[t] = keys + (size_t)(t < n ? t : n - 1) * Hd;
+static inline __attribute__((always_inline)) void key_scores(const float *q, const char *keys, int n, int Hd, int f16,
+                                                            float *out) {
+    const char *row[KEYS_AT_ONCE];
+    for (int t = 0; t < KEYS_AT_ONCE; t++) row[t] = keys + (size_t)(t < n ? t : n - 1) * Hd * (f16 ? 2 : 4);
     __m256 acc[KEYS_AT_ONCE];
     for (int t = 0; t < KEYS_AT_ONCE; t++) acc[t] = _mm256_setzero_ps();
     int i = 0;
     for (; i + 8 <= Hd; i += 8) {
         __m256 qi = _mm256_loadu_ps(q + i);
-        for (int t = 0; t < KEYS_AT_ONCE; t++) acc[t] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(row[t] + i), acc[t]);
+        for (int t = 0; t < KEYS_AT_ONCE; t++) acc[t] = _mm256_fmadd_ps(qi, cache_load(row[t], i, f16), acc[t]);
     }
     __m256 columns[KEYS_AT_ONCE];
     transpose8(acc, columns); /* columns[j] lane t = acc[t] lane j */
@@ -183,39 +204,41 @@ static inline void key_scores(const float *q, const float *keys, int n, int Hd, 
     _mm256_storeu_ps(s8, sums);
     for (int t = 0; t < n; t++) {
         float tail = 0; /* a head width that is not a multiple of 8 */
-        for (int j = i; j < Hd; j++) tail += q[j] * row[t][j];
+        for (int j = i; j < Hd; j++) tail += q[j] * cache_element(row[t], j, f16);
         out[t] = s8[t] + tail;
     }
 }
 
 /* weighted_rows at AVX2's width: 32 columns at a time, two positions per turn */
-static void weighted_rows(const float *p, const float *rows, int n, int Hd, float *o) {
+static inline __attribute__((always_inline)) void weighted_rows(const float *p, const char *rows, int n, int Hd, int f16,
+                                                                float *o) {
+    size_t row_bytes = (size_t)Hd * (f16 ? 2 : 4);
     int i0 = 0;
     for (; i0 + 32 <= Hd; i0 += 32) {
         __m256 a[4], b[4];
         for (int k = 0; k < 4; k++) a[k] = b[k] = _mm256_setzero_ps();
         int t = 0;
         for (; t + 2 <= n; t += 2) {
-            const float *r0 = rows + (size_t)t * Hd + i0, *r1 = r0 + Hd;
+            const char *r0 = rows + (size_t)t * row_bytes, *r1 = r0 + row_bytes;
             __m256 w0 = _mm256_set1_ps(p[t]), w1 = _mm256_set1_ps(p[t + 1]);
             for (int k = 0; k < 4; k++) {
-                a[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(r0 + 8 * k), a[k]);
-                b[k] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(r1 + 8 * k), b[k]);
+                a[k] = _mm256_fmadd_ps(w0, cache_load(r0, i0 + 8 * k, f16), a[k]);
+                b[k] = _mm256_fmadd_ps(w1, cache_load(r1, i0 + 8 * k, f16), b[k]);
             }
         }
         if (t < n)
             for (int k = 0; k < 4; k++)
-                a[k] = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(rows + (size_t)t * Hd + i0 + 8 * k), a[k]);
+                a[k] = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), cache_load(rows + (size_t)t * row_bytes, i0 + 8 * k, f16), a[k]);
         for (int k = 0; k < 4; k++) _mm256_storeu_ps(o + i0 + 8 * k, _mm256_add_ps(a[k], b[k]));
     }
     for (; i0 + 8 <= Hd; i0 += 8) { /* the columns past the last 32: 8, then one at a time */
         __m256 a = _mm256_setzero_ps();
-        for (int t = 0; t < n; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(rows + (size_t)t * Hd + i0), a);
+        for (int t = 0; t < n; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), cache_load(rows + (size_t)t * row_bytes, i0, f16), a);
         _mm256_storeu_ps(o + i0, a);
     }
     for (; i0 < Hd; i0++) {
         float sum = 0;
-        for (int t = 0; t < n; t++) sum += p[t] * rows[(size_t)t * Hd + i0];
+        for (int t = 0; t < n; t++) sum += p[t] * cache_element(rows + (size_t)t * row_bytes, i0, f16);
         o[i0] = sum;
     }
 }
@@ -232,20 +255,34 @@ static inline __m256i counts(const uint8_t *ok, int j, int n, __m256i valid) {
 #endif
 
 /* Where each row's keys and values are: row r's cache holds `length[r]` positions per key/value
- * head (k[r], v[r]: float32 [K, length[r], Hd]), and its new token is at position start[r]. A batch
- * sharing one cache tensor (decode_layer) and sequences with caches of their own (decode_rows, the
- * server's continuous batches) are both this. */
+ * head (k[r], v[r]: [K, length[r], Hd], float16 if f16, else float32), and its new token is at
+ * position start[r]. A batch sharing one cache tensor (decode_layer) and sequences with caches of
+ * their own (decode_rows, the server's continuous batches) are both this. */
 typedef struct {
-    float *const *k, *const *v;
+    void *const *k, *const *v;
     const long *length;
     const int *start;
+    int f16;
 } RowCaches;
+
+/* n floats -> the cache's float16, rounded to nearest even (as PyTorch's .half()). Values past
+ * float16's range (65504) are held at its largest finite value: an infinite key would turn a whole
+ * softmax into NaN. */
+static void store_halves(const float *x, int n, uint16_t *out) {
+    const __m256 top = _mm256_set1_ps(65504.0f), bottom = _mm256_set1_ps(-65504.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_loadu_ps(x + i), bottom), top);
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    for (; i < n; i++) out[i] = _cvtss_sh(fminf(fmaxf(x[i], -65504.0f), 65504.0f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 
 /* A long cache comes from memory (a decode step's weights have pushed it out of the caches): its
  * rows are fetched into L2 AHEAD_KEYS positions before they are read, keys and values together. */
 #define AHEAD_KEYS 32
-static inline void fetch_row(const float *row, int Hd) {
-    for (int at = 0; at < Hd; at += 16) _mm_prefetch((const char *)(row + at), _MM_HINT_T1);
+static inline void fetch_row(const char *row, size_t bytes) {
+    for (size_t at = 0; at < bytes; at += 64) _mm_prefetch(row + at, _MM_HINT_T1);
 }
 
 /* Softmax's numerators for n scores: p[j] = e^(p[j] scale - best), 0 where ok[j] == 0 (ok NULL: every
@@ -305,29 +342,32 @@ static void softmax_numerators(float *p, int n, const uint8_t *ok, float scale, 
  * or on the other rows in the call. */
 #define ATTEND_PIECE 128
 
-/* One task: query heads q0 [G, Hd] against positions j0 .. j0 + n - 1 of one key/value head.
- * o [G, Hd] = sum over the positions of e^(s - best) v, best [G] = the largest score s, total [G] =
- * the sum of e^(s - best); masked positions (ok[j] == 0) count for nothing. p: room for G * n floats. */
-static void attend_piece(const float *q0, int G, int Hd, const float *keys, const float *values, int j0, int n,
-                         const uint8_t *ok, float inv_sqrt, float *p, float *o, float *best, float *total) {
-    keys += (size_t)j0 * Hd;
-    values += (size_t)j0 * Hd;
+/* One task: query heads q0 [G, Hd] against positions j0 .. j0 + n - 1 of one key/value head (its
+ * keys and values float16 if f16, else float32). o [G, Hd] = sum over the positions of e^(s - best) v,
+ * best [G] = the largest score s, total [G] = the sum of e^(s - best); masked positions (ok[j] == 0)
+ * count for nothing. p: room for G * n floats. Inlined with f16 a constant: one loop per type. */
+static inline __attribute__((always_inline)) void attend_piece(const float *q0, int G, int Hd, const void *key_rows,
+                                                              const void *value_rows, int f16, int j0, int n,
+                                                              const uint8_t *ok, float inv_sqrt, float *p, float *o,
+                                                              float *best, float *total) {
+    size_t row_bytes = (size_t)Hd * (f16 ? 2 : 4);
+    const char *keys = (const char *)key_rows + j0 * row_bytes, *values = (const char *)value_rows + j0 * row_bytes;
     for (int a = 0; a < AHEAD_KEYS && a < n; a++) { /* the piece's first rows: a piece is a new stream */
-        fetch_row(keys + (size_t)a * Hd, Hd);
-        fetch_row(values + (size_t)a * Hd, Hd);
+        fetch_row(keys + a * row_bytes, row_bytes);
+        fetch_row(values + a * row_bytes, row_bytes);
     }
     for (int t = 0; t < n; t += KEYS_AT_ONCE) { /* scores p [G, n] */
         int m = n - t < KEYS_AT_ONCE ? n - t : KEYS_AT_ONCE;
         for (int a = t + AHEAD_KEYS; a < t + AHEAD_KEYS + m && a < n; a++) {
-            fetch_row(keys + (size_t)a * Hd, Hd);
-            fetch_row(values + (size_t)a * Hd, Hd);
+            fetch_row(keys + a * row_bytes, row_bytes);
+            fetch_row(values + a * row_bytes, row_bytes);
         }
-        for (int hh = 0; hh < G; hh++) key_scores(q0 + (size_t)hh * Hd, keys + (size_t)t * Hd, m, Hd, p + (size_t)hh * n + t);
+        for (int hh = 0; hh < G; hh++) key_scores(q0 + (size_t)hh * Hd, keys + t * row_bytes, m, Hd, f16, p + (size_t)hh * n + t);
     }
     for (int hh = 0; hh < G; hh++) { /* softmax's numerators and their sum, then the weighted values */
         float *ph = p + (size_t)hh * n;
         softmax_numerators(ph, n, ok ? ok + j0 : NULL, inv_sqrt, best + hh, total + hh);
-        weighted_rows(ph, values, n, Hd, o + (size_t)hh * Hd);
+        weighted_rows(ph, values, n, Hd, f16, o + (size_t)hh * Hd);
     }
 }
 
@@ -367,9 +407,16 @@ static int attend(const float *q, int q_stride, const RowCaches *c, int M, int H
             failed = 1;
             continue;
         }
-        attend_piece(q + (size_t)r * q_stride + (size_t)g * G * Hd, G, Hd, c->k[r] + (size_t)g * c->length[r] * Hd,
-                     c->v[r] + (size_t)g * c->length[r] * Hd, j0, n, allowed ? allowed + (size_t)r * S : NULL, inv_sqrt, p,
-                     mine, mine + (size_t)G * Hd, mine + (size_t)G * Hd + G);
+        const float *qg = q + (size_t)r * q_stride + (size_t)g * G * Hd;
+        const uint8_t *ok = allowed ? allowed + (size_t)r * S : NULL;
+        size_t head = (size_t)g * c->length[r] * Hd; /* elements before key/value head g */
+        float *best = mine + (size_t)G * Hd, *total = best + G;
+        if (c->f16)
+            attend_piece(qg, G, Hd, (const uint16_t *)c->k[r] + head, (const uint16_t *)c->v[r] + head, 1, j0, n, ok, inv_sqrt,
+                         p, mine, best, total);
+        else
+            attend_piece(qg, G, Hd, (const float *)c->k[r] + head, (const float *)c->v[r] + head, 0, j0, n, ok, inv_sqrt, p,
+                         mine, best, total);
         free(p);
     }
     /* each query head's pieces, in order: out = sum e^(best_c - best) o_c / sum e^(best_c - best) total_c */
@@ -425,8 +472,14 @@ static int layer_step(const Layer *L, const float *x, int M, const float *cos, c
             for (int h = 0; h < H + K; h++) rotate(row + (size_t)h * Hd, cr, sr, Hd); /* q and k */
             for (int g = 0; g < K; g++) {                                              /* cache.update */
                 size_t at = ((size_t)g * c->length[r] + c->start[r]) * Hd;
-                memcpy(c->k[r] + at, row + (size_t)(H + g) * Hd, sizeof(float) * Hd);
-                memcpy(c->v[r] + at, row + (size_t)(H + K + g) * Hd, sizeof(float) * Hd);
+                const float *key = row + (size_t)(H + g) * Hd, *value = row + (size_t)(H + K + g) * Hd;
+                if (c->f16) {
+                    store_halves(key, Hd, (uint16_t *)c->k[r] + at);
+                    store_halves(value, Hd, (uint16_t *)c->v[r] + at);
+                } else {
+                    memcpy((float *)c->k[r] + at, key, sizeof(float) * Hd);
+                    memcpy((float *)c->v[r] + at, value, sizeof(float) * Hd);
+                }
             }
         }
         code = attend(qkv, qkv_width, c, M, H, K, Hd, allowed, att);
@@ -453,24 +506,24 @@ static int layer_step(const Layer *L, const float *x, int M, const float *cos, c
 }
 
 /* x [M, D] at position `start` (one token per row) -> out [M, D]; writes the rows' keys and values at
- * `start` in the cache, model.py's LayerCache: k and v float32 [rows >= M, K, length, Hd],
- * contiguous. cos, sin [rope_rows, Hd] (rope_rows 1: shared by every row, else M).
- * Returns a Status: STATUS_OK, STATUS_OUT_OF_MEMORY, or a product's. */
-int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows,
-                 float *cache_k, float *cache_v, long length, int start, const uint8_t *allowed, float *out) {
-    float **k = malloc(sizeof(float *) * M), **v = malloc(sizeof(float *) * M);
+ * `start` in the cache, model.py's LayerCache: k and v [rows >= M, K, length, Hd], contiguous,
+ * float16 if cache_f16, else float32. cos, sin [rope_rows, Hd] (rope_rows 1: shared by every row,
+ * else M). Returns a Status: STATUS_OK, STATUS_OUT_OF_MEMORY, or a product's. */
+int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows, void *cache_k,
+                 void *cache_v, int cache_f16, long length, int start, const uint8_t *allowed, float *out) {
+    void **k = malloc(sizeof(void *) * M), **v = malloc(sizeof(void *) * M);
     long *lengths = malloc(sizeof(long) * M);
     int *starts = malloc(sizeof(int) * M);
     int code = (k && v && lengths && starts) ? STATUS_OK : STATUS_OUT_OF_MEMORY;
     if (!code) {
-        size_t row = (size_t)L->n_kv_heads * length * L->head_dim;
+        size_t row = (size_t)L->n_kv_heads * length * L->head_dim * (cache_f16 ? 2 : 4); /* bytes */
         for (int r = 0; r < M; r++) {
-            k[r] = cache_k + r * row;
-            v[r] = cache_v + r * row;
+            k[r] = (char *)cache_k + r * row;
+            v[r] = (char *)cache_v + r * row;
             lengths[r] = length;
             starts[r] = start;
         }
-        RowCaches c = {k, v, lengths, starts};
+        RowCaches c = {k, v, lengths, starts, cache_f16};
         code = layer_step(L, x, M, cos, sin, rope_rows, &c, allowed, out);
     }
     free(k);
@@ -481,12 +534,12 @@ int decode_layer(const Layer *L, const float *x, int M, const float *cos, const 
 }
 
 /* decode_layer for rows that are separate sequences (a server's continuous batch): row r at position
- * start[r], its cache k[r], v[r] float32 [K, length[r], Hd] (the address of each row's LayerCache
- * tensors, as int64). cos, sin [M, Hd], each row's own. The products read the weights once for all
- * rows; everything else is per row, so a row's result is the same in any company. */
+ * start[r], its cache k[r], v[r] [K, length[r], Hd] (the address of each row's LayerCache tensors, as
+ * int64; float16 if cache_f16, else float32). cos, sin [M, Hd], each row's own. The products read the
+ * weights once for all rows; everything else is per row, so a row's result is the same in any company. */
 int decode_rows(const Layer *L, const float *x, int M, const float *cos, const float *sin, const int64_t *cache_k,
-                const int64_t *cache_v, const long *length, const int *start, float *out) {
-    RowCaches c = {(float *const *)cache_k, (float *const *)cache_v, length, start};
+                const int64_t *cache_v, int cache_f16, const long *length, const int *start, float *out) {
+    RowCaches c = {(void *const *)cache_k, (void *const *)cache_v, length, start, cache_f16};
     return layer_step(L, x, M, cos, sin, M, &c, NULL, out);
 }
 

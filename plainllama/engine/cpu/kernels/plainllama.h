@@ -133,10 +133,10 @@ int prompt_attention_f32(const float *q, long q_b, long q_t, const float *k, con
                          float *out);
 
 /* decode_layer.c: one decode step of a layer (one new token per row), and a prompt's in-between steps */
-int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows, float *cache_k,
-                 float *cache_v, long length, int start, const uint8_t *allowed, float *out);
+int decode_layer(const Layer *L, const float *x, int M, const float *cos, const float *sin, int rope_rows, void *cache_k,
+                 void *cache_v, int cache_f16, long length, int start, const uint8_t *allowed, float *out);
 int decode_rows(const Layer *L, const float *x, int M, const float *cos, const float *sin, const int64_t *cache_k,
-                const int64_t *cache_v, const long *length, const int *start, float *out);
+                const int64_t *cache_v, int cache_f16, const long *length, const int *start, float *out);
 int rms_norm_rows(const float *x, const float *weight, long M, int D, float eps, float *out);
 int rotate_rows(float *x, long B, int T, int width, int heads, int Hd, const float *cos, const float *sin, int rope_rows);
 int swiglu_rows(const float *gate_up, long M, int F, float *out);

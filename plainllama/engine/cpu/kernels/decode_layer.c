@@ -102,10 +102,16 @@ static void swiglu_row(const float *gate_up, int F, float *out) {
 /* The attention's two inner loops (attend_piece below), at each level's width. */
 #define KEYS_AT_ONCE 16
 
-/* 16 cache elements at element i of row (the lanes of `in`; the others 0), widened to float32 */
+/* 16 cache elements at element i of row (the lanes of `in`; the others 0), widened to float32. A
+ * masked load does not fuse with the multiply-add that uses it: whole chunks (every head width a
+ * model has) take plain loads, 1.25x faster key scores. */
 static inline __attribute__((always_inline)) __m512 cache_load(const void *row, int i, __mmask16 in, int f16) {
     if (f16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, (const uint16_t *)row + i));
     return _mm512_maskz_loadu_ps(in, (const float *)row + i);
+}
+static inline __attribute__((always_inline)) __m512 cache_load16(const void *row, int i, int f16) {
+    if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)));
+    return _mm512_loadu_ps((const float *)row + i);
 }
 
 /* out[t] = q . keys[t] for t < n <= KEYS_AT_ONCE (keys Hd apart): each key's running sum in a register
@@ -118,8 +124,13 @@ static inline __attribute__((always_inline)) void key_scores(const float *q, con
     for (int t = 0; t < KEYS_AT_ONCE; t++) row[t] = keys + (size_t)(t < n ? t : n - 1) * Hd * (f16 ? 2 : 4);
     __m512 acc[4][4];
     for (int t = 0; t < KEYS_AT_ONCE; t++) acc[t % 4][t / 4] = _mm512_setzero_ps();
-    for (int i = 0; i < Hd; i += 16) {
-        __mmask16 in = Hd - i >= 16 ? 0xFFFF : (__mmask16)((1u << (Hd - i)) - 1);
+    int i = 0;
+    for (; i + 16 <= Hd; i += 16) {
+        __m512 qi = _mm512_loadu_ps(q + i);
+        for (int t = 0; t < KEYS_AT_ONCE; t++) acc[t % 4][t / 4] = _mm512_fmadd_ps(qi, cache_load16(row[t], i, f16), acc[t % 4][t / 4]);
+    }
+    if (i < Hd) {
+        __mmask16 in = (__mmask16)((1u << (Hd - i)) - 1);
         __m512 qi = _mm512_maskz_loadu_ps(in, q + i);
         for (int t = 0; t < KEYS_AT_ONCE; t++)
             acc[t % 4][t / 4] = _mm512_fmadd_ps(qi, cache_load(row[t], i, in, f16), acc[t % 4][t / 4]);
@@ -144,6 +155,15 @@ static inline __attribute__((always_inline)) void weighted_rows(const float *p, 
             a[k] = b[k] = _mm512_setzero_ps();
         }
         int t = 0;
+        if (Hd - i0 >= 64) /* whole chunks: plain loads (cache_load16) */
+            for (; t + 2 <= n; t += 2) {
+                const char *r0 = rows + (size_t)t * row_bytes, *r1 = r0 + row_bytes;
+                __m512 w0 = _mm512_set1_ps(p[t]), w1 = _mm512_set1_ps(p[t + 1]);
+                for (int k = 0; k < 4; k++) {
+                    a[k] = _mm512_fmadd_ps(w0, cache_load16(r0, i0 + 16 * k, f16), a[k]);
+                    b[k] = _mm512_fmadd_ps(w1, cache_load16(r1, i0 + 16 * k, f16), b[k]);
+                }
+            }
         for (; t + 2 <= n; t += 2) {
             const char *r0 = rows + (size_t)t * row_bytes, *r1 = r0 + row_bytes;
             __m512 w0 = _mm512_set1_ps(p[t]), w1 = _mm512_set1_ps(p[t + 1]);

@@ -148,6 +148,8 @@ class LayerCache:
         """Write the new keys/values [B, K, T, Hd] at `start` (into the first B rows); return
         everything up to them [B, K, S, Hd]."""
         b, end = k.shape[0], start + k.shape[2]
+        if self.k.dtype == torch.float16:  # (Transformer.kv_dtype) past its range: its largest value, not inf
+            k, v = k.clamp(-65504, 65504), v.clamp(-65504, 65504)
         self.k[:b, :, start:end] = k
         self.v[:b, :, start:end] = v
         return self.k[:b, :, :end], self.v[:b, :, :end]

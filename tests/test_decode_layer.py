@@ -129,6 +129,32 @@ def test_layer_step_matches_model_py(model, rows, padded, start, cache_dtype):
             )
 
 
+def test_float16_cache_holds_keys_past_its_range_at_its_largest_value(model):
+    """A key or value beyond float16's range (65504) is held at +-65504 by both paths (decode_layer.c's
+    store_halves, LayerCache.update), not as inf, which would make the whole softmax NaN. Made here by
+    scaling a layer's attention norm by 1e6 (the C layer reads the same tensor)."""
+    args, layer = model.args, model.layers[0]
+    cos, sin = rotary_cos_sin(args, torch.full((1, 1), 37))
+    x = torch.randn(1, 1, args.dim, generator=torch.Generator().manual_seed(2))
+    weight = layer.attention_norm.weight
+    saved = weight.clone()
+    try:
+        with torch.inference_mode():
+            weight.mul_(1e6)
+            fast_cache = random_cache(args, 1, 60, seed=0, dtype=torch.float16)
+            slow_cache = copy_cache(fast_cache, args)
+            fast = layer(x, cos, sin, None, fast_cache.layers[0], 37)
+            slow = TransformerBlock.forward(layer, x, cos, sin, None, slow_cache.layers[0], 37)
+    finally:
+        with torch.inference_mode():
+            weight.copy_(saved)
+    for cache in (fast_cache, slow_cache):
+        written = cache.layers[0].k[:, :, 37].float()
+        assert written.abs().max().item() == 65504 and torch.isfinite(written).all()
+    assert torch.equal(fast_cache.layers[0].k, slow_cache.layers[0].k)
+    assert torch.isfinite(fast).all() and torch.isfinite(slow).all()
+
+
 @pytest.mark.parametrize("start", [37, 700])
 def test_layer_step_gives_a_row_the_same_bits_with_any_threads_and_company(model, start):
     """decode_layer.c's attention cuts a cache into pieces of 128 positions that any thread takes, and

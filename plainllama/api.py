@@ -29,7 +29,7 @@ from .errors import PlainLlamaError
 from .formats import Checkpoint, open_checkpoint
 from .generation.batch import generate_batch
 from .generation.beam import Beam, beam_search
-from .generation.generate import check_prompt
+from .generation.generate import check_prompt, device_and_dtype
 from .generation.stops import StopMatcher
 from .generation.stream import Generation, GenerationStream
 from .model import Transformer
@@ -96,7 +96,7 @@ class LLM:
             self.plan.check_request(rows, length)
         if self.device.type == "cpu":
             needed = (
-                kv_bytes(self.args, rows * length, self.model.kv_dtype or self.dtype)
+                kv_bytes(self.args, rows * length, device_and_dtype(self.model)[1])
                 + 4 * rows * self.args.vocab_size * 4
             )
             if needed > available_ram():

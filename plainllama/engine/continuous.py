@@ -60,7 +60,6 @@ class SequenceCache(KVCache):
 
     def __init__(self, model: Transformer, length: int):
         super().__init__(model.args, 1, length, model.kv_dtype or torch.float32, torch.device("cpu"))
-        self.f16 = self.layers[0].k.dtype == torch.float16
         self.k_addresses = torch.tensor([layer.k.data_ptr() for layer in self.layers], dtype=torch.int64)
         self.v_addresses = torch.tensor([layer.v.data_ptr() for layer in self.layers], dtype=torch.int64)
 
@@ -77,6 +76,7 @@ def step_rows(model: Transformer, tokens: list[int], positions: list[int], cache
         starts = torch.tensor(positions, dtype=torch.int32)
         k_addresses = torch.stack([c.k_addresses for c in caches], dim=1).contiguous()  # [layers, M]
         v_addresses = torch.stack([c.v_addresses for c in caches], dim=1).contiguous()
+        f16 = caches[0].layers[0].k.dtype == torch.float16  # every SequenceCache of a model holds one dtype
         decode_rows = kernels.function("decode_rows")
         for i, layer in enumerate(model.layers):
             out = torch.empty_like(x)
@@ -89,7 +89,7 @@ def step_rows(model: Transformer, tokens: list[int], positions: list[int], cache
                     sin.data_ptr(),
                     k_addresses[i].data_ptr(),
                     v_addresses[i].data_ptr(),
-                    caches[0].f16,
+                    f16,
                     lengths.data_ptr(),
                     starts.data_ptr(),
                     out.data_ptr(),

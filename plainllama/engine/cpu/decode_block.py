@@ -339,10 +339,10 @@ def cache_dtype(device: torch.device, dtype: torch.dtype, weights: str) -> torch
     run in decode_layer.c (compressed weights on the CPU, float32 activations, the kernels built),
     which widens each element to float32 as it reads it, as llama.cpp's default cache does: half the
     memory, and half the bytes a step reads at a long context, where the cache outweighs the weights
-    (7000 positions of the default model: 322 MB in float32, the weights 98). The rounding, 2^-11 of
-    each key and value, is the size of float32 products' own differences (tests/test_decode_layer.py
-    states the bounds). Elsewhere the model's own dtype: model.py's attention would widen the whole
-    cache at every step."""
+    (7000 positions of the default model: 322 MB in float32, the weights 98). Float16 keeps 11
+    significant bits, so each key and value moves by up to 2^-12 of itself; its effect on the real
+    model's next-token distribution is bounded in tests/test_decode_layer.py. Elsewhere the model's own
+    dtype: model.py's attention would widen the whole cache at every step."""
     kernel_steps = device.type == "cpu" and dtype == torch.float32 and weights != "float" and kernels.available()
     return torch.float16 if kernel_steps else dtype
 

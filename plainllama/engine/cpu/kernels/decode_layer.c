@@ -14,7 +14,7 @@
  * Shapes: M rows (a batch or beams, one new token each), D width, H query heads, K key/value heads,
  * Hd head width, F feed-forward width, S = start + 1 positions attended to.
  * The cache is model.py's LayerCache: k and v [rows >= M, K, length, Hd], contiguous, float32 or
- * float16 (`f16` below: generate.py's cache_dtype holds it in float16, half the bytes a long context
+ * float16 (`f16` below: decode_block.py's cache_dtype holds it in float16, half the bytes a long context
  * reads per token; the arithmetic stays float32, each element widened as it is loaded).
  */
 
@@ -154,22 +154,14 @@ static inline __attribute__((always_inline)) void weighted_rows(const float *p, 
             in[k] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
             a[k] = b[k] = _mm512_setzero_ps();
         }
-        int t = 0;
-        if (Hd - i0 >= 64) /* whole chunks: plain loads (cache_load16) */
-            for (; t + 2 <= n; t += 2) {
-                const char *r0 = rows + (size_t)t * row_bytes, *r1 = r0 + row_bytes;
-                __m512 w0 = _mm512_set1_ps(p[t]), w1 = _mm512_set1_ps(p[t + 1]);
-                for (int k = 0; k < 4; k++) {
-                    a[k] = _mm512_fmadd_ps(w0, cache_load16(r0, i0 + 16 * k, f16), a[k]);
-                    b[k] = _mm512_fmadd_ps(w1, cache_load16(r1, i0 + 16 * k, f16), b[k]);
-                }
-            }
+        int t = 0, whole = Hd - i0 >= 64; /* whole: plain loads (the compiler makes a loop of each) */
         for (; t + 2 <= n; t += 2) {
             const char *r0 = rows + (size_t)t * row_bytes, *r1 = r0 + row_bytes;
             __m512 w0 = _mm512_set1_ps(p[t]), w1 = _mm512_set1_ps(p[t + 1]);
             for (int k = 0; k < 4; k++) {
-                a[k] = _mm512_fmadd_ps(w0, cache_load(r0, i0 + 16 * k, in[k], f16), a[k]);
-                b[k] = _mm512_fmadd_ps(w1, cache_load(r1, i0 + 16 * k, in[k], f16), b[k]);
+                int at = i0 + 16 * k;
+                a[k] = _mm512_fmadd_ps(w0, whole ? cache_load16(r0, at, f16) : cache_load(r0, at, in[k], f16), a[k]);
+                b[k] = _mm512_fmadd_ps(w1, whole ? cache_load16(r1, at, f16) : cache_load(r1, at, in[k], f16), b[k]);
             }
         }
         if (t < n) {

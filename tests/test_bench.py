@@ -39,7 +39,12 @@ def test_bench_json_reports_every_figure(model_path):
     # the path a prompt's products took, as the packed weights choose it on this CPU
     from plainllama.engine.cpu import kernels, packed
 
-    paths = {"amx bfloat16", "oneDNN bfloat16", "int8 kernels (16-bit weights: float32)"}
+    paths = {
+        "amx bfloat16",
+        "oneDNN bfloat16",
+        "int8 kernels (16-bit weights: float32)",
+        "int8 kernels (16-bit weights: oneDNN bfloat16)",
+    }
     assert figures["prompt_products"] == packed.prompt_products() and figures["prompt_products"] in paths
     assert (figures["prompt_products"] == "amx bfloat16") == kernels.amx()
 

@@ -455,22 +455,35 @@ def test_int8_prompt_rows_are_the_rows_a_decode_step_gives(name, isa, monkeypatc
     assert_product_of_stored_numbers(packed, x, out)
 
 
-def test_prompts_take_int8_exactly_where_the_kernels_run_without_bfloat16_arithmetic(monkeypatch):
+def test_prompts_take_int8_where_the_kernels_run_at_avx512_or_without_bfloat16_arithmetic(monkeypatch):
     """Which path a prompt's products take, and the name `plainllama bench` gives it, for each
-    combination of what the CPU has (AMX first; then native bfloat16; then the int8 kernels)."""
+    combination of what the CPU has: AMX first; then the int8 kernels at the AVX-512 level (VNNI),
+    with or without bfloat16 arithmetic (they beat oneDNN's bfloat16 there, unless oneDNN has AMX);
+    then native bfloat16 (the AVX2 level on a CPU with it); then the int8 kernels of any level."""
     from plainllama.engine.cpu import packed as packed_module
 
-    for amx, bf16, available, path in [
-        (True, True, True, "amx bfloat16"),
-        (False, True, True, "oneDNN bfloat16"),
-        (False, False, True, "int8 kernels (16-bit weights: float32)"),
-        (False, False, False, "torch weight-only"),
+    for amx, bf16, isa, path in [
+        (True, True, "amx", "amx bfloat16"),
+        (False, True, "avx512", "int8 kernels (16-bit weights: oneDNN bfloat16)"),
+        (False, False, "avx512", "int8 kernels (16-bit weights: float32)"),
+        (False, True, "avx2", "oneDNN bfloat16"),
+        (False, False, "avx2", "int8 kernels (16-bit weights: float32)"),
+        (False, True, "none", "torch weight-only"),
+        (False, False, "none", "torch weight-only"),
     ]:
         monkeypatch.setattr(kernels, "amx", lambda amx=amx: amx)
-        monkeypatch.setattr(kernels, "available", lambda available=available: available)
+        monkeypatch.setattr(kernels, "available", lambda isa=isa: isa != "none")
+        monkeypatch.setattr(kernels, "isa", lambda isa=isa: isa)
         monkeypatch.setattr(packed_module, "_bf16_products_fast", lambda bf16=bf16: bf16)
         assert packed_module.prompt_products() == path
-        assert packed_module._int8_prompts() == (path.startswith("int8"))
+        assert packed_module._int8_prompts() == path.startswith("int8")
+    # The kernels capped at AVX-512 on a CPU with AMX: oneDNN's bfloat16 runs on AMX, so it stays.
+    monkeypatch.setattr(kernels, "amx", lambda: False)
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(kernels, "isa", lambda: "avx512")
+    monkeypatch.setattr(packed_module, "_bf16_products_fast", lambda: True)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True, "avx512_bf16": True})
+    assert packed_module.prompt_products() == "oneDNN bfloat16" and not packed_module._int8_prompts()
 
 
 def test_parts_that_do_not_match_the_shape_are_refused():

@@ -31,10 +31,11 @@ How a product runs depends on how many rows of activations come at once:
         with the activations quantized to int8 per block of 32, as llama.cpp does;
     many (a prompt): on a CPU with AMX, kernels/amx_matmul.c unpacks the weights (any layout) block
         by block straight into its matrix units' tile layout, with bfloat16 inputs and float32 sums;
-        elsewhere the weights are unpacked to bfloat16 a slice at a time into a reused buffer and
-        multiplied by oneDNN (AVX-512 BF16); where there is no bfloat16 arithmetic, quantized
-        weights go through the direct kernels as in decoding (int8 activations), and 16-bit ones
-        are unpacked to float32.
+        elsewhere quantized weights go through the direct kernels as in decoding (int8 activations)
+        wherever they run at the AVX-512 level or the CPU has no bfloat16 arithmetic, and are
+        otherwise unpacked to bfloat16 a slice at a time into a reused buffer and multiplied by
+        oneDNN; 16-bit weights go to oneDNN's bfloat16 where the CPU has it (AVX-512 BF16), and are
+        unpacked to float32 where it does not.
 Where the C kernels do not run at all, every product goes through PyTorch's weight-only operators
 (torch_products.py), so the weights stay compressed there too.
 """
@@ -107,14 +108,21 @@ def _bf16_products_fast() -> bool:
 def _int8_prompts() -> bool:
     """Whether prompts multiply quantized weights with the direct kernels (the activations quantized
     to int8 per block of 32, as decoding does, and as llama.cpp does for prompts) instead of unpacking
-    the weights to float32: wherever the kernels run and the CPU has no bfloat16 arithmetic (Intel
-    before Sapphire Rapids, AMD before Zen 4). A row's result is then also the one a decode step gives
-    it. Measured on a Xeon with AMX, each level emulated by capping the kernels and PyTorch
+    the weights to float32 or bfloat16: wherever the kernels run at the AVX-512 level (VNNI), and
+    wherever the CPU has no bfloat16 arithmetic (Intel before Sapphire Rapids, AMD before Zen 4).
+    (With AMX, amx_matmul.c takes them first.) A row's result is then also the one a decode step
+    gives it. Measured on a Xeon with AMX, each level emulated by capping the kernels and PyTorch
     (PLAINLLAMA_ISA, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA; benchmarks/products.py --prompt, the
     four 1B layer shapes, 512 rows, 2 threads), int8 against float32: AVX-512 VNNI 2.4-3.2x on every
     quantized layout; AVX2 with AVX-VNNI 1.16-1.78x; AVX2 alone (the kernels built without AVX-VNNI)
-    1.24-1.76x on q4, q5, q6, q3, 0.97x on q8 and 1.06x on q2 (docs/performance.md)."""
-    return not _bf16_products_fast() and kernels.available()
+    1.24-1.76x on q4, q5, q6, q3, 0.97x on q8 and 1.06x on q2. Against oneDNN's bfloat16 on a Zen 4
+    (AVX-512 BF16): 1.15-1.41x, every quantized layout. bfloat16 stays at the AVX2 level, and where
+    oneDNN multiplies it with AMX (the kernels capped below AMX by PLAINLLAMA_ISA) (docs/performance.md)."""
+    if not kernels.available():
+        return False
+    if not _bf16_products_fast():
+        return True
+    return kernels.isa() == "avx512" and not torch.cpu.get_capabilities().get("amx_bf16")
 
 
 def prompt_products() -> str:
@@ -123,9 +131,9 @@ def prompt_products() -> str:
         return "torch weight-only"
     if kernels.amx():
         return "amx bfloat16"
-    if _bf16_products_fast():
-        return "oneDNN bfloat16"
-    return "int8 kernels (16-bit weights: float32)"  # _int8_prompts
+    if _int8_prompts():
+        return "int8 kernels (16-bit weights: " + ("oneDNN bfloat16)" if _bf16_products_fast() else "float32)")
+    return "oneDNN bfloat16"
 
 
 class _Scratch(threading.local):

@@ -410,7 +410,7 @@ static inline __attribute__((always_inline)) void arranged_tile(const QuantizedP
         for (int s = 0; s < GROUP_STEPS; s++) {
             __m512i w[W_ROWS], x[X_TILE];
             for (int r = 0; r < W_ROWS; r++) w[r] = _mm512_load_si512(&rows[(size_t)r * groups + g].w[s]);
-            for (int i = 0; i < X_TILE; i++) x[i] = _mm512_load_si512(xg[i] + 64 * s);
+            for (int i = 0; i < X_TILE; i++) x[i] = load_held(xg[i] + 64 * s); /* vectors.h: why */
             for (int r = 0; r < W_ROWS; r++)
                 for (int i = 0; i < X_TILE; i++)
                     dot[r][i] = _mm512_dpbusd_epi32(s ? dot[r][i] : _mm512_setzero_si512(), w[r], x[i]);

@@ -334,7 +334,7 @@ static inline __attribute__((always_inline)) void unpacked_tile(const Q6Activati
         for (int s = 0; s < 4; s++) {
             __m512i w[Q6_ROWS], x[Q6_X_TILE];
             for (int r = 0; r < Q6_ROWS; r++) w[r] = _mm512_load_si512(&rows[(size_t)r * S + sb].w[s]);
-            for (int i = 0; i < Q6_X_TILE; i++) x[i] = _mm512_load_si512(xg[i] + s);
+            for (int i = 0; i < Q6_X_TILE; i++) x[i] = load_held(xg[i] + s); /* vectors.h: why */
             for (int r = 0; r < Q6_ROWS; r++)
                 for (int i = 0; i < Q6_X_TILE; i++)
                     dot[r][i] = _mm512_dpbusd_epi32(s ? dot[r][i] : _mm512_setzero_si512(), w[r], x[i]);

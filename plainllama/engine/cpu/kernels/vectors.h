@@ -10,6 +10,17 @@
 
 #if KERNELS_AVX512
 
+/* 64 aligned bytes at p, loaded by an instruction of their own. In the prompt tiles (a few weight
+ * rows by a few rows of x, every pair one vpdpbusd a step) GCC folds each use of x's step into its
+ * vpdpbusd as a memory operand, W_ROWS loads of the same bytes instead of one: 20 loads a step for
+ * 16 vpdpbusd, and a Zen 4 core loads one 512-bit vector a cycle. The empty asm gives the value a
+ * register of its own. On a Zen 4 (benchmarks/products.py --prompt): 1.3-1.5x the int8 products. */
+static inline __m512i load_held(const void *p) {
+    __m512i v = _mm512_load_si512(p);
+    __asm__("" : "+v"(v));
+    return v;
+}
+
 /* r[c] = row c of a 16 x 16 matrix of dwords -> r[i] = column i */
 static inline void transpose16(__m512i r[16]) {
     __m512i t[16];

@@ -105,13 +105,24 @@ def test_quantized_gguf_is_cut_on_block_boundaries(gguf_models, tmp_path, world)
 
 
 def test_quantized_gguf_runs_packed_on_each_rank(gguf_models, tmp_path):
-    """Q8_0 kept as blocks on 2 ranks, products in the C kernels: within the kernels' int8-activation
-    error of the dequantized single process (the kernels quantize x per 32-weight block, and a cut
-    falls between blocks, so each rank's blocks see the same x blocks as one process's)."""
-    single = run_worker(gguf_models["Q8_0"], tmp_path / "one.pt", 1, {"dtype": "float32"})
+    """Q8_0 kept as blocks on 2 ranks, products in the C kernels, against the dequantized single
+    process: no further from it than the packed single process is. A cut falls between blocks, so
+    each rank's blocks see the x blocks one process's do; what the ranks change is the order in
+    which wo's and w2's partial sums are added, and through that, now and then, the rounding of an
+    activation to int8 (where prompts take the int8 kernels), which moves a block's product by up to
+    a step of its x scale (max|x| / 127): the same size of error as the int8 path's own, not a new
+    one. Measured on the Zen 4 (int8 prompts), of the largest logit: packed single process 0.023,
+    2 ranks 0.022 (and 0.021 from each other); a slice from the wrong rows changes logits by O(1)."""
+    dequantized = run_worker(gguf_models["Q8_0"], tmp_path / "float.pt", 1, {"dtype": "float32"})
+    single = run_worker(gguf_models["Q8_0"], tmp_path / "one.pt", 1, {})
     parallel = run_worker(gguf_models["Q8_0"], tmp_path / "n.pt", 2, {})
-    scale = single["logits"].abs().max().item()
-    assert (single["logits"] - parallel["logits"]).abs().max().item() <= 0.02 * scale
+    scale = dequantized["logits"].abs().max().item()
+
+    def distance(run):
+        return (run["logits"] - dequantized["logits"]).abs().max().item() / scale
+
+    assert distance(single) < 0.05  # the packed path's own error on these random weights
+    assert distance(parallel) <= 1.5 * distance(single)
 
 
 def test_a_cut_inside_a_k_quant_super_block_is_refused(gguf_models):

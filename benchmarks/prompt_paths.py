@@ -6,7 +6,9 @@ rather than on products alone (benchmarks/products.py --prompt).
     .venv/bin/python benchmarks/prompt_paths.py FILE.gguf [FILE.gguf ...] [--tokens 512] [--rounds 4]
 
 Each round times one prefill of --tokens tokens per path (the last position's logits only, as
-`plainllama bench` does); prints the best round's tok/s per path and their ratio.
+`plainllama bench` does); prints the best round's tok/s per path and their ratio. On a CPU with AMX
+the kernels' AMX path is set aside, but oneDNN's bfloat16 still runs on AMX unless
+ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 caps it: cap it to see a CPU without AMX.
 """
 
 from __future__ import annotations

@@ -443,8 +443,20 @@ static void quantized_group(const QuantizedProduct *p, int gi, int q8) {
     ArrangedGroup *rows;
     if (p->M >= MANY_ROWS && R == W_ROWS && (rows = thread_buffer(sizeof(ArrangedGroup) * W_ROWS * p->groups))) {
         arrange_rows(p, q8, n, rows);
-        int i0 = 0;
-        for (; i0 + X_TILE <= p->M; i0 += X_TILE) (q8 ? arranged_tile_q8 : arranged_tile_q4)(p, rows, n, i0);
+        size_t row_bytes = q8 ? (size_t)p->K : (size_t)p->K / 2; /* row_groups.h's fetch_part: why */
+        const uint8_t *next = n + 2 * W_ROWS <= p->N ? (const uint8_t *)p->qs + (size_t)(n + W_ROWS) * row_bytes : NULL;
+        if (next) { /* the next item's smaller parts at once: fifth bits, scales, minimums */
+            size_t at = (size_t)(n + W_ROWS) * p->nb, blocks = (size_t)W_ROWS * p->nb, per_scale = p->sc ? 8 : 1;
+            if (p->qh) fetch_part(p->qh + at, blocks * 4, 0, 1);
+            fetch_part(p->d + at / per_scale, blocks / per_scale * 2, 0, 1);
+            if (p->m) fetch_part(p->m + at / per_scale, blocks / per_scale * 2, 0, 1);
+            if (p->sc) fetch_part(p->sc + at, blocks, 0, 1), fetch_part(p->mn + at, blocks, 0, 1);
+        }
+        int i0 = 0, count = p->M / X_TILE;
+        for (; i0 + X_TILE <= p->M; i0 += X_TILE) {
+            (q8 ? arranged_tile_q8 : arranged_tile_q4)(p, rows, n, i0);
+            if (next) fetch_part(next, W_ROWS * row_bytes, i0 / X_TILE, count);
+        }
         if (i0 < p->M) tile_for(p, R, p->M - i0)(p, n, i0, NULL);
         return;
     }

@@ -372,13 +372,22 @@ static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int 
 #if KERNELS_AVX512
 typedef void UnpackRowsFn(const Q6Product *p, int n, UnpackedSuper *rows);
 typedef void UnpackedTileFn(const Q6Product *p, const UnpackedSuper *rows, int n, int i0);
-static int many_rows(const Q6Product *p, int n, int R, UnpackRowsFn *unpack, UnpackedTileFn *tile,
+static int many_rows(const Q6Product *p, int n, int R, int super_bytes, UnpackRowsFn *unpack, UnpackedTileFn *tile,
                      Q6TileFn *const tiles[Q6_ROWS][Q6_X_TILE]) {
     UnpackedSuper *rows;
     if (p->M < Q6_MANY_ROWS || R < Q6_ROWS || !(rows = thread_buffer(sizeof(UnpackedSuper) * Q6_ROWS * p->supers))) return 0;
     unpack(p, n, rows);
-    int i0 = 0;
-    for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) tile(p, rows, n, i0);
+    size_t item_bytes = (size_t)Q6_ROWS * p->supers * super_bytes; /* the next work item's values, then scales */
+    const uint8_t *next = n + 2 * Q6_ROWS <= p->N ? p->qs + (size_t)(n + Q6_ROWS) * p->supers * super_bytes : NULL;
+    if (next) { /* the next item's scales at once */
+        fetch_part(p->sc + (size_t)(n + Q6_ROWS) * p->supers * SUBS, (size_t)Q6_ROWS * p->supers * SUBS, 0, 1);
+        fetch_part(p->d + (size_t)(n + Q6_ROWS) * p->supers, (size_t)Q6_ROWS * p->supers * 2, 0, 1);
+    }
+    int i0 = 0, count = p->M / Q6_X_TILE;
+    for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) {
+        tile(p, rows, n, i0);
+        if (next) fetch_part(next, item_bytes, i0 / Q6_X_TILE, count);
+    }
     if (i0 < p->M) tiles[R - 1][p->M - i0 - 1](p, n, i0, NULL);
     return 1;
 }
@@ -399,7 +408,7 @@ static void q6_group(const void *product, int gi) {
     const Q6Product *p = product;
     int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
 #if KERNELS_AVX512
-    if (many_rows(p, n, R, q6_unpack_rows, q6_unpacked_tile, Q6_TILES)) return;
+    if (many_rows(p, n, R, SUPER_BYTES, q6_unpack_rows, q6_unpacked_tile, Q6_TILES)) return;
 #else
     if (many_rows(p, n, R, q6_many, Q6_TILES)) return;
 #endif
@@ -659,8 +668,17 @@ static void q2_group(const void *product, int gi) {
     UnpackedSuper *rows;
     if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = thread_buffer(sizeof(UnpackedSuper) * Q6_ROWS * p->supers))) {
         q2_unpack_rows(p, n, rows);
-        int i0 = 0;
-        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) q2_unpacked_tile(p, rows, n, i0);
+        size_t item_bytes = (size_t)Q6_ROWS * p->supers * Q2_BYTES; /* as many_rows: the next work item's */
+        const uint8_t *next = n + 2 * Q6_ROWS <= p->N ? p->qs + (size_t)(n + Q6_ROWS) * p->supers * Q2_BYTES : NULL;
+        if (next) { /* the next item's scales at once */
+            fetch_part(p->sc + (size_t)(n + Q6_ROWS) * p->supers * SUBS, (size_t)Q6_ROWS * p->supers * SUBS, 0, 1);
+            fetch_part(p->d + (size_t)(n + Q6_ROWS) * p->supers, (size_t)Q6_ROWS * p->supers * 2, 0, 1);
+        }
+        int i0 = 0, count = p->M / Q6_X_TILE;
+        for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) {
+            q2_unpacked_tile(p, rows, n, i0);
+            if (next) fetch_part(next, item_bytes, i0 / Q6_X_TILE, count);
+        }
         if (i0 < p->M) Q2_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
         return;
     }
@@ -938,7 +956,7 @@ static void q3_group(const void *product, int gi) {
     const Q3Product *p = product;
     int n = gi * Q6_ROWS, R = p->N - n < Q6_ROWS ? p->N - n : Q6_ROWS;
 #if KERNELS_AVX512
-    if (many_rows(p, n, R, q3_unpack_rows, q3_unpacked_tile, Q3_TILES)) return;
+    if (many_rows(p, n, R, Q3_BYTES, q3_unpack_rows, q3_unpacked_tile, Q3_TILES)) return;
 #else
     if (many_rows(p, n, R, q3_many, Q3_TILES)) return;
 #endif

@@ -87,6 +87,16 @@ static inline void *thread_buffer(size_t bytes) {
     return buffer;
 }
 
+/* Part `part` of `parts` of the bytes [start, start + bytes) fetched into L2. The many-rows paths of
+ * prompts unpack a work item's weight rows once and then spend a long while on tiles of x; spread
+ * over those tiles, the next work item's rows (the same thread's, as take_groups hands them out)
+ * arrive before they are unpacked, instead of the unpacking waiting on memory line by line. */
+static inline void fetch_part(const void *start, size_t bytes, int part, int parts) {
+    size_t lines = (bytes + 63) / 64, per = (lines + parts - 1) / parts;
+    size_t first = (size_t)part * per, end = first + per < lines ? first + per : lines;
+    for (size_t l = first; l < end; l++) _mm_prefetch((const char *)start + 64 * l, PREFETCH_HINT);
+}
+
 typedef void GroupFn(const void *product, int gi);
 
 /* group(product, gi) for every group gi in [0, groups), split between the threads as above. */

@@ -84,7 +84,9 @@ def main() -> None:
         baseline = library_from(args.against, level, Path(folder))
     if working is None or baseline is None:
         raise SystemExit(f"no kernels build at level {level} here")
-    print(f"{torch.get_num_threads()} threads, {args.rows} rows, level {level}; working tree against {args.against}")
+    capped = f" (PLAINLLAMA_ISA={level})" if level != "amx" else ""  # amx: the default, no cap
+    built = f"kernels {kernels.isa()}{capped}"
+    print(f"{torch.get_num_threads()} threads, {args.rows} rows, {built}; working tree against {args.against}")
     flops = 2 * args.rows * sum(n * k for n, k in SHAPES)
     libraries = {args.against: baseline, "working tree": working}
     if args.prefill:

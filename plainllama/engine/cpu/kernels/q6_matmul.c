@@ -370,6 +370,19 @@ static void q6_unpacked_tile(const Q6Product *p, const UnpackedSuper *rows, int 
  * keeps, the later ones read), and the last rows, fewer than a tile, take `tiles`. Returns 0 where
  * the work item does not take this path (few rows of x, a partial row group, no buffer). */
 #if KERNELS_AVX512
+/* The rows of the work item after rows n .. n + Q6_ROWS - 1, for fetch_part (row_groups.h: why) while
+ * this one's tiles run, or NULL after the last whole one; its scales (SUBS bytes and a d, and q2's
+ * m, a super-block) are fetched at once. */
+static const uint8_t *next_item(const uint8_t *qs, const void *sc, const uint16_t *d, const uint16_t *m, int n, int N,
+                                int supers, int super_bytes) {
+    if (n + 2 * Q6_ROWS > N) return NULL;
+    size_t first = (size_t)(n + Q6_ROWS) * supers, count = (size_t)Q6_ROWS * supers;
+    fetch_part((const uint8_t *)sc + first * SUBS, count * SUBS, 0, 1);
+    fetch_part(d + first, count * 2, 0, 1);
+    if (m) fetch_part(m + first, count * 2, 0, 1);
+    return qs + first * super_bytes;
+}
+
 typedef void UnpackRowsFn(const Q6Product *p, int n, UnpackedSuper *rows);
 typedef void UnpackedTileFn(const Q6Product *p, const UnpackedSuper *rows, int n, int i0);
 static int many_rows(const Q6Product *p, int n, int R, int super_bytes, UnpackRowsFn *unpack, UnpackedTileFn *tile,
@@ -377,16 +390,11 @@ static int many_rows(const Q6Product *p, int n, int R, int super_bytes, UnpackRo
     UnpackedSuper *rows;
     if (p->M < Q6_MANY_ROWS || R < Q6_ROWS || !(rows = thread_buffer(sizeof(UnpackedSuper) * Q6_ROWS * p->supers))) return 0;
     unpack(p, n, rows);
-    size_t item_bytes = (size_t)Q6_ROWS * p->supers * super_bytes; /* the next work item's values, then scales */
-    const uint8_t *next = n + 2 * Q6_ROWS <= p->N ? p->qs + (size_t)(n + Q6_ROWS) * p->supers * super_bytes : NULL;
-    if (next) { /* the next item's scales at once */
-        fetch_part(p->sc + (size_t)(n + Q6_ROWS) * p->supers * SUBS, (size_t)Q6_ROWS * p->supers * SUBS, 0, 1);
-        fetch_part(p->d + (size_t)(n + Q6_ROWS) * p->supers, (size_t)Q6_ROWS * p->supers * 2, 0, 1);
-    }
+    const uint8_t *next = next_item(p->qs, p->sc, p->d, NULL, n, p->N, p->supers, super_bytes);
     int i0 = 0, count = p->M / Q6_X_TILE;
     for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) {
         tile(p, rows, n, i0);
-        if (next) fetch_part(next, item_bytes, i0 / Q6_X_TILE, count);
+        if (next) fetch_part(next, (size_t)Q6_ROWS * p->supers * super_bytes, i0 / Q6_X_TILE, count);
     }
     if (i0 < p->M) tiles[R - 1][p->M - i0 - 1](p, n, i0, NULL);
     return 1;
@@ -668,16 +676,11 @@ static void q2_group(const void *product, int gi) {
     UnpackedSuper *rows;
     if (p->M >= Q6_MANY_ROWS && R == Q6_ROWS && (rows = thread_buffer(sizeof(UnpackedSuper) * Q6_ROWS * p->supers))) {
         q2_unpack_rows(p, n, rows);
-        size_t item_bytes = (size_t)Q6_ROWS * p->supers * Q2_BYTES; /* as many_rows: the next work item's */
-        const uint8_t *next = n + 2 * Q6_ROWS <= p->N ? p->qs + (size_t)(n + Q6_ROWS) * p->supers * Q2_BYTES : NULL;
-        if (next) { /* the next item's scales at once */
-            fetch_part(p->sc + (size_t)(n + Q6_ROWS) * p->supers * SUBS, (size_t)Q6_ROWS * p->supers * SUBS, 0, 1);
-            fetch_part(p->d + (size_t)(n + Q6_ROWS) * p->supers, (size_t)Q6_ROWS * p->supers * 2, 0, 1);
-        }
+        const uint8_t *next = next_item(p->qs, p->sc, p->d, p->m, n, p->N, p->supers, Q2_BYTES); /* as many_rows */
         int i0 = 0, count = p->M / Q6_X_TILE;
         for (; i0 + Q6_X_TILE <= p->M; i0 += Q6_X_TILE) {
             q2_unpacked_tile(p, rows, n, i0);
-            if (next) fetch_part(next, item_bytes, i0 / Q6_X_TILE, count);
+            if (next) fetch_part(next, (size_t)Q6_ROWS * p->supers * Q2_BYTES, i0 / Q6_X_TILE, count);
         }
         if (i0 < p->M) Q2_TILES[R - 1][p->M - i0 - 1](p, n, i0, NULL);
         return;

@@ -7,13 +7,15 @@ blocks of each GGUF type, as benchmarks/products.py) run on each in turn.
     .venv/bin/python benchmarks/kernels_ab.py --rows 1 --layers 16 [--against REV] [Q8_0,...]
     .venv/bin/python benchmarks/kernels_ab.py --amx [--against REV] [F16,Q8_0,...]
     .venv/bin/python benchmarks/kernels_ab.py --prefill FILE.gguf [--rows 512] [--against REV]
+    .venv/bin/python benchmarks/kernels_ab.py --decode FILE.gguf [--rows 32] [--against REV]
 
 Prints GOP/s for both, the ratio (working tree / REV), and whether every output agrees bit for bit
 (a change that only reorders the work must keep the bits; one that changes the arithmetic says so).
 Rows go DIRECT_CALL_ROWS a call, as a prompt's do where prompts take the int8 kernels; --rows 1 times
 decoding's products. --amx times amx_matmul.c instead (the four shapes in one call each, and
 amx_swiglu on the stacked gate and up [16384, 2048]); --prefill a whole prompt of --rows tokens of
-a model file, each build's kernels in turn (tok/s; the logits compared). --layers N holds N copies of
+a model file, each build's kernels in turn (tok/s; the logits compared); --decode, --rows decode
+steps of a model file after a 64-token prompt, each build in turn (tok/s). --layers N holds N copies of
 the four matrices, as a model's layers are, and times a pass over all of them: with --rows 1, decoding
 as it reads its weights from memory (one set of the four, ~60 MB in Q8_0, stays in a large L3 cache
 and measures the arithmetic instead); GB/s read is printed beside. Only in-process alternation
@@ -35,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from products import SHAPES, gguf_weight, placed  # noqa: E402
 
+from plainllama.cli.bench import read_buffer  # noqa: E402
 from plainllama.engine.cpu import kernels  # noqa: E402
 from plainllama.engine.cpu.packed import PackedWeight  # noqa: E402
 
@@ -76,6 +79,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1, help="copies of the four matrices, as a model's layers")
     parser.add_argument("--amx", action="store_true", help="time amx_matmul and amx_swiglu (a CPU with AMX)")
     parser.add_argument("--prefill", metavar="FILE", help="time a whole prompt of --rows tokens of this model file")
+    parser.add_argument("--decode", metavar="FILE", help="time --rows decode steps of this model file")
     args = parser.parse_args()
 
     level = kernels.requested_level()
@@ -91,6 +95,8 @@ def main() -> None:
     libraries = {args.against: baseline, "working tree": working}
     if args.prefill:
         return prefill_ab(args.prefill, args.rows, args.rounds, libraries, args.against)
+    if args.decode:
+        return decode_ab(args.decode, args.rows, args.rounds, libraries, args.against)
     if args.amx:
         return amx_ab(args.types, args.rows, args.rounds, libraries, args.against)
     for type_name in args.types.split(","):
@@ -104,7 +110,15 @@ def main() -> None:
         name = weights[0].direct_call()[0].__name__
         best = dict.fromkeys(libraries, float("inf"))
         outputs: dict[str, list[torch.Tensor]] = {}
+        # decoding's bound: the read loop over as many bytes, in the same rounds (from memory only
+        # where the weights are: --layers > 1)
+        buffer = read_buffer(sum(w.nbytes for w in weights)) if args.rows == 1 and args.layers > 1 else None
+        best_read = float("inf")
         for _ in range(args.rounds):
+            if buffer is not None:
+                start = time.perf_counter()
+                kernels.read_bytes(buffer)
+                best_read = min(best_read, time.perf_counter() - start)
             for label, library in libraries.items():
                 for w in weights:  # the same pointers, the other library's function
                     w._direct = (getattr(library, name), w.direct_call()[1])
@@ -121,7 +135,9 @@ def main() -> None:
             + ", ".join(f"{read / best[label]:.1f}" for label in rates)
             + f" GB/s read); ratio {rates['working tree'] / rates[args.against]:.3f}; "
             + ("the same bits" if same else "OTHER BITS")
+            + (f"; the read loop {read / best_read:.1f} GB/s" if buffer is not None else "")
         )
+        del buffer
 
 
 def report(what: str, rates: dict[str, float], unit: str, same: bool, against: str) -> None:
@@ -179,6 +195,46 @@ def amx_ab(types: str, rows: int, rounds: int, libraries: dict, against: str) ->
                 all(same[:-1]) if kind == "matmul" else same[-1],
                 against,
             )
+
+
+def use_library(llm, library) -> None:
+    """Kernels looked up per call come from `library`; the direct ones each matrix keeps
+    (PackedWeight.direct_call) are dropped, to be looked up again there."""
+    kernels._library = lambda: library  # type: ignore[assignment]
+    for module in llm.model.modules():
+        packed = getattr(module, "packed", None)
+        if packed is not None and hasattr(packed, "_direct"):
+            del packed._direct
+
+
+def decode_ab(path: str, steps: int, rounds: int, libraries: dict, against: str) -> None:
+    """`steps` decode steps after a 64-token prompt (bench's text), greedy, each build's kernels in turn;
+    the best round's tok/s; the last step's logits compared."""
+    import plainllama
+    from plainllama.cli.bench import prompt_ids
+    from plainllama.model import KVCache
+
+    llm = plainllama.load(path, device="cpu")
+    prompt = torch.tensor([prompt_ids(llm, 64)])
+    best = dict.fromkeys(libraries, float("inf"))
+    logits: dict[str, torch.Tensor] = {}
+    kept = kernels._library
+    try:
+        for _ in range(rounds):
+            for label, library in libraries.items():
+                use_library(llm, library)
+                cache = KVCache(llm.model.args, 1, 64 + steps, llm.dtype, llm.device)
+                with torch.inference_mode():
+                    out = llm.model(prompt, 0, cache, last_only=True)
+                    start = time.perf_counter()
+                    for step in range(steps):
+                        out = llm.model(out[:, -1:].argmax(-1), 64 + step, cache, last_only=True)
+                    best[label] = min(best[label], time.perf_counter() - start)
+                logits[label] = out
+    finally:
+        kernels._library = kept  # type: ignore[assignment]
+    rates = {label: steps / seconds for label, seconds in best.items()}
+    report(f"{Path(path).name} decode of {steps}", rates, "tok/s", torch.equal(*logits.values()), against)
 
 
 def prefill_ab(path: str, tokens: int, rounds: int, libraries: dict, against: str) -> None:

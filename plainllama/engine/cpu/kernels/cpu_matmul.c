@@ -272,58 +272,74 @@ static inline __attribute__((always_inline)) void row_group(const QuantizedProdu
     }
 }
 
-/* Group g (`blocks` of its 16 blocks) of weight rows n .. n+R-1 times x rows i0 .. i0+XT-1, added to
- * acc. `ahead`: weight rows to prefetch, or NULL. */
-static inline __attribute__((always_inline)) void tile_group(const QuantizedProduct *p, int kind, int n, int R, int i0, int XT,
-                                                             const uint8_t *ahead, int g, int blocks,
-                                                             __m512 acc[W_ROWS][X_TILE]) {
+/* Group g (`blocks` of its 16 blocks) of weight row n times x rows i0 .. i0+XT-1, added to acc[i].
+ * `ahead`: this row's bytes p->ahead rows further on, to prefetch, or NULL. */
+static inline __attribute__((always_inline)) void tile_group(const QuantizedProduct *p, int kind, int n, int i0, int XT,
+                                                             const uint8_t *ahead, int g, int blocks, __m512 acc[X_TILE]) {
     int nb = p->nb, groups = p->groups, K = p->K, q8 = kind & KIND_Q8;
     size_t row_bytes = q8 ? (size_t)K : (size_t)K / 2, group_bytes = q8 ? 512 : 256;
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++) {
-        const uint8_t *src = (const uint8_t *)p->qs + (size_t)(n + r) * row_bytes + g * group_bytes;
-        if (ahead) { /* this group of the row p->ahead rows further on, and its scales */
-            for (size_t line = 0; line < group_bytes; line += 64)
-                _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + g * group_bytes + line), PREFETCH_HINT);
-            size_t later = (size_t)(n + r + p->ahead) * nb + GROUP_BLOCKS * g;
-            size_t scale_at = kind & KIND_SC ? later / 8 : later;
-            _mm_prefetch((const char *)(p->d + scale_at), PREFETCH_HINT);
-            if (kind & KIND_M) _mm_prefetch((const char *)(p->m + scale_at), PREFETCH_HINT);
-            if (kind & KIND_SC) {
-                _mm_prefetch((const char *)(p->sc + later), PREFETCH_HINT);
-                _mm_prefetch((const char *)(p->mn + later), PREFETCH_HINT);
-            }
-            if (kind & KIND_QH) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
+    const uint8_t *src = (const uint8_t *)p->qs + (size_t)n * row_bytes + g * group_bytes;
+    if (ahead) { /* this group of the row p->ahead rows further on, and its scales */
+        for (size_t line = 0; line < group_bytes; line += 64) _mm_prefetch((const char *)(ahead + g * group_bytes + line), PREFETCH_HINT);
+        size_t later = (size_t)(n + p->ahead) * nb + GROUP_BLOCKS * g;
+        size_t scale_at = kind & KIND_SC ? later / 8 : later;
+        _mm_prefetch((const char *)(p->d + scale_at), PREFETCH_HINT);
+        if (kind & KIND_M) _mm_prefetch((const char *)(p->m + scale_at), PREFETCH_HINT);
+        if (kind & KIND_SC) {
+            _mm_prefetch((const char *)(p->sc + later), PREFETCH_HINT);
+            _mm_prefetch((const char *)(p->mn + later), PREFETCH_HINT);
         }
-        __m512i w[GROUP_STEPS];
-        __m512 wd, wm;
-        row_group(p, kind, src, n + r, g, blocks, w, &wd, &wm);
-        for (int i = 0; i < XT; i++) {
-            size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
-            __m512i dot = group_dot(w, p->xa.xq + at * 32);
-            __m512 dx = _mm512_load_ps(p->xa.dx + at);
-            if (q8) { /* sum (w + 128) x - 128 sum x */
-                dot = _mm512_sub_epi32(dot, _mm512_load_si512(p->xa.sum128 + at));
-                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd, dx), acc[r][i]);
-            } else { /* d dx sum(q x) + m dx sum(x) */
-                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd, dx), acc[r][i]);
-                acc[r][i] = _mm512_fmadd_ps(wm, _mm512_load_ps(p->xa.sx + at), acc[r][i]);
-            }
+        if (kind & KIND_QH) _mm_prefetch((const char *)(p->qh + later), PREFETCH_HINT);
+    }
+    __m512i w[GROUP_STEPS];
+    __m512 wd, wm;
+    row_group(p, kind, src, n, g, blocks, w, &wd, &wm);
+    for (int i = 0; i < XT; i++) {
+        size_t at = ((size_t)(i0 + i) * groups + g) * GROUP_BLOCKS;
+        __m512i dot = group_dot(w, p->xa.xq + at * 32);
+        __m512 dx = _mm512_load_ps(p->xa.dx + at);
+        if (q8) { /* sum (w + 128) x - 128 sum x */
+            dot = _mm512_sub_epi32(dot, _mm512_load_si512(p->xa.sum128 + at));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd, dx), acc[i]);
+        } else { /* d dx sum(q x) + m dx sum(x) */
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd, dx), acc[i]);
+            acc[i] = _mm512_fmadd_ps(wm, _mm512_load_ps(p->xa.sx + at), acc[i]);
         }
     }
 }
 
 /* Weight rows n .. n+R-1 times x rows i0 .. i0+XT-1 -> out. R and XT are constants at each call
  * (always_inline), so the accumulators stay in registers; so is the number of blocks of every group
- * but a last, shorter one (no masks or tests for it per load; 7% of the q8 loop's time with K = 2048). */
+ * but a last, shorter one (no masks or tests for it per load; 7% of the q8 loop's time with K = 2048).
+ * One row of x (decoding): a row at a time, all its groups, so that a thread reads its rows as one
+ * stream; group by group across the R rows (four streams a row's length apart, and four of the rows
+ * `ahead`), decoding read 1.05-1.10x slower from memory (benchmarks/kernels_ab.py --rows 1 --layers
+ * 16; the same bits: each row's float steps keep their order). More rows of x: group by group, so
+ * that x's group is read from L1 by all R rows (a row at a time, 4 rows of x measured 0.85-0.89x). */
 static inline __attribute__((always_inline)) void quantized_tile(const QuantizedProduct *p, int kind, int n, int R,
                                                                  int i0, int XT, const uint8_t *ahead) {
-    int whole = p->nb / GROUP_BLOCKS;
+    int whole = p->nb / GROUP_BLOCKS, last = p->nb - whole * GROUP_BLOCKS;
+    size_t row_bytes = kind & KIND_Q8 ? (size_t)p->K : (size_t)p->K / 2;
     __m512 acc[W_ROWS][X_TILE];
-    for (int r = 0; r < R; r++)
+    const uint8_t *later[W_ROWS]; /* each row's bytes `ahead`, or NULL */
+    for (int r = 0; r < R; r++) {
         for (int i = 0; i < XT; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int g = 0; g < whole; g++) tile_group(p, kind, n, R, i0, XT, ahead, g, GROUP_BLOCKS, acc);
-    if (whole < p->groups) tile_group(p, kind, n, R, i0, XT, ahead, whole, p->nb - whole * GROUP_BLOCKS, acc);
+        later[r] = ahead ? ahead + r * row_bytes : NULL;
+    }
+    if (XT == 1) {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            for (int g = 0; g < whole; g++) tile_group(p, kind, n + r, i0, XT, later[r], g, GROUP_BLOCKS, acc[r]);
+            if (last) tile_group(p, kind, n + r, i0, XT, later[r], whole, last, acc[r]);
+        }
+    } else {
+        for (int g = 0; g < whole; g++)
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) tile_group(p, kind, n + r, i0, XT, later[r], g, GROUP_BLOCKS, acc[r]);
+        if (last)
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) tile_group(p, kind, n + r, i0, XT, later[r], whole, last, acc[r]);
+    }
     for (int i = 0; i < XT; i++)
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = sum16(acc[r][i]);
 }

@@ -130,44 +130,56 @@ static inline void q6_steps(const uint8_t *src, __m512i w[4]) {
     w[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(lo1, 4), low4), _mm512_srli_epi16(hi, 2), bits45, 0xF8);
 }
 
+/* Super-block sb of weight row n + r times x rows i0 .. i0+XT-1, added to acc[i] */
+static inline __attribute__((always_inline)) void q6_super(const Q6Product *p, int n, int r, int sb, int i0, int XT,
+                                                           const uint8_t *ahead, __m512 acc[Q6_X_TILE]) {
+    int S = p->supers;
+    size_t row_bytes = (size_t)S * SUPER_BYTES;
+    const uint8_t *src = p->qs + (size_t)(n + r) * row_bytes + (size_t)sb * SUPER_BYTES;
+    if (ahead) { /* this super-block of the row p->ahead rows further on, and its scales */
+        for (int line = 0; line < SUPER_BYTES; line += 64)
+            _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * SUPER_BYTES + line), PREFETCH_HINT);
+        size_t later = (size_t)(n + r + p->ahead) * S + sb;
+        _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
+        _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+    }
+    __m512i w[4];
+    q6_steps(src, w);
+    __m512 scales = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + ((size_t)(n + r) * S + sb) * SUBS)))),
+        _mm512_set1_ps(_cvtsh_ss(p->d[(size_t)(n + r) * S + sb]))); /* d * sc, as ggml computes it */
+    for (int i = 0; i < XT; i++) {
+        size_t at = (size_t)(i0 + i) * S + sb;
+        const __m512i *xg = (const __m512i *)(p->xa.xq + at * SUPER);
+        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(xg));
+        __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_load_si512(xg + 1));
+        a = _mm512_dpbusd_epi32(a, w[2], _mm512_load_si512(xg + 2));
+        b = _mm512_dpbusd_epi32(b, w[3], _mm512_load_si512(xg + 3));
+        __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a, b), _mm512_load_si512(p->xa.sum32 + at * SUBS)); /* sum (q - 32) x */
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, _mm512_load_ps(p->xa.dx + at * SUBS)), acc[i]);
+    }
+}
+
 static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, int n, int R, int i0, int XT,
                                                           const uint8_t *ahead) {
     int S = p->supers;
-    size_t row_bytes = (size_t)S * SUPER_BYTES;
     __m512 acc[Q6_ROWS][Q6_X_TILE];
     for (int r = 0; r < R; r++)
         for (int i = 0; i < XT; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int sb = 0; sb < S; sb++) {
-        /* The rows unrolled: left a loop (R is a constant, but the body is long), acc[r][i] was kept in
-         * memory and updated there per super-block; unrolled, it stays in registers: 1.15x (q6), 1.17x
-         * (q3), 1.23x (q2) less time per block in L2, one row, AVX-512; 1.0-1.1x at AVX2. Every tile
-         * below does the same. */
+    /* The rows unrolled: left a loop (R is a constant, but the body is long), acc[r][i] was kept in
+     * memory and updated there per super-block; unrolled, it stays in registers: 1.15x (q6), 1.17x
+     * (q3), 1.23x (q2) less time per block in L2, one row, AVX-512; 1.0-1.1x at AVX2. Every tile
+     * below does the same. One row of x (decoding): a row at a time, the order of reads that streams
+     * best (cpu_matmul.c's quantized_tile: why); more rows of x: a super-block of every row in turn,
+     * so that x's super-block is read from L1 by all R rows. */
+    if (XT == 1) {
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            const uint8_t *src = p->qs + (size_t)(n + r) * row_bytes + (size_t)sb * SUPER_BYTES;
-            if (ahead) { /* this super-block of the row p->ahead rows further on, and its scales */
-                for (int line = 0; line < SUPER_BYTES; line += 64)
-                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * SUPER_BYTES + line), PREFETCH_HINT);
-                size_t later = (size_t)(n + r + p->ahead) * S + sb;
-                _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
-                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
-            }
-            __m512i w[4];
-            q6_steps(src, w);
-            __m512 scales = _mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + ((size_t)(n + r) * S + sb) * SUBS)))),
-                _mm512_set1_ps(_cvtsh_ss(p->d[(size_t)(n + r) * S + sb]))); /* d * sc, as ggml computes it */
-            for (int i = 0; i < XT; i++) {
-                size_t at = (size_t)(i0 + i) * S + sb;
-                const __m512i *xg = (const __m512i *)(p->xa.xq + at * SUPER);
-                __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(xg));
-                __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_load_si512(xg + 1));
-                a = _mm512_dpbusd_epi32(a, w[2], _mm512_load_si512(xg + 2));
-                b = _mm512_dpbusd_epi32(b, w[3], _mm512_load_si512(xg + 3));
-                __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a, b), _mm512_load_si512(p->xa.sum32 + at * SUBS)); /* sum (q - 32) x */
-                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, _mm512_load_ps(p->xa.dx + at * SUBS)), acc[r][i]);
-            }
-        }
+        for (int r = 0; r < R; r++)
+            for (int sb = 0; sb < S; sb++) q6_super(p, n, r, sb, i0, XT, ahead, acc[r]);
+    } else {
+        for (int sb = 0; sb < S; sb++)
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) q6_super(p, n, r, sb, i0, XT, ahead, acc[r]);
     }
     for (int i = 0; i < XT; i++)
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = sum16(acc[r][i]);
@@ -551,42 +563,52 @@ static inline void q2_steps(const uint8_t *src, __m512i w[4]) {
     w[3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), low2);
 }
 
+/* Super-block sb of weight row n + r times x rows i0 .. i0+XT-1, added to acc[i] */
+static inline __attribute__((always_inline)) void q2_super(const Q2Product *p, int n, int r, int sb, int i0, int XT,
+                                                           const uint8_t *ahead, __m512 acc[Q6_X_TILE]) {
+    int S = p->supers;
+    size_t row_bytes = (size_t)S * Q2_BYTES;
+    size_t at_w = (size_t)(n + r) * S + sb;
+    if (ahead) { /* this super-block of the row p->ahead rows further on, and its scales */
+        _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q2_BYTES), PREFETCH_HINT);
+        size_t later = at_w + (size_t)p->ahead * S;
+        _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
+        _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+        _mm_prefetch((const char *)(p->m + later), PREFETCH_HINT);
+    }
+    __m512i w[4];
+    q2_steps(p->qs + at_w * Q2_BYTES, w);
+    __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + at_w * SUBS)));
+    __m512 scales = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(p->d[at_w])),
+                                  _mm512_cvtepi32_ps(_mm512_and_si512(sc, _mm512_set1_epi32(15))));
+    __m512 mins = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(p->m[at_w])), _mm512_cvtepi32_ps(_mm512_srli_epi32(sc, 4)));
+    for (int i = 0; i < XT; i++) {
+        size_t at = (size_t)(i0 + i) * S + sb;
+        const __m512i *xg = (const __m512i *)(p->xa.xq + at * SUPER);
+        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(xg));
+        __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_load_si512(xg + 1));
+        a = _mm512_dpbusd_epi32(a, w[2], _mm512_load_si512(xg + 2));
+        b = _mm512_dpbusd_epi32(b, w[3], _mm512_load_si512(xg + 3));
+        __m512 sums = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), 5));
+        __m512 t = _mm512_fmsub_ps(scales, _mm512_cvtepi32_ps(_mm512_add_epi32(a, b)), _mm512_mul_ps(mins, sums));
+        acc[i] = _mm512_fmadd_ps(t, _mm512_load_ps(p->xa.dx + at * SUBS), acc[i]);
+    }
+}
+
 static inline __attribute__((always_inline)) void q2_tile(const Q2Product *p, int n, int R, int i0, int XT,
                                                           const uint8_t *ahead) {
     int S = p->supers;
-    size_t row_bytes = (size_t)S * Q2_BYTES;
     __m512 acc[Q6_ROWS][Q6_X_TILE];
     for (int r = 0; r < R; r++)
         for (int i = 0; i < XT; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int sb = 0; sb < S; sb++) {
+    if (XT == 1) { /* decoding: a row at a time (cpu_matmul.c's quantized_tile: why) */
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            size_t at_w = (size_t)(n + r) * S + sb;
-            if (ahead) { /* this super-block of the row p->ahead rows further on, and its scales */
-                _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q2_BYTES), PREFETCH_HINT);
-                size_t later = at_w + (size_t)p->ahead * S;
-                _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
-                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
-                _mm_prefetch((const char *)(p->m + later), PREFETCH_HINT);
-            }
-            __m512i w[4];
-            q2_steps(p->qs + at_w * Q2_BYTES, w);
-            __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + at_w * SUBS)));
-            __m512 scales = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(p->d[at_w])),
-                                          _mm512_cvtepi32_ps(_mm512_and_si512(sc, _mm512_set1_epi32(15))));
-            __m512 mins = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(p->m[at_w])), _mm512_cvtepi32_ps(_mm512_srli_epi32(sc, 4)));
-            for (int i = 0; i < XT; i++) {
-                size_t at = (size_t)(i0 + i) * S + sb;
-                const __m512i *xg = (const __m512i *)(p->xa.xq + at * SUPER);
-                __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(xg));
-                __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_load_si512(xg + 1));
-                a = _mm512_dpbusd_epi32(a, w[2], _mm512_load_si512(xg + 2));
-                b = _mm512_dpbusd_epi32(b, w[3], _mm512_load_si512(xg + 3));
-                __m512 sums = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), 5));
-                __m512 t = _mm512_fmsub_ps(scales, _mm512_cvtepi32_ps(_mm512_add_epi32(a, b)), _mm512_mul_ps(mins, sums));
-                acc[r][i] = _mm512_fmadd_ps(t, _mm512_load_ps(p->xa.dx + at * SUBS), acc[r][i]);
-            }
-        }
+        for (int r = 0; r < R; r++)
+            for (int sb = 0; sb < S; sb++) q2_super(p, n, r, sb, i0, XT, ahead, acc[r]);
+    } else {
+        for (int sb = 0; sb < S; sb++)
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) q2_super(p, n, r, sb, i0, XT, ahead, acc[r]);
     }
     for (int i = 0; i < XT; i++)
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = sum16(acc[r][i]);
@@ -808,39 +830,49 @@ static inline void q3_steps(const uint8_t *src, __m512i w[4]) {
     }
 }
 
+/* Super-block sb of weight row n + r times x rows i0 .. i0+XT-1, added to acc[i] */
+static inline __attribute__((always_inline)) void q3_super(const Q3Product *p, int n, int r, int sb, int i0, int XT,
+                                                           const uint8_t *ahead, __m512 acc[Q6_X_TILE]) {
+    int S = p->supers;
+    size_t row_bytes = (size_t)S * Q3_BYTES;
+    size_t at_w = (size_t)(n + r) * S + sb;
+    if (ahead) { /* this super-block of the row p->ahead rows further on, and its scales */
+        for (int line = 0; line < Q3_BYTES; line += 64)
+            _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q3_BYTES + line), PREFETCH_HINT);
+        size_t later = at_w + (size_t)p->ahead * S;
+        _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
+        _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
+    }
+    __m512i w[4];
+    q3_steps(p->qs + at_w * Q3_BYTES, w);
+    __m512 scales = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + at_w * SUBS)))),
+                                  _mm512_set1_ps(_cvtsh_ss(p->d[at_w]))); /* d * sc, as ggml computes it */
+    for (int i = 0; i < XT; i++) {
+        size_t at = (size_t)(i0 + i) * S + sb;
+        const __m512i *xg = (const __m512i *)(p->xa.xq + at * SUPER);
+        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(xg));
+        __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_load_si512(xg + 1));
+        a = _mm512_dpbusd_epi32(a, w[2], _mm512_load_si512(xg + 2));
+        b = _mm512_dpbusd_epi32(b, w[3], _mm512_load_si512(xg + 3));
+        __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a, b), _mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), 3)); /* sum (q - 4) x */
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, _mm512_load_ps(p->xa.dx + at * SUBS)), acc[i]);
+    }
+}
+
 static inline __attribute__((always_inline)) void q3_tile(const Q3Product *p, int n, int R, int i0, int XT,
                                                           const uint8_t *ahead) {
     int S = p->supers;
-    size_t row_bytes = (size_t)S * Q3_BYTES;
     __m512 acc[Q6_ROWS][Q6_X_TILE];
     for (int r = 0; r < R; r++)
         for (int i = 0; i < XT; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int sb = 0; sb < S; sb++) {
+    if (XT == 1) { /* decoding: a row at a time (cpu_matmul.c's quantized_tile: why) */
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            size_t at_w = (size_t)(n + r) * S + sb;
-            if (ahead) { /* this super-block of the row p->ahead rows further on, and its scales */
-                for (int line = 0; line < Q3_BYTES; line += 64)
-                    _mm_prefetch((const char *)(ahead + (size_t)r * row_bytes + (size_t)sb * Q3_BYTES + line), PREFETCH_HINT);
-                size_t later = at_w + (size_t)p->ahead * S;
-                _mm_prefetch((const char *)(p->sc + later * SUBS), PREFETCH_HINT);
-                _mm_prefetch((const char *)(p->d + later), PREFETCH_HINT);
-            }
-            __m512i w[4];
-            q3_steps(p->qs + at_w * Q3_BYTES, w);
-            __m512 scales = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p->sc + at_w * SUBS)))),
-                                          _mm512_set1_ps(_cvtsh_ss(p->d[at_w]))); /* d * sc, as ggml computes it */
-            for (int i = 0; i < XT; i++) {
-                size_t at = (size_t)(i0 + i) * S + sb;
-                const __m512i *xg = (const __m512i *)(p->xa.xq + at * SUPER);
-                __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_load_si512(xg));
-                __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_load_si512(xg + 1));
-                a = _mm512_dpbusd_epi32(a, w[2], _mm512_load_si512(xg + 2));
-                b = _mm512_dpbusd_epi32(b, w[3], _mm512_load_si512(xg + 3));
-                __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a, b), _mm512_srai_epi32(_mm512_load_si512(p->xa.sum32 + at * SUBS), 3)); /* sum (q - 4) x */
-                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, _mm512_load_ps(p->xa.dx + at * SUBS)), acc[r][i]);
-            }
-        }
+        for (int r = 0; r < R; r++)
+            for (int sb = 0; sb < S; sb++) q3_super(p, n, r, sb, i0, XT, ahead, acc[r]);
+    } else {
+        for (int sb = 0; sb < S; sb++)
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) q3_super(p, n, r, sb, i0, XT, ahead, acc[r]);
     }
     for (int i = 0; i < XT; i++)
         for (int r = 0; r < R; r++) p->out[(size_t)(i0 + i) * p->N + n + r] = sum16(acc[r][i]);

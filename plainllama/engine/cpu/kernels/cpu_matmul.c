@@ -312,10 +312,11 @@ static inline __attribute__((always_inline)) void tile_group(const QuantizedProd
  * (always_inline), so the accumulators stay in registers; so is the number of blocks of every group
  * but a last, shorter one (no masks or tests for it per load; 7% of the q8 loop's time with K = 2048).
  * One row of x (decoding): a row at a time, all its groups, so that a thread reads its rows as one
- * stream; group by group across the R rows (four streams a row's length apart, and four of the rows
- * `ahead`), decoding read 1.05-1.10x slower from memory (benchmarks/kernels_ab.py --rows 1 --layers
- * 16; the same bits: each row's float steps keep their order). More rows of x: group by group, so
- * that x's group is read from L1 by all R rows (a row at a time, 4 rows of x measured 0.85-0.89x). */
+ * stream instead of group by group across the R rows (four streams a row's length apart, and four
+ * of the rows `ahead`): ~1.04x on average from memory (benchmarks/kernels_ab.py --rows 1 --layers
+ * 16, q4, q8, q6, four runs: 0.98-1.09x, where two identical builds measure 0.96-1.05x; the same
+ * bits, as each row's float steps keep their order). More rows of x: group by group, so that x's
+ * group is read from L1 by all R rows (a row at a time, 4 rows of x measured 0.85-0.89x in one run). */
 static inline __attribute__((always_inline)) void quantized_tile(const QuantizedProduct *p, int kind, int n, int R,
                                                                  int i0, int XT, const uint8_t *ahead) {
     int whole = p->nb / GROUP_BLOCKS, last = p->nb - whole * GROUP_BLOCKS;

@@ -884,15 +884,15 @@ Q6_BYTES = 192  # bytes of 6-bit values per 256 weights in the q6 layout
 def _q6_planes(values: torch.Tensor) -> torch.Tensor:
     """6-bit values [n, 256] uint8 (0..63, weight order) of n super-blocks -> the q6 layout's 192
     bytes each: 16 sub-blocks' 4-weight steps (step s: weights 16j + 4s .. 16j + 4s + 3 at bytes
-    4j..4j+3), the low nibbles of steps (0, 2) and (1, 3) in two 64-byte vectors, the high 2 bits of
-    all four steps in a third."""
+    4j..4j+3), steps 0, 1, 2 in the low 6 bits of three 64-byte vectors and step 3 two bits in the
+    top two of each (kernels/q6_matmul.c: why)."""
     steps = values.view(-1, 16, 4, 4).transpose(1, 2).reshape(-1, 4, 64)  # [n, step, lane*4+t]
-    low, high = steps & 0x0F, steps >> 4
+    last = steps[:, 3]
     return torch.cat(
         (
-            low[:, 0] | (low[:, 2] << 4),
-            low[:, 1] | (low[:, 3] << 4),
-            high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6),
+            steps[:, 0] | ((last & 3) << 6),
+            steps[:, 1] | (((last >> 2) & 3) << 6),
+            steps[:, 2] | ((last >> 4) << 6),
         ),
         dim=-1,
     )
@@ -996,11 +996,11 @@ def _pack_q3_k(blocks: torch.Tensor, shape) -> PackedWeight:
 
 def q6_values(qs: torch.Tensor) -> torch.Tensor:
     """The q6 layout's 6-bit values [..., K/256 * 192] -> q [..., K] uint8 0..63 in weight order."""
-    planes = qs.unflatten(-1, (-1, 3, 64))  # [..., S, (lo0, lo1, hi), 64]
-    lo0, lo1, hi = planes[..., 0, :], planes[..., 1, :], planes[..., 2, :]
-    low = torch.stack((lo0 & 0x0F, lo1 & 0x0F, lo0 >> 4, lo1 >> 4), dim=-2)  # [..., S, step, 64]
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)
-    steps = low | (((hi.unsqueeze(-2) >> shifts) & 3) << 4)  # [..., S, step, lane * 4 + t]
+    planes = qs.unflatten(-1, (-1, 3, 64))  # [..., S, (a, b, c), 64]
+    low = planes & 0x3F  # steps 0, 1, 2
+    top = planes >> 6  # step 3's bits 0-1, 2-3, 4-5
+    last = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4)
+    steps = torch.cat((low, last.unsqueeze(-2)), dim=-2)  # [..., S, step, lane * 4 + t]
     return steps.unflatten(-1, (16, 4)).transpose(-3, -2).flatten(-4)  # [..., S, lane, step, t] -> [..., K]
 
 

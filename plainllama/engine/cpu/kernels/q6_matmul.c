@@ -9,9 +9,12 @@
  * q 0..63, Q6_K's own numbers. The 6-bit values are regrouped at load so that one 64-byte vector
  * holds four consecutive weights of each of the 16 sub-blocks: "step" s (0..3) is weights
  * 16j + 4s .. 16j + 4s + 3 in bytes 4j .. 4j + 3. A super-block's 192 bytes are
- *   lo[0][64]  low 4 bits of step 0 (low nibble) and step 2 (high nibble)
- *   lo[1][64]  low 4 bits of step 1 and step 3
- *   hi[64]     bits 4-5 of step s in bits 2s..2s+1
+ *   a[64]  step 0 in bits 0-5, bits 0-1 of step 3 in bits 6-7
+ *   b[64]  step 1 in bits 0-5, bits 2-3 of step 3 in bits 6-7
+ *   c[64]  step 2 in bits 0-5, bits 4-5 of step 3 in bits 6-7
+ * so that steps 0-2 are one AND each and step 3 three shifts and three bitwise steps (9 operations
+ * a super-block at AVX-512, 11 at AVX2; the earlier split into low nibbles and high bits took 13
+ * and 21: decode products 1.10-1.14x faster per super-block in L2 and L3, docs/performance.md)
  * then sc [N, K/16] int8 and d [N, K/256] float16 beside them.
  *
  * x is quantized to int8 per 32 as in cpu_matmul.c (scale max|x| / 127, rounded to nearest even)
@@ -119,15 +122,18 @@ typedef struct {
 
 /* A super-block's four steps as unsigned bytes q = 0..63 */
 static inline void q6_steps(const uint8_t *src, __m512i w[4]) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
-    __m512i lo0 = _mm512_loadu_si512(src), lo1 = _mm512_loadu_si512(src + 64), hi = _mm512_loadu_si512(src + 128);
-    /* q = low 4 bits | bits 4-5: hi shifted so that step s's two bits sit at bits 4-5 (the 16-bit
-     * shifts carry neighbouring bits in around them), then low | (shifted & 0x30) in one vpternlog
-     * (a | (b & c) is 0xF8): 13 operations instead of 21, 1.07x less time per block in L2 */
-    w[0] = _mm512_ternarylogic_epi32(_mm512_and_si512(lo0, low4), _mm512_slli_epi16(hi, 4), bits45, 0xF8);
-    w[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(lo1, low4), _mm512_slli_epi16(hi, 2), bits45, 0xF8);
-    w[2] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(lo0, 4), low4), hi, bits45, 0xF8);
-    w[3] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(lo1, 4), low4), _mm512_srli_epi16(hi, 2), bits45, 0xF8);
+    const __m512i low6 = _mm512_set1_epi8(0x3F), bits01 = _mm512_set1_epi8(0x03), bits23 = _mm512_set1_epi8(0x0C),
+                  bits45 = _mm512_set1_epi8(0x30);
+    __m512i a = _mm512_loadu_si512(src), b = _mm512_loadu_si512(src + 64), c = _mm512_loadu_si512(src + 128);
+    w[0] = _mm512_and_si512(a, low6);
+    w[1] = _mm512_and_si512(b, low6);
+    w[2] = _mm512_and_si512(c, low6);
+    /* step 3 from the top two bits of a, b, c: each 16-bit shift brings them to their place, and a
+     * vpternlog "mask ? first : second" (0xE4) keeps only those bits (the shifts carry neighbouring
+     * bits in around them) */
+    __m512i bits = _mm512_and_si512(_mm512_srli_epi16(c, 2), bits45);
+    bits = _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), bits, bits23, 0xE4);
+    w[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(a, 6), bits, bits01, 0xE4);
 }
 
 /* Super-block sb of weight row n + r times x rows i0 .. i0+XT-1, added to acc[i] */
@@ -189,16 +195,16 @@ static inline __attribute__((always_inline)) void q6_tile(const Q6Product *p, in
 
 /* Half h of a super-block's four steps (lanes 8h..8h+7) as unsigned bytes q = 0..63 */
 static inline void q6_half_steps(const uint8_t *src, int h, __m256i w[4]) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03);
-    __m256i lo0 = _mm256_loadu_si256((const __m256i *)(src + 32 * h));
-    __m256i lo1 = _mm256_loadu_si256((const __m256i *)(src + 64 + 32 * h));
-    __m256i hi = _mm256_loadu_si256((const __m256i *)(src + 128 + 32 * h));
-    w[0] = _mm256_or_si256(_mm256_and_si256(lo0, low4), _mm256_slli_epi16(_mm256_and_si256(hi, low2), 4));
-    w[1] = _mm256_or_si256(_mm256_and_si256(lo1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2), low2), 4));
-    w[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo0, 4), low4),
-                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), low2), 4));
-    w[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo1, 4), low4),
-                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 6), low2), 4));
+    const __m256i low6 = _mm256_set1_epi8(0x3F), bits01 = _mm256_set1_epi8(0x03), bits23 = _mm256_set1_epi8(0x0C),
+                  bits45 = _mm256_set1_epi8(0x30);
+    __m256i a = _mm256_loadu_si256((const __m256i *)(src + 32 * h));
+    __m256i b = _mm256_loadu_si256((const __m256i *)(src + 64 + 32 * h));
+    __m256i c = _mm256_loadu_si256((const __m256i *)(src + 128 + 32 * h));
+    w[0] = _mm256_and_si256(a, low6);
+    w[1] = _mm256_and_si256(b, low6);
+    w[2] = _mm256_and_si256(c, low6);
+    w[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 6), bits01),
+                           _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), bits23), _mm256_and_si256(_mm256_srli_epi16(c, 2), bits45)));
 }
 
 /* start + the 8 lanes' integer dot products of a half's four steps w with x's (xg: step 0, the

@@ -166,7 +166,7 @@ static inline void add_fifth_bits(const uint32_t *qh_row, int g, int blocks, __m
     /* One vpshufbitqmb a step: each 64-bit lane holds blocks 2q and 2q + 1, and mask bit 8q + j
      * (block 2q + j / 4, weight 4s + j % 4) is bit 32 (j / 4) + 4s + j % 4 of that lane; the same
      * selection in every lane. The same masks as below in 8 operations instead of 12: Q5_K decode
-     * products 1.08-1.12x faster in L2/L3 (one thread, K = 2048). Where the CPU lacks BITALG (Cascade
+     * products 1.08-1.18x faster in L2/L3 (one thread, K = 2048). Where the CPU lacks BITALG (Cascade
      * Lake, Skylake-X), the shuffles and tests below. */
     for (int s = 0; s < GROUP_STEPS; s++) {
         const __m512i bits = _mm512_set1_epi64((long long)(0x2322212003020100ULL + 0x0404040404040404ULL * (uint64_t)s));

@@ -260,11 +260,7 @@ def prefill_ab(path: str, tokens: int, rounds: int, libraries: dict, against: st
     try:
         for round_ in range(rounds):
             for label, library in in_turn(libraries, round_):
-                kernels._library = lambda library=library: library  # type: ignore[assignment]
-                for module in llm.model.modules():  # the direct kernels each matrix keeps, looked up again
-                    packed = getattr(module, "packed", None)
-                    if packed is not None and hasattr(packed, "_direct"):
-                        del packed._direct
+                use_library(llm, library)
                 cache = KVCache(llm.model.args, 1, tokens, llm.dtype, llm.device)
                 start = time.perf_counter()
                 with torch.inference_mode():

@@ -204,14 +204,22 @@ def amx_ab(types: str, rows: int, rounds: int, libraries: dict, against: str) ->
             )
 
 
-def use_library(llm, library) -> None:
-    """Kernels looked up per call come from `library`; the direct ones each matrix keeps
-    (PackedWeight.direct_call) are dropped, to be looked up again there."""
-    kernels._library = lambda: library  # type: ignore[assignment]
-    for module in llm.model.modules():
-        packed = getattr(module, "packed", None)
-        if packed is not None and hasattr(packed, "_direct"):
-            del packed._direct
+def each_build(llm, libraries: dict, rounds: int):
+    """Yields each build's label, `rounds` times, in turns (in_turn), with that build's kernels in use
+    by `llm`: kernels looked up per call come from it, and the direct ones each matrix keeps
+    (PackedWeight.direct_call) are dropped to be looked up again. The kernels are restored after."""
+    kept = kernels._library
+    try:
+        for round_ in range(rounds):
+            for label, library in in_turn(libraries, round_):
+                kernels._library = lambda library=library: library  # type: ignore[assignment]
+                for module in llm.model.modules():
+                    packed = getattr(module, "packed", None)
+                    if packed is not None and hasattr(packed, "_direct"):
+                        del packed._direct
+                yield label
+    finally:
+        kernels._library = kept  # type: ignore[assignment]
 
 
 def decode_ab(path: str, steps: int, rounds: int, libraries: dict, against: str) -> None:
@@ -225,29 +233,22 @@ def decode_ab(path: str, steps: int, rounds: int, libraries: dict, against: str)
     prompt = torch.tensor([prompt_ids(llm, 64)])
     best = dict.fromkeys(libraries, float("inf"))
     logits: dict[str, torch.Tensor] = {}
-    kept = kernels._library
-    try:
-        for round_ in range(rounds):
-            for label, library in in_turn(libraries, round_):
-                use_library(llm, library)
-                cache = KVCache(llm.model.args, 1, 64 + steps, llm.dtype, llm.device)
-                with torch.inference_mode():
-                    out = llm.model(prompt, 0, cache, last_only=True)
-                    start = time.perf_counter()
-                    for step in range(steps):
-                        out = llm.model(out[:, -1:].argmax(-1), 64 + step, cache, last_only=True)
-                    best[label] = min(best[label], time.perf_counter() - start)
-                logits[label] = out
-    finally:
-        kernels._library = kept  # type: ignore[assignment]
+    for label in each_build(llm, libraries, rounds):
+        cache = KVCache(llm.model.args, 1, 64 + steps, llm.dtype, llm.device)
+        with torch.inference_mode():
+            out = llm.model(prompt, 0, cache, last_only=True)
+            start = time.perf_counter()
+            for step in range(steps):
+                out = llm.model(out[:, -1:].argmax(-1), 64 + step, cache, last_only=True)
+            best[label] = min(best[label], time.perf_counter() - start)
+        logits[label] = out
     rates = {label: steps / seconds for label, seconds in best.items()}
     report(f"{Path(path).name} decode of {steps}", rates, "tok/s", torch.equal(*logits.values()), against)
 
 
 def prefill_ab(path: str, tokens: int, rounds: int, libraries: dict, against: str) -> None:
-    """A whole prompt of `tokens` tokens (bench's text), each build's kernels in turn, best of `rounds`.
-    Kernels are looked up per call (kernels.function) except the direct ones a matrix keeps
-    (PackedWeight.direct_call), which are dropped at each switch so that every level compares."""
+    """A whole prompt of `tokens` tokens (bench's text), each build's kernels in turn (each_build),
+    best of `rounds`; the logits compared."""
     import plainllama
     from plainllama.cli.bench import prompt_ids
     from plainllama.model import KVCache
@@ -256,18 +257,12 @@ def prefill_ab(path: str, tokens: int, rounds: int, libraries: dict, against: st
     ids = torch.tensor([prompt_ids(llm, tokens)])
     best = dict.fromkeys(libraries, float("inf"))
     logits: dict[str, torch.Tensor] = {}
-    kept = kernels._library
-    try:
-        for round_ in range(rounds):
-            for label, library in in_turn(libraries, round_):
-                use_library(llm, library)
-                cache = KVCache(llm.model.args, 1, tokens, llm.dtype, llm.device)
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    logits[label] = llm.model(ids, 0, cache, last_only=True)
-                best[label] = min(best[label], time.perf_counter() - start)
-    finally:
-        kernels._library = kept  # type: ignore[assignment]
+    for label in each_build(llm, libraries, rounds):
+        cache = KVCache(llm.model.args, 1, tokens, llm.dtype, llm.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits[label] = llm.model(ids, 0, cache, last_only=True)
+        best[label] = min(best[label], time.perf_counter() - start)
     rates = {label: tokens / seconds for label, seconds in best.items()}
     report(f"{Path(path).name} prefill of {tokens}", rates, "tok/s", torch.equal(*logits.values()), against)
 
